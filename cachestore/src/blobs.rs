@@ -1,0 +1,178 @@
+//! The content-addressed blob store: `blobs/sha256/<hex>` under the state dir.
+//!
+//! A blob is written to a temp file in the same filesystem, fsynced, checked
+//! against its expected digest and only then renamed into place, so readers
+//! never see a partial or wrong blob, whatever happens to the writer.
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::{self, HashingWriter};
+use crate::error::{CacheStoreError, IoContext, Result};
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+/// What a finished write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: String,
+    pub size: u64,
+}
+
+impl BlobStore {
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        let root = state_dir.join("blobs");
+        for dir in [root.join("sha256"), root.join("tmp")] {
+            fs::create_dir_all(&dir).at(&dir)?;
+        }
+        Ok(Self { root })
+    }
+
+    pub fn path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.root.join("sha256").join(digest::validate(digest)?))
+    }
+
+    pub fn contains(&self, digest: &str) -> Result<bool> {
+        Ok(self.path(digest)?.is_file())
+    }
+
+    pub fn open_blob(&self, digest: &str) -> Result<File> {
+        let path = self.path(digest)?;
+        File::open(&path).at(path)
+    }
+
+    pub fn size(&self, digest: &str) -> Result<u64> {
+        let path = self.path(digest)?;
+        Ok(fs::metadata(&path).at(path)?.len())
+    }
+
+    pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.open_blob(digest)?
+            .read_to_end(&mut buf)
+            .at(self.path(digest)?)?;
+        Ok(buf)
+    }
+
+    /// Stores `bytes` and returns their digest (small blobs: configs, manifests).
+    pub fn put(&self, bytes: &[u8]) -> Result<StoredBlob> {
+        let mut w = self.writer()?;
+        w.write_all(bytes).at(&w.tmp_path)?;
+        w.commit(None)
+    }
+
+    /// Starts a streamed write; nothing is visible until [`BlobWriter::commit`].
+    pub fn writer(&self) -> Result<BlobWriter> {
+        let dir = self.root.join("tmp");
+        let tmp = tempfile::NamedTempFile::new_in(&dir).at(&dir)?;
+        let tmp_path = tmp.path().to_path_buf();
+        Ok(BlobWriter {
+            inner: HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp)),
+            store: self.clone(),
+            tmp_path,
+        })
+    }
+
+    /// Re-hashes a stored blob; a blob that does not verify is removed so it
+    /// is fetched again instead of being served.
+    pub fn verify(&self, digest: &str) -> Result<bool> {
+        let path = self.path(digest)?;
+        let mut file = File::open(&path).at(&path)?;
+        let mut hw = HashingWriter::new(std::io::sink());
+        std::io::copy(&mut file, &mut hw).at(&path)?;
+        let (_, actual, _) = hw.finish();
+        if actual == digest {
+            return Ok(true);
+        }
+        fs::remove_file(&path).at(&path)?;
+        Ok(false)
+    }
+}
+
+pub struct BlobWriter {
+    inner: HashingWriter<BufWriter<tempfile::NamedTempFile>>,
+    store: BlobStore,
+    tmp_path: PathBuf,
+}
+
+impl BlobWriter {
+    /// Flushes, fsyncs, checks the digest against `expected` (when given) and
+    /// moves the blob into place.
+    pub fn commit(self, expected: Option<&str>) -> Result<StoredBlob> {
+        let (buf, digest, size) = self.inner.finish();
+        let tmp = buf
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .at(&self.tmp_path)?;
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(CacheStoreError::DigestMismatch {
+                    what: "blob".into(),
+                    expected: expected.into(),
+                    actual: digest,
+                });
+            }
+        }
+        tmp.as_file().sync_all().at(&self.tmp_path)?;
+        let dest = self.store.path(&digest)?;
+        tmp.persist(&dest).map_err(|e| e.error).at(&dest)?;
+        Ok(StoredBlob { digest, size })
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_read_and_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let blob = store.put(b"layer bytes").unwrap();
+        assert_eq!(blob.digest, digest::sha256_digest(b"layer bytes"));
+        assert_eq!(store.read(&blob.digest).unwrap(), b"layer bytes");
+        assert!(store.verify(&blob.digest).unwrap());
+    }
+
+    #[test]
+    fn a_wrong_digest_is_never_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let mut w = store.writer().unwrap();
+        w.write_all(b"abc").unwrap();
+        let expected = digest::sha256_digest(b"abd");
+        assert!(matches!(
+            w.commit(Some(&expected)),
+            Err(CacheStoreError::DigestMismatch { .. })
+        ));
+        assert!(!store.contains(&expected).unwrap());
+        assert!(!store.contains(&digest::sha256_digest(b"abc")).unwrap());
+        assert_eq!(
+            fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_corrupted_blob_is_removed_by_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let blob = store.put(b"good").unwrap();
+        fs::write(store.path(&blob.digest).unwrap(), b"bad").unwrap();
+        assert!(!store.verify(&blob.digest).unwrap());
+        assert!(!store.contains(&blob.digest).unwrap());
+    }
+}

@@ -1,0 +1,49 @@
+use std::path::PathBuf;
+
+/// Errors of the cache store: the blob store, the index and the registry client.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheStoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid digest {0:?}: expected sha256:<64 hex digits>")]
+    InvalidDigest(String),
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("invalid image reference {reference:?}: {message}")]
+    InvalidReference { reference: String, message: String },
+    #[error("registry {registry}: {operation} {reference}: {message}")]
+    Registry {
+        registry: String,
+        operation: &'static str,
+        reference: String,
+        message: String,
+    },
+    #[error("{what}: {message}")]
+    Malformed { what: String, message: String },
+    #[error("OCI layout {path}: {message}")]
+    Layout { path: PathBuf, message: String },
+}
+
+pub type Result<T, E = CacheStoreError> = std::result::Result<T, E>;
+
+/// Adds the path to an I/O error, so every message names the file.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| CacheStoreError::Io {
+            path: path.into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,209 @@
+//! Manifests and indexes as the OCI image spec and Docker schema 2 write
+//! them, reduced to what a builder needs, plus platform selection.
+use serde::{Deserialize, Serialize};
+
+use crate::digest;
+use crate::error::{CacheStoreError, Result};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// The manifest media types Kiln asks registries for.
+pub const ACCEPTED: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform this binary was built for, in OCI's names.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            other => other,
+        };
+        Platform {
+            architecture: architecture.into(),
+            os: "linux".into(),
+            variant: None,
+        }
+    }
+
+    fn matches(&self, other: &Platform) -> bool {
+        self.os == other.os
+            && self.architecture == other.architecture
+            && (self.variant.is_none() || self.variant == other.variant)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageManifest {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndex {
+    pub schema_version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
+    pub manifests: Vec<Descriptor>,
+}
+
+/// An image manifest with its identity.
+#[derive(Debug, Clone)]
+pub struct ResolvedManifest {
+    pub digest: String,
+    pub media_type: String,
+    pub manifest: ImageManifest,
+}
+
+pub enum Parsed {
+    Image(Box<ResolvedManifest>),
+    /// An index; `chosen` is the digest of the manifest for the platform.
+    Index {
+        chosen: String,
+    },
+}
+
+fn malformed(what: &str, message: impl ToString) -> CacheStoreError {
+    CacheStoreError::Malformed {
+        what: what.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Parses manifest or index bytes, checking every digest they name.
+pub fn parse(bytes: &[u8], digest: &str, platform: &Platform) -> Result<Parsed> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Probe {
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+    }
+    let what = format!("manifest {digest}");
+    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| malformed(&what, e))?;
+    let is_index = match probe.media_type.as_deref() {
+        Some(OCI_INDEX | DOCKER_LIST) => true,
+        Some(_) => false,
+        None => probe.manifests.is_some(),
+    };
+    if is_index {
+        let index: ImageIndex = serde_json::from_slice(bytes).map_err(|e| malformed(&what, e))?;
+        let chosen = index
+            .manifests
+            .iter()
+            .find(|m| m.platform.as_ref().is_some_and(|p| platform.matches(p)))
+            .ok_or_else(|| {
+                malformed(
+                    &what,
+                    format!(
+                        "no manifest for platform {}/{}{}",
+                        platform.os,
+                        platform.architecture,
+                        platform
+                            .variant
+                            .as_ref()
+                            .map(|v| format!("/{v}"))
+                            .unwrap_or_default()
+                    ),
+                )
+            })?;
+        digest::validate(&chosen.digest)?;
+        return Ok(Parsed::Index {
+            chosen: chosen.digest.clone(),
+        });
+    }
+    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| malformed(&what, e))?;
+    digest::validate(&manifest.config.digest)?;
+    for layer in &manifest.layers {
+        digest::validate(&layer.digest)?;
+    }
+    let media_type = manifest
+        .media_type
+        .clone()
+        .unwrap_or_else(|| OCI_MANIFEST.to_string());
+    Ok(Parsed::Image(Box::new(ResolvedManifest {
+        digest: digest.to_string(),
+        media_type,
+        manifest,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: char) -> String {
+        format!("sha256:{}", n.to_string().repeat(64))
+    }
+
+    #[test]
+    fn picks_the_platform_from_an_index() {
+        let index = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": d('a'), "size": 1,
+             "platform": {"architecture": "arm64", "os": "linux"}},
+            {"mediaType": OCI_MANIFEST, "digest": d('b'), "size": 1,
+             "platform": {"architecture": "amd64", "os": "linux"}}
+        ]});
+        let bytes = serde_json::to_vec(&index).unwrap();
+        let amd64 = Platform {
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            variant: None,
+        };
+        match parse(&bytes, &d('c'), &amd64).unwrap() {
+            Parsed::Index { chosen } => assert_eq!(chosen, d('b')),
+            Parsed::Image(_) => panic!("expected an index"),
+        }
+        let s390x = Platform {
+            architecture: "s390x".into(),
+            ..amd64
+        };
+        assert!(parse(&bytes, &d('c'), &s390x).is_err());
+    }
+
+    #[test]
+    fn rejects_unsafe_layer_digests() {
+        let m = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": d('a'), "size": 1},
+            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": "sha256:../../x", "size": 1}]});
+        let bytes = serde_json::to_vec(&m).unwrap();
+        assert!(parse(&bytes, &d('c'), &Platform::host()).is_err());
+    }
+}

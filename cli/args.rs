@@ -1,0 +1,117 @@
+//! Command-line arguments. Flag names and meanings follow Kaniko's, so a
+//! Kaniko job moves to Kiln by changing the image and adding `build`.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Daemonless, cache-first container image builder"
+)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "info")]
+    pub verbosity: String,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Build an image from a Dockerfile and a context, then push or save it.
+    Build(Box<BuildArgs>),
+    /// Print the parsed and resolved build without building.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FrontendArgs {
+    /// Path to the Dockerfile (relative to the working directory, or else to the context).
+    #[arg(short = 'f', long, default_value = "Dockerfile")]
+    pub dockerfile: PathBuf,
+    /// A build argument, `KEY=VALUE` (or `KEY` to take it from the environment). Repeatable.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// The stage to build (by name or index); the default is the last one.
+    #[arg(long)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub frontend: FrontendArgs,
+    /// The build context: a directory (`DIR` or `dir://DIR`).
+    #[arg(short = 'c', long, default_value = ".")]
+    pub context: String,
+    /// Where to push the image. Repeatable.
+    #[arg(short = 'd', long = "destination", value_name = "REF")]
+    pub destinations: Vec<String>,
+    /// Build without pushing.
+    #[arg(long)]
+    pub no_push: bool,
+    /// Also write the image as a docker-archive tarball (loadable by `podman load`).
+    #[arg(long, value_name = "FILE")]
+    pub tar_path: Option<PathBuf>,
+    /// Also write the image into an OCI layout directory.
+    #[arg(long, value_name = "DIR")]
+    pub oci_layout_path: Option<PathBuf>,
+    /// Write the image's manifest digest to this file.
+    #[arg(long, value_name = "FILE")]
+    pub digest_file: Option<PathBuf>,
+    /// Kiln's state directory: blob store and build roots.
+    /// Default: $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Push to destination registries over plain HTTP.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Pull base images over plain HTTP.
+    #[arg(long)]
+    pub insecure_pull: bool,
+    /// A registry (`host[:port]`) to use over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+    /// Do not verify registries' TLS certificates.
+    #[arg(long)]
+    pub skip_tls_verify: bool,
+    /// Fix every timestamp so the same inputs give the same image digest
+    /// (SOURCE_DATE_EPOCH if set, else the epoch).
+    #[arg(long)]
+    pub reproducible: bool,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    pub compression: CompressionArg,
+    /// Compression level (gzip 1-9, zstd 1-22).
+    #[arg(long)]
+    pub compression_level: Option<i32>,
+    /// A label to add to the image, `KEY=VALUE`. Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// The platform to build for, `os/arch[/variant]` (default: the host's).
+    #[arg(long, value_name = "PLATFORM")]
+    pub custom_platform: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompressionArg {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub frontend: FrontendArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PlanFormat {
+    Json,
+    Text,
+}

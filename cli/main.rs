@@ -1,0 +1,37 @@
+//! `kiln`: the command-line front end. It parses flags, renders the
+//! engine's events, and turns errors into messages and exit codes.
+mod args;
+mod build;
+mod plan;
+
+use clap::Parser;
+
+use kiln_engine::exec::run::{step_runner_main, STEP_RUNNER_ARG};
+
+fn main() {
+    // The RUN step runner is this binary re-executed in new namespaces; it
+    // must stay single-threaded, so it runs before anything else starts.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == STEP_RUNNER_ARG)
+    {
+        std::process::exit(step_runner_main());
+    }
+    let cli = args::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.verbosity)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .without_time()
+        .init();
+    let result = match cli.command {
+        args::Commands::Build(a) => build::run(*a),
+        args::Commands::Plan(a) => plan::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

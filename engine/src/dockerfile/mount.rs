@@ -1,0 +1,386 @@
+//! `RUN --mount=...` options, parsed as BuildKit parses them: a CSV record
+//! of `key=value` fields (plus the bare `ro`, `rw` and `required`).
+//!
+//! The values may contain variables, expanded with the stage's scope when
+//! the RUN executes; only `from` may not (BuildKit refuses it, because the
+//! stage graph has to be known before anything runs).
+
+use super::error::ExpandError;
+
+/// Expands one mount option value with the stage's scope.
+pub type MountExpander<'a> = &'a dyn Fn(&str) -> Result<String, ExpandError>;
+
+/// What a mount provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountType {
+    Bind,
+    Cache,
+    Tmpfs,
+    Secret,
+    Ssh,
+}
+
+impl MountType {
+    fn parse(s: &str) -> Option<MountType> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "bind" => MountType::Bind,
+            "cache" => MountType::Cache,
+            "tmpfs" => MountType::Tmpfs,
+            "secret" => MountType::Secret,
+            "ssh" => MountType::Ssh,
+            _ => return None,
+        })
+    }
+}
+
+/// One parsed `--mount`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunMount {
+    pub kind: MountType,
+    /// `from=`: a stage name or an image; `None` for the build context.
+    pub from: Option<String>,
+    pub source: Option<String>,
+    pub target: Option<String>,
+    pub readonly: bool,
+    /// `id=`: the cache id, or the secret id.
+    pub id: Option<String>,
+    /// `sharing=` for caches: `shared`, `private` or `locked`.
+    pub sharing: Option<String>,
+    pub required: bool,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+const KEYS: [&str; 17] = [
+    "type",
+    "from",
+    "source",
+    "target",
+    "readonly",
+    "id",
+    "sharing",
+    "required",
+    "mode",
+    "uid",
+    "gid",
+    "src",
+    "dst",
+    "destination",
+    "ro",
+    "rw",
+    "readwrite",
+];
+
+impl RunMount {
+    /// Parses one `--mount` value. With `expand`, every value is expanded
+    /// first (what the executor does with the stage's scope). Without it,
+    /// values holding a `$` are only checked for shape, since their meaning
+    /// is not known yet; a variable in `from` is always an error.
+    pub fn parse(spec: &str, expand: Option<MountExpander<'_>>) -> Result<RunMount, String> {
+        let fields =
+            parse_csv_record(spec).map_err(|e| format!("failed to parse csv mounts: {e}"))?;
+        let mut m = RunMount {
+            kind: MountType::Bind,
+            from: None,
+            source: None,
+            target: None,
+            readonly: false,
+            id: None,
+            sharing: None,
+            required: false,
+            mode: None,
+            uid: None,
+            gid: None,
+        };
+        let mut ro_auto = true;
+        for field in &fields {
+            let (key, value) = match field.split_once('=') {
+                Some((k, v)) => (k.to_ascii_lowercase(), v),
+                None => {
+                    let key = field.to_ascii_lowercase();
+                    match key.as_str() {
+                        "readonly" | "ro" => {
+                            m.readonly = true;
+                            ro_auto = false;
+                            continue;
+                        }
+                        "readwrite" | "rw" => {
+                            m.readonly = false;
+                            ro_auto = false;
+                            continue;
+                        }
+                        "required" => {
+                            m.required = true;
+                            continue;
+                        }
+                        _ => {
+                            return Err(format!("invalid field '{field}' must be a key=value pair"))
+                        }
+                    }
+                }
+            };
+            let value = match expand {
+                Some(expand) => expand(value).map_err(|e| e.message)?,
+                None if key == "from" && has_variable(value) => {
+                    return Err(
+                        "'from' doesn't support variable expansion, define alias stage instead"
+                            .into(),
+                    );
+                }
+                None if value.contains('$') => {
+                    if !KEYS.contains(&key.as_str()) {
+                        return Err(format!("unexpected key '{key}' in '{field}'"));
+                    }
+                    continue;
+                }
+                None => value.to_string(),
+            };
+            match key.as_str() {
+                "type" => {
+                    m.kind = MountType::parse(&value)
+                        .ok_or_else(|| format!("unsupported mount type {value:?}"))?;
+                }
+                "from" => m.from = Some(value),
+                "source" | "src" => m.source = Some(value),
+                "target" | "dst" | "destination" => m.target = Some(value),
+                "readonly" | "ro" => {
+                    m.readonly = parse_bool(&value)
+                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?;
+                    ro_auto = false;
+                }
+                "readwrite" | "rw" => {
+                    m.readonly = !parse_bool(&value)
+                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?;
+                    ro_auto = false;
+                }
+                "required" => {
+                    m.required = parse_bool(&value)
+                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?;
+                }
+                "id" => m.id = Some(value),
+                "sharing" => {
+                    let v = value.to_ascii_lowercase();
+                    if !matches!(v.as_str(), "shared" | "private" | "locked") {
+                        return Err(format!("unsupported sharing value {value:?}"));
+                    }
+                    m.sharing = Some(v);
+                }
+                "mode" => {
+                    m.mode = Some(
+                        u32::from_str_radix(&value, 8)
+                            .map_err(|_| format!("invalid value {value} for mode"))?,
+                    )
+                }
+                "uid" => {
+                    m.uid = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("invalid value {value} for uid"))?,
+                    )
+                }
+                "gid" => {
+                    m.gid = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("invalid value {value} for gid"))?,
+                    )
+                }
+                _ => return Err(format!("unexpected key '{key}' in '{field}'")),
+            }
+        }
+        m.validate()?;
+        if ro_auto {
+            m.readonly = !matches!(m.kind, MountType::Cache | MountType::Tmpfs);
+        }
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let file_info_allowed = matches!(
+            self.kind,
+            MountType::Secret | MountType::Ssh | MountType::Cache
+        );
+        let kind = format!("{:?}", self.kind).to_ascii_lowercase();
+        for (name, set) in [
+            ("mode", self.mode.is_some()),
+            ("uid", self.uid.is_some()),
+            ("gid", self.gid.is_some()),
+        ] {
+            if set && !file_info_allowed {
+                return Err(format!("{name} not allowed for {kind:?} type mounts"));
+            }
+        }
+        if self.required && !matches!(self.kind, MountType::Secret | MountType::Ssh) {
+            return Err(format!("unexpected key 'required' for mount type '{kind}'"));
+        }
+        if self.sharing.is_some() && self.kind != MountType::Cache {
+            return Err(format!("invalid cache sharing set for {kind} mount"));
+        }
+        if self.kind == MountType::Secret {
+            if self.from.is_some() {
+                return Err("secret mount should not have a from".into());
+            }
+            if self.source.is_some() && self.id.is_some() {
+                return Err("both source and id can't be set".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `\$.` as BuildKit checks it: a `$` followed by anything.
+fn has_variable(value: &str) -> bool {
+    value.find('$').is_some_and(|i| i + 1 < value.len())
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// One record of Go's `encoding/csv` (comma-separated, `"`-quoted fields
+/// with `""` for a quote, no bare quotes in unquoted fields).
+fn parse_csv_record(s: &str) -> Result<Vec<String>, String> {
+    let line = s.split(['\n', '\r']).next().unwrap_or("");
+    if line.is_empty() {
+        return Err("EOF".into());
+    }
+    let mut fields = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                    None => return Err("extraneous or missing \" in quoted-field".into()),
+                }
+            }
+            match chars.next() {
+                None => {
+                    fields.push(field);
+                    return Ok(fields);
+                }
+                Some(',') => fields.push(field),
+                Some(_) => return Err("extraneous or missing \" in quoted-field".into()),
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        fields.push(field);
+                        return Ok(fields);
+                    }
+                    Some(',') => {
+                        fields.push(field);
+                        break;
+                    }
+                    Some('"') => return Err("bare \" in non-quoted-field".into()),
+                    Some(c) => field.push(c),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_mount() {
+        let m =
+            RunMount::parse("type=cache,target=/root/.cache,sharing=locked,id=pip", None).unwrap();
+        assert_eq!(m.kind, MountType::Cache);
+        assert_eq!(m.target.as_deref(), Some("/root/.cache"));
+        assert_eq!(m.sharing.as_deref(), Some("locked"));
+        assert_eq!(m.id.as_deref(), Some("pip"));
+        assert!(!m.readonly);
+    }
+
+    #[test]
+    fn bind_from_a_stage_is_read_only_by_default() {
+        let m = RunMount::parse("from=builder,source=/out,target=/in", None).unwrap();
+        assert_eq!(m.kind, MountType::Bind);
+        assert_eq!(m.from.as_deref(), Some("builder"));
+        assert!(m.readonly);
+        let m = RunMount::parse("type=bind,rw,target=/x", None).unwrap();
+        assert!(!m.readonly);
+    }
+
+    #[test]
+    fn secrets_and_ssh() {
+        let m = RunMount::parse("type=secret,id=npmrc,target=/root/.npmrc,required", None).unwrap();
+        assert!(m.required);
+        assert_eq!(m.kind, MountType::Secret);
+        assert!(RunMount::parse("type=ssh,mode=0600", None).unwrap().mode == Some(0o600));
+        assert!(RunMount::parse("type=secret,from=x,id=y", None).is_err());
+        assert!(RunMount::parse("type=secret,id=a,source=b", None).is_err());
+    }
+
+    #[test]
+    fn invalid_mounts() {
+        for (spec, msg) in [
+            ("type=nfs", "unsupported mount type \"nfs\""),
+            ("target", "invalid field 'target' must be a key=value pair"),
+            ("type=bind,foo=bar", "unexpected key 'foo' in 'foo=bar'"),
+            (
+                "type=bind,uid=1",
+                "uid not allowed for \"bind\" type mounts",
+            ),
+            (
+                "type=tmpfs,sharing=shared",
+                "invalid cache sharing set for tmpfs mount",
+            ),
+            (
+                "type=cache,sharing=weird",
+                "unsupported sharing value \"weird\"",
+            ),
+            ("type=cache,mode=9", "invalid value 9 for mode"),
+            (
+                "type=bind,required",
+                "unexpected key 'required' for mount type 'bind'",
+            ),
+            ("from=$STAGE", "'from' doesn't support variable expansion"),
+            ("a=\"b", "failed to parse csv mounts"),
+            ("", "failed to parse csv mounts: EOF"),
+        ] {
+            let err = RunMount::parse(spec, None).unwrap_err();
+            assert!(err.contains(msg), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn variables_wait_for_expansion() {
+        let m = RunMount::parse("type=cache,target=$HOME/.cache,uid=$UID", None).unwrap();
+        assert_eq!(m.target, None);
+        let expand = |v: &str| -> Result<String, ExpandError> {
+            Ok(v.replace("$HOME", "/root").replace("$UID", "1000"))
+        };
+        let m = RunMount::parse("type=cache,target=$HOME/.cache,uid=$UID", Some(&expand)).unwrap();
+        assert_eq!(m.target.as_deref(), Some("/root/.cache"));
+        assert_eq!(m.uid, Some(1000));
+    }
+
+    #[test]
+    fn csv_quoting() {
+        assert_eq!(
+            parse_csv_record("a,\"b,c\",\"d\"\"e\"").unwrap(),
+            ["a", "b,c", "d\"e"]
+        );
+        assert_eq!(parse_csv_record("a,").unwrap(), ["a", ""]);
+        assert!(parse_csv_record("a\"b").is_err());
+        assert!(parse_csv_record("\"a\"b").is_err());
+    }
+}

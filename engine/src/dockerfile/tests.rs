@@ -1,0 +1,137 @@
+//! Cross-module tests: the fixture Dockerfiles and property tests.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+macro_rules! fixture {
+    ($name:literal) => {
+        (
+            $name,
+            include_str!(concat!(
+                "../../../fixtures/dockerfiles/",
+                $name,
+                ".Dockerfile"
+            )),
+            include_str!(concat!(
+                "../../../fixtures/dockerfiles/",
+                $name,
+                ".plan.json"
+            )),
+        )
+    };
+}
+
+/// `(name, Dockerfile, expected plan)`, from `fixtures/dockerfiles/`: the
+/// plan for no build args and no target, as `kiln plan --format json`
+/// prints it.
+const FIXTURES: &[(&str, &str, &str)] = &[
+    fixture!("args-heavy"),
+    fixture!("continuations"),
+    fixture!("crlf-unicode"),
+    fixture!("every-instruction"),
+    fixture!("go-multistage"),
+    fixture!("heredocs"),
+    fixture!("node-app"),
+    fixture!("python-venv"),
+    fixture!("rust-cargo-chef"),
+    fixture!("windows-escape"),
+];
+
+fn plan_json(src: &str) -> Result<String, FrontendError> {
+    let df = parse(src)?;
+    let graph = StageGraph::resolve(&df, &BTreeMap::new(), None, &Platform::linux_amd64())?;
+    Ok(serde_json::to_string_pretty(&plan_document(&graph, &df)).unwrap() + "\n")
+}
+
+#[test]
+fn fixtures_match_their_plans() {
+    assert_eq!(FIXTURES.len(), 10);
+    for (name, dockerfile, expected) in FIXTURES {
+        let actual = plan_json(dockerfile).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let parsed: serde_json::Value = serde_json::from_str(expected).unwrap();
+        let actual_value: serde_json::Value = serde_json::from_str(&actual).unwrap();
+        assert_eq!(actual_value, parsed, "{name}: plan differs");
+        assert_eq!(&actual, expected, "{name}: formatting differs");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn parser_never_panics_on_strings(src in "\\PC*") {
+        if let Ok(df) = parse(&src) {
+            let _ = StageGraph::resolve(&df, &BTreeMap::new(), None, &Platform::linux_amd64());
+        }
+    }
+
+    #[test]
+    fn parser_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let src = String::from_utf8_lossy(&bytes);
+        if let Ok(df) = parse(&src) {
+            let _ = StageGraph::resolve(&df, &BTreeMap::new(), Some("x"), &Platform::linux_amd64());
+        }
+    }
+
+    #[test]
+    fn parser_never_panics_on_dockerfile_like_text(
+        lines in proptest::collection::vec(
+            prop_oneof![
+                Just("FROM alpine AS a".to_string()),
+                Just("FROM a".to_string()),
+                Just("ARG X=1".to_string()),
+                Just("# escape=`".to_string()),
+                Just("RUN <<EOF".to_string()),
+                Just("EOF".to_string()),
+                Just("COPY --from=a <<-X /d".to_string()),
+                Just("\\".to_string()),
+                Just("`".to_string()),
+                Just("".to_string()),
+                "(RUN|ENV|LABEL|COPY|ADD|ONBUILD|HEALTHCHECK|ARG|FROM|SHELL|EXPOSE) [ -~]{0,30}",
+                "[\\[\\]\"'$\\\\`{}=:# a-z-]{0,20}",
+            ],
+            0..24,
+        )
+    ) {
+        let src = lines.join("\n");
+        if let Ok(df) = parse(&src) {
+            if let Ok(graph) = StageGraph::resolve(&df, &BTreeMap::new(), None, &Platform::linux_amd64()) {
+                let _ = plan_document(&graph, &df);
+                let _ = plan_text(&graph, &df);
+                for raw in graph.stages.iter().flat_map(|s| &s.instructions) {
+                    if let Ok(i) = Instruction::from_raw(raw, df.escape) {
+                        let _ = i.expanded(df.escape, &|_| Some("v a l".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn expander_never_panics(word in "\\PC*", escape in prop_oneof![Just('\\'), Just('`')]) {
+        let lookup = |name: &str| name.len().is_multiple_of(2).then(|| format!("{name} *?/#%"));
+        let _ = expand_word(&word, escape, &lookup);
+        let _ = expand_words(&word, escape, &lookup);
+        let _ = expand_heredoc(&word, &lookup);
+    }
+
+    #[test]
+    fn expander_never_panics_on_shell_like_text(word in "[${}:#%/?*+\\-\"'\\\\` a-zA-Z0-9_.\n]{0,40}") {
+        let lookup = |name: &str| (!name.starts_with('Z')).then(|| format!("v{name}/x.y.z"));
+        let _ = expand_word(&word, '\\', &lookup);
+        let _ = expand_words(&word, '`', &lookup);
+    }
+
+    #[test]
+    fn mount_parser_never_panics(spec in "[a-z=,\"$/ ]{0,40}") {
+        let _ = RunMount::parse(&spec, None);
+    }
+
+    #[test]
+    fn words_without_specials_expand_to_themselves(word in "[a-zA-Z0-9_./:-]{0,30}") {
+        prop_assert_eq!(expand_word(&word, '\\', &|_| None).unwrap(), word);
+    }
+}

@@ -1,0 +1,317 @@
+//! COPY: sources from the build context or another stage's root, written
+//! into the step's root with Docker's rules for destinations, ownership and
+//! modes. Every destination path is resolved inside the root.
+use std::fs;
+use std::io;
+use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::rootfs::{
+    clean_relative, create_dir_all_in_root, first_missing_ancestor, resolve_in_root,
+};
+
+/// Where sources are read from.
+pub enum Source<'a> {
+    /// The build context: paths are relative to it and cannot leave it.
+    Context(&'a Path),
+    /// Another stage's root (COPY --from): paths resolve inside it, and
+    /// ownership is preserved unless --chown says otherwise.
+    Root(&'a Path),
+}
+
+pub struct CopyRequest<'a> {
+    pub source: Source<'a>,
+    pub sources: &'a [String],
+    /// Absolute destination inside the root (WORKDIR already applied); a
+    /// trailing `/` means a directory.
+    pub dest: &'a str,
+    pub chown: Option<(u32, u32)>,
+    pub chmod: Option<u32>,
+}
+
+fn has_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Expands sources (globs included) to host paths, failing on a source that
+/// matches nothing.
+fn expand_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    for s in sources {
+        let rel = clean_relative(Path::new(s));
+        if has_glob(s) {
+            let pattern = format!(
+                "{}/{}",
+                glob::Pattern::escape(&src_root.to_string_lossy()),
+                rel.to_string_lossy()
+            );
+            let mut matched: Vec<PathBuf> = glob::glob(&pattern)
+                .map_err(|e| format!("invalid pattern {s:?}: {e}"))?
+                .filter_map(Result::ok)
+                .collect();
+            if matched.is_empty() {
+                return Err(format!(
+                    "no source files were specified: {s:?} matches nothing"
+                ));
+            }
+            matched.sort();
+            out.extend(matched);
+        } else {
+            // A top-level link is followed, but only inside the source root.
+            let host = resolve_in_root(src_root, &rel, true).map_err(|e| format!("{s}: {e}"))?;
+            if fs::symlink_metadata(&host).is_err() {
+                return Err(format!("{s}: no such file or directory"));
+            }
+            out.push(host);
+        }
+    }
+    Ok(out)
+}
+
+/// Copies the sources into `root` and returns the top-level paths it wrote
+/// (relative to the root), for the snapshot to look at.
+pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
+    let (src_root, in_root) = match req.source {
+        Source::Context(p) => (p, false),
+        Source::Root(p) => (p, true),
+    };
+    let sources = expand_sources(src_root, req.sources)?;
+    let dest_is_dir = req.dest.ends_with('/') || sources.len() > 1 || req.dest == "/";
+    if req.sources.len() > 1 && !req.dest.ends_with('/') {
+        return Err(format!(
+            "when using COPY with more than one source file, the destination must be a directory and end with a /: {}",
+            req.dest
+        ));
+    }
+    let copier = Copier {
+        root,
+        chown: req.chown.or(if in_root { None } else { Some((0, 0)) }),
+        chmod: req.chmod,
+    };
+    let dest = Path::new(req.dest);
+    let mut touched = Vec::new();
+    for src in sources {
+        let meta = fs::metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let target = if meta.is_dir() {
+            // A directory's contents are copied, not the directory itself.
+            dest.to_path_buf()
+        } else {
+            let existing_dir = resolve_in_root(root, dest, true)
+                .map(|p| p.is_dir())
+                .unwrap_or(false);
+            if dest_is_dir || existing_dir {
+                dest.join(src.file_name().unwrap_or_default())
+            } else {
+                dest.to_path_buf()
+            }
+        };
+        let parent = target.parent().unwrap_or(Path::new("/"));
+        if let Some(created) = first_missing_ancestor(root, parent).map_err(|e| e.to_string())? {
+            touched.push(created);
+        }
+        let host_parent = create_dir_all_in_root(root, parent)
+            .map_err(|e| format!("{}: {e}", parent.display()))?;
+        let host_target = match target.file_name() {
+            Some(name) => host_parent.join(name),
+            None => host_parent, // COPY dir/ /
+        };
+        if meta.is_dir() {
+            copier.copy_dir(&src, &host_target)
+        } else {
+            copier.copy_entry(&src, &host_target)
+        }
+        .map_err(|e| format!("{}: {e}", src.display()))?;
+        touched.push(
+            host_target
+                .strip_prefix(root)
+                .unwrap_or(Path::new(""))
+                .to_path_buf(),
+        );
+    }
+    Ok(touched)
+}
+
+struct Copier<'a> {
+    root: &'a Path,
+    chown: Option<(u32, u32)>,
+    chmod: Option<u32>,
+}
+
+impl Copier<'_> {
+    /// Copies the contents of `src` into the directory `dest` (created or merged).
+    fn copy_dir(&self, src: &Path, dest: &Path) -> io::Result<()> {
+        let meta = fs::symlink_metadata(src)?;
+        self.make_dir(dest, &meta)?;
+        let mut entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let target = self.existing_or_new(dest, &entry.file_name())?;
+            self.copy_entry(&entry.path(), &target)?;
+        }
+        Ok(())
+    }
+
+    /// A path under a directory already resolved inside the root; a symlink
+    /// there is resolved inside the root too, so a copy never leaves it.
+    fn existing_or_new(&self, dir: &Path, name: &std::ffi::OsStr) -> io::Result<PathBuf> {
+        let rel = dir.strip_prefix(self.root).unwrap_or(dir).join(name);
+        resolve_in_root(self.root, &Path::new("/").join(rel), false)
+    }
+
+    fn copy_entry(&self, src: &Path, dest: &Path) -> io::Result<()> {
+        let meta = fs::symlink_metadata(src)?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return self.copy_dir(src, dest);
+        }
+        remove_non_dir_or_dir(dest)?;
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(src)?, dest)?;
+        } else if ft.is_file() {
+            fs::copy(src, dest)?;
+        } else {
+            // Devices, fifos and sockets in a context are not copied.
+            return Ok(());
+        }
+        self.apply_metadata(dest, &meta)
+    }
+
+    fn make_dir(&self, dest: &Path, meta: &fs::Metadata) -> io::Result<()> {
+        match fs::symlink_metadata(dest) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                fs::remove_file(dest)?;
+                fs::create_dir(dest)?;
+            }
+            Err(_) => fs::create_dir(dest)?,
+        }
+        self.apply_metadata(dest, meta)
+    }
+
+    fn apply_metadata(&self, dest: &Path, src_meta: &fs::Metadata) -> io::Result<()> {
+        let (uid, gid) = self.chown.unwrap_or((src_meta.uid(), src_meta.gid()));
+        lchown(dest, Some(uid), Some(gid))?;
+        if src_meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        let mode = self.chmod.unwrap_or(src_meta.mode() & 0o7777);
+        fs::set_permissions(dest, fs::Permissions::from_mode(mode))?;
+        let mtime = filetime_of(src_meta);
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            dest,
+            &rustix::fs::Timestamps {
+                last_access: mtime,
+                last_modification: mtime,
+            },
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    }
+}
+
+fn filetime_of(meta: &fs::Metadata) -> rustix::fs::Timespec {
+    rustix::fs::Timespec {
+        tv_sec: meta.mtime(),
+        tv_nsec: meta.mtime_nsec() as _,
+    }
+}
+
+/// Clears the way for a new non-directory entry.
+fn remove_non_dir_or_dir(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        ctx: PathBuf,
+        root: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        let root = dir.path().join("root");
+        fs::create_dir_all(ctx.join("src/sub")).unwrap();
+        fs::write(ctx.join("a.txt"), "a").unwrap();
+        fs::write(ctx.join("b.txt"), "b").unwrap();
+        fs::write(ctx.join("src/sub/x"), "x").unwrap();
+        fs::set_permissions(ctx.join("src/sub/x"), fs::Permissions::from_mode(0o750)).unwrap();
+        symlink("../a.txt", ctx.join("src/link")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/passwd"), "").unwrap();
+        Fixture {
+            _dir: dir,
+            ctx,
+            root,
+        }
+    }
+
+    fn run(f: &Fixture, sources: &[&str], dest: &str) -> Result<Vec<PathBuf>, String> {
+        let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        copy(
+            &CopyRequest {
+                source: Source::Context(&f.ctx),
+                sources: &sources,
+                dest,
+                chown: None,
+                chmod: None,
+            },
+            &f.root,
+        )
+    }
+
+    #[test]
+    fn file_to_file_and_to_dir() {
+        let f = fixture();
+        run(&f, &["a.txt"], "/app/renamed").unwrap();
+        assert_eq!(fs::read_to_string(f.root.join("app/renamed")).unwrap(), "a");
+        run(&f, &["a.txt"], "/app/dir/").unwrap();
+        assert!(f.root.join("app/dir/a.txt").is_file());
+        run(&f, &["b.txt"], "/app/dir").unwrap(); // existing dir
+        assert!(f.root.join("app/dir/b.txt").is_file());
+    }
+
+    #[test]
+    fn dirs_copy_their_contents_and_keep_links_and_modes() {
+        let f = fixture();
+        let touched = run(&f, &["src"], "/opt").unwrap();
+        assert_eq!(touched, [PathBuf::from("opt")]);
+        let x = fs::metadata(f.root.join("opt/sub/x")).unwrap();
+        assert_eq!(x.mode() & 0o7777, 0o750);
+        assert_eq!((x.uid(), x.gid()), (0, 0));
+        assert_eq!(
+            fs::read_link(f.root.join("opt/link")).unwrap(),
+            PathBuf::from("../a.txt")
+        );
+    }
+
+    #[test]
+    fn globs_and_multiple_sources_need_a_dir() {
+        let f = fixture();
+        run(&f, &["*.txt"], "/t/").unwrap();
+        assert!(f.root.join("t/a.txt").is_file() && f.root.join("t/b.txt").is_file());
+        assert!(run(&f, &["a.txt", "b.txt"], "/t2").is_err());
+        assert!(run(&f, &["*.nothing"], "/t/").is_err());
+        assert!(run(&f, &["missing"], "/t/").is_err());
+    }
+
+    #[test]
+    fn sources_and_dests_cannot_escape() {
+        let f = fixture();
+        symlink("/", f.root.join("up")).unwrap();
+        run(&f, &["../../../../etc/hostname"], "/x").unwrap_err();
+        run(&f, &["a.txt"], "/up/escaped").unwrap();
+        assert!(f.root.join("escaped").is_file());
+    }
+}

@@ -1,0 +1,190 @@
+//! USER and `--chown` specs resolved against the image's own /etc/passwd
+//! and /etc/group, read inside the root.
+use std::path::Path;
+
+use crate::rootfs::resolve_in_root;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups the user is a member of in /etc/group.
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+struct PasswdEntry {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+struct GroupEntry {
+    name: String,
+    gid: u32,
+    members: Vec<String>,
+}
+
+fn read_in_root(root: &Path, path: &str) -> String {
+    resolve_in_root(root, Path::new(path), true)
+        .and_then(std::fs::read)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn passwd(root: &Path) -> Vec<PasswdEntry> {
+    read_in_root(root, "/etc/passwd")
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            Some(PasswdEntry {
+                name: f.first()?.to_string(),
+                uid: f.get(2)?.parse().ok()?,
+                gid: f.get(3)?.parse().ok()?,
+                home: f.get(5).unwrap_or(&"/").to_string(),
+            })
+        })
+        .collect()
+}
+
+fn groups(root: &Path) -> Vec<GroupEntry> {
+    read_in_root(root, "/etc/group")
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            Some(GroupEntry {
+                name: f.first()?.to_string(),
+                gid: f.get(2)?.parse().ok()?,
+                members: f
+                    .get(3)
+                    .map(|m| {
+                        m.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn lookup_group(root: &Path, spec: &str) -> Result<u32, String> {
+    if let Ok(gid) = spec.parse() {
+        return Ok(gid);
+    }
+    groups(root)
+        .into_iter()
+        .find(|g| g.name == spec)
+        .map(|g| g.gid)
+        .ok_or_else(|| format!("unable to find group {spec}"))
+}
+
+/// Resolves a USER value (`name`, `uid`, `name:group`, `uid:gid`) the way
+/// Docker does for running a process: a numeric uid with no passwd entry
+/// runs with gid 0.
+pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity, String> {
+    let spec = if spec.is_empty() { "root" } else { spec };
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let entries = passwd(root);
+    let entry = match user.parse::<u32>() {
+        Ok(uid) => entries.into_iter().find(|e| e.uid == uid),
+        Err(_) => Some(
+            entries
+                .into_iter()
+                .find(|e| e.name == user)
+                .ok_or_else(|| format!("unable to find user {user}"))?,
+        ),
+    };
+    let uid = entry
+        .as_ref()
+        .map_or_else(|| user.parse().unwrap_or(0), |e| e.uid);
+    let gid = match group {
+        Some(g) => lookup_group(root, g)?,
+        None => entry.as_ref().map_or(0, |e| e.gid),
+    };
+    let groups = match (&entry, group) {
+        (Some(e), None) => groups(root)
+            .into_iter()
+            .filter(|g| g.members.contains(&e.name) && g.gid != gid)
+            .map(|g| g.gid)
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(Identity {
+        uid,
+        gid,
+        groups,
+        home: entry.map_or_else(|| "/".to_string(), |e| e.home),
+    })
+}
+
+/// Resolves a `--chown` value: names are looked up in the target image; a
+/// user without a group gets the user's uid as gid, as Docker documents.
+pub fn resolve_chown(root: &Path, spec: &str) -> Result<(u32, u32), String> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let uid = match user.parse::<u32>() {
+        Ok(uid) => uid,
+        Err(_) => passwd(root)
+            .into_iter()
+            .find(|e| e.name == user)
+            .map(|e| e.uid)
+            .ok_or_else(|| format!("unable to find user {user}"))?,
+    };
+    let gid = match group {
+        Some(g) => lookup_group(root, g)?,
+        None => uid,
+    };
+    Ok((uid, gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nuser:x:1000:\nwheel:x:10:user\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn users_by_name_and_number() {
+        let r = root();
+        let u = resolve_user(r.path(), "user").unwrap();
+        assert_eq!((u.uid, u.gid, u.groups.clone()), (1000, 1000, vec![10]));
+        assert_eq!(u.home, "/home/user");
+        assert_eq!(resolve_user(r.path(), "1000").unwrap().gid, 1000);
+        assert_eq!(resolve_user(r.path(), "4242").unwrap().gid, 0);
+        assert_eq!(resolve_user(r.path(), "user:wheel").unwrap().gid, 10);
+        assert_eq!(resolve_user(r.path(), "5:7").unwrap().gid, 7);
+        assert!(resolve_user(r.path(), "nobody-here").is_err());
+        assert_eq!(resolve_user(r.path(), "").unwrap().uid, 0);
+    }
+
+    #[test]
+    fn chown_defaults_gid_to_uid() {
+        let r = root();
+        assert_eq!(resolve_chown(r.path(), "user").unwrap(), (1000, 1000));
+        assert_eq!(resolve_chown(r.path(), "33").unwrap(), (33, 33));
+        assert_eq!(resolve_chown(r.path(), "user:wheel").unwrap(), (1000, 10));
+        assert!(resolve_chown(r.path(), "ghost").is_err());
+    }
+}

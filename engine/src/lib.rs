@@ -1,0 +1,13 @@
+//! Kiln's build engine: the Dockerfile frontend, the plan, the executor
+//! (RUN isolation, COPY), snapshots, layers and image assembly.
+pub mod build;
+pub mod dockerfile;
+pub mod error;
+pub mod exec;
+pub mod image;
+pub mod layer;
+pub mod output;
+pub mod plan;
+pub mod rootfs;
+
+pub use error::BuildError;

@@ -1,0 +1,427 @@
+//! The plan: every needed stage with every step fully resolved (expanded
+//! arguments, the env and args it sees, user, workdir, shell) and the
+//! config each stage ends with. Planning does no I/O: it needs the base
+//! images' configs, which the builder fetches first.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+use kiln_cachestore::Platform;
+use serde_json::Value;
+
+use crate::dockerfile::{
+    BaseRef, Command, CopyArgs, Dockerfile, FrontendError, HeredocRun, Instruction, RawInstruction,
+    Scope, StageGraph, Warning,
+};
+use crate::image::ImageConfig;
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub stages: Vec<StagePlan>,
+    pub target: usize,
+    pub warnings: Vec<Warning>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Base {
+    Scratch,
+    /// A base image, by its (expanded) reference.
+    Image(String),
+    Stage(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct StagePlan {
+    pub index: usize,
+    pub name: Option<String>,
+    pub needed: bool,
+    pub base: Base,
+    /// The FROM argument after expansion, for messages.
+    pub base_display: String,
+    pub steps: Vec<Step>,
+    /// The config the stage ends with (rootfs and history are the builder's).
+    pub config: ImageConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub line: usize,
+    pub keyword: String,
+    /// The instruction as written, for history and logs.
+    pub created_by: String,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone)]
+pub enum CopyFrom {
+    Context,
+    Stage(usize),
+    Image(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Only the config changes.
+    Config,
+    /// WORKDIR: the directory is created when missing.
+    Workdir(String),
+    Run {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        user: String,
+        workdir: String,
+        /// `RUN <<EOF` with a `#!` body: (name, content) of the script that
+        /// runs as `/dev/pipes/<name>`, as BuildKit does.
+        script: Option<(String, String)>,
+    },
+    Copy {
+        from: CopyFrom,
+        sources: Vec<String>,
+        dest: String,
+        chown: Option<String>,
+        chmod: Option<u32>,
+    },
+}
+
+impl Plan {
+    /// For each stage, the index of the last needed stage that reads it
+    /// (FROM or COPY --from).
+    pub fn last_uses(&self) -> HashMap<usize, usize> {
+        let mut last = HashMap::new();
+        for stage in self.stages.iter().filter(|s| s.needed) {
+            if let Base::Stage(i) = stage.base {
+                last.insert(i, stage.index);
+            }
+            for step in &stage.steps {
+                if let Action::Copy {
+                    from: CopyFrom::Stage(i),
+                    ..
+                } = step.action
+                {
+                    last.insert(i, stage.index);
+                }
+            }
+        }
+        last
+    }
+}
+
+impl StagePlan {
+    pub fn copies_from(&self, stage: usize) -> bool {
+        self.steps.iter().any(
+            |s| matches!(s.action, Action::Copy { from: CopyFrom::Stage(i), .. } if i == stage),
+        )
+    }
+}
+
+/// Plans the needed stages of `graph`. `base_configs` holds the config of
+/// every base image a needed stage starts from, by expanded reference.
+pub fn plan(
+    df: &Dockerfile,
+    graph: &StageGraph,
+    base_configs: &HashMap<String, ImageConfig>,
+    platform: &Platform,
+    labels: &BTreeMap<String, String>,
+) -> Result<Plan, FrontendError> {
+    let mut stages: Vec<StagePlan> = Vec::new();
+    // Each stage's final scope: `FROM <stage>` inherits its ARGs and ENV.
+    let mut scopes: HashMap<usize, Scope> = HashMap::new();
+    let mut warnings = graph.warnings.clone();
+    for stage in &graph.stages {
+        let (base, mut config) = match &stage.base_ref {
+            BaseRef::Scratch => (
+                Base::Scratch,
+                ImageConfig {
+                    architecture: platform.architecture.clone(),
+                    os: platform.os.clone(),
+                    variant: platform.variant.clone(),
+                    ..Default::default()
+                },
+            ),
+            BaseRef::Image(r) => (
+                Base::Image(r.clone()),
+                base_configs.get(r).cloned().unwrap_or_default(),
+            ),
+            BaseRef::Stage(i) => (
+                Base::Stage(*i),
+                stages
+                    .iter()
+                    .find(|s| s.index == *i)
+                    .map(|s| s.config.clone())
+                    .unwrap_or_default(),
+            ),
+        };
+        // A base's history and rootfs belong to the builder's layer list.
+        config.history.clear();
+        config.rootfs = Default::default();
+        config.created = None;
+        let scope = match &stage.base_ref {
+            BaseRef::Stage(i) => scopes.get(i).map(Scope::inherit),
+            _ => None,
+        }
+        .unwrap_or_else(|| graph.stage_scope(stage.index, config.env()));
+        let mut planner = StagePlanner {
+            df,
+            graph,
+            scope,
+            config,
+            cmd_set: false,
+            steps: Vec::new(),
+        };
+        if stage.needed {
+            for raw in stage.instructions.iter().skip(1) {
+                planner.instruction(raw)?;
+            }
+            if graph.target == stage.index {
+                for (k, v) in labels {
+                    planner
+                        .config
+                        .config
+                        .labels
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(k.clone(), v.clone());
+                }
+            }
+            warnings.extend(planner.scope.warnings());
+        }
+        scopes.insert(stage.index, planner.scope);
+        stages.push(StagePlan {
+            index: stage.index,
+            name: stage.name.clone(),
+            needed: stage.needed,
+            base,
+            base_display: stage.base_resolved.clone(),
+            steps: planner.steps,
+            config: planner.config,
+        });
+    }
+    Ok(Plan {
+        stages,
+        target: graph.target,
+        warnings,
+    })
+}
+
+struct StagePlanner<'a> {
+    df: &'a Dockerfile,
+    graph: &'a StageGraph,
+    scope: Scope,
+    config: ImageConfig,
+    /// Whether this stage set CMD (a later ENTRYPOINT then keeps it).
+    cmd_set: bool,
+    steps: Vec<Step>,
+}
+
+impl StagePlanner<'_> {
+    fn workdir(&self) -> String {
+        self.config
+            .config
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    }
+
+    fn command(&self, command: &Command) -> Vec<String> {
+        match command {
+            Command::Exec(argv) => argv.clone(),
+            Command::Shell(script) => {
+                let mut argv = self.config.shell();
+                argv.push(script.clone());
+                argv
+            }
+        }
+    }
+
+    fn push(&mut self, raw: &RawInstruction, action: Action) {
+        let mut created_by = raw.keyword.clone();
+        for part in raw.flags.iter().chain(&raw.args) {
+            created_by.push(' ');
+            created_by.push_str(part);
+        }
+        self.steps.push(Step {
+            line: raw.line,
+            keyword: raw.keyword.clone(),
+            created_by,
+            action,
+        });
+    }
+
+    fn instruction(&mut self, raw: &RawInstruction) -> Result<(), FrontendError> {
+        self.scope.set_line(raw.line);
+        let scope = &self.scope;
+        let instruction = Instruction::from_raw(raw, self.df.escape)?
+            .expanded(self.df.escape, &|name| scope.lookup(name))
+            .map_err(|e| e.at(raw.line))?;
+        let config = &mut self.config.config;
+        let action = match instruction {
+            Instruction::From { .. } => {
+                return Err(FrontendError::new(raw.line, "FROM inside a stage"))
+            }
+            Instruction::Arg(args) => {
+                for (name, default) in args {
+                    self.scope.declare_arg(&name, default);
+                }
+                Action::Config
+            }
+            Instruction::Env(pairs) => {
+                for (key, value) in pairs {
+                    self.scope.set_env(&key, &value);
+                    self.config.set_env(&key, &value);
+                }
+                Action::Config
+            }
+            Instruction::Label(pairs) => {
+                config
+                    .labels
+                    .get_or_insert_with(BTreeMap::new)
+                    .extend(pairs);
+                Action::Config
+            }
+            Instruction::Expose(ports) => {
+                let exposed = config.exposed_ports.get_or_insert_with(BTreeMap::new);
+                for port in ports {
+                    let port = match port.contains('/') {
+                        true => port,
+                        false => format!("{port}/tcp"),
+                    };
+                    exposed.insert(port, Value::Object(Default::default()));
+                }
+                Action::Config
+            }
+            Instruction::Volume(volumes) => {
+                let all = config.volumes.get_or_insert_with(BTreeMap::new);
+                for volume in volumes {
+                    all.insert(volume, Value::Object(Default::default()));
+                }
+                Action::Config
+            }
+            Instruction::Workdir(dir) => {
+                let dir = clean_absolute(&Path::new(&self.workdir()).join(dir));
+                self.config.config.working_dir = Some(dir.clone());
+                Action::Workdir(dir)
+            }
+            Instruction::User(user) => {
+                config.user = Some(user);
+                Action::Config
+            }
+            Instruction::Stopsignal(signal) => {
+                config.stop_signal = Some(signal);
+                Action::Config
+            }
+            Instruction::Cmd(command) => {
+                self.config.config.cmd = Some(self.command(&command));
+                self.cmd_set = true;
+                Action::Config
+            }
+            Instruction::Entrypoint(command) => {
+                self.config.config.entrypoint = Some(self.command(&command));
+                // Docker: a new ENTRYPOINT drops a CMD inherited from the base.
+                if !self.cmd_set {
+                    self.config.config.cmd = None;
+                }
+                Action::Config
+            }
+            Instruction::Shell(shell) => {
+                config.shell = Some(shell);
+                Action::Config
+            }
+            Instruction::Maintainer(author) => {
+                self.config.author = Some(author);
+                Action::Config
+            }
+            Instruction::Onbuild(trigger) => {
+                config.on_build.get_or_insert_with(Vec::new).push(trigger);
+                Action::Config
+            }
+            Instruction::Healthcheck(check) => {
+                config.healthcheck = Some(check.to_config());
+                Action::Config
+            }
+            Instruction::Run {
+                command, heredocs, ..
+            } => {
+                let (argv, script) = match HeredocRun::plan(&command, &heredocs) {
+                    None => (self.command(&command), None),
+                    Some(HeredocRun::Shell(text)) => (self.command(&Command::Shell(text)), None),
+                    Some(HeredocRun::Script { name, content }) => {
+                        (vec![format!("/dev/pipes/{name}")], Some((name, content)))
+                    }
+                };
+                Action::Run {
+                    argv,
+                    env: self.scope.run_env(),
+                    user: self.config.config.user.clone().unwrap_or_default(),
+                    workdir: self.workdir(),
+                    script,
+                }
+            }
+            Instruction::Copy(args) => self.copy(raw, args)?,
+            Instruction::Add(_) => {
+                return Err(FrontendError::new(
+                    raw.line,
+                    "ADD is not supported yet: use COPY for local files",
+                ))
+            }
+        };
+        self.push(raw, action);
+        Ok(())
+    }
+
+    fn copy(&self, raw: &RawInstruction, args: CopyArgs) -> Result<Action, FrontendError> {
+        let unsupported = [
+            (args.link, "--link"),
+            (args.parents, "--parents"),
+            (!args.excludes.is_empty(), "--exclude"),
+            (!args.heredocs.is_empty(), "a heredoc source"),
+        ];
+        if let Some((_, what)) = unsupported.iter().find(|(used, _)| *used) {
+            return Err(FrontendError::new(
+                raw.line,
+                format!("COPY with {what} is not supported yet"),
+            ));
+        }
+        // A relative destination is relative to WORKDIR; keep a trailing slash.
+        let mut dest = clean_absolute(&Path::new(&self.workdir()).join(&args.dest));
+        if args.dest.ends_with('/') && !dest.ends_with('/') {
+            dest.push('/');
+        }
+        let from = match args.from {
+            None => CopyFrom::Context,
+            Some(from) => match self.graph.stage_index(&from) {
+                Some(i) => CopyFrom::Stage(i),
+                None => CopyFrom::Image(from),
+            },
+        };
+        let chmod = match &args.chmod {
+            None => None,
+            Some(mode) => Some(u32::from_str_radix(mode, 8).map_err(|_| {
+                FrontendError::new(
+                    raw.line,
+                    format!("invalid --chmod {mode:?}: expected an octal mode"),
+                )
+            })?),
+        };
+        Ok(Action::Copy {
+            from,
+            sources: args.sources,
+            dest,
+            chown: args.chown,
+            chmod,
+        })
+    }
+}
+
+/// An absolute, lexically cleaned path (`..` cannot go above `/`).
+fn clean_absolute(path: &Path) -> String {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out.to_string_lossy().into_owned()
+}

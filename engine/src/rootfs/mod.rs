@@ -1,0 +1,160 @@
+//! A build's root filesystems: safe path resolution inside a root,
+//! extraction of untrusted layers, and snapshots of what a step changed.
+pub mod extract;
+pub mod snapshot;
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+/// Resolves `path` as a process chrooted at `root` would: symlinks (absolute
+/// or with `..`) are followed inside the root and can never leave it. The
+/// last component is followed only when `follow_final` is set. Missing
+/// components are fine: the rest is appended as written.
+pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Result<PathBuf> {
+    let mut resolved = PathBuf::new();
+    let mut pending: VecDeque<OsString> = components(path).collect();
+    let mut hops = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&name);
+        if pending.is_empty() && !follow_final {
+            resolved = candidate;
+            break;
+        }
+        match std::fs::symlink_metadata(root.join(&candidate)) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(io::Error::from_raw_os_error(
+                        rustix::io::Errno::LOOP.raw_os_error(),
+                    ));
+                }
+                let target = std::fs::read_link(root.join(&candidate))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for (i, c) in components(&target).enumerate() {
+                    pending.insert(i, c);
+                }
+            }
+            _ => resolved = candidate,
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+/// The normal components of `path`, with `..` kept (resolved by the caller)
+/// and `/` and `.` dropped.
+fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
+    path.components().filter_map(|c| match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+    })
+}
+
+/// Cleans a path lexically to a relative one with no `..` escaping the top.
+pub fn clean_relative(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in components(path) {
+        if c == ".." {
+            out.pop();
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Creates `dir` (a path inside the root) and its missing parents, resolving
+/// every existing component inside the root. Returns the host path.
+pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<PathBuf> {
+    let mut current = PathBuf::from("/");
+    for c in components(&clean_relative(dir)) {
+        current.push(c);
+        let host = resolve_in_root(root, &current, true)?;
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a directory", current.display()),
+                ))
+            }
+            Err(_) => std::fs::create_dir(&host)?,
+        }
+    }
+    resolve_in_root(root, dir, true)
+}
+
+/// The outermost directory of `dir` (inside the root) that does not exist
+/// yet, relative to the root: what creating `dir` adds to a layer.
+pub fn first_missing_ancestor(root: &Path, dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut current = PathBuf::from("/");
+    for c in components(&clean_relative(dir)) {
+        current.push(c);
+        let host = resolve_in_root(root, &current, true)?;
+        if std::fs::symlink_metadata(&host).is_err() {
+            return Ok(Some(host.strip_prefix(root).unwrap_or(&host).to_path_buf()));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn symlinks_resolve_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("run/lock")).unwrap();
+        std::fs::create_dir_all(root.join("var")).unwrap();
+        symlink("/run", root.join("var/run")).unwrap();
+        symlink("../../../../..", root.join("up")).unwrap();
+        symlink("/", root.join("slash")).unwrap();
+        assert_eq!(
+            resolve_in_root(root, Path::new("/var/run/lock"), true).unwrap(),
+            root.join("run/lock")
+        );
+        assert_eq!(
+            resolve_in_root(root, Path::new("up/etc/passwd"), true).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(root, Path::new("/slash/../../x"), true).unwrap(),
+            root.join("x")
+        );
+        assert_eq!(
+            resolve_in_root(root, Path::new("var/run"), false).unwrap(),
+            root.join("var/run")
+        );
+    }
+
+    #[test]
+    fn symlink_loops_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        symlink("b", dir.path().join("a")).unwrap();
+        symlink("a", dir.path().join("b")).unwrap();
+        assert!(resolve_in_root(dir.path(), Path::new("a/x"), true).is_err());
+    }
+
+    #[test]
+    fn creates_dirs_through_in_root_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        symlink("/", root.join("escape")).unwrap();
+        let made = create_dir_all_in_root(&root, Path::new("/escape/app/sub")).unwrap();
+        assert_eq!(made, root.join("app/sub"));
+        assert!(root.join("app/sub").is_dir());
+        assert!(!dir.path().join("app").exists());
+    }
+}

@@ -1,0 +1,284 @@
+//! Snapshots of a root: what is there after a step, compared with what was
+//! there before, walked in parallel.
+//!
+//! A path counts as changed when its type, mode, owner, size, mtime, ctime,
+//! inode, device or link target changed. ctime cannot be set by a step, so a
+//! write that restores the mtime is still seen. The one blind spot of
+//! metadata, a write within the same clock tick as the previous snapshot
+//! ("racy" entries, as git calls them), is closed by hashing exactly those
+//! files when they are recorded and comparing content later.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rayon::prelude::*;
+
+/// Timestamps closer than this to the snapshot may hide a later write.
+const RACY_WINDOW: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EntryMeta {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+    rdev: u64,
+    /// blake3 of the content, only for racy regular files.
+    racy_hash: Option<[u8; 32]>,
+}
+
+impl EntryMeta {
+    fn is_dir(&self) -> bool {
+        rustix::fs::FileType::from_raw_mode(self.mode) == rustix::fs::FileType::Directory
+    }
+
+    fn same_metadata(&self, other: &EntryMeta) -> bool {
+        (
+            self.mode, self.uid, self.gid, self.size, self.mtime, self.ctime, self.ino, self.rdev,
+        ) == (
+            other.mode,
+            other.uid,
+            other.gid,
+            other.size,
+            other.mtime,
+            other.ctime,
+            other.ino,
+            other.rdev,
+        )
+    }
+}
+
+/// What changed between two snapshots of a root, as relative paths.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Added or modified paths, sorted so parents come before children.
+    pub upserts: Vec<PathBuf>,
+    /// Deleted paths whose parent still exists (children of a deleted
+    /// directory need no whiteout of their own).
+    pub deletes: Vec<PathBuf>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// The recorded state of a root.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    entries: BTreeMap<PathBuf, EntryMeta>,
+    /// Directories whose contents are never recorded (/proc, /sys, /dev).
+    skip_contents: BTreeSet<PathBuf>,
+}
+
+impl Snapshot {
+    /// Records the whole root.
+    pub fn scan(root: &Path, skip_contents: &[&str]) -> io::Result<Snapshot> {
+        let mut snapshot = Snapshot {
+            entries: BTreeMap::new(),
+            skip_contents: skip_contents.iter().map(PathBuf::from).collect(),
+        };
+        snapshot.rescan(root, &[PathBuf::new()])?;
+        Ok(snapshot)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Re-walks the given subtrees (relative paths; empty = the whole root),
+    /// records their new state, and returns what changed in them. COPY and
+    /// WORKDIR pass the paths they touched; RUN passes the whole root.
+    pub fn rescan(&mut self, root: &Path, subtrees: &[PathBuf]) -> io::Result<Changes> {
+        let now = SystemTime::now();
+        let mut fresh: BTreeMap<PathBuf, EntryMeta> = BTreeMap::new();
+        for top in subtrees {
+            let host = root.join(top);
+            if top.as_os_str().is_empty() {
+                fresh.extend(self.walk(root, Path::new(""), now)?);
+                continue;
+            }
+            match fs::symlink_metadata(&host) {
+                Ok(meta) => {
+                    let is_dir = meta.is_dir();
+                    fresh.insert(top.clone(), record(&host, &meta, now));
+                    if is_dir && !self.skip_contents.contains(top) {
+                        fresh.extend(self.walk(root, top, now)?);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+
+        let mut changes = Changes::default();
+        for (path, meta) in &fresh {
+            let changed = match self.entries.get(path) {
+                None => true,
+                Some(old) if !old.same_metadata(meta) => true,
+                Some(old) => match old.racy_hash {
+                    Some(hash) => hash_file(&root.join(path))? != hash,
+                    None => false,
+                },
+            };
+            if changed {
+                changes.upserts.push(path.clone());
+            }
+        }
+        let in_scope = |p: &Path| {
+            subtrees
+                .iter()
+                .any(|top| top.as_os_str().is_empty() || p.starts_with(top))
+        };
+        let gone: Vec<PathBuf> = self
+            .entries
+            .keys()
+            .filter(|p| in_scope(p) && !fresh.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.entries.remove(&path);
+            let parent_is_dir = match path.parent() {
+                Some(p) if p.as_os_str().is_empty() => true,
+                Some(p) => fresh
+                    .get(p)
+                    .or_else(|| self.entries.get(p))
+                    .is_some_and(EntryMeta::is_dir),
+                None => false,
+            };
+            // A deleted child of a deleted (or replaced) directory is covered by its parent.
+            let parent_gone_or_replaced = path.parent().is_some_and(|p| {
+                !p.as_os_str().is_empty() && changes.deletes.iter().any(|d| p.starts_with(d))
+            });
+            if parent_is_dir && !parent_gone_or_replaced {
+                changes.deletes.push(path);
+            }
+        }
+        self.entries.extend(fresh);
+        Ok(changes)
+    }
+
+    fn walk(
+        &self,
+        root: &Path,
+        rel: &Path,
+        now: SystemTime,
+    ) -> io::Result<Vec<(PathBuf, EntryMeta)>> {
+        let dir = root.join(rel);
+        let entries: Vec<fs::DirEntry> = fs::read_dir(&dir)?.collect::<io::Result<_>>()?;
+        let nested: Vec<Vec<(PathBuf, EntryMeta)>> = entries
+            .par_iter()
+            .map(|entry| {
+                let path = rel.join(entry.file_name());
+                // DirEntry::metadata does not follow symlinks.
+                let meta = entry.metadata()?;
+                let mut out = vec![(path.clone(), record(&entry.path(), &meta, now))];
+                if meta.is_dir() && !self.skip_contents.contains(&path) {
+                    out.extend(self.walk(root, &path, now)?);
+                }
+                Ok(out)
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(nested.into_iter().flatten().collect())
+    }
+}
+
+fn record(host: &Path, meta: &Metadata, now: SystemTime) -> EntryMeta {
+    let ctime = UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
+    let racy = meta.is_file() && now.duration_since(ctime).map_or(true, |d| d < RACY_WINDOW);
+    EntryMeta {
+        mode: meta.mode(),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        size: meta.size(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+        ino: meta.ino(),
+        rdev: meta.rdev(),
+        // Unreadable racy files count as changed later (hash mismatch).
+        racy_hash: racy.then(|| hash_file(host).unwrap_or([0; 32])),
+    }
+}
+
+fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(fs::File::open(path)?)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    fn paths(v: &[PathBuf]) -> Vec<String> {
+        v.iter().map(|p| p.display().to_string()).collect()
+    }
+
+    #[test]
+    fn sees_adds_modifies_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/f"), "1").unwrap();
+        fs::write(root.join("keep"), "k").unwrap();
+        fs::create_dir_all(root.join("proc/1")).unwrap();
+        let mut snap = Snapshot::scan(root, &["proc"]).unwrap();
+        assert!(!snap.entries.contains_key(Path::new("proc/1")));
+
+        fs::write(root.join("a/b/f"), "2").unwrap(); // same size, racy
+        fs::write(root.join("new"), "n").unwrap();
+        fs::set_permissions(root.join("keep"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::create_dir_all(root.join("proc/2")).unwrap();
+        let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["a/b/f", "keep", "new", "proc"]);
+        assert!(changes.deletes.is_empty());
+
+        fs::remove_dir_all(root.join("a")).unwrap();
+        symlink("/x", root.join("keep2")).unwrap();
+        let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["keep2"]);
+        assert_eq!(paths(&changes.deletes), ["a"]);
+        assert!(snap.rescan(root, &[PathBuf::new()]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_dir_replaced_by_a_file_needs_no_child_whiteouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        fs::write(root.join("d/e/f"), "1").unwrap();
+        let mut snap = Snapshot::scan(root, &[]).unwrap();
+        fs::remove_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d"), "file now").unwrap();
+        let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["d"]);
+        assert!(changes.deletes.is_empty(), "{:?}", changes.deletes);
+    }
+
+    #[test]
+    fn rescan_of_a_subtree_leaves_the_rest_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("app")).unwrap();
+        fs::write(root.join("other"), "o").unwrap();
+        let mut snap = Snapshot::scan(root, &[]).unwrap();
+        fs::write(root.join("app/x"), "x").unwrap();
+        fs::remove_file(root.join("other")).unwrap();
+        let changes = snap.rescan(root, &[PathBuf::from("app/x")]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["app/x"]);
+        assert!(changes.deletes.is_empty());
+        assert!(snap.entries.contains_key(Path::new("other")));
+    }
+}

@@ -1,0 +1,226 @@
+//! The first end-to-end path: build from the busybox fixture in a real
+//! registry, push, and read the image back with skopeo and umoci.
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+
+use support::*;
+
+fn mode_owner(path: &Path) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.mode() & 0o7777, m.uid(), m.gid())
+}
+
+const APP_DOCKERFILE: &str = r#"FROM {BASE}
+RUN mkdir -p /data && echo run > /data/run.txt && chmod 0640 /data/run.txt \
+ && chown 1000:1000 /data/run.txt && rm /bin/vi && rmdir /var
+COPY app.txt /srv/app.txt
+COPY --chown=user:user --chmod=0600 secret.txt conf/ /srv/
+ENV APP_MODE=prod GREETING="hello world"
+WORKDIR /srv/work
+RUN echo "$APP_MODE $GREETING" > mode.txt && pwd > /tmp/pwd.txt
+USER user
+RUN id -u > /tmp/uid.txt && id -g >> /tmp/uid.txt
+CMD ["sh", "-c", "echo hi"]
+"#;
+
+fn app_context(base: &str) -> Context {
+    Context::new(
+        &APP_DOCKERFILE.replace("{BASE}", base),
+        &[
+            ("app.txt", "app\n"),
+            ("secret.txt", "s3cret\n"),
+            ("conf/a.conf", "a=1\n"),
+        ],
+    )
+}
+
+#[test]
+fn builds_pushes_and_reads_back() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = app_context(&base);
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/hello:v1");
+    let dest2 = registry.reference("app/hello:v2");
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--destination", &dest, "--destination", &dest2],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let config = skopeo_config(&dest);
+    let c = &config["config"];
+    let env: Vec<&str> = c["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"APP_MODE=prod"), "{env:?}");
+    assert!(env.contains(&"GREETING=hello world"), "{env:?}");
+    assert!(env.iter().any(|e| e.starts_with("PATH=")), "{env:?}");
+    assert_eq!(c["Cmd"], serde_json::json!(["sh", "-c", "echo hi"]));
+    assert_eq!(c["WorkingDir"], "/srv/work");
+    assert_eq!(c["User"], "user");
+    // The base layer, then RUN, COPY, COPY, WORKDIR (creates /srv/work), RUN, RUN.
+    assert_eq!(
+        config["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        1 + 6
+    );
+    assert_eq!(skopeo_config(&dest2), config);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let rootfs = pull_and_unpack(&dest, tmp.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("data/run.txt")).unwrap(),
+        "run\n"
+    );
+    assert_eq!(
+        mode_owner(&rootfs.join("data/run.txt")),
+        (0o640, 1000, 1000)
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/app.txt")).unwrap(),
+        "app\n"
+    );
+    assert_eq!(mode_owner(&rootfs.join("srv/app.txt")), (0o644, 0, 0));
+    assert_eq!(
+        mode_owner(&rootfs.join("srv/secret.txt")),
+        (0o600, 1000, 1000)
+    );
+    assert_eq!(mode_owner(&rootfs.join("srv/a.conf")), (0o600, 1000, 1000));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/work/mode.txt")).unwrap(),
+        "prod hello world\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/pwd.txt")).unwrap(),
+        "/srv/work\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("tmp/uid.txt")).unwrap(),
+        "1000\n1000\n"
+    );
+    // Deleted by RUN: a file (symlink) and a directory.
+    assert!(std::fs::symlink_metadata(rootfs.join("bin/vi")).is_err());
+    assert!(std::fs::symlink_metadata(rootfs.join("var")).is_err());
+    assert!(
+        rootfs.join("bin/sh").exists() || std::fs::symlink_metadata(rootfs.join("bin/sh")).is_ok()
+    );
+    // Mount points and Kiln's /etc files never reach the image.
+    assert!(!rootfs.join("etc/hosts").exists());
+    assert!(!rootfs.join("etc/resolv.conf").exists());
+    assert_eq!(std::fs::read_dir(rootfs.join("dev")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(rootfs.join("proc")).unwrap().count(), 0);
+}
+
+#[test]
+fn writes_a_tarball_and_an_oci_layout() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = app_context(&base);
+    let state = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let tar = out_dir.path().join("image.tar");
+    let layout = out_dir.path().join("layout");
+    let dest = registry.reference("app/saved:v3");
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &[
+            "--destination",
+            &dest,
+            "--no-push",
+            "--tar-path",
+            tar.to_str().unwrap(),
+            "--oci-layout-path",
+            layout.to_str().unwrap(),
+            "--digest-file",
+            out_dir.path().join("digest").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // --no-push: nothing in the registry.
+    assert_eq!(registry.get("/v2/app/saved/tags/list").0, 404);
+
+    // The docker-archive is read by skopeo and loaded by podman.
+    let from_tar = out_dir.path().join("from-tar");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        &format!("docker-archive:{}", tar.display()),
+        &format!("oci:{}:t", from_tar.display()),
+    ]));
+    let rootfs = umoci_unpack(&from_tar, "t", &out_dir.path().join("a"));
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/app.txt")).unwrap(),
+        "app\n"
+    );
+    let storage = out_dir.path().join("podman");
+    let loaded = run_ok(
+        Command::new("podman")
+            .arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args(["--storage-driver", "vfs", "load", "-i"])
+            .arg(&tar),
+    );
+    assert!(
+        String::from_utf8_lossy(&loaded.stdout).contains("app/saved:v3"),
+        "{}",
+        String::from_utf8_lossy(&loaded.stdout)
+    );
+
+    // The OCI layout is read by skopeo and umoci under the destination's tag.
+    let inspected =
+        run_ok(Command::new("skopeo").args(["inspect", &format!("oci:{}:v3", layout.display())]));
+    let inspected: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    let digest = std::fs::read_to_string(out_dir.path().join("digest")).unwrap();
+    assert_eq!(inspected["Digest"], digest.as_str());
+    let rootfs = umoci_unpack(&layout, "v3", &out_dir.path().join("b"));
+    assert_eq!(
+        mode_owner(&rootfs.join("srv/secret.txt")),
+        (0o600, 1000, 1000)
+    );
+}
+
+#[test]
+fn dockerfile_errors_name_the_file_and_line() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/broken:v1");
+    for (dockerfile, line) in [
+        (format!("FROM {base}\nRUN true\nFROOB x\n"), 3),
+        ("# only a comment\nRUN echo no from\n".to_string(), 2),
+    ] {
+        let ctx = Context::new(&dockerfile, &[]);
+        let out = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(&format!("Dockerfile:{line}")), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let missing = registry.reference("base/missing:nope");
+    let ctx = Context::new(&format!("FROM {missing}\nRUN true\n"), &[]);
+    let out = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("base/missing:nope"),
+        "{}",
+        stderr(&out)
+    );
+    // A failing RUN names its line and exit code.
+    let ctx = Context::new(&format!("FROM {base}\nRUN exit 7\n"), &[]);
+    let out = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("Dockerfile:2") && err.contains('7'), "{err}");
+    // No image was pushed by any of these.
+    assert_eq!(registry.get("/v2/app/broken/tags/list").0, 404);
+}

@@ -1,0 +1,227 @@
+//! Differential tests: each case in `fixtures/differential/` is built by
+//! Kiln and by buildah (the reference) from the same busybox base; both
+//! images are unpacked with umoci and must have the same files (type, mode,
+//! owner, content, link targets, hardlinks) and the same config.
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use support::*;
+
+struct Built {
+    tree: BTreeMap<String, TreeEntry>,
+    config: Value,
+}
+
+fn case_dir(name: &str) -> PathBuf {
+    Path::new(REPO).join("fixtures/differential").join(name)
+}
+
+/// Extra flags for both builders, one per line in the case's `flags` file.
+fn case_flags(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("flags"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn oci_config(layout: &Path, tag: &str) -> Value {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        &format!("oci:{}:{tag}", layout.display()),
+    ]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn build_with_kiln(dir: &Path, base: &str, work: &Path) -> Built {
+    let layout = work.join("kiln-layout");
+    let out = Command::new(KILN)
+        .arg("build")
+        .arg("--context")
+        .arg(dir)
+        .arg("--dockerfile")
+        .arg(dir.join("Dockerfile"))
+        .arg("--cache-dir")
+        .arg(work.join("kiln-state"))
+        .arg("--build-arg")
+        .arg(format!("BASE={base}"))
+        .args(case_flags(dir))
+        .arg("--oci-layout-path")
+        .arg(&layout)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kiln failed:\n{}", stderr(&out));
+    Built {
+        tree: tree(&umoci_unpack(&layout, "latest", &work.join("kiln"))),
+        config: oci_config(&layout, "latest"),
+    }
+}
+
+fn build_with_buildah(dir: &Path, base: &str, work: &Path) -> Built {
+    let storage = |cmd: &mut Command| {
+        cmd.arg("--root")
+            .arg(work.join("buildah/root"))
+            .arg("--runroot")
+            .arg(work.join("buildah/run"))
+            .args(["--storage-driver", "vfs"]);
+    };
+    let mut bud = Command::new("buildah");
+    storage(&mut bud);
+    bud.args([
+        "bud",
+        "--isolation",
+        "chroot",
+        "--format",
+        "docker",
+        "--tls-verify=false",
+        "-q",
+    ])
+    .args(["-t", "localhost/case:latest", "-f"])
+    .arg(dir.join("Dockerfile"))
+    .arg("--build-arg")
+    .arg(format!("BASE={base}"))
+    .args(case_flags(dir))
+    .arg(dir);
+    run_ok(&mut bud);
+    let layout = work.join("buildah-layout");
+    let mut push = Command::new("buildah");
+    storage(&mut push);
+    push.args(["push", "-q", "localhost/case:latest"])
+        .arg(format!("oci:{}:latest", layout.display()));
+    run_ok(&mut push);
+    Built {
+        tree: tree(&umoci_unpack(&layout, "latest", &work.join("buildah"))),
+        config: oci_config(&layout, "latest"),
+    }
+}
+
+/// The parts of a config both builders must agree on.
+fn comparable_config(config: &Value) -> Value {
+    let c = &config["config"];
+    let mut labels = c["Labels"].as_object().cloned().unwrap_or_default();
+    labels.remove("io.buildah.version");
+    let mut out = serde_json::Map::new();
+    for key in [
+        "Env",
+        "Cmd",
+        "Entrypoint",
+        "WorkingDir",
+        "User",
+        "ExposedPorts",
+        "Volumes",
+        "StopSignal",
+        "Healthcheck",
+        "OnBuild",
+        "Shell",
+    ] {
+        let v = c.get(key).cloned().unwrap_or(Value::Null);
+        // Empty and absent mean the same to a runtime.
+        let empty = match &v {
+            Value::Null => true,
+            Value::String(s) => s.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        if !empty {
+            out.insert(key.into(), v);
+        }
+    }
+    if !labels.is_empty() {
+        out.insert("Labels".into(), Value::Object(labels));
+    }
+    out.insert(
+        "author".into(),
+        config.get("author").cloned().unwrap_or(Value::Null),
+    );
+    Value::Object(out)
+}
+
+/// buildah's chroot isolation leaves its mount points in the image (empty
+/// /etc/hosts, /etc/hostname, /etc/resolv.conf, and /run); Docker's
+/// builders do not, and neither does Kiln.
+fn drop_buildah_mount_points(
+    tree: &mut BTreeMap<String, TreeEntry>,
+    kiln: &BTreeMap<String, TreeEntry>,
+) {
+    for path in ["etc/hosts", "etc/hostname", "etc/resolv.conf", "run"] {
+        let empty = tree
+            .get(path)
+            .is_some_and(|e| (e.kind == 'f' && e.content.ends_with("-0")) || e.kind == 'd');
+        let run_is_empty = path != "run" || !tree.keys().any(|k| k.starts_with("run/"));
+        if empty && run_is_empty && !kiln.contains_key(path) {
+            tree.remove(path);
+        }
+    }
+}
+
+fn differential(name: &str) {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let dir = case_dir(name);
+    let work = tempfile::tempdir().unwrap();
+    let kiln = build_with_kiln(&dir, &base, work.path());
+    let mut reference = build_with_buildah(&dir, &base, work.path());
+    drop_buildah_mount_points(&mut reference.tree, &kiln.tree);
+
+    let mut diffs = Vec::new();
+    for (path, entry) in &reference.tree {
+        match kiln.tree.get(path) {
+            None => diffs.push(format!("missing in kiln: {path} {entry:?}")),
+            Some(k) if k != entry => diffs.push(format!("{path}: kiln {k:?} != buildah {entry:?}")),
+            _ => {}
+        }
+    }
+    for path in kiln
+        .tree
+        .keys()
+        .filter(|p| !reference.tree.contains_key(*p))
+    {
+        diffs.push(format!("only in kiln: {path} {:?}", kiln.tree[path]));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{name}: file trees differ:\n{}",
+        diffs.join("\n")
+    );
+    assert_eq!(
+        comparable_config(&kiln.config),
+        comparable_config(&reference.config),
+        "{name}: configs differ"
+    );
+}
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                differential(&stringify!($name).replace('_', "-"));
+            }
+        )*
+    };
+}
+
+cases!(
+    run_files_and_modes,
+    whiteouts,
+    replace_dir_and_file,
+    hardlinks_and_symlinks,
+    copy_forms,
+    copy_chown_chmod,
+    users,
+    multi_stage,
+    target_stage,
+    metadata,
+    entrypoint_resets_cmd,
+    arg_scoping,
+    workdir,
+    unicode_and_long_paths,
+    large_file,
+);

@@ -1,0 +1,298 @@
+//! Real parts for the end-to-end tests: a Distribution registry each test
+//! starts itself, the busybox fixture, and the independent clients that
+//! read back what Kiln produced.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A `docker-registry serve` on 127.0.0.1, stopped when dropped.
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        // Ask the kernel for a free port, then hand it to the registry.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (apt-get install docker-registry)");
+        let registry = Registry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while registry.get("/v2/").0 != 200 {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        registry
+    }
+
+    /// A plain HTTP GET: (status, body). Status 0 when nothing answers.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut stream) = TcpStream::connect(&self.addr) else {
+            return (0, String::new());
+        };
+        let request = format!(
+            "GET {path} HTTP/1.0\r\nHost: {}\r\nAccept: application/vnd.oci.image.manifest.v1+json\r\n\r\n",
+            self.addr
+        );
+        if stream.write_all(request.as_bytes()).is_err() {
+            return (0, String::new());
+        }
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn reference(&self, repo_tag: &str) -> String {
+        format!("{}/{repo_tag}", self.addr)
+    }
+
+    /// Pushes the busybox fixture and returns its reference.
+    pub fn push_busybox(&self) -> String {
+        let reference = self.reference("base/busybox:latest");
+        run_ok(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:latest", busybox_layout().display()),
+            &format!("docker://{reference}"),
+        ]));
+        reference
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The busybox fixture as an OCI layout, built once per test process.
+pub fn busybox_layout() -> &'static Path {
+    static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("busybox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        run_ok(Command::new(Path::new(REPO).join("fixtures/busybox.sh")).arg(&dir));
+        dir
+    })
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A build context in a temp dir: a Dockerfile plus files.
+pub struct Context {
+    pub dir: tempfile::TempDir,
+}
+
+impl Context {
+    pub fn new(dockerfile: &str, files: &[(&str, &str)]) -> Context {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).unwrap();
+        for (name, content) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
+        Context { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs `kiln build` on a context with a fresh state dir under `state`.
+pub fn kiln_build(ctx: &Context, state: &Path, extra: &[&str]) -> Output {
+    let mut cmd = Command::new(KILN);
+    cmd.arg("build")
+        .arg("--context")
+        .arg(ctx.path())
+        .arg("--dockerfile")
+        .arg(ctx.path().join("Dockerfile"))
+        .arg("--cache-dir")
+        .arg(state)
+        .args(extra);
+    cmd.output().unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `skopeo inspect --config` of an image in the registry.
+pub fn skopeo_config(reference: &str) -> serde_json::Value {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Unpacks an image with umoci (from an OCI layout) and returns the rootfs.
+pub fn umoci_unpack(layout: &Path, tag: &str, into: &Path) -> PathBuf {
+    let bundle = into.join("bundle");
+    run_ok(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:{tag}", layout.display()),
+        bundle.to_str().unwrap(),
+    ]));
+    bundle.join("rootfs")
+}
+
+/// Copies an image from the registry into an OCI layout and unpacks it.
+pub fn pull_and_unpack(reference: &str, into: &Path) -> PathBuf {
+    let layout = into.join("layout");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{reference}"),
+        &format!("oci:{}:img", layout.display()),
+    ]));
+    umoci_unpack(&layout, "img", into)
+}
+
+/// One entry of an unpacked root, without times: what two builders must
+/// agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// blake3 of a file's content, or a symlink's target.
+    pub content: String,
+    /// For files with several links: the first path of the group.
+    pub link_group: Option<String>,
+}
+
+/// Walks an unpacked rootfs into a sorted map of relative paths.
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, TreeEntry> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    let mut all = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            all.push((path, meta));
+        }
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, meta) in all {
+        let rel = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let ft = meta.file_type();
+        let (kind, content) = if ft.is_dir() {
+            ('d', String::new())
+        } else if ft.is_symlink() {
+            (
+                'l',
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        } else if ft.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            ('f', content_digest(&bytes))
+        } else if ft.is_char_device() || ft.is_block_device() {
+            ('c', format!("{}", meta.rdev()))
+        } else if ft.is_fifo() {
+            ('p', String::new())
+        } else {
+            ('s', String::new())
+        };
+        let link_group = (kind == 'f' && meta.nlink() > 1).then(|| {
+            inodes
+                .entry(meta.ino())
+                .or_insert_with(|| rel.clone())
+                .clone()
+        });
+        out.insert(
+            rel,
+            TreeEntry {
+                kind,
+                mode: meta.mode() & 0o7777,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                content,
+                link_group,
+            },
+        );
+    }
+    out
+}
+
+fn content_digest(bytes: &[u8]) -> String {
+    // SipHash with fixed keys plus the length: enough to compare two trees.
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    format!("{:016x}-{}", h.finish(), bytes.len())
+}
