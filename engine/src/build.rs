@@ -18,7 +18,7 @@ use crate::layer::{Compression, LayerWriter};
 use crate::output::BuiltImage;
 use crate::plan::{self, Action, Base, CopyFrom, Plan, StagePlan, Step};
 use crate::rootfs::snapshot::{Changes, Snapshot};
-use crate::rootfs::{create_dir_all_in_root, extract, first_missing_ancestor};
+use crate::rootfs::{create_dir_all_in_root, extract, relative_to_root};
 
 /// Contents of these directories are never committed: they are mounted
 /// during RUN.
@@ -406,13 +406,23 @@ impl<'a> Builder<'a> {
         let io = |e: std::io::Error| e.to_string();
         match &step.action {
             Action::Config => Ok(Changes::default()),
-            Action::Workdir(dir) => {
-                let created = first_missing_ancestor(root, Path::new(dir)).map_err(io)?;
-                create_dir_all_in_root(root, Path::new(dir)).map_err(io)?;
-                match created {
-                    Some(top) => snapshot.rescan(root, &[top]).map_err(io),
-                    None => Ok(Changes::default()),
+            Action::Mkdir { paths, owner } => {
+                let (uid, gid) = match owner.as_deref().filter(|o| !o.is_empty()) {
+                    Some(user) => {
+                        let id = users::resolve_user(root, user)?;
+                        (id.uid, id.gid)
+                    }
+                    None => (0, 0),
+                };
+                let mut touched = Vec::new();
+                for path in paths {
+                    let (_, created) = create_dir_all_in_root(root, Path::new(path)).map_err(io)?;
+                    for dir in &created {
+                        std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io)?;
+                    }
+                    touched.extend(created.first().map(|d| relative_to_root(root, d)));
                 }
+                snapshot.rescan(root, &touched).map_err(io)
             }
             Action::Run {
                 argv,

@@ -62,8 +62,12 @@ pub enum CopyFrom {
 pub enum Action {
     /// Only the config changes.
     Config,
-    /// WORKDIR: the directory is created when missing.
-    Workdir(String),
+    /// WORKDIR and VOLUME: directories created when missing, owned by
+    /// `owner` (a USER value; WORKDIR uses the current USER, as BuildKit).
+    Mkdir {
+        paths: Vec<String>,
+        owner: Option<String>,
+    },
     Run {
         argv: Vec<String>,
         env: Vec<(String, String)>,
@@ -290,15 +294,25 @@ impl StagePlanner<'_> {
             }
             Instruction::Volume(volumes) => {
                 let all = config.volumes.get_or_insert_with(BTreeMap::new);
-                for volume in volumes {
-                    all.insert(volume, Value::Object(Default::default()));
+                for volume in &volumes {
+                    all.insert(volume.clone(), Value::Object(Default::default()));
                 }
-                Action::Config
+                // Like buildah and Kaniko, the mount points exist in the image.
+                Action::Mkdir {
+                    paths: volumes
+                        .iter()
+                        .map(|v| clean_absolute(&Path::new(&self.workdir()).join(v)))
+                        .collect(),
+                    owner: None,
+                }
             }
             Instruction::Workdir(dir) => {
                 let dir = clean_absolute(&Path::new(&self.workdir()).join(dir));
                 self.config.config.working_dir = Some(dir.clone());
-                Action::Workdir(dir)
+                Action::Mkdir {
+                    paths: vec![dir],
+                    owner: self.config.config.user.clone(),
+                }
             }
             Instruction::User(user) => {
                 config.user = Some(user);

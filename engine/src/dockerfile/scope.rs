@@ -265,7 +265,8 @@ impl Scope {
             (None, Some(d)) => Some(d),
             (None, None) => get_env(&self.global, name),
         };
-        if let Some(v) = value {
+        // ENV always beats an ARG of the same name, whichever came first.
+        if let Some(v) = value.filter(|_| get_env(&self.image_env, name).is_none()) {
             add_env(&mut self.env, name, &v);
         }
         if !self.args.iter().any(|a| a == name) {
@@ -519,11 +520,11 @@ mod tests {
     }
 
     #[test]
-    fn env_after_arg_wins_and_arg_after_env_wins() {
+    fn env_beats_arg_even_from_the_base_image() {
         let g = global(&[]);
         let mut s = Scope::new(&g, &["V=from-image".to_string()]);
         s.declare_arg_unexpanded("V", Some("arg"), '\\').unwrap();
-        assert_eq!(s.lookup("V").as_deref(), Some("arg"));
+        assert_eq!(s.lookup("V").as_deref(), Some("from-image"));
         assert_eq!(s.image_env(), ["V=from-image"]);
         s.apply_env(&[("V".into(), "env".into())], '\\').unwrap();
         assert_eq!(s.lookup("V").as_deref(), Some("env"));

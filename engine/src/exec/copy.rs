@@ -6,9 +6,7 @@ use std::io;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::rootfs::{
-    clean_relative, create_dir_all_in_root, first_missing_ancestor, resolve_in_root,
-};
+use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
 
 /// Where sources are read from.
 pub enum Source<'a> {
@@ -105,28 +103,38 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 dest.to_path_buf()
             }
         };
-        let parent = target.parent().unwrap_or(Path::new("/"));
-        if let Some(created) = first_missing_ancestor(root, parent).map_err(|e| e.to_string())? {
-            touched.push(created);
-        }
-        let host_parent = create_dir_all_in_root(root, parent)
-            .map_err(|e| format!("{}: {e}", parent.display()))?;
-        let host_target = match target.file_name() {
-            Some(name) => host_parent.join(name),
-            None => host_parent, // COPY dir/ /
+        // The directory that receives the copy: dest itself for a directory
+        // source, the target's parent for a file.
+        let dir = match meta.is_dir() {
+            true => target.as_path(),
+            false => target.parent().unwrap_or(Path::new("/")),
         };
-        if meta.is_dir() {
-            copier.copy_dir(&src, &host_target)
-        } else {
-            copier.copy_entry(&src, &host_target)
+        let (host_dir, created) =
+            create_dir_all_in_root(root, dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Directories a COPY creates belong to the --chown owner (or root).
+        let (uid, gid) = copier.chown.unwrap_or((0, 0));
+        for d in &created {
+            lchown(d, Some(uid), Some(gid)).map_err(|e| format!("{}: {e}", d.display()))?;
         }
-        .map_err(|e| format!("{}: {e}", src.display()))?;
-        touched.push(
+        let host_target = if meta.is_dir() {
+            if created.last() == Some(&host_dir) {
+                // Only a directory the copy made takes the source's mode.
+                fs::set_permissions(&host_dir, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                    .map_err(|e| format!("{}: {e}", host_dir.display()))?;
+            }
+            copier
+                .copy_contents(&src, &host_dir)
+                .map_err(|e| format!("{}: {e}", src.display()))?;
+            host_dir
+        } else {
+            let host_target = host_dir.join(target.file_name().unwrap_or_default());
+            copier
+                .copy_entry(&src, &host_target)
+                .map_err(|e| format!("{}: {e}", src.display()))?;
             host_target
-                .strip_prefix(root)
-                .unwrap_or(Path::new(""))
-                .to_path_buf(),
-        );
+        };
+        let top = created.first().unwrap_or(&host_target);
+        touched.push(relative_to_root(root, top));
     }
     Ok(touched)
 }
@@ -138,10 +146,16 @@ struct Copier<'a> {
 }
 
 impl Copier<'_> {
-    /// Copies the contents of `src` into the directory `dest` (created or merged).
+    /// Copies a directory: the directory itself (created or merged), then
+    /// its contents.
     fn copy_dir(&self, src: &Path, dest: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         self.make_dir(dest, &meta)?;
+        self.copy_contents(src, dest)
+    }
+
+    /// Copies the entries of `src` into the existing directory `dest`.
+    fn copy_contents(&self, src: &Path, dest: &Path) -> io::Result<()> {
         let mut entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {

@@ -107,14 +107,16 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity, String> {
         Some(g) => lookup_group(root, g)?,
         None => entry.as_ref().map_or(0, |e| e.gid),
     };
-    let groups = match (&entry, group) {
-        (Some(e), None) => groups(root)
-            .into_iter()
-            .filter(|g| g.members.contains(&e.name) && g.gid != gid)
-            .map(|g| g.gid)
-            .collect(),
-        _ => Vec::new(),
-    };
+    // Like runc: the primary group, then the groups listing the user.
+    let mut groups = vec![gid];
+    if let (Some(e), None) = (&entry, group) {
+        groups.extend(
+            self::groups(root)
+                .into_iter()
+                .filter(|g| g.members.contains(&e.name) && g.gid != gid)
+                .map(|g| g.gid),
+        );
+    }
     Ok(Identity {
         uid,
         gid,
@@ -169,7 +171,10 @@ mod tests {
     fn users_by_name_and_number() {
         let r = root();
         let u = resolve_user(r.path(), "user").unwrap();
-        assert_eq!((u.uid, u.gid, u.groups.clone()), (1000, 1000, vec![10]));
+        assert_eq!(
+            (u.uid, u.gid, u.groups.clone()),
+            (1000, 1000, vec![1000, 10])
+        );
         assert_eq!(u.home, "/home/user");
         assert_eq!(resolve_user(r.path(), "1000").unwrap().gid, 1000);
         assert_eq!(resolve_user(r.path(), "4242").unwrap().gid, 0);

@@ -72,9 +72,11 @@ pub fn clean_relative(path: &Path) -> PathBuf {
 }
 
 /// Creates `dir` (a path inside the root) and its missing parents, resolving
-/// every existing component inside the root. Returns the host path.
-pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<PathBuf> {
+/// every existing component inside the root. Returns the host path and the
+/// host paths of the directories it created, outermost first.
+pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<(PathBuf, Vec<PathBuf>)> {
     let mut current = PathBuf::from("/");
+    let mut created = Vec::new();
     for c in components(&clean_relative(dir)) {
         current.push(c);
         let host = resolve_in_root(root, &current, true)?;
@@ -86,24 +88,18 @@ pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<PathBuf> {
                     format!("{} exists and is not a directory", current.display()),
                 ))
             }
-            Err(_) => std::fs::create_dir(&host)?,
+            Err(_) => {
+                std::fs::create_dir(&host)?;
+                created.push(host);
+            }
         }
     }
-    resolve_in_root(root, dir, true)
+    Ok((resolve_in_root(root, dir, true)?, created))
 }
 
-/// The outermost directory of `dir` (inside the root) that does not exist
-/// yet, relative to the root: what creating `dir` adds to a layer.
-pub fn first_missing_ancestor(root: &Path, dir: &Path) -> io::Result<Option<PathBuf>> {
-    let mut current = PathBuf::from("/");
-    for c in components(&clean_relative(dir)) {
-        current.push(c);
-        let host = resolve_in_root(root, &current, true)?;
-        if std::fs::symlink_metadata(&host).is_err() {
-            return Ok(Some(host.strip_prefix(root).unwrap_or(&host).to_path_buf()));
-        }
-    }
-    Ok(None)
+/// The path of `host` (inside `root`) relative to the root.
+pub fn relative_to_root(root: &Path, host: &Path) -> PathBuf {
+    host.strip_prefix(root).unwrap_or(host).to_path_buf()
 }
 
 #[cfg(test)]
@@ -152,8 +148,9 @@ mod tests {
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();
         symlink("/", root.join("escape")).unwrap();
-        let made = create_dir_all_in_root(&root, Path::new("/escape/app/sub")).unwrap();
+        let (made, created) = create_dir_all_in_root(&root, Path::new("/escape/app/sub")).unwrap();
         assert_eq!(made, root.join("app/sub"));
+        assert_eq!(created, [root.join("app"), root.join("app/sub")]);
         assert!(root.join("app/sub").is_dir());
         assert!(!dir.path().join("app").exists());
     }
