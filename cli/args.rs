@@ -90,9 +90,32 @@ pub struct BuildArgs {
     /// A label to add to the image, `KEY=VALUE`. Repeatable.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// How snapshots detect changes: redo (metadata, hashing racy files),
+    /// full (also hash every file), time (mtime only, as Kaniko's).
+    #[arg(long, value_enum, default_value_t = SnapshotModeArg::Redo)]
+    pub snapshot_mode: SnapshotModeArg,
+    /// A path inside the image that snapshots ignore. Repeatable.
+    #[arg(long = "ignore-path", value_name = "PATH")]
+    pub ignore_paths: Vec<PathBuf>,
+    /// One layer per stage instead of one per step.
+    #[arg(long)]
+    pub single_snapshot: bool,
+    /// Write `<destination>@<digest>` for each destination to this file.
+    #[arg(long, value_name = "FILE")]
+    pub image_name_with_digest_file: Option<PathBuf>,
+    /// Write `<destination>:<tag>@<digest>` for each destination to this file.
+    #[arg(long, value_name = "FILE")]
+    pub image_name_tag_with_digest_file: Option<PathBuf>,
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
     #[arg(long, value_name = "PLATFORM")]
     pub custom_platform: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SnapshotModeArg {
+    Redo,
+    Full,
+    Time,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

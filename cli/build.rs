@@ -10,8 +10,9 @@ use kiln_cachestore::{BlobStore, Platform, RegistryClient, RegistryOptions};
 use kiln_engine::build::{BuildOptions, Builder, Event};
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
+use kiln_engine::rootfs::snapshot::SnapshotMode;
 
-use crate::args::{BuildArgs, CompressionArg, FrontendArgs};
+use crate::args::{BuildArgs, CompressionArg, FrontendArgs, SnapshotModeArg};
 
 /// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment, as
 /// `docker build --build-arg` does.
@@ -151,6 +152,17 @@ pub fn run(a: BuildArgs) -> Result<()> {
         fixed_time: fixed_time(a.reproducible)?,
         labels: parse_pairs("--label", &a.labels)?,
         insecure_pull: a.insecure_pull,
+        snapshot_mode: match a.snapshot_mode {
+            SnapshotModeArg::Redo => SnapshotMode::Redo,
+            SnapshotModeArg::Full => SnapshotMode::Full,
+            SnapshotModeArg::Time => SnapshotMode::Time,
+        },
+        ignore_paths: a
+            .ignore_paths
+            .iter()
+            .map(|p| kiln_engine::rootfs::clean_relative(p))
+            .collect(),
+        single_snapshot: a.single_snapshot,
     };
     let mut plain_http = a.insecure_registries.clone();
     if a.insecure {
@@ -197,6 +209,28 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
         if let Some(path) = &a.digest_file {
             output::write_digest_file(&image, path)?;
+        }
+        // Kaniko's formats: `repo@digest` and `repo:tag@digest`, a line each.
+        let named = |with_tag: bool| -> String {
+            destinations
+                .iter()
+                .map(|d| {
+                    let name = format!("{}/{}", d.registry(), d.repository());
+                    match (with_tag, d.tag()) {
+                        (true, Some(tag)) => format!("{name}:{tag}@{}\n", image.manifest.digest),
+                        _ => format!("{name}@{}\n", image.manifest.digest),
+                    }
+                })
+                .collect()
+        };
+        for (path, with_tag) in [
+            (&a.image_name_with_digest_file, false),
+            (&a.image_name_tag_with_digest_file, true),
+        ] {
+            if let Some(path) = path {
+                std::fs::write(path, named(with_tag))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
         eprintln!(
             "==> {} built in {:.2}s",

@@ -224,4 +224,5 @@ cases!(
     workdir,
     unicode_and_long_paths,
     large_file,
+    onbuild,
 );

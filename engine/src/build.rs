@@ -17,7 +17,7 @@ use crate::image::{self, History, ImageConfig, Layer};
 use crate::layer::{Compression, LayerWriter};
 use crate::output::BuiltImage;
 use crate::plan::{self, Action, Base, CopyFrom, Plan, StagePlan, Step};
-use crate::rootfs::snapshot::{Changes, Snapshot};
+use crate::rootfs::snapshot::{Changes, Snapshot, SnapshotMode};
 use crate::rootfs::{create_dir_all_in_root, extract, relative_to_root};
 
 /// Contents of these directories are never committed: they are mounted
@@ -40,6 +40,11 @@ pub struct BuildOptions {
     pub labels: BTreeMap<String, String>,
     /// Base images may be pulled over plain HTTP.
     pub insecure_pull: bool,
+    pub snapshot_mode: SnapshotMode,
+    /// Relative paths (inside the root) no snapshot records.
+    pub ignore_paths: Vec<PathBuf>,
+    /// One layer per stage instead of one per step.
+    pub single_snapshot: bool,
 }
 
 /// What the builder reports as it goes.
@@ -346,6 +351,16 @@ impl<'a> Builder<'a> {
             .to_string()
     }
 
+    fn history(&self, created_by: &str, empty_layer: bool) -> History {
+        History {
+            created: Some(self.created()),
+            created_by: Some(created_by.to_string()),
+            comment: Some("kiln".into()),
+            empty_layer,
+            ..Default::default()
+        }
+    }
+
     fn run_steps(
         &self,
         stage: &StagePlan,
@@ -354,7 +369,12 @@ impl<'a> Builder<'a> {
         image_roots: &HashMap<String, PathBuf>,
     ) -> Result<(), BuildError> {
         let root = result.root.clone();
-        let mut snapshot = Snapshot::scan(&root, SKIP_CONTENTS).at(&root)?;
+        let opts = self.options;
+        let mut snapshot =
+            Snapshot::scan(&root, opts.snapshot_mode, SKIP_CONTENTS, &opts.ignore_paths)
+                .at(&root)?;
+        // --single-snapshot: one layer for the whole stage, against its base.
+        let mut base_state = opts.single_snapshot.then(|| snapshot.clone());
         for step in &stage.steps {
             (self.on_event)(Event::Step {
                 line: step.line,
@@ -368,22 +388,24 @@ impl<'a> Builder<'a> {
                     instruction: step.keyword.clone(),
                     message,
                 })?;
-            let empty_layer = changes.is_empty();
+            let empty_layer = changes.is_empty() || base_state.is_some();
             if !empty_layer {
-                let layer = self.write_layer(&root, &changes)?;
-                (self.on_event)(Event::Layer {
-                    digest: layer.descriptor.digest.clone(),
-                    size: layer.descriptor.size,
-                });
-                result.layers.push(layer);
+                result.layers.push(self.write_layer(&root, &changes)?);
             }
-            result.config.history.push(History {
-                created: Some(self.created()),
-                created_by: Some(step.created_by.clone()),
-                comment: Some("kiln".into()),
-                empty_layer,
-                ..Default::default()
-            });
+            result
+                .config
+                .history
+                .push(self.history(&step.created_by, empty_layer));
+        }
+        if let Some(base) = &mut base_state {
+            let changes = base.rescan(&root, &[PathBuf::new()]).at(&root)?;
+            if !changes.is_empty() {
+                result.layers.push(self.write_layer(&root, &changes)?);
+                result
+                    .config
+                    .history
+                    .push(self.history("kiln --single-snapshot", false));
+            }
         }
         // The plan computed the stage's final config; keep the layers' history.
         let history = std::mem::take(&mut result.config.history);
@@ -504,7 +526,12 @@ impl<'a> Builder<'a> {
         for p in &changes.deletes {
             writer.whiteout(p)?;
         }
-        writer.finish()
+        let layer = writer.finish()?;
+        (self.on_event)(Event::Layer {
+            digest: layer.descriptor.digest.clone(),
+            size: layer.descriptor.size,
+        });
+        Ok(layer)
     }
 
     /// Writes the config and manifest of the target stage into the store.

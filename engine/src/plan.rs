@@ -9,8 +9,8 @@ use kiln_cachestore::Platform;
 use serde_json::Value;
 
 use crate::dockerfile::{
-    BaseRef, Command, CopyArgs, Dockerfile, FrontendError, HeredocRun, Instruction, RawInstruction,
-    Scope, StageGraph, Warning,
+    parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile, FrontendError, HeredocRun,
+    Instruction, RawInstruction, Scope, StageGraph, Warning,
 };
 use crate::image::ImageConfig;
 
@@ -172,6 +172,12 @@ pub fn plan(
             steps: Vec::new(),
         };
         if stage.needed {
+            // A base's ONBUILD triggers run first, at the FROM line, and are
+            // not inherited further (as Docker does).
+            let from_line = stage.instructions.first().map_or(0, |i| i.line);
+            for trigger in planner.config.config.on_build.take().unwrap_or_default() {
+                planner.instruction(&parse_onbuild_trigger(&trigger, from_line)?)?;
+            }
             for raw in stage.instructions.iter().skip(1) {
                 planner.instruction(raw)?;
             }

@@ -16,6 +16,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 
+/// How a snapshot decides that a path changed (`--snapshot-mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Metadata (type, mode, owner, size, mtime, ctime, inode, device),
+    /// plus content hashes for racy files. Never misses a visible change.
+    #[default]
+    Redo,
+    /// Redo, plus a content hash of every regular file: for filesystems
+    /// whose ctime cannot be trusted. Costs a read of every file.
+    Full,
+    /// Type and mtime only, as Kaniko's `time` mode: fastest, but blind to
+    /// chmod, chown and writes that restore the mtime.
+    Time,
+}
+
 /// Timestamps closer than this to the snapshot may hide a later write.
 const RACY_WINDOW: Duration = Duration::from_millis(50);
 
@@ -29,11 +44,27 @@ struct EntryMeta {
     ctime: (i64, i64),
     ino: u64,
     rdev: u64,
-    /// blake3 of the content, only for racy regular files.
-    racy_hash: Option<[u8; 32]>,
+    /// blake3 of the content: racy regular files, or all in `Full` mode.
+    hash: Option<[u8; 32]>,
 }
 
 impl EntryMeta {
+    /// Whether `new` differs from `self` in what `mode` looks at.
+    fn changed(&self, new: &EntryMeta, mode: SnapshotMode, host: &Path) -> io::Result<bool> {
+        let kind = |m: &EntryMeta| rustix::fs::FileType::from_raw_mode(m.mode);
+        if mode == SnapshotMode::Time {
+            return Ok(kind(self) != kind(new) || self.mtime != new.mtime);
+        }
+        if !self.same_metadata(new) {
+            return Ok(true);
+        }
+        match (self.hash, new.hash) {
+            (Some(old), Some(new)) => Ok(old != new),
+            (Some(old), None) => Ok(hash_file(host)? != old),
+            _ => Ok(false),
+        }
+    }
+
     fn is_dir(&self) -> bool {
         rustix::fs::FileType::from_raw_mode(self.mode) == rustix::fs::FileType::Directory
     }
@@ -76,14 +107,25 @@ pub struct Snapshot {
     entries: BTreeMap<PathBuf, EntryMeta>,
     /// Directories whose contents are never recorded (/proc, /sys, /dev).
     skip_contents: BTreeSet<PathBuf>,
+    /// Paths never recorded at all (`--ignore-path`).
+    ignore: BTreeSet<PathBuf>,
+    mode: SnapshotMode,
 }
 
 impl Snapshot {
-    /// Records the whole root.
-    pub fn scan(root: &Path, skip_contents: &[&str]) -> io::Result<Snapshot> {
+    /// Records the whole root. `skip_contents` and `ignore` are relative
+    /// paths.
+    pub fn scan(
+        root: &Path,
+        mode: SnapshotMode,
+        skip_contents: &[&str],
+        ignore: &[PathBuf],
+    ) -> io::Result<Snapshot> {
         let mut snapshot = Snapshot {
             entries: BTreeMap::new(),
             skip_contents: skip_contents.iter().map(PathBuf::from).collect(),
+            ignore: ignore.iter().cloned().collect(),
+            mode,
         };
         snapshot.rescan(root, &[PathBuf::new()])?;
         Ok(snapshot)
@@ -109,10 +151,13 @@ impl Snapshot {
                 fresh.extend(self.walk(root, Path::new(""), now)?);
                 continue;
             }
+            if self.ignored(top) {
+                continue;
+            }
             match fs::symlink_metadata(&host) {
                 Ok(meta) => {
                     let is_dir = meta.is_dir();
-                    fresh.insert(top.clone(), record(&host, &meta, now));
+                    fresh.insert(top.clone(), self.record(&host, &meta, now));
                     if is_dir && !self.skip_contents.contains(top) {
                         fresh.extend(self.walk(root, top, now)?);
                     }
@@ -126,11 +171,7 @@ impl Snapshot {
         for (path, meta) in &fresh {
             let changed = match self.entries.get(path) {
                 None => true,
-                Some(old) if !old.same_metadata(meta) => true,
-                Some(old) => match old.racy_hash {
-                    Some(hash) => hash_file(&root.join(path))? != hash,
-                    None => false,
-                },
+                Some(old) => old.changed(meta, self.mode, &root.join(path))?,
             };
             if changed {
                 changes.upserts.push(path.clone());
@@ -179,11 +220,12 @@ impl Snapshot {
         let entries: Vec<fs::DirEntry> = fs::read_dir(&dir)?.collect::<io::Result<_>>()?;
         let nested: Vec<Vec<(PathBuf, EntryMeta)>> = entries
             .par_iter()
+            .filter(|entry| !self.ignored(&rel.join(entry.file_name())))
             .map(|entry| {
                 let path = rel.join(entry.file_name());
                 // DirEntry::metadata does not follow symlinks.
                 let meta = entry.metadata()?;
-                let mut out = vec![(path.clone(), record(&entry.path(), &meta, now))];
+                let mut out = vec![(path.clone(), self.record(&entry.path(), &meta, now))];
                 if meta.is_dir() && !self.skip_contents.contains(&path) {
                     out.extend(self.walk(root, &path, now)?);
                 }
@@ -192,22 +234,33 @@ impl Snapshot {
             .collect::<io::Result<_>>()?;
         Ok(nested.into_iter().flatten().collect())
     }
-}
 
-fn record(host: &Path, meta: &Metadata, now: SystemTime) -> EntryMeta {
-    let ctime = UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
-    let racy = meta.is_file() && now.duration_since(ctime).map_or(true, |d| d < RACY_WINDOW);
-    EntryMeta {
-        mode: meta.mode(),
-        uid: meta.uid(),
-        gid: meta.gid(),
-        size: meta.size(),
-        mtime: (meta.mtime(), meta.mtime_nsec()),
-        ctime: (meta.ctime(), meta.ctime_nsec()),
-        ino: meta.ino(),
-        rdev: meta.rdev(),
-        // Unreadable racy files count as changed later (hash mismatch).
-        racy_hash: racy.then(|| hash_file(host).unwrap_or([0; 32])),
+    fn ignored(&self, path: &Path) -> bool {
+        self.ignore.iter().any(|i| path.starts_with(i))
+    }
+
+    fn record(&self, host: &Path, meta: &Metadata, now: SystemTime) -> EntryMeta {
+        let ctime =
+            UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
+        let racy = now.duration_since(ctime).map_or(true, |d| d < RACY_WINDOW);
+        let hashed = meta.is_file()
+            && match self.mode {
+                SnapshotMode::Full => true,
+                SnapshotMode::Redo => racy,
+                SnapshotMode::Time => false,
+            };
+        EntryMeta {
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            ino: meta.ino(),
+            rdev: meta.rdev(),
+            // An unreadable file counts as changed later (hash mismatch).
+            hash: hashed.then(|| hash_file(host).unwrap_or([0; 32])),
+        }
     }
 }
 
@@ -234,7 +287,7 @@ mod tests {
         fs::write(root.join("a/b/f"), "1").unwrap();
         fs::write(root.join("keep"), "k").unwrap();
         fs::create_dir_all(root.join("proc/1")).unwrap();
-        let mut snap = Snapshot::scan(root, &["proc"]).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &["proc"], &[]).unwrap();
         assert!(!snap.entries.contains_key(Path::new("proc/1")));
 
         fs::write(root.join("a/b/f"), "2").unwrap(); // same size, racy
@@ -259,7 +312,7 @@ mod tests {
         let root = dir.path();
         fs::create_dir_all(root.join("d/e")).unwrap();
         fs::write(root.join("d/e/f"), "1").unwrap();
-        let mut snap = Snapshot::scan(root, &[]).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &[], &[]).unwrap();
         fs::remove_dir_all(root.join("d")).unwrap();
         fs::write(root.join("d"), "file now").unwrap();
         let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
@@ -268,12 +321,33 @@ mod tests {
     }
 
     #[test]
+    fn modes_differ_in_what_they_see() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::write(root.join("f"), "1").unwrap();
+        fs::create_dir(root.join("ignored")).unwrap();
+        let ignore = [PathBuf::from("ignored")];
+        let mut time = Snapshot::scan(root, SnapshotMode::Time, &[], &ignore).unwrap();
+        let mut full = Snapshot::scan(root, SnapshotMode::Full, &[], &ignore).unwrap();
+        assert!(full.entries[Path::new("f")].hash.is_some());
+        assert!(!time.entries.contains_key(Path::new("ignored")));
+        fs::set_permissions(root.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(root.join("ignored/x"), "x").unwrap();
+        // chmod leaves the mtime alone: `time` is blind to it, `full` is not.
+        assert!(time.rescan(root, &[PathBuf::new()]).unwrap().is_empty());
+        assert_eq!(
+            paths(&full.rescan(root, &[PathBuf::new()]).unwrap().upserts),
+            ["f"]
+        );
+    }
+
+    #[test]
     fn rescan_of_a_subtree_leaves_the_rest_alone() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         fs::create_dir_all(root.join("app")).unwrap();
         fs::write(root.join("other"), "o").unwrap();
-        let mut snap = Snapshot::scan(root, &[]).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &[], &[]).unwrap();
         fs::write(root.join("app/x"), "x").unwrap();
         fs::remove_file(root.join("other")).unwrap();
         let changes = snap.rescan(root, &[PathBuf::from("app/x")]).unwrap();

@@ -1,0 +1,327 @@
+//! The executor end to end: reproducible digests, single snapshots, ignored
+//! paths, digest files, and base layers that try to escape the root.
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use support::*;
+
+fn digest_of(out: &std::process::Output, digest_file: &Path) -> String {
+    assert!(out.status.success(), "{}", stderr(out));
+    std::fs::read_to_string(digest_file).unwrap()
+}
+
+#[test]
+fn reproducible_builds_give_the_same_digest() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &format!("FROM {base}\nCOPY a /a\nRUN mkdir /made && echo x > /made/x && ln -s /a /made/link\nENV K=v\n"),
+        &[("a", "a\n")],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |n: usize, reproducible: bool| {
+        let file = tmp.path().join(format!("digest-{n}"));
+        let mut args = vec!["--no-push", "--oci-layout-path"];
+        let layout = tmp.path().join(format!("layout-{n}"));
+        args.push(layout.to_str().unwrap());
+        args.extend(["--digest-file", file.to_str().unwrap()]);
+        if reproducible {
+            args.push("--reproducible");
+        }
+        let state = tmp.path().join(format!("state-{n}"));
+        let out = std::process::Command::new(KILN)
+            .env(
+                "SOURCE_DATE_EPOCH",
+                if reproducible { "1700000000" } else { "" },
+            )
+            .arg("build")
+            .arg("--context")
+            .arg(ctx.path())
+            .arg("--cache-dir")
+            .arg(&state)
+            .args(&args)
+            .output()
+            .unwrap();
+        (digest_of(&out, &file), layout)
+    };
+    let (first, layout) = build(1, true);
+    // A later build (another second on the clock, a fresh state dir) must
+    // not change a byte.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (second, _) = build(2, true);
+    assert_eq!(first, second);
+    let config = skopeo_oci_config(&layout);
+    assert_eq!(config["created"], "2023-11-14T22:13:20Z");
+    // Without it the clock shows, so the test above can fail.
+    let (third, _) = build(3, false);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (fourth, _) = build(4, false);
+    assert_ne!(third, fourth);
+}
+
+fn skopeo_oci_config(layout: &Path) -> serde_json::Value {
+    let out = run_ok(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        &format!("oci:{}:latest", layout.display()),
+    ]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn single_snapshot_ignore_path_and_digest_files() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &format!(
+            "FROM {base}\nRUN echo 1 > /one\nRUN echo 2 > /two && mkdir -p /scratch && echo s > /scratch/s\nRUN rm /one\n"
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/single:v1");
+    let names = out_dir.path().join("names");
+    let tagged = out_dir.path().join("tagged");
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &[
+            "--destination",
+            &dest,
+            "--single-snapshot",
+            "--ignore-path",
+            "/scratch",
+            "--image-name-with-digest-file",
+            names.to_str().unwrap(),
+            "--image-name-tag-with-digest-file",
+            tagged.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = skopeo_config(&dest);
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
+    let rootfs = pull_and_unpack(&dest, out_dir.path());
+    assert!(rootfs.join("two").is_file());
+    assert!(!rootfs.join("one").exists());
+    assert!(!rootfs.join("scratch").exists());
+
+    let inspect = run_ok(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{dest}"),
+    ]));
+    let digest = serde_json::from_slice::<serde_json::Value>(&inspect.stdout).unwrap()["Digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let repo = registry.reference("app/single");
+    assert_eq!(
+        std::fs::read_to_string(names).unwrap(),
+        format!("{repo}@{digest}\n")
+    );
+    assert_eq!(
+        std::fs::read_to_string(tagged).unwrap(),
+        format!("{repo}:v1@{digest}\n")
+    );
+}
+
+/// Raw tar headers, so names like `../x` can be written as an attacker would.
+fn raw_entry(out: &mut Vec<u8>, name: &str, kind: u8, link: &str, data: &[u8]) {
+    let mut header = [0u8; 512];
+    header[..name.len()].copy_from_slice(name.as_bytes());
+    header[100..107].copy_from_slice(b"0000644");
+    header[108..115].copy_from_slice(b"0000000");
+    header[116..123].copy_from_slice(b"0000000");
+    header[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+    header[136..147].copy_from_slice(b"00000000000");
+    header[156] = kind;
+    header[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|b| *b as u32).sum();
+    header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Copies the busybox layout and adds one layer made of `entries` on top.
+fn layout_with_layer(dir: &Path, entries: &[(&str, u8, &str, &[u8])]) -> PathBuf {
+    let mut tar = Vec::new();
+    for (name, kind, link, data) in entries {
+        raw_entry(&mut tar, name, *kind, link, data);
+    }
+    tar.extend_from_slice(&[0u8; 1024]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+
+    let src = busybox_layout();
+    let layout = dir.join("evil-layout");
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(src)
+            .arg(&layout),
+    );
+    let blobs = layout.join("blobs/sha256");
+    let read_json = |digest: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(blobs.join(digest.trim_start_matches("sha256:"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let write_blob = |bytes: &[u8]| -> String {
+        let d = sha256(bytes);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), bytes).unwrap();
+        d
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mut manifest = read_json(index["manifests"][0]["digest"].as_str().unwrap());
+    let mut config = read_json(manifest["config"]["digest"].as_str().unwrap());
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(sha256(&tar).into());
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = write_blob(&config_bytes).into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": write_blob(&gz),
+            "size": gz.len(),
+        }));
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let mut index = index;
+    index["manifests"][0]["digest"] = write_blob(&manifest_bytes).into();
+    index["manifests"][0]["size"] = manifest_bytes.len().into();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    layout
+}
+
+#[test]
+fn base_layers_cannot_write_outside_the_root() {
+    let tag = format!("kiln-escape-{}", std::process::id());
+    let host_tmp = std::env::temp_dir();
+    let dot_dot = format!(
+        "{}{}",
+        "../".repeat(12),
+        host_tmp.join(format!("{tag}-dotdot")).display()
+    );
+    let absolute = host_tmp.join(format!("{tag}-abs")).display().to_string();
+    let via_link = format!("evil/{tag}-link");
+    let cases: Vec<(&str, Vec<(String, u8, String, &[u8])>, bool)> = vec![
+        (
+            "dot-dot",
+            vec![(dot_dot.clone(), b'0', String::new(), b"x")],
+            false,
+        ),
+        (
+            "absolute",
+            vec![(absolute.clone(), b'0', String::new(), b"x")],
+            true,
+        ),
+        (
+            "symlink",
+            vec![
+                ("evil".into(), b'2', host_tmp.display().to_string(), b""),
+                (via_link.clone(), b'0', String::new(), b"x"),
+            ],
+            true,
+        ),
+        (
+            "hardlink",
+            vec![("pw".into(), b'1', "/etc/shadow".into(), b"")],
+            false,
+        ),
+        (
+            "hardlink-dot-dot",
+            vec![(
+                "pw".into(),
+                b'1',
+                "../../../../../../etc/passwd".into(),
+                b"",
+            )],
+            false,
+        ),
+    ];
+    let passwd_links = std::fs::metadata("/etc/passwd").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.nlink()
+    });
+    for (name, entries, builds) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let borrowed: Vec<(&str, u8, &str, &[u8])> = entries
+            .iter()
+            .map(|(n, k, l, d)| (n.as_str(), *k, l.as_str(), *d))
+            .collect();
+        let layout = layout_with_layer(dir.path(), &borrowed);
+        let ctx = Context::new(
+            &format!("FROM oci-layout://{}:latest\nRUN ls /\n", layout.display()),
+            &[],
+        );
+        let out_layout = dir.path().join("out");
+        let out = kiln_build(
+            &ctx,
+            &dir.path().join("state"),
+            &[
+                "--no-push",
+                "--oci-layout-path",
+                out_layout.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(out.status.success(), builds, "{name}: {}", stderr(&out));
+        if !builds {
+            assert!(stderr(&out).contains("layer"), "{name}: {}", stderr(&out));
+        }
+        for leaked in ["dotdot", "abs", "link"] {
+            let path = host_tmp.join(format!("{tag}-{leaked}"));
+            assert!(
+                !path.exists(),
+                "{name}: {} was written on the host",
+                path.display()
+            );
+        }
+        if builds {
+            // The entries landed inside the image's own /tmp instead.
+            let rootfs = umoci_unpack(&out_layout, "latest", dir.path());
+            let inside = rootfs.join(host_tmp.strip_prefix("/").unwrap());
+            let found: Vec<_> = std::fs::read_dir(&inside)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert!(
+                !found.is_empty(),
+                "{name}: nothing landed in the image's {}",
+                inside.display()
+            );
+        }
+    }
+    let after = std::fs::metadata("/etc/passwd").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.nlink()
+    });
+    assert_eq!(
+        passwd_links.ok(),
+        after.ok(),
+        "the host's /etc/passwd gained a link"
+    );
+}
