@@ -154,8 +154,11 @@ fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// A tar entry as an attacker writes it: name, type flag, link target, data.
+type RawEntry = (String, u8, String, &'static [u8]);
+
 /// Copies the busybox layout and adds one layer made of `entries` on top.
-fn layout_with_layer(dir: &Path, entries: &[(&str, u8, &str, &[u8])]) -> PathBuf {
+fn layout_with_layer(dir: &Path, entries: &[RawEntry]) -> PathBuf {
     let mut tar = Vec::new();
     for (name, kind, link, data) in entries {
         raw_entry(&mut tar, name, *kind, link, data);
@@ -227,7 +230,7 @@ fn base_layers_cannot_write_outside_the_root() {
     );
     let absolute = host_tmp.join(format!("{tag}-abs")).display().to_string();
     let via_link = format!("evil/{tag}-link");
-    let cases: Vec<(&str, Vec<(String, u8, String, &[u8])>, bool)> = vec![
+    let cases: Vec<(&str, Vec<RawEntry>, bool)> = vec![
         (
             "dot-dot",
             vec![(dot_dot.clone(), b'0', String::new(), b"x")],
@@ -268,11 +271,7 @@ fn base_layers_cannot_write_outside_the_root() {
     });
     for (name, entries, builds) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let borrowed: Vec<(&str, u8, &str, &[u8])> = entries
-            .iter()
-            .map(|(n, k, l, d)| (n.as_str(), *k, l.as_str(), *d))
-            .collect();
-        let layout = layout_with_layer(dir.path(), &borrowed);
+        let layout = layout_with_layer(dir.path(), &entries);
         let ctx = Context::new(
             &format!("FROM oci-layout://{}:latest\nRUN ls /\n", layout.display()),
             &[],
