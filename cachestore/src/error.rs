@@ -28,6 +28,8 @@ pub enum CacheStoreError {
     },
     #[error("{what}: {message}")]
     Malformed { what: String, message: String },
+    #[error("cache index {path}: {message}")]
+    Index { path: PathBuf, message: String },
     #[error("OCI layout {path}: {message}")]
     Layout { path: PathBuf, message: String },
 }

@@ -1,14 +1,16 @@
-//! Kiln's storage: the content-addressed blob store, OCI layouts, and the
-//! registry client.
+//! Kiln's storage: the content-addressed blob store, the cache index, OCI
+//! layouts, and the registry client.
 pub mod blobs;
 pub mod digest;
 pub mod error;
+pub mod index;
 pub mod layout;
 pub mod manifest;
 pub mod registry;
 
 pub use blobs::{BlobStore, StoredBlob};
 pub use error::{CacheStoreError, Result};
-pub use manifest::{Descriptor, ImageManifest, Platform, ResolvedManifest};
+pub use index::{Index, StepEntry};
+pub use manifest::{Descriptor, ImageManifest, Layer, Platform, ResolvedManifest};
 pub use oci_client::Reference;
 pub use registry::{RegistryClient, RegistryOptions};

@@ -82,6 +82,13 @@ pub struct ImageIndex {
     pub manifests: Vec<Descriptor>,
 }
 
+/// A layer as a manifest lists it, with the diff_id its config lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    pub descriptor: Descriptor,
+    pub diff_id: String,
+}
+
 /// An image manifest with its identity.
 #[derive(Debug, Clone)]
 pub struct ResolvedManifest {

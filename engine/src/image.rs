@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use kiln_cachestore::manifest::Layer;
 use kiln_cachestore::manifest::{self, Descriptor, ImageManifest};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -119,12 +120,6 @@ impl ImageConfig {
     }
 }
 
-/// A layer as it appears in a manifest and in the config's diff_ids.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layer {
-    pub descriptor: Descriptor,
-    pub diff_id: String,
-}
 
 /// Canonical manifest bytes for a config and its layers.
 pub fn manifest_bytes(config: &Descriptor, layers: &[Layer]) -> Vec<u8> {

@@ -5,6 +5,7 @@ pub mod dockerfile;
 pub mod error;
 pub mod exec;
 pub mod image;
+pub mod key;
 pub mod layer;
 pub mod output;
 pub mod plan;
