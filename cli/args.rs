@@ -61,7 +61,19 @@ pub struct BuildArgs {
     /// Write the image's manifest digest to this file.
     #[arg(long, value_name = "FILE")]
     pub digest_file: Option<PathBuf>,
-    /// Kiln's state directory: blob store and build roots.
+    /// Use the layer cache (on by default; `--cache=false` turns it off).
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub cache: bool,
+    /// Cache entries older than this are not used (e.g. `336h`, `2weeks`).
+    #[arg(long, default_value = "2weeks")]
+    pub cache_ttl: humantime::Duration,
+    /// Cache the layers of RUN steps.
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub cache_run_layers: bool,
+    /// Cache the layers of COPY steps.
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub cache_copy_layers: bool,
+    /// Kiln's state directory: blob store, cache index and build roots.
     /// Default: $XDG_CACHE_HOME/kiln, else ~/.cache/kiln.
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
-use kiln_cachestore::{BlobStore, Platform, RegistryClient, RegistryOptions};
+use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
 use kiln_engine::build::{BuildOptions, Builder, Event};
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
@@ -116,6 +116,11 @@ fn render(event: Event) {
         Event::Pulled { reference, digest } => eprintln!("    base {reference} @ {digest}"),
         Event::Step { line, text } => eprintln!("--> {line}: {text}"),
         Event::Layer { digest, size } => eprintln!("    layer {digest} ({size} bytes)"),
+        Event::CacheHit { .. } => eprintln!("    cache hit"),
+        Event::Summary(s) => eprintln!(
+            "==> {} steps from the cache, {} run, {} layers unpacked",
+            s.cache_hits, s.cache_misses, s.layers_unpacked
+        ),
     }
 }
 
@@ -163,6 +168,10 @@ pub fn run(a: BuildArgs) -> Result<()> {
             .map(|p| kiln_engine::rootfs::clean_relative(p))
             .collect(),
         single_snapshot: a.single_snapshot,
+        cache: a.cache,
+        cache_ttl: a.cache_ttl.into(),
+        cache_run_layers: a.cache_run_layers,
+        cache_copy_layers: a.cache_copy_layers,
     };
     let mut plain_http = a.insecure_registries.clone();
     if a.insecure {
@@ -178,12 +187,14 @@ pub fn run(a: BuildArgs) -> Result<()> {
     });
     let store = BlobStore::open(&state_dir)
         .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let index =
+        Index::open(&state_dir).with_context(|| format!("--cache-dir {}", state_dir.display()))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let builder = Builder::new(&options, &state_dir, &store, &registry, &render)?;
+        let builder = Builder::new(&options, &state_dir, &store, &index, &registry, &render)?;
         let image = builder.build().await?;
         let tags: Vec<String> = destinations.iter().map(|d| d.whole()).collect();
         if let Some(path) = &a.tar_path {

@@ -85,7 +85,9 @@ impl Index {
         }
         let db = DB::open_cf_for_read_only(&Self::options(false), &self.path, FAMILIES, false)
             .map_err(|e| self.error(e))?;
-        let cf = db.cf_handle(STEPS).ok_or_else(|| self.error("no steps column family"))?;
+        let cf = db
+            .cf_handle(STEPS)
+            .ok_or_else(|| self.error("no steps column family"))?;
         db.multi_get_cf(keys.iter().map(|k| (cf, k.as_bytes())))
             .into_iter()
             .map(|r| match r.map_err(|e| self.error(e))? {
@@ -103,8 +105,11 @@ impl Index {
         }
         let lock = File::create(&self.lock).at(&self.lock)?;
         lock.lock().at(&self.lock)?;
-        let db = DB::open_cf(&Self::options(true), &self.path, FAMILIES).map_err(|e| self.error(e))?;
-        let cf = db.cf_handle(STEPS).ok_or_else(|| self.error("no steps column family"))?;
+        let db =
+            DB::open_cf(&Self::options(true), &self.path, FAMILIES).map_err(|e| self.error(e))?;
+        let cf = db
+            .cf_handle(STEPS)
+            .ok_or_else(|| self.error("no steps column family"))?;
         let mut batch = WriteBatch::default();
         for (key, entry) in entries {
             let value = serde_json::to_vec(entry).map_err(|e| self.error(e))?;
@@ -147,7 +152,10 @@ mod tests {
         index
             .put_steps(&[("a".into(), a.clone()), ("b".into(), b.clone())])
             .unwrap();
-        assert_eq!(index.get_steps(&keys).unwrap(), vec![Some(a), Some(b), None]);
+        assert_eq!(
+            index.get_steps(&keys).unwrap(),
+            vec![Some(a), Some(b), None]
+        );
     }
 
     #[test]
@@ -167,7 +175,9 @@ mod tests {
                 });
             }
         });
-        let keys: Vec<String> = (0..4).flat_map(|t| (0..5).map(move |i| format!("{t}-{i}"))).collect();
+        let keys: Vec<String> = (0..4)
+            .flat_map(|t| (0..5).map(move |i| format!("{t}-{i}")))
+            .collect();
         assert!(index.get_steps(&keys).unwrap().iter().all(Option::is_some));
     }
 

@@ -3,10 +3,11 @@
 //! the target stage's image. It emits events and prints nothing.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::{self, Descriptor, ResolvedManifest};
-use kiln_cachestore::{layout, registry, BlobStore, Platform, RegistryClient};
+use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient, StepEntry};
 
 use crate::dockerfile::{self, Dockerfile, StageGraph};
 use crate::error::{BuildError, IoContext};
@@ -14,6 +15,7 @@ use crate::exec::copy::{self, CopyRequest, Source};
 use crate::exec::run::{self, EtcFiles, MountPoints, RunSpec};
 use crate::exec::users;
 use crate::image::{self, History, ImageConfig, Layer};
+use crate::key;
 use crate::layer::{Compression, LayerWriter};
 use crate::output::BuiltImage;
 use crate::plan::{self, Action, Base, CopyFrom, Plan, StagePlan, Step};
@@ -45,6 +47,12 @@ pub struct BuildOptions {
     pub ignore_paths: Vec<PathBuf>,
     /// One layer per stage instead of one per step.
     pub single_snapshot: bool,
+    /// Use and fill the local cache (`--cache`).
+    pub cache: bool,
+    /// Entries older than this are misses (`--cache-ttl`).
+    pub cache_ttl: std::time::Duration,
+    pub cache_run_layers: bool,
+    pub cache_copy_layers: bool,
 }
 
 /// What the builder reports as it goes.
@@ -71,20 +79,88 @@ pub enum Event {
         digest: String,
         size: u64,
     },
+    CacheHit {
+        line: usize,
+    },
+    Summary(Summary),
 }
 
-/// The result of one stage: its root on disk and its image so far.
+/// The result of one stage: its image, and its root when on disk.
 struct StageResult {
-    root: PathBuf,
+    root: Option<PathBuf>,
     config: ImageConfig,
     layers: Vec<Layer>,
+    /// The key of the stage's last file-changing step (its base's identity
+    /// when it has none): what `FROM <stage>` and `COPY --from` chain on.
+    last_key: String,
+}
+
+impl StageResult {
+    fn clone_without_root(&self) -> StageResult {
+        StageResult {
+            root: None,
+            config: self.config.clone(),
+            layers: self.layers.clone(),
+            last_key: self.last_key.clone(),
+        }
+    }
+}
+
+/// An image a `COPY --from` reads, unpacked only when a step runs.
+struct FetchedImage {
+    m: ResolvedManifest,
+    config: ImageConfig,
+    root: Option<PathBuf>,
+}
+
+/// Counts for the build summary.
+#[derive(Default)]
+struct Counters {
+    hits: AtomicUsize,
+    misses: AtomicUsize,
+    unpacked: AtomicUsize,
+}
+
+impl Counters {
+    fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn extracted(&self, layers: usize) {
+        self.unpacked.fetch_add(layers, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            cache_hits: self.hits.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+            layers_unpacked: self.unpacked.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a build did, for the summary line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Steps whose result came from the cache.
+    pub cache_hits: usize,
+    /// Steps that ran.
+    pub cache_misses: usize,
+    /// Layers unpacked onto a root (0 for a fully cached build).
+    pub layers_unpacked: usize,
 }
 
 pub struct Builder<'a> {
     options: &'a BuildOptions,
     store: &'a BlobStore,
+    index: &'a Index,
     registry: &'a RegistryClient,
     on_event: &'a (dyn Fn(Event) + Sync),
+    counters: Counters,
     /// This build's scratch space under the state dir, removed on drop.
     work: tempfile::TempDir,
     etc: EtcFiles,
@@ -95,6 +171,7 @@ impl<'a> Builder<'a> {
         options: &'a BuildOptions,
         state_dir: &Path,
         store: &'a BlobStore,
+        index: &'a Index,
         registry: &'a RegistryClient,
         on_event: &'a (dyn Fn(Event) + Sync),
     ) -> Result<Self, BuildError> {
@@ -108,8 +185,10 @@ impl<'a> Builder<'a> {
         Ok(Self {
             options,
             store,
+            index,
             registry,
             on_event,
+            counters: Counters::default(),
             work,
             etc,
         })
@@ -210,32 +289,9 @@ impl<'a> Builder<'a> {
         Ok((m, config))
     }
 
-    /// Pulls an image's layers (concurrently) and unpacks them into `root`,
-    /// checking each diff_id.
-    async fn materialize(
-        &self,
-        reference: &str,
-        m: &ResolvedManifest,
-        config: &ImageConfig,
-        root: &Path,
-    ) -> Result<Vec<Layer>, BuildError> {
-        if !reference.starts_with("oci-layout://") {
-            let r = registry::parse_reference(reference)?;
-            let pulls = m
-                .manifest
-                .layers
-                .iter()
-                .map(|l| self.registry.pull_blob(&r, &l.digest, self.store));
-            futures_util::future::try_join_all(pulls)
-                .await
-                .map_err(|source| BuildError::BaseImage {
-                    reference: reference.to_string(),
-                    source,
-                })?;
-        }
-        std::fs::create_dir_all(root).at(root)?;
-        let layers: Vec<Layer> = m
-            .manifest
+    /// The layers of a fetched image, with their diff_ids.
+    fn image_layers(m: &ResolvedManifest, config: &ImageConfig) -> Vec<Layer> {
+        m.manifest
             .layers
             .iter()
             .zip(&config.rootfs.diff_ids)
@@ -243,22 +299,51 @@ impl<'a> Builder<'a> {
                 descriptor: d.clone(),
                 diff_id: diff_id.clone(),
             })
-            .collect();
-        let store = self.store;
-        tokio::task::block_in_place(|| {
-            for layer in &layers {
-                unpack_layer(store, layer, root)?;
-            }
-            Ok::<_, BuildError>(())
-        })?;
-        Ok(layers)
+            .collect()
+    }
+
+    /// Makes sure an image's layer blobs are in the store (concurrently;
+    /// blobs already there cost nothing).
+    async fn pull_layers(&self, reference: &str, m: &ResolvedManifest) -> Result<(), BuildError> {
+        if reference.starts_with("oci-layout://") {
+            return Ok(()); // imported with the manifest
+        }
+        let r = registry::parse_reference(reference)?;
+        let pulls = m
+            .manifest
+            .layers
+            .iter()
+            .map(|l| self.registry.pull_blob(&r, &l.digest, self.store));
+        futures_util::future::try_join_all(pulls)
+            .await
+            .map_err(|source| BuildError::BaseImage {
+                reference: reference.to_string(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Unpacks stored layers, in order, into a new root.
+    fn unpack_all(&self, layers: &[Layer], root: &Path) -> Result<(), BuildError> {
+        std::fs::create_dir_all(root).at(root)?;
+        for layer in layers {
+            unpack_layer(self.store, layer, root)?;
+        }
+        self.counters.extracted(layers.len());
+        Ok(())
     }
 
     /// Builds every needed stage and assembles the target's image.
+    ///
+    /// Each stage first computes the cache keys of all its steps and looks
+    /// them all up. A stage whose steps all hit is never put on disk: its
+    /// image is the base's layers plus the cached ones. Otherwise its root
+    /// is unpacked (base plus cached layers up to the first miss) and the
+    /// steps from there run, a later hit unpacking its layer instead.
     pub async fn build(&self) -> Result<BuiltImage, BuildError> {
         let (_df, plan, manifests) = self.plan().await?;
         let mut results: HashMap<usize, StageResult> = HashMap::new();
-        let mut image_roots: HashMap<String, PathBuf> = HashMap::new();
+        let mut images: HashMap<String, FetchedImage> = HashMap::new();
         let last_use = plan.last_uses();
         for stage in plan.stages.iter().filter(|s| s.needed) {
             (self.on_event)(Event::Stage {
@@ -266,33 +351,29 @@ impl<'a> Builder<'a> {
                 name: stage.name.clone(),
                 base: stage.base_display.clone(),
             });
-            let root = self.work.path().join(format!("stage-{}", stage.index));
-            let (config, layers) = match &stage.base {
-                Base::Scratch => {
-                    std::fs::create_dir_all(&root).at(&root)?;
-                    (ImageConfig::default(), Vec::new())
-                }
+            let mut result = match &stage.base {
+                Base::Scratch => StageResult {
+                    root: None,
+                    config: ImageConfig::default(),
+                    layers: Vec::new(),
+                    last_key: "scratch".into(),
+                },
                 Base::Image(reference) => {
                     let m = &manifests[reference];
                     let config = self.base_config(m)?;
-                    let layers = self.materialize(reference, m, &config, &root).await?;
-                    (config, layers)
-                }
-                Base::Stage(parent) => {
-                    let parent_result = &results[parent];
-                    // The last reader of a stage takes its root instead of copying it.
-                    if last_use.get(parent) == Some(&stage.index) && !stage.copies_from(*parent) {
-                        std::fs::rename(&parent_result.root, &root).at(&root)?;
-                    } else {
-                        copy_tree(&parent_result.root, &root)?;
+                    // Blobs are needed for the outputs, even when nothing unpacks them.
+                    self.pull_layers(reference, m).await?;
+                    StageResult {
+                        root: None,
+                        layers: Self::image_layers(m, &config),
+                        config,
+                        last_key: m.digest.clone(),
                     }
-                    (parent_result.config.clone(), parent_result.layers.clone())
                 }
-            };
-            let mut result = StageResult {
-                root,
-                config,
-                layers,
+                Base::Stage(parent) => StageResult {
+                    root: None,
+                    ..results[parent].clone_without_root()
+                },
             };
             for step in &stage.steps {
                 if let Action::Copy {
@@ -300,19 +381,94 @@ impl<'a> Builder<'a> {
                     ..
                 } = &step.action
                 {
-                    if !image_roots.contains_key(reference) {
+                    if !images.contains_key(reference) {
                         let (m, config) = self.fetch_image(reference).await?;
-                        let dir = self
-                            .work
-                            .path()
-                            .join(format!("image-{}", image_roots.len()));
-                        self.materialize(reference, &m, &config, &dir).await?;
-                        image_roots.insert(reference.clone(), dir);
+                        images.insert(
+                            reference.clone(),
+                            FetchedImage {
+                                m,
+                                config,
+                                root: None,
+                            },
+                        );
                     }
                 }
             }
+            let keys = tokio::task::block_in_place(|| {
+                self.step_keys(stage, &result.last_key, &results, &images)
+            })?;
+            let hits = self.lookup(stage, &keys)?;
+            let fully_cached = keys
+                .iter()
+                .zip(&hits)
+                .all(|(k, h)| k.is_none() || h.is_some());
+            if !fully_cached {
+                // Put on disk what this stage reads: its base and its COPY sources.
+                let root = self.work.path().join(format!("stage-{}", stage.index));
+                match &stage.base {
+                    Base::Stage(parent) => {
+                        let parent_result = results.get_mut(parent).expect("parent built");
+                        match parent_result.root.take() {
+                            // The last reader of a stage takes its root instead of copying it.
+                            Some(parent_root)
+                                if last_use.get(parent) == Some(&stage.index)
+                                    && !stage.copies_from(*parent) =>
+                            {
+                                std::fs::rename(&parent_root, &root).at(&root)?;
+                            }
+                            Some(parent_root) => {
+                                copy_tree(&parent_root, &root)?;
+                                parent_result.root = Some(parent_root);
+                            }
+                            None => tokio::task::block_in_place(|| {
+                                self.unpack_all(&result.layers, &root)
+                            })?,
+                        }
+                    }
+                    _ => tokio::task::block_in_place(|| self.unpack_all(&result.layers, &root))?,
+                }
+                result.root = Some(root);
+                for step in &stage.steps {
+                    match &step.action {
+                        Action::Copy {
+                            from: CopyFrom::Stage(i),
+                            ..
+                        } => {
+                            let source = results.get_mut(i).expect("source stage built");
+                            if source.root.is_none() {
+                                let dir = self.work.path().join(format!("stage-{i}"));
+                                tokio::task::block_in_place(|| {
+                                    self.unpack_all(&source.layers, &dir)
+                                })?;
+                                source.root = Some(dir);
+                            }
+                        }
+                        Action::Copy {
+                            from: CopyFrom::Image(reference),
+                            ..
+                        } => {
+                            let image = images.get_mut(reference).expect("fetched above");
+                            if image.root.is_none() {
+                                let dir = self.work.path().join(format!(
+                                    "image-{}",
+                                    image.m.digest.trim_start_matches("sha256:")
+                                ));
+                                self.pull_layers(reference, &image.m).await?;
+                                let layers = Self::image_layers(&image.m, &image.config);
+                                tokio::task::block_in_place(|| self.unpack_all(&layers, &dir))?;
+                                image.root = Some(dir);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let image_roots: HashMap<String, PathBuf> = images
+                .iter()
+                .filter_map(|(r, i)| i.root.clone().map(|root| (r.clone(), root)))
+                .collect();
             tokio::task::block_in_place(|| {
-                self.run_steps(stage, &mut result, &results, &image_roots)
+                self.run_steps(stage, &mut result, &keys, &hits, &results, &image_roots)
             })?;
             // Free the roots nobody reads any more.
             let done: Vec<usize> = results
@@ -321,16 +477,133 @@ impl<'a> Builder<'a> {
                 .filter(|i| last_use.get(i).is_none_or(|last| *last <= stage.index))
                 .collect();
             for i in done {
-                if let Some(r) = results.remove(&i) {
-                    let _ = std::fs::remove_dir_all(&r.root);
+                if let Some(root) = results.remove(&i).and_then(|r| r.root) {
+                    let _ = std::fs::remove_dir_all(root);
                 }
             }
             results.insert(stage.index, result);
         }
+        (self.on_event)(Event::Summary(self.counters.summary()));
         let target = results
             .remove(&plan.target)
             .ok_or_else(|| BuildError::Invalid("the target stage was not built".into()))?;
         self.assemble(target)
+    }
+
+    /// The cache key of every step (`None` for metadata-only steps),
+    /// chained from `parent`.
+    fn step_keys(
+        &self,
+        stage: &StagePlan,
+        parent: &str,
+        stages: &HashMap<usize, StageResult>,
+        images: &HashMap<String, FetchedImage>,
+    ) -> Result<Vec<Option<String>>, BuildError> {
+        let platform = format!(
+            "{}/{}{}",
+            self.options.platform.os,
+            self.options.platform.architecture,
+            self.options
+                .platform
+                .variant
+                .as_deref()
+                .map(|v| format!("/{v}"))
+                .unwrap_or_default()
+        );
+        let mut parent = parent.to_string();
+        let mut keys = Vec::new();
+        for step in &stage.steps {
+            let (identity, digest) = match &step.action {
+                Action::Copy {
+                    from: CopyFrom::Context,
+                    sources,
+                    ..
+                } => {
+                    let selected = copy::selected_sources(&self.options.context, sources)
+                        .map_err(|message| self.step_error(step, message))?;
+                    let digest = key::hash_sources(&selected, false).at(&self.options.context)?;
+                    (String::new(), digest)
+                }
+                Action::Copy {
+                    from: CopyFrom::Stage(i),
+                    ..
+                } => (stages[i].last_key.clone(), String::new()),
+                Action::Copy {
+                    from: CopyFrom::Image(r),
+                    ..
+                } => (images[r].m.digest.clone(), String::new()),
+                _ => (String::new(), String::new()),
+            };
+            let key = key::step_key(
+                step,
+                &key::KeyInputs {
+                    parent: &parent,
+                    platform: &platform,
+                    source_identity: &identity,
+                    sources_digest: &digest,
+                },
+            );
+            if let Some(k) = &key {
+                parent = k.clone();
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Looks every key up at once. A hit is an entry within the TTL whose
+    /// layer blob is in the store; `Some(None)` is a hit that made no layer.
+    fn lookup(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+    ) -> Result<Vec<Option<Option<Layer>>>, BuildError> {
+        let opts = self.options;
+        if opts.single_snapshot {
+            return Ok(vec![None; keys.len()]);
+        }
+        let wanted: Vec<String> = keys
+            .iter()
+            .zip(&stage.steps)
+            .filter_map(|(k, step)| {
+                let cacheable = opts.cache
+                    && match step.action {
+                        Action::Run { .. } => opts.cache_run_layers,
+                        Action::Copy { .. } => opts.cache_copy_layers,
+                        _ => true,
+                    };
+                k.clone().filter(|_| cacheable)
+            })
+            .collect();
+        let found = self.index.get_steps(&wanted)?;
+        let found: HashMap<&String, StepEntry> = wanted
+            .iter()
+            .zip(found)
+            .filter_map(|(k, e)| e.map(|e| (k, e)))
+            .collect();
+        keys.iter()
+            .map(|k| {
+                let Some(entry) = k.as_ref().and_then(|k| found.get(k)) else {
+                    return Ok(None);
+                };
+                if entry.expired(opts.cache_ttl) {
+                    return Ok(None);
+                }
+                match &entry.layer {
+                    Some(l) if !self.store.contains(&l.descriptor.digest)? => Ok(None),
+                    layer => Ok(Some(layer.clone())),
+                }
+            })
+            .collect()
+    }
+
+    fn step_error(&self, step: &Step, message: String) -> BuildError {
+        BuildError::Step {
+            file: self.options.dockerfile_name.clone(),
+            line: step.line,
+            instruction: step.keyword.clone(),
+            message,
+        }
     }
 
     fn base_config(&self, m: &ResolvedManifest) -> Result<ImageConfig, BuildError> {
@@ -361,52 +634,96 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Walks the stage's steps: hits contribute their cached layer (unpacked
+    /// when the root is on disk), misses run and are recorded.
     fn run_steps(
         &self,
         stage: &StagePlan,
         result: &mut StageResult,
+        keys: &[Option<String>],
+        hits: &[Option<Option<Layer>>],
         stages: &HashMap<usize, StageResult>,
         image_roots: &HashMap<String, PathBuf>,
     ) -> Result<(), BuildError> {
-        let root = result.root.clone();
         let opts = self.options;
-        let mut snapshot =
-            Snapshot::scan(&root, opts.snapshot_mode, SKIP_CONTENTS, &opts.ignore_paths)
-                .at(&root)?;
+        let root = result.root.clone();
+        // Taken lazily, right before the first step that runs.
+        let mut snapshot: Option<Snapshot> = None;
         // --single-snapshot: one layer for the whole stage, against its base.
-        let mut base_state = opts.single_snapshot.then(|| snapshot.clone());
-        for step in &stage.steps {
+        let mut base_state: Option<Snapshot> = None;
+        let mut recorded = Vec::new();
+        for ((step, key), hit) in stage.steps.iter().zip(keys).zip(hits) {
             (self.on_event)(Event::Step {
                 line: step.line,
                 text: step.created_by.clone(),
             });
-            let changes = self
-                .run_step(step, &root, &mut snapshot, stages, image_roots)
-                .map_err(|message| BuildError::Step {
-                    file: self.options.dockerfile_name.clone(),
-                    line: step.line,
-                    instruction: step.keyword.clone(),
-                    message,
-                })?;
-            let empty_layer = changes.is_empty() || base_state.is_some();
-            if !empty_layer {
-                result.layers.push(self.write_layer(&root, &changes)?);
-            }
+            let (layer, empty_layer) = match (key, hit, &root) {
+                (None, _, _) => (None, true),
+                (Some(_), Some(cached), _) => {
+                    self.counters.hit();
+                    (self.on_event)(Event::CacheHit { line: step.line });
+                    if let (Some(root), Some(layer)) = (&root, cached) {
+                        unpack_layer(self.store, layer, root)?;
+                        self.counters.extracted(1);
+                        if let Some(snapshot) = &mut snapshot {
+                            snapshot.rescan(root, &[PathBuf::new()]).at(root)?;
+                        }
+                    }
+                    (cached.clone(), cached.is_none())
+                }
+                (Some(key), _, Some(root)) => {
+                    self.counters.miss();
+                    if snapshot.is_none() {
+                        let scanned = Snapshot::scan(
+                            root,
+                            opts.snapshot_mode,
+                            SKIP_CONTENTS,
+                            &opts.ignore_paths,
+                        )
+                        .at(root)?;
+                        if opts.single_snapshot {
+                            base_state = Some(scanned.clone());
+                        }
+                        snapshot = Some(scanned);
+                    }
+                    let snap = snapshot.as_mut().expect("scanned above");
+                    let changes = self
+                        .run_step(step, root, snap, stages, image_roots)
+                        .map_err(|message| self.step_error(step, message))?;
+                    if opts.single_snapshot {
+                        // No per-step layer, so nothing per step to cache.
+                        (None, true)
+                    } else {
+                        let layer = match changes.is_empty() {
+                            true => None,
+                            false => Some(self.write_layer(root, &changes)?),
+                        };
+                        recorded.push((key.clone(), StepEntry::new(layer.clone())));
+                        (layer.clone(), layer.is_none())
+                    }
+                }
+                (Some(_), None, None) => unreachable!("a stage with a miss is on disk"),
+            };
+            result.layers.extend(layer);
             result
                 .config
                 .history
                 .push(self.history(&step.created_by, empty_layer));
         }
-        if let Some(base) = &mut base_state {
-            let changes = base.rescan(&root, &[PathBuf::new()]).at(&root)?;
+        if let (Some(base), Some(root)) = (&mut base_state, &root) {
+            let changes = base.rescan(root, &[PathBuf::new()]).at(root)?;
             if !changes.is_empty() {
-                result.layers.push(self.write_layer(&root, &changes)?);
+                result.layers.push(self.write_layer(root, &changes)?);
                 result
                     .config
                     .history
                     .push(self.history("kiln --single-snapshot", false));
             }
         }
+        if let Some(last) = keys.iter().flatten().last() {
+            result.last_key = last.clone();
+        }
+        self.index.put_steps(&recorded)?;
         // The plan computed the stage's final config; keep the layers' history.
         let history = std::mem::take(&mut result.config.history);
         result.config = ImageConfig {
@@ -484,7 +801,12 @@ impl<'a> Builder<'a> {
             } => {
                 let source = match from {
                     CopyFrom::Context => Source::Context(&self.options.context),
-                    CopyFrom::Stage(i) => Source::Root(&stages[i].root),
+                    CopyFrom::Stage(i) => Source::Root(
+                        stages[i]
+                            .root
+                            .as_deref()
+                            .expect("COPY --from stages are unpacked first"),
+                    ),
                     CopyFrom::Image(r) => Source::Root(&image_roots[r]),
                 };
                 let chown = chown

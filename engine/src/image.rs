@@ -120,7 +120,6 @@ impl ImageConfig {
     }
 }
 
-
 /// Canonical manifest bytes for a config and its layers.
 pub fn manifest_bytes(config: &Descriptor, layers: &[Layer]) -> Vec<u8> {
     let manifest = ImageManifest {

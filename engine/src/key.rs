@@ -44,7 +44,11 @@ impl KeyHasher {
         self
     }
 
-    pub fn strings<'a>(&mut self, name: &str, values: impl IntoIterator<Item = &'a String>) -> &mut Self {
+    pub fn strings<'a>(
+        &mut self,
+        name: &str,
+        values: impl IntoIterator<Item = &'a String>,
+    ) -> &mut Self {
         let values: Vec<&String> = values.into_iter().collect();
         self.field(name, &(values.len() as u64).to_le_bytes());
         for v in values {
@@ -116,7 +120,13 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
                 .strings("sources", sources)
                 .field("dest", dest.as_bytes())
                 .field("chown", chown.as_deref().unwrap_or("").as_bytes())
-                .field("chmod", chmod.map(|m| format!("{m:o}")).unwrap_or_default().as_bytes())
+                .field(
+                    "chmod",
+                    chmod
+                        .map(|m| format!("{m:o}"))
+                        .unwrap_or_default()
+                        .as_bytes(),
+                )
                 .field("content", inputs.sources_digest.as_bytes());
         }
         Action::Mkdir { paths, owner } => {
@@ -173,7 +183,11 @@ fn collect(host: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) -> io::Resu
             .collect::<io::Result<_>>()?;
         names.sort();
         for name in names {
-            collect(&host.join(&name), &format!("{rel}/{}", name.to_string_lossy()), out)?;
+            collect(
+                &host.join(&name),
+                &format!("{rel}/{}", name.to_string_lossy()),
+                out,
+            )?;
         }
     }
     Ok(())
@@ -213,7 +227,10 @@ mod tests {
             created_by: "RUN make".into(),
             action: Action::Run {
                 argv: vec!["/bin/sh".into(), "-c".into(), "make".into()],
-                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 user: String::new(),
                 workdir: "/".into(),
                 script: None,
@@ -233,12 +250,24 @@ mod tests {
     #[test]
     fn every_input_changes_the_key_and_env_order_does_not() {
         let base = step_key(&run(&[("A", "1"), ("B", "2")]), &inputs("p")).unwrap();
-        assert_eq!(base, step_key(&run(&[("B", "2"), ("A", "1")]), &inputs("p")).unwrap());
-        assert_ne!(base, step_key(&run(&[("A", "1"), ("B", "3")]), &inputs("p")).unwrap());
-        assert_ne!(base, step_key(&run(&[("A", "1"), ("B", "2")]), &inputs("q")).unwrap());
+        assert_eq!(
+            base,
+            step_key(&run(&[("B", "2"), ("A", "1")]), &inputs("p")).unwrap()
+        );
+        assert_ne!(
+            base,
+            step_key(&run(&[("A", "1"), ("B", "3")]), &inputs("p")).unwrap()
+        );
+        assert_ne!(
+            base,
+            step_key(&run(&[("A", "1"), ("B", "2")]), &inputs("q")).unwrap()
+        );
         let mut other_platform = inputs("p");
         other_platform.platform = "linux/arm64";
-        assert_ne!(base, step_key(&run(&[("A", "1"), ("B", "2")]), &other_platform).unwrap());
+        assert_ne!(
+            base,
+            step_key(&run(&[("A", "1"), ("B", "2")]), &other_platform).unwrap()
+        );
         let mut as_user = run(&[("A", "1"), ("B", "2")]);
         if let Action::Run { user, .. } = &mut as_user.action {
             *user = "nobody".into();
@@ -276,13 +305,25 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        assert_eq!(first, hash_sources(std::slice::from_ref(&src), false).unwrap());
+        assert_eq!(
+            first,
+            hash_sources(std::slice::from_ref(&src), false).unwrap()
+        );
         fs::write(src.join("sub/f"), "2").unwrap();
-        assert_ne!(first, hash_sources(std::slice::from_ref(&src), false).unwrap());
+        assert_ne!(
+            first,
+            hash_sources(std::slice::from_ref(&src), false).unwrap()
+        );
         fs::write(src.join("sub/f"), "1").unwrap();
-        assert_eq!(first, hash_sources(std::slice::from_ref(&src), false).unwrap());
+        assert_eq!(
+            first,
+            hash_sources(std::slice::from_ref(&src), false).unwrap()
+        );
         fs::remove_file(src.join("link")).unwrap();
         std::os::unix::fs::symlink("elsewhere", src.join("link")).unwrap();
-        assert_ne!(first, hash_sources(std::slice::from_ref(&src), false).unwrap());
+        assert_ne!(
+            first,
+            hash_sources(std::slice::from_ref(&src), false).unwrap()
+        );
     }
 }

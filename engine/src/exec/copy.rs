@@ -33,6 +33,12 @@ fn has_glob(s: &str) -> bool {
 
 /// Expands sources (globs included) to host paths, failing on a source that
 /// matches nothing.
+/// The host paths a COPY from `src_root` reads (globs expanded), the same
+/// selection the copy itself makes; cache keys hash exactly these.
+pub fn selected_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
+    expand_sources(src_root, sources)
+}
+
 fn expand_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     for s in sources {
