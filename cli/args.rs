@@ -24,6 +24,107 @@ pub enum Commands {
     Build(Box<BuildArgs>),
     /// Print the parsed and resolved build without building.
     Plan(PlanArgs),
+    /// Inspect and clean the local cache.
+    Cache(CacheArgs),
+    /// Pull base images into the cache ahead of builds.
+    Warm(Box<WarmArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct WarmArgs {
+    /// An image to pull (registry reference or `oci-layout://PATH[:tag]`). Repeatable.
+    #[arg(long = "image", value_name = "REF")]
+    pub images: Vec<String>,
+    /// Also pull every image this Dockerfile's stages start or copy from.
+    #[command(flatten)]
+    pub frontend: FrontendArgs,
+    /// Kiln's state directory (as for `kiln build`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The platform to pick from image indexes, `os/arch[/variant]`.
+    #[arg(long, value_name = "PLATFORM")]
+    pub custom_platform: Option<String>,
+    /// Re-verify stored blobs and fetch again those that do not match.
+    #[arg(long)]
+    pub force: bool,
+    /// Pull over plain HTTP.
+    #[arg(long)]
+    pub insecure_pull: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach registries. Credentials come from the Docker config
+/// (`$DOCKER_CONFIG/config.json`, `~/.docker/config.json`, `/kaniko/.docker`).
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// A registry (`host[:port]`) to use over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+    /// Do not verify registries' TLS certificates.
+    #[arg(long)]
+    pub skip_tls_verify: bool,
+    /// Do not verify this registry's TLS certificate. Repeatable.
+    #[arg(long = "skip-tls-verify-registry", value_name = "HOST")]
+    pub skip_tls_verify_registries: Vec<String>,
+    /// Trust this CA (PEM) for a registry, `host[:port]=ca.pem`. Repeatable.
+    #[arg(long = "registry-certificate", value_name = "HOST=FILE")]
+    pub registry_certificates: Vec<String>,
+    /// A mirror (`host[/prefix]`) to pull Docker Hub images from, tried
+    /// before docker.io. Repeatable, tried in order.
+    #[arg(long = "registry-mirror", value_name = "HOST")]
+    pub registry_mirrors: Vec<String>,
+    /// Pull a registry's images from a mirror instead, `orig=mirror[/prefix]`.
+    /// Repeatable.
+    #[arg(long = "registry-map", value_name = "ORIG=MIRROR")]
+    pub registry_maps: Vec<String>,
+    /// Do not fall back to the original registry when every mirror fails.
+    #[arg(long)]
+    pub skip_default_registry_fallback: bool,
+    /// Retry a push this many times after a 5xx, 429 or dropped connection.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub push_retry: u32,
+    /// Retry a pull this many times after a 5xx, 429 or dropped connection.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub image_download_retry: u32,
+}
+
+impl WarmArgs {
+    /// `--dockerfile` defaults to `Dockerfile`: only read when it was given
+    /// or when no `--image` was.
+    pub fn dockerfile_given(&self) -> bool {
+        self.images.is_empty() || self.frontend.dockerfile != std::path::Path::new("Dockerfile")
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// Kiln's state directory (as for `kiln build`).
+    #[arg(long, value_name = "DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Count entries and blobs.
+    Stats,
+    /// List every cache entry: key, layer, age.
+    Ls,
+    /// Remove expired entries, then blobs no entry refers to.
+    Gc {
+        /// Collect unreferenced blobs only until the store is this small (e.g. 10GiB).
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Entries older than this are expired (e.g. 7d).
+        #[arg(long, value_name = "AGE", default_value = "2weeks")]
+        older_than: humantime::Duration,
+    },
+    /// Re-hash every blob, drop what does not verify, report damage (exit 1).
+    Verify,
+    /// Remove everything: entries, blobs, cache mounts.
+    Prune,
 }
 
 #[derive(Debug, Args)]
@@ -43,9 +144,14 @@ pub struct FrontendArgs {
 pub struct BuildArgs {
     #[command(flatten)]
     pub frontend: FrontendArgs,
-    /// The build context: a directory (`DIR` or `dir://DIR`).
+    /// The build context: a directory (`DIR`, `dir://DIR`), a tarball
+    /// (`tar://PATH`, `tar://stdin` or `-`), or a git repository
+    /// (`git://host/repo.git#ref:subdir`, or an https/file URL ending in `.git`).
     #[arg(short = 'c', long, default_value = ".")]
     pub context: String,
+    /// A directory inside the context to use as the context.
+    #[arg(long, value_name = "PATH")]
+    pub context_sub_path: Option<PathBuf>,
     /// Where to push the image. Repeatable.
     #[arg(short = 'd', long = "destination", value_name = "REF")]
     pub destinations: Vec<String>,
@@ -64,6 +170,10 @@ pub struct BuildArgs {
     /// Use the layer cache (on by default; `--cache=false` turns it off).
     #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub cache: bool,
+    /// A repository (`registry/repo`, no tag) that holds the shared remote
+    /// cache: looked up after the local cache, filled with every new step.
+    #[arg(long, value_name = "REPO")]
+    pub cache_repo: Option<String>,
     /// Cache entries older than this are not used (e.g. `336h`, `2weeks`).
     #[arg(long, default_value = "2weeks")]
     pub cache_ttl: humantime::Duration,
@@ -83,12 +193,8 @@ pub struct BuildArgs {
     /// Pull base images over plain HTTP.
     #[arg(long)]
     pub insecure_pull: bool,
-    /// A registry (`host[:port]`) to use over plain HTTP. Repeatable.
-    #[arg(long = "insecure-registry", value_name = "HOST")]
-    pub insecure_registries: Vec<String>,
-    /// Do not verify registries' TLS certificates.
-    #[arg(long)]
-    pub skip_tls_verify: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Fix every timestamp so the same inputs give the same image digest
     /// (SOURCE_DATE_EPOCH if set, else the epoch).
     #[arg(long)]
@@ -121,6 +227,15 @@ pub struct BuildArgs {
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
     #[arg(long, value_name = "PLATFORM")]
     pub custom_platform: Option<String>,
+    /// How RUN steps are isolated: namespaces (chroot in new mount, PID,
+    /// UTS and IPC namespaces) or chroot (for containers that forbid
+    /// unshare). `rootless` and `none` are not available yet.
+    #[arg(long, value_enum, default_value_t = IsolationArg::Namespaces)]
+    pub isolation: IsolationArg,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or
+    /// `id=ID,env=VAR` (a bare `id=ID` reads $ID). Repeatable.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE")]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,6 +243,14 @@ pub enum SnapshotModeArg {
     Redo,
     Full,
     Time,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    Namespaces,
+    Rootless,
+    Chroot,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -7,12 +7,15 @@ use anyhow::{bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
-use kiln_engine::build::{BuildOptions, Builder, Event};
+use kiln_engine::build::{BuildOptions, Builder, Event, SecretSource};
+use kiln_engine::exec::run::Isolation;
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
 use kiln_engine::rootfs::snapshot::SnapshotMode;
 
-use crate::args::{BuildArgs, CompressionArg, FrontendArgs, SnapshotModeArg};
+use crate::args::{
+    BuildArgs, CompressionArg, FrontendArgs, IsolationArg, RegistryArgs, SnapshotModeArg,
+};
 
 /// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment, as
 /// `docker build --build-arg` does.
@@ -50,7 +53,7 @@ pub fn read_dockerfile(
     Ok((given.display().to_string(), text))
 }
 
-fn default_state_dir() -> PathBuf {
+pub fn default_state_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
@@ -58,7 +61,7 @@ fn default_state_dir() -> PathBuf {
         .join("kiln")
 }
 
-fn parse_platform(spec: Option<&str>) -> Result<Platform> {
+pub fn parse_platform(spec: Option<&str>) -> Result<Platform> {
     let Some(spec) = spec else {
         return Ok(Platform::host());
     };
@@ -103,6 +106,109 @@ fn fixed_time(reproducible: bool) -> Result<Option<u64>> {
     }
 }
 
+/// `--registry-mirror` (for Docker Hub) then `--registry-map`, in order.
+fn mirrors(a: &RegistryArgs) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = a
+        .registry_mirrors
+        .iter()
+        .map(|m| ("docker.io".to_string(), m.trim_end_matches('/').to_string()))
+        .collect();
+    for map in &a.registry_maps {
+        match map.split_once('=') {
+            Some((from, to)) if !from.is_empty() && !to.is_empty() => {
+                let from = match from {
+                    "index.docker.io" | "registry-1.docker.io" => "docker.io",
+                    other => other,
+                };
+                for mirror in to.split(';') {
+                    out.push((from.to_string(), mirror.trim_end_matches('/').to_string()));
+                }
+            }
+            _ => bail!("--registry-map {map}: expected ORIGINAL=MIRROR"),
+        }
+    }
+    Ok(out)
+}
+
+/// Registry options from the flags; `plain_http` adds registries that may
+/// use plain HTTP (`--insecure` destinations).
+pub fn registry_options(a: &RegistryArgs, mut plain_http: Vec<String>) -> Result<RegistryOptions> {
+    plain_http.extend(a.insecure_registries.iter().cloned());
+    let ca_certificates = a
+        .registry_certificates
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((host, path)) if !host.is_empty() && Path::new(path).is_file() => {
+                Ok((host.to_string(), PathBuf::from(path)))
+            }
+            Some((_, path)) if !path.is_empty() => {
+                bail!("--registry-certificate {spec}: {path} is not a readable file")
+            }
+            _ => bail!("--registry-certificate {spec}: expected HOST=CA.pem"),
+        })
+        .collect::<Result<_>>()?;
+    Ok(RegistryOptions {
+        plain_http,
+        skip_tls_verify: a.skip_tls_verify,
+        skip_tls_verify_registries: a.skip_tls_verify_registries.clone(),
+        ca_certificates,
+        mirrors: mirrors(a)?,
+        mirror_fallback: !a.skip_default_registry_fallback,
+        pull_retries: a.image_download_retry,
+        push_retries: a.push_retry,
+        docker_config: None,
+    })
+}
+
+fn isolation(arg: IsolationArg) -> Result<Isolation> {
+    let chosen = match arg {
+        IsolationArg::Namespaces => Isolation::Namespaces,
+        IsolationArg::Chroot => Isolation::Chroot,
+        IsolationArg::Rootless => bail!(
+            "--isolation rootless is not available yet: run as root (namespaces) or use --isolation chroot"
+        ),
+        IsolationArg::None => bail!(
+            "--isolation none (running RUN steps over this machine's /) is not available: use namespaces or chroot"
+        ),
+    };
+    if !kiln_engine::exec::run::running_as_root() {
+        bail!("--isolation {arg:?}: RUN steps need root (rootless mode is not available yet)");
+    }
+    eprintln!("==> RUN isolation: {}", format!("{arg:?}").to_lowercase());
+    Ok(chosen)
+}
+
+/// `--secret` as buildah and `docker buildx` take it: `id=`, then `src=`
+/// (or `source=`) for a file, `env=` for a variable, `type=file|env`.
+fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let (mut id, mut src, mut env, mut kind) = (None, None, None, None);
+        for field in spec.split(',') {
+            match field.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(v.to_string()),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", v @ ("file" | "env"))) => kind = Some(v.to_string()),
+                _ => bail!("--secret {spec:?}: unknown field {field:?}"),
+            }
+        }
+        let Some(id) = id.filter(|i| !i.is_empty()) else {
+            bail!("--secret {spec:?}: id= is required");
+        };
+        let source = match (src, env, kind.as_deref()) {
+            (Some(_), Some(_), _) => bail!("--secret {spec:?}: give src= or env=, not both"),
+            (Some(src), None, Some("env")) => SecretSource::Env(src),
+            (Some(src), None, _) => SecretSource::File(PathBuf::from(src)),
+            (None, Some(env), _) => SecretSource::Env(env),
+            (None, None, Some("file")) => SecretSource::File(PathBuf::from(&id)),
+            (None, None, _) => SecretSource::Env(id.clone()),
+        };
+        out.insert(id, source);
+    }
+    Ok(out)
+}
+
 fn render(event: Event) {
     match event {
         Event::Warning { line, message } if line > 0 => {
@@ -117,10 +223,18 @@ fn render(event: Event) {
         Event::Step { line, text } => eprintln!("--> {line}: {text}"),
         Event::Layer { digest, size } => eprintln!("    layer {digest} ({size} bytes)"),
         Event::CacheHit { .. } => eprintln!("    cache hit"),
-        Event::Summary(s) => eprintln!(
-            "==> {} steps from the cache, {} run, {} layers unpacked",
-            s.cache_hits, s.cache_misses, s.layers_unpacked
-        ),
+        Event::Summary(s) => {
+            eprintln!(
+                "==> {} steps from the cache, {} run, {} layers unpacked, {} hits from --cache-repo",
+                s.cache_hits, s.cache_misses, s.layers_unpacked, s.remote_hits
+            );
+            let phases: Vec<String> = s
+                .phases
+                .iter()
+                .map(|(phase, d)| format!("{phase} {:.3}s", d.as_secs_f64()))
+                .collect();
+            eprintln!("    time: {}", phases.join(", "));
+        }
     }
 }
 
@@ -140,16 +254,30 @@ pub fn run(a: BuildArgs) -> Result<()> {
         .iter()
         .map(|d| parse_reference(d).with_context(|| format!("--destination {d}")))
         .collect::<Result<Vec<_>>>()?;
-    let context = PathBuf::from(a.context.strip_prefix("dir://").unwrap_or(&a.context));
-    if !context.is_dir() {
-        bail!("--context {}: not a directory", a.context);
-    }
-    let (dockerfile_name, dockerfile) = read_dockerfile(&a.frontend, Some(&context))?;
     let state_dir = a.cache_dir.clone().unwrap_or_else(default_state_dir);
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    // A fetched context (tar, git) lives as long as the build.
+    let scratch = tempfile::Builder::new()
+        .prefix("context-")
+        .tempdir_in(&state_dir)
+        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let context =
+        crate::context::resolve(&a.context, a.context_sub_path.as_deref(), scratch.path())?;
+    let (dockerfile_name, dockerfile) = read_dockerfile(&a.frontend, Some(&context))?;
+    // Found as read_dockerfile finds it: `<Dockerfile>.dockerignore` beside
+    // it wins over the context's `.dockerignore`, as in BuildKit.
+    let dockerfile_path = match &a.frontend.dockerfile {
+        given if !given.exists() && given.is_relative() => context.join(given),
+        given => given.clone(),
+    };
+    let dockerignore = kiln_engine::context::Ignore::load(&context, Some(&dockerfile_path))
+        .map_err(anyhow::Error::msg)?;
     let options = BuildOptions {
         dockerfile_name,
         dockerfile,
         context,
+        dockerignore,
         build_args: parse_pairs("--build-arg", &a.frontend.build_args)?,
         target: a.frontend.target.clone(),
         platform: parse_platform(a.custom_platform.as_deref())?,
@@ -170,21 +298,25 @@ pub fn run(a: BuildArgs) -> Result<()> {
         single_snapshot: a.single_snapshot,
         cache: a.cache,
         cache_ttl: a.cache_ttl.into(),
+        cache_repo: a.cache_repo.clone(),
+        isolation: isolation(a.isolation)?,
         cache_run_layers: a.cache_run_layers,
         cache_copy_layers: a.cache_copy_layers,
+        secrets: parse_secrets(&a.secrets)?,
     };
-    let mut plain_http = a.insecure_registries.clone();
+    let mut plain_http = Vec::new();
     if a.insecure {
         plain_http.extend(
             destinations
                 .iter()
                 .map(|d| d.resolve_registry().to_string()),
         );
+        if let Some(repo) = &a.cache_repo {
+            let r = parse_reference(repo).with_context(|| format!("--cache-repo {repo}"))?;
+            plain_http.push(r.resolve_registry().to_string());
+        }
     }
-    let registry = RegistryClient::new(RegistryOptions {
-        plain_http,
-        skip_tls_verify: a.skip_tls_verify,
-    });
+    let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?);
     let store = BlobStore::open(&state_dir)
         .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
     let index =
@@ -196,6 +328,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
     runtime.block_on(async {
         let builder = Builder::new(&options, &state_dir, &store, &index, &registry, &render)?;
         let image = builder.build().await?;
+        let outputs_started = Instant::now();
         let tags: Vec<String> = destinations.iter().map(|d| d.whole()).collect();
         if let Some(path) = &a.tar_path {
             output::write_docker_archive(&image, &tags, path, &store)?;
@@ -243,10 +376,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }
+        let (pulled, pushed) = registry.bytes_transferred();
         eprintln!(
-            "==> {} built in {:.2}s",
+            "==> {} built in {:.2}s (outputs {:.3}s; {pulled} bytes pulled, {pushed} pushed)",
             image.manifest.digest,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            outputs_started.elapsed().as_secs_f64()
         );
         anyhow::Ok(())
     })

@@ -2,7 +2,10 @@
 //! engine's events, and turns errors into messages and exit codes.
 mod args;
 mod build;
+mod cache;
+mod context;
 mod plan;
+mod warm;
 
 use clap::Parser;
 
@@ -29,6 +32,8 @@ fn main() {
     let result = match cli.command {
         args::Commands::Build(a) => build::run(*a),
         args::Commands::Plan(a) => plan::run(a),
+        args::Commands::Cache(a) => cache::run(a),
+        args::Commands::Warm(a) => warm::run(*a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

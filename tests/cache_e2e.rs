@@ -190,3 +190,272 @@ fn concurrent_builds_share_one_cache_dir() {
         });
     }
 }
+
+fn kiln_cache(state: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(KILN)
+        .arg("cache")
+        .arg("--cache-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A build SIGKILLed at any point leaves a cache the next build uses
+/// without error, and `kiln cache verify` finds it clean.
+#[test]
+fn builds_killed_at_any_point_leave_a_usable_cache() {
+    let dockerfile = format!(
+        "FROM oci-layout://{}:latest
+RUN mkdir /many && cd /many && for i in $(seq 1 1500); do echo $i > f$i; done
+COPY big.bin /big.bin
+RUN sleep 0.3 && echo done > /done
+",
+        busybox_layout().display()
+    );
+    // Incompressible enough that writing the layer takes a moment.
+    let big: String = (0..400_000u32)
+        .map(|i| format!("{:x}", i.wrapping_mul(2_654_435_761)))
+        .collect();
+    let ctx = Context::new(&dockerfile, &[("big.bin", &big)]);
+    let state = tempfile::tempdir().unwrap();
+    for delay_ms in [30, 120, 250, 450, 700, 1000] {
+        let mut child = std::process::Command::new(KILN)
+            .arg("build")
+            .arg("--context")
+            .arg(ctx.path())
+            .arg("--dockerfile")
+            .arg(ctx.path().join("Dockerfile"))
+            .arg("--cache-dir")
+            .arg(state.path())
+            .arg("--no-push")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Each kill leaves a different partial state; the next build copes.
+        let out = tempfile::tempdir().unwrap();
+        let (rebuilt, _) = build(&ctx, state.path(), out.path(), &[]);
+        assert!(
+            rebuilt.status.success(),
+            "after a kill at {delay_ms} ms:\n{}",
+            stderr(&rebuilt)
+        );
+    }
+    let verify = kiln_cache(state.path(), &["verify"]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        stderr(&verify),
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    // The dead builds' work dirs are collected; the next build is all hits.
+    let gc = kiln_cache(state.path(), &["gc"]);
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    let leftovers = std::fs::read_dir(state.path().join("builds"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 0, "abandoned build dirs remain");
+    let out = tempfile::tempdir().unwrap();
+    let (warm, _) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&warm), (3, 0, 0));
+}
+
+/// `kiln cache`: stats and ls show the entries, verify removes a corrupt
+/// blob (and its entry, so the step runs again), gc and prune empty it.
+#[test]
+fn cache_subcommands_inspect_repair_and_empty_the_cache() {
+    let ctx = Context::new(
+        &format!(
+            "FROM oci-layout://{}:latest\nRUN echo one > /one\nRUN echo two > /two\n",
+            busybox_layout().display()
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (cold, _) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&cold), (0, 2, 1));
+
+    let stats = kiln_cache(state.path(), &["stats"]);
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("entries: 2"));
+    let ls = String::from_utf8_lossy(&kiln_cache(state.path(), &["ls"]).stdout).into_owned();
+    assert_eq!(ls.lines().count(), 2, "{ls}");
+    let layer = ls
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .filter(|d| d.starts_with("sha256:"))
+        })
+        .unwrap()
+        .to_string();
+
+    // Corrupt one cached layer: verify finds and removes it, exit 1.
+    let blob = state
+        .path()
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    std::fs::write(&blob, b"bit rot").unwrap();
+    let verify = kiln_cache(state.path(), &["verify"]);
+    assert!(!verify.status.success());
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("1 corrupt removed"));
+    assert!(kiln_cache(state.path(), &["verify"]).status.success());
+    let (rebuilt, _) = build(&ctx, state.path(), out.path(), &[]);
+    let (hits, misses, _) = summary(&rebuilt);
+    assert_eq!(hits + misses, 2);
+    assert!(misses >= 1, "the step whose layer was corrupt ran again");
+
+    // gc keeps what is fresh; prune empties everything.
+    let gc = kiln_cache(
+        state.path(),
+        &["gc", "--older-than", "7d", "--max-size", "10GiB"],
+    );
+    assert!(String::from_utf8_lossy(&gc.stdout).contains("removed 0 entries"));
+    let prune = kiln_cache(state.path(), &["prune"]);
+    assert!(prune.status.success(), "{}", stderr(&prune));
+    let stats = String::from_utf8_lossy(&kiln_cache(state.path(), &["stats"]).stdout).into_owned();
+    assert!(
+        stats.contains("entries: 0") && stats.contains("blobs:   0"),
+        "{stats}"
+    );
+
+    let bad = kiln_cache(state.path(), &["gc", "--max-size", "lots"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--max-size"));
+}
+
+fn remote_hits(out: &Output) -> usize {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find(|l| l.contains("hits from --cache-repo"))
+        .unwrap();
+    line.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .nth(3)
+        .unwrap()
+}
+
+/// The remote tier alone: a second "machine" (a fresh --cache-dir) with
+/// the same --cache-repo gets every step from it, unpacks nothing and
+/// pushes the same image.
+#[test]
+fn a_new_machine_starts_warm_from_the_cache_repo() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let repo = registry.reference("kiln/cache");
+    let ctx = context(&base, "b\n");
+    let machine = |dest: &str, extra: &[&str]| {
+        let state = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let destination = registry.reference(dest);
+        let mut args = vec!["--cache-repo", &repo, "--destination", &destination];
+        args.extend_from_slice(extra);
+        let digest_file = out.path().join("digest");
+        args.extend([
+            "--digest-file",
+            digest_file.to_str().unwrap(),
+            "--reproducible",
+        ]);
+        let output = kiln_build(&ctx, state.path(), &args);
+        let digest = std::fs::read_to_string(&digest_file).unwrap_or_default();
+        (output, digest)
+    };
+
+    let (first, first_digest) = machine("app:first", &[]);
+    assert_eq!(summary(&first), (0, 4, 1));
+    assert_eq!(remote_hits(&first), 0);
+
+    let (second, second_digest) = machine("app:second", &[]);
+    assert_eq!(summary(&second), (4, 0, 0), "{}", stderr(&second));
+    assert_eq!(remote_hits(&second), 4);
+    assert_eq!(second_digest, first_digest);
+    // The image pushed from remote hits alone is complete and readable.
+    let config = skopeo_config(&registry.reference("app:second"));
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 5);
+    let unpacked = tempfile::tempdir().unwrap();
+    let rootfs = pull_and_unpack(&registry.reference("app:second"), unpacked.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("derived")).unwrap(),
+        "plain b\n"
+    );
+
+    // A change misses from the step that reads it; the rest still hits remotely.
+    std::fs::write(ctx.path().join("b.txt"), "changed\n").unwrap();
+    let (changed, _) = machine("app:changed", &[]);
+    assert_eq!(summary(&changed), (2, 2, 3));
+    assert_eq!(remote_hits(&changed), 2);
+
+    // Remote entries expire with --cache-ttl too.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let (expired, _) = machine("app:expired", &["--cache-ttl=1s"]);
+    assert_eq!(summary(&expired), (0, 4, 1));
+}
+
+/// `kiln warm` fills the store with a Dockerfile's base images; warming
+/// again fetches nothing; `--force` replaces a corrupt blob; a build then
+/// uses what is stored.
+#[test]
+fn warm_pulls_base_images_ahead_of_builds() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = context(&base, "b\n");
+    let warm = |extra: &[&str]| {
+        let out = std::process::Command::new(KILN)
+            .arg("warm")
+            .arg("--cache-dir")
+            .arg(state.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dockerfile = ctx.path().join("Dockerfile");
+    let first = warm(&["--dockerfile", dockerfile.to_str().unwrap()]);
+    assert!(
+        first.contains(&base) && first.contains("1 layers fetched"),
+        "{first}"
+    );
+    let again = warm(&["--image", &base]);
+    assert!(again.contains("0 layers fetched"), "{again}");
+
+    // Corrupt the layer: --force notices and fetches it again.
+    let blobs = state.path().join("blobs/sha256");
+    let biggest = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    std::fs::write(&biggest, b"corrupt").unwrap();
+    let forced = warm(&["--image", &base, "--force"]);
+    assert!(forced.contains("1 layers fetched"), "{forced}");
+
+    let out = tempfile::tempdir().unwrap();
+    let (built, _) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&built), (0, 4, 1));
+
+    // With the registry gone, a base checked within --cache-ttl still
+    // resolves from the base-image cache, and the build is all hits.
+    drop(registry);
+    let (offline, _) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&offline), (4, 0, 0));
+    assert!(stderr(&offline).contains("using the base image checked before"));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (expired, _) = build(&ctx, state.path(), out.path(), &["--cache-ttl=1ms"]);
+    assert!(
+        !expired.status.success(),
+        "an expired base needs the registry"
+    );
+
+    let missing = std::process::Command::new(KILN)
+        .args(["warm", "--cache-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+}

@@ -324,3 +324,177 @@ fn base_layers_cannot_write_outside_the_root() {
         "the host's /etc/passwd gained a link"
     );
 }
+
+/// A tiny HTTP server on 127.0.0.1 serving `body` at any path; returns its
+/// address and the number of requests it has answered.
+fn serve(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Read;
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let served = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            // Read the request head, whatever its size.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            served.fetch_add(1, Ordering::SeqCst);
+            let _ = stream.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: Tue, 14 Nov 2023 22:13:20 GMT\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            let _ = stream.write_all(body);
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn add_downloads_urls_and_checks_their_checksum() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::Ordering;
+    const BODY: &[u8] = b"downloaded over http\n";
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let (addr, requests) = serve(BODY);
+    let good = format!("sha256:{}", hex::encode(Sha256::digest(BODY)));
+    let bad = format!("sha256:{}", "0".repeat(64));
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let build = |dockerfile: String, n: usize| {
+        let ctx = Context::new(&dockerfile, &[]);
+        let layout = tmp.path().join(format!("layout-{n}"));
+        let out = kiln_build(
+            &ctx,
+            &state,
+            &["--no-push", "--oci-layout-path", layout.to_str().unwrap()],
+        );
+        (out, layout)
+    };
+    let with_checksum = format!(
+        "FROM {base}\nADD --checksum={good} http://{addr}/files/hello.txt /downloads/\nADD http://{addr}/files/other.txt /named\n"
+    );
+    let (out, layout) = build(with_checksum.clone(), 1);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rootfs = umoci_unpack(&layout, "latest", &tmp.path().join("unpacked"));
+    for path in ["downloads/hello.txt", "named"] {
+        let file = rootfs.join(path);
+        assert_eq!(std::fs::read(&file).unwrap(), BODY, "{path}");
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600, "{path}: Docker's mode");
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{path}");
+        assert_eq!(meta.mtime(), 1700000000, "{path}: Last-Modified");
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
+
+    // Again: the checksummed ADD is a cache hit, the other downloads anew.
+    let (out, _) = build(with_checksum, 2);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(requests.load(Ordering::SeqCst), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("1 steps from the cache, 1 run"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A wrong checksum fails the build, naming the line.
+    let (out, _) = build(
+        format!("FROM {base}\nRUN true\nADD --checksum={bad} http://{addr}/files/hello.txt /downloads/\n"),
+        3,
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("Dockerfile:3: ADD failed"), "{err}");
+    assert!(err.contains("checksum mismatch"), "{err}");
+
+    // Git sources are refused while planning, naming the line.
+    let (out, _) = build(
+        format!("FROM {base}\nADD https://example.com/repo.git#main /src\n"),
+        4,
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("Dockerfile:2: ADD of a Git repository"),
+        "{err}"
+    );
+    assert!(err.contains("not supported yet"), "{err}");
+}
+
+/// `COPY <<EOF` (buildah 1.28 has no heredocs, so the files are checked
+/// directly) and `COPY --link`, which Kiln accepts as a plain COPY.
+#[test]
+fn copy_heredocs_and_link() {
+    let dockerfile = format!(
+        "FROM oci-layout://{}:latest
+ARG WHO=kiln
+COPY <<EOF /etc/greeting
+hello $WHO
+EOF
+COPY --chown=1000:1000 <<'RAW' <<NOTE /notes/
+not $WHO
+RAW
+note for $WHO
+NOTE
+COPY --link a.txt /linked/a.txt
+",
+        busybox_layout().display()
+    );
+    let ctx = Context::new(&dockerfile, &[("a.txt", "a\n")]);
+    let state = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let layout = out_dir.path().join("layout");
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--no-push", "--oci-layout-path", layout.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let root = umoci_unpack(&layout, "latest", out_dir.path());
+    let files = tree(&root);
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/greeting")).unwrap(),
+        "hello kiln\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("notes/RAW")).unwrap(),
+        "not $WHO\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("notes/NOTE")).unwrap(),
+        "note for kiln\n"
+    );
+    let raw = &files["notes/RAW"];
+    assert_eq!((raw.mode & 0o7777, raw.uid, raw.gid), (0o644, 1000, 1000));
+    assert_eq!(files["etc/greeting"].uid, 0);
+    assert_eq!(
+        std::fs::read_to_string(root.join("linked/a.txt")).unwrap(),
+        "a\n"
+    );
+
+    // A heredoc's content is part of its key: the same hits, a change misses.
+    let out = kiln_build(&ctx, state.path(), &["--no-push"]);
+    assert!(
+        stderr(&out).contains("3 steps from the cache, 0 run"),
+        "{}",
+        stderr(&out)
+    );
+    let changed = Context::new(
+        &dockerfile.replace("hello $WHO", "hi $WHO"),
+        &[("a.txt", "a\n")],
+    );
+    let out = kiln_build(&changed, state.path(), &["--no-push"]);
+    assert!(
+        stderr(&out).contains("0 steps from the cache, 3 run"),
+        "{}",
+        stderr(&out)
+    );
+}

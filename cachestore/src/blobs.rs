@@ -31,6 +31,11 @@ impl BlobStore {
         Ok(Self { root })
     }
 
+    /// The store's own directory (`blobs/` under the state dir).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn path(&self, digest: &str) -> Result<PathBuf> {
         Ok(self.root.join("sha256").join(digest::validate(digest)?))
     }

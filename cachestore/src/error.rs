@@ -25,6 +25,8 @@ pub enum CacheStoreError {
         operation: &'static str,
         reference: String,
         message: String,
+        /// A 5xx, 429 or connection failure: worth retrying.
+        transient: bool,
     },
     #[error("{what}: {message}")]
     Malformed { what: String, message: String },
@@ -32,6 +34,8 @@ pub enum CacheStoreError {
     Index { path: PathBuf, message: String },
     #[error("OCI layout {path}: {message}")]
     Layout { path: PathBuf, message: String },
+    #[error("{0}")]
+    Busy(String),
 }
 
 pub type Result<T, E = CacheStoreError> = std::result::Result<T, E>;

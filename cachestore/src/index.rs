@@ -3,9 +3,10 @@
 //!
 //! RocksDB admits one writer process at a time, and builds sharing a state
 //! dir run at once. So no build keeps the database open: lookups open it
-//! read-only (which never conflicts with a writer), and writes open it
-//! read-write for the moment they take, under an exclusive file lock that
-//! other writers wait on instead of failing.
+//! read-only under a shared file lock, and writes open it read-write for
+//! the moment they take under the same lock held exclusively, which others
+//! wait on instead of failing. (A read-only open alongside a writer can
+//! find the files its MANIFEST names already compacted away.)
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,7 +19,22 @@ use crate::manifest::Layer;
 
 /// Column family of step entries, by cache key.
 const STEPS: &str = "steps";
-const FAMILIES: &[&str] = &[STEPS];
+/// The context stat cache: a file's identity (path, size, times, inode)
+/// to its content hash, so unchanged files are not read again.
+const STATS: &str = "stats";
+/// The base-image cache: `reference#platform` to what it resolved to.
+const BASES: &str = "bases";
+const FAMILIES: &[&str] = &[STEPS, STATS, BASES];
+
+/// A base image as last resolved: the digest its reference pointed at
+/// (an index's, for multi-platform images) and the platform's manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseEntry {
+    pub top_digest: String,
+    pub manifest: crate::manifest::ResolvedManifest,
+    /// Seconds since the epoch.
+    pub checked: u64,
+}
 
 /// What a step produced: its layer (none when it changed no file) and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,24 +94,109 @@ impl Index {
         opts
     }
 
-    /// Looks up many keys at once; a key never recorded is `None`.
-    pub fn get_steps(&self, keys: &[String]) -> Result<Vec<Option<StepEntry>>> {
+    /// Readers share the lock writers hold alone: a read-only open must not
+    /// meet a writer deleting the files its MANIFEST names (compaction).
+    fn shared_lock(&self) -> Result<File> {
+        let lock = File::create(&self.lock).at(&self.lock)?;
+        lock.lock_shared().at(&self.lock)?;
+        Ok(lock)
+    }
+
+    /// Reads many keys of one column family at once, read-only, so any
+    /// number of builds read together. A family an older Kiln did not
+    /// create reads as empty.
+    fn get_raw(&self, family: &str, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
         if keys.is_empty() || !self.path.join("CURRENT").exists() {
             return Ok(vec![None; keys.len()]);
         }
-        let db = DB::open_cf_for_read_only(&Self::options(false), &self.path, FAMILIES, false)
+        let _shared = self.shared_lock()?;
+        let opts = Self::options(false);
+        let families = DB::list_cf(&opts, &self.path).map_err(|e| self.error(e))?;
+        let db = DB::open_cf_for_read_only(&opts, &self.path, &families, false)
+            .map_err(|e| self.error(e))?;
+        let Some(cf) = db.cf_handle(family) else {
+            return Ok(vec![None; keys.len()]);
+        };
+        db.multi_get_cf(keys.iter().map(|k| (cf, *k)))
+            .into_iter()
+            .map(|r| r.map_err(|e| self.error(e)))
+            .collect()
+    }
+
+    /// Looks up many keys at once; a key never recorded is `None`.
+    pub fn get_steps(&self, keys: &[String]) -> Result<Vec<Option<StepEntry>>> {
+        let raw: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        Ok(self
+            .get_raw(STEPS, &raw)?
+            .into_iter()
+            // An entry that does not parse (a newer Kiln's?) is a miss.
+            .map(|v| v.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+            .collect())
+    }
+
+    pub fn get_base(&self, key: &str) -> Result<Option<BaseEntry>> {
+        Ok(self
+            .get_raw(BASES, &[key.as_bytes()])?
+            .pop()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    }
+
+    pub fn put_base(&self, key: &str, entry: &BaseEntry) -> Result<()> {
+        let value = serde_json::to_vec(entry).map_err(|e| self.error(e))?;
+        self.write(BASES, |cf, batch| batch.put_cf(cf, key.as_bytes(), &value))
+    }
+
+    /// Stat-cache lookups: opaque values by opaque keys.
+    pub fn get_stats(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>> {
+        let raw: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        self.get_raw(STATS, &raw)
+    }
+
+    pub fn put_stats(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.write(STATS, |cf, batch| {
+            for (key, value) in entries {
+                batch.put_cf(cf, key, value);
+            }
+        })
+    }
+
+    /// Every entry, for listing, GC and verification.
+    pub fn all_steps(&self) -> Result<Vec<(String, StepEntry)>> {
+        if !self.path.join("CURRENT").exists() {
+            return Ok(Vec::new());
+        }
+        let _shared = self.shared_lock()?;
+        let opts = Self::options(false);
+        let families = DB::list_cf(&opts, &self.path).map_err(|e| self.error(e))?;
+        let db = DB::open_cf_for_read_only(&opts, &self.path, &families, false)
             .map_err(|e| self.error(e))?;
         let cf = db
             .cf_handle(STEPS)
             .ok_or_else(|| self.error("no steps column family"))?;
-        db.multi_get_cf(keys.iter().map(|k| (cf, k.as_bytes())))
-            .into_iter()
-            .map(|r| match r.map_err(|e| self.error(e))? {
-                // An entry that does not parse (a newer Kiln's?) is a miss.
-                Some(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-                None => Ok(None),
-            })
-            .collect()
+        let mut out = Vec::new();
+        for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (key, value) = item.map_err(|e| self.error(e))?;
+            if let Ok(entry) = serde_json::from_slice(&value) {
+                out.push((String::from_utf8_lossy(&key).into_owned(), entry));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes entries (GC, verify, prune).
+    pub fn remove_steps(&self, keys: &[String]) -> Result<()> {
+        if keys.is_empty() || !self.path.join("CURRENT").exists() {
+            return Ok(());
+        }
+        self.write(STEPS, |cf, batch| {
+            for key in keys {
+                batch.delete_cf(cf, key.as_bytes());
+            }
+        })
     }
 
     /// Records entries, waiting for any other writer to finish first.
@@ -103,18 +204,33 @@ impl Index {
         if entries.is_empty() {
             return Ok(());
         }
+        let values = entries
+            .iter()
+            .map(|(k, e)| Ok((k, serde_json::to_vec(e).map_err(|e| self.error(e))?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(STEPS, |cf, batch| {
+            for (key, value) in &values {
+                batch.put_cf(cf, key.as_bytes(), value);
+            }
+        })
+    }
+
+    /// Opens the database read-write under the writers' lock, applies one
+    /// batch, and closes it again.
+    fn write(
+        &self,
+        family: &str,
+        fill: impl FnOnce(&rocksdb::ColumnFamily, &mut WriteBatch),
+    ) -> Result<()> {
         let lock = File::create(&self.lock).at(&self.lock)?;
         lock.lock().at(&self.lock)?;
         let db =
             DB::open_cf(&Self::options(true), &self.path, FAMILIES).map_err(|e| self.error(e))?;
         let cf = db
-            .cf_handle(STEPS)
-            .ok_or_else(|| self.error("no steps column family"))?;
+            .cf_handle(family)
+            .ok_or_else(|| self.error(format!("no {family} column family")))?;
         let mut batch = WriteBatch::default();
-        for (key, entry) in entries {
-            let value = serde_json::to_vec(entry).map_err(|e| self.error(e))?;
-            batch.put_cf(cf, key.as_bytes(), value);
-        }
+        fill(cf, &mut batch);
         db.write(batch).map_err(|e| self.error(e))?;
         // Dropping the database before the lock lets the next writer in.
         drop(db);
@@ -179,6 +295,22 @@ mod tests {
             .flat_map(|t| (0..5).map(move |i| format!("{t}-{i}")))
             .collect();
         assert!(index.get_steps(&keys).unwrap().iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn stat_cache_round_trips_and_is_separate_from_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let keys = vec![b"a".to_vec(), b"b".to_vec()];
+        assert_eq!(index.get_stats(&keys).unwrap(), vec![None, None]);
+        index
+            .put_stats(&[(b"a".to_vec(), b"hash".to_vec())])
+            .unwrap();
+        assert_eq!(
+            index.get_stats(&keys).unwrap(),
+            vec![Some(b"hash".to_vec()), None]
+        );
+        assert_eq!(index.get_steps(&["a".into()]).unwrap(), vec![None]);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! Kiln's storage: the content-addressed blob store, the cache index, OCI
 //! layouts, and the registry client.
+pub mod auth;
 pub mod blobs;
 pub mod digest;
 pub mod error;
+pub mod gc;
 pub mod index;
 pub mod layout;
 pub mod manifest;
 pub mod registry;
+pub mod remote;
+pub mod warm;
 
 pub use blobs::{BlobStore, StoredBlob};
 pub use error::{CacheStoreError, Result};

@@ -90,7 +90,7 @@ pub struct Layer {
 }
 
 /// An image manifest with its identity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResolvedManifest {
     pub digest: String,
     pub media_type: String,

@@ -3,15 +3,20 @@
 //! registry whether plain HTTP is allowed.
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use std::io::Write;
 
+use crate::auth;
 use crate::blobs::{BlobStore, StoredBlob};
 use crate::digest;
 use crate::error::{CacheStoreError, IoContext, Result};
@@ -24,6 +29,21 @@ pub struct RegistryOptions {
     pub plain_http: Vec<String>,
     /// Accept any TLS certificate.
     pub skip_tls_verify: bool,
+    /// Accept any TLS certificate from these registries (`host[:port]`).
+    pub skip_tls_verify_registries: Vec<String>,
+    /// (registry, PEM file): extra CA roots per registry.
+    pub ca_certificates: Vec<(String, PathBuf)>,
+    /// Retries of registry pulls / pushes after transient failures
+    /// (`--image-download-retry`, `--push-retry`).
+    pub pull_retries: u32,
+    pub push_retries: u32,
+    /// (registry, mirror `host[/prefix]`), tried in order before the registry.
+    pub mirrors: Vec<(String, String)>,
+    /// Fall back to the registry itself when every mirror fails.
+    pub mirror_fallback: bool,
+    /// The Docker config to read credentials from; `None` looks where
+    /// Docker and Kaniko do ([`auth::config_path`]).
+    pub docker_config: Option<PathBuf>,
 }
 
 /// One `oci-client` per registry host, because the protocol choice is per host.
@@ -32,6 +52,9 @@ pub struct RegistryClient {
     /// Registries allowed plain HTTP after start (`--insecure-pull` bases).
     plain_http: Mutex<Vec<String>>,
     clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// Blob bytes moved, for the build summary.
+    pulled: AtomicU64,
+    pushed: AtomicU64,
 }
 
 /// Loopback registries may use plain HTTP, as Docker allows.
@@ -52,16 +75,24 @@ pub fn parse_reference(reference: &str) -> Result<Reference> {
         })
 }
 
-fn registry_error(
+fn registry_error<E: std::fmt::Display + 'static>(
     reference: &Reference,
     operation: &'static str,
-    err: impl std::fmt::Display,
+    err: E,
 ) -> CacheStoreError {
+    let any = &err as &dyn std::any::Any;
+    let transient = match any.downcast_ref::<OciDistributionError>() {
+        Some(OciDistributionError::ServerError { code, .. }) => *code == 429 || *code >= 500,
+        Some(OciDistributionError::RequestError(_) | OciDistributionError::IoError(_)) => true,
+        Some(_) => false,
+        None => any.is::<std::io::Error>(),
+    };
     CacheStoreError::Registry {
         registry: reference.registry().to_string(),
         operation,
         reference: reference.whole(),
         message: err.to_string(),
+        transient,
     }
 }
 
@@ -71,7 +102,17 @@ impl RegistryClient {
             options,
             plain_http: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
+            pulled: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
         }
+    }
+
+    /// Blob bytes (pulled, pushed) so far; blobs skipped cost nothing.
+    pub fn bytes_transferred(&self) -> (u64, u64) {
+        (
+            self.pulled.load(Ordering::Relaxed),
+            self.pushed.load(Ordering::Relaxed),
+        )
     }
 
     /// Allows plain HTTP to `registry`; only affects clients made later.
@@ -82,7 +123,9 @@ impl RegistryClient {
             .push(registry.to_string());
     }
 
-    async fn client(&self, reference: &Reference) -> Arc<Client> {
+    /// The client for a reference's registry, made on first use with that
+    /// registry's protocol, TLS settings and credentials.
+    async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {
         let registry = reference.resolve_registry().to_string();
         let existing = self
             .clients
@@ -91,9 +134,17 @@ impl RegistryClient {
             .get(&registry)
             .cloned();
         if let Some(client) = existing {
-            return client;
+            return Ok(client);
         }
-        let plain = is_loopback(&registry)
+        // Loopback may use plain HTTP as with Docker, unless TLS was asked
+        // for that registry (a CA or a skip-verify for it).
+        let tls_configured = self
+            .options
+            .ca_certificates
+            .iter()
+            .any(|(h, _)| *h == registry)
+            || self.options.skip_tls_verify_registries.contains(&registry);
+        let plain = (is_loopback(&registry) && !tls_configured)
             || self.options.plain_http.contains(&registry)
             || self
                 .plain_http
@@ -106,21 +157,68 @@ impl RegistryClient {
             } else {
                 ClientProtocol::Https
             },
-            accept_invalid_certificates: self.options.skip_tls_verify,
+            accept_invalid_certificates: self.options.skip_tls_verify
+                || self.options.skip_tls_verify_registries.contains(&registry),
+            extra_root_certificates: self.root_certificates(&registry)?,
             // Streamed monolithic PUTs: some registries mishandle chunks.
             use_monolithic_push: true,
             platform_resolver: None,
             ..Default::default()
         }));
-        client
-            .store_auth_if_needed(&registry, &RegistryAuth::Anonymous)
-            .await;
-        self.clients
+        let auth = match &self.options.docker_config {
+            Some(path) => auth::credentials_in(path, &registry)?,
+            None => auth::credentials_for(&registry)?,
+        };
+        client.store_auth_if_needed(&registry, &auth).await;
+        Ok(self
+            .clients
             .lock()
             .expect("registry client map poisoned")
             .entry(registry)
             .or_insert(client)
-            .clone()
+            .clone())
+    }
+
+    /// `--registry-certificate host=ca.pem`: extra roots for that host.
+    fn root_certificates(&self, registry: &str) -> Result<Vec<Certificate>> {
+        self.options
+            .ca_certificates
+            .iter()
+            .filter(|(host, _)| host == registry)
+            .map(|(_, path)| {
+                Ok(Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: std::fs::read(path).at(path)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `op` up to `retries` more times after a transient failure (5xx,
+    /// 429, a dropped connection), backing off exponentially from 250 ms.
+    /// Anything else, a digest mismatch above all, fails at once.
+    async fn retrying<T, F, Fut>(&self, retries: u32, op: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(CacheStoreError::Registry {
+                    transient: true,
+                    ref message,
+                    operation,
+                    ..
+                }) if attempt < retries => {
+                    let delay = Duration::from_millis(250 << attempt.min(5));
+                    tracing::warn!("{operation} failed ({message}); retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Fetches the manifest of `reference`; an index is resolved to the
@@ -130,7 +228,77 @@ impl RegistryClient {
         reference: &Reference,
         platform: &Platform,
     ) -> Result<ResolvedManifest> {
-        let client = self.client(reference).await;
+        self.via_sources(reference, |r| async move {
+            self.retrying(self.options.pull_retries, || {
+                self.pull_manifest_once(&r, platform)
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Where to pull `reference` from, in order: the mirrors configured for
+    /// its registry (`--registry-mirror` for Docker Hub, `--registry-map`),
+    /// then the registry itself unless `--skip-default-registry-fallback`.
+    pub fn pull_sources(&self, reference: &Reference) -> Vec<Reference> {
+        let registry = match reference.registry() {
+            "index.docker.io" | "registry-1.docker.io" => "docker.io",
+            other => other,
+        };
+        let mut out: Vec<Reference> = self
+            .options
+            .mirrors
+            .iter()
+            .filter(|(from, _)| from == registry)
+            .map(|(_, mirror)| {
+                // A mirror may carry a path prefix: `host/prefix`.
+                let (host, prefix) = mirror.split_once('/').unwrap_or((mirror, ""));
+                let repository = match prefix.trim_matches('/') {
+                    "" => reference.repository().to_string(),
+                    p => format!("{p}/{}", reference.repository()),
+                };
+                match (reference.tag(), reference.digest()) {
+                    (_, Some(digest)) => {
+                        Reference::with_digest(host.into(), repository, digest.into())
+                    }
+                    (tag, None) => {
+                        Reference::with_tag(host.into(), repository, tag.unwrap_or("latest").into())
+                    }
+                }
+            })
+            .collect();
+        if out.is_empty() || self.options.mirror_fallback {
+            out.push(reference.clone());
+        }
+        out
+    }
+
+    /// Tries `op` on each of [`RegistryClient::pull_sources`] until one
+    /// works; the last error otherwise.
+    async fn via_sources<T, F, Fut>(&self, reference: &Reference, op: F) -> Result<T>
+    where
+        F: Fn(Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let sources = self.pull_sources(reference);
+        let last = sources.len() - 1;
+        for (i, source) in sources.into_iter().enumerate() {
+            match op(source.clone()).await {
+                Err(e) if i < last => {
+                    tracing::warn!("{}: {e}; trying the next source", source.whole());
+                }
+                result => return result,
+            }
+        }
+        unreachable!("pull_sources is never empty")
+    }
+
+    async fn pull_manifest_once(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+    ) -> Result<ResolvedManifest> {
+        let client = self.client(reference).await?;
         let (bytes, digest) = client
             .pull_manifest_raw(reference, &RegistryAuth::Anonymous, manifest::ACCEPTED)
             .await
@@ -163,8 +331,72 @@ impl RegistryClient {
         }
     }
 
+    /// Fetches exact manifest bytes, verified against their digest, or
+    /// `None` when the registry has no such manifest.
+    pub async fn pull_manifest_if_exists(
+        &self,
+        reference: &Reference,
+        accepted: &[&str],
+    ) -> Result<Option<Vec<u8>>> {
+        let client = self.client(reference).await?;
+        match client
+            .pull_manifest_raw(reference, &RegistryAuth::Anonymous, accepted)
+            .await
+        {
+            Ok((bytes, digest)) => {
+                check_manifest_digest(reference, &bytes, &digest)?;
+                Ok(Some(bytes.to_vec()))
+            }
+            Err(OciDistributionError::RegistryError { envelope, .. })
+                if envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        OciErrorCode::ManifestUnknown
+                            | OciErrorCode::NotFound
+                            | OciErrorCode::NameUnknown
+                    )
+                }) =>
+            {
+                Ok(None)
+            }
+            Err(OciDistributionError::ServerError { code: 404, .. })
+            | Err(OciDistributionError::ImageManifestNotFoundError(_)) => Ok(None),
+            Err(e) => Err(registry_error(reference, "pull manifest", e)),
+        }
+    }
+
+    /// The digest `reference` points at now, by a HEAD request.
+    pub async fn manifest_digest(&self, reference: &Reference) -> Result<String> {
+        self.via_sources(reference, |r| async move {
+            self.retrying(self.options.pull_retries, || async {
+                let client = self.client(&r).await?;
+                client
+                    .fetch_manifest_digest(&r, &RegistryAuth::Anonymous)
+                    .await
+                    .map_err(|e| registry_error(&r, "check manifest", e))
+            })
+            .await
+        })
+        .await
+    }
+
     /// Streams a blob into the store, unless it is there already.
     pub async fn pull_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        store: &BlobStore,
+    ) -> Result<StoredBlob> {
+        self.via_sources(reference, |r| async move {
+            self.retrying(self.options.pull_retries, || {
+                self.pull_blob_once(&r, digest, store)
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn pull_blob_once(
         &self,
         reference: &Reference,
         digest: &str,
@@ -177,7 +409,7 @@ impl RegistryClient {
                 size: store.size(digest)?,
             });
         }
-        let client = self.client(reference).await;
+        let client = self.client(reference).await?;
         let mut stream = client
             .pull_blob_stream(reference, digest)
             .await
@@ -187,11 +419,13 @@ impl RegistryClient {
             let chunk = chunk.map_err(|e| registry_error(reference, "pull blob", e))?;
             writer.write_all(&chunk).at(store.path(digest)?)?;
         }
-        writer.commit(Some(digest))
+        let stored = writer.commit(Some(digest))?;
+        self.pulled.fetch_add(stored.size, Ordering::Relaxed);
+        Ok(stored)
     }
 
     pub async fn blob_exists(&self, reference: &Reference, digest: &str) -> Result<bool> {
-        let client = self.client(reference).await;
+        let client = self.client(reference).await?;
         client
             .blob_exists(reference, digest)
             .await
@@ -205,6 +439,18 @@ impl RegistryClient {
         digest: &str,
         store: &BlobStore,
     ) -> Result<()> {
+        self.retrying(self.options.push_retries, || {
+            self.push_blob_once(reference, digest, store)
+        })
+        .await
+    }
+
+    async fn push_blob_once(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        store: &BlobStore,
+    ) -> Result<()> {
         if self.blob_exists(reference, digest).await? {
             return Ok(());
         }
@@ -213,11 +459,12 @@ impl RegistryClient {
         let size = file.metadata().await.at(&path)?.len();
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
             .map_err(OciDistributionError::from);
-        let client = self.client(reference).await;
+        let client = self.client(reference).await?;
         client
             .push_blob_stream(reference, stream, digest, Some(size))
             .await
             .map_err(|e| registry_error(reference, "push blob", e))?;
+        self.pushed.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }
 
@@ -228,7 +475,19 @@ impl RegistryClient {
         bytes: Vec<u8>,
         media_type: &str,
     ) -> Result<()> {
-        let client = self.client(reference).await;
+        self.retrying(self.options.push_retries, || {
+            self.push_manifest_once(reference, bytes.clone(), media_type)
+        })
+        .await
+    }
+
+    async fn push_manifest_once(
+        &self,
+        reference: &Reference,
+        bytes: Vec<u8>,
+        media_type: &str,
+    ) -> Result<()> {
+        let client = self.client(reference).await?;
         let content_type = media_type
             .parse()
             .map_err(|e| registry_error(reference, "push manifest", e))?;

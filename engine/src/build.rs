@@ -4,23 +4,27 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::{self, Descriptor, ResolvedManifest};
+use kiln_cachestore::remote::RemoteCache;
 use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient, StepEntry};
 
+use crate::dockerfile::MountType;
 use crate::dockerfile::{self, Dockerfile, StageGraph};
 use crate::error::{BuildError, IoContext};
 use crate::exec::copy::{self, CopyRequest, Source};
-use crate::exec::run::{self, EtcFiles, MountPoints, RunSpec};
+use crate::exec::run::{self, EtcFiles, MountPoints, RunSpec, StepMount};
 use crate::exec::users;
 use crate::image::{self, History, ImageConfig, Layer};
 use crate::key;
 use crate::layer::{Compression, LayerWriter};
 use crate::output::BuiltImage;
-use crate::plan::{self, Action, Base, CopyFrom, Plan, StagePlan, Step};
+use crate::plan::{self, Action, Base, CopyFrom, Network, Plan, PlannedMount, StagePlan, Step};
 use crate::rootfs::snapshot::{Changes, Snapshot, SnapshotMode};
-use crate::rootfs::{create_dir_all_in_root, extract, relative_to_root};
+use crate::rootfs::{
+    clean_relative, create_dir_all_in_root, extract, relative_to_root, resolve_in_root,
+};
 
 /// Contents of these directories are never committed: they are mounted
 /// during RUN.
@@ -33,6 +37,8 @@ pub struct BuildOptions {
     pub dockerfile_name: String,
     pub dockerfile: String,
     pub context: PathBuf,
+    /// `.dockerignore` rules for the context (empty: nothing excluded).
+    pub dockerignore: crate::context::Ignore,
     pub build_args: BTreeMap<String, String>,
     pub target: Option<String>,
     pub platform: Platform,
@@ -53,6 +59,19 @@ pub struct BuildOptions {
     pub cache_ttl: std::time::Duration,
     pub cache_run_layers: bool,
     pub cache_copy_layers: bool,
+    /// How RUN steps are isolated (`--isolation`).
+    pub isolation: run::Isolation,
+    /// The remote cache tier (`--cache-repo`), `registry/repository`.
+    pub cache_repo: Option<String>,
+    /// `--secret`s by id, for `RUN --mount=type=secret`.
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// Where a `--secret` comes from; read only when a step mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
 }
 
 /// What the builder reports as it goes.
@@ -117,8 +136,11 @@ struct FetchedImage {
 #[derive(Default)]
 struct Counters {
     hits: AtomicUsize,
+    remote_hits: AtomicUsize,
     misses: AtomicUsize,
     unpacked: AtomicUsize,
+    /// Wall time per phase, in the order phases first ran.
+    phases: std::sync::Mutex<Vec<(&'static str, Duration)>>,
 }
 
 impl Counters {
@@ -134,10 +156,22 @@ impl Counters {
         self.unpacked.fetch_add(layers, Ordering::Relaxed);
     }
 
+    /// Adds the time since `start` to `phase`.
+    fn timed(&self, phase: &'static str, start: Instant) {
+        let elapsed = start.elapsed();
+        let mut phases = self.phases.lock().expect("phase timer poisoned");
+        match phases.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, total)) => *total += elapsed,
+            None => phases.push((phase, elapsed)),
+        }
+    }
+
     fn summary(&self) -> Summary {
         Summary {
+            phases: self.phases.lock().expect("phase timer poisoned").clone(),
             cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
+            remote_hits: self.remote_hits.load(Ordering::Relaxed),
             layers_unpacked: self.unpacked.load(Ordering::Relaxed),
         }
     }
@@ -152,6 +186,12 @@ pub struct Summary {
     pub cache_misses: usize,
     /// Layers unpacked onto a root (0 for a fully cached build).
     pub layers_unpacked: usize,
+    /// Of the hits, those found in the remote tier (`--cache-repo`).
+    pub remote_hits: usize,
+    /// Wall time per phase: resolve (Dockerfile, base manifests), lookup
+    /// (keys, local and remote), unpack, run (steps and their snapshots),
+    /// layers (tar + compress), in the order they first ran.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 pub struct Builder<'a> {
@@ -163,6 +203,11 @@ pub struct Builder<'a> {
     counters: Counters,
     /// This build's scratch space under the state dir, removed on drop.
     work: tempfile::TempDir,
+    /// Held while the build runs: `kiln cache gc` removes only the work
+    /// dirs whose lock it can take.
+    _work_lock: std::fs::File,
+    /// `RUN --mount=type=cache` directories, kept across builds.
+    cache_mounts: PathBuf,
     etc: EtcFiles,
 }
 
@@ -181,6 +226,9 @@ impl<'a> Builder<'a> {
             .prefix("build-")
             .tempdir_in(&builds)
             .at(&builds)?;
+        let lock_path = work.path().join("lock");
+        let work_lock = std::fs::File::create(&lock_path).at(&lock_path)?;
+        work_lock.lock().at(&lock_path)?;
         let etc = EtcFiles::create(&work.path().join("etc"), HOSTNAME).at(work.path())?;
         Ok(Self {
             options,
@@ -190,6 +238,8 @@ impl<'a> Builder<'a> {
             on_event,
             counters: Counters::default(),
             work,
+            _work_lock: work_lock,
+            cache_mounts: state_dir.join("mounts"),
             etc,
         })
     }
@@ -258,15 +308,16 @@ impl<'a> Builder<'a> {
             if self.options.insecure_pull {
                 self.registry.allow_plain_http(r.resolve_registry());
             }
-            let m = self
-                .registry
-                .pull_manifest(&r, platform)
-                .await
-                .map_err(base_error)?;
-            self.registry
-                .pull_blob(&r, &m.manifest.config.digest, self.store)
-                .await
-                .map_err(base_error)?;
+            let (m, _) = kiln_cachestore::warm::resolve_base(
+                self.registry,
+                self.store,
+                self.index,
+                &r,
+                platform,
+                self.options.cache_ttl,
+            )
+            .await
+            .map_err(base_error)?;
             m
         };
         let bytes = self.store.read(&m.manifest.config.digest)?;
@@ -325,11 +376,13 @@ impl<'a> Builder<'a> {
 
     /// Unpacks stored layers, in order, into a new root.
     fn unpack_all(&self, layers: &[Layer], root: &Path) -> Result<(), BuildError> {
+        let start = Instant::now();
         std::fs::create_dir_all(root).at(root)?;
         for layer in layers {
             unpack_layer(self.store, layer, root)?;
         }
         self.counters.extracted(layers.len());
+        self.counters.timed("unpack", start);
         Ok(())
     }
 
@@ -341,7 +394,9 @@ impl<'a> Builder<'a> {
     /// is unpacked (base plus cached layers up to the first miss) and the
     /// steps from there run, a later hit unpacking its layer instead.
     pub async fn build(&self) -> Result<BuiltImage, BuildError> {
+        let start = Instant::now();
         let (_df, plan, manifests) = self.plan().await?;
+        self.counters.timed("resolve", start);
         let mut results: HashMap<usize, StageResult> = HashMap::new();
         let mut images: HashMap<String, FetchedImage> = HashMap::new();
         let last_use = plan.last_uses();
@@ -375,12 +430,8 @@ impl<'a> Builder<'a> {
                     ..results[parent].clone_without_root()
                 },
             };
-            for step in &stage.steps {
-                if let Action::Copy {
-                    from: CopyFrom::Image(reference),
-                    ..
-                } = &step.action
-                {
+            for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
+                if let CopyFrom::Image(reference) = from {
                     if !images.contains_key(reference) {
                         let (m, config) = self.fetch_image(reference).await?;
                         images.insert(
@@ -394,10 +445,13 @@ impl<'a> Builder<'a> {
                     }
                 }
             }
+            let start = Instant::now();
             let keys = tokio::task::block_in_place(|| {
                 self.step_keys(stage, &result.last_key, &results, &images)
             })?;
             let hits = self.lookup(stage, &keys)?;
+            let hits = self.lookup_remote(stage, &keys, hits).await?;
+            self.counters.timed("lookup", start);
             let fully_cached = keys
                 .iter()
                 .zip(&hits)
@@ -428,12 +482,9 @@ impl<'a> Builder<'a> {
                     _ => tokio::task::block_in_place(|| self.unpack_all(&result.layers, &root))?,
                 }
                 result.root = Some(root);
-                for step in &stage.steps {
-                    match &step.action {
-                        Action::Copy {
-                            from: CopyFrom::Stage(i),
-                            ..
-                        } => {
+                for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
+                    match from {
+                        CopyFrom::Stage(i) => {
                             let source = results.get_mut(i).expect("source stage built");
                             if source.root.is_none() {
                                 let dir = self.work.path().join(format!("stage-{i}"));
@@ -443,10 +494,7 @@ impl<'a> Builder<'a> {
                                 source.root = Some(dir);
                             }
                         }
-                        Action::Copy {
-                            from: CopyFrom::Image(reference),
-                            ..
-                        } => {
+                        CopyFrom::Image(reference) => {
                             let image = images.get_mut(reference).expect("fetched above");
                             if image.root.is_none() {
                                 let dir = self.work.path().join(format!(
@@ -459,7 +507,7 @@ impl<'a> Builder<'a> {
                                 image.root = Some(dir);
                             }
                         }
-                        _ => {}
+                        CopyFrom::Context | CopyFrom::Inline(_) => {}
                     }
                 }
             }
@@ -467,9 +515,10 @@ impl<'a> Builder<'a> {
                 .iter()
                 .filter_map(|(r, i)| i.root.clone().map(|root| (r.clone(), root)))
                 .collect();
-            tokio::task::block_in_place(|| {
+            let recorded = tokio::task::block_in_place(|| {
                 self.run_steps(stage, &mut result, &keys, &hits, &results, &image_roots)
             })?;
+            self.publish(&recorded).await?;
             // Free the roots nobody reads any more.
             let done: Vec<usize> = results
                 .keys()
@@ -514,15 +563,43 @@ impl<'a> Builder<'a> {
         let mut keys = Vec::new();
         for step in &stage.steps {
             let (identity, digest) = match &step.action {
+                // ADD <url> without --checksum: a key no build shares.
+                Action::Copy { .. } if key::always_runs(&step.action) => {
+                    (String::new(), key::fresh_digest())
+                }
                 Action::Copy {
                     from: CopyFrom::Context,
                     sources,
                     ..
                 } => {
-                    let selected = copy::selected_sources(&self.options.context, sources)
-                        .map_err(|message| self.step_error(step, message))?;
-                    let digest = key::hash_sources(&selected, false).at(&self.options.context)?;
+                    // What .dockerignore hides is not hashed, as not copied;
+                    // ADD's URLs count through their checksum.
+                    let local: Vec<String> = sources
+                        .iter()
+                        .filter(|s| !plan::AddSpec::is_url(s))
+                        .cloned()
+                        .collect();
+                    let (selected, filter) = copy::selected_context_sources(
+                        &self.options.context,
+                        &self.options.dockerignore,
+                        &local,
+                    )
+                    .map_err(|message| self.step_error(step, message))?;
+                    let digest =
+                        key::hash_sources_cached(&selected, false, Some(filter), Some(self.index))
+                            .at(&self.options.context)?;
                     (String::new(), digest)
+                }
+                Action::Copy {
+                    from: CopyFrom::Inline(files),
+                    ..
+                } => {
+                    let mut h = key::KeyHasher::new("inline");
+                    for (name, content) in files {
+                        h.field("name", name.as_bytes())
+                            .field("content", content.as_bytes());
+                    }
+                    (String::new(), h.finish())
                 }
                 Action::Copy {
                     from: CopyFrom::Stage(i),
@@ -532,6 +609,39 @@ impl<'a> Builder<'a> {
                     from: CopyFrom::Image(r),
                     ..
                 } => (images[r].m.digest.clone(), String::new()),
+                Action::Run { mounts, .. } => {
+                    // What each bind (or cache seed) shows: a stage by its
+                    // key, an image by its digest, the context by content.
+                    let mut identity = Vec::new();
+                    let mut digests = Vec::new();
+                    for pm in mounts {
+                        match &pm.from {
+                            None => {}
+                            Some(CopyFrom::Context) => {
+                                let source = pm.mount.source.clone().unwrap_or_else(|| ".".into());
+                                let (selected, filter) = copy::selected_context_sources(
+                                    &self.options.context,
+                                    &self.options.dockerignore,
+                                    &[source],
+                                )
+                                .map_err(|message| self.step_error(step, message))?;
+                                digests.push(
+                                    key::hash_sources_cached(
+                                        &selected,
+                                        false,
+                                        Some(filter),
+                                        Some(self.index),
+                                    )
+                                    .at(&self.options.context)?,
+                                );
+                            }
+                            Some(CopyFrom::Stage(i)) => identity.push(stages[i].last_key.clone()),
+                            Some(CopyFrom::Image(r)) => identity.push(images[r].m.digest.clone()),
+                            Some(CopyFrom::Inline(_)) => {}
+                        }
+                    }
+                    (identity.join("\n"), digests.join("\n"))
+                }
                 _ => (String::new(), String::new()),
             };
             let key = key::step_key(
@@ -559,21 +669,10 @@ impl<'a> Builder<'a> {
         keys: &[Option<String>],
     ) -> Result<Vec<Option<Option<Layer>>>, BuildError> {
         let opts = self.options;
-        if opts.single_snapshot {
-            return Ok(vec![None; keys.len()]);
-        }
         let wanted: Vec<String> = keys
             .iter()
             .zip(&stage.steps)
-            .filter_map(|(k, step)| {
-                let cacheable = opts.cache
-                    && match step.action {
-                        Action::Run { .. } => opts.cache_run_layers,
-                        Action::Copy { .. } => opts.cache_copy_layers,
-                        _ => true,
-                    };
-                k.clone().filter(|_| cacheable)
-            })
+            .filter_map(|(k, step)| k.clone().filter(|_| self.cacheable(step)))
             .collect();
         let found = self.index.get_steps(&wanted)?;
         let found: HashMap<&String, StepEntry> = wanted
@@ -595,6 +694,81 @@ impl<'a> Builder<'a> {
                 }
             })
             .collect()
+    }
+
+    /// Whether a step's result may come from and go to the cache.
+    fn cacheable(&self, step: &Step) -> bool {
+        let opts = self.options;
+        opts.cache
+            && !opts.single_snapshot
+            && !key::always_runs(&step.action)
+            && match step.action {
+                Action::Run { .. } => opts.cache_run_layers,
+                Action::Copy { .. } => opts.cache_copy_layers,
+                _ => true,
+            }
+    }
+
+    fn remote(&self) -> Result<Option<RemoteCache<'_>>, BuildError> {
+        match &self.options.cache_repo {
+            Some(repo) if self.options.cache => Ok(Some(RemoteCache::new(self.registry, repo)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Asks the remote tier, all at once, for every key the local tier
+    /// missed. A remote hit's layer is fetched into the store and the entry
+    /// recorded locally, so the next build finds it here.
+    async fn lookup_remote(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+        mut hits: Vec<Option<Option<Layer>>>,
+    ) -> Result<Vec<Option<Option<Layer>>>, BuildError> {
+        let Some(remote) = self.remote()? else {
+            return Ok(hits);
+        };
+        let missing: Vec<(usize, &String)> = keys
+            .iter()
+            .zip(&stage.steps)
+            .enumerate()
+            .filter(|(i, (k, step))| k.is_some() && hits[*i].is_none() && self.cacheable(step))
+            .map(|(i, (k, _))| (i, k.as_ref().expect("filtered")))
+            .collect();
+        let store = self.store;
+        let remote = &remote;
+        let found = futures_util::future::try_join_all(missing.iter().map(|(i, key)| async move {
+            let entry = match remote.get(key, store).await? {
+                Some(e) if !e.expired(self.options.cache_ttl) => e,
+                _ => return Ok::<_, BuildError>(None),
+            };
+            remote.fetch_layer(key, &entry, store).await?;
+            Ok(Some((*i, (*key).clone(), entry)))
+        }))
+        .await?;
+        let mut recorded = Vec::new();
+        for (i, key, entry) in found.into_iter().flatten() {
+            hits[i] = Some(entry.layer.clone());
+            self.counters.remote_hits.fetch_add(1, Ordering::Relaxed);
+            recorded.push((key, entry));
+        }
+        self.index.put_steps(&recorded)?;
+        Ok(hits)
+    }
+
+    /// Uploads new entries to the remote tier.
+    async fn publish(&self, recorded: &[(String, StepEntry)]) -> Result<(), BuildError> {
+        let Some(remote) = self.remote()? else {
+            return Ok(());
+        };
+        let remote = &remote;
+        futures_util::future::try_join_all(
+            recorded
+                .iter()
+                .map(|(key, entry)| async move { remote.put(key, entry, self.store).await }),
+        )
+        .await?;
+        Ok(())
     }
 
     fn step_error(&self, step: &Step, message: String) -> BuildError {
@@ -644,7 +818,7 @@ impl<'a> Builder<'a> {
         hits: &[Option<Option<Layer>>],
         stages: &HashMap<usize, StageResult>,
         image_roots: &HashMap<String, PathBuf>,
-    ) -> Result<(), BuildError> {
+    ) -> Result<Vec<(String, StepEntry)>, BuildError> {
         let opts = self.options;
         let root = result.root.clone();
         // Taken lazily, right before the first step that runs.
@@ -663,8 +837,10 @@ impl<'a> Builder<'a> {
                     self.counters.hit();
                     (self.on_event)(Event::CacheHit { line: step.line });
                     if let (Some(root), Some(layer)) = (&root, cached) {
+                        let start = Instant::now();
                         unpack_layer(self.store, layer, root)?;
                         self.counters.extracted(1);
+                        self.counters.timed("unpack", start);
                         if let Some(snapshot) = &mut snapshot {
                             snapshot.rescan(root, &[PathBuf::new()]).at(root)?;
                         }
@@ -673,6 +849,7 @@ impl<'a> Builder<'a> {
                 }
                 (Some(key), _, Some(root)) => {
                     self.counters.miss();
+                    let start = Instant::now();
                     if snapshot.is_none() {
                         let scanned = Snapshot::scan(
                             root,
@@ -690,6 +867,7 @@ impl<'a> Builder<'a> {
                     let changes = self
                         .run_step(step, root, snap, stages, image_roots)
                         .map_err(|message| self.step_error(step, message))?;
+                    self.counters.timed("run", start);
                     if opts.single_snapshot {
                         // No per-step layer, so nothing per step to cache.
                         (None, true)
@@ -698,7 +876,9 @@ impl<'a> Builder<'a> {
                             true => None,
                             false => Some(self.write_layer(root, &changes)?),
                         };
-                        recorded.push((key.clone(), StepEntry::new(layer.clone())));
+                        if self.cacheable(step) {
+                            recorded.push((key.clone(), StepEntry::new(layer.clone())));
+                        }
                         (layer.clone(), layer.is_none())
                     }
                 }
@@ -730,7 +910,7 @@ impl<'a> Builder<'a> {
             history,
             ..stage.config.clone()
         };
-        Ok(())
+        Ok(recorded)
     }
 
     /// Runs one step and returns what it changed in the root.
@@ -769,14 +949,45 @@ impl<'a> Builder<'a> {
                 user,
                 workdir,
                 script,
+                mounts: planned,
+                network,
             } => {
+                if self.options.isolation == run::Isolation::Chroot
+                    && (!planned.is_empty() || *network == Network::None)
+                {
+                    return Err(
+                        "RUN --mount and --network=none need namespaces: not available with --isolation chroot"
+                            .into(),
+                    );
+                }
                 let identity = users::resolve_user(root, user)?;
                 create_dir_all_in_root(root, Path::new(workdir)).map_err(io)?;
-                let mounts = MountPoints::prepare(root, &self.etc).map_err(io)?;
+                let mut mounts = MountPoints::prepare(root, &self.etc).map_err(io)?;
+                let mut env = run::run_env(env, &identity, HOSTNAME);
+                let scratch = tempfile::Builder::new()
+                    .prefix("mounts-")
+                    .tempdir_in(self.work.path())
+                    .map_err(io)?;
+                let prepared = self.prepare_mounts(
+                    planned,
+                    root,
+                    &mut mounts,
+                    &mut env,
+                    scratch.path(),
+                    stages,
+                    image_roots,
+                );
+                let _locks = match prepared {
+                    Ok(locks) => locks,
+                    Err(e) => {
+                        mounts.cleanup().map_err(io)?;
+                        return Err(e);
+                    }
+                };
                 let spec = RunSpec {
                     root: root.to_path_buf(),
                     argv: argv.clone(),
-                    env: run::run_env(env, &identity, HOSTNAME),
+                    env,
                     cwd: workdir.clone(),
                     uid: identity.uid,
                     gid: identity.gid,
@@ -784,6 +995,8 @@ impl<'a> Builder<'a> {
                     hostname: HOSTNAME.into(),
                     mounts,
                     script: script.clone(),
+                    no_network: *network == Network::None,
+                    isolation: self.options.isolation,
                 };
                 let code = run::run(&spec);
                 spec.mounts.cleanup().map_err(io)?;
@@ -798,9 +1011,29 @@ impl<'a> Builder<'a> {
                 dest,
                 chown,
                 chmod,
+                add,
             } => {
+                // Heredoc sources are written to a scratch dir, as files of
+                // mode 0644 the copy then treats like context files.
+                let inline_dir;
                 let source = match from {
                     CopyFrom::Context => Source::Context(&self.options.context),
+                    CopyFrom::Inline(files) => {
+                        inline_dir = tempfile::Builder::new()
+                            .prefix("heredoc-")
+                            .tempdir_in(self.work.path())
+                            .map_err(io)?;
+                        for (name, content) in files {
+                            let path = inline_dir.path().join(name);
+                            std::fs::write(&path, content).map_err(io)?;
+                            std::fs::set_permissions(
+                                &path,
+                                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                            )
+                            .map_err(io)?;
+                        }
+                        Source::Context(inline_dir.path())
+                    }
                     CopyFrom::Stage(i) => Source::Root(
                         stages[i]
                             .root
@@ -813,25 +1046,237 @@ impl<'a> Builder<'a> {
                     .as_deref()
                     .map(|spec| users::resolve_chown(root, spec))
                     .transpose()?;
-                let touched = copy::copy(
-                    &CopyRequest {
-                        source,
-                        sources,
-                        dest,
-                        chown,
-                        chmod: *chmod,
-                    },
-                    root,
-                )?;
+                let ignore = match from {
+                    CopyFrom::Context => Some(&self.options.dockerignore),
+                    _ => None,
+                };
+                let touched = match add {
+                    None => copy::copy(
+                        &CopyRequest {
+                            source,
+                            sources,
+                            dest,
+                            chown,
+                            chmod: *chmod,
+                            ignore,
+                            unpack: false,
+                        },
+                        root,
+                    )?,
+                    Some(spec) => crate::exec::add::add(
+                        &crate::exec::add::AddRequest {
+                            source,
+                            sources,
+                            dest,
+                            chown,
+                            chmod: *chmod,
+                            ignore,
+                            checksum: spec.checksum.as_deref(),
+                            unpack: spec.unpack,
+                            scratch: self.work.path(),
+                        },
+                        root,
+                    )?,
+                };
                 snapshot.rescan(root, &touched).map_err(io)
             }
         }
+    }
+
+    /// Resolves a RUN's `--mount`s to host paths and mount points in the
+    /// root. Returns the locks of `sharing=locked` caches, held until the
+    /// step ends.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_mounts(
+        &self,
+        planned: &[PlannedMount],
+        root: &Path,
+        mounts: &mut MountPoints,
+        env: &mut Vec<String>,
+        scratch: &Path,
+        stages: &HashMap<usize, StageResult>,
+        image_roots: &HashMap<String, PathBuf>,
+    ) -> Result<Vec<std::fs::File>, String> {
+        let io = |e: std::io::Error| e.to_string();
+        let mut locks = Vec::new();
+        for (n, pm) in planned.iter().enumerate() {
+            let m = &pm.mount;
+            let source_root = |from: &CopyFrom| -> Result<PathBuf, String> {
+                Ok(match from {
+                    CopyFrom::Context => self.options.context.clone(),
+                    CopyFrom::Stage(i) => stages[i]
+                        .root
+                        .clone()
+                        .expect("stages a step mounts are unpacked first"),
+                    CopyFrom::Image(r) => image_roots[r].clone(),
+                    CopyFrom::Inline(_) => unreachable!("mounts never read heredocs"),
+                })
+            };
+            let source_path = |from: &CopyFrom| -> Result<PathBuf, String> {
+                let src = Path::new(m.source.as_deref().unwrap_or("/"));
+                let base = source_root(from)?;
+                let path = resolve_in_root(&base, &clean_relative(src), true).map_err(io)?;
+                std::fs::symlink_metadata(&path)
+                    .map_err(|e| format!("mount source {}: {e}", src.display()))?;
+                Ok(path)
+            };
+            let target = pm.target.as_deref();
+            match m.kind {
+                MountType::Bind => {
+                    let from = pm.from.as_ref().unwrap_or(&CopyFrom::Context);
+                    let mut source = source_path(from)?;
+                    let file = !source.is_dir();
+                    if matches!(from, CopyFrom::Context) && !self.options.dockerignore.is_empty() {
+                        // The step sees the context as COPY does: without
+                        // what .dockerignore hides (and the key hashes).
+                        let filtered = scratch.join(format!("context-{n}"));
+                        std::fs::create_dir(&filtered).map_err(io)?;
+                        let wanted = [m.source.clone().unwrap_or_else(|| ".".into())];
+                        copy::copy(
+                            &CopyRequest {
+                                source: Source::Context(&self.options.context),
+                                sources: &wanted,
+                                dest: "/",
+                                chown: None,
+                                chmod: None,
+                                ignore: Some(&self.options.dockerignore),
+                                unpack: false,
+                            },
+                            &filtered,
+                        )?;
+                        source = match file {
+                            true => filtered.join(source.file_name().unwrap_or_default()),
+                            false => filtered,
+                        };
+                    } else if !m.readonly {
+                        // Writes to a rw bind are thrown away, as in BuildKit:
+                        // the step gets a copy.
+                        let copy = scratch.join(format!("bind-{n}"));
+                        if file {
+                            std::fs::copy(&source, &copy).map_err(io)?;
+                        } else {
+                            copy_tree(&source, &copy).map_err(|e| e.to_string())?;
+                        }
+                        source = copy;
+                    }
+                    let target = mounts
+                        .mount_point(root, target.expect("binds have targets"), file)
+                        .map_err(io)?;
+                    mounts.extra.push(StepMount::Bind {
+                        source,
+                        target,
+                        readonly: m.readonly,
+                    });
+                }
+                MountType::Cache => {
+                    let target_str = target.expect("caches have targets");
+                    let id = m.id.clone().unwrap_or_else(|| target_str.to_string());
+                    let dir = self
+                        .cache_mounts
+                        .join(blake3::hash(id.as_bytes()).to_hex().as_str());
+                    let lock_path = dir.with_extension("lock");
+                    std::fs::create_dir_all(&self.cache_mounts).map_err(io)?;
+                    let lock = std::fs::File::create(&lock_path).map_err(io)?;
+                    let source = match m.sharing.as_deref() {
+                        Some("locked") => {
+                            lock.lock().map_err(io)?;
+                            locks.push(lock);
+                            dir.clone()
+                        }
+                        // Busy private caches give the step a fresh dir.
+                        Some("private") if lock.try_lock().is_err() => {
+                            scratch.join(format!("cache-{n}"))
+                        }
+                        Some("private") => {
+                            locks.push(lock);
+                            dir.clone()
+                        }
+                        _ => dir.clone(),
+                    };
+                    if !source.exists() {
+                        let fresh = scratch.join(format!("fresh-{n}"));
+                        match &pm.from {
+                            Some(from) => {
+                                copy_tree(&source_path(from)?, &fresh).map_err(|e| e.to_string())?
+                            }
+                            None => std::fs::create_dir(&fresh).map_err(io)?,
+                        }
+                        std::os::unix::fs::chown(
+                            &fresh,
+                            Some(m.uid.unwrap_or(0)),
+                            Some(m.gid.unwrap_or(0)),
+                        )
+                        .map_err(io)?;
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(
+                            &fresh,
+                            std::fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
+                        )
+                        .map_err(io)?;
+                        // Renamed into place whole, so a racing build sees
+                        // either no cache or a complete one.
+                        if std::fs::rename(&fresh, &source).is_err() && !source.is_dir() {
+                            return Err(format!("cannot create the cache mount for {id}"));
+                        }
+                    }
+                    let target = mounts.mount_point(root, target_str, false).map_err(io)?;
+                    mounts.extra.push(StepMount::Bind {
+                        source,
+                        target,
+                        readonly: m.readonly,
+                    });
+                }
+                MountType::Tmpfs => {
+                    let target = mounts
+                        .mount_point(root, target.expect("tmpfs mounts have targets"), false)
+                        .map_err(io)?;
+                    mounts.extra.push(StepMount::Tmpfs {
+                        target,
+                        size: m.size,
+                    });
+                }
+                MountType::Secret => {
+                    let id = m.id.as_deref().unwrap_or_default();
+                    let content = match self.options.secrets.get(id) {
+                        Some(SecretSource::File(path)) => std::fs::read(path)
+                            .map_err(|e| format!("secret {id}: {}: {e}", path.display()))?,
+                        Some(SecretSource::Env(var)) => std::env::var_os(var)
+                            .map(|v| v.into_encoded_bytes())
+                            .ok_or_else(|| format!("secret {id}: ${var} is not set"))?,
+                        None if m.required => {
+                            return Err(format!(
+                                "secret {id} is required: pass --secret id={id},src=FILE"
+                            ))
+                        }
+                        None => continue,
+                    };
+                    if let Some(var) = &m.env {
+                        env.push(format!("{var}={}", String::from_utf8_lossy(&content)));
+                    }
+                    if let Some(target) = target {
+                        mounts.secret_stage = Some(scratch.join("secrets"));
+                        std::fs::create_dir_all(scratch.join("secrets")).map_err(io)?;
+                        let target = mounts.mount_point(root, target, true).map_err(io)?;
+                        mounts.extra.push(StepMount::Secret {
+                            target,
+                            content,
+                            mode: m.mode.unwrap_or(0o400),
+                            uid: m.uid.unwrap_or(0),
+                            gid: m.gid.unwrap_or(0),
+                        });
+                    }
+                }
+                MountType::Ssh => return Err("RUN --mount=type=ssh is not supported".into()),
+            }
+        }
+        Ok(locks)
     }
 
     /// Writes the changes as a layer: changed paths with their parent
     /// directories (so a layer alone restores their metadata), then
     /// whiteouts for what was deleted.
     fn write_layer(&self, root: &Path, changes: &Changes) -> Result<Layer, BuildError> {
+        let start = Instant::now();
         let mut paths = std::collections::BTreeSet::new();
         for p in changes.upserts.iter().chain(&changes.deletes) {
             paths.extend(p.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()));
@@ -849,6 +1294,7 @@ impl<'a> Builder<'a> {
             writer.whiteout(p)?;
         }
         let layer = writer.finish()?;
+        self.counters.timed("layers", start);
         (self.on_event)(Event::Layer {
             digest: layer.descriptor.digest.clone(),
             size: layer.descriptor.size,

@@ -6,10 +6,13 @@
 //! first step, the parent stage's last key for `FROM <stage>`), the
 //! platform, and the step as it will run: for RUN the command, the env and
 //! args it sees (sorted, so reordering ENV lines changes nothing), USER,
-//! WORKDIR and a heredoc script; for COPY the expanded sources,
+//! WORKDIR and a heredoc script; for COPY (and ADD, a kind of its own with
+//! `--checksum` and `--unpack`; an ADD of a URL without a checksum always
+//! runs, under a key no build shares) the expanded sources,
 //! destination, `--chown`, `--chmod`, where the sources come from (the
 //! context; a stage's key; an image's digest) and the content of every
-//! source file (path, type, mode, content or link target; not mtimes); for
+//! source file (path, type, mode, content or link target; not mtimes; not
+//! what `.dockerignore` hides from the copy either); for
 //! WORKDIR/VOLUME the directories and owner. Metadata-only steps are not in
 //! the chain: the config comes from the plan, so a LABEL never busts a RUN.
 use std::fs;
@@ -19,7 +22,10 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::plan::{Action, CopyFrom, Step};
+use kiln_cachestore::Index;
+
+use crate::context::Filter;
+use crate::plan::{Action, AddSpec, CopyFrom, Network, PlannedMount, Step};
 
 /// Bumped whenever the encoding or the meaning of an input changes.
 const VERSION: &str = "kiln-step-key/1";
@@ -78,7 +84,9 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
     let mut h = match &step.action {
         Action::Config => return None,
         Action::Run { .. } => KeyHasher::new("run"),
-        Action::Copy { .. } => KeyHasher::new("copy"),
+        // ADD is its own kind: the same sources can give another result.
+        Action::Copy { add: None, .. } => KeyHasher::new("copy"),
+        Action::Copy { add: Some(_), .. } => KeyHasher::new("add"),
         Action::Mkdir { .. } => KeyHasher::new("mkdir"),
     };
     h.field("parent", inputs.parent.as_bytes())
@@ -91,6 +99,8 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
             user,
             workdir,
             script,
+            mounts,
+            network,
         } => {
             let mut env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             env.sort();
@@ -102,6 +112,18 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
                 h.field("script-name", name.as_bytes())
                     .field("script", content.as_bytes());
             }
+            // Only when used, so the keys of plain RUNs do not change. A
+            // secret counts by id and target, never by content; what binds
+            // mount counts through the inputs.
+            if !mounts.is_empty() {
+                let described: Vec<String> = mounts.iter().map(describe_mount).collect();
+                h.strings("mounts", &described)
+                    .field("mount-identity", inputs.source_identity.as_bytes())
+                    .field("mount-content", inputs.sources_digest.as_bytes());
+            }
+            if *network != Network::Default {
+                h.field("network", format!("{network:?}").as_bytes());
+            }
         }
         Action::Copy {
             from,
@@ -109,11 +131,13 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
             dest,
             chown,
             chmod,
+            add,
         } => {
             let from_kind = match from {
                 CopyFrom::Context => "context",
                 CopyFrom::Stage(_) => "stage",
                 CopyFrom::Image(_) => "image",
+                CopyFrom::Inline(_) => "inline",
             };
             h.field("from", from_kind.as_bytes())
                 .field("from-identity", inputs.source_identity.as_bytes())
@@ -128,6 +152,12 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
                         .as_bytes(),
                 )
                 .field("content", inputs.sources_digest.as_bytes());
+            // Only for ADD, so COPY keys do not change. A URL's content
+            // counts through its checksum (the URL itself is a source).
+            if let Some(add) = add {
+                h.field("checksum", add.checksum.as_deref().unwrap_or("").as_bytes())
+                    .field("unpack", format!("{:?}", add.unpack).as_bytes());
+            }
         }
         Action::Mkdir { paths, owner } => {
             h.strings("paths", paths)
@@ -135,6 +165,50 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
         }
     }
     Some(h.finish())
+}
+
+/// Whether a step must run on every build: an ADD of a URL without
+/// `--checksum` (its content is unknown until downloaded). Its key is then
+/// made unique ([`fresh_digest`]) so the steps after it miss too.
+pub fn always_runs(action: &Action) -> bool {
+    match action {
+        Action::Copy {
+            add: Some(add),
+            sources,
+            ..
+        } => add.checksum.is_none() && sources.iter().any(|s| AddSpec::is_url(s)),
+        _ => false,
+    }
+}
+
+/// A content digest no other build produces, for a step that always runs.
+pub fn fresh_digest() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut h = KeyHasher::new("uncacheable");
+    h.field("time", &now.as_nanos().to_le_bytes())
+        .field("pid", &std::process::id().to_le_bytes())
+        .field("n", &COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    h.finish()
+}
+
+/// A mount's options as one line (secret contents are not options).
+fn describe_mount(m: &PlannedMount) -> String {
+    let from = match &m.from {
+        None => String::new(),
+        Some(CopyFrom::Context) => "context".into(),
+        Some(CopyFrom::Stage(i)) => format!("stage:{i}"),
+        Some(CopyFrom::Image(r)) => format!("image:{r}"),
+        Some(CopyFrom::Inline(_)) => "inline".into(),
+    };
+    let o = &m.mount;
+    format!(
+        "{:?} from={from} source={:?} target={:?} ro={} id={:?} sharing={:?} mode={:?} uid={:?} gid={:?} env={:?} size={:?} required={}",
+        o.kind, o.source, m.target, o.readonly, o.id, o.sharing, o.mode, o.uid, o.gid, o.env, o.size, o.required
+    )
 }
 
 /// One file of a COPY's sources, as the key sees it.
@@ -152,14 +226,88 @@ struct SourceEntry {
 /// `with_owner` is for sources whose ownership the copy keeps (other
 /// stages); the context's files are always copied as root.
 pub fn hash_sources(sources: &[PathBuf], with_owner: bool) -> io::Result<String> {
+    hash_sources_filtered(sources, with_owner, None)
+}
+
+/// [`hash_sources`] seeing only what `filter` shows (the context through
+/// `.dockerignore`), as the copy does.
+pub fn hash_sources_filtered(
+    sources: &[PathBuf],
+    with_owner: bool,
+    filter: Option<Filter>,
+) -> io::Result<String> {
+    hash_sources_cached(sources, with_owner, filter, None)
+}
+
+/// [`hash_sources_filtered`] with a stat cache: a file whose identity
+/// (path, device, inode, size, mtime, ctime) is in `stats` is not read
+/// again, so an unchanged context costs a walk and one batched lookup.
+/// Files changed within the last [`RACY`] are never cached, since a write
+/// in the same timestamp tick would not change their identity.
+pub fn hash_sources_cached(
+    sources: &[PathBuf],
+    with_owner: bool,
+    filter: Option<Filter>,
+    stats: Option<&Index>,
+) -> io::Result<String> {
+    let started = std::time::SystemTime::now();
     let mut entries = Vec::new();
     for (i, top) in sources.iter().enumerate() {
-        collect(top, &format!("{i}"), &mut entries)?;
+        collect(top, &format!("{i}"), filter, &mut entries)?;
     }
+    let metas: Vec<fs::Metadata> = entries
+        .par_iter()
+        .map(|(host, _)| fs::symlink_metadata(host))
+        .collect::<io::Result<_>>()?;
+    let identities: Vec<Option<Vec<u8>>> = entries
+        .iter()
+        .zip(&metas)
+        .map(|((host, _), m)| m.is_file().then(|| stat_identity(host, m)))
+        .collect();
+    let wanted: Vec<Vec<u8>> = identities.iter().flatten().cloned().collect();
+    let mut known = match stats {
+        Some(index) if !wanted.is_empty() => index
+            .get_stats(&wanted)
+            .map_err(io::Error::other)?
+            .into_iter()
+            .map(|v| v.and_then(|v| String::from_utf8(v).ok()))
+            .collect(),
+        _ => vec![None; wanted.len()],
+    }
+    .into_iter();
+    let cached: Vec<Option<String>> = identities
+        .iter()
+        .map(|id| id.as_ref().and_then(|_| known.next().flatten()))
+        .collect();
+    let was_cached: Vec<bool> = cached.iter().map(Option::is_some).collect();
     let hashed: Vec<SourceEntry> = entries
         .into_par_iter()
-        .map(|(host, rel)| describe(&host, rel, with_owner))
+        .zip(metas.par_iter())
+        .zip(cached.into_par_iter())
+        .map(|(((host, rel), meta), cached)| describe(&host, rel, meta, cached, with_owner))
         .collect::<io::Result<_>>()?;
+    if let Some(index) = stats {
+        let cutoff = started
+            .checked_sub(RACY)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let at = |secs: i64, nanos: i64| {
+            std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
+        };
+        let fresh: Vec<(Vec<u8>, Vec<u8>)> = identities
+            .into_iter()
+            .zip(&metas)
+            .zip(&hashed)
+            .zip(was_cached)
+            .filter_map(|(((id, m), e), was_cached)| {
+                let newest = at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec()));
+                let settled = newest < cutoff;
+                let id = id.filter(|_| settled && !was_cached)?;
+                Some((id, e.content.clone().into_bytes()))
+            })
+            .collect();
+        index.put_stats(&fresh).map_err(io::Error::other)?;
+    }
     let mut h = KeyHasher::new("sources");
     for e in &hashed {
         h.field("path", e.rel.as_bytes())
@@ -174,7 +322,12 @@ pub fn hash_sources(sources: &[PathBuf], with_owner: bool) -> io::Result<String>
 }
 
 /// Every path below `host` (itself included), sorted, with its key path.
-fn collect(host: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) -> io::Result<()> {
+fn collect(
+    host: &Path,
+    rel: &str,
+    filter: Option<Filter>,
+    out: &mut Vec<(PathBuf, String)>,
+) -> io::Result<()> {
     out.push((host.to_path_buf(), rel.to_string()));
     let meta = fs::symlink_metadata(host)?;
     if meta.is_dir() {
@@ -183,9 +336,14 @@ fn collect(host: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) -> io::Resu
             .collect::<io::Result<_>>()?;
         names.sort();
         for name in names {
+            let child = host.join(&name);
+            if filter.is_some_and(|f| !f.shows(&child)) {
+                continue;
+            }
             collect(
-                &host.join(&name),
+                &child,
                 &format!("{rel}/{}", name.to_string_lossy()),
+                filter,
                 out,
             )?;
         }
@@ -193,13 +351,42 @@ fn collect(host: &Path, rel: &str, out: &mut Vec<(PathBuf, String)>) -> io::Resu
     Ok(())
 }
 
-fn describe(host: &Path, rel: String, with_owner: bool) -> io::Result<SourceEntry> {
-    let meta = fs::symlink_metadata(host)?;
+/// How recently changed a file may be and still enter the stat cache.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The stat-cache key of a file: its path and everything that changes when
+/// its content can have (a rename or replacement changes the inode).
+fn stat_identity(host: &Path, m: &fs::Metadata) -> Vec<u8> {
+    let mut id = host.as_os_str().as_encoded_bytes().to_vec();
+    id.push(0);
+    for n in [m.dev(), m.ino(), m.size()] {
+        id.extend_from_slice(&n.to_le_bytes());
+    }
+    for (secs, nanos) in [(m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec())] {
+        id.extend_from_slice(&secs.to_le_bytes());
+        id.extend_from_slice(&nanos.to_le_bytes());
+    }
+    id
+}
+
+fn describe(
+    host: &Path,
+    rel: String,
+    meta: &fs::Metadata,
+    cached: Option<String>,
+    with_owner: bool,
+) -> io::Result<SourceEntry> {
     let ft = meta.file_type();
     let (kind, content) = if ft.is_file() {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(fs::File::open(host)?)?;
-        ("file", hasher.finalize().to_hex().to_string())
+        let content = match cached {
+            Some(hash) => hash,
+            None => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update_reader(fs::File::open(host)?)?;
+                hasher.finalize().to_hex().to_string()
+            }
+        };
+        ("file", content)
     } else if ft.is_symlink() {
         ("link", fs::read_link(host)?.to_string_lossy().into_owned())
     } else if ft.is_dir() {
@@ -220,6 +407,47 @@ fn describe(host: &Path, rel: String, with_owner: bool) -> io::Result<SourceEntr
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_stat_cache_skips_reading_settled_files_and_never_racy_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let index = Index::open(state.path()).unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let (old, fresh) = (src.join("old"), src.join("fresh"));
+        fs::write(&old, "old content").unwrap();
+        fs::write(&fresh, "fresh content").unwrap();
+        // ctime cannot be set: let the whole tree age past RACY instead,
+        // except `fresh`, rewritten just before hashing.
+        std::thread::sleep(RACY + std::time::Duration::from_millis(100));
+        fs::write(&fresh, "fresh content").unwrap();
+        let sources = std::slice::from_ref(&src);
+        let plain = hash_sources(sources, false).unwrap();
+        assert_eq!(
+            hash_sources_cached(sources, false, None, Some(&index)).unwrap(),
+            plain
+        );
+        let id = |p: &Path| stat_identity(p, &fs::symlink_metadata(p).unwrap());
+        let stored = index.get_stats(&[id(&old), id(&fresh)]).unwrap();
+        assert!(stored[0].is_some(), "a settled file is remembered");
+        assert!(stored[1].is_none(), "a racy file is not");
+        // A remembered hash is used instead of reading the file ...
+        index
+            .put_stats(&[(id(&old), b"remembered".to_vec())])
+            .unwrap();
+        assert_ne!(
+            hash_sources_cached(sources, false, None, Some(&index)).unwrap(),
+            plain
+        );
+        // ... until the file changes: a new identity, read again.
+        fs::write(&old, "new content").unwrap();
+        fs::write(&old, "old content").unwrap();
+        assert_eq!(
+            hash_sources_cached(sources, false, None, Some(&index)).unwrap(),
+            plain
+        );
+    }
+
     fn run(env: &[(&str, &str)]) -> Step {
         Step {
             line: 1,
@@ -234,6 +462,8 @@ mod tests {
                 user: String::new(),
                 workdir: "/".into(),
                 script: None,
+                mounts: Vec::new(),
+                network: Network::Default,
             },
         }
     }
@@ -278,6 +508,50 @@ mod tests {
             ..run(&[])
         };
         assert!(step_key(&config, &inputs("p")).is_none());
+    }
+
+    fn copy_step(sources: &[&str], add: Option<AddSpec>) -> Step {
+        Step {
+            line: 1,
+            keyword: "COPY".into(),
+            created_by: "COPY".into(),
+            action: Action::Copy {
+                from: CopyFrom::Context,
+                sources: sources.iter().map(|s| s.to_string()).collect(),
+                dest: "/d/".into(),
+                chown: None,
+                chmod: None,
+                add,
+            },
+        }
+    }
+
+    #[test]
+    fn add_is_its_own_kind_and_unchecked_urls_always_run() {
+        let copy = step_key(&copy_step(&["a"], None), &inputs("p")).unwrap();
+        let add = step_key(&copy_step(&["a"], Some(AddSpec::default())), &inputs("p")).unwrap();
+        assert_ne!(copy, add);
+        let url = |checksum: Option<&str>| {
+            copy_step(
+                &["https://example.com/f"],
+                Some(AddSpec {
+                    checksum: checksum.map(String::from),
+                    unpack: None,
+                }),
+            )
+        };
+        let sum = format!("sha256:{}", "a".repeat(64));
+        let other = format!("sha256:{}", "b".repeat(64));
+        assert!(always_runs(&url(None).action));
+        assert!(!always_runs(&url(Some(&sum)).action));
+        assert!(!always_runs(
+            &copy_step(&["a"], Some(AddSpec::default())).action
+        ));
+        assert_ne!(
+            step_key(&url(Some(&sum)), &inputs("p")),
+            step_key(&url(Some(&other)), &inputs("p"))
+        );
+        assert_ne!(fresh_digest(), fresh_digest());
     }
 
     #[test]

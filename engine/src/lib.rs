@@ -1,6 +1,7 @@
 //! Kiln's build engine: the Dockerfile frontend, the plan, the executor
 //! (RUN isolation, COPY), snapshots, layers and image assembly.
 pub mod build;
+pub mod context;
 pub mod dockerfile;
 pub mod error;
 pub mod exec;

@@ -9,8 +9,9 @@ use kiln_cachestore::Platform;
 use serde_json::Value;
 
 use crate::dockerfile::{
-    parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile, FrontendError, HeredocRun,
-    Instruction, RawInstruction, Scope, StageGraph, Warning,
+    expand_heredoc, expand_word, parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile,
+    FrontendError, HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph,
+    Warning,
 };
 use crate::image::ImageConfig;
 
@@ -56,6 +57,9 @@ pub enum CopyFrom {
     Context,
     Stage(usize),
     Image(String),
+    /// `COPY <<EOF /dest`: (file name, content) of each heredoc, expanded
+    /// unless its delimiter was quoted.
+    Inline(Vec<(String, String)>),
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +80,9 @@ pub enum Action {
         /// `RUN <<EOF` with a `#!` body: (name, content) of the script that
         /// runs as `/dev/pipes/<name>`, as BuildKit does.
         script: Option<(String, String)>,
+        /// `RUN --mount`s, in order.
+        mounts: Vec<PlannedMount>,
+        network: Network,
     },
     Copy {
         from: CopyFrom,
@@ -83,12 +90,89 @@ pub enum Action {
         dest: String,
         chown: Option<String>,
         chmod: Option<u32>,
+        /// `Some` for ADD: URLs are sources, local archives are extracted.
+        add: Option<AddSpec>,
     },
+}
+
+/// What ADD does beyond COPY.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddSpec {
+    /// `--checksum=<algorithm>:<hex>` of a URL source.
+    pub checksum: Option<String>,
+    /// `--unpack`: `None` extracts local archives and leaves downloads.
+    pub unpack: Option<bool>,
+}
+
+impl AddSpec {
+    /// Whether an ADD source is a URL to download (Git ones are refused
+    /// while planning).
+    pub fn is_url(source: &str) -> bool {
+        source.starts_with("http://") || source.starts_with("https://")
+    }
+}
+
+/// BuildKit's test for a Git source (`gitutil.ParseGitRef`): a Git
+/// scheme or shorthand, or an HTTP(S) URL whose path ends with `.git`.
+fn is_git_source(source: &str) -> bool {
+    if ["git://", "git@", "github.com/", "ssh://"]
+        .iter()
+        .any(|p| source.starts_with(p))
+    {
+        return true;
+    }
+    if !AddSpec::is_url(source) {
+        return false;
+    }
+    let without_fragment = source.split('#').next().unwrap_or_default();
+    let path = without_fragment
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .splitn(4, '/')
+        .nth(3)
+        .unwrap_or_default();
+    path.trim_end_matches('/').ends_with(".git")
+}
+
+/// `RUN --network`: `None` gets its own network namespace; `Default` and
+/// `Host` share the host's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    #[default]
+    Default,
+    None,
+    Host,
+}
+
+/// A `RUN --mount`, expanded with the stage's scope, `from` resolved.
+#[derive(Debug, Clone)]
+pub struct PlannedMount {
+    pub mount: RunMount,
+    /// What a bind mounts (or a fresh cache starts from); a bind without
+    /// `from` mounts the context.
+    pub from: Option<CopyFrom>,
+    /// The absolute target inside the root (a relative one is relative to
+    /// WORKDIR, a secret's defaults to `/run/secrets/<id>`); `None` only
+    /// for a secret exposed as `env=` alone.
+    pub target: Option<String>,
+}
+
+impl Action {
+    /// What a step reads besides its own root: COPY's source and the
+    /// `from` of RUN mounts.
+    pub fn reads(&self) -> Vec<&CopyFrom> {
+        match self {
+            Action::Copy { from, .. } => vec![from],
+            Action::Run { mounts, .. } => mounts.iter().filter_map(|m| m.from.as_ref()).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl Plan {
     /// For each stage, the index of the last needed stage that reads it
-    /// (FROM or COPY --from).
+    /// (FROM, COPY --from or RUN --mount=from).
     pub fn last_uses(&self) -> HashMap<usize, usize> {
         let mut last = HashMap::new();
         for stage in self.stages.iter().filter(|s| s.needed) {
@@ -96,12 +180,10 @@ impl Plan {
                 last.insert(i, stage.index);
             }
             for step in &stage.steps {
-                if let Action::Copy {
-                    from: CopyFrom::Stage(i),
-                    ..
-                } = step.action
-                {
-                    last.insert(i, stage.index);
+                for from in step.action.reads() {
+                    if let CopyFrom::Stage(i) = from {
+                        last.insert(*i, stage.index);
+                    }
                 }
             }
         }
@@ -110,10 +192,15 @@ impl Plan {
 }
 
 impl StagePlan {
+    /// Whether a step reads `stage` (COPY --from or RUN --mount=from), so
+    /// its root must outlive this stage's start.
     pub fn copies_from(&self, stage: usize) -> bool {
-        self.steps.iter().any(
-            |s| matches!(s.action, Action::Copy { from: CopyFrom::Stage(i), .. } if i == stage),
-        )
+        self.steps.iter().any(|s| {
+            s.action
+                .reads()
+                .iter()
+                .any(|from| matches!(from, CopyFrom::Stage(i) if *i == stage))
+        })
     }
 }
 
@@ -358,7 +445,11 @@ impl StagePlanner<'_> {
                 Action::Config
             }
             Instruction::Run {
-                command, heredocs, ..
+                command,
+                heredocs,
+                mounts,
+                network,
+                ..
             } => {
                 let (argv, script) = match HeredocRun::plan(&command, &heredocs) {
                     None => (self.command(&command), None),
@@ -367,45 +458,154 @@ impl StagePlanner<'_> {
                         (vec![format!("/dev/pipes/{name}")], Some((name, content)))
                     }
                 };
+                let workdir = self.workdir();
+                let mounts = mounts
+                    .iter()
+                    .map(|spec| self.run_mount(spec, &workdir))
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|m| FrontendError::new(raw.line, m))?;
                 Action::Run {
                     argv,
                     env: self.scope.run_env(),
                     user: self.config.config.user.clone().unwrap_or_default(),
-                    workdir: self.workdir(),
+                    workdir,
                     script,
+                    mounts,
+                    network: match network.as_deref() {
+                        Some("none") => Network::None,
+                        Some("host") => Network::Host,
+                        _ => Network::Default,
+                    },
                 }
             }
-            Instruction::Copy(args) => self.copy(raw, args)?,
-            Instruction::Add(_) => {
-                return Err(FrontendError::new(
-                    raw.line,
-                    "ADD is not supported yet: use COPY for local files",
-                ))
-            }
+            Instruction::Copy(args) => self.copy(raw, args, false)?,
+            Instruction::Add(args) => self.copy(raw, args, true)?,
         };
         self.push(raw, action);
         Ok(())
     }
 
-    fn copy(&self, raw: &RawInstruction, args: CopyArgs) -> Result<Action, FrontendError> {
+    /// Expands one `--mount` with the scope and resolves its `from` and
+    /// target as BuildKit does.
+    fn run_mount(&self, spec: &str, workdir: &str) -> Result<PlannedMount, String> {
+        let escape = self.df.escape;
+        let scope = &self.scope;
+        let expand = |v: &str| expand_word(v, escape, &|name| scope.lookup(name));
+        let mut mount = RunMount::parse(spec, Some(&expand))?;
+        if mount.kind == MountType::Ssh {
+            return Err("RUN --mount=type=ssh is not supported yet".into());
+        }
+        if mount.kind == MountType::Secret && mount.id.is_none() {
+            // BuildKit: a secret's id defaults to its target's file name.
+            mount.id = mount.target.as_deref().and_then(|t| {
+                Path::new(t)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+            });
+            if mount.id.is_none() {
+                return Err("a secret mount needs an id or a target".into());
+            }
+        }
+        let target = match (&mount.target, mount.kind) {
+            (Some(t), _) => Some(clean_absolute(&Path::new(workdir).join(t))),
+            (None, MountType::Secret) if mount.env.is_some() => None,
+            (None, MountType::Secret) => Some(format!(
+                "/run/secrets/{}",
+                mount.id.as_deref().unwrap_or_default()
+            )),
+            (None, _) => return Err("mount target is required".into()),
+        };
+        if target.as_deref() == Some("/") {
+            return Err("a mount cannot replace the root: choose another target".into());
+        }
+        let from = match (&mount.from, mount.kind) {
+            (Some(from), MountType::Bind | MountType::Cache) => {
+                Some(match self.graph.stage_index(from) {
+                    Some(i) => CopyFrom::Stage(i),
+                    None => CopyFrom::Image(from.clone()),
+                })
+            }
+            (None, MountType::Bind) => Some(CopyFrom::Context),
+            (None, _) => None,
+            (Some(_), _) => return Err("from= is only valid for bind and cache mounts".into()),
+        };
+        Ok(PlannedMount {
+            mount,
+            from,
+            target,
+        })
+    }
+
+    /// COPY, or ADD when `add` is set.
+    fn copy(
+        &self,
+        raw: &RawInstruction,
+        args: CopyArgs,
+        add: bool,
+    ) -> Result<Action, FrontendError> {
+        let keyword = if add { "ADD" } else { "COPY" };
+        let error = |message: String| FrontendError::new(raw.line, message);
+        // --link makes the layer independent of what is below it; Kiln's
+        // layers hold the same files either way, so it is accepted as is.
         let unsupported = [
-            (args.link, "--link"),
             (args.parents, "--parents"),
             (!args.excludes.is_empty(), "--exclude"),
-            (!args.heredocs.is_empty(), "a heredoc source"),
+            (
+                !args.heredocs.is_empty() && !args.sources.is_empty(),
+                "both heredoc and file sources",
+            ),
+            (add && !args.heredocs.is_empty(), "a heredoc source"),
+            (args.keep_git_dir, "--keep-git-dir"),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(used, _)| *used) {
-            return Err(FrontendError::new(
-                raw.line,
-                format!("COPY with {what} is not supported yet"),
-            ));
+            return Err(error(format!("{keyword} with {what} is not supported yet")));
         }
+        let spec = if add {
+            if let Some(git) = args.sources.iter().find(|s| is_git_source(s)) {
+                return Err(error(format!(
+                    "ADD of a Git repository ({git}) is not supported yet"
+                )));
+            }
+            if let Some(checksum) = &args.checksum {
+                if let Some(local) = args.sources.iter().find(|s| !AddSpec::is_url(s)) {
+                    return Err(error(format!(
+                        "checksum can't be specified for non-HTTP(S) sources: {local}"
+                    )));
+                }
+                crate::exec::add::parse_checksum(checksum).map_err(error)?;
+            }
+            Some(AddSpec {
+                checksum: args.checksum.clone(),
+                unpack: args.unpack,
+            })
+        } else {
+            if let Some(url) = args.sources.iter().find(|s| AddSpec::is_url(s)) {
+                return Err(error(format!(
+                    "source can't be a URL for COPY: {url} (use ADD)"
+                )));
+            }
+            None
+        };
         // A relative destination is relative to WORKDIR; keep a trailing slash.
         let mut dest = clean_absolute(&Path::new(&self.workdir()).join(&args.dest));
         if args.dest.ends_with('/') && !dest.ends_with('/') {
             dest.push('/');
         }
+        let mut sources = args.sources;
         let from = match args.from {
+            None if !args.heredocs.is_empty() => {
+                let mut files = Vec::new();
+                for h in &args.heredocs {
+                    let content = match h.expand {
+                        true => expand_heredoc(&h.content, &|name| self.scope.lookup(name))
+                            .map_err(|e| error(e.to_string()))?,
+                        false => h.content.clone(),
+                    };
+                    sources.push(h.name.clone());
+                    files.push((h.name.clone(), content));
+                }
+                CopyFrom::Inline(files)
+            }
             None => CopyFrom::Context,
             Some(from) => match self.graph.stage_index(&from) {
                 Some(i) => CopyFrom::Stage(i),
@@ -423,10 +623,11 @@ impl StagePlanner<'_> {
         };
         Ok(Action::Copy {
             from,
-            sources: args.sources,
+            sources,
             dest,
             chown: args.chown,
             chmod,
+            add: spec,
         })
     }
 }

@@ -20,8 +20,25 @@ pub struct Registry {
     _dir: tempfile::TempDir,
 }
 
+/// TLS and basic auth for [`Registry::start_secure`].
+pub struct Security<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub htpasswd: &'a Path,
+}
+
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// A registry serving HTTPS with `cert`/`key` and requiring the users
+    /// in `htpasswd`.
+    pub fn start_secure(security: &Security) -> Registry {
+        Registry::start_with(Some(security))
+    }
+
+    fn start_with(security: Option<&Security>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         // Ask the kernel for a free port, then hand it to the registry.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -34,8 +51,14 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}",
+                dir.path().join("data").display(),
+                security.map_or(String::new(), |s| format!(
+                    "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                    s.cert.display(),
+                    s.key.display(),
+                    s.htpasswd.display()
+                ))
             ),
         )
         .unwrap();
@@ -52,7 +75,9 @@ impl Registry {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while registry.get("/v2/").0 != 200 {
+        // Over TLS, a plain request gets a 400 answer: up is up.
+        let up = if security.is_some() { 400 } else { 200 };
+        while registry.get("/v2/").0 != up {
             assert!(Instant::now() < deadline, "registry did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -91,7 +116,12 @@ impl Registry {
 
     /// Pushes the busybox fixture and returns its reference.
     pub fn push_busybox(&self) -> String {
-        let reference = self.reference("base/busybox:latest");
+        self.push_busybox_as("base/busybox:latest")
+    }
+
+    /// Pushes the busybox fixture as `repo_tag` and returns its reference.
+    pub fn push_busybox_as(&self, repo_tag: &str) -> String {
+        let reference = self.reference(repo_tag);
         run_ok(Command::new("skopeo").args([
             "copy",
             "--quiet",

@@ -50,9 +50,13 @@ pub struct RunMount {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// `env=` for secrets: the variable the secret is exposed as.
+    pub env: Option<String>,
+    /// `size=` for tmpfs, in bytes.
+    pub size: Option<u64>,
 }
 
-const KEYS: [&str; 17] = [
+const KEYS: [&str; 19] = [
     "type",
     "from",
     "source",
@@ -70,6 +74,8 @@ const KEYS: [&str; 17] = [
     "ro",
     "rw",
     "readwrite",
+    "env",
+    "size",
 ];
 
 impl RunMount {
@@ -92,6 +98,8 @@ impl RunMount {
             mode: None,
             uid: None,
             gid: None,
+            env: None,
+            size: None,
         };
         let mut ro_auto = true;
         for field in &fields {
@@ -186,6 +194,13 @@ impl RunMount {
                             .map_err(|_| format!("invalid value {value} for gid"))?,
                     )
                 }
+                "env" => m.env = Some(value),
+                "size" => {
+                    m.size = Some(
+                        parse_size(&value)
+                            .ok_or_else(|| format!("invalid value {value} for size"))?,
+                    )
+                }
                 _ => return Err(format!("unexpected key '{key}' in '{field}'")),
             }
         }
@@ -217,6 +232,12 @@ impl RunMount {
         if self.sharing.is_some() && self.kind != MountType::Cache {
             return Err(format!("invalid cache sharing set for {kind} mount"));
         }
+        if self.env.is_some() && self.kind != MountType::Secret {
+            return Err(format!("unexpected key 'env' for mount type '{kind}'"));
+        }
+        if self.size.is_some() && self.kind != MountType::Tmpfs {
+            return Err(format!("unexpected key 'size' for mount type '{kind}'"));
+        }
         if self.kind == MountType::Secret {
             if self.from.is_some() {
                 return Err("secret mount should not have a from".into());
@@ -232,6 +253,32 @@ impl RunMount {
 /// `\$.` as BuildKit checks it: a `$` followed by anything.
 fn has_variable(value: &str) -> bool {
     value.find('$').is_some_and(|i| i + 1 < value.len())
+}
+
+/// A size as BuildKit reads `size=` (go-units' RAMInBytes): a number with
+/// an optional binary unit, `k`, `m`, `g`, `t`, `p`, any case, `b`/`ib` optional.
+fn parse_size(s: &str) -> Option<u64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let digits_end = lower
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(digits_end);
+    let number: f64 = number.parse().ok()?;
+    let unit = unit.trim();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(unit);
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        "p" => 50,
+        _ => return None,
+    };
+    (number >= 0.0).then(|| (number * (1u64 << shift) as f64) as u64)
 }
 
 /// Go's `strconv.ParseBool`.
@@ -371,6 +418,26 @@ mod tests {
         let m = RunMount::parse("type=cache,target=$HOME/.cache,uid=$UID", Some(&expand)).unwrap();
         assert_eq!(m.target.as_deref(), Some("/root/.cache"));
         assert_eq!(m.uid, Some(1000));
+    }
+
+    #[test]
+    fn secret_env_and_tmpfs_size() {
+        let m = RunMount::parse("type=secret,id=tok,env=TOKEN", None).unwrap();
+        assert_eq!(m.env.as_deref(), Some("TOKEN"));
+        let m = RunMount::parse("type=tmpfs,target=/t,size=64m", None).unwrap();
+        assert_eq!(m.size, Some(64 << 20));
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("1.5KiB"), Some(1536));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("lots"), None);
+        for (spec, msg) in [
+            ("type=cache,target=/c,env=X", "unexpected key 'env'"),
+            ("type=bind,target=/c,size=1", "unexpected key 'size'"),
+            ("type=tmpfs,target=/c,size=x", "invalid value x for size"),
+        ] {
+            let err = RunMount::parse(spec, None).unwrap_err();
+            assert!(err.contains(msg), "{spec}: {err}");
+        }
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! COPY: sources from the build context or another stage's root, written
-//! into the step's root with Docker's rules for destinations, ownership and
-//! modes. Every destination path is resolved inside the root.
+//! COPY (and ADD's local sources): sources from the build context or
+//! another stage's root, written into the step's root with Docker's rules
+//! for destinations, ownership and modes. Every destination path is
+//! resolved inside the root. What `.dockerignore` excludes is invisible to
+//! a copy from the context.
 use std::fs;
 use std::io;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::context::{Filter, Ignore};
+use crate::exec::add;
 use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
 
 /// Where sources are read from.
@@ -25,21 +29,45 @@ pub struct CopyRequest<'a> {
     pub dest: &'a str,
     pub chown: Option<(u32, u32)>,
     pub chmod: Option<u32>,
+    /// `.dockerignore` rules, for [`Source::Context`].
+    pub ignore: Option<&'a Ignore>,
+    /// ADD: a local tar archive (compressed or not) is extracted into the
+    /// destination directory instead of copied.
+    pub unpack: bool,
 }
 
 fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Expands sources (globs included) to host paths, failing on a source that
-/// matches nothing.
 /// The host paths a COPY from `src_root` reads (globs expanded), the same
 /// selection the copy itself makes; cache keys hash exactly these.
 pub fn selected_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
-    expand_sources(src_root, sources)
+    expand_sources(src_root, sources, None)
 }
 
-fn expand_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
+/// [`selected_sources`] from the context, without what `ignore` excludes;
+/// the filter to walk directory sources with comes along.
+pub fn selected_context_sources<'a>(
+    context: &'a Path,
+    ignore: &'a Ignore,
+    sources: &[String],
+) -> Result<(Vec<PathBuf>, Filter<'a>), String> {
+    let filter = Filter {
+        root: context,
+        ignore,
+    };
+    Ok((expand_sources(context, sources, Some(filter))?, filter))
+}
+
+/// Expands sources (globs included) to host paths, failing on a source that
+/// matches nothing (or only what the filter hides).
+fn expand_sources(
+    src_root: &Path,
+    sources: &[String],
+    filter: Option<Filter>,
+) -> Result<Vec<PathBuf>, String> {
+    let shows = |host: &Path| filter.is_none_or(|f| f.shows(host));
     let mut out = Vec::new();
     for s in sources {
         let rel = clean_relative(Path::new(s));
@@ -52,6 +80,7 @@ fn expand_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, S
             let mut matched: Vec<PathBuf> = glob::glob(&pattern)
                 .map_err(|e| format!("invalid pattern {s:?}: {e}"))?
                 .filter_map(Result::ok)
+                .filter(|p| shows(p))
                 .collect();
             if matched.is_empty() {
                 return Err(format!(
@@ -66,6 +95,13 @@ fn expand_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, S
             if fs::symlink_metadata(&host).is_err() {
                 return Err(format!("{s}: no such file or directory"));
             }
+            // Both the path as written and where its links lead must be
+            // visible, as in a context BuildKit sent without them.
+            if !shows(&src_root.join(&rel)) || !shows(&host) {
+                return Err(format!(
+                    "{s}: no such file or directory (excluded by .dockerignore)"
+                ));
+            }
             out.push(host);
         }
     }
@@ -79,11 +115,18 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         Source::Context(p) => (p, false),
         Source::Root(p) => (p, true),
     };
-    let sources = expand_sources(src_root, req.sources)?;
+    let filter = match (&req.source, req.ignore) {
+        (Source::Context(dir), Some(ignore)) if !ignore.is_empty() => {
+            Some(Filter { root: dir, ignore })
+        }
+        _ => None,
+    };
+    let sources = expand_sources(src_root, req.sources, filter)?;
     let dest_is_dir = req.dest.ends_with('/') || sources.len() > 1 || req.dest == "/";
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
         return Err(format!(
-            "when using COPY with more than one source file, the destination must be a directory and end with a /: {}",
+            "when using {} with more than one source file, the destination must be a directory and end with a /: {}",
+            if req.unpack { "ADD" } else { "COPY" },
             req.dest
         ));
     }
@@ -91,11 +134,28 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         root,
         chown: req.chown.or(if in_root { None } else { Some((0, 0)) }),
         chmod: req.chmod,
+        filter,
     };
     let dest = Path::new(req.dest);
     let mut touched = Vec::new();
     for src in sources {
         let meta = fs::metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+        if req.unpack && meta.is_file() {
+            let detected =
+                add::detect_archive(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+            if let Some(compression) = detected {
+                // An archive is extracted into dest, always a directory.
+                let (host_dir, created) = create_dir_all_in_root(root, dest)
+                    .map_err(|e| format!("{}: {e}", dest.display()))?;
+                let (uid, gid) = req.chown.unwrap_or((0, 0));
+                for d in &created {
+                    lchown(d, Some(uid), Some(gid)).map_err(|e| format!("{}: {e}", d.display()))?;
+                }
+                add::extract_archive(&src, compression, &host_dir, req.chown)?;
+                touched.push(relative_to_root(root, created.first().unwrap_or(&host_dir)));
+                continue;
+            }
+        }
         let target = if meta.is_dir() {
             // A directory's contents are copied, not the directory itself.
             dest.to_path_buf()
@@ -149,6 +209,8 @@ struct Copier<'a> {
     root: &'a Path,
     chown: Option<(u32, u32)>,
     chmod: Option<u32>,
+    /// `.dockerignore`, for a copy from the context.
+    filter: Option<Filter<'a>>,
 }
 
 impl Copier<'_> {
@@ -165,6 +227,9 @@ impl Copier<'_> {
         let mut entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
+            if self.filter.is_some_and(|f| !f.shows(&entry.path())) {
+                continue;
+            }
             let target = self.existing_or_new(dest, &entry.file_name())?;
             self.copy_entry(&entry.path(), &target)?;
         }
@@ -286,6 +351,8 @@ mod tests {
                 dest,
                 chown: None,
                 chmod: None,
+                ignore: None,
+                unpack: false,
             },
             &f.root,
         )
@@ -324,6 +391,53 @@ mod tests {
         assert!(run(&f, &["a.txt", "b.txt"], "/t2").is_err());
         assert!(run(&f, &["*.nothing"], "/t/").is_err());
         assert!(run(&f, &["missing"], "/t/").is_err());
+    }
+
+    #[test]
+    fn dockerignore_hides_sources_globs_and_dir_entries() {
+        let f = fixture();
+        fs::write(f.ctx.join("src/sub/x.log"), "log").unwrap();
+        let ignore = Ignore::parse("**/*.log\nb.txt\nsrc/link\n").unwrap();
+        let run = |sources: &[&str], dest: &str| {
+            let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+            copy(
+                &CopyRequest {
+                    source: Source::Context(&f.ctx),
+                    sources: &sources,
+                    dest,
+                    chown: None,
+                    chmod: None,
+                    ignore: Some(&ignore),
+                    unpack: false,
+                },
+                &f.root,
+            )
+        };
+        run(&["*.txt"], "/g/").unwrap();
+        assert!(f.root.join("g/a.txt").is_file() && !f.root.join("g/b.txt").exists());
+        let err = run(&["b.txt"], "/b").unwrap_err();
+        assert!(err.contains("excluded by .dockerignore"), "{err}");
+        assert!(
+            run(&["b.*"], "/b/").is_err(),
+            "a glob matching only hidden files"
+        );
+        run(&["."], "/all/").unwrap();
+        assert!(f.root.join("all/src/sub/x").is_file());
+        assert!(!f.root.join("all/src/sub/x.log").exists());
+        assert!(!f.root.join("all/src/link").exists());
+        assert!(!f.root.join("all/b.txt").exists());
+        // The key hashes exactly what the copy sees.
+        let hash = || {
+            let (selected, filter) =
+                selected_context_sources(&f.ctx, &ignore, &[".".into()]).unwrap();
+            crate::key::hash_sources_filtered(&selected, false, Some(filter)).unwrap()
+        };
+        let before = hash();
+        fs::write(f.ctx.join("src/sub/x.log"), "changed").unwrap();
+        fs::write(f.ctx.join("b.txt"), "changed").unwrap();
+        assert_eq!(before, hash(), "hidden files do not count");
+        fs::write(f.ctx.join("a.txt"), "changed").unwrap();
+        assert_ne!(before, hash());
     }
 
     #[test]

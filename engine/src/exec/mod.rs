@@ -1,4 +1,5 @@
-//! Executing the steps that change a root: RUN and COPY.
+//! Executing the steps that change a root: RUN, COPY and ADD.
+pub mod add;
 pub mod copy;
 pub mod run;
 pub mod users;

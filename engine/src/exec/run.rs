@@ -18,7 +18,7 @@ use rustix::mount::{MountFlags, MountPropagationFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::exec::users::Identity;
-use crate::rootfs::resolve_in_root;
+use crate::rootfs::{create_dir_all_in_root, resolve_in_root};
 
 /// The hidden first argument that makes `kiln` act as the step runner.
 pub const STEP_RUNNER_ARG: &str = "__kiln-run-step";
@@ -38,6 +38,47 @@ pub struct RunSpec {
     pub mounts: MountPoints,
     /// A heredoc script (name, content) made executable at /dev/pipes/<name>.
     pub script: Option<(String, String)>,
+    /// `--network=none`: a network namespace of its own (loopback only).
+    pub no_network: bool,
+    pub isolation: Isolation,
+}
+
+/// How a RUN is isolated (`--isolation`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Isolation {
+    /// chroot inside new mount, PID, UTS and IPC namespaces, with /proc,
+    /// /dev, /sys and Kiln's /etc files mounted.
+    #[default]
+    Namespaces,
+    /// chroot alone, for containers that forbid unshare and mount: device
+    /// nodes are made with mknod, /proc is mounted only if allowed, the
+    /// image's own /etc files are used; `RUN --mount` and
+    /// `--network=none` are refused.
+    Chroot,
+}
+
+/// A `RUN --mount`, with host paths resolved by the builder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StepMount {
+    /// A host file or directory (a bind, or a cache dir) over `target`.
+    Bind {
+        source: PathBuf,
+        target: PathBuf,
+        readonly: bool,
+    },
+    Tmpfs {
+        target: PathBuf,
+        size: Option<u64>,
+    },
+    /// A secret: written into a tmpfs that only the runner's mount
+    /// namespace sees, so its content never touches the disk.
+    Secret {
+        target: PathBuf,
+        content: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// Host paths (inside the root) where the runner mounts things, and the
@@ -49,6 +90,10 @@ pub struct MountPoints {
     pub sys: PathBuf,
     /// (source on the host, target inside the root)
     pub files: Vec<(PathBuf, PathBuf)>,
+    /// The step's own `--mount`s, in order.
+    pub extra: Vec<StepMount>,
+    /// Where secrets are staged (an empty dir outside the root).
+    pub secret_stage: Option<PathBuf>,
     /// Mount points the builder had to create; removed after the step so
     /// they never reach a layer.
     #[serde(skip)]
@@ -124,6 +169,37 @@ impl MountPoints {
         Ok(mp)
     }
 
+    /// Finds (or creates, recording what it made) a mount point inside the
+    /// root for a `--mount`: a directory, or an empty file when a file is
+    /// mounted there.
+    pub fn mount_point(&mut self, root: &Path, target: &str, file: bool) -> io::Result<PathBuf> {
+        let target = Path::new(target);
+        if let Some(parent) = target.parent() {
+            let (_, created) = create_dir_all_in_root(root, parent)?;
+            self.created.extend(created);
+        }
+        let path = resolve_in_root(root, target, true)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() != file => {}
+            Ok(_) => {
+                return Err(io::Error::other(format!(
+                    "cannot mount a {} over {}",
+                    if file { "file" } else { "directory" },
+                    target.display()
+                )))
+            }
+            Err(_) if file => {
+                std::fs::write(&path, b"")?;
+                self.created.push(path.clone());
+            }
+            Err(_) => {
+                std::fs::create_dir(&path)?;
+                self.created.push(path.clone());
+            }
+        }
+        Ok(path)
+    }
+
     /// Removes the mount points this step created, newest first.
     pub fn cleanup(&self) -> io::Result<()> {
         for path in self.created.iter().rev() {
@@ -139,6 +215,10 @@ impl MountPoints {
     }
 }
 
+pub fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
 /// Runs the step and returns its exit code (128 + signal when killed).
 pub fn run(spec: &RunSpec) -> io::Result<i32> {
     let exe = std::env::current_exe()?;
@@ -147,12 +227,23 @@ pub fn run(spec: &RunSpec) -> io::Result<i32> {
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
+    use rustix::thread::UnshareFlags as F;
+    let mut flags = match spec.isolation {
+        Isolation::Namespaces => F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC,
+        Isolation::Chroot => F::empty(),
+    };
+    if spec.no_network {
+        flags |= F::NEWNET;
+    }
     // SAFETY: unshare is async-signal-safe and the child is single-threaded
     // after fork; the PID namespace applies to the runner's children.
     unsafe {
-        cmd.pre_exec(|| {
-            use rustix::thread::UnshareFlags as F;
-            rustix::thread::unshare_unsafe(F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC)?;
+        cmd.pre_exec(move || {
+            // A killed build takes its step with it.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if !flags.is_empty() {
+                rustix::thread::unshare_unsafe(flags)?;
+            }
             Ok(())
         });
     }
@@ -190,6 +281,9 @@ fn cstring(p: &Path) -> io::Result<CString> {
 
 fn step_runner() -> io::Result<i32> {
     let spec: RunSpec = serde_json::from_reader(io::stdin().lock())?;
+    if spec.isolation == Isolation::Chroot {
+        return chroot_runner(&spec);
+    }
     let m = &spec.mounts;
     // Nothing mounted from here on may propagate back to the host.
     rustix::mount::mount_change(
@@ -251,9 +345,79 @@ fn step_runner() -> io::Result<i32> {
     for (source, target) in &m.files {
         rustix::mount::mount_bind(source, target)?;
     }
+    mount_extra(m)?;
 
+    // Mounted by the command itself: it is PID 1 of the new PID
+    // namespace, so its /proc shows only its own processes.
+    wait_command(command(&spec, Some(cstring(&m.proc)?))?, &spec)
+}
+
+/// `--isolation chroot`: no namespaces and, where it can be helped, no
+/// mounts; everything made in the root is removed again before the
+/// snapshot.
+fn chroot_runner(spec: &RunSpec) -> io::Result<i32> {
+    use rustix::fs::{FileType, Mode};
+    let m = &spec.mounts;
+    let mut made = Vec::new();
+    for (node, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let path = m.dev.join(node);
+        if std::fs::symlink_metadata(&path).is_err()
+            && rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &path,
+                FileType::CharacterDevice,
+                Mode::from_raw_mode(0o666),
+                rustix::fs::makedev(major, minor),
+            )
+            .is_ok()
+        {
+            made.push(path);
+        }
+    }
+    if let Some((name, content)) = &spec.script {
+        use std::os::unix::fs::PermissionsExt;
+        let pipes = m.dev.join("pipes");
+        std::fs::create_dir_all(&pipes)?;
+        let path = pipes.join(name);
+        std::fs::write(&path, content)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        made.push(path);
+        made.push(pipes);
+    }
+    // Best effort: a container that forbids unshare usually forbids mount.
+    let proc_mounted = rustix::mount::mount(
+        "proc",
+        &m.proc,
+        "proc",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        None,
+    )
+    .is_ok();
+    let code = command(spec, None).and_then(|cmd| wait_command(cmd, spec));
+    if proc_mounted {
+        rustix::mount::unmount(&m.proc, rustix::mount::UnmountFlags::DETACH)?;
+    }
+    for path in made {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir(&path)?,
+            Ok(_) => std::fs::remove_file(&path)?,
+            Err(_) => {}
+        }
+    }
+    code
+}
+
+/// The step's command: chrooted, in its WORKDIR, as its user, with its
+/// env; `proc_dir` (a host path) gets /proc mounted right before chroot.
+fn command(spec: &RunSpec, proc_dir: Option<CString>) -> io::Result<Command> {
     let root = cstring(&spec.root)?;
-    let proc_dir = cstring(&m.proc)?;
     let cwd = CString::new(spec.cwd.as_bytes()).map_err(io::Error::other)?;
     let (uid, gid) = (spec.uid, spec.gid);
     let groups: Vec<rustix::process::Gid> = spec
@@ -266,17 +430,18 @@ fn step_runner() -> io::Result<i32> {
         .env_clear()
         .envs(spec.env.iter().filter_map(|e| e.split_once('=')))
         .stdin(Stdio::null());
-    // SAFETY: runs in the forked child of this single-threaded runner; the
-    // child is PID 1 of the new PID namespace, so its /proc shows only it.
+    // SAFETY: runs in the forked child of this single-threaded runner.
     unsafe {
         cmd.pre_exec(move || {
-            rustix::mount::mount(
-                c"proc",
-                proc_dir.as_c_str(),
-                c"proc",
-                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-                None,
-            )?;
+            if let Some(proc_dir) = &proc_dir {
+                rustix::mount::mount(
+                    c"proc",
+                    proc_dir.as_c_str(),
+                    c"proc",
+                    MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                    None,
+                )?;
+            }
             rustix::process::chroot(root.as_c_str())?;
             rustix::process::chdir(cwd.as_c_str())?;
             rustix::thread::set_thread_groups(&groups)?;
@@ -290,9 +455,16 @@ fn step_runner() -> io::Result<i32> {
                 rustix::process::Uid::from_raw(uid),
                 rustix::process::Uid::from_raw(uid),
             )?;
+            // After setuid, which clears it. The command is PID 1 of its
+            // namespace: when it dies, so does everything it left running.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
             Ok(())
         });
     }
+    Ok(cmd)
+}
+
+fn wait_command(mut cmd: Command, spec: &RunSpec) -> io::Result<i32> {
     let status = match cmd.status() {
         Ok(status) => status,
         Err(e) => {
@@ -301,6 +473,73 @@ fn step_runner() -> io::Result<i32> {
         }
     };
     Ok(exit_code(status))
+}
+
+/// Mounts the step's `--mount`s.
+fn mount_extra(m: &MountPoints) -> io::Result<()> {
+    let staged = match (
+        &m.secret_stage,
+        m.extra
+            .iter()
+            .any(|e| matches!(e, StepMount::Secret { .. })),
+    ) {
+        (Some(stage), true) => {
+            rustix::mount::mount(
+                "tmpfs",
+                stage,
+                "tmpfs",
+                MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+                Some(c"mode=700,size=4m"),
+            )?;
+            Some(stage)
+        }
+        _ => None,
+    };
+    for (n, mount) in m.extra.iter().enumerate() {
+        match mount {
+            StepMount::Bind {
+                source,
+                target,
+                readonly,
+            } => {
+                rustix::mount::mount_bind_recursive(source, target)?;
+                if *readonly {
+                    rustix::mount::mount_remount(
+                        target,
+                        MountFlags::BIND | MountFlags::RDONLY,
+                        c"",
+                    )?;
+                }
+            }
+            StepMount::Tmpfs { target, size } => {
+                let options = size.map(|s| format!("size={s}")).unwrap_or_default();
+                rustix::mount::mount(
+                    "tmpfs",
+                    target,
+                    "tmpfs",
+                    MountFlags::NOSUID | MountFlags::NODEV,
+                    Some(CString::new(options).map_err(io::Error::other)?.as_c_str()),
+                )?;
+            }
+            StepMount::Secret {
+                target,
+                content,
+                mode,
+                uid,
+                gid,
+            } => {
+                use std::os::unix::fs::PermissionsExt;
+                let stage = staged.ok_or_else(|| io::Error::other("no secret staging dir"))?;
+                let file = stage.join(n.to_string());
+                std::fs::write(&file, content)?;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode))?;
+                std::os::unix::fs::chown(&file, Some(*uid), Some(*gid))?;
+                rustix::mount::mount_bind(&file, target)?;
+                rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, c"")?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The environment a RUN gets: the image's env and the ARGs in scope, plus

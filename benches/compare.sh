@@ -1,0 +1,440 @@
+#!/usr/bin/env bash
+# Kiln vs buildah on the same Dockerfiles, the same machine and one local
+# registry: build + push wall time, medians of N alternating runs.
+#
+#   benches/compare.sh [--runs N] [--kiln PATH] [--only WORKLOAD[,WORKLOAD]]
+#                      [--debian] [--out FILE] [--keep]
+#
+# Workloads (all FROM the busybox fixture, fixtures/busybox.sh):
+#   anchor5   5 steps: RUN + metadata (the issue's first anchor)
+#   anchor6   6 steps: a RUN creating 2000 files, then rm, chmod, COPY
+#   monorepo  a context of 50k small files, COPY . /src, then a RUN
+#   bigroot   a RUN creating 100k files, then a RUN touching one file
+#             (only the last RUN changes between runs: a build arg)
+#   debian    (--debian) a `debootstrap --variant=minbase bookworm` base
+#             (built once into ~/.cache/kiln-bench) and a multi-stage
+#             build: a builder stage takes a C source and a static binary
+#             compiled on the host (minbase has no gcc), the slim final
+#             stage copies the result
+# Scenarios:
+#   cold      empty caches: fresh kiln --cache-dir, fresh buildah --root
+#   nochange  rebuild with warm caches, nothing changed
+#   onefile   rebuild after changing one file the app's COPY reads
+#   remote    "new machine": fresh local state, warm remote cache
+#             (kiln --cache-repo; buildah --cache-from/--cache-to)
+#   touch1    bigroot only: the last RUN re-runs in a 100k-file root
+#
+# buildah runs in its fastest local setup: --storage-driver overlay
+# --isolation chroot --layers, then `buildah push`. Timings are wall clock
+# of the build command plus, for buildah, the push command.
+#
+# Needs: docker-registry (Distribution), skopeo, buildah, busybox-static,
+# and a release build of kiln ($CARGO_TARGET_DIR/release/kiln).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+runs=5
+kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
+only=anchor5,anchor6,monorepo,bigroot
+out=$here/results/latest.md
+keep=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runs) runs=$2; shift 2 ;;
+    --kiln) kiln=$2; shift 2 ;;
+    --only) only=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    --debian) only+=,debian; shift ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -x "$kiln" ] || { echo "compare.sh: no kiln binary at $kiln (cargo build --release, or --kiln PATH)" >&2; exit 1; }
+for tool in docker-registry skopeo buildah; do
+  command -v "$tool" >/dev/null || { echo "compare.sh: $tool is not installed" >&2; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { echo "compare.sh: run as root (buildah overlay storage, kiln RUN isolation)" >&2; exit 1; }
+
+work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
+reg_pid=
+cleanup() {
+  if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
+  # buildah's overlay driver may leave mounts under its roots.
+  { findmnt -rn -o TARGET | grep "^$work/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  if [ "$keep" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+log=$work/log
+mkdir -p "$log"
+# Run a copy: a cargo build during the bench must not swap the binary.
+kiln_src=$kiln
+kiln_built=$(date -u -r "$kiln" '+%Y-%m-%d %H:%M UTC')
+cp "$kiln" "$work/kiln"
+kiln=$work/kiln
+
+# --- registry -------------------------------------------------------------
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 5123)
+reg=127.0.0.1:$port
+cat >"$work/registry.yml" <<EOF
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+  delete:
+    enabled: true
+http:
+  addr: $reg
+EOF
+docker-registry serve "$work/registry.yml" >"$log/registry.log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do
+  curl -fs "http://$reg/v2/" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+curl -fs "http://$reg/v2/" >/dev/null || { echo "compare.sh: registry did not start" >&2; exit 1; }
+"$repo/fixtures/busybox.sh" "$work/busybox" >/dev/null
+skopeo copy --quiet --dest-tls-verify=false "oci:$work/busybox:latest" "docker://$reg/base/busybox:latest"
+base=$reg/base/busybox:latest
+
+# --- optional Debian base -------------------------------------------------------
+# A minbase bookworm root, debootstrapped once and kept in ~/.cache/kiln-bench,
+# packed as a one-layer OCI image (sorted, numeric owners, epoch mtimes) and
+# pushed as base/debian:bookworm.
+debian_base() {
+  local cache=${XDG_CACHE_HOME:-$HOME/.cache}/kiln-bench
+  local rootfs=$cache/bookworm-minbase
+  if [ ! -d "$rootfs" ]; then
+    command -v debootstrap >/dev/null || apt-get install -y debootstrap >&2
+    rm -rf "$rootfs.tmp"
+    echo "compare.sh: debootstrap --variant=minbase bookworm (once, into $rootfs)" >&2
+    debootstrap --variant=minbase bookworm "$rootfs.tmp" http://deb.debian.org/debian >"$log/debootstrap.log" 2>&1
+    rm -rf "$rootfs.tmp"/var/cache/apt/archives/*.deb "$rootfs.tmp"/var/lib/apt/lists/*
+    mv "$rootfs.tmp" "$rootfs"
+  fi
+  local oci=$work/debian d=$work/debian-work
+  mkdir -p "$oci/blobs/sha256" "$d"
+  tar -C "$rootfs" --sort=name --mtime=@0 --numeric-owner --format=pax --pax-option=delete=atime,delete=ctime \
+    --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' -cf "$d/layer.tar" .
+  gzip -n -6 <"$d/layer.tar" >"$d/layer.tar.gz"
+  local diff_id layer layer_size config config_size manifest manifest_size arch
+  arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+  diff_id=$(sha256sum "$d/layer.tar" | cut -d' ' -f1)
+  layer=$(sha256sum "$d/layer.tar.gz" | cut -d' ' -f1)
+  layer_size=$(stat -c %s "$d/layer.tar.gz")
+  cp "$d/layer.tar.gz" "$oci/blobs/sha256/$layer"
+  printf '%s' '{"architecture":"'"$arch"'","config":{"Cmd":["bash"],"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},"created":"1970-01-01T00:00:00Z","history":[{"created":"1970-01-01T00:00:00Z","created_by":"debootstrap --variant=minbase bookworm"}],"os":"linux","rootfs":{"diff_ids":["sha256:'"$diff_id"'"],"type":"layers"}}' >"$d/config.json"
+  config=$(sha256sum "$d/config.json" | cut -d' ' -f1); config_size=$(stat -c %s "$d/config.json")
+  cp "$d/config.json" "$oci/blobs/sha256/$config"
+  printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config"'","size":'"$config_size"'},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$layer"'","size":'"$layer_size"'}]}' >"$d/manifest.json"
+  manifest=$(sha256sum "$d/manifest.json" | cut -d' ' -f1); manifest_size=$(stat -c %s "$d/manifest.json")
+  cp "$d/manifest.json" "$oci/blobs/sha256/$manifest"
+  printf '%s' '{"imageLayoutVersion":"1.0.0"}' >"$oci/oci-layout"
+  printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$manifest"'","size":'"$manifest_size"',"annotations":{"org.opencontainers.image.ref.name":"bookworm"}}]}' >"$oci/index.json"
+  rm -rf "$d"
+  skopeo copy --quiet --dest-tls-verify=false "oci:$oci:bookworm" "docker://$reg/base/debian:bookworm"
+  echo "$reg/base/debian:bookworm"
+}
+
+# --- buildah storage driver -------------------------------------------------
+driver=overlay
+probe=$work/probe
+if ! buildah --storage-driver overlay --root "$probe/root" --runroot "$probe/run" \
+     from --tls-verify=false --name probe "$base" >"$log/probe.log" 2>&1 \
+   || ! buildah --storage-driver overlay --root "$probe/root" --runroot "$probe/run" \
+     run --isolation chroot probe true >>"$log/probe.log" 2>&1; then
+  driver=vfs
+fi
+buildah --storage-driver "$driver" --root "$probe/root" --runroot "$probe/run" rm -a >/dev/null 2>&1 || true
+buildah --storage-driver "$driver" --root "$probe/root" --runroot "$probe/run" rmi -a -f >/dev/null 2>&1 || true
+{ findmnt -rn -o TARGET | grep "^$probe/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+rm -rf "$probe"
+
+# buildah's --cache-from/--cache-to (1.27+).
+buildah_remote=0
+buildah bud --help 2>/dev/null | grep -q -- '--cache-from' && buildah_remote=1
+
+# --- workloads ----------------------------------------------------------------
+ctx=$work/ctx
+mk_anchor5() {
+  mkdir -p "$ctx/anchor5"
+  cat >"$ctx/anchor5/Dockerfile" <<EOF
+FROM $base
+RUN echo hello >/hello.txt && mkdir -p /app
+ENV APP_ENV=bench
+LABEL org.example.bench=anchor5
+WORKDIR /app
+CMD ["sh"]
+EOF
+}
+mk_anchor6() {
+  mkdir -p "$ctx/anchor6/app"
+  cat >"$ctx/anchor6/Dockerfile" <<EOF
+FROM $base
+RUN mkdir -p /data && cd /data && i=0 && while [ \$i -lt 2000 ]; do echo \$i >f\$i; i=\$((i+1)); done
+RUN rm -f /data/f1*
+RUN chmod -R go-w /data
+COPY app/ /app/
+WORKDIR /app
+CMD ["sh", "/app/run.sh"]
+EOF
+  printf '#!/bin/sh\necho app\n' >"$ctx/anchor6/app/run.sh"
+  for i in $(seq 20); do printf 'file %s\n' "$i" >"$ctx/anchor6/app/src$i.txt"; done
+}
+mk_monorepo() {
+  local d=$ctx/monorepo
+  mkdir -p "$d/src"
+  # 50 packages x 1000 one-line files = 50k files.
+  for p in $(seq -w 0 49); do
+    mkdir -p "$d/src/pkg$p"
+    (cd "$d/src/pkg$p" && seq 1 1000 | sed "s/^/pkg$p line /" | split -l 1 -a 3 - f)
+  done
+  cat >"$d/Dockerfile" <<EOF
+FROM $base
+COPY . /src
+RUN find /src -type f | wc -l >/file-count
+CMD ["sh"]
+EOF
+}
+mk_bigroot() {
+  mkdir -p "$ctx/bigroot"
+  cat >"$ctx/bigroot/Dockerfile" <<EOF
+FROM $base
+RUN mkdir /big && cd /big && for d in \$(seq 0 99); do mkdir \$d && (cd \$d && seq 1 1000 | xargs touch); done
+ARG TOUCH=0
+RUN echo "\$TOUCH" >/big/0/1
+CMD ["sh"]
+EOF
+}
+mk_debian() {
+  local d=$ctx/debian debian
+  debian=$(debian_base)
+  mkdir -p "$d/bin"
+  printf '%s\n' '#include <stdio.h>' 'int main(void) { puts("hello from kiln-bench"); return 0; }' >"$d/hello.c"
+  command -v gcc >/dev/null || { echo "compare.sh: --debian needs gcc on the host (static hello)" >&2; exit 1; }
+  gcc -static -O2 -o "$d/bin/hello" "$d/hello.c"
+  cat >"$d/Dockerfile" <<DOCKERFILE
+FROM $debian AS build
+WORKDIR /src
+COPY hello.c bin/hello /src/
+RUN mkdir -p /out && install -m 0755 /src/hello /out/hello && /out/hello >/out/greeting && sha256sum /src/hello.c >/out/source.sha256
+FROM $debian
+RUN useradd --system --no-create-home app
+COPY --from=build /out/ /usr/local/bin/
+USER app
+CMD ["/usr/local/bin/hello"]
+DOCKERFILE
+}
+# The file scenario `onefile` changes.
+change_file() {
+  case $1 in
+    anchor6) echo "change $2" >>"$ctx/anchor6/app/src1.txt" ;;
+    monorepo) echo "change $2" >>"$ctx/monorepo/src/pkg00/faaa" ;;
+    debian) echo "/* change $2 */" >>"$ctx/debian/hello.c" ;;
+  esac
+}
+
+# --- runners ------------------------------------------------------------------
+now() { echo "${EPOCHREALTIME/,/.}"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+# kiln_run WL STATE TAG LOGNAME [extra args...] -> prints seconds
+kiln_run() {
+  local wl=$1 state=$2 tag=$3 name=$4; shift 4
+  local t0 t1
+  t0=$(now)
+  if ! "$kiln" build --context "$ctx/$wl" --dockerfile "$ctx/$wl/Dockerfile" \
+      --destination "$reg/kiln/$wl:$tag" --cache-dir "$state" "$@" >"$log/$name.out" 2>"$log/$name.err"; then
+    echo "compare.sh: kiln build failed ($name):" >&2; tail -20 "$log/$name.err" >&2; exit 1
+  fi
+  t1=$(now)
+  elapsed "$t0" "$t1"
+}
+# buildah_run WL ROOT TAG LOGNAME [extra bud args...] -> prints seconds
+buildah_run() {
+  local wl=$1 root=$2 tag=$3 name=$4; shift 4
+  local b=(buildah --storage-driver "$driver" --root "$root/root" --runroot "$root/run")
+  local t0 t1
+  t0=$(now)
+  if ! "${b[@]}" bud --tls-verify=false --isolation chroot --layers "$@" -t "$wl:$tag" "$ctx/$wl" \
+      >"$log/$name.out" 2>"$log/$name.err"; then
+    echo "compare.sh: buildah bud failed ($name):" >&2; tail -20 "$log/$name.err" >&2; exit 1
+  fi
+  if ! "${b[@]}" push --tls-verify=false "$wl:$tag" "docker://$reg/buildah/$wl:$tag" \
+      >>"$log/$name.out" 2>>"$log/$name.err"; then
+    echo "compare.sh: buildah push failed ($name):" >&2; tail -20 "$log/$name.err" >&2; exit 1
+  fi
+  t1=$(now)
+  elapsed "$t0" "$t1"
+}
+drop_buildah() {
+  local root=$1
+  buildah --storage-driver "$driver" --root "$root/root" --runroot "$root/run" rm -a >/dev/null 2>&1 || true
+  { findmnt -rn -o TARGET | grep "^$root/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  rm -rf "$root"
+}
+median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) { print "n/a"; exit } if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+rows=()
+phases=()
+# record WL SCENARIO "kiln times" "buildah times" [note]
+record() {
+  local km bm ratio
+  km=$(echo "$3" | median)
+  bm=$(echo "$4" | median)
+  if [ "$km" = n/a ] || [ "$bm" = n/a ]; then ratio=n/a
+  else ratio=$(awk -v k="$km" -v b="$bm" 'BEGIN { printf "%.2f×", k / b }'); fi
+  rows+=("| $1 | $2 | $km | $bm | $ratio | ${5:-} |")
+  printf '  %-9s %-9s kiln %-7s buildah %-7s ratio %s  [kiln: %s] [buildah: %s]\n' \
+    "$1" "$2" "$km" "$bm" "$ratio" "$3" "$4" >&2
+}
+# The kiln summary's phase line of a run's log, e.g. "resolve 0.010s, lookup 0.004s".
+kiln_phases() {
+  local line total
+  line=$(grep -m1 '^ *time:' "$log/$1.err" | sed 's/^ *time: *//' || true)
+  total=$(grep -m1 'built in' "$log/$1.err" | sed 's/.*built in \([0-9.]*s\).*(outputs \([0-9.]*s\).*/built in \1, outputs \2/' || true)
+  echo "$line; $total"
+}
+
+# --- scenarios ----------------------------------------------------------------
+# cold: a fresh kiln state and a fresh buildah root per run, a new tag per run.
+sc_cold() {
+  local wl=$1 kt="" bt="" i s
+  for i in $(seq "$runs"); do
+    s=$(kiln_run "$wl" "$work/k-cold-$wl-$i" "cold$i" "$wl-cold-kiln-$i"); kt+=" $s"
+    rm -rf "$work/k-cold-$wl-$i"
+    s=$(buildah_run "$wl" "$work/b-cold-$wl-$i" "cold$i" "$wl-cold-buildah-$i"); bt+=" $s"
+    drop_buildah "$work/b-cold-$wl-$i"
+  done
+  record "$wl" cold "$kt" "$bt"
+}
+# warm: one build each into persistent state, used by nochange and onefile.
+warm() {
+  local wl=$1
+  kiln_run "$wl" "$work/k-warm-$wl" warm "$wl-warm-kiln" >/dev/null
+  buildah_run "$wl" "$work/b-warm-$wl" warm "$wl-warm-buildah" >/dev/null
+}
+sc_nochange() {
+  local wl=$1 kt="" bt="" i s
+  for i in $(seq "$runs"); do
+    s=$(kiln_run "$wl" "$work/k-warm-$wl" nochange "$wl-nochange-kiln-$i"); kt+=" $s"
+    s=$(buildah_run "$wl" "$work/b-warm-$wl" nochange "$wl-nochange-buildah-$i"); bt+=" $s"
+  done
+  record "$wl" nochange "$kt" "$bt"
+  phases+=("| $wl | $(kiln_phases "$wl-nochange-kiln-$(( (runs + 1) / 2 ))") |")
+}
+# onefile: each run changes the file first; both builders see the same change.
+sc_onefile() {
+  local wl=$1 kt="" bt="" i s
+  for i in $(seq "$runs"); do
+    change_file "$wl" "$i"
+    s=$(kiln_run "$wl" "$work/k-warm-$wl" onefile "$wl-onefile-kiln-$i"); kt+=" $s"
+    s=$(buildah_run "$wl" "$work/b-warm-$wl" onefile "$wl-onefile-buildah-$i"); bt+=" $s"
+  done
+  record "$wl" onefile "$kt" "$bt"
+}
+# remote: a previous build filled the remote cache; each run starts from
+# empty local state (a "new machine").
+sc_remote() {
+  local wl=$1 kt="" bt="" i s note=""
+  kiln_run "$wl" "$work/k-seed-$wl" seed "$wl-remote-seed-kiln" --cache-repo "$reg/kiln/cache-$wl" >/dev/null
+  rm -rf "$work/k-seed-$wl"
+  if [ "$buildah_remote" = 1 ]; then
+    buildah_run "$wl" "$work/b-seed-$wl" seed "$wl-remote-seed-buildah" \
+      --cache-to "$reg/buildah/cache-$wl" --cache-from "$reg/buildah/cache-$wl" >/dev/null
+    drop_buildah "$work/b-seed-$wl"
+  fi
+  for i in $(seq "$runs"); do
+    s=$(kiln_run "$wl" "$work/k-remote-$wl-$i" "remote$i" "$wl-remote-kiln-$i" --cache-repo "$reg/kiln/cache-$wl"); kt+=" $s"
+    rm -rf "$work/k-remote-$wl-$i"
+    if [ "$buildah_remote" = 1 ]; then
+      s=$(buildah_run "$wl" "$work/b-remote-$wl-$i" "remote$i" "$wl-remote-buildah-$i" \
+        --cache-from "$reg/buildah/cache-$wl"); bt+=" $s"
+      drop_buildah "$work/b-remote-$wl-$i"
+    fi
+  done
+  [ "$buildah_remote" = 1 ] || note="buildah $(buildah --version | awk '{print $3}') has no --cache-from"
+  # Did the runs really hit the remote cache?
+  local hits
+  hits=$(grep -ho '[0-9]* hits from --cache-repo' "$log/$wl-remote-kiln-1.err" | head -1 || true)
+  note="${note:+$note; }kiln run 1: ${hits:-?}"
+  if [ "$buildah_remote" = 1 ]; then
+    local used
+    used=$(grep -c -i 'cache' "$log/$wl-remote-buildah-1.out" || true)
+    note+="; buildah run 1: $(grep -ci 'Using cache' "$log/$wl-remote-buildah-1.out" || true) 'Using cache' lines"
+    : "$used"
+  fi
+  record "$wl" remote "$kt" "$bt" "$note"
+}
+# touch1: only the last RUN changes (a build arg it alone reads).
+sc_touch1() {
+  local wl=$1 kt="" bt="" i s
+  for i in $(seq "$runs"); do
+    s=$(kiln_run "$wl" "$work/k-warm-$wl" touch1 "$wl-touch1-kiln-$i" --build-arg "TOUCH=$i"); kt+=" $s"
+    s=$(buildah_run "$wl" "$work/b-warm-$wl" touch1 "$wl-touch1-buildah-$i" --build-arg "TOUCH=$i"); bt+=" $s"
+  done
+  record "$wl" touch1 "$kt" "$bt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
+}
+
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "compare.sh: $runs runs per scenario, buildah storage driver $driver, registry $reg, work $work" >&2
+IFS=, read -r -a wls <<<"$only"
+for wl in "${wls[@]}"; do
+  echo "== $wl" >&2
+  "mk_$wl"
+  case $wl in
+    anchor5) sc_cold "$wl"; warm "$wl"; sc_nochange "$wl"; sc_remote "$wl" ;;
+    anchor6|monorepo|debian) sc_cold "$wl"; warm "$wl"; sc_nochange "$wl"; sc_onefile "$wl"; sc_remote "$wl" ;;
+    bigroot) warm "$wl"; sc_touch1 "$wl" ;;
+    *) echo "compare.sh: unknown workload $wl" >&2; exit 2 ;;
+  esac
+  # Free the warm buildah roots as we go (bigroot's is large).
+  drop_buildah "$work/b-warm-$wl"; rm -rf "$work/k-warm-$wl"
+done
+
+# --- report -------------------------------------------------------------------
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null | head -1)
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+{
+  echo "## Kiln vs buildah: build + push, medians of $runs alternating runs"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- machine: $(nproc) CPUs ($cpu), kernel $(uname -r), $(awk '/MemTotal/ {printf "%.0f GB RAM", $2/1048576}' /proc/meminfo)"
+  echo "- kiln: commit $commit${dirty:+ (with uncommitted changes)}; $("$kiln" --version 2>/dev/null || echo kiln), binary $kiln_src built $kiln_built"
+  echo "- buildah: $(buildah --version | awk '{print $3}'), --storage-driver $driver --isolation chroot --layers, then buildah push$( [ "$driver" = vfs ] && echo ' (overlay was not usable here: vfs)')"
+  echo "- load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers)"
+  echo "- registry: Distribution $(docker-registry --version 2>/dev/null | awk '{print $3}') on 127.0.0.1, plain HTTP; base: the busybox fixture"
+  echo "- rerun: \`benches/compare.sh --runs $runs\` (as root, after \`cargo build --release\`)"
+  echo
+  echo "| workload | scenario | Kiln (s) | buildah (s) | Kiln/buildah | notes |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+  echo
+  echo "Workloads: anchor5 = RUN + 4 metadata steps; anchor6 = RUN creating 2000 files, rm, chmod, COPY, WORKDIR, CMD;"
+  echo "monorepo = COPY of a 50k-file context + a RUN; debian (with --debian) = a debootstrap minbase bookworm base,"
+  echo "a builder stage (COPY of a C source and a host-built static binary, RUN) and a final stage (RUN useradd,"
+  echo "COPY --from=build, USER); bigroot = a RUN creating 100k files, then a RUN (touch1) that"
+  echo "writes one file and is the only step to re-run (a build arg). Scenarios: cold = empty local state;"
+  echo "nochange = warm rebuild; onefile = one file the COPY reads changed; remote = empty local state, warm remote"
+  echo "cache (kiln --cache-repo, buildah --cache-from)."
+  if [ "${#phases[@]}" -gt 0 ]; then
+    echo
+    echo "Kiln's own phase times in the no-change rebuild (its build summary, median run):"
+    echo
+    echo "| workload | phases |"
+    echo "|---|---|"
+    printf '%s\n' "${phases[@]}"
+  fi
+} >"$work/report.md"
+cat "$work/report.md"
+if [ -n "$out" ]; then
+  mkdir -p "$(dirname "$out")"
+  cp "$work/report.md" "$out"
+  echo "compare.sh: wrote $out" >&2
+fi

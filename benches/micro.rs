@@ -1,0 +1,239 @@
+//! Micro-benchmarks of Kiln's hot paths (issue 7), on the public APIs of
+//! kiln-engine and kiln-cachestore:
+//!
+//! - context hashing (`key::hash_sources*`) of 10k files, cold and with the
+//!   stat cache;
+//! - a snapshot rescan after a one-file change in a 100k-file root (the
+//!   walk snapshotter, `rootfs::snapshot::Snapshot`);
+//! - layer writing (`layer::LayerWriter`), tar + gzip and tar + zstd, MB/s;
+//! - cache keys for a 50-step Dockerfile (parse, resolve, plan, keys);
+//! - index lookups (`Index::get_steps`) of 50 keys.
+//!
+//! `cargo bench --workspace --bench micro` runs them all; CI runs
+//! `cargo bench --workspace --bench micro -- --quick` as a smoke run.
+//! Fixtures are built once per process in a temp dir (the 100k-file root
+//! takes a few seconds).
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::hint::black_box;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+use kiln_cachestore::{BlobStore, Index, Platform, StepEntry};
+use kiln_engine::dockerfile::{self, StageGraph};
+use kiln_engine::key::{self, KeyInputs};
+use kiln_engine::layer::{Compression, LayerWriter};
+use kiln_engine::plan;
+use kiln_engine::rootfs::snapshot::{Snapshot, SnapshotMode};
+
+/// `files` small files spread over directories of 1000, under `root`.
+fn make_tree(root: &Path, files: usize) {
+    for i in 0..files {
+        let dir = root.join(format!("d{:03}", i / 1000));
+        if i % 1000 == 0 {
+            fs::create_dir_all(&dir).unwrap();
+        }
+        fs::write(dir.join(format!("f{i:06}")), format!("file {i}\n")).unwrap();
+    }
+}
+
+fn context_hashing(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    make_tree(&ctx, 10_000);
+    let sources = vec![ctx.clone()];
+    let state = tmp.path().join("state");
+    let index = Index::open(&state).unwrap();
+    // Files younger than two seconds are never stat-cached (racy).
+    std::thread::sleep(Duration::from_millis(2100));
+    key::hash_sources_cached(&sources, false, None, Some(&index)).unwrap();
+
+    let mut g = c.benchmark_group("context_hash_10k_files");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("cold", |b| {
+        b.iter(|| black_box(key::hash_sources(&sources, false).unwrap()))
+    });
+    g.bench_function("stat_cache", |b| {
+        b.iter(|| black_box(key::hash_sources_cached(&sources, false, None, Some(&index)).unwrap()))
+    });
+    g.finish();
+}
+
+fn snapshot_rescan(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    make_tree(&root, 100_000);
+    let mut snapshot =
+        Snapshot::scan(&root, SnapshotMode::Redo, &["proc", "sys", "dev"], &[]).unwrap();
+    assert!(snapshot.len() >= 100_000);
+    let target = root.join("d050/f050000");
+    let mut n = 0u64;
+
+    let mut g = c.benchmark_group("snapshot_100k_files");
+    g.sample_size(10);
+    g.bench_function("rescan_after_one_file_change", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                fs::write(&target, format!("changed {n}\n")).unwrap();
+            },
+            |()| {
+                let changes = snapshot.rescan(&root, &[PathBuf::new()]).unwrap();
+                assert!(!changes.is_empty());
+                changes
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+fn layer_writing(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    // 16 MiB of text-like data in 16 files: compressible, not trivially.
+    let mut rels = Vec::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let words = [
+        "alpha", "beta", "gamma", "delta", "kiln", "layer", "cache", "0x1f", "\n",
+    ];
+    for f in 0..16 {
+        let rel = PathBuf::from(format!("file{f:02}"));
+        let mut out = fs::File::create(root.join(&rel)).unwrap();
+        let mut buf = Vec::with_capacity(1 << 20);
+        while buf.len() < 1 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+            buf.extend_from_slice(format!(" {} ", x % 10_000).as_bytes());
+        }
+        buf.truncate(1 << 20);
+        out.write_all(&buf).unwrap();
+        rels.push(rel);
+    }
+    let store_dir = tmp.path().join("state");
+    let store = BlobStore::open(&store_dir).unwrap();
+
+    let mut g = c.benchmark_group("layer_write_16MiB");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(16 << 20));
+    for (name, compression) in [
+        ("gzip_6", Compression::Gzip { level: 6 }),
+        ("gzip_1", Compression::Gzip { level: 1 }),
+        ("zstd_3", Compression::Zstd { level: 3 }),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut w = LayerWriter::new(&store, compression, Some(0)).unwrap();
+                for rel in &rels {
+                    w.add(&root, rel).unwrap();
+                }
+                black_box(w.finish().unwrap())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn cache_keys(c: &mut Criterion) {
+    // 50 steps: RUNs with args and env, COPYs and metadata, as a real file.
+    let mut text = String::from("ARG BASE=busybox\nFROM ${BASE} AS build\nARG V=1\n");
+    for i in 0..50 {
+        text.push_str(&match i % 5 {
+            0 => format!("RUN echo step {i} $V > /s{i}\n"),
+            1 => format!("ENV K{i}=value{i}\n"),
+            2 => format!("WORKDIR /w{i}\n"),
+            3 => format!("RUN [\"sh\", \"-c\", \"echo {i} > /e{i}\"]\n"),
+            _ => format!("LABEL l{i}=v{i}\n"),
+        });
+    }
+    let host = Platform::host();
+    let platform = dockerfile::Platform {
+        os: host.os.clone(),
+        architecture: host.architecture.clone(),
+        variant: host.variant.clone(),
+    };
+    let build_args = BTreeMap::new();
+    let configs = HashMap::new();
+    let labels = BTreeMap::new();
+    let platform_name = format!("{}/{}", host.os, host.architecture);
+
+    let mut g = c.benchmark_group("cache_keys_50_steps");
+    g.sample_size(20);
+    g.bench_function("parse_plan_and_key", |b| {
+        b.iter(|| {
+            let df = dockerfile::parse(&text).unwrap();
+            let graph = StageGraph::resolve(&df, &build_args, None, &platform).unwrap();
+            let plan = plan::plan(&df, &graph, &configs, &host, &labels).unwrap();
+            let mut parent = String::from("sha256:base");
+            let mut keys = 0;
+            for stage in &plan.stages {
+                for step in &stage.steps {
+                    let inputs = KeyInputs {
+                        parent: &parent,
+                        platform: &platform_name,
+                        source_identity: "",
+                        sources_digest: "",
+                    };
+                    if let Some(k) = key::step_key(step, &inputs) {
+                        parent = k;
+                        keys += 1;
+                    }
+                }
+            }
+            assert!(keys >= 20);
+            black_box(parent)
+        })
+    });
+    g.finish();
+}
+
+fn index_lookups(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = Index::open(tmp.path()).unwrap();
+    let entries: Vec<(String, StepEntry)> = (0..2000)
+        .map(|i| {
+            let k = key::KeyHasher::new("bench")
+                .field("i", &(i as u64).to_le_bytes())
+                .finish();
+            (k, StepEntry::new(None))
+        })
+        .collect();
+    index.put_steps(&entries).unwrap();
+    let hits: Vec<String> = entries
+        .iter()
+        .step_by(40)
+        .take(50)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let misses: Vec<String> = (0..50).map(|i| format!("missing-{i}")).collect();
+
+    let mut g = c.benchmark_group("index_get_steps_50_keys");
+    g.sample_size(20);
+    g.bench_function("hits", |b| {
+        b.iter(|| {
+            let got = index.get_steps(&hits).unwrap();
+            assert!(got.iter().all(Option::is_some));
+            black_box(got)
+        })
+    });
+    g.bench_function("misses", |b| {
+        b.iter(|| black_box(index.get_steps(&misses).unwrap()))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = context_hashing, snapshot_rescan, layer_writing, cache_keys, index_lookups
+}
+criterion_main!(benches);

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Profiles Kiln's no-change rebuild of the 6-step anchor (busybox fixture,
+# a RUN creating 2000 files, rm, chmod, COPY, WORKDIR, CMD) against a local
+# registry: `perf stat` over 10 warm rebuilds, then a `perf record` with
+# DWARF call graphs over 3 of them, and the top symbols, self and children.
+#
+#   benches/profile.sh [--kiln PATH] [--keep]
+#
+# Needs perf, docker-registry, skopeo, busybox-static, root.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
+keep=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --kiln) kiln=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    *) echo "profile.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+command -v perf >/dev/null || { echo "profile.sh: perf is not installed" >&2; exit 1; }
+
+work=$(mktemp -d /var/tmp/kiln-profile.XXXXXX)
+reg_pid=
+cleanup() {
+  if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
+  if [ "$keep" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+cp "$kiln" "$work/kiln"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+reg=127.0.0.1:$port
+printf 'version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
+  "$work/registry" "$reg" >"$work/registry.yml"
+docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do curl -fs "http://$reg/v2/" >/dev/null 2>&1 && break; sleep 0.05; done
+"$repo/fixtures/busybox.sh" "$work/busybox" >/dev/null
+skopeo copy --quiet --dest-tls-verify=false "oci:$work/busybox:latest" "docker://$reg/base/busybox:latest"
+
+ctx=$work/ctx
+mkdir -p "$ctx/app"
+cat >"$ctx/Dockerfile" <<EOF
+FROM $reg/base/busybox:latest
+RUN mkdir -p /data && cd /data && i=0 && while [ \$i -lt 2000 ]; do echo \$i >f\$i; i=\$((i+1)); done
+RUN rm -f /data/f1*
+RUN chmod -R go-w /data
+COPY app/ /app/
+WORKDIR /app
+CMD ["sh", "/app/run.sh"]
+EOF
+printf '#!/bin/sh\necho app\n' >"$ctx/app/run.sh"
+for i in $(seq 20); do echo "$i" >"$ctx/app/src$i.txt"; done
+
+build=("$work/kiln" build --context "$ctx" --dockerfile "$ctx/Dockerfile"
+  --destination "$reg/kiln/app:1" --cache-dir "$work/state")
+"${build[@]}" >/dev/null 2>&1 # warm the cache
+"${build[@]}" 2>&1 | grep -E 'time:|built in'
+
+echo "== perf stat, 10 no-change rebuilds"
+perf stat -r 10 -e task-clock,context-switches,cpu-migrations,page-faults "${build[@]}" 2>&1 >/dev/null |
+  sed -n '/Performance counter stats/,$p'
+
+echo "== perf record (DWARF call graphs), 3 no-change rebuilds"
+perf record -q -F 5000 --call-graph dwarf,32768 -o "$work/perf.data" -- \
+  bash -c 'for i in 1 2 3; do "$@" >/dev/null 2>&1; done' _ "${build[@]}" 2>/dev/null
+echo "-- self time, top 15"
+perf report -i "$work/perf.data" --comm kiln --no-children --sort dso,symbol -g none 2>/dev/null |
+  grep '%' | grep -v '^#' | head -15 | cut -c1-150
+echo "-- with children (Kiln's and its crates' frames), top 25"
+perf report -i "$work/perf.data" --comm kiln --children --sort symbol -g none 2>/dev/null |
+  grep '%' | grep -v '^#' | grep -E 'kiln|oci_|regex::|rustls|rocksdb|tokio::runtime::task' | head -25 | cut -c1-150

@@ -1,0 +1,306 @@
+//! Keeping the state dir healthy: statistics, garbage collection,
+//! verification after crashes, and pruning.
+use std::collections::HashSet;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::blobs::BlobStore;
+use crate::error::{IoContext, Result};
+use crate::index::{Index, StepEntry};
+
+/// Blobs younger than this are never collected: a running build may have
+/// written them without having recorded its entries yet.
+const GRACE: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: usize,
+    pub blobs: usize,
+    pub blob_bytes: u64,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    pub entries_removed: usize,
+    pub blobs_removed: usize,
+    pub bytes_freed: u64,
+    pub build_dirs_removed: usize,
+    /// Builds running during the GC: while there are any, blobs are kept
+    /// (a running build may rely on a blob no entry names yet).
+    pub live_builds: usize,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub blobs_checked: usize,
+    pub bad_blobs_removed: usize,
+    pub entries_without_blobs: usize,
+    pub temp_files_removed: usize,
+}
+
+impl VerifyReport {
+    pub fn clean(&self) -> bool {
+        self.bad_blobs_removed == 0 && self.entries_without_blobs == 0
+    }
+}
+
+/// Every stored blob: (digest, size, modified).
+fn blobs(store: &BlobStore) -> Result<Vec<(String, u64, SystemTime)>> {
+    let dir = store.root().join("sha256");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&dir).at(&dir)? {
+        let entry = entry.at(&dir)?;
+        let meta = entry.metadata().at(entry.path())?;
+        let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+        out.push((digest, meta.len(), meta.modified().at(entry.path())?));
+    }
+    Ok(out)
+}
+
+pub fn stats(store: &BlobStore, index: &Index) -> Result<Stats> {
+    let blobs = blobs(store)?;
+    Ok(Stats {
+        entries: index.all_steps()?.len(),
+        blobs: blobs.len(),
+        blob_bytes: blobs.iter().map(|b| b.1).sum(),
+    })
+}
+
+/// Removes entries older than `older_than`, then blobs no entry refers to
+/// (oldest first, and only until the store is under `max_size` when one is
+/// given), then the work dirs of builds that are gone.
+pub fn gc(
+    state_dir: &Path,
+    store: &BlobStore,
+    index: &Index,
+    older_than: Duration,
+    max_size: Option<u64>,
+) -> Result<GcReport> {
+    let mut report = GcReport::default();
+    (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state_dir)?;
+    let entries = index.all_steps()?;
+    let (expired, kept): (Vec<_>, Vec<_>) = entries
+        .into_iter()
+        .partition(|(_, e)| e.expired(older_than));
+    report.entries_removed = expired.len();
+    index.remove_steps(&expired.into_iter().map(|(k, _)| k).collect::<Vec<_>>())?;
+    let referenced = referenced(&kept);
+
+    let mut candidates: Vec<_> = blobs(store)?
+        .into_iter()
+        .filter(|(d, _, modified)| {
+            !referenced.contains(d) && modified.elapsed().is_ok_and(|age| age > GRACE)
+        })
+        .collect();
+    candidates.sort_by_key(|(_, _, modified)| *modified);
+    let mut total: u64 = blobs(store)?.iter().map(|b| b.1).sum();
+    for (digest, size, _) in candidates {
+        if report.live_builds > 0 || max_size.is_some_and(|max| total <= max) {
+            break;
+        }
+        let path = store.path(&digest)?;
+        fs::remove_file(&path).at(&path)?;
+        total -= size;
+        report.blobs_removed += 1;
+        report.bytes_freed += size;
+    }
+    Ok(report)
+}
+
+fn referenced(entries: &[(String, StepEntry)]) -> HashSet<String> {
+    entries
+        .iter()
+        .filter_map(|(_, e)| e.layer.as_ref().map(|l| l.descriptor.digest.clone()))
+        .collect()
+}
+
+/// A build holds a lock on `builds/<dir>/lock` while it runs; a dir whose
+/// lock can be taken belongs to a build that died. Returns (removed, live).
+fn remove_abandoned_builds(state_dir: &Path) -> Result<(usize, usize)> {
+    let builds = state_dir.join("builds");
+    let Ok(dirs) = fs::read_dir(&builds) else {
+        return Ok((0, 0));
+    };
+    let (mut removed, mut live) = (0, 0);
+    for dir in dirs.flatten() {
+        let lock_path = dir.path().join("lock");
+        let abandoned = match fs::File::open(&lock_path) {
+            Ok(lock) => lock.try_lock().is_ok(),
+            // No lock file yet: only an old dir is certainly abandoned.
+            Err(_) => dir
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > GRACE)),
+        };
+        if abandoned {
+            fs::remove_dir_all(dir.path()).at(dir.path())?;
+            removed += 1;
+        } else {
+            live += 1;
+        }
+    }
+    Ok((removed, live))
+}
+
+/// Re-hashes every blob (a bad one is removed, so it is fetched or built
+/// again instead of served), drops entries whose layer is gone, and clears
+/// temp files no writer holds.
+pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    for (digest, _, _) in blobs(store)? {
+        report.blobs_checked += 1;
+        if !store.verify(&digest)? {
+            report.bad_blobs_removed += 1;
+        }
+    }
+    let mut orphans = Vec::new();
+    for (key, entry) in index.all_steps()? {
+        if let Some(layer) = &entry.layer {
+            if !store.contains(&layer.descriptor.digest)? {
+                orphans.push(key);
+            }
+        }
+    }
+    report.entries_without_blobs = orphans.len();
+    index.remove_steps(&orphans)?;
+    let tmp = store.root().join("tmp");
+    for entry in fs::read_dir(&tmp).at(&tmp)?.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > GRACE));
+        if old && fs::remove_file(entry.path()).is_ok() {
+            report.temp_files_removed += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Empties the cache: every entry, every blob, the work dirs of dead
+/// builds and the `RUN --mount=type=cache` directories.
+pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcReport> {
+    let keys: Vec<String> = index.all_steps()?.into_iter().map(|(k, _)| k).collect();
+    index.remove_steps(&keys)?;
+    let (build_dirs_removed, live_builds) = remove_abandoned_builds(state_dir)?;
+    if live_builds > 0 {
+        return Err(crate::CacheStoreError::Busy(format!(
+            "{live_builds} build(s) are using {}: prune when they are done",
+            state_dir.display()
+        )));
+    }
+    let mut report = GcReport {
+        entries_removed: keys.len(),
+        build_dirs_removed,
+        ..GcReport::default()
+    };
+    for (digest, size, _) in blobs(store)? {
+        let path = store.path(&digest)?;
+        fs::remove_file(&path).at(&path)?;
+        report.blobs_removed += 1;
+        report.bytes_freed += size;
+    }
+    let mounts = state_dir.join("mounts");
+    if mounts.exists() {
+        fs::remove_dir_all(&mounts).at(&mounts)?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Descriptor, Layer};
+
+    fn age(store: &BlobStore, digest: &str) {
+        let old = SystemTime::now() - 2 * GRACE;
+        fs::File::options()
+            .write(true)
+            .open(store.path(digest).unwrap())
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+
+    fn entry_for(digest: &str, created: u64) -> StepEntry {
+        StepEntry {
+            layer: Some(Layer {
+                descriptor: Descriptor {
+                    media_type: crate::manifest::OCI_LAYER_GZIP.into(),
+                    digest: digest.into(),
+                    size: 1,
+                    platform: None,
+                    annotations: None,
+                },
+                diff_id: digest.into(),
+            }),
+            created,
+        }
+    }
+
+    #[test]
+    fn gc_removes_expired_entries_and_unreferenced_old_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let kept = store.put(b"kept").unwrap().digest;
+        let expired = store.put(b"expired").unwrap().digest;
+        let fresh_orphan = store.put(b"being written by a build").unwrap().digest;
+        for d in [&kept, &expired] {
+            age(&store, d);
+        }
+        let now = crate::index::now_secs();
+        index
+            .put_steps(&[
+                ("k".into(), entry_for(&kept, now)),
+                ("e".into(), entry_for(&expired, now - 10 * 86400)),
+            ])
+            .unwrap();
+        let report = gc(dir.path(), &store, &index, Duration::from_secs(86400), None).unwrap();
+        assert_eq!((report.entries_removed, report.blobs_removed), (1, 1));
+        assert!(store.contains(&kept).unwrap());
+        assert!(!store.contains(&expired).unwrap());
+        assert!(store.contains(&fresh_orphan).unwrap());
+        assert_eq!(stats(&store, &index).unwrap().entries, 1);
+    }
+
+    #[test]
+    fn verify_repairs_what_a_crash_or_bit_rot_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let good = store.put(b"good").unwrap().digest;
+        let bad = store.put(b"bad").unwrap().digest;
+        fs::write(store.path(&bad).unwrap(), b"rotten").unwrap();
+        let now = crate::index::now_secs();
+        index
+            .put_steps(&[
+                ("g".into(), entry_for(&good, now)),
+                ("b".into(), entry_for(&bad, now)),
+            ])
+            .unwrap();
+        let report = verify(&store, &index).unwrap();
+        assert!(!report.clean());
+        assert_eq!(
+            (report.bad_blobs_removed, report.entries_without_blobs),
+            (1, 1)
+        );
+        assert!(verify(&store, &index).unwrap().clean());
+        assert_eq!(index.all_steps().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn abandoned_build_dirs_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("builds/build-live");
+        let dead = dir.path().join("builds/build-dead");
+        for d in [&live, &dead] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("lock"), b"").unwrap();
+        }
+        let held = fs::File::open(live.join("lock")).unwrap();
+        held.lock().unwrap();
+        assert_eq!(remove_abandoned_builds(dir.path()).unwrap(), (1, 1));
+        assert!(live.exists() && !dead.exists());
+    }
+}

@@ -1,0 +1,151 @@
+//! The remote cache tier (`--cache-repo`): one OCI manifest per step,
+//! tagged with the step's cache key, in one repository of any registry.
+//! Its config blob is the [`StepEntry`] and its one layer (if any) the
+//! step's layer, so a registry stores, mounts and collects entries like
+//! any image, and a new machine sharing the repo starts warm.
+use oci_client::Reference;
+
+use crate::blobs::BlobStore;
+use crate::error::{CacheStoreError, Result};
+use crate::index::StepEntry;
+use crate::manifest::{self, Descriptor, ImageManifest};
+use crate::registry::{parse_reference, RegistryClient};
+
+/// The config media type of a cache entry's manifest.
+pub const STEP_ENTRY: &str = "application/vnd.kiln.cache.step.v1+json";
+
+pub struct RemoteCache<'a> {
+    registry: &'a RegistryClient,
+    repo: Reference,
+}
+
+impl<'a> RemoteCache<'a> {
+    /// `repo` is `registry/repository`, without a tag, as Kaniko's
+    /// `--cache-repo`.
+    pub fn new(registry: &'a RegistryClient, repo: &str) -> Result<Self> {
+        let invalid = |message: &str| CacheStoreError::InvalidReference {
+            reference: repo.to_string(),
+            message: message.into(),
+        };
+        if repo.contains('@')
+            || repo
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last.contains(':'))
+        {
+            return Err(invalid(
+                "a cache repo has no tag or digest: keys are the tags",
+            ));
+        }
+        let repo = parse_reference(repo)?;
+        Ok(RemoteCache { registry, repo })
+    }
+
+    pub fn registry_host(&self) -> &str {
+        self.repo.resolve_registry()
+    }
+
+    fn tagged(&self, key: &str) -> Reference {
+        Reference::with_tag(
+            self.repo.registry().to_string(),
+            self.repo.repository().to_string(),
+            key.to_string(),
+        )
+    }
+
+    /// The entry for `key`, or `None`. Its config lands in the store; the
+    /// layer is fetched only by [`RemoteCache::fetch_layer`].
+    pub async fn get(&self, key: &str, store: &BlobStore) -> Result<Option<StepEntry>> {
+        let r = self.tagged(key);
+        let Some(bytes) = self
+            .registry
+            .pull_manifest_if_exists(&r, &[manifest::OCI_MANIFEST])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let malformed = |message: String| CacheStoreError::Malformed {
+            what: format!("cache entry {}", r.whole()),
+            message,
+        };
+        let m: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+        if m.config.media_type != STEP_ENTRY {
+            return Err(malformed(format!(
+                "config media type {} is not a Kiln cache entry",
+                m.config.media_type
+            )));
+        }
+        self.registry.pull_blob(&r, &m.config.digest, store).await?;
+        let entry: StepEntry = serde_json::from_slice(&store.read(&m.config.digest)?)
+            .map_err(|e| malformed(e.to_string()))?;
+        let listed: Vec<&str> = m.layers.iter().map(|l| l.digest.as_str()).collect();
+        let recorded: Vec<&str> = entry
+            .layer
+            .iter()
+            .map(|l| l.descriptor.digest.as_str())
+            .collect();
+        if listed != recorded {
+            return Err(malformed(
+                "the manifest and the entry name different layers".into(),
+            ));
+        }
+        Ok(Some(entry))
+    }
+
+    /// Streams an entry's layer into the store (verified by digest).
+    pub async fn fetch_layer(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
+        if let Some(layer) = &entry.layer {
+            self.registry
+                .pull_blob(&self.tagged(key), &layer.descriptor.digest, store)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Uploads an entry: the layer, the entry as config, then the manifest.
+    pub async fn put(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
+        let r = self.tagged(key);
+        let config_bytes = serde_json::to_vec(entry).expect("an entry always serializes");
+        let config = store.put(&config_bytes)?;
+        let mut layers = Vec::new();
+        if let Some(layer) = &entry.layer {
+            self.registry
+                .push_blob(&r, &layer.descriptor.digest, store)
+                .await?;
+            layers.push(layer.descriptor.clone());
+        }
+        self.registry.push_blob(&r, &config.digest, store).await?;
+        let m = ImageManifest {
+            schema_version: 2,
+            media_type: Some(manifest::OCI_MANIFEST.into()),
+            config: Descriptor {
+                media_type: STEP_ENTRY.into(),
+                digest: config.digest,
+                size: config.size,
+                platform: None,
+                annotations: None,
+            },
+            layers,
+            annotations: None,
+        };
+        let bytes = serde_json::to_vec(&m).expect("a manifest always serializes");
+        self.registry
+            .push_manifest(&r, bytes, manifest::OCI_MANIFEST)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RegistryOptions;
+
+    #[test]
+    fn a_cache_repo_has_no_tag() {
+        let client = RegistryClient::new(RegistryOptions::default());
+        assert!(RemoteCache::new(&client, "127.0.0.1:5000/cache").is_ok());
+        assert!(RemoteCache::new(&client, "127.0.0.1:5000/cache:v1").is_err());
+        assert!(RemoteCache::new(&client, "reg/cache@sha256:00").is_err());
+    }
+}

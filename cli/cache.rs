@@ -1,0 +1,125 @@
+//! `kiln cache`: look at and look after the state dir.
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use kiln_cachestore::{gc, BlobStore, Index};
+
+use crate::args::{CacheArgs, CacheCommand};
+use crate::build::default_state_dir;
+
+/// `10GiB`, `500M`, `1024`: binary units, as `--max-size` is usually given.
+fn parse_size(flag: &str, s: &str) -> Result<u64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(lower.len());
+    let (number, unit) = lower.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("{flag} {s:?}: expected a size such as 10GiB"))?;
+    let unit = unit.trim().trim_end_matches('b').trim_end_matches('i');
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => bail!("{flag} {s:?}: unknown unit (use K, M, G or T)"),
+    };
+    Ok((number * (1u64 << shift) as f64) as u64)
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}
+
+pub fn run(a: CacheArgs) -> Result<()> {
+    let state_dir = a.cache_dir.clone().unwrap_or_else(default_state_dir);
+    let at = || format!("--cache-dir {}", state_dir.display());
+    let store = BlobStore::open(&state_dir).with_context(at)?;
+    let index = Index::open(&state_dir).with_context(at)?;
+    match a.command {
+        CacheCommand::Stats => {
+            let s = gc::stats(&store, &index)?;
+            println!("entries: {}", s.entries);
+            println!("blobs:   {} ({})", s.blobs, human(s.blob_bytes));
+        }
+        CacheCommand::Ls => {
+            let now = kiln_cachestore::index::now_secs();
+            for (key, entry) in index.all_steps()? {
+                let age = Duration::from_secs(now.saturating_sub(entry.created));
+                let layer = match &entry.layer {
+                    Some(l) => format!("{} {}", l.descriptor.digest, human(l.descriptor.size)),
+                    None => "(no layer)".into(),
+                };
+                println!("{key} {layer} {} old", humantime::format_duration(age));
+            }
+        }
+        CacheCommand::Gc {
+            max_size,
+            older_than,
+        } => {
+            let max = max_size
+                .as_deref()
+                .map(|s| parse_size("--max-size", s))
+                .transpose()?;
+            let r = gc::gc(&state_dir, &store, &index, older_than.into(), max)?;
+            println!(
+                "removed {} entries, {} blobs ({}), {} abandoned build dirs",
+                r.entries_removed,
+                r.blobs_removed,
+                human(r.bytes_freed),
+                r.build_dirs_removed
+            );
+            if r.live_builds > 0 {
+                println!(
+                    "{} build(s) running: unreferenced blobs kept until they finish",
+                    r.live_builds
+                );
+            }
+        }
+        CacheCommand::Verify => {
+            let r = gc::verify(&store, &index)?;
+            println!(
+                "checked {} blobs: {} corrupt removed, {} entries without a blob dropped, {} stale temp files removed",
+                r.blobs_checked, r.bad_blobs_removed, r.entries_without_blobs, r.temp_files_removed
+            );
+            if !r.clean() {
+                bail!("the cache had damage (repaired): the next build rebuilds what was lost");
+            }
+        }
+        CacheCommand::Prune => {
+            let r = gc::prune(&state_dir, &store, &index)?;
+            println!(
+                "removed {} entries, {} blobs ({})",
+                r.entries_removed,
+                r.blobs_removed,
+                human(r.bytes_freed)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("f", "10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("f", "512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("f", "1024").unwrap(), 1024);
+        assert!(parse_size("f", "lots").is_err());
+        assert!(parse_size("f", "3X").is_err());
+        assert_eq!(human(1536), "1.5 KiB");
+    }
+}

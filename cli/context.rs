@@ -1,0 +1,171 @@
+//! `--context` as Kaniko and BuildKit take it: a directory (`DIR`,
+//! `dir://DIR`), a tarball (`tar://PATH`, plain or compressed;
+//! `tar://stdin` or `-` for one on stdin), or a git repository
+//! (`git://host/repo.git[#ref[:subdir]]`, cloned over https as Kaniko does,
+//! or any `https://`, `http://`, `file://` URL ending in `.git`), then
+//! `--context-sub-path`. Whatever is fetched lands in `scratch`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use kiln_engine::exec::add;
+
+/// Resolves `spec` to a local directory, fetching into `scratch` when needed.
+pub fn resolve(spec: &str, sub_path: Option<&Path>, scratch: &Path) -> Result<PathBuf> {
+    let dir = if let Some(path) = spec.strip_prefix("tar://") {
+        untar(path, scratch)?
+    } else if spec == "-" {
+        untar("stdin", scratch)?
+    } else if is_git(spec) {
+        clone(spec, scratch)?
+    } else if let Some(scheme) = ["s3://", "gs://", "azblob://", "https://", "http://"]
+        .iter()
+        .find(|s| spec.starts_with(**s))
+    {
+        bail!(
+            "--context {spec}: {scheme} contexts are not supported; download the archive and use tar://PATH (or tar://stdin)"
+        )
+    } else {
+        PathBuf::from(spec.strip_prefix("dir://").unwrap_or(spec))
+    };
+    let dir = match sub_path {
+        Some(sub) => {
+            let clean = kiln_engine::rootfs::clean_relative(sub);
+            if clean.as_os_str().is_empty() && sub != Path::new(".") && sub != Path::new("") {
+                bail!(
+                    "--context-sub-path {}: must stay inside the context",
+                    sub.display()
+                );
+            }
+            dir.join(clean)
+        }
+        None => dir,
+    };
+    if !dir.is_dir() {
+        bail!("--context {spec}: {} is not a directory", dir.display());
+    }
+    Ok(dir)
+}
+
+fn is_git(spec: &str) -> bool {
+    let url = spec.split('#').next().unwrap_or(spec);
+    spec.starts_with("git://")
+        || spec.starts_with("git@")
+        || (["https://", "http://", "file://", "ssh://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+            && url.ends_with(".git"))
+}
+
+/// Extracts a (possibly compressed) tarball with the untrusted-layer
+/// extractor: nothing in it can write outside the context dir.
+fn untar(path: &str, scratch: &Path) -> Result<PathBuf> {
+    let dir = scratch.join("context");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = if path == "stdin" {
+        // The extractor sniffs compression from a file, so stdin is saved first.
+        let saved = scratch.join("context.tar");
+        let mut out = std::fs::File::create(&saved)
+            .with_context(|| format!("creating {}", saved.display()))?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut out).context("--context tar://stdin")?;
+        saved
+    } else {
+        PathBuf::from(path)
+    };
+    let compression = add::detect_archive(&file)
+        .with_context(|| format!("--context tar://{path}"))?
+        .with_context(|| format!("--context tar://{path}: not a tar archive"))?;
+    add::extract_archive(&file, compression, &dir, None)
+        .map_err(|e| anyhow::anyhow!("--context tar://{path}: {e}"))?;
+    Ok(dir)
+}
+
+/// `URL[#ref[:subdir]]`: a shallow clone of `ref` (branch, tag, or any ref
+/// the server lets one fetch), then `subdir`. Credentials for private
+/// repositories come from `GIT_USERNAME`/`GIT_PASSWORD` (Kaniko's) or git's
+/// own credential configuration.
+fn clone(spec: &str, scratch: &Path) -> Result<PathBuf> {
+    let (url, fragment) = spec.split_once('#').unwrap_or((spec, ""));
+    let (reference, subdir) = fragment.split_once(':').unwrap_or((fragment, ""));
+    let mut url = match url.strip_prefix("git://") {
+        Some(rest) => format!("https://{rest}"),
+        None => url.to_string(),
+    };
+    if let (Ok(user), Ok(password), Some(rest)) = (
+        std::env::var("GIT_USERNAME"),
+        std::env::var("GIT_PASSWORD"),
+        url.strip_prefix("https://"),
+    ) {
+        url = format!("https://{user}:{password}@{rest}");
+    }
+    let dir = scratch.join("git");
+    let dir_str = dir.to_string_lossy().into_owned();
+    let git = |args: &[&str]| -> Result<()> {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(scratch)
+            .output()
+            .context("running git (install git for git contexts)")?;
+        if !out.status.success() {
+            // git's message may echo the URL: never show a password.
+            let said = String::from_utf8_lossy(&out.stderr).replace(
+                &std::env::var("GIT_PASSWORD").unwrap_or_else(|_| "\u{0}".into()),
+                "***",
+            );
+            let op = args
+                .iter()
+                .find(|a| !a.starts_with('-') && **a != dir_str)
+                .unwrap_or(&"");
+            bail!("--context {spec}: git {op} failed: {said}");
+        }
+        Ok(())
+    };
+    git(&["init", "--quiet", &dir_str])?;
+    let in_repo = |args: &[&str]| -> Result<()> {
+        let mut full = vec!["-C", dir_str.as_str()];
+        full.extend_from_slice(args);
+        git(&full)
+    };
+    in_repo(&["remote", "add", "origin", &url])?;
+    let wanted = if reference.is_empty() {
+        "HEAD"
+    } else {
+        reference
+    };
+    in_repo(&["fetch", "--quiet", "--depth", "1", "origin", wanted])?;
+    in_repo(&["checkout", "--quiet", "FETCH_HEAD"])?;
+    in_repo(&[
+        "submodule",
+        "update",
+        "--quiet",
+        "--init",
+        "--recursive",
+        "--depth",
+        "1",
+    ])?;
+    // As BuildKit: the .git dir is not part of the context.
+    std::fs::remove_dir_all(dir.join(".git")).ok();
+    Ok(dir.join(subdir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_of_context() {
+        assert!(is_git("git://github.com/acme/app.git#main:sub"));
+        assert!(is_git("https://example.com/app.git"));
+        assert!(is_git("file:///srv/app.git#v1"));
+        assert!(!is_git("https://example.com/context.tar.gz"));
+        assert!(!is_git("./app.git-not-a-url"));
+        let scratch = tempfile::tempdir().unwrap();
+        let err = resolve("s3://bucket/ctx.tar.gz", None, scratch.path()).unwrap_err();
+        assert!(err.to_string().contains("tar://"), "{err}");
+        let err = resolve("/nonexistent/ctx", None, scratch.path()).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        let err = resolve(".", Some(Path::new("../..")), scratch.path()).unwrap_err();
+        assert!(err.to_string().contains("--context-sub-path"), "{err}");
+    }
+}

@@ -1,0 +1,89 @@
+//! `kiln warm`: pull base images into the store before any build needs
+//! them, so CI nodes start warm.
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use kiln_cachestore::{warm, BlobStore, Index, RegistryClient};
+use kiln_engine::dockerfile::{self, BaseRef, StageGraph};
+
+use crate::args::{FrontendArgs, WarmArgs};
+use crate::build::{
+    default_state_dir, parse_pairs, parse_platform, read_dockerfile, registry_options,
+};
+
+/// Every image a Dockerfile's stages start from or copy from (only those
+/// the `--target` needs when one is given).
+fn dockerfile_images(
+    frontend: &FrontendArgs,
+    platform: &kiln_cachestore::Platform,
+) -> Result<Vec<String>> {
+    let (name, text) = read_dockerfile(frontend, None)?;
+    let located = |e: dockerfile::FrontendError| anyhow!("{name}:{}: {}", e.line, e.message);
+    let df = dockerfile::parse(&text).map_err(located)?;
+    let graph = StageGraph::resolve(
+        &df,
+        &parse_pairs("--build-arg", &frontend.build_args)?,
+        frontend.target.as_deref(),
+        &dockerfile::Platform {
+            os: platform.os.clone(),
+            architecture: platform.architecture.clone(),
+            variant: platform.variant.clone(),
+        },
+    )
+    .map_err(located)?;
+    let mut images = Vec::new();
+    for stage in &graph.stages {
+        if frontend.target.is_some() && !stage.needed {
+            continue;
+        }
+        for r in &stage.refs {
+            if let BaseRef::Image(image) = &r.target {
+                if !images.contains(image) {
+                    images.push(image.clone());
+                }
+            }
+        }
+    }
+    Ok(images)
+}
+
+pub fn run(a: WarmArgs) -> Result<()> {
+    let platform = parse_platform(a.custom_platform.as_deref())?;
+    let mut images = a.images.clone();
+    if a.dockerfile_given() {
+        images.extend(dockerfile_images(&a.frontend, &platform)?);
+    }
+    if images.is_empty() {
+        bail!("nothing to warm: give --image REF or --dockerfile FILE");
+    }
+    let state_dir: PathBuf = a.cache_dir.clone().unwrap_or_else(default_state_dir);
+    let store = BlobStore::open(&state_dir)
+        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let index =
+        Index::open(&state_dir).with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let registry = RegistryClient::new(registry_options(&a.registry, Vec::new())?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        for image in &images {
+            if a.insecure_pull {
+                if let Ok(r) = kiln_cachestore::registry::parse_reference(image) {
+                    registry.allow_plain_http(r.resolve_registry());
+                }
+            }
+            let w = warm::warm(&registry, &store, &index, image, &platform, a.force)
+                .await
+                .with_context(|| format!("warming {image}"))?;
+            println!(
+                "{image} @ {}: {} layers fetched ({} bytes), {} layers",
+                w.manifest.digest,
+                w.fetched,
+                w.fetched_bytes,
+                w.manifest.manifest.layers.len()
+            );
+        }
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,218 @@
+//! Private registries as CI has them: TLS with a CA of the test's own and
+//! htpasswd basic auth, credentials from a Docker `config.json` or a
+//! credential helper. Failures are clear and never show the secret.
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::*;
+
+const USER: &str = "kiln";
+const PASSWORD: &str = "pa55-kiln-word";
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A CA and a server certificate for 127.0.0.1, made with openssl.
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let sh = format!(
+            "set -e; cd {d}
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=kiln-test-ca 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null
+mkdir certs && cp ca.pem certs/ca.crt
+htpasswd -Bbn {USER} {PASSWORD} > htpasswd",
+            d = d.display()
+        );
+        run_ok(Command::new("sh").arg("-c").arg(sh));
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn docker_config(json: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), json).unwrap();
+    dir
+}
+
+fn base64(s: &str) -> String {
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s '{s}' | base64 -w0")),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn build(config: &Path, extra: &[&str], path_prefix: Option<&Path>, registry: &Registry) -> Output {
+    let ctx = Context::new(
+        &format!(
+            "FROM {}\nRUN echo private > /private\n",
+            registry.reference("base/busybox:latest")
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(KILN);
+    cmd.arg("build")
+        .arg("--context")
+        .arg(ctx.path())
+        .arg("--dockerfile")
+        .arg(ctx.path().join("Dockerfile"))
+        .arg("--cache-dir")
+        .arg(state.path())
+        .arg("--destination")
+        .arg(registry.reference("app/private:1"))
+        .args(extra)
+        .env("DOCKER_CONFIG", config);
+    if let Some(bin) = path_prefix {
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        cmd.env("PATH", path);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
+    let pki = Pki::new();
+    let registry = Registry::start_secure(&Security {
+        cert: &pki.path("server.pem"),
+        key: &pki.path("server.key"),
+        htpasswd: &pki.path("htpasswd"),
+    });
+    let host = registry.addr.clone();
+    let cert_dir = pki.path("certs");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-cert-dir",
+        cert_dir.to_str().unwrap(),
+        "--dest-creds",
+        &format!("{USER}:{PASSWORD}"),
+        &format!("oci:{}:latest", busybox_layout().display()),
+        &format!("docker://{}", registry.reference("base/busybox:latest")),
+    ]));
+    let ca = format!("{host}={}", pki.path("ca.pem").display());
+    let good = docker_config(&format!(
+        r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
+        base64(&format!("{USER}:{PASSWORD}"))
+    ));
+
+    // Credentials from config.json, TLS verified against the test's CA.
+    let out = build(
+        good.path(),
+        &["--registry-certificate", &ca],
+        None,
+        &registry,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(PASSWORD));
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--cert-dir",
+        cert_dir.to_str().unwrap(),
+        "--creds",
+        &format!("{USER}:{PASSWORD}"),
+        &format!("docker://{}", registry.reference("app/private:1")),
+    ]));
+    assert!(String::from_utf8_lossy(&inspected.stdout).contains("Digest"));
+
+    // Without the CA, verification fails, clearly.
+    let out = build(good.path(), &[], None, &registry);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&host), "{err}");
+    // ... unless told to skip it for that registry.
+    let out = build(
+        good.path(),
+        &["--skip-tls-verify-registry", &host],
+        None,
+        &registry,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Wrong credentials: a clear failure naming the registry, no secret shown.
+    let wrong = docker_config(&format!(
+        r#"{{"auths": {{"{host}": {{"username": "{USER}", "password": "wrong-s3cret"}}}}}}"#
+    ));
+    let out = build(
+        wrong.path(),
+        &["--registry-certificate", &ca],
+        None,
+        &registry,
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&host), "{err}");
+    assert!(
+        !err.contains("wrong-s3cret") && !err.contains(PASSWORD),
+        "{err}"
+    );
+
+    // A credential helper on PATH, speaking Docker's protocol.
+    let bin = tempfile::tempdir().unwrap();
+    let helper = bin.path().join("docker-credential-kilntest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\n[ \"$server\" = \"{host}\" ] || {{ echo 'credentials not found'; exit 1; }}\necho '{{\"ServerURL\":\"'$server'\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}'\n"
+        ),
+    )
+    .unwrap();
+    run_ok(Command::new("chmod").arg("755").arg(&helper));
+    let helped = docker_config(&format!(r#"{{"credHelpers": {{"{host}": "kilntest"}}}}"#));
+    let out = build(
+        helped.path(),
+        &["--registry-certificate", &ca],
+        Some(bin.path()),
+        &registry,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // credsStore: the same helper for every registry.
+    let stored = docker_config(r#"{"credsStore": "kilntest"}"#);
+    let out = build(
+        stored.path(),
+        &["--registry-certificate", &ca],
+        Some(bin.path()),
+        &registry,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // No credentials at all: refused by the registry, named in the error.
+    let none = docker_config("{}");
+    let out = build(
+        none.path(),
+        &["--registry-certificate", &ca],
+        None,
+        &registry,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&host), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_registry_flags_name_the_flag() {
+    let ctx = Context::new("FROM scratch\n", &[]);
+    let state = tempfile::tempdir().unwrap();
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--no-push", "--registry-certificate", "nonsense"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--registry-certificate nonsense"),
+        "{}",
+        stderr(&out)
+    );
+}
