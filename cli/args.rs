@@ -227,6 +227,9 @@ pub struct BuildArgs {
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
     #[arg(long, value_name = "PLATFORM")]
     pub custom_platform: Option<String>,
+    /// The pushed manifest's format: oci, or docker (schema 2).
+    #[arg(long, value_enum, default_value_t = ImageFormatArg::Oci)]
+    pub image_format: ImageFormatArg,
     /// How RUN steps are isolated: namespaces (chroot in new mount, PID,
     /// UTS and IPC namespaces) or chroot (for containers that forbid
     /// unshare). `rootless` and `none` are not available yet.
@@ -243,6 +246,12 @@ pub enum SnapshotModeArg {
     Redo,
     Full,
     Time,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ImageFormatArg {
+    Oci,
+    Docker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,14 +7,15 @@ use anyhow::{bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
-use kiln_engine::build::{BuildOptions, Builder, Event, SecretSource};
+use kiln_engine::build::{BuildOptions, Builder, Event, ImageFormat, SecretSource};
 use kiln_engine::exec::run::Isolation;
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
 use kiln_engine::rootfs::snapshot::SnapshotMode;
 
 use crate::args::{
-    BuildArgs, CompressionArg, FrontendArgs, IsolationArg, RegistryArgs, SnapshotModeArg,
+    BuildArgs, CompressionArg, FrontendArgs, ImageFormatArg, IsolationArg, RegistryArgs,
+    SnapshotModeArg,
 };
 
 /// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment, as
@@ -300,6 +301,10 @@ pub fn run(a: BuildArgs) -> Result<()> {
         cache_ttl: a.cache_ttl.into(),
         cache_repo: a.cache_repo.clone(),
         isolation: isolation(a.isolation)?,
+        image_format: match a.image_format {
+            ImageFormatArg::Oci => ImageFormat::Oci,
+            ImageFormatArg::Docker => ImageFormat::Docker,
+        },
         cache_run_layers: a.cache_run_layers,
         cache_copy_layers: a.cache_copy_layers,
         secrets: parse_secrets(&a.secrets)?,
@@ -377,8 +382,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
             }
         }
         let (pulled, pushed) = registry.bytes_transferred();
+        let mounted = registry.blobs_mounted();
         eprintln!(
-            "==> {} built in {:.2}s (outputs {:.3}s; {pulled} bytes pulled, {pushed} pushed)",
+            "==> {} built in {:.2}s (outputs {:.3}s; {pulled} bytes pulled, {pushed} pushed, {mounted} blobs mounted)",
             image.manifest.digest,
             started.elapsed().as_secs_f64(),
             outputs_started.elapsed().as_secs_f64()

@@ -224,3 +224,89 @@ fn dockerfile_errors_name_the_file_and_line() {
     // No image was pushed by any of these.
     assert_eq!(registry.get("/v2/app/broken/tags/list").0, 404);
 }
+
+/// `--image-format docker` pushes a Docker schema 2 manifest that other
+/// tools read; zstd layers, which Docker images cannot hold, are refused.
+#[test]
+fn pushes_docker_schema_2_on_request() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(&format!("FROM {base}\nRUN echo docker > /format\n"), &[]);
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/docker-format:1");
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--destination", &dest, "--image-format", "docker"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let raw = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{dest}"),
+    ]));
+    let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
+    for layer in manifest["layers"].as_array().unwrap() {
+        assert_eq!(
+            layer["mediaType"],
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        );
+    }
+    let unpacked = tempfile::tempdir().unwrap();
+    let rootfs = pull_and_unpack(&dest, unpacked.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("format")).unwrap(),
+        "docker\n"
+    );
+
+    let fresh = tempfile::tempdir().unwrap();
+    let out = kiln_build(
+        &ctx,
+        fresh.path(),
+        &[
+            "--no-push",
+            "--image-format",
+            "docker",
+            "--compression",
+            "zstd",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--image-format docker"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Base layers are mounted from the base's repository, not uploaded again,
+/// when the destination is in the same registry.
+#[test]
+fn base_layers_are_mounted_across_repositories() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(&format!("FROM {base}\nRUN echo mounted > /m\n"), &[]);
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/mounted:1");
+    let out = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1 blobs mounted"), "{err}");
+    // The image is whole: the mounted layer reads back.
+    let unpacked = tempfile::tempdir().unwrap();
+    let rootfs = pull_and_unpack(&dest, unpacked.path());
+    assert!(rootfs.join("bin/busybox").exists());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("m")).unwrap(),
+        "mounted\n"
+    );
+}

@@ -52,9 +52,13 @@ pub struct RegistryClient {
     /// Registries allowed plain HTTP after start (`--insecure-pull` bases).
     plain_http: Mutex<Vec<String>>,
     clients: Mutex<HashMap<String, Arc<Client>>>,
-    /// Blob bytes moved, for the build summary.
+    /// Blob bytes moved, and blobs mounted, for the build summary.
     pulled: AtomicU64,
     pushed: AtomicU64,
+    mounted: AtomicU64,
+    /// Where each blob was pulled from: a push to another repository of
+    /// the same registry mounts it from there instead of uploading it.
+    origins: Mutex<HashMap<String, Reference>>,
 }
 
 /// Loopback registries may use plain HTTP, as Docker allows.
@@ -104,7 +108,14 @@ impl RegistryClient {
             clients: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
+            mounted: AtomicU64::new(0),
+            origins: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Blobs pushed by cross-repository mount instead of upload.
+    pub fn blobs_mounted(&self) -> u64 {
+        self.mounted.load(Ordering::Relaxed)
     }
 
     /// Blob bytes (pulled, pushed) so far; blobs skipped cost nothing.
@@ -403,6 +414,10 @@ impl RegistryClient {
         store: &BlobStore,
     ) -> Result<StoredBlob> {
         digest::validate(digest)?;
+        self.origins
+            .lock()
+            .expect("blob origins poisoned")
+            .insert(digest.to_string(), reference.clone());
         if store.contains(digest)? {
             return Ok(StoredBlob {
                 digest: digest.to_string(),
@@ -453,6 +468,24 @@ impl RegistryClient {
     ) -> Result<()> {
         if self.blob_exists(reference, digest).await? {
             return Ok(());
+        }
+        let origin = self
+            .origins
+            .lock()
+            .expect("blob origins poisoned")
+            .get(digest)
+            .cloned();
+        if let Some(origin) = origin.filter(|o| {
+            o.resolve_registry() == reference.resolve_registry()
+                && o.repository() != reference.repository()
+        }) {
+            let client = self.client(reference).await?;
+            // A refused mount (oci-client reports a 202 as an error) just
+            // means an upload, as the registry then expects anyway.
+            if client.mount_blob(reference, &origin, digest).await.is_ok() {
+                self.mounted.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
         }
         let path = store.path(digest)?;
         let file = tokio::fs::File::open(&path).await.at(&path)?;

@@ -59,12 +59,22 @@ pub struct BuildOptions {
     pub cache_ttl: std::time::Duration,
     pub cache_run_layers: bool,
     pub cache_copy_layers: bool,
+    pub image_format: ImageFormat,
     /// How RUN steps are isolated (`--isolation`).
     pub isolation: run::Isolation,
     /// The remote cache tier (`--cache-repo`), `registry/repository`.
     pub cache_repo: Option<String>,
     /// `--secret`s by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// The manifest format of the built image (`--image-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ImageFormat {
+    #[default]
+    Oci,
+    /// Docker schema 2, for registries and tools that want it.
+    Docker,
 }
 
 /// Where a `--secret` comes from; read only when a step mounts it.
@@ -1304,30 +1314,58 @@ impl<'a> Builder<'a> {
 
     /// Writes the config and manifest of the target stage into the store.
     fn assemble(&self, target: StageResult) -> Result<BuiltImage, BuildError> {
+        let docker = self.options.image_format == ImageFormat::Docker;
+        let mut layers = target.layers;
+        if docker {
+            // Docker schema 2 names the same gzip or tar bytes differently;
+            // it has no zstd layers.
+            for layer in &mut layers {
+                let d = &mut layer.descriptor;
+                d.media_type = match d.media_type.as_str() {
+                    manifest::OCI_LAYER_GZIP | manifest::DOCKER_LAYER_GZIP => {
+                        manifest::DOCKER_LAYER_GZIP.into()
+                    }
+                    manifest::OCI_LAYER_TAR => manifest::DOCKER_LAYER_TAR.into(),
+                    other => {
+                        return Err(BuildError::Invalid(format!(
+                            "--image-format docker: layer {} is {other}, which Docker images cannot hold (use --compression gzip)",
+                            d.digest
+                        )))
+                    }
+                };
+            }
+        }
         let mut config = target.config;
-        config.rootfs.diff_ids = target.layers.iter().map(|l| l.diff_id.clone()).collect();
+        config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
         config.created = Some(self.created());
         let bytes = serde_json::to_vec(&config).expect("a config always serializes");
         let stored = self.store.put(&bytes)?;
         let config_desc = Descriptor {
-            media_type: manifest::OCI_CONFIG.into(),
+            media_type: match docker {
+                true => manifest::DOCKER_CONFIG.into(),
+                false => manifest::OCI_CONFIG.into(),
+            },
             digest: stored.digest,
             size: stored.size,
             platform: None,
             annotations: None,
         };
-        let manifest_bytes = image::manifest_bytes(&config_desc, &target.layers);
+        let manifest_type = match docker {
+            true => manifest::DOCKER_MANIFEST,
+            false => manifest::OCI_MANIFEST,
+        };
+        let manifest_bytes = image::manifest_bytes(manifest_type, &config_desc, &layers);
         let stored = self.store.put(&manifest_bytes)?;
         Ok(BuiltImage {
             manifest: Descriptor {
-                media_type: manifest::OCI_MANIFEST.into(),
+                media_type: manifest_type.into(),
                 digest: stored.digest,
                 size: stored.size,
                 platform: None,
                 annotations: None,
             },
             config: config_desc,
-            layers: target.layers,
+            layers,
         })
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use kiln_cachestore::manifest::Layer;
-use kiln_cachestore::manifest::{self, Descriptor, ImageManifest};
+use kiln_cachestore::manifest::{Descriptor, ImageManifest};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImageConfig {
@@ -121,10 +121,10 @@ impl ImageConfig {
 }
 
 /// Canonical manifest bytes for a config and its layers.
-pub fn manifest_bytes(config: &Descriptor, layers: &[Layer]) -> Vec<u8> {
+pub fn manifest_bytes(media_type: &str, config: &Descriptor, layers: &[Layer]) -> Vec<u8> {
     let manifest = ImageManifest {
         schema_version: 2,
-        media_type: Some(manifest::OCI_MANIFEST.into()),
+        media_type: Some(media_type.into()),
         config: config.clone(),
         layers: layers.iter().map(|l| l.descriptor.clone()).collect(),
         annotations: None,

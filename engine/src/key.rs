@@ -508,6 +508,76 @@ mod tests {
             ..run(&[])
         };
         assert!(step_key(&config, &inputs("p")).is_none());
+
+        // Every other RUN input, one at a time.
+        let run_changes: [fn(&mut Action); 4] = [
+            |a| {
+                if let Action::Run { workdir, .. } = a {
+                    *workdir = "/src".into();
+                }
+            },
+            |a| {
+                if let Action::Run { argv, .. } = a {
+                    argv.push("-j2".into());
+                }
+            },
+            |a| {
+                if let Action::Run { network, .. } = a {
+                    *network = Network::None;
+                }
+            },
+            |a| {
+                if let Action::Run { mounts, .. } = a {
+                    mounts.push(PlannedMount {
+                        mount: crate::dockerfile::RunMount::parse("type=secret,id=tok", None)
+                            .unwrap(),
+                        from: None,
+                        target: Some("/run/secrets/tok".into()),
+                    });
+                }
+            },
+        ];
+        for change in run_changes {
+            let mut step = run(&[("A", "1"), ("B", "2")]);
+            change(&mut step.action);
+            assert_ne!(base, step_key(&step, &inputs("p")).unwrap());
+        }
+
+        // And every COPY input.
+        let copy_base = step_key(&copy_step(&["a"], None), &inputs("p")).unwrap();
+        let copy_changes: [fn(&mut Action); 4] = [
+            |a| {
+                if let Action::Copy { dest, .. } = a {
+                    *dest = "/e/".into();
+                }
+            },
+            |a| {
+                if let Action::Copy { chown, .. } = a {
+                    *chown = Some("1000".into());
+                }
+            },
+            |a| {
+                if let Action::Copy { chmod, .. } = a {
+                    *chmod = Some(0o600);
+                }
+            },
+            |a| {
+                if let Action::Copy { sources, .. } = a {
+                    sources.push("b".into());
+                }
+            },
+        ];
+        for change in copy_changes {
+            let mut step = copy_step(&["a"], None);
+            change(&mut step.action);
+            assert_ne!(copy_base, step_key(&step, &inputs("p")).unwrap());
+        }
+        let mut other_content = inputs("p");
+        other_content.sources_digest = "other";
+        assert_ne!(
+            copy_base,
+            step_key(&copy_step(&["a"], None), &other_content).unwrap()
+        );
     }
 
     fn copy_step(sources: &[&str], add: Option<AddSpec>) -> Step {
