@@ -308,6 +308,19 @@ fn cache_subcommands_inspect_repair_and_empty_the_cache() {
     assert_eq!(hits + misses, 2);
     assert!(misses >= 1, "the step whose layer was corrupt ran again");
 
+    // A cached layer of the wrong size is never served: the step runs again.
+    let ls = String::from_utf8_lossy(&kiln_cache(state.path(), &["ls"]).stdout).into_owned();
+    for digest in ls.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+        let blob = state
+            .path()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        std::fs::write(&blob, b"truncated").unwrap();
+    }
+    let (rebuilt, _) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&rebuilt), (0, 2, 1));
+    assert!(kiln_cache(state.path(), &["verify"]).status.success());
+
     // gc keeps what is fresh; prune empties everything.
     let gc = kiln_cache(
         state.path(),

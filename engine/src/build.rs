@@ -699,11 +699,27 @@ impl<'a> Builder<'a> {
                     return Ok(None);
                 }
                 match &entry.layer {
-                    Some(l) if !self.store.contains(&l.descriptor.digest)? => Ok(None),
+                    Some(l) if !self.store_has(&l.descriptor)? => Ok(None),
                     layer => Ok(Some(layer.clone())),
                 }
             })
             .collect()
+    }
+
+    /// Whether the store holds `d`'s blob at its recorded size. A blob of
+    /// another size is damaged (hashing every hit would cost too much; the
+    /// digest is checked on unpack and by the registry on push): it is
+    /// removed, so the step runs again and writes it anew.
+    fn store_has(&self, d: &Descriptor) -> Result<bool, BuildError> {
+        if !self.store.contains(&d.digest)? {
+            return Ok(false);
+        }
+        if self.store.size(&d.digest)? == d.size {
+            return Ok(true);
+        }
+        let path = self.store.path(&d.digest)?;
+        std::fs::remove_file(&path).at(&path)?;
+        Ok(false)
     }
 
     /// Whether a step's result may come from and go to the cache.
