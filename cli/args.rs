@@ -54,6 +54,39 @@ pub struct WarmArgs {
     pub registry: RegistryArgs,
 }
 
+/// Kaniko flags that Kiln accepts so a Kaniko job runs unchanged, but that
+/// change nothing here: Kiln always cleans up its work dir, never holds
+/// layers in memory, never unpacks over `/` (so `/var/run` needs no
+/// ignoring), only builds the stages the target needs, and always runs RUN
+/// the new way.
+#[derive(Debug, Args)]
+pub struct KanikoCompat {
+    #[arg(long, hide = true)]
+    pub cleanup: bool,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub compressed_caching: Option<bool>,
+    #[arg(long, hide = true)]
+    pub force: bool,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub ignore_var_run: Option<bool>,
+    #[arg(long, hide = true, value_name = "N")]
+    pub image_fs_extract_retry: Option<u32>,
+    #[arg(long, hide = true, value_name = "DIR")]
+    pub kaniko_dir: Option<PathBuf>,
+    #[arg(long, hide = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub log_timestamp: Option<bool>,
+    #[arg(long, hide = true)]
+    pub push_ignore_immutable_tag_errors: bool,
+    #[arg(long, hide = true)]
+    pub skip_push_permission_check: bool,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_unused_stages: Option<bool>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub use_new_run: Option<bool>,
+}
+
 /// How to reach registries. Credentials come from the Docker config
 /// (`$DOCKER_CONFIG/config.json`, `~/.docker/config.json`, `/kaniko/.docker`).
 #[derive(Debug, Args)]
@@ -67,6 +100,12 @@ pub struct RegistryArgs {
     /// Do not verify this registry's TLS certificate. Repeatable.
     #[arg(long = "skip-tls-verify-registry", value_name = "HOST")]
     pub skip_tls_verify_registries: Vec<String>,
+    /// Do not verify TLS certificates of the registries base images come from.
+    #[arg(long)]
+    pub skip_tls_verify_pull: bool,
+    /// mTLS client certificate, `host=cert.pem,key.pem` (not available yet).
+    #[arg(long = "registry-client-cert", value_name = "HOST=CERT,KEY")]
+    pub registry_client_certs: Vec<String>,
     /// Trust this CA (PEM) for a registry, `host[:port]=ca.pem`. Repeatable.
     #[arg(long = "registry-certificate", value_name = "HOST=FILE")]
     pub registry_certificates: Vec<String>,
@@ -224,6 +263,15 @@ pub struct BuildArgs {
     /// Write `<destination>:<tag>@<digest>` for each destination to this file.
     #[arg(long, value_name = "FILE")]
     pub image_name_tag_with_digest_file: Option<PathBuf>,
+    /// Look up `--cache-repo` but do not push new entries to it.
+    #[arg(long)]
+    pub no_push_cache: bool,
+    /// Git context options: `branch=NAME`, `single-branch=BOOL`,
+    /// `recurse-submodules=BOOL`. Repeatable.
+    #[arg(long = "git", value_name = "KEY=VALUE")]
+    pub git: Vec<String>,
+    #[command(flatten)]
+    pub kaniko: KanikoCompat,
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
     #[arg(long, value_name = "PLATFORM")]
     pub custom_platform: Option<String>,

@@ -134,6 +134,9 @@ fn mirrors(a: &RegistryArgs) -> Result<Vec<(String, String)>> {
 /// Registry options from the flags; `plain_http` adds registries that may
 /// use plain HTTP (`--insecure` destinations).
 pub fn registry_options(a: &RegistryArgs, mut plain_http: Vec<String>) -> Result<RegistryOptions> {
+    if let Some(spec) = a.registry_client_certs.first() {
+        bail!("--registry-client-cert {spec}: client certificates (mTLS) are not supported yet");
+    }
     plain_http.extend(a.insecure_registries.iter().cloned());
     let ca_certificates = a
         .registry_certificates
@@ -263,8 +266,13 @@ pub fn run(a: BuildArgs) -> Result<()> {
         .prefix("context-")
         .tempdir_in(&state_dir)
         .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
-    let context =
-        crate::context::resolve(&a.context, a.context_sub_path.as_deref(), scratch.path())?;
+    let git = crate::context::GitOptions::parse(&a.git)?;
+    let context = crate::context::resolve(
+        &a.context,
+        a.context_sub_path.as_deref(),
+        &git,
+        scratch.path(),
+    )?;
     let (dockerfile_name, dockerfile) = read_dockerfile(&a.frontend, Some(&context))?;
     // Found as read_dockerfile finds it: `<Dockerfile>.dockerignore` beside
     // it wins over the context's `.dockerignore`, as in BuildKit.
@@ -300,6 +308,8 @@ pub fn run(a: BuildArgs) -> Result<()> {
         cache: a.cache,
         cache_ttl: a.cache_ttl.into(),
         cache_repo: a.cache_repo.clone(),
+        cache_repo_push: !a.no_push_cache,
+        skip_tls_verify_pull: a.registry.skip_tls_verify_pull,
         isolation: isolation(a.isolation)?,
         image_format: match a.image_format {
             ImageFormatArg::Oci => ImageFormat::Oci,

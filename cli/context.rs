@@ -11,14 +11,53 @@ use anyhow::{bail, Context, Result};
 
 use kiln_engine::exec::add;
 
+/// Kaniko's `--git` options for git contexts.
+#[derive(Debug, Default)]
+pub struct GitOptions {
+    /// Fetched when the URL names no ref.
+    pub branch: Option<String>,
+    pub recurse_submodules: bool,
+}
+
+impl GitOptions {
+    pub fn parse(specs: &[String]) -> Result<GitOptions> {
+        let mut o = GitOptions::default();
+        for spec in specs {
+            let flag = || format!("--git {spec}");
+            let bool_of = |v: &str| -> Result<bool> {
+                v.parse()
+                    .with_context(|| format!("{}: expected true or false", flag()))
+            };
+            match spec.split_once('=') {
+                Some(("branch", v)) => o.branch = Some(v.to_string()),
+                // A shallow fetch of one ref is always single-branch.
+                Some(("single-branch", v)) => {
+                    bool_of(v)?;
+                }
+                Some(("recurse-submodules", v)) => o.recurse_submodules = bool_of(v)?,
+                _ => bail!(
+                    "{}: expected branch=, single-branch= or recurse-submodules=",
+                    flag()
+                ),
+            }
+        }
+        Ok(o)
+    }
+}
+
 /// Resolves `spec` to a local directory, fetching into `scratch` when needed.
-pub fn resolve(spec: &str, sub_path: Option<&Path>, scratch: &Path) -> Result<PathBuf> {
+pub fn resolve(
+    spec: &str,
+    sub_path: Option<&Path>,
+    git: &GitOptions,
+    scratch: &Path,
+) -> Result<PathBuf> {
     let dir = if let Some(path) = spec.strip_prefix("tar://") {
         untar(path, scratch)?
     } else if spec == "-" {
         untar("stdin", scratch)?
     } else if is_git(spec) {
-        clone(spec, scratch)?
+        clone(spec, git, scratch)?
     } else if let Some(scheme) = ["s3://", "gs://", "azblob://", "https://", "http://"]
         .iter()
         .find(|s| spec.starts_with(**s))
@@ -85,7 +124,7 @@ fn untar(path: &str, scratch: &Path) -> Result<PathBuf> {
 /// the server lets one fetch), then `subdir`. Credentials for private
 /// repositories come from `GIT_USERNAME`/`GIT_PASSWORD` (Kaniko's) or git's
 /// own credential configuration.
-fn clone(spec: &str, scratch: &Path) -> Result<PathBuf> {
+fn clone(spec: &str, options: &GitOptions, scratch: &Path) -> Result<PathBuf> {
     let (url, fragment) = spec.split_once('#').unwrap_or((spec, ""));
     let (reference, subdir) = fragment.split_once(':').unwrap_or((fragment, ""));
     let mut url = match url.strip_prefix("git://") {
@@ -128,22 +167,24 @@ fn clone(spec: &str, scratch: &Path) -> Result<PathBuf> {
         git(&full)
     };
     in_repo(&["remote", "add", "origin", &url])?;
-    let wanted = if reference.is_empty() {
-        "HEAD"
-    } else {
-        reference
+    let wanted = match (reference, &options.branch) {
+        ("", Some(branch)) => branch.as_str(),
+        ("", None) => "HEAD",
+        (r, _) => r,
     };
     in_repo(&["fetch", "--quiet", "--depth", "1", "origin", wanted])?;
     in_repo(&["checkout", "--quiet", "FETCH_HEAD"])?;
-    in_repo(&[
-        "submodule",
-        "update",
-        "--quiet",
-        "--init",
-        "--recursive",
-        "--depth",
-        "1",
-    ])?;
+    if options.recurse_submodules {
+        in_repo(&[
+            "submodule",
+            "update",
+            "--quiet",
+            "--init",
+            "--recursive",
+            "--depth",
+            "1",
+        ])?;
+    }
     // As BuildKit: the .git dir is not part of the context.
     std::fs::remove_dir_all(dir.join(".git")).ok();
     Ok(dir.join(subdir))
@@ -161,11 +202,29 @@ mod tests {
         assert!(!is_git("https://example.com/context.tar.gz"));
         assert!(!is_git("./app.git-not-a-url"));
         let scratch = tempfile::tempdir().unwrap();
-        let err = resolve("s3://bucket/ctx.tar.gz", None, scratch.path()).unwrap_err();
+        let err = resolve(
+            "s3://bucket/ctx.tar.gz",
+            None,
+            &GitOptions::default(),
+            scratch.path(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("tar://"), "{err}");
-        let err = resolve("/nonexistent/ctx", None, scratch.path()).unwrap_err();
+        let err = resolve(
+            "/nonexistent/ctx",
+            None,
+            &GitOptions::default(),
+            scratch.path(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
-        let err = resolve(".", Some(Path::new("../..")), scratch.path()).unwrap_err();
+        let err = resolve(
+            ".",
+            Some(Path::new("../..")),
+            &GitOptions::default(),
+            scratch.path(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("--context-sub-path"), "{err}");
     }
 }

@@ -310,3 +310,65 @@ fn base_layers_are_mounted_across_repositories() {
         "mounted\n"
     );
 }
+
+/// A Kaniko job's flags are accepted as they are.
+#[test]
+fn kaniko_flags_are_accepted() {
+    let ctx = Context::new(
+        &format!(
+            "FROM oci-layout://{}:latest\nRUN echo kaniko > /k\n",
+            busybox_layout().display()
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &[
+            "--no-push",
+            "--cleanup",
+            "--compressed-caching=false",
+            "--ignore-var-run",
+            "--skip-unused-stages",
+            "--use-new-run",
+            "--log-format",
+            "text",
+            "--log-timestamp=false",
+            "--kaniko-dir",
+            "/kaniko",
+            "--force",
+            "--push-ignore-immutable-tag-errors",
+            "--skip-push-permission-check",
+            "--image-fs-extract-retry",
+            "2",
+            "--no-push-cache",
+            "--skip-tls-verify-pull",
+            "--image-download-retry",
+            "1",
+            "--push-retry",
+            "1",
+            "--snapshot-mode",
+            "redo",
+            "--cache=true",
+            "--cache-ttl",
+            "24h",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &[
+            "--no-push",
+            "--registry-client-cert",
+            "r.example.com=c.pem,k.pem",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--registry-client-cert"),
+        "{}",
+        stderr(&out)
+    );
+}

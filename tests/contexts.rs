@@ -115,6 +115,17 @@ fn every_kind_of_context_gives_the_same_image() {
     );
     let url = format!("file://{}/repo.git#release:app", w.display());
     assert_eq!(kiln(w, state, &url, &[], None), from_dir);
+    // Kaniko's --git branch= picks the branch when the URL names none.
+    let url = format!("file://{}/repo.git", w.display());
+    let args = [
+        "--git",
+        "branch=release",
+        "--git",
+        "single-branch=true",
+        "--context-sub-path",
+        "app",
+    ];
+    assert_eq!(kiln(w, state, &url, &args, None), from_dir);
 }
 
 #[test]

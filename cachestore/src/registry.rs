@@ -52,6 +52,9 @@ pub struct RegistryClient {
     /// Registries allowed plain HTTP after start (`--insecure-pull` bases).
     plain_http: Mutex<Vec<String>>,
     clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// Registries whose certificates are not checked, added at run time
+    /// (`--skip-tls-verify-pull` bases).
+    invalid_certs_ok: Mutex<Vec<String>>,
     /// Blob bytes moved, and blobs mounted, for the build summary.
     pulled: AtomicU64,
     pushed: AtomicU64,
@@ -106,6 +109,7 @@ impl RegistryClient {
             options,
             plain_http: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
+            invalid_certs_ok: Mutex::new(Vec::new()),
             pulled: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
             mounted: AtomicU64::new(0),
@@ -124,6 +128,15 @@ impl RegistryClient {
             self.pulled.load(Ordering::Relaxed),
             self.pushed.load(Ordering::Relaxed),
         )
+    }
+
+    /// Accepts any certificate from `registry`; only affects clients made
+    /// later.
+    pub fn allow_invalid_certificates(&self, registry: &str) {
+        self.invalid_certs_ok
+            .lock()
+            .expect("certificate list poisoned")
+            .push(registry.to_string());
     }
 
     /// Allows plain HTTP to `registry`; only affects clients made later.
@@ -169,7 +182,12 @@ impl RegistryClient {
                 ClientProtocol::Https
             },
             accept_invalid_certificates: self.options.skip_tls_verify
-                || self.options.skip_tls_verify_registries.contains(&registry),
+                || self.options.skip_tls_verify_registries.contains(&registry)
+                || self
+                    .invalid_certs_ok
+                    .lock()
+                    .expect("certificate list poisoned")
+                    .contains(&registry),
             extra_root_certificates: self.root_certificates(&registry)?,
             // Streamed monolithic PUTs: some registries mishandle chunks.
             use_monolithic_push: true,

@@ -64,6 +64,10 @@ pub struct BuildOptions {
     pub isolation: run::Isolation,
     /// The remote cache tier (`--cache-repo`), `registry/repository`.
     pub cache_repo: Option<String>,
+    /// Push new entries to the remote tier (not with `--no-push-cache`).
+    pub cache_repo_push: bool,
+    /// Base images' registries may present any certificate.
+    pub skip_tls_verify_pull: bool,
     /// `--secret`s by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, SecretSource>,
 }
@@ -317,6 +321,10 @@ impl<'a> Builder<'a> {
             let r = registry::parse_reference(reference).map_err(base_error)?;
             if self.options.insecure_pull {
                 self.registry.allow_plain_http(r.resolve_registry());
+            }
+            if self.options.skip_tls_verify_pull {
+                self.registry
+                    .allow_invalid_certificates(r.resolve_registry());
             }
             let (m, _) = kiln_cachestore::warm::resolve_base(
                 self.registry,
@@ -784,7 +792,7 @@ impl<'a> Builder<'a> {
 
     /// Uploads new entries to the remote tier.
     async fn publish(&self, recorded: &[(String, StepEntry)]) -> Result<(), BuildError> {
-        let Some(remote) = self.remote()? else {
+        let Some(remote) = self.remote()?.filter(|_| self.options.cache_repo_push) else {
             return Ok(());
         };
         let remote = &remote;
