@@ -275,6 +275,10 @@ pub struct BuildArgs {
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
     #[arg(long, value_name = "PLATFORM")]
     pub custom_platform: Option<String>,
+    /// How RUN changes are found: walk (compare the whole root) or overlay
+    /// (run on an overlay and take its upper dir).
+    #[arg(long, value_enum, default_value_t = SnapshotterArg::Walk)]
+    pub snapshotter: SnapshotterArg,
     /// The pushed manifest's format: oci, or docker (schema 2).
     #[arg(long, value_enum, default_value_t = ImageFormatArg::Oci)]
     pub image_format: ImageFormatArg,
@@ -294,6 +298,12 @@ pub enum SnapshotModeArg {
     Redo,
     Full,
     Time,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SnapshotterArg {
+    Walk,
+    Overlay,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
-use kiln_engine::build::{BuildOptions, Builder, Event, ImageFormat, SecretSource};
+use kiln_engine::build::{BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter};
 use kiln_engine::exec::run::Isolation;
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
@@ -15,7 +15,7 @@ use kiln_engine::rootfs::snapshot::SnapshotMode;
 
 use crate::args::{
     BuildArgs, CompressionArg, FrontendArgs, ImageFormatArg, IsolationArg, RegistryArgs,
-    SnapshotModeArg,
+    SnapshotModeArg, SnapshotterArg,
 };
 
 /// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment, as
@@ -311,6 +311,10 @@ pub fn run(a: BuildArgs) -> Result<()> {
         cache_repo_push: !a.no_push_cache,
         skip_tls_verify_pull: a.registry.skip_tls_verify_pull,
         isolation: isolation(a.isolation)?,
+        snapshotter: match a.snapshotter {
+            SnapshotterArg::Walk => Snapshotter::Walk,
+            SnapshotterArg::Overlay => Snapshotter::Overlay,
+        },
         image_format: match a.image_format {
             ImageFormatArg::Oci => ImageFormat::Oci,
             ImageFormatArg::Docker => ImageFormat::Docker,

@@ -39,7 +39,8 @@ fn oci_config(layout: &Path, tag: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn build_with_kiln(dir: &Path, base: &str, work: &Path) -> Built {
+fn build_with_kiln(dir: &Path, base: &str, work: &Path, snapshotter: &str) -> Built {
+    let work = &work.join(snapshotter);
     let layout = work.join("kiln-layout");
     let out = Command::new(KILN)
         .arg("build")
@@ -52,11 +53,16 @@ fn build_with_kiln(dir: &Path, base: &str, work: &Path) -> Built {
         .arg("--build-arg")
         .arg(format!("BASE={base}"))
         .args(case_flags(dir))
+        .args(["--snapshotter", snapshotter])
         .arg("--oci-layout-path")
         .arg(&layout)
         .output()
         .unwrap();
-    assert!(out.status.success(), "kiln failed:\n{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "kiln ({snapshotter}) failed:\n{}",
+        stderr(&out)
+    );
     Built {
         tree: tree(&umoci_unpack(&layout, "latest", &work.join("kiln"))),
         config: oci_config(&layout, "latest"),
@@ -166,8 +172,15 @@ fn differential(name: &str) {
     let base = registry.push_busybox();
     let dir = case_dir(name);
     let work = tempfile::tempdir().unwrap();
-    let kiln = build_with_kiln(&dir, &base, work.path());
     let mut reference = build_with_buildah(&dir, &base, work.path());
+    // Both snapshotters must give buildah's image.
+    for snapshotter in ["walk", "overlay"] {
+        let kiln = build_with_kiln(&dir, &base, work.path(), snapshotter);
+        compare(&format!("{name} ({snapshotter})"), &kiln, &mut reference);
+    }
+}
+
+fn compare(name: &str, kiln: &Built, reference: &mut Built) {
     drop_buildah_mount_points(&mut reference.tree, &kiln.tree);
 
     let mut diffs = Vec::new();

@@ -21,6 +21,7 @@ use crate::key;
 use crate::layer::{Compression, LayerWriter};
 use crate::output::BuiltImage;
 use crate::plan::{self, Action, Base, CopyFrom, Network, Plan, PlannedMount, StagePlan, Step};
+use crate::rootfs::overlay;
 use crate::rootfs::snapshot::{Changes, Snapshot, SnapshotMode};
 use crate::rootfs::{
     clean_relative, create_dir_all_in_root, extract, relative_to_root, resolve_in_root,
@@ -60,6 +61,8 @@ pub struct BuildOptions {
     pub cache_run_layers: bool,
     pub cache_copy_layers: bool,
     pub image_format: ImageFormat,
+    /// How a RUN's changes are found (`--snapshotter`).
+    pub snapshotter: Snapshotter,
     /// How RUN steps are isolated (`--isolation`).
     pub isolation: run::Isolation,
     /// The remote cache tier (`--cache-repo`), `registry/repository`.
@@ -70,6 +73,17 @@ pub struct BuildOptions {
     pub skip_tls_verify_pull: bool,
     /// `--secret`s by id, for `RUN --mount=type=secret`.
     pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// How a RUN's changes are found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Snapshotter {
+    /// Walk the root and compare it with the state before the step.
+    #[default]
+    Walk,
+    /// Run the step on an overlay and take its upper dir: the cost grows
+    /// with what changed, not with the root.
+    Overlay,
 }
 
 /// The manifest format of the built image (`--image-format`).
@@ -1031,12 +1045,36 @@ impl<'a> Builder<'a> {
                     script: script.clone(),
                     no_network: *network == Network::None,
                     isolation: self.options.isolation,
+                    overlay: None,
                 };
+                let overlay = self.overlay_dirs(scratch.path()).map_err(io)?;
+                let spec = RunSpec { overlay, ..spec };
                 let code = run::run(&spec);
                 spec.mounts.cleanup().map_err(io)?;
-                match code.map_err(io)? {
-                    0 => snapshot.rescan(root, &[PathBuf::new()]).map_err(io),
-                    code => Err(format!("{argv:?} returned a non-zero code: {code}")),
+                match (code.map_err(io)?, &spec.overlay) {
+                    (0, None) => snapshot.rescan(root, &[PathBuf::new()]).map_err(io),
+                    (0, Some(o)) => {
+                        let mut applied = overlay::apply_upper(&o.upper, root).map_err(io)?;
+                        // Links the step saw follow their file (overlay's
+                        // index=on view), as on a plain filesystem.
+                        for (path, ino) in &applied.relinked {
+                            for other in snapshot.paths_of_inode(*ino) {
+                                let host = root.join(&other);
+                                if other == *path || applied.changes.upserts.contains(&other) {
+                                    continue;
+                                }
+                                if std::fs::symlink_metadata(&host)
+                                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *ino)
+                                {
+                                    std::fs::remove_file(&host).map_err(io)?;
+                                    std::fs::hard_link(root.join(path), &host).map_err(io)?;
+                                    applied.changes.upserts.push(other);
+                                }
+                            }
+                        }
+                        snapshot.apply(root, applied.changes).map_err(io)
+                    }
+                    (code, _) => Err(format!("{argv:?} returned a non-zero code: {code}")),
                 }
             }
             Action::Copy {
@@ -1115,6 +1153,25 @@ impl<'a> Builder<'a> {
                 snapshot.rescan(root, &touched).map_err(io)
             }
         }
+    }
+
+    /// Fresh upper, work and mount dirs for a RUN on an overlay, when the
+    /// overlay snapshotter is on (it needs the namespaces isolation).
+    fn overlay_dirs(&self, scratch: &Path) -> std::io::Result<Option<run::Overlay>> {
+        if self.options.snapshotter != Snapshotter::Overlay
+            || self.options.isolation != run::Isolation::Namespaces
+        {
+            return Ok(None);
+        }
+        let o = run::Overlay {
+            upper: scratch.join("upper"),
+            work: scratch.join("work"),
+            merged: scratch.join("merged"),
+        };
+        for dir in [&o.upper, &o.work, &o.merged] {
+            std::fs::create_dir(dir)?;
+        }
+        Ok(Some(o))
     }
 
     /// Resolves a RUN's `--mount`s to host paths and mount points in the

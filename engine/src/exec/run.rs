@@ -41,6 +41,45 @@ pub struct RunSpec {
     /// `--network=none`: a network namespace of its own (loopback only).
     pub no_network: bool,
     pub isolation: Isolation,
+    /// The overlay snapshotter: the step runs on an overlay of `root`
+    /// (read-only lower) and this upper dir, so what it changed is the
+    /// upper dir alone.
+    pub overlay: Option<Overlay>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Overlay {
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// Where the overlay is mounted (in the runner's namespace only).
+    pub merged: PathBuf,
+}
+
+impl RunSpec {
+    /// The same spec with every path inside `root` moved under `merged`.
+    fn rebased(&self, merged: &Path) -> RunSpec {
+        let at = |p: &Path| match p.strip_prefix(&self.root) {
+            Ok(rel) => merged.join(rel),
+            Err(_) => p.to_path_buf(),
+        };
+        let mut spec = self.clone();
+        let m = &mut spec.mounts;
+        for p in [&mut m.proc, &mut m.dev, &mut m.sys] {
+            *p = at(p);
+        }
+        for (_, target) in &mut m.files {
+            *target = at(target);
+        }
+        for extra in &mut m.extra {
+            match extra {
+                StepMount::Bind { target, .. }
+                | StepMount::Tmpfs { target, .. }
+                | StepMount::Secret { target, .. } => *target = at(target),
+            }
+        }
+        spec.root = merged.to_path_buf();
+        spec
+    }
 }
 
 /// How a RUN is isolated (`--isolation`).
@@ -284,12 +323,31 @@ fn step_runner() -> io::Result<i32> {
     if spec.isolation == Isolation::Chroot {
         return chroot_runner(&spec);
     }
-    let m = &spec.mounts;
     // Nothing mounted from here on may propagate back to the host.
     rustix::mount::mount_change(
         "/",
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )?;
+    let spec = match &spec.overlay {
+        None => spec,
+        Some(o) => {
+            let options = format!(
+                "lowerdir={},upperdir={},workdir={},index=on",
+                spec.root.display(),
+                o.upper.display(),
+                o.work.display()
+            );
+            rustix::mount::mount(
+                "overlay",
+                &o.merged,
+                "overlay",
+                MountFlags::empty(),
+                Some(CString::new(options).map_err(io::Error::other)?.as_c_str()),
+            )?;
+            spec.rebased(&o.merged)
+        }
+    };
+    let m = &spec.mounts;
     rustix::system::sethostname(spec.hostname.as_bytes())?;
 
     let nosuid = MountFlags::NOSUID;
