@@ -275,9 +275,10 @@ pub struct BuildArgs {
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
     #[arg(long, value_name = "PLATFORM")]
     pub custom_platform: Option<String>,
-    /// How RUN changes are found: walk (compare the whole root) or overlay
-    /// (run on an overlay and take its upper dir).
-    #[arg(long, value_enum, default_value_t = SnapshotterArg::Walk)]
+    /// How RUN changes are found: walk (compare the whole root), overlay
+    /// (run on an overlay and take its upper dir), or auto (overlay where
+    /// overlayfs can be mounted, else walk).
+    #[arg(long, value_enum, default_value_t = SnapshotterArg::Auto)]
     pub snapshotter: SnapshotterArg,
     /// The pushed manifest's format: oci, or docker (schema 2).
     #[arg(long, value_enum, default_value_t = ImageFormatArg::Oci)]
@@ -302,6 +303,7 @@ pub enum SnapshotModeArg {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum SnapshotterArg {
+    Auto,
     Walk,
     Overlay,
 }

@@ -314,6 +314,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         snapshotter: match a.snapshotter {
             SnapshotterArg::Walk => Snapshotter::Walk,
             SnapshotterArg::Overlay => Snapshotter::Overlay,
+            SnapshotterArg::Auto => Snapshotter::Auto,
         },
         image_format: match a.image_format {
             ImageFormatArg::Oci => ImageFormat::Oci,

@@ -84,6 +84,8 @@ pub enum Snapshotter {
     /// Run the step on an overlay and take its upper dir: the cost grows
     /// with what changed, not with the root.
     Overlay,
+    /// Overlay where overlayfs can be mounted, else walk.
+    Auto,
 }
 
 /// The manifest format of the built image (`--image-format`).
@@ -236,6 +238,8 @@ pub struct Builder<'a> {
     _work_lock: std::fs::File,
     /// `RUN --mount=type=cache` directories, kept across builds.
     cache_mounts: PathBuf,
+    /// Set once overlayfs refused a mount: the walk snapshotter from then on.
+    overlay_unavailable: std::sync::atomic::AtomicBool,
     etc: EtcFiles,
 }
 
@@ -268,6 +272,7 @@ impl<'a> Builder<'a> {
             work,
             _work_lock: work_lock,
             cache_mounts: state_dir.join("mounts"),
+            overlay_unavailable: Default::default(),
             etc,
         })
     }
@@ -1048,8 +1053,28 @@ impl<'a> Builder<'a> {
                     overlay: None,
                 };
                 let overlay = self.overlay_dirs(scratch.path()).map_err(io)?;
-                let spec = RunSpec { overlay, ..spec };
-                let code = run::run(&spec);
+                let mut spec = RunSpec { overlay, ..spec };
+                let mut code = run::run(&spec);
+                let refused = spec.overlay.as_ref().map(|o| o.unavailable_marker());
+                if let Some(marker) = refused.filter(|m| m.exists()) {
+                    let why = std::fs::read_to_string(&marker).unwrap_or_default();
+                    if self.options.snapshotter == Snapshotter::Overlay {
+                        spec.mounts.cleanup().map_err(io)?;
+                        return Err(format!(
+                            "--snapshotter overlay: overlayfs refused the mount: {why}"
+                        ));
+                    }
+                    if !self.overlay_unavailable.swap(true, Ordering::Relaxed) {
+                        (self.on_event)(Event::Warning {
+                            line: 0,
+                            message: format!(
+                                "overlayfs unavailable ({why}); using the walk snapshotter"
+                            ),
+                        });
+                    }
+                    spec.overlay = None;
+                    code = run::run(&spec);
+                }
                 spec.mounts.cleanup().map_err(io)?;
                 match (code.map_err(io)?, &spec.overlay) {
                     (0, None) => snapshot.rescan(root, &[PathBuf::new()]).map_err(io),
@@ -1158,8 +1183,9 @@ impl<'a> Builder<'a> {
     /// Fresh upper, work and mount dirs for a RUN on an overlay, when the
     /// overlay snapshotter is on (it needs the namespaces isolation).
     fn overlay_dirs(&self, scratch: &Path) -> std::io::Result<Option<run::Overlay>> {
-        if self.options.snapshotter != Snapshotter::Overlay
+        if self.options.snapshotter == Snapshotter::Walk
             || self.options.isolation != run::Isolation::Namespaces
+            || self.overlay_unavailable.load(Ordering::Relaxed)
         {
             return Ok(None);
         }

@@ -55,6 +55,18 @@ pub struct Overlay {
     pub merged: PathBuf,
 }
 
+/// The runner's exit code when the overlay could not be mounted (with
+/// [`Overlay::unavailable_marker`] written).
+pub const OVERLAY_UNAVAILABLE: i32 = 125;
+
+impl Overlay {
+    /// Written by the runner when overlayfs refused the mount (an upper
+    /// dir on overlayfs, a kernel without it...).
+    pub fn unavailable_marker(&self) -> PathBuf {
+        self.work.with_extension("unavailable")
+    }
+}
+
 impl RunSpec {
     /// The same spec with every path inside `root` moved under `merged`.
     fn rebased(&self, merged: &Path) -> RunSpec {
@@ -337,13 +349,19 @@ fn step_runner() -> io::Result<i32> {
                 o.upper.display(),
                 o.work.display()
             );
-            rustix::mount::mount(
+            let mounted = rustix::mount::mount(
                 "overlay",
                 &o.merged,
                 "overlay",
                 MountFlags::empty(),
                 Some(CString::new(options).map_err(io::Error::other)?.as_c_str()),
-            )?;
+            );
+            if let Err(e) = mounted {
+                // Told apart from the command's own exit codes by a file:
+                // the builder then runs the step without the overlay.
+                std::fs::write(o.unavailable_marker(), e.to_string())?;
+                return Ok(OVERLAY_UNAVAILABLE);
+            }
             spec.rebased(&o.merged)
         }
     };
