@@ -95,8 +95,14 @@ fn parse_plain(s: &str) -> Option<Reference> {
     let (name_tag, digest) = match s.split_once('@') {
         Some((n, d)) => {
             let hex = d.strip_prefix("sha256:")?;
-            let ok = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            (n, Some(d).filter(|_| ok)?.into())
+            let ok = hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !ok {
+                return None;
+            }
+            (n, Some(d))
         }
         None => (s, None),
     };
@@ -115,7 +121,8 @@ fn parse_plain(s: &str) -> Option<Reference> {
     let path_ok = !path.is_empty()
         && path.split('/').all(|c| {
             !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
                 && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
                 && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
         });
@@ -123,7 +130,8 @@ fn parse_plain(s: &str) -> Option<Reference> {
         !t.is_empty()
             && t.len() <= 128
             && !t.starts_with(['.', '-'])
-            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
     });
     if !(host_ok && path_ok && tag_ok) || registry.is_empty() {
         return None;
@@ -134,8 +142,8 @@ fn parse_plain(s: &str) -> Option<Reference> {
     };
     let registry = registry.to_string();
     Some(match (tag, digest) {
-        (Some(t), Some(d)) => Reference::with_tag_and_digest(registry, path, t.into(), d),
-        (None, Some(d)) => Reference::with_digest(registry, path, d),
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(registry, path, t.into(), d.into()),
+        (None, Some(d)) => Reference::with_digest(registry, path, d.into()),
         (t, None) => Reference::with_tag(registry, path, t.unwrap_or("latest").into()),
     })
 }
@@ -658,7 +666,14 @@ mod tests {
             );
             assert_eq!(fast.whole(), slow.whole(), "{r}");
         }
-        for odd in ["UPPER/case", "a//b", "app:", ":tag", "x@sha256:short", "-a/b"] {
+        for odd in [
+            "UPPER/case",
+            "a//b",
+            "app:",
+            ":tag",
+            "x@sha256:short",
+            "-a/b",
+        ] {
             assert!(parse_plain(odd).is_none(), "{odd}");
         }
     }
