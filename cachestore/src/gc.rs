@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::blobs::BlobStore;
 use crate::error::{IoContext, Result};
-use crate::index::{Index, StepEntry};
+use crate::index::{now_secs, Index, StepEntry};
 
 /// Blobs younger than this are never collected: a running build may have
 /// written them without having recorded its entries yet.
@@ -80,11 +80,18 @@ pub fn gc(
     let mut report = GcReport::default();
     (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state_dir)?;
     let entries = index.all_steps()?;
+    let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+    // An entry lives `older_than` past its last use (its creation if unused).
     let (expired, kept): (Vec<_>, Vec<_>) = entries
         .into_iter()
-        .partition(|(_, e)| e.expired(older_than));
+        .zip(index.last_used(&keys)?)
+        .partition(|((_, e), used)| {
+            let last = used.unwrap_or(e.created).max(e.created);
+            last.saturating_add(older_than.as_secs()) < now_secs()
+        });
+    let kept: Vec<(String, StepEntry)> = kept.into_iter().map(|(entry, _)| entry).collect();
     report.entries_removed = expired.len();
-    index.remove_steps(&expired.into_iter().map(|(k, _)| k).collect::<Vec<_>>())?;
+    index.remove_steps(&expired.into_iter().map(|((k, _), _)| k).collect::<Vec<_>>())?;
     let referenced = referenced(&kept);
 
     let mut candidates: Vec<_> = blobs(store)?
@@ -256,12 +263,17 @@ mod tests {
                 ("e".into(), entry_for(&expired, now - 10 * 86400)),
             ])
             .unwrap();
+        // Old but still in use: kept.
+        index
+            .put_steps(&[("used".into(), entry_for(&kept, now - 10 * 86400))])
+            .unwrap();
+        index.touch_steps(&["used".into()]).unwrap();
         let report = gc(dir.path(), &store, &index, Duration::from_secs(86400), None).unwrap();
         assert_eq!((report.entries_removed, report.blobs_removed), (1, 1));
+        assert_eq!(stats(&store, &index).unwrap().entries, 2);
         assert!(store.contains(&kept).unwrap());
         assert!(!store.contains(&expired).unwrap());
         assert!(store.contains(&fresh_orphan).unwrap());
-        assert_eq!(stats(&store, &index).unwrap().entries, 1);
     }
 
     #[test]

@@ -24,7 +24,10 @@ const STEPS: &str = "steps";
 const STATS: &str = "stats";
 /// The base-image cache: `reference#platform` to what it resolved to.
 const BASES: &str = "bases";
-const FAMILIES: &[&str] = &[STEPS, STATS, BASES];
+/// When each step entry was last used (a hit), for GC: an old entry that
+/// builds keep hitting is kept.
+const USED: &str = "used";
+const FAMILIES: &[&str] = &[STEPS, STATS, BASES, USED];
 
 /// A base image as last resolved: the digest its reference pointed at
 /// (an index's, for multi-platform images) and the platform's manifest.
@@ -145,6 +148,29 @@ impl Index {
     pub fn put_base(&self, key: &str, entry: &BaseEntry) -> Result<()> {
         let value = serde_json::to_vec(entry).map_err(|e| self.error(e))?;
         self.write(BASES, |cf, batch| batch.put_cf(cf, key.as_bytes(), &value))
+    }
+
+    /// Records that these entries were just used.
+    pub fn touch_steps(&self, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let now = now_secs().to_le_bytes();
+        self.write(USED, |cf, batch| {
+            for key in keys {
+                batch.put_cf(cf, key.as_bytes(), now);
+            }
+        })
+    }
+
+    /// When each entry was last used (its creation when never hit since).
+    pub fn last_used(&self, keys: &[String]) -> Result<Vec<Option<u64>>> {
+        let raw: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        Ok(self
+            .get_raw(USED, &raw)?
+            .into_iter()
+            .map(|v| v.and_then(|b| Some(u64::from_le_bytes(b.try_into().ok()?))))
+            .collect())
     }
 
     /// Stat-cache lookups: opaque values by opaque keys.

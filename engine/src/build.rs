@@ -488,6 +488,13 @@ impl<'a> Builder<'a> {
             })?;
             let hits = self.lookup(stage, &keys)?;
             let hits = self.lookup_remote(stage, &keys, hits).await?;
+            // Last use, for `kiln cache gc`: what builds keep hitting stays.
+            let used: Vec<String> = keys
+                .iter()
+                .zip(&hits)
+                .filter_map(|(k, h)| k.clone().filter(|_| h.is_some()))
+                .collect();
+            self.index.touch_steps(&used)?;
             self.counters.timed("lookup", start);
             let fully_cached = keys
                 .iter()
