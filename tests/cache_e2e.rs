@@ -472,3 +472,38 @@ fn warm_pulls_base_images_ahead_of_builds() {
         .unwrap();
     assert!(!missing.status.success());
 }
+
+/// A rebuild that only hits gives the image it gave before, even without
+/// `--reproducible`: the history keeps when each step was first built.
+#[test]
+fn a_fully_cached_rebuild_gives_the_same_image() {
+    let ctx = Context::new(
+        &format!(
+            "FROM oci-layout://{}:latest\nLABEL a=b\nRUN echo one > /one\nENV X=1\nCOPY a.txt /\nCMD [\"sh\"]\n",
+            busybox_layout().display()
+        ),
+        &[("a.txt", "a\n")],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let digest = |n: u32| {
+        let file = out.path().join(format!("digest-{n}"));
+        let output = kiln_build(
+            &ctx,
+            state.path(),
+            &["--no-push", "--digest-file", file.to_str().unwrap()],
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        (std::fs::read_to_string(file).unwrap(), output)
+    };
+    let (first, _) = digest(1);
+    // Past the second the first build ran in, so "now" would differ.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (second, output) = digest(2);
+    assert_eq!(summary(&output), (2, 0, 0));
+    assert_eq!(second, first);
+    // A miss is a new image, with the time it was built.
+    std::fs::write(ctx.path().join("a.txt"), "b\n").unwrap();
+    let (third, _) = digest(3);
+    assert_ne!(third, first);
+}

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::{self, Descriptor, ResolvedManifest};
 use kiln_cachestore::remote::RemoteCache;
@@ -134,6 +134,15 @@ pub enum Event {
     Summary(Summary),
 }
 
+/// A step found in the cache: its layer (none when it changed no file)
+/// and when it was first built, which its history keeps, so a rebuild that
+/// only hits gives the same image.
+#[derive(Debug, Clone)]
+struct Hit {
+    layer: Option<Layer>,
+    created: u64,
+}
+
 /// The result of one stage: its image, and its root when on disk.
 struct StageResult {
     root: Option<PathBuf>,
@@ -142,6 +151,8 @@ struct StageResult {
     /// The key of the stage's last file-changing step (its base's identity
     /// when it has none): what `FROM <stage>` and `COPY --from` chain on.
     last_key: String,
+    /// When its newest step was built (seconds since the epoch).
+    built: Option<u64>,
 }
 
 impl StageResult {
@@ -151,6 +162,7 @@ impl StageResult {
             config: self.config.clone(),
             layers: self.layers.clone(),
             last_key: self.last_key.clone(),
+            built: self.built,
         }
     }
 }
@@ -449,6 +461,7 @@ impl<'a> Builder<'a> {
                     config: ImageConfig::default(),
                     layers: Vec::new(),
                     last_key: "scratch".into(),
+                    built: None,
                 },
                 Base::Image(reference) => {
                     let m = &manifests[reference];
@@ -460,6 +473,7 @@ impl<'a> Builder<'a> {
                         layers: Self::image_layers(m, &config),
                         config,
                         last_key: m.digest.clone(),
+                        built: None,
                     }
                 }
                 Base::Stage(parent) => StageResult {
@@ -711,7 +725,7 @@ impl<'a> Builder<'a> {
         &self,
         stage: &StagePlan,
         keys: &[Option<String>],
-    ) -> Result<Vec<Option<Option<Layer>>>, BuildError> {
+    ) -> Result<Vec<Option<Hit>>, BuildError> {
         let opts = self.options;
         let wanted: Vec<String> = keys
             .iter()
@@ -734,7 +748,10 @@ impl<'a> Builder<'a> {
                 }
                 match &entry.layer {
                     Some(l) if !self.store_has(&l.descriptor)? => Ok(None),
-                    layer => Ok(Some(layer.clone())),
+                    layer => Ok(Some(Hit {
+                        layer: layer.clone(),
+                        created: entry.created,
+                    })),
                 }
             })
             .collect()
@@ -783,8 +800,8 @@ impl<'a> Builder<'a> {
         &self,
         stage: &StagePlan,
         keys: &[Option<String>],
-        mut hits: Vec<Option<Option<Layer>>>,
-    ) -> Result<Vec<Option<Option<Layer>>>, BuildError> {
+        mut hits: Vec<Option<Hit>>,
+    ) -> Result<Vec<Option<Hit>>, BuildError> {
         let Some(remote) = self.remote()? else {
             return Ok(hits);
         };
@@ -808,7 +825,10 @@ impl<'a> Builder<'a> {
         .await?;
         let mut recorded = Vec::new();
         for (i, key, entry) in found.into_iter().flatten() {
-            hits[i] = Some(entry.layer.clone());
+            hits[i] = Some(Hit {
+                layer: entry.layer.clone(),
+                created: entry.created,
+            });
             self.counters.remote_hits.fetch_add(1, Ordering::Relaxed);
             recorded.push((key, entry));
         }
@@ -848,19 +868,21 @@ impl<'a> Builder<'a> {
         })
     }
 
-    fn created(&self) -> String {
-        let secs = self.options.fixed_time.unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-        });
+    /// A timestamp for the image: `--reproducible`'s fixed time, else
+    /// `secs` (when a cached step was built), else now.
+    fn created(&self, secs: Option<u64>) -> String {
+        let secs = self
+            .options
+            .fixed_time
+            .or(secs)
+            .unwrap_or_else(kiln_cachestore::index::now_secs);
         humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs))
             .to_string()
     }
 
-    fn history(&self, created_by: &str, empty_layer: bool) -> History {
+    fn history(&self, created_by: &str, empty_layer: bool, secs: Option<u64>) -> History {
         History {
-            created: Some(self.created()),
+            created: Some(self.created(secs)),
             created_by: Some(created_by.to_string()),
             comment: Some("kiln".into()),
             empty_layer,
@@ -875,7 +897,7 @@ impl<'a> Builder<'a> {
         stage: &StagePlan,
         result: &mut StageResult,
         keys: &[Option<String>],
-        hits: &[Option<Option<Layer>>],
+        hits: &[Option<Hit>],
         stages: &HashMap<usize, StageResult>,
         image_roots: &HashMap<String, PathBuf>,
     ) -> Result<Vec<(String, StepEntry)>, BuildError> {
@@ -886,6 +908,16 @@ impl<'a> Builder<'a> {
         // --single-snapshot: one layer for the whole stage, against its base.
         let mut base_state: Option<Snapshot> = None;
         let mut recorded = Vec::new();
+        // Metadata steps take the time of the keyed step before them (the
+        // first keyed step's, at the start), so a fully cached stage gets
+        // the history, and the image, it had.
+        let now = kiln_cachestore::index::now_secs();
+        let mut time = keys
+            .iter()
+            .zip(hits)
+            .find(|(k, _)| k.is_some())
+            .map(|(_, h)| h.as_ref().map_or(now, |h| h.created))
+            .or(result.built);
         for ((step, key), hit) in stage.steps.iter().zip(keys).zip(hits) {
             (self.on_event)(Event::Step {
                 line: step.line,
@@ -893,9 +925,11 @@ impl<'a> Builder<'a> {
             });
             let (layer, empty_layer) = match (key, hit, &root) {
                 (None, _, _) => (None, true),
-                (Some(_), Some(cached), _) => {
+                (Some(_), Some(hit), _) => {
                     self.counters.hit();
                     (self.on_event)(Event::CacheHit { line: step.line });
+                    time = Some(hit.created);
+                    let cached = &hit.layer;
                     if let (Some(root), Some(layer)) = (&root, cached) {
                         let start = Instant::now();
                         unpack_layer(self.store, layer, root)?;
@@ -909,6 +943,7 @@ impl<'a> Builder<'a> {
                 }
                 (Some(key), _, Some(root)) => {
                     self.counters.miss();
+                    time = Some(now);
                     let start = Instant::now();
                     if snapshot.is_none() {
                         let scanned = Snapshot::scan(
@@ -937,7 +972,13 @@ impl<'a> Builder<'a> {
                             false => Some(self.write_layer(root, &changes)?),
                         };
                         if self.cacheable(step) {
-                            recorded.push((key.clone(), StepEntry::new(layer.clone())));
+                            recorded.push((
+                                key.clone(),
+                                StepEntry {
+                                    layer: layer.clone(),
+                                    created: now,
+                                },
+                            ));
                         }
                         (layer.clone(), layer.is_none())
                     }
@@ -948,16 +989,18 @@ impl<'a> Builder<'a> {
             result
                 .config
                 .history
-                .push(self.history(&step.created_by, empty_layer));
+                .push(self.history(&step.created_by, empty_layer, time));
         }
+        result.built = time.or(result.built);
         if let (Some(base), Some(root)) = (&mut base_state, &root) {
             let changes = base.rescan(root, &[PathBuf::new()]).at(root)?;
             if !changes.is_empty() {
                 result.layers.push(self.write_layer(root, &changes)?);
-                result
-                    .config
-                    .history
-                    .push(self.history("kiln --single-snapshot", false));
+                result.config.history.push(self.history(
+                    "kiln --single-snapshot",
+                    false,
+                    Some(now),
+                ));
             }
         }
         if let Some(last) = keys.iter().flatten().last() {
@@ -1451,7 +1494,7 @@ impl<'a> Builder<'a> {
         }
         let mut config = target.config;
         config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
-        config.created = Some(self.created());
+        config.created = Some(self.created(target.built));
         let bytes = serde_json::to_vec(&config).expect("a config always serializes");
         let stored = self.store.put(&bytes)?;
         let config_desc = Descriptor {
