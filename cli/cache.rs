@@ -8,26 +8,10 @@ use kiln_cachestore::{gc, BlobStore, Index};
 use crate::args::{CacheArgs, CacheCommand};
 use crate::build::default_state_dir;
 
-/// `10GiB`, `500M`, `1024`: binary units, as `--max-size` is usually given.
+/// `10GiB`, `500M`, `1024`: binary units, as BuildKit reads sizes.
 fn parse_size(flag: &str, s: &str) -> Result<u64> {
-    let lower = s.trim().to_ascii_lowercase();
-    let split = lower
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(lower.len());
-    let (number, unit) = lower.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("{flag} {s:?}: expected a size such as 10GiB"))?;
-    let unit = unit.trim().trim_end_matches('b').trim_end_matches('i');
-    let shift = match unit {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => bail!("{flag} {s:?}: unknown unit (use K, M, G or T)"),
-    };
-    Ok((number * (1u64 << shift) as f64) as u64)
+    kiln_engine::dockerfile::parse_size(s)
+        .with_context(|| format!("{flag} {s:?}: expected a size such as 10GiB"))
 }
 
 fn human(bytes: u64) -> String {

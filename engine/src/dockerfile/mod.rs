@@ -41,7 +41,7 @@ pub use error::{ExpandError, FrontendError, Warning};
 pub use expand::{expand_heredoc, expand_word, expand_words, Lookup};
 pub use heredoc::Heredoc;
 pub use instruction::{Command, CopyArgs, Healthcheck, HeredocRun, Instruction, KEYWORDS};
-pub use mount::{MountExpander, MountType, RunMount};
+pub use mount::{parse_size, MountExpander, MountType, RunMount};
 pub use parse::{parse, parse_onbuild_trigger, Dockerfile, RawInstruction};
 pub use plan_doc::{plan_document, plan_text};
 pub use scope::{

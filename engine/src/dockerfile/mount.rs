@@ -257,7 +257,7 @@ fn has_variable(value: &str) -> bool {
 
 /// A size as BuildKit reads `size=` (go-units' RAMInBytes): a number with
 /// an optional binary unit, `k`, `m`, `g`, `t`, `p`, any case, `b`/`ib` optional.
-fn parse_size(s: &str) -> Option<u64> {
+pub fn parse_size(s: &str) -> Option<u64> {
     let lower = s.trim().to_ascii_lowercase();
     let digits_end = lower
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
