@@ -40,6 +40,17 @@ pub struct Platform {
     pub variant: Option<String>,
 }
 
+/// `os/architecture[/variant]`, as `--custom-platform` takes it.
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match &self.variant {
+            Some(v) => write!(f, "/{v}"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Platform {
     /// The platform this binary was built for, in OCI's names.
     pub fn host() -> Self {

@@ -24,25 +24,7 @@ pub struct Warmed {
 }
 
 fn base_key(reference: &Reference, platform: &Platform) -> String {
-    let variant = platform.variant.as_deref().unwrap_or_default();
-    format!(
-        "{}#{}/{}/{variant}",
-        reference.whole(),
-        platform.os,
-        platform.architecture
-    )
-}
-
-/// How a base image was resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
-    /// The tag still points where it did: the stored manifest was used.
-    Unchanged,
-    /// Pulled from the registry (first time, or the tag moved).
-    Pulled,
-    /// The registry did not answer; the stored manifest, checked within
-    /// the TTL, was used.
-    Offline,
+    format!("{}#{platform}", reference.whole())
 }
 
 /// Resolves a base image through the base-image cache: a HEAD request
@@ -57,7 +39,7 @@ pub async fn resolve_base(
     reference: &Reference,
     platform: &Platform,
     ttl: Duration,
-) -> Result<(ResolvedManifest, Resolution)> {
+) -> Result<ResolvedManifest> {
     let key = base_key(reference, platform);
     let cached = index.get_base(&key)?.filter(|e| {
         store
@@ -67,14 +49,14 @@ pub async fn resolve_base(
     let head = registry.manifest_digest(reference).await;
     match (&cached, &head) {
         (Some(entry), Ok(digest)) if *digest == entry.top_digest => {
-            return Ok((entry.manifest.clone(), Resolution::Unchanged));
+            return Ok(entry.manifest.clone());
         }
         (Some(entry), Err(e)) if entry.checked.saturating_add(ttl.as_secs()) >= now_secs() => {
             tracing::warn!(
                 "{}: {e}; using the base image checked before",
                 reference.whole()
             );
-            return Ok((entry.manifest.clone(), Resolution::Offline));
+            return Ok(entry.manifest.clone());
         }
         _ => {}
     }
@@ -96,7 +78,7 @@ pub async fn resolve_base(
             checked: now_secs(),
         },
     )?;
-    Ok((manifest, Resolution::Pulled))
+    Ok(manifest)
 }
 
 /// Pulls `reference` (a registry reference or `oci-layout://PATH[:tag]`)
@@ -121,7 +103,7 @@ pub async fn warm(
         });
     }
     let r = parse_reference(reference)?;
-    let (manifest, _) = resolve_base(registry, store, index, &r, platform, Duration::ZERO).await?;
+    let manifest = resolve_base(registry, store, index, &r, platform, Duration::ZERO).await?;
     let digests: Vec<&str> = manifest
         .manifest
         .layers

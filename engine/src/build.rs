@@ -252,6 +252,8 @@ pub struct Builder<'a> {
     cache_mounts: PathBuf,
     /// Set once overlayfs refused a mount: the walk snapshotter from then on.
     overlay_unavailable: std::sync::atomic::AtomicBool,
+    /// The remote tier, when `--cache-repo` is given and caching is on.
+    remote: Option<RemoteCache<'a>>,
     etc: EtcFiles,
 }
 
@@ -274,6 +276,10 @@ impl<'a> Builder<'a> {
         let work_lock = std::fs::File::create(&lock_path).at(&lock_path)?;
         work_lock.lock().at(&lock_path)?;
         let etc = EtcFiles::create(&work.path().join("etc"), HOSTNAME).at(work.path())?;
+        let remote = match &options.cache_repo {
+            Some(repo) if options.cache => Some(RemoteCache::new(registry, repo)?),
+            _ => None,
+        };
         Ok(Self {
             options,
             store,
@@ -285,6 +291,7 @@ impl<'a> Builder<'a> {
             _work_lock: work_lock,
             cache_mounts: state_dir.join("mounts"),
             overlay_unavailable: Default::default(),
+            remote,
             etc,
         })
     }
@@ -357,7 +364,7 @@ impl<'a> Builder<'a> {
                 self.registry
                     .allow_invalid_certificates(r.resolve_registry());
             }
-            let (m, _) = kiln_cachestore::warm::resolve_base(
+            kiln_cachestore::warm::resolve_base(
                 self.registry,
                 self.store,
                 self.index,
@@ -366,8 +373,7 @@ impl<'a> Builder<'a> {
                 self.options.cache_ttl,
             )
             .await
-            .map_err(base_error)?;
-            m
+            .map_err(base_error)?
         };
         let bytes = self.store.read(&m.manifest.config.digest)?;
         let config: ImageConfig =
@@ -449,6 +455,8 @@ impl<'a> Builder<'a> {
         let mut results: HashMap<usize, StageResult> = HashMap::new();
         let mut images: HashMap<String, FetchedImage> = HashMap::new();
         let last_use = plan.last_uses();
+        // Keys that hit, recorded once at the end as used, for `kiln cache gc`.
+        let mut used: Vec<String> = Vec::new();
         for stage in plan.stages.iter().filter(|s| s.needed) {
             (self.on_event)(Event::Stage {
                 index: stage.index,
@@ -502,13 +510,11 @@ impl<'a> Builder<'a> {
             })?;
             let hits = self.lookup(stage, &keys)?;
             let hits = self.lookup_remote(stage, &keys, hits).await?;
-            // Last use, for `kiln cache gc`: what builds keep hitting stays.
-            let used: Vec<String> = keys
-                .iter()
-                .zip(&hits)
-                .filter_map(|(k, h)| k.clone().filter(|_| h.is_some()))
-                .collect();
-            self.index.touch_steps(&used)?;
+            used.extend(
+                keys.iter()
+                    .zip(&hits)
+                    .filter_map(|(k, h)| k.clone().filter(|_| h.is_some())),
+            );
             self.counters.timed("lookup", start);
             let fully_cached = keys
                 .iter()
@@ -590,6 +596,7 @@ impl<'a> Builder<'a> {
             }
             results.insert(stage.index, result);
         }
+        self.index.touch_steps(&used)?;
         (self.on_event)(Event::Summary(self.counters.summary()));
         let target = results
             .remove(&plan.target)
@@ -606,17 +613,7 @@ impl<'a> Builder<'a> {
         stages: &HashMap<usize, StageResult>,
         images: &HashMap<String, FetchedImage>,
     ) -> Result<Vec<Option<String>>, BuildError> {
-        let platform = format!(
-            "{}/{}{}",
-            self.options.platform.os,
-            self.options.platform.architecture,
-            self.options
-                .platform
-                .variant
-                .as_deref()
-                .map(|v| format!("/{v}"))
-                .unwrap_or_default()
-        );
+        let platform = self.options.platform.to_string();
         let mut parent = parent.to_string();
         let mut keys = Vec::new();
         for step in &stage.steps {
@@ -637,28 +634,12 @@ impl<'a> Builder<'a> {
                         .filter(|s| !plan::AddSpec::is_url(s))
                         .cloned()
                         .collect();
-                    let (selected, filter) = copy::selected_context_sources(
-                        &self.options.context,
-                        &self.options.dockerignore,
-                        &local,
-                    )
-                    .map_err(|message| self.step_error(step, message))?;
-                    let digest =
-                        key::hash_sources_cached(&selected, false, Some(filter), Some(self.index))
-                            .at(&self.options.context)?;
-                    (String::new(), digest)
+                    (String::new(), self.context_digest(step, &local)?)
                 }
                 Action::Copy {
                     from: CopyFrom::Inline(files),
                     ..
-                } => {
-                    let mut h = key::KeyHasher::new("inline");
-                    for (name, content) in files {
-                        h.field("name", name.as_bytes())
-                            .field("content", content.as_bytes());
-                    }
-                    (String::new(), h.finish())
-                }
+                } => (String::new(), key::hash_inline(files)),
                 Action::Copy {
                     from: CopyFrom::Stage(i),
                     ..
@@ -677,21 +658,7 @@ impl<'a> Builder<'a> {
                             None => {}
                             Some(CopyFrom::Context) => {
                                 let source = pm.mount.source.clone().unwrap_or_else(|| ".".into());
-                                let (selected, filter) = copy::selected_context_sources(
-                                    &self.options.context,
-                                    &self.options.dockerignore,
-                                    &[source],
-                                )
-                                .map_err(|message| self.step_error(step, message))?;
-                                digests.push(
-                                    key::hash_sources_cached(
-                                        &selected,
-                                        false,
-                                        Some(filter),
-                                        Some(self.index),
-                                    )
-                                    .at(&self.options.context)?,
-                                );
+                                digests.push(self.context_digest(step, &[source])?);
                             }
                             Some(CopyFrom::Stage(i)) => identity.push(stages[i].last_key.clone()),
                             Some(CopyFrom::Image(r)) => identity.push(images[r].m.digest.clone()),
@@ -717,6 +684,16 @@ impl<'a> Builder<'a> {
             keys.push(key);
         }
         Ok(keys)
+    }
+
+    /// The digest of the context files `sources` select, as COPY would
+    /// copy them (through `.dockerignore`), with the stat cache.
+    fn context_digest(&self, step: &Step, sources: &[String]) -> Result<String, BuildError> {
+        let context = &self.options.context;
+        let (selected, filter) =
+            copy::selected_context_sources(context, &self.options.dockerignore, sources)
+                .map_err(|message| self.step_error(step, message))?;
+        key::hash_sources_cached(&selected, false, Some(filter), Some(self.index)).at(context)
     }
 
     /// Looks every key up at once. A hit is an entry within the TTL whose
@@ -786,13 +763,6 @@ impl<'a> Builder<'a> {
             }
     }
 
-    fn remote(&self) -> Result<Option<RemoteCache<'_>>, BuildError> {
-        match &self.options.cache_repo {
-            Some(repo) if self.options.cache => Ok(Some(RemoteCache::new(self.registry, repo)?)),
-            _ => Ok(None),
-        }
-    }
-
     /// Asks the remote tier, all at once, for every key the local tier
     /// missed. A remote hit's layer is fetched into the store and the entry
     /// recorded locally, so the next build finds it here.
@@ -802,7 +772,7 @@ impl<'a> Builder<'a> {
         keys: &[Option<String>],
         mut hits: Vec<Option<Hit>>,
     ) -> Result<Vec<Option<Hit>>, BuildError> {
-        let Some(remote) = self.remote()? else {
+        let Some(remote) = &self.remote else {
             return Ok(hits);
         };
         let missing: Vec<(usize, &String)> = keys
@@ -813,7 +783,6 @@ impl<'a> Builder<'a> {
             .map(|(i, (k, _))| (i, k.as_ref().expect("filtered")))
             .collect();
         let store = self.store;
-        let remote = &remote;
         let found = futures_util::future::try_join_all(missing.iter().map(|(i, key)| async move {
             let entry = match remote.get(key, store).await? {
                 Some(e) if !e.expired(self.options.cache_ttl) => e,
@@ -838,10 +807,13 @@ impl<'a> Builder<'a> {
 
     /// Uploads new entries to the remote tier.
     async fn publish(&self, recorded: &[(String, StepEntry)]) -> Result<(), BuildError> {
-        let Some(remote) = self.remote()?.filter(|_| self.options.cache_repo_push) else {
+        let Some(remote) = self
+            .remote
+            .as_ref()
+            .filter(|_| self.options.cache_repo_push)
+        else {
             return Ok(());
         };
-        let remote = &remote;
         futures_util::future::try_join_all(
             recorded
                 .iter()
@@ -1087,7 +1059,7 @@ impl<'a> Builder<'a> {
                         return Err(e);
                     }
                 };
-                let spec = RunSpec {
+                let mut spec = RunSpec {
                     root: root.to_path_buf(),
                     argv: argv.clone(),
                     env,
@@ -1100,10 +1072,8 @@ impl<'a> Builder<'a> {
                     script: script.clone(),
                     no_network: *network == Network::None,
                     isolation: self.options.isolation,
-                    overlay: None,
+                    overlay: self.overlay_dirs(scratch.path()).map_err(io)?,
                 };
-                let overlay = self.overlay_dirs(scratch.path()).map_err(io)?;
-                let mut spec = RunSpec { overlay, ..spec };
                 let mut code = run::run(&spec);
                 let refused = spec.overlay.as_ref().map(|o| o.unavailable_marker());
                 if let Some(marker) = refused.filter(|m| m.exists()) {
@@ -1129,25 +1099,8 @@ impl<'a> Builder<'a> {
                 match (code.map_err(io)?, &spec.overlay) {
                     (0, None) => snapshot.rescan(root, &[PathBuf::new()]).map_err(io),
                     (0, Some(o)) => {
-                        let mut applied = overlay::apply_upper(&o.upper, root).map_err(io)?;
-                        // Links the step saw follow their file (overlay's
-                        // index=on view), as on a plain filesystem.
-                        for (path, ino) in &applied.relinked {
-                            for other in snapshot.paths_of_inode(*ino) {
-                                let host = root.join(&other);
-                                if other == *path || applied.changes.upserts.contains(&other) {
-                                    continue;
-                                }
-                                if std::fs::symlink_metadata(&host)
-                                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *ino)
-                                {
-                                    std::fs::remove_file(&host).map_err(io)?;
-                                    std::fs::hard_link(root.join(path), &host).map_err(io)?;
-                                    applied.changes.upserts.push(other);
-                                }
-                            }
-                        }
-                        snapshot.apply(root, applied.changes).map_err(io)
+                        let changes = overlay::apply_upper(&o.upper, root, snapshot).map_err(io)?;
+                        snapshot.apply(root, changes).map_err(io)
                     }
                     (code, _) => Err(format!("{argv:?} returned a non-zero code: {code}")),
                 }

@@ -211,6 +211,16 @@ fn describe_mount(m: &PlannedMount) -> String {
     )
 }
 
+/// The digest of `COPY <<EOF` sources: each heredoc's name and content.
+pub fn hash_inline(files: &[(String, String)]) -> String {
+    let mut h = KeyHasher::new("inline");
+    for (name, content) in files {
+        h.field("name", name.as_bytes())
+            .field("content", content.as_bytes());
+    }
+    h.finish()
+}
+
 /// One file of a COPY's sources, as the key sees it.
 struct SourceEntry {
     rel: String,

@@ -17,26 +17,42 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{Timespec, Timestamps};
 
-use super::snapshot::Changes;
+use super::snapshot::{Changes, Snapshot};
 
 const OVERLAY_XATTRS: &str = "trusted.overlay.";
 
 /// What applying an upper dir did.
 #[derive(Debug, Default)]
-pub struct Applied {
-    pub changes: Changes,
+struct Applied {
+    changes: Changes,
     /// Files replaced while they had other hard links in the root:
-    /// (path, the old inode). Those links must follow the new file, as
-    /// they do in the step's (index=on) view.
-    pub relinked: Vec<(PathBuf, u64)>,
+    /// (path, the old inode).
+    relinked: Vec<(PathBuf, u64)>,
 }
 
 /// Applies `upper` onto `root` and returns what changed (paths relative to
-/// the root, parents before children).
-pub fn apply_upper(upper: &Path, root: &Path) -> io::Result<Applied> {
+/// the root, parents before children). `before` is the root's state before
+/// the step: it names the other links of a replaced file.
+pub fn apply_upper(upper: &Path, root: &Path, before: &Snapshot) -> io::Result<Changes> {
     let mut applied = Applied::default();
     apply_dir(upper, root, Path::new(""), false, &mut applied)?;
-    Ok(applied)
+    let mut changes = applied.changes;
+    // The other links of a replaced file follow it, as they did in the
+    // step's (index=on) view and as on a plain filesystem.
+    for (path, ino) in &applied.relinked {
+        for other in before.paths_of_inode(*ino) {
+            let host = root.join(&other);
+            if other == *path || changes.upserts.contains(&other) {
+                continue;
+            }
+            if fs::symlink_metadata(&host).is_ok_and(|m| m.ino() == *ino) {
+                fs::remove_file(&host)?;
+                fs::hard_link(root.join(path), &host)?;
+                changes.upserts.push(other);
+            }
+        }
+    }
+    Ok(changes)
 }
 
 fn sorted_names(dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
