@@ -385,6 +385,24 @@ fn a_new_machine_starts_warm_from_the_cache_repo() {
     let (second, second_digest) = machine("app:second", &[]);
     assert_eq!(summary(&second), (4, 0, 0), "{}", stderr(&second));
     assert_eq!(remote_hits(&second), 4);
+    // The summary gives time per phase and the bytes moved: the second
+    // machine pulled its layers from the cache repo.
+    let err = stderr(&second);
+    assert!(
+        err.contains("time: resolve") && err.contains("lookup"),
+        "{err}"
+    );
+    let pulled: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.split(" bytes pulled")
+                .next()
+                .filter(|_| l.contains(" bytes pulled"))
+        })
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes-pulled figure in:\n{err}"));
+    assert!(pulled > 0, "{err}");
     assert_eq!(second_digest, first_digest);
     // The image pushed from remote hits alone is complete and readable.
     let config = skopeo_config(&registry.reference("app:second"));
