@@ -3,8 +3,9 @@
 # a RUN creating 2000 files, rm, chmod, COPY, WORKDIR, CMD) against a local
 # registry: `perf stat` over 10 warm rebuilds, then a `perf record` with
 # DWARF call graphs over 3 of them, and the top symbols, self and children.
+# With --cold, the same for cold builds (an empty --cache-dir each time).
 #
-#   benches/profile.sh [--kiln PATH] [--keep]
+#   benches/profile.sh [--cold] [--kiln PATH] [--keep]
 #
 # Needs perf, docker-registry, skopeo, busybox-static, root.
 set -euo pipefail
@@ -13,10 +14,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
 keep=0
+cold=0
 while [ $# -gt 0 ]; do
   case $1 in
     --kiln) kiln=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --cold) cold=1; shift ;;
     *) echo "profile.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -57,14 +60,20 @@ for i in $(seq 20); do echo "$i" >"$ctx/app/src$i.txt"; done
 
 build=("$work/kiln" build --context "$ctx" --dockerfile "$ctx/Dockerfile"
   --destination "$reg/kiln/app:1" --cache-dir "$work/state")
-"${build[@]}" >/dev/null 2>&1 # warm the cache
+what="no-change rebuilds"
+if [ "$cold" = 1 ]; then
+  # A fresh state dir for every build.
+  build=(bash -c 'rm -rf "$1"; shift; exec "$@"' _ "$work/state" "${build[@]}")
+  what="cold builds"
+fi
+"${build[@]}" >/dev/null 2>&1 # warm the cache (and the page cache)
 "${build[@]}" 2>&1 | grep -E 'time:|built in'
 
-echo "== perf stat, 10 no-change rebuilds"
+echo "== perf stat, 10 $what"
 perf stat -r 10 -e task-clock,context-switches,cpu-migrations,page-faults "${build[@]}" 2>&1 >/dev/null |
   sed -n '/Performance counter stats/,$p' || true
 
-echo "== perf record (DWARF call graphs), 3 no-change rebuilds"
+echo "== perf record (DWARF call graphs), 3 $what"
 perf record -q -F 5000 --call-graph dwarf,32768 -o "$work/perf.data" -- \
   bash -c 'for i in 1 2 3; do "$@" >/dev/null 2>&1; done' _ "${build[@]}" 2>/dev/null
 echo "-- self time, top 15"

@@ -301,7 +301,7 @@ pub enum SnapshotModeArg {
     Time,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SnapshotterArg {
     Auto,
     Walk,

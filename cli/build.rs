@@ -244,6 +244,13 @@ fn render(event: Event) {
 
 pub fn run(a: BuildArgs) -> Result<()> {
     let started = Instant::now();
+    // While the process has one thread: the overlay snapshotter's mounts
+    // then live and die with this process.
+    let own_mount_namespace = a.snapshotter != SnapshotterArg::Walk
+        && kiln_engine::exec::run::running_as_root()
+        && kiln_engine::rootfs::overlay::enter_private_mount_namespace()
+            .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))
+            .is_ok();
     if a.destinations.is_empty()
         && !a.no_push
         && a.tar_path.is_none()
@@ -316,6 +323,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
             SnapshotterArg::Overlay => Snapshotter::Overlay,
             SnapshotterArg::Auto => Snapshotter::Auto,
         },
+        own_mount_namespace,
         image_format: match a.image_format {
             ImageFormatArg::Oci => ImageFormat::Oci,
             ImageFormatArg::Docker => ImageFormat::Docker,

@@ -57,15 +57,16 @@ pub fn run(a: CacheArgs) -> Result<()> {
                 .transpose()?;
             let r = gc::gc(&state_dir, &store, &index, older_than.into(), max)?;
             println!(
-                "removed {} entries, {} blobs ({}), {} abandoned build dirs",
+                "removed {} entries, {} blobs ({}), {} unpacked layers, {} abandoned build dirs",
                 r.entries_removed,
                 r.blobs_removed,
                 human(r.bytes_freed),
+                r.unpacked_removed,
                 r.build_dirs_removed
             );
             if r.live_builds > 0 {
                 println!(
-                    "{} build(s) running: unreferenced blobs kept until they finish",
+                    "{} build(s) running: unreferenced blobs and unpacked layers kept until they finish",
                     r.live_builds
                 );
             }
@@ -83,10 +84,11 @@ pub fn run(a: CacheArgs) -> Result<()> {
         CacheCommand::Prune => {
             let r = gc::prune(&state_dir, &store, &index)?;
             println!(
-                "removed {} entries, {} blobs ({})",
+                "removed {} entries, {} blobs ({}), {} unpacked layers",
                 r.entries_removed,
                 r.blobs_removed,
-                human(r.bytes_freed)
+                human(r.bytes_freed),
+                r.unpacked_removed
             );
         }
     }

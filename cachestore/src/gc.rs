@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use crate::blobs::BlobStore;
 use crate::error::{IoContext, Result};
 use crate::index::{now_secs, Index, StepEntry};
+use crate::unpacked::UnpackedLayers;
 
 /// Blobs younger than this are never collected: a running build may have
 /// written them without having recorded its entries yet.
@@ -26,6 +27,8 @@ pub struct GcReport {
     pub blobs_removed: usize,
     pub bytes_freed: u64,
     pub build_dirs_removed: usize,
+    /// Unpacked layer directories removed (`unpacked/`).
+    pub unpacked_removed: usize,
     /// Builds running during the GC: while there are any, blobs are kept
     /// (a running build may rely on a blob no entry names yet).
     pub live_builds: usize,
@@ -69,7 +72,8 @@ pub fn stats(store: &BlobStore, index: &Index) -> Result<Stats> {
 
 /// Removes entries older than `older_than`, then blobs no entry refers to
 /// (oldest first, and only until the store is under `max_size` when one is
-/// given), then the work dirs of builds that are gone.
+/// given), then the work dirs of builds that are gone. Unpacked layers
+/// not used for `older_than` go too, when no build is running.
 pub fn gc(
     state_dir: &Path,
     store: &BlobStore,
@@ -79,6 +83,9 @@ pub fn gc(
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
     (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state_dir)?;
+    if report.live_builds == 0 {
+        report.unpacked_removed = UnpackedLayers::open(state_dir)?.gc(older_than)?;
+    }
     let entries = index.all_steps()?;
     let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     // An entry lives `older_than` past its last use (its creation if unused).
@@ -184,8 +191,8 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
     Ok(report)
 }
 
-/// Empties the cache: every entry, every blob, the work dirs of dead
-/// builds and the `RUN --mount=type=cache` directories.
+/// Empties the cache: every entry, every blob, the unpacked layers, the
+/// work dirs of dead builds and the `RUN --mount=type=cache` directories.
 pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcReport> {
     let keys: Vec<String> = index.all_steps()?.into_iter().map(|(k, _)| k).collect();
     index.remove_steps(&keys)?;
@@ -207,6 +214,7 @@ pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcRep
         report.blobs_removed += 1;
         report.bytes_freed += size;
     }
+    report.unpacked_removed = UnpackedLayers::open(state_dir)?.gc(Duration::ZERO)?;
     let mounts = state_dir.join("mounts");
     if mounts.exists() {
         fs::remove_dir_all(&mounts).at(&mounts)?;

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod manifest;
 pub mod registry;
 pub mod remote;
+pub mod unpacked;
 pub mod warm;
 
 pub use blobs::{BlobStore, StoredBlob};

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::{self, Descriptor, ResolvedManifest};
 use kiln_cachestore::remote::RemoteCache;
+use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient, StepEntry};
 
 use crate::dockerfile::MountType;
@@ -21,7 +22,7 @@ use crate::key;
 use crate::layer::{Compression, LayerWriter};
 use crate::output::BuiltImage;
 use crate::plan::{self, Action, Base, CopyFrom, Network, Plan, PlannedMount, StagePlan, Step};
-use crate::rootfs::overlay;
+use crate::rootfs::overlay::{self, Mounted};
 use crate::rootfs::snapshot::{Changes, Snapshot, SnapshotMode};
 use crate::rootfs::{
     clean_relative, create_dir_all_in_root, extract, relative_to_root, resolve_in_root,
@@ -63,6 +64,10 @@ pub struct BuildOptions {
     pub image_format: ImageFormat,
     /// How a RUN's changes are found (`--snapshotter`).
     pub snapshotter: Snapshotter,
+    /// The process is in a mount namespace of its own
+    /// (`rootfs::overlay::enter_private_mount_namespace`): the overlay
+    /// snapshotter mounts only then, so a crash leaves no mount on the host.
+    pub own_mount_namespace: bool,
     /// How RUN steps are isolated (`--isolation`).
     pub isolation: run::Isolation,
     /// The remote cache tier (`--cache-repo`), `registry/repository`.
@@ -146,6 +151,8 @@ struct Hit {
 /// The result of one stage: its image, and its root when on disk.
 struct StageResult {
     root: Option<PathBuf>,
+    /// With the overlay snapshotter, the read-only overlay at `root`.
+    view: Option<Mounted>,
     config: ImageConfig,
     layers: Vec<Layer>,
     /// The key of the stage's last file-changing step (its base's identity
@@ -159,6 +166,7 @@ impl StageResult {
     fn clone_without_root(&self) -> StageResult {
         StageResult {
             root: None,
+            view: None,
             config: self.config.clone(),
             layers: self.layers.clone(),
             last_key: self.last_key.clone(),
@@ -172,6 +180,7 @@ struct FetchedImage {
     m: ResolvedManifest,
     config: ImageConfig,
     root: Option<PathBuf>,
+    view: Option<Mounted>,
 }
 
 /// Counts for the build summary.
@@ -250,8 +259,11 @@ pub struct Builder<'a> {
     _work_lock: std::fs::File,
     /// `RUN --mount=type=cache` directories, kept across builds.
     cache_mounts: PathBuf,
-    /// Set once overlayfs refused a mount: the walk snapshotter from then on.
-    overlay_unavailable: std::sync::atomic::AtomicBool,
+    /// The overlay snapshotter's unpacked layers; `None` with the walk
+    /// snapshotter.
+    unpacked: Option<UnpackedLayers>,
+    /// An empty dir: the lowest layer of a stack that has none.
+    empty: PathBuf,
     /// The remote tier, when `--cache-repo` is given and caching is on.
     remote: Option<RemoteCache<'a>>,
     etc: EtcFiles,
@@ -280,6 +292,24 @@ impl<'a> Builder<'a> {
             Some(repo) if options.cache => Some(RemoteCache::new(registry, repo)?),
             _ => None,
         };
+        let empty = work.path().join("empty");
+        std::fs::create_dir(&empty).at(&empty)?;
+        let unpacked = match Self::overlay_usable(options, work.path(), &empty) {
+            Ok(true) => Some(UnpackedLayers::open(state_dir)?),
+            Ok(false) => None,
+            Err(why) if options.snapshotter == Snapshotter::Overlay => {
+                return Err(BuildError::Invalid(format!(
+                    "--snapshotter overlay: overlayfs cannot be mounted here: {why}"
+                )))
+            }
+            Err(why) => {
+                on_event(Event::Warning {
+                    line: 0,
+                    message: format!("overlayfs unavailable ({why}); using the walk snapshotter"),
+                });
+                None
+            }
+        };
         Ok(Self {
             options,
             store,
@@ -290,10 +320,35 @@ impl<'a> Builder<'a> {
             work,
             _work_lock: work_lock,
             cache_mounts: state_dir.join("mounts"),
-            overlay_unavailable: Default::default(),
+            unpacked,
+            empty,
             remote,
             etc,
         })
+    }
+
+    /// Whether the overlay snapshotter is to be used: asked for (or left to
+    /// `auto`), with the isolation it needs, and an overlay can be mounted
+    /// in Kiln's own mount namespace (tried once, on scratch dirs).
+    fn overlay_usable(options: &BuildOptions, work: &Path, empty: &Path) -> Result<bool, String> {
+        if options.snapshotter == Snapshotter::Walk
+            || options.isolation != run::Isolation::Namespaces
+            || options.single_snapshot
+        {
+            return Ok(false);
+        }
+        if !options.own_mount_namespace {
+            return Err("Kiln has no mount namespace of its own (not root?)".into());
+        }
+        let probe = work.join("probe");
+        let dirs = ["upper", "work", "merged"].map(|d| probe.join(d));
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        overlay::mount(&[empty.to_path_buf()], Some((&dirs[0], &dirs[1])), &dirs[2])
+            .map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&probe);
+        Ok(true)
     }
 
     fn dockerfile_error(&self, e: dockerfile::FrontendError) -> BuildError {
@@ -434,11 +489,63 @@ impl<'a> Builder<'a> {
         let start = Instant::now();
         std::fs::create_dir_all(root).at(root)?;
         for layer in layers {
-            unpack_layer(self.store, layer, root)?;
+            unpack_layer(self.store, layer, root, false)?;
         }
         self.counters.extracted(layers.len());
         self.counters.timed("unpack", start);
         Ok(())
+    }
+
+    /// The overlay snapshotter's directory of a layer, unpacked the first
+    /// time any build needs it.
+    fn layer_dir(&self, unpacked: &UnpackedLayers, layer: &Layer) -> Result<PathBuf, BuildError> {
+        if let Some(dir) = unpacked.get(&layer.diff_id)? {
+            return Ok(dir);
+        }
+        let start = Instant::now();
+        let made = tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(self.work.path())
+            .at(self.work.path())?;
+        unpack_layer(self.store, layer, made.path(), true)?;
+        let dir = unpacked.insert(&layer.diff_id, &made.keep())?;
+        self.counters.extracted(1);
+        self.counters.timed("unpack", start);
+        Ok(dir)
+    }
+
+    /// The unpacked directories of `layers` (bottom first), in parallel.
+    fn layer_dirs(
+        &self,
+        unpacked: &UnpackedLayers,
+        layers: &[Layer],
+    ) -> Result<Vec<PathBuf>, BuildError> {
+        use rayon::prelude::*;
+        layers
+            .par_iter()
+            .map(|l| self.layer_dir(unpacked, l))
+            .collect()
+    }
+
+    /// Puts `layers` on disk at `dir` to be read: unpacked there, or with the
+    /// overlay snapshotter a read-only overlay of their directories.
+    fn materialize(&self, layers: &[Layer], dir: &Path) -> Result<Option<Mounted>, BuildError> {
+        let Some(unpacked) = &self.unpacked else {
+            self.unpack_all(layers, dir)?;
+            return Ok(None);
+        };
+        std::fs::create_dir_all(dir).at(dir)?;
+        self.view(&self.layer_dirs(unpacked, layers)?, dir)
+    }
+
+    /// A read-only overlay of `lowers` at `dir` (nothing for no layers).
+    fn view(&self, lowers: &[PathBuf], dir: &Path) -> Result<Option<Mounted>, BuildError> {
+        if lowers.is_empty() {
+            return Ok(None);
+        }
+        let mut all = vec![self.empty.clone()];
+        all.extend_from_slice(lowers);
+        Ok(Some(overlay::mount(&all, None, dir).at(dir)?))
     }
 
     /// Builds every needed stage and assembles the target's image.
@@ -466,6 +573,7 @@ impl<'a> Builder<'a> {
             let mut result = match &stage.base {
                 Base::Scratch => StageResult {
                     root: None,
+                    view: None,
                     config: ImageConfig::default(),
                     layers: Vec::new(),
                     last_key: "scratch".into(),
@@ -478,16 +586,14 @@ impl<'a> Builder<'a> {
                     self.pull_layers(reference, m).await?;
                     StageResult {
                         root: None,
+                        view: None,
                         layers: Self::image_layers(m, &config),
                         config,
                         last_key: m.digest.clone(),
                         built: None,
                     }
                 }
-                Base::Stage(parent) => StageResult {
-                    root: None,
-                    ..results[parent].clone_without_root()
-                },
+                Base::Stage(parent) => results[parent].clone_without_root(),
             };
             for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
                 if let CopyFrom::Image(reference) = from {
@@ -499,6 +605,7 @@ impl<'a> Builder<'a> {
                                 m,
                                 config,
                                 root: None,
+                                view: None,
                             },
                         );
                     }
@@ -524,6 +631,8 @@ impl<'a> Builder<'a> {
                 // Put on disk what this stage reads: its base and its COPY sources.
                 let root = self.work.path().join(format!("stage-{}", stage.index));
                 match &stage.base {
+                    // Each step mounts its own overlay of the layers at the root.
+                    _ if self.unpacked.is_some() => std::fs::create_dir_all(&root).at(&root)?,
                     Base::Stage(parent) => {
                         let parent_result = results.get_mut(parent).expect("parent built");
                         match parent_result.root.take() {
@@ -552,8 +661,8 @@ impl<'a> Builder<'a> {
                             let source = results.get_mut(i).expect("source stage built");
                             if source.root.is_none() {
                                 let dir = self.work.path().join(format!("stage-{i}"));
-                                tokio::task::block_in_place(|| {
-                                    self.unpack_all(&source.layers, &dir)
+                                source.view = tokio::task::block_in_place(|| {
+                                    self.materialize(&source.layers, &dir)
                                 })?;
                                 source.root = Some(dir);
                             }
@@ -567,7 +676,9 @@ impl<'a> Builder<'a> {
                                 ));
                                 self.pull_layers(reference, &image.m).await?;
                                 let layers = Self::image_layers(&image.m, &image.config);
-                                tokio::task::block_in_place(|| self.unpack_all(&layers, &dir))?;
+                                image.view = tokio::task::block_in_place(|| {
+                                    self.materialize(&layers, &dir)
+                                })?;
                                 image.root = Some(dir);
                             }
                         }
@@ -875,6 +986,12 @@ impl<'a> Builder<'a> {
     ) -> Result<Vec<(String, StepEntry)>, BuildError> {
         let opts = self.options;
         let root = result.root.clone();
+        // With the overlay snapshotter, the layers the next step runs on
+        // (bottom first); no snapshot of the root is ever taken.
+        let mut lowers = match (&self.unpacked, &root) {
+            (Some(unpacked), Some(_)) => Some(self.layer_dirs(unpacked, &result.layers)?),
+            _ => None,
+        };
         // Taken lazily, right before the first step that runs.
         let mut snapshot: Option<Snapshot> = None;
         // --single-snapshot: one layer for the whole stage, against its base.
@@ -902,58 +1019,67 @@ impl<'a> Builder<'a> {
                     (self.on_event)(Event::CacheHit { line: step.line });
                     time = Some(hit.created);
                     let cached = &hit.layer;
-                    if let (Some(root), Some(layer)) = (&root, cached) {
-                        let start = Instant::now();
-                        unpack_layer(self.store, layer, root)?;
-                        self.counters.extracted(1);
-                        self.counters.timed("unpack", start);
-                        if let Some(snapshot) = &mut snapshot {
-                            snapshot.rescan(root, &[PathBuf::new()]).at(root)?;
+                    match (&root, cached, &mut lowers, &self.unpacked) {
+                        (Some(_), Some(layer), Some(lowers), Some(unpacked)) => {
+                            lowers.push(self.layer_dir(unpacked, layer)?);
                         }
+                        (Some(root), Some(layer), _, _) => {
+                            let start = Instant::now();
+                            unpack_layer(self.store, layer, root, false)?;
+                            self.counters.extracted(1);
+                            self.counters.timed("unpack", start);
+                            if let Some(snapshot) = &mut snapshot {
+                                snapshot.rescan(root, &[PathBuf::new()]).at(root)?;
+                            }
+                        }
+                        _ => {}
                     }
                     (cached.clone(), cached.is_none())
                 }
                 (Some(key), _, Some(root)) => {
                     self.counters.miss();
                     time = Some(now);
-                    let start = Instant::now();
-                    if snapshot.is_none() {
-                        let scanned = Snapshot::scan(
-                            root,
-                            opts.snapshot_mode,
-                            SKIP_CONTENTS,
-                            &opts.ignore_paths,
-                        )
-                        .at(root)?;
-                        if opts.single_snapshot {
-                            base_state = Some(scanned.clone());
+                    let layer = match (&mut lowers, &self.unpacked) {
+                        (Some(lowers), Some(unpacked)) => {
+                            self.run_stacked(step, root, lowers, unpacked, stages, image_roots)?
                         }
-                        snapshot = Some(scanned);
-                    }
-                    let snap = snapshot.as_mut().expect("scanned above");
-                    let changes = self
-                        .run_step(step, root, snap, stages, image_roots)
-                        .map_err(|message| self.step_error(step, message))?;
-                    self.counters.timed("run", start);
-                    if opts.single_snapshot {
-                        // No per-step layer, so nothing per step to cache.
-                        (None, true)
-                    } else {
-                        let layer = match changes.is_empty() {
-                            true => None,
-                            false => Some(self.write_layer(root, &changes)?),
-                        };
-                        if self.cacheable(step) {
-                            recorded.push((
-                                key.clone(),
-                                StepEntry {
-                                    layer: layer.clone(),
-                                    created: now,
-                                },
-                            ));
+                        _ => {
+                            let start = Instant::now();
+                            if snapshot.is_none() {
+                                let scanned = Snapshot::scan(
+                                    root,
+                                    opts.snapshot_mode,
+                                    SKIP_CONTENTS,
+                                    &opts.ignore_paths,
+                                )
+                                .at(root)?;
+                                if opts.single_snapshot {
+                                    base_state = Some(scanned.clone());
+                                }
+                                snapshot = Some(scanned);
+                            }
+                            let changes = self
+                                .run_step(step, root, snapshot.as_mut(), stages, image_roots)
+                                .map_err(|message| self.step_error(step, message))?;
+                            self.counters.timed("run", start);
+                            match changes.is_empty() || opts.single_snapshot {
+                                true => None,
+                                false => Some(self.write_layer(root, &changes)?),
+                            }
                         }
-                        (layer.clone(), layer.is_none())
+                    };
+                    // --single-snapshot: no per-step layer, so nothing per step to cache.
+                    if self.cacheable(step) && !opts.single_snapshot {
+                        recorded.push((
+                            key.clone(),
+                            StepEntry {
+                                layer: layer.clone(),
+                                created: now,
+                            },
+                        ));
                     }
+                    let empty = layer.is_none();
+                    (layer, empty)
                 }
                 (Some(_), None, None) => unreachable!("a stage with a miss is on disk"),
             };
@@ -964,6 +1090,10 @@ impl<'a> Builder<'a> {
                 .push(self.history(&step.created_by, empty_layer, time));
         }
         result.built = time.or(result.built);
+        if let (Some(lowers), Some(root)) = (&lowers, &root) {
+            // Later stages read this one's files there.
+            result.view = self.view(lowers, root)?;
+        }
         if let (Some(base), Some(root)) = (&mut base_state, &root) {
             let changes = base.rescan(root, &[PathBuf::new()]).at(root)?;
             if !changes.is_empty() {
@@ -988,16 +1118,67 @@ impl<'a> Builder<'a> {
         Ok(recorded)
     }
 
-    /// Runs one step and returns what it changed in the root.
+    /// Runs a step with the overlay snapshotter: on a fresh upper dir over
+    /// `lowers`, mounted at `root`. The upper dir becomes the step's layer
+    /// and, pushed onto `lowers`, what the next step runs on.
+    fn run_stacked(
+        &self,
+        step: &Step,
+        root: &Path,
+        lowers: &mut Vec<PathBuf>,
+        unpacked: &UnpackedLayers,
+        stages: &HashMap<usize, StageResult>,
+        image_roots: &HashMap<String, PathBuf>,
+    ) -> Result<Option<Layer>, BuildError> {
+        let start = Instant::now();
+        let scratch = tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(self.work.path())
+            .at(self.work.path())?;
+        let (upper, work) = (scratch.path().join("upper"), scratch.path().join("work"));
+        for dir in [&upper, &work] {
+            std::fs::create_dir(dir).at(dir)?;
+        }
+        let stack = match lowers.is_empty() {
+            true => std::slice::from_ref(&self.empty),
+            false => &lowers[..],
+        };
+        let mounted = overlay::mount(stack, Some((&upper, &work)), root).at(root)?;
+        let ran = self.run_step(step, root, None, stages, image_roots);
+        drop(mounted);
+        ran.map_err(|message| self.step_error(step, message))?;
+        let opts = self.options;
+        let keep = |p: &Path| {
+            !opts.ignore_paths.iter().any(|i| p.starts_with(i))
+                && !SKIP_CONTENTS
+                    .iter()
+                    .any(|s| p.starts_with(s) && p != Path::new(s))
+        };
+        let changes = overlay::settle_upper(&upper, lowers, &keep).at(&upper)?;
+        self.counters.timed("run", start);
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let layer = self.write_layer(&upper, &changes)?;
+        lowers.push(unpacked.insert(&layer.diff_id, &upper)?);
+        Ok(Some(layer))
+    }
+
+    /// Runs one step and returns what it changed in the root (nothing
+    /// without a snapshot: the overlay snapshotter reads its upper dir).
     fn run_step(
         &self,
         step: &Step,
         root: &Path,
-        snapshot: &mut Snapshot,
+        snapshot: Option<&mut Snapshot>,
         stages: &HashMap<usize, StageResult>,
         image_roots: &HashMap<String, PathBuf>,
     ) -> Result<Changes, String> {
         let io = |e: std::io::Error| e.to_string();
+        let rescan = |root: &Path, touched: &[PathBuf]| match snapshot {
+            Some(snapshot) => snapshot.rescan(root, touched).map_err(io),
+            None => Ok(Changes::default()),
+        };
         match &step.action {
             Action::Config => Ok(Changes::default()),
             Action::Mkdir { paths, owner } => {
@@ -1016,7 +1197,7 @@ impl<'a> Builder<'a> {
                     }
                     touched.extend(created.first().map(|d| relative_to_root(root, d)));
                 }
-                snapshot.rescan(root, &touched).map_err(io)
+                rescan(root, &touched)
             }
             Action::Run {
                 argv,
@@ -1059,7 +1240,7 @@ impl<'a> Builder<'a> {
                         return Err(e);
                     }
                 };
-                let mut spec = RunSpec {
+                let spec = RunSpec {
                     root: root.to_path_buf(),
                     argv: argv.clone(),
                     env,
@@ -1072,37 +1253,12 @@ impl<'a> Builder<'a> {
                     script: script.clone(),
                     no_network: *network == Network::None,
                     isolation: self.options.isolation,
-                    overlay: self.overlay_dirs(scratch.path()).map_err(io)?,
                 };
-                let mut code = run::run(&spec);
-                let refused = spec.overlay.as_ref().map(|o| o.unavailable_marker());
-                if let Some(marker) = refused.filter(|m| m.exists()) {
-                    let why = std::fs::read_to_string(&marker).unwrap_or_default();
-                    if self.options.snapshotter == Snapshotter::Overlay {
-                        spec.mounts.cleanup().map_err(io)?;
-                        return Err(format!(
-                            "--snapshotter overlay: overlayfs refused the mount: {why}"
-                        ));
-                    }
-                    if !self.overlay_unavailable.swap(true, Ordering::Relaxed) {
-                        (self.on_event)(Event::Warning {
-                            line: 0,
-                            message: format!(
-                                "overlayfs unavailable ({why}); using the walk snapshotter"
-                            ),
-                        });
-                    }
-                    spec.overlay = None;
-                    code = run::run(&spec);
-                }
+                let code = run::run(&spec);
                 spec.mounts.cleanup().map_err(io)?;
-                match (code.map_err(io)?, &spec.overlay) {
-                    (0, None) => snapshot.rescan(root, &[PathBuf::new()]).map_err(io),
-                    (0, Some(o)) => {
-                        let changes = overlay::apply_upper(&o.upper, root, snapshot).map_err(io)?;
-                        snapshot.apply(root, changes).map_err(io)
-                    }
-                    (code, _) => Err(format!("{argv:?} returned a non-zero code: {code}")),
+                match code.map_err(io)? {
+                    0 => rescan(root, &[PathBuf::new()]),
+                    code => Err(format!("{argv:?} returned a non-zero code: {code}")),
                 }
             }
             Action::Copy {
@@ -1178,29 +1334,9 @@ impl<'a> Builder<'a> {
                         root,
                     )?,
                 };
-                snapshot.rescan(root, &touched).map_err(io)
+                rescan(root, &touched)
             }
         }
-    }
-
-    /// Fresh upper, work and mount dirs for a RUN on an overlay, when the
-    /// overlay snapshotter is on (it needs the namespaces isolation).
-    fn overlay_dirs(&self, scratch: &Path) -> std::io::Result<Option<run::Overlay>> {
-        if self.options.snapshotter == Snapshotter::Walk
-            || self.options.isolation != run::Isolation::Namespaces
-            || self.overlay_unavailable.load(Ordering::Relaxed)
-        {
-            return Ok(None);
-        }
-        let o = run::Overlay {
-            upper: scratch.join("upper"),
-            work: scratch.join("work"),
-            merged: scratch.join("merged"),
-        };
-        for dir in [&o.upper, &o.work, &o.merged] {
-            std::fs::create_dir(dir)?;
-        }
-        Ok(Some(o))
     }
 
     /// Resolves a RUN's `--mount`s to host paths and mount points in the
@@ -1480,11 +1616,21 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Unpacks one stored layer into `root`, checking its diff_id.
-fn unpack_layer(store: &BlobStore, layer: &Layer, root: &Path) -> Result<(), BuildError> {
+/// Unpacks one stored layer onto `root`, or with `alone` into `root` as
+/// its own directory (overlayfs's format), checking its diff_id.
+fn unpack_layer(
+    store: &BlobStore,
+    layer: &Layer,
+    root: &Path,
+    alone: bool,
+) -> Result<(), BuildError> {
     let reader = crate::layer::open_layer(store, &layer.descriptor.digest)?;
     let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
-    extract::extract_layer(root, &mut hashing).map_err(|e| BuildError::Layer {
+    let extracted = match alone {
+        true => extract::extract_layer_dir(root, &mut hashing),
+        false => extract::extract_layer(root, &mut hashing),
+    };
+    extracted.map_err(|e| BuildError::Layer {
         layer: layer.descriptor.digest.clone(),
         message: e.to_string(),
     })?;

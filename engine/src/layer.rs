@@ -193,7 +193,11 @@ impl LayerWriter {
             Err(_) => return Ok(()),
         };
         let mut records = Vec::new();
-        for name in names {
+        // Overlayfs's own (an upper dir's opaque mark...) are storage, not content.
+        for name in names
+            .into_iter()
+            .filter(|n| !n.starts_with(crate::rootfs::extract::OVERLAY_XATTR_PREFIX))
+        {
             if let Ok(value) = get_xattr(host, &name) {
                 let mut key = b"SCHILY.xattr.".to_vec();
                 key.extend_from_slice(&name);

@@ -41,57 +41,6 @@ pub struct RunSpec {
     /// `--network=none`: a network namespace of its own (loopback only).
     pub no_network: bool,
     pub isolation: Isolation,
-    /// The overlay snapshotter: the step runs on an overlay of `root`
-    /// (read-only lower) and this upper dir, so what it changed is the
-    /// upper dir alone.
-    pub overlay: Option<Overlay>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Overlay {
-    pub upper: PathBuf,
-    pub work: PathBuf,
-    /// Where the overlay is mounted (in the runner's namespace only).
-    pub merged: PathBuf,
-}
-
-/// The runner's exit code when the overlay could not be mounted (with
-/// [`Overlay::unavailable_marker`] written).
-pub const OVERLAY_UNAVAILABLE: i32 = 125;
-
-impl Overlay {
-    /// Written by the runner when overlayfs refused the mount (an upper
-    /// dir on overlayfs, a kernel without it...).
-    pub fn unavailable_marker(&self) -> PathBuf {
-        self.work.with_extension("unavailable")
-    }
-}
-
-impl RunSpec {
-    /// The same spec with every path inside `root` moved under `merged`.
-    fn rebased(&self, merged: &Path) -> RunSpec {
-        let at = |p: &Path| match p.strip_prefix(&self.root) {
-            Ok(rel) => merged.join(rel),
-            Err(_) => p.to_path_buf(),
-        };
-        let mut spec = self.clone();
-        let m = &mut spec.mounts;
-        for p in [&mut m.proc, &mut m.dev, &mut m.sys] {
-            *p = at(p);
-        }
-        for (_, target) in &mut m.files {
-            *target = at(target);
-        }
-        for extra in &mut m.extra {
-            match extra {
-                StepMount::Bind { target, .. }
-                | StepMount::Tmpfs { target, .. }
-                | StepMount::Secret { target, .. } => *target = at(target),
-            }
-        }
-        spec.root = merged.to_path_buf();
-        spec
-    }
 }
 
 /// How a RUN is isolated (`--isolation`).
@@ -340,31 +289,6 @@ fn step_runner() -> io::Result<i32> {
         "/",
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )?;
-    let spec = match &spec.overlay {
-        None => spec,
-        Some(o) => {
-            let options = format!(
-                "lowerdir={},upperdir={},workdir={},index=on",
-                spec.root.display(),
-                o.upper.display(),
-                o.work.display()
-            );
-            let mounted = rustix::mount::mount(
-                "overlay",
-                &o.merged,
-                "overlay",
-                MountFlags::empty(),
-                Some(CString::new(options).map_err(io::Error::other)?.as_c_str()),
-            );
-            if let Err(e) = mounted {
-                // Told apart from the command's own exit codes by a file:
-                // the builder then runs the step without the overlay.
-                std::fs::write(o.unavailable_marker(), e.to_string())?;
-                return Ok(OVERLAY_UNAVAILABLE);
-            }
-            spec.rebased(&o.merged)
-        }
-    };
     let m = &spec.mounts;
     rustix::system::sethostname(spec.hostname.as_bytes())?;
 

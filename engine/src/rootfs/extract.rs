@@ -14,6 +14,11 @@
 //! Whiteouts (`.wh.NAME`) and opaque markers (`.wh..wh..opq`) only remove
 //! what lower layers put there: objects this layer wrote are tracked by
 //! inode and kept, whether they come before or after the marker in the tar.
+//! [`extract_layer_dir`] instead unpacks a layer alone into an empty
+//! directory in overlayfs's own format, for stacking: a whiteout becomes a
+//! 0:0 character device and an opaque marker the `trusted.overlay.opaque`
+//! xattr. `trusted.overlay.*` xattrs in a layer are never applied: they
+//! would steer overlayfs.
 //!
 //! What is refused (the whole layer fails) and what is skipped:
 //!
@@ -94,6 +99,27 @@ pub enum ExtractError {
 /// Must run as root (or with the matching capabilities) to apply ownership,
 /// device nodes and `security.*` xattrs. Regular-file content is streamed.
 pub fn extract_layer<R: Read>(root: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
+    extract(root, layer, Format::Apply)
+}
+
+/// Unpacks one uncompressed layer tar stream into `dir`, an empty
+/// directory, as an overlayfs lower layer: whiteouts and opaque markers are
+/// recorded the way overlayfs reads them instead of being applied. A hard
+/// link must point into the same layer.
+pub fn extract_layer_dir<R: Read>(dir: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
+    extract(dir, layer, Format::Overlay)
+}
+
+/// What whiteouts do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Delete from the root what lower layers put there.
+    Apply,
+    /// Record them as overlayfs does (a layer alone in its own directory).
+    Overlay,
+}
+
+fn extract<R: Read>(root: &Path, layer: R, format: Format) -> Result<ExtractStats, ExtractError> {
     let root_fd = rustix::fs::open(
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -105,6 +131,7 @@ pub fn extract_layer<R: Read>(root: &Path, layer: R) -> Result<ExtractStats, Ext
     })?;
     let mut extractor = Extractor {
         root: root_fd,
+        format,
         created: HashSet::new(),
         dir_times: Vec::new(),
         stats: ExtractStats::default(),
@@ -131,6 +158,7 @@ struct DirTime {
 struct Extractor {
     /// `O_PATH` descriptor of the root; everything is resolved from it.
     root: OwnedFd,
+    format: Format,
     /// Objects this layer wrote (or, for directories, kept and updated).
     /// Opaque markers and whiteouts only remove what lower layers put there,
     /// whatever the order of the marker and the layer's own entries; keying
@@ -142,6 +170,7 @@ struct Extractor {
 }
 
 /// What an entry's name says about whiteouts.
+#[derive(Clone, Copy)]
 enum Whiteout<'a> {
     /// `.wh..wh..opq`: hide everything lower layers put in the directory.
     Opaque,
@@ -151,6 +180,10 @@ enum Whiteout<'a> {
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Marks a directory that hides what lower layers have there.
+pub const OVERLAY_OPAQUE: &str = "trusted.overlay.opaque";
+/// Overlayfs's own xattrs: storage details, never image content.
+pub const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 /// Same limit as the kernel's for symlink hops during one resolution.
 const MAX_SYMLINK_HOPS: u32 = 40;
 
@@ -227,6 +260,16 @@ impl Extractor {
             path: raw.to_owned(),
             source: e.into(),
         };
+        if let Whiteout::Name(name) = whiteout {
+            if name.is_empty() || name == "." || name == ".." {
+                return Err(invalid(raw, "whiteout of an invalid name"));
+            }
+        }
+        if self.format == Format::Overlay {
+            self.record_whiteout(parent_rel, whiteout).map_err(io_err)?;
+            self.stats.whiteouts += 1;
+            return Ok(());
+        }
         match whiteout {
             Whiteout::Opaque => {
                 // The marker means the directory exists in this layer.
@@ -243,9 +286,6 @@ impl Extractor {
                 }
             }
             Whiteout::Name(name) => {
-                if name.is_empty() || name == "." || name == ".." {
-                    return Err(invalid(raw, "whiteout of an invalid name"));
-                }
                 match self.open_dir(parent_rel, false) {
                     Ok(dir) => {
                         prune(dir.as_fd(), name, &self.created).map_err(io_err)?;
@@ -258,6 +298,31 @@ impl Extractor {
         }
         self.stats.whiteouts += 1;
         Ok(())
+    }
+
+    /// [`Format::Overlay`]: an opaque directory gets the xattr, a whiteout
+    /// a 0:0 character device (unless this layer wrote that name itself).
+    fn record_whiteout(&mut self, parent_rel: &Path, whiteout: Whiteout<'_>) -> Result<(), Errno> {
+        let dir = self.open_dir(parent_rel, true)?;
+        match whiteout {
+            Whiteout::Opaque => {
+                let dir = rustix::fs::openat(
+                    &dir,
+                    c".",
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                rustix::fs::fsetxattr(&dir, OVERLAY_OPAQUE, b"y", XattrFlags::empty())
+            }
+            Whiteout::Name(name) => {
+                if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    if self.created.contains(&file_id(&st)) {
+                        return Ok(());
+                    }
+                }
+                rustix::fs::mknodat(&dir, name, FileType::CharacterDevice, Mode::empty(), 0)
+            }
+        }
     }
 
     fn write_dir(
@@ -656,6 +721,10 @@ impl Meta {
                     b"atime" => atime = Some(time()?),
                     key => {
                         if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                            if name.starts_with(OVERLAY_XATTR_PREFIX) {
+                                tracing::warn!(path = %path.display(), "skipping an overlayfs xattr");
+                                continue;
+                            }
                             xattrs.push((OsStr::from_bytes(name).to_owned(), value.to_vec()));
                         }
                     }

@@ -131,51 +131,6 @@ impl Snapshot {
         Ok(snapshot)
     }
 
-    /// Records changes made without a walk (the overlay snapshotter knows
-    /// them): each upserted path alone, and deleted paths with everything
-    /// below them. Returns the changes without what is ignored.
-    pub fn apply(&mut self, root: &Path, changes: Changes) -> io::Result<Changes> {
-        let now = SystemTime::now();
-        let keep = |p: &PathBuf| !self.ignored(p) && !self.under_skipped(p);
-        let changes = Changes {
-            upserts: changes.upserts.into_iter().filter(keep).collect(),
-            deletes: changes.deletes.into_iter().filter(keep).collect(),
-        };
-        for gone in &changes.deletes {
-            let below: Vec<PathBuf> = self
-                .entries
-                .range(gone.clone()..)
-                .take_while(|(p, _)| p.starts_with(gone))
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in below {
-                self.entries.remove(&p);
-            }
-        }
-        for path in &changes.upserts {
-            let host = root.join(path);
-            let meta = fs::symlink_metadata(&host)?;
-            let entry = self.record(&host, &meta, now);
-            self.entries.insert(path.clone(), entry);
-        }
-        Ok(changes)
-    }
-
-    /// The recorded paths of inode `ino` (hard links of one file).
-    pub fn paths_of_inode(&self, ino: u64) -> Vec<PathBuf> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.ino == ino && e.mode & 0o170000 == 0o100000)
-            .map(|(p, _)| p.clone())
-            .collect()
-    }
-
-    fn under_skipped(&self, path: &Path) -> bool {
-        self.skip_contents
-            .iter()
-            .any(|s| path.starts_with(s) && path != s)
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
