@@ -3,7 +3,8 @@
 # registry: build + push wall time, medians of N alternating runs.
 #
 #   benches/compare.sh [--runs N] [--kiln PATH] [--only WORKLOAD[,WORKLOAD]]
-#                      [--debian] [--out FILE] [--keep]
+#                      [--scenarios SCENARIO[,SCENARIO]] [--debian] [--out FILE]
+#                      [--keep]
 #
 # Workloads (all FROM the busybox fixture, fixtures/busybox.sh):
 #   anchor5   5 steps: RUN + metadata (the issue's first anchor)
@@ -37,6 +38,7 @@ repo=$(cd "$here/.." && pwd)
 runs=5
 kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
 only=anchor5,anchor6,monorepo,bigroot
+scenarios=all
 out=$here/results/latest.md
 keep=0
 while [ $# -gt 0 ]; do
@@ -44,10 +46,11 @@ while [ $# -gt 0 ]; do
     --runs) runs=$2; shift 2 ;;
     --kiln) kiln=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
+    --scenarios) scenarios=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --debian) only+=,debian; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -381,6 +384,9 @@ sc_touch1() {
   record "$wl" touch1 "$kt" "$bt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
 }
 
+# want SCENARIO: whether --scenarios asks for it.
+want() { [ "$scenarios" = all ] || [[ ",$scenarios," == *",$1,"* ]]; }
+
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "compare.sh: $runs runs per scenario, buildah storage driver $driver, registry $reg, work $work" >&2
 IFS=, read -r -a wls <<<"$only"
@@ -388,9 +394,11 @@ for wl in "${wls[@]}"; do
   echo "== $wl" >&2
   "mk_$wl"
   case $wl in
-    anchor5) sc_cold "$wl"; warm "$wl"; sc_nochange "$wl"; sc_remote "$wl" ;;
-    anchor6|monorepo|debian) sc_cold "$wl"; warm "$wl"; sc_nochange "$wl"; sc_onefile "$wl"; sc_remote "$wl" ;;
-    bigroot) warm "$wl"; sc_touch1 "$wl" ;;
+    anchor5) want cold && sc_cold "$wl"; warm "$wl"; want nochange && sc_nochange "$wl"; want remote && sc_remote "$wl" ;;
+    anchor6|monorepo|debian)
+      want cold && sc_cold "$wl"; warm "$wl"; want nochange && sc_nochange "$wl"
+      want onefile && sc_onefile "$wl"; want remote && sc_remote "$wl" ;;
+    bigroot) warm "$wl"; want touch1 && sc_touch1 "$wl" ;;
     *) echo "compare.sh: unknown workload $wl" >&2; exit 2 ;;
   esac
   # Free the warm buildah roots as we go (bigroot's is large).

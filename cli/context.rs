@@ -5,11 +5,11 @@
 //! or any `https://`, `http://`, `file://` URL ending in `.git`), then
 //! `--context-sub-path`. Whatever is fetched lands in `scratch`.
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
 use kiln_engine::exec::add;
+use kiln_engine::git::GitSource;
 
 /// Kaniko's `--git` options for git contexts.
 #[derive(Debug, Default)]
@@ -120,74 +120,16 @@ fn untar(path: &str, scratch: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// `URL[#ref[:subdir]]`: a shallow clone of `ref` (branch, tag, or any ref
-/// the server lets one fetch), then `subdir`. Credentials for private
-/// repositories come from `GIT_USERNAME`/`GIT_PASSWORD` (Kaniko's) or git's
-/// own credential configuration.
+/// `URL[#ref[:subdir]]`: a shallow clone of `ref` (or `--git branch=`),
+/// then `subdir`; as BuildKit, the `.git` dir is not part of the context.
 fn clone(spec: &str, options: &GitOptions, scratch: &Path) -> Result<PathBuf> {
-    let (url, fragment) = spec.split_once('#').unwrap_or((spec, ""));
-    let (reference, subdir) = fragment.split_once(':').unwrap_or((fragment, ""));
-    let mut url = match url.strip_prefix("git://") {
-        Some(rest) => format!("https://{rest}"),
-        None => url.to_string(),
-    };
-    if let (Ok(user), Ok(password), Some(rest)) = (
-        std::env::var("GIT_USERNAME"),
-        std::env::var("GIT_PASSWORD"),
-        url.strip_prefix("https://"),
-    ) {
-        url = format!("https://{user}:{password}@{rest}");
+    let mut source = GitSource::parse(spec);
+    if source.reference.is_none() {
+        source.reference = options.branch.clone();
     }
-    let dir = scratch.join("git");
-    let dir_str = dir.to_string_lossy().into_owned();
-    let git = |args: &[&str]| -> Result<()> {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(scratch)
-            .output()
-            .context("running git (install git for git contexts)")?;
-        if !out.status.success() {
-            // git's message may echo the URL: never show a password.
-            let said = String::from_utf8_lossy(&out.stderr).replace(
-                &std::env::var("GIT_PASSWORD").unwrap_or_else(|_| "\u{0}".into()),
-                "***",
-            );
-            let op = args
-                .iter()
-                .find(|a| !a.starts_with('-') && **a != dir_str)
-                .unwrap_or(&"");
-            bail!("--context {spec}: git {op} failed: {said}");
-        }
-        Ok(())
-    };
-    git(&["init", "--quiet", &dir_str])?;
-    let in_repo = |args: &[&str]| -> Result<()> {
-        let mut full = vec!["-C", dir_str.as_str()];
-        full.extend_from_slice(args);
-        git(&full)
-    };
-    in_repo(&["remote", "add", "origin", &url])?;
-    let wanted = match (reference, &options.branch) {
-        ("", Some(branch)) => branch.as_str(),
-        ("", None) => "HEAD",
-        (r, _) => r,
-    };
-    in_repo(&["fetch", "--quiet", "--depth", "1", "origin", wanted])?;
-    in_repo(&["checkout", "--quiet", "FETCH_HEAD"])?;
-    if options.recurse_submodules {
-        in_repo(&[
-            "submodule",
-            "update",
-            "--quiet",
-            "--init",
-            "--recursive",
-            "--depth",
-            "1",
-        ])?;
-    }
-    // As BuildKit: the .git dir is not part of the context.
-    std::fs::remove_dir_all(dir.join(".git")).ok();
-    Ok(dir.join(subdir))
+    source
+        .fetch(&scratch.join("git"), false, options.recurse_submodules)
+        .with_context(|| format!("--context {spec}"))
 }
 
 #[cfg(test)]

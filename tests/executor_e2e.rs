@@ -415,18 +415,94 @@ fn add_downloads_urls_and_checks_their_checksum() {
     assert!(err.contains("Dockerfile:3: ADD failed"), "{err}");
     assert!(err.contains("checksum mismatch"), "{err}");
 
-    // Git sources are refused while planning, naming the line.
+    // A Git source with --checksum is refused while planning, naming the line.
     let (out, _) = build(
-        format!("FROM {base}\nADD https://example.com/repo.git#main /src\n"),
+        format!("FROM {base}\nADD --checksum={good} https://example.com/repo.git#main /src\n"),
         4,
     );
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("Dockerfile:2: ADD of a Git repository"),
+        err.contains("Dockerfile:2: ADD of a Git repository with --checksum"),
         "{err}"
     );
-    assert!(err.contains("not supported yet"), "{err}");
+}
+
+/// `ADD <git URL>#ref:subdir`: the checkout's files, without `.git` unless
+/// `--keep-git-dir`; the step is a cache hit until the ref moves.
+#[test]
+fn add_git_repository() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let git = |args: &str| {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("git -c user.email=t@e -c user.name=t {args}"))
+            .current_dir(w)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args}");
+    };
+    git("init -q -b main repo");
+    std::fs::create_dir_all(w.join("repo/app")).unwrap();
+    std::fs::write(w.join("repo/app/main.sh"), "echo one\n").unwrap();
+    std::fs::write(w.join("repo/README"), "readme\n").unwrap();
+    git("-C repo add -A");
+    git("-C repo commit -q -m one");
+    git("-C repo tag v1");
+    let url = format!("file://{}/repo/.git", w.display());
+    let dockerfile = format!(
+        "FROM oci-layout://{}:latest\nADD --keep-git-dir {url}#v1 /whole\nADD {url}#main:app /app/\nRUN cat /app/main.sh > /ran\n",
+        busybox_layout().display()
+    );
+    let ctx = Context::new(&dockerfile, &[]);
+    let state = w.join("state");
+    let build = |n: usize| {
+        let layout = w.join(format!("out{n}"));
+        let out = kiln_build(
+            &ctx,
+            &state,
+            &["--no-push", "--oci-layout-path", layout.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        (
+            out,
+            umoci_unpack(&layout, "latest", &w.join(format!("u{n}"))),
+        )
+    };
+    let (_, root) = build(1);
+    assert_eq!(
+        std::fs::read_to_string(root.join("app/main.sh")).unwrap(),
+        "echo one\n"
+    );
+    assert!(!root.join("app/README").exists() && !root.join("app/.git").exists());
+    assert!(root.join("whole/README").is_file() && root.join("whole/.git/HEAD").is_file());
+    assert_eq!(
+        std::fs::read_to_string(root.join("ran")).unwrap(),
+        "echo one\n"
+    );
+
+    let (out, _) = build(2);
+    assert!(
+        stderr(&out).contains("3 steps from the cache, 0 run"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A new commit on main: its ADD and what follows run again; v1 still hits.
+    std::fs::write(w.join("repo/app/main.sh"), "echo two\n").unwrap();
+    git("-C repo commit -q -am two");
+    let (out, root) = build(3);
+    assert!(
+        stderr(&out).contains("1 steps from the cache, 2 run"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("ran")).unwrap(),
+        "echo two\n"
+    );
 }
 
 /// `COPY <<EOF` (buildah 1.28 has no heredocs, so the files are checked
@@ -492,6 +568,77 @@ COPY --link a.txt /linked/a.txt
         &[("a.txt", "a\n")],
     );
     let out = kiln_build(&changed, state.path(), &["--no-push"]);
+    assert!(
+        stderr(&out).contains("0 steps from the cache, 3 run"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `COPY --exclude` and `COPY --parents` (buildah 1.28 has neither, so the
+/// files are checked directly), with `--from` a stage and a `/./` pivot.
+#[test]
+fn copy_exclude_and_parents() {
+    let dockerfile = format!(
+        "FROM oci-layout://{}:latest AS src
+COPY --exclude=*.md --exclude=**/*.tmp app/ /app/
+COPY --parents pkgs/*/package.json /deps/
+COPY --parents ./pkgs/./b/src/ /pivot/
+FROM oci-layout://{}:latest
+COPY --from=src --parents /app/./lib/ /copied/
+ADD --exclude=skip.txt keep.txt skip.txt /added/
+",
+        busybox_layout().display(),
+        busybox_layout().display()
+    );
+    let files = [
+        ("app/main.c", "int main;\n"),
+        ("app/README.md", "docs\n"),
+        ("app/lib/util.c", "util\n"),
+        ("app/lib/cache.tmp", "tmp\n"),
+        ("app/lib/notes.md", "nested docs stay\n"),
+        ("pkgs/a/package.json", "{\"name\":\"a\"}\n"),
+        ("pkgs/a/index.js", "a\n"),
+        ("pkgs/b/package.json", "{\"name\":\"b\"}\n"),
+        ("pkgs/b/src/b.js", "b\n"),
+        ("keep.txt", "keep\n"),
+        ("skip.txt", "skip\n"),
+    ];
+    let ctx = Context::new(&dockerfile, &files);
+    let state = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let build = |target: Option<&str>, layout: &Path| {
+        let mut args = vec!["--no-push", "--oci-layout-path", layout.to_str().unwrap()];
+        if let Some(t) = target {
+            args.extend(["--target", t]);
+        }
+        let out = kiln_build(&ctx, state.path(), &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        out
+    };
+    let layout = out_dir.path().join("src");
+    build(Some("src"), &layout);
+    let root = umoci_unpack(&layout, "latest", &out_dir.path().join("u1"));
+    let files_in = tree(&root);
+    let has = |p: &str| files_in.contains_key(p);
+    assert!(has("app/main.c") && has("app/lib/util.c") && has("app/lib/notes.md"));
+    assert!(!has("app/README.md") && !has("app/lib/cache.tmp"));
+    assert!(has("deps/pkgs/a/package.json") && has("deps/pkgs/b/package.json"));
+    assert!(!has("deps/pkgs/a/index.js"));
+    assert!(has("pivot/b/src/b.js") && !has("pivot/pkgs"));
+
+    let layout = out_dir.path().join("final");
+    build(None, &layout);
+    let root = umoci_unpack(&layout, "latest", &out_dir.path().join("u2"));
+    let files_in = tree(&root);
+    let has = |p: &str| files_in.contains_key(p);
+    assert!(has("copied/lib/util.c"), "{:?}", files_in.keys());
+    assert!(!has("copied/app"));
+    assert!(has("added/keep.txt") && !has("added/skip.txt"));
+
+    // The patterns are part of the key: another --exclude misses.
+    let changed = Context::new(&dockerfile.replace("--exclude=*.md ", ""), &files);
+    let out = kiln_build(&changed, state.path(), &["--no-push", "--target", "src"]);
     assert!(
         stderr(&out).contains("0 steps from the cache, 3 run"),
         "{}",

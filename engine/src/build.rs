@@ -733,6 +733,19 @@ impl<'a> Builder<'a> {
                 Action::Copy { .. } if key::always_runs(&step.action) => {
                     (String::new(), key::fresh_digest())
                 }
+                // A Git source counts by the commit its ref names now.
+                Action::Copy {
+                    add: Some(_),
+                    sources,
+                    ..
+                } if sources.iter().any(|s| plan::is_git_source(s)) => {
+                    let commits: Vec<String> = sources
+                        .iter()
+                        .map(|s| crate::git::GitSource::parse(s).resolve())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| self.step_error(step, e.to_string()))?;
+                    (commits.join("\n"), String::new())
+                }
                 Action::Copy {
                     from: CopyFrom::Context,
                     sources,
@@ -742,7 +755,7 @@ impl<'a> Builder<'a> {
                     // ADD's URLs count through their checksum.
                     let local: Vec<String> = sources
                         .iter()
-                        .filter(|s| !plan::AddSpec::is_url(s))
+                        .filter(|s| !plan::AddSpec::is_download(s))
                         .cloned()
                         .collect();
                     (String::new(), self.context_digest(step, &local)?)
@@ -1268,6 +1281,8 @@ impl<'a> Builder<'a> {
                 chown,
                 chmod,
                 add,
+                excludes,
+                parents,
             } => {
                 // Heredoc sources are written to a scratch dir, as files of
                 // mode 0644 the copy then treats like context files.
@@ -1316,6 +1331,8 @@ impl<'a> Builder<'a> {
                             chmod: *chmod,
                             ignore,
                             unpack: false,
+                            excludes,
+                            parents: *parents,
                         },
                         root,
                     )?,
@@ -1327,6 +1344,8 @@ impl<'a> Builder<'a> {
                             chown,
                             chmod: *chmod,
                             ignore,
+                            excludes,
+                            keep_git_dir: spec.keep_git_dir,
                             checksum: spec.checksum.as_deref(),
                             unpack: spec.unpack,
                             scratch: self.work.path(),
@@ -1397,6 +1416,8 @@ impl<'a> Builder<'a> {
                                 chmod: None,
                                 ignore: Some(&self.options.dockerignore),
                                 unpack: false,
+                                excludes: &[],
+                                parents: false,
                             },
                             &filtered,
                         )?;

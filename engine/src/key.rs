@@ -132,6 +132,8 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
             chown,
             chmod,
             add,
+            excludes,
+            parents,
         } => {
             let from_kind = match from {
                 CopyFrom::Context => "context",
@@ -152,11 +154,21 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
                         .as_bytes(),
                 )
                 .field("content", inputs.sources_digest.as_bytes());
+            // Only when used, so the keys of plain copies do not change.
+            if !excludes.is_empty() {
+                h.strings("excludes", excludes);
+            }
+            if *parents {
+                h.field("parents", b"true");
+            }
             // Only for ADD, so COPY keys do not change. A URL's content
             // counts through its checksum (the URL itself is a source).
             if let Some(add) = add {
                 h.field("checksum", add.checksum.as_deref().unwrap_or("").as_bytes())
                     .field("unpack", format!("{:?}", add.unpack).as_bytes());
+                if add.keep_git_dir {
+                    h.field("keep-git-dir", b"true");
+                }
             }
         }
         Action::Mkdir { paths, owner } => {
@@ -176,7 +188,7 @@ pub fn always_runs(action: &Action) -> bool {
             add: Some(add),
             sources,
             ..
-        } => add.checksum.is_none() && sources.iter().any(|s| AddSpec::is_url(s)),
+        } => add.checksum.is_none() && sources.iter().any(|s| AddSpec::is_download(s)),
         _ => false,
     }
 }
@@ -602,8 +614,31 @@ mod tests {
                 chown: None,
                 chmod: None,
                 add,
+                excludes: Vec::new(),
+                parents: false,
             },
         }
+    }
+
+    #[test]
+    fn excludes_and_parents_change_the_key() {
+        let plain = step_key(&copy_step(&["a"], None), &inputs("p")).unwrap();
+        let mut excluding = copy_step(&["a"], None);
+        if let Action::Copy { excludes, .. } = &mut excluding.action {
+            excludes.push("*.md".into());
+        }
+        let mut parents = copy_step(&["a"], None);
+        if let Action::Copy { parents, .. } = &mut parents.action {
+            *parents = true;
+        }
+        let keys = [
+            plain,
+            step_key(&excluding, &inputs("p")).unwrap(),
+            step_key(&parents, &inputs("p")).unwrap(),
+        ];
+        assert_ne!(keys[0], keys[1]);
+        assert_ne!(keys[0], keys[2]);
+        assert_ne!(keys[1], keys[2]);
     }
 
     #[test]
@@ -616,7 +651,7 @@ mod tests {
                 &["https://example.com/f"],
                 Some(AddSpec {
                     checksum: checksum.map(String::from),
-                    unpack: None,
+                    ..AddSpec::default()
                 }),
             )
         };

@@ -5,6 +5,7 @@ pub mod context;
 pub mod dockerfile;
 pub mod error;
 pub mod exec;
+pub mod git;
 pub mod image;
 pub mod key;
 pub mod layer;

@@ -92,6 +92,10 @@ pub enum Action {
         chmod: Option<u32>,
         /// `Some` for ADD: URLs are sources, local archives are extracted.
         add: Option<AddSpec>,
+        /// `--exclude` patterns.
+        excludes: Vec<String>,
+        /// `--parents` (COPY only).
+        parents: bool,
     },
 }
 
@@ -102,26 +106,34 @@ pub struct AddSpec {
     pub checksum: Option<String>,
     /// `--unpack`: `None` extracts local archives and leaves downloads.
     pub unpack: Option<bool>,
+    /// `--keep-git-dir`: a Git source keeps its `.git`.
+    pub keep_git_dir: bool,
 }
 
 impl AddSpec {
-    /// Whether an ADD source is a URL to download (Git ones are refused
-    /// while planning).
+    /// Whether an ADD source is an HTTP(S) URL (a download, or a Git
+    /// repository: see [`is_git_source`]).
     pub fn is_url(source: &str) -> bool {
         source.starts_with("http://") || source.starts_with("https://")
+    }
+
+    /// Whether an ADD source is a file to download.
+    pub fn is_download(source: &str) -> bool {
+        Self::is_url(source) && !is_git_source(source)
     }
 }
 
 /// BuildKit's test for a Git source (`gitutil.ParseGitRef`): a Git
-/// scheme or shorthand, or an HTTP(S) URL whose path ends with `.git`.
-fn is_git_source(source: &str) -> bool {
+/// scheme or shorthand, or an HTTP(S) (or, for local tests and mirrors,
+/// `file://`) URL whose path ends with `.git`.
+pub fn is_git_source(source: &str) -> bool {
     if ["git://", "git@", "github.com/", "ssh://"]
         .iter()
         .any(|p| source.starts_with(p))
     {
         return true;
     }
-    if !AddSpec::is_url(source) {
+    if !AddSpec::is_url(source) && !source.starts_with("file://") {
         return false;
     }
     let without_fragment = source.split('#').next().unwrap_or_default();
@@ -548,23 +560,29 @@ impl StagePlanner<'_> {
         // --link makes the layer independent of what is below it; Kiln's
         // layers hold the same files either way, so it is accepted as is.
         let unsupported = [
-            (args.parents, "--parents"),
-            (!args.excludes.is_empty(), "--exclude"),
             (
                 !args.heredocs.is_empty() && !args.sources.is_empty(),
                 "both heredoc and file sources",
             ),
             (add && !args.heredocs.is_empty(), "a heredoc source"),
-            (args.keep_git_dir, "--keep-git-dir"),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(used, _)| *used) {
             return Err(error(format!("{keyword} with {what} is not supported yet")));
         }
         let spec = if add {
-            if let Some(git) = args.sources.iter().find(|s| is_git_source(s)) {
-                return Err(error(format!(
-                    "ADD of a Git repository ({git}) is not supported yet"
-                )));
+            let git = args.sources.iter().any(|s| is_git_source(s));
+            if git && args.sources.len() > 1 {
+                return Err(error(
+                    "ADD of a Git repository takes no other source".into(),
+                ));
+            }
+            if git && args.checksum.is_some() {
+                return Err(error(
+                    "ADD of a Git repository with --checksum is not supported yet".into(),
+                ));
+            }
+            if args.keep_git_dir && !git {
+                return Err(error("--keep-git-dir is only for a Git source".into()));
             }
             if let Some(checksum) = &args.checksum {
                 if let Some(local) = args.sources.iter().find(|s| !AddSpec::is_url(s)) {
@@ -577,6 +595,7 @@ impl StagePlanner<'_> {
             Some(AddSpec {
                 checksum: args.checksum.clone(),
                 unpack: args.unpack,
+                keep_git_dir: args.keep_git_dir,
             })
         } else {
             if let Some(url) = args.sources.iter().find(|s| AddSpec::is_url(s)) {
@@ -628,6 +647,8 @@ impl StagePlanner<'_> {
             chown: args.chown,
             chmod,
             add: spec,
+            excludes: args.excludes,
+            parents: args.parents,
         })
     }
 }

@@ -347,15 +347,19 @@ pub struct AddRequest<'a> {
     pub chown: Option<(u32, u32)>,
     pub chmod: Option<u32>,
     pub ignore: Option<&'a Ignore>,
+    /// `--exclude` patterns, for local sources.
+    pub excludes: &'a [String],
     pub checksum: Option<&'a str>,
     /// `--unpack`: `None` extracts local archives and leaves downloads.
     pub unpack: Option<bool>,
+    /// `--keep-git-dir`, for a Git source.
+    pub keep_git_dir: bool,
     /// Where downloads wait before they are copied in (outside the root).
     pub scratch: &'a Path,
 }
 
 fn is_url(s: &str) -> bool {
-    crate::plan::AddSpec::is_url(s)
+    crate::plan::AddSpec::is_download(s)
 }
 
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
@@ -373,10 +377,39 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 chmod: req.chmod,
                 ignore: req.ignore,
                 unpack: req.unpack != Some(false),
+                excludes: req.excludes,
+                parents: false,
             },
             root,
         )
     };
+    if let [source] = req.sources {
+        if crate::plan::is_git_source(source) {
+            // The repository's files (its subdir) go into dest, owned by
+            // root or --chown, as a directory source's would.
+            let dir = tempfile::Builder::new()
+                .prefix("git-")
+                .tempdir_in(req.scratch)
+                .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
+            let checkout = crate::git::GitSource::parse(source)
+                .fetch(&dir.path().join("repo"), req.keep_git_dir, false)
+                .map_err(|e| format!("{source}: {e}"))?;
+            return copy::copy(
+                &CopyRequest {
+                    source: Source::Context(&checkout),
+                    sources: &[".".to_string()],
+                    dest: req.dest,
+                    chown: req.chown,
+                    chmod: req.chmod,
+                    ignore: None,
+                    unpack: false,
+                    excludes: req.excludes,
+                    parents: false,
+                },
+                root,
+            );
+        }
+    }
     if !req.sources.iter().any(|s| is_url(s)) {
         return local(req.sources, req.dest);
     }
@@ -407,6 +440,8 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 chmod: req.chmod,
                 ignore: None,
                 unpack: req.unpack == Some(true),
+                excludes: &[],
+                parents: false,
             },
             root,
         )?);
@@ -526,6 +561,8 @@ mod tests {
                     chown,
                     chmod: None,
                     ignore: None,
+                    excludes: &[],
+                    keep_git_dir: false,
                     checksum: None,
                     unpack,
                     scratch: &scratch,
@@ -625,6 +662,8 @@ mod tests {
                     chown: Some((5, 6)),
                     chmod: None,
                     ignore: None,
+                    excludes: &[],
+                    keep_git_dir: false,
                     checksum: None,
                     unpack,
                     scratch: dir.path(),

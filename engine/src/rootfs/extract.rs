@@ -1372,6 +1372,44 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_alone_keeps_whiteouts_in_overlayfs_format() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut layer = Layer::new();
+        layer
+            .dir("etc/")
+            .file("etc/.wh.gone", "")
+            .file("mine", "mine")
+            .file(".wh.mine", "")
+            .file("opq/.wh..wh..opq", "")
+            .file("opq/kept", "kept");
+        // An xattr that would steer overlayfs is never applied.
+        layer
+            .0
+            .append_pax_extensions([("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..])])
+            .unwrap();
+        layer.file("steered", "x");
+        let stats = extract_layer_dir(dir, &layer.bytes()[..]).unwrap();
+        assert_eq!(stats.whiteouts, 3);
+        let gone = lmeta(dir.join("etc/gone"));
+        assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
+        assert_eq!(read(dir.join("mine")), "mine", "a layer's own entry wins");
+        let mut opaque = [0u8; 4];
+        assert_eq!(
+            rustix::fs::lgetxattr(dir.join("opq"), OVERLAY_OPAQUE, &mut opaque).unwrap(),
+            1
+        );
+        assert_eq!(read(dir.join("opq/kept")), "kept");
+        let mut value = [0u8; 16];
+        assert!(rustix::fs::lgetxattr(
+            dir.join("steered"),
+            "trusted.overlay.redirect",
+            &mut value
+        )
+        .is_err());
+    }
+
+    #[test]
     fn refuses_dot_dot_escapes() {
         let sb = Sandbox::new();
         let t = &sb.tag;
