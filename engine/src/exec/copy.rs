@@ -176,7 +176,9 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> 
     };
     let excludes = match req.excludes.is_empty() {
         true => None,
-        false => Some(Ignore::parse(&req.excludes.join("\n"))?),
+        false => {
+            Some(Ignore::parse(&req.excludes.join("\n")).map_err(|e| format!("--exclude: {e}"))?)
+        }
     };
     let sources: Vec<Selected> = expand_sources(src_root, req.sources, filter)?
         .into_iter()
@@ -192,6 +194,10 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> 
         ));
     }
     let copier = Copier {
+        owner: (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        ),
         chown: req.chown.or(if in_root { None } else { Some((0, 0)) }),
         chmod: req.chmod,
         filter,
@@ -285,7 +291,7 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> 
         } else {
             let host_target = host_dir.join(target.file_name().unwrap_or_default());
             copier
-                .copy_entry(&src, &src, &host_target)
+                .copy_entry(&src, &src, &host_target, false)
                 .map_err(|e| format!("{}: {e}", src.display()))?;
             host_target
         };
@@ -296,6 +302,8 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> 
 }
 
 struct Copier<'a> {
+    /// Who owns what this process creates.
+    owner: (u32, u32),
     chown: Option<(u32, u32)>,
     chmod: Option<u32>,
     /// `.dockerignore`, for a copy from the context.
@@ -321,6 +329,8 @@ impl Copier<'_> {
     /// its own, and file creation mostly waits on the filesystem.
     fn copy_contents(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
         let entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
+        // In a setgid directory new entries take its group, not ours.
+        let ours = fs::metadata(dest)?.mode() & 0o2000 == 0;
         entries.par_iter().try_for_each(|entry| {
             let path = entry.path();
             if self.filter.is_some_and(|f| !f.shows(&path))
@@ -330,11 +340,12 @@ impl Copier<'_> {
             {
                 return Ok(());
             }
-            self.copy_entry(top, &path, &dest.join(entry.file_name()))
+            self.copy_entry(top, &path, &dest.join(entry.file_name()), ours)
         })
     }
 
-    fn copy_entry(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
+    /// `ours`: what this process creates in dest's directory is owned by it.
+    fn copy_entry(&self, top: &Path, src: &Path, dest: &Path, ours: bool) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         let ft = meta.file_type();
         if ft.is_dir() {
@@ -349,7 +360,7 @@ impl Copier<'_> {
             // Devices, fifos and sockets in a context are not copied.
             return Ok(());
         }
-        self.apply_metadata(dest, &meta)
+        self.apply_metadata(dest, &meta, ours)
     }
 
     fn make_dir(&self, dest: &Path, meta: &fs::Metadata) -> io::Result<()> {
@@ -361,17 +372,27 @@ impl Copier<'_> {
             }
             Err(_) => fs::create_dir(dest)?,
         }
-        self.apply_metadata(dest, meta)
+        self.apply_metadata(dest, meta, false)
     }
 
-    fn apply_metadata(&self, dest: &Path, src_meta: &fs::Metadata) -> io::Result<()> {
+    /// Gives `dest` its owner, mode and mtime. `made`: a file or link this
+    /// process just made (so owned by it, a file with its source's mode),
+    /// for which calls that would change nothing are skipped: a COPY of
+    /// many small files is mostly such calls.
+    fn apply_metadata(&self, dest: &Path, src_meta: &fs::Metadata, made: bool) -> io::Result<()> {
         let (uid, gid) = self.chown.unwrap_or((src_meta.uid(), src_meta.gid()));
-        lchown(dest, Some(uid), Some(gid))?;
+        let chowned = !made || (uid, gid) != self.owner;
+        if chowned {
+            lchown(dest, Some(uid), Some(gid))?;
+        }
         if src_meta.file_type().is_symlink() {
             return Ok(());
         }
-        let mode = self.chmod.unwrap_or(src_meta.mode() & 0o7777);
-        fs::set_permissions(dest, fs::Permissions::from_mode(mode))?;
+        // A chown clears setuid and setgid, so the mode comes after it.
+        if chowned || self.chmod.is_some() {
+            let mode = self.chmod.unwrap_or(src_meta.mode() & 0o7777);
+            fs::set_permissions(dest, fs::Permissions::from_mode(mode))?;
+        }
         let mtime = filetime_of(src_meta);
         rustix::fs::utimensat(
             rustix::fs::CWD,
@@ -434,18 +455,29 @@ mod tests {
     }
 
     fn run(f: &Fixture, sources: &[&str], dest: &str) -> Result<Vec<PathBuf>, String> {
-        let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        run_with(f, sources, dest, None, &[], false)
+    }
+
+    fn run_with(
+        f: &Fixture,
+        sources: &[&str],
+        dest: &str,
+        ignore: Option<&Ignore>,
+        excludes: &[&str],
+        parents: bool,
+    ) -> Result<Vec<PathBuf>, String> {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         copy(
             &CopyRequest {
                 source: Source::Context(&f.ctx),
-                sources: &sources,
+                sources: &strings(sources),
                 dest,
                 chown: None,
                 chmod: None,
-                ignore: None,
+                ignore,
                 unpack: false,
-                excludes: &[],
-                parents: false,
+                excludes: &strings(excludes),
+                parents,
             },
             &f.root,
         )
@@ -491,23 +523,8 @@ mod tests {
         let f = fixture();
         fs::write(f.ctx.join("src/sub/x.log"), "log").unwrap();
         let ignore = Ignore::parse("**/*.log\nb.txt\nsrc/link\n").unwrap();
-        let run = |sources: &[&str], dest: &str| {
-            let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-            copy(
-                &CopyRequest {
-                    source: Source::Context(&f.ctx),
-                    sources: &sources,
-                    dest,
-                    chown: None,
-                    chmod: None,
-                    ignore: Some(&ignore),
-                    unpack: false,
-                    excludes: &[],
-                    parents: false,
-                },
-                &f.root,
-            )
-        };
+        let run =
+            |sources: &[&str], dest: &str| run_with(&f, sources, dest, Some(&ignore), &[], false);
         run(&["*.txt"], "/g/").unwrap();
         assert!(f.root.join("g/a.txt").is_file() && !f.root.join("g/b.txt").exists());
         let err = run(&["b.txt"], "/b").unwrap_err();
@@ -542,22 +559,7 @@ mod tests {
         fs::write(f.ctx.join("src/top.md"), "md").unwrap();
         fs::set_permissions(f.ctx.join("src/sub"), fs::Permissions::from_mode(0o700)).unwrap();
         let run = |sources: &[&str], dest: &str, excludes: &[&str], parents: bool| {
-            let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-            let excludes: Vec<String> = excludes.iter().map(|s| s.to_string()).collect();
-            copy(
-                &CopyRequest {
-                    source: Source::Context(&f.ctx),
-                    sources: &sources,
-                    dest,
-                    chown: None,
-                    chmod: None,
-                    ignore: None,
-                    unpack: false,
-                    excludes: &excludes,
-                    parents,
-                },
-                &f.root,
-            )
+            run_with(&f, sources, dest, None, excludes, parents)
         };
         // Matched against the sources as written, and inside a directory
         // source relative to it: `*.md` is its top level only.

@@ -1401,12 +1401,10 @@ mod tests {
         );
         assert_eq!(read(dir.join("opq/kept")), "kept");
         let mut value = [0u8; 16];
-        assert!(rustix::fs::lgetxattr(
-            dir.join("steered"),
-            "trusted.overlay.redirect",
-            &mut value
-        )
-        .is_err());
+        assert!(
+            rustix::fs::lgetxattr(dir.join("steered"), "trusted.overlay.redirect", &mut value)
+                .is_err()
+        );
     }
 
     #[test]

@@ -461,6 +461,11 @@ mod tests {
         .unwrap();
     }
 
+    fn opaque_dir(path: &Path) {
+        fs::create_dir_all(path).unwrap();
+        rustix::fs::setxattr(path, OVERLAY_OPAQUE, b"y", rustix::fs::XattrFlags::empty()).unwrap();
+    }
+
     #[test]
     fn the_stack_is_read_as_overlayfs_does() {
         let dir = tempfile::tempdir().unwrap();
@@ -474,14 +479,7 @@ mod tests {
         fs::create_dir_all(top.join("data")).unwrap();
         fs::write(top.join("data/c"), "c").unwrap();
         whiteout(&top.join("gone"));
-        fs::create_dir_all(top.join("etc")).unwrap();
-        rustix::fs::setxattr(
-            top.join("etc").as_path(),
-            OVERLAY_OPAQUE,
-            b"y",
-            rustix::fs::XattrFlags::empty(),
-        )
-        .unwrap();
+        opaque_dir(&top.join("etc"));
         let lowers = [bottom.clone(), top.clone()];
 
         assert_eq!(lookup(&lowers, Path::new("data/a")).unwrap().0, 0);
@@ -512,14 +510,7 @@ mod tests {
         // The step: /etc copied up for a mount point and nothing else, /app
         // replaced whole, /f written, /proc/x ignored.
         fs::create_dir_all(upper.join("etc")).unwrap();
-        fs::create_dir_all(upper.join("app")).unwrap();
-        rustix::fs::setxattr(
-            upper.join("app").as_path(),
-            OVERLAY_OPAQUE,
-            b"y",
-            rustix::fs::XattrFlags::empty(),
-        )
-        .unwrap();
+        opaque_dir(&upper.join("app"));
         fs::write(upper.join("app/new"), "new").unwrap();
         fs::write(upper.join("f"), "F").unwrap();
         fs::create_dir_all(upper.join("proc")).unwrap();
