@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::{gc, BlobStore, Index};
 
 use crate::args::{CacheArgs, CacheCommand};
@@ -35,6 +36,8 @@ pub fn run(a: CacheArgs) -> Result<()> {
             let s = gc::stats(&store, &index)?;
             println!("entries: {}", s.entries);
             println!("blobs:   {} ({})", s.blobs, human(s.blob_bytes));
+            let unpacked = UnpackedLayers::open(&state_dir).with_context(at)?.count()?;
+            println!("unpacked layers: {unpacked}");
         }
         CacheCommand::Ls => {
             let now = kiln_cachestore::index::now_secs();

@@ -282,7 +282,12 @@ fn cache_subcommands_inspect_repair_and_empty_the_cache() {
     assert_eq!(summary(&cold), (0, 2, 1));
 
     let stats = kiln_cache(state.path(), &["stats"]);
-    assert!(String::from_utf8_lossy(&stats.stdout).contains("entries: 2"));
+    let said = String::from_utf8_lossy(&stats.stdout);
+    assert!(said.contains("entries: 2"), "{said}");
+    assert!(
+        said.contains("unpacked layers: ") && !said.contains("unpacked layers: 0"),
+        "{said}"
+    );
     let ls = String::from_utf8_lossy(&kiln_cache(state.path(), &["ls"]).stdout).into_owned();
     assert_eq!(ls.lines().count(), 2, "{ls}");
     let layer = ls
@@ -343,7 +348,9 @@ fn cache_subcommands_inspect_repair_and_empty_the_cache() {
     assert_eq!(unpacked(), 0, "{}", String::from_utf8_lossy(&prune.stdout));
     let stats = String::from_utf8_lossy(&kiln_cache(state.path(), &["stats"]).stdout).into_owned();
     assert!(
-        stats.contains("entries: 0") && stats.contains("blobs:   0"),
+        stats.contains("entries: 0")
+            && stats.contains("blobs:   0")
+            && stats.contains("unpacked layers: 0"),
         "{stats}"
     );
 

@@ -415,7 +415,8 @@ fn add_downloads_urls_and_checks_their_checksum() {
     assert!(err.contains("Dockerfile:3: ADD failed"), "{err}");
     assert!(err.contains("checksum mismatch"), "{err}");
 
-    // A Git source with --checksum is refused while planning, naming the line.
+    // A Git source's --checksum is a commit id: anything else is refused
+    // while planning, naming the line.
     let (out, _) = build(
         format!("FROM {base}\nADD --checksum={good} https://example.com/repo.git#main /src\n"),
         4,
@@ -423,7 +424,7 @@ fn add_downloads_urls_and_checks_their_checksum() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("Dockerfile:2: ADD of a Git repository with --checksum"),
+        err.contains("Dockerfile:2: invalid --checksum") && err.contains("expected a commit id"),
         "{err}"
     );
 }
@@ -503,6 +504,31 @@ fn add_git_repository() {
         std::fs::read_to_string(root.join("ran")).unwrap(),
         "echo two\n"
     );
+
+    // --checksum pins the commit: a prefix of it builds, another fails.
+    let head = std::process::Command::new("git")
+        .args(["-C", w.join("repo").to_str().unwrap(), "rev-parse", "HEAD"])
+        .output()
+        .unwrap();
+    let head = String::from_utf8(head.stdout).unwrap().trim().to_string();
+    for (checksum, builds) in [(&head[..12], true), ("0123456789ab", false)] {
+        let ctx = Context::new(
+            &format!(
+                "FROM oci-layout://{}:latest\nADD --checksum={checksum} {url}#main /pinned/\n",
+                busybox_layout().display()
+            ),
+            &[],
+        );
+        let out = kiln_build(&ctx, &state, &["--no-push"]);
+        assert_eq!(out.status.success(), builds, "{}", stderr(&out));
+        if !builds {
+            assert!(
+                stderr(&out).contains("checksum mismatch"),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
 }
 
 /// `COPY <<EOF` (buildah 1.28 has no heredocs, so the files are checked

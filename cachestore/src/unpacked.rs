@@ -41,6 +41,15 @@ impl UnpackedLayers {
         }
     }
 
+    /// How many layers are here.
+    pub fn count(&self) -> Result<usize> {
+        let entries = fs::read_dir(&self.dir).at(&self.dir)?;
+        Ok(entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(REMOVING))
+            .count())
+    }
+
     /// Moves `made` (a complete directory on the same filesystem) in as the
     /// layer's directory. When another build got there first, `made` is
     /// removed and theirs is used: both hold the same diff_id.
@@ -106,6 +115,7 @@ mod tests {
             assert_eq!(fs::read_to_string(dir.join("f")).unwrap(), "first");
         }
         assert!(layers.get(ID).unwrap().is_some());
+        assert_eq!(layers.count().unwrap(), 1);
         assert!(layers.get("sha256:../../etc").is_err());
         assert_eq!(layers.gc(Duration::from_secs(3600)).unwrap(), 0);
         assert_eq!(layers.gc(Duration::ZERO).unwrap(), 1);

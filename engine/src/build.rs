@@ -733,9 +733,10 @@ impl<'a> Builder<'a> {
                 Action::Copy { .. } if key::always_runs(&step.action) => {
                     (String::new(), key::fresh_digest())
                 }
-                // A Git source counts by the commit its ref names now.
+                // A Git source counts by the commit its ref names now,
+                // which --checksum, when given, must start with.
                 Action::Copy {
-                    add: Some(_),
+                    add: Some(spec),
                     sources,
                     ..
                 } if sources.iter().any(|s| plan::is_git_source(s)) => {
@@ -744,6 +745,19 @@ impl<'a> Builder<'a> {
                         .map(|s| crate::git::GitSource::parse(s).resolve())
                         .collect::<Result<_, _>>()
                         .map_err(|e| self.step_error(step, e.to_string()))?;
+                    if let Some(checksum) = &spec.checksum {
+                        if let Some(other) = commits
+                            .iter()
+                            .find(|c| !c.starts_with(&checksum.to_ascii_lowercase()))
+                        {
+                            return Err(self.step_error(
+                                step,
+                                format!(
+                                    "checksum mismatch: the ref is commit {other}, not {checksum}"
+                                ),
+                            ));
+                        }
+                    }
                     (commits.join("\n"), String::new())
                 }
                 Action::Copy {

@@ -576,15 +576,18 @@ impl StagePlanner<'_> {
                     "ADD of a Git repository takes no other source".into(),
                 ));
             }
-            if git && args.checksum.is_some() {
-                return Err(error(
-                    "ADD of a Git repository with --checksum is not supported yet".into(),
-                ));
+            // A Git source's checksum is (a prefix of) its commit id.
+            if let Some(checksum) = args.checksum.as_ref().filter(|_| git) {
+                if checksum.len() < 7 || !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(error(format!(
+                        "invalid --checksum {checksum:?} for a Git source: expected a commit id"
+                    )));
+                }
             }
             if args.keep_git_dir && !git {
                 return Err(error("--keep-git-dir is only for a Git source".into()));
             }
-            if let Some(checksum) = &args.checksum {
+            if let Some(checksum) = args.checksum.as_ref().filter(|_| !git) {
                 if let Some(local) = args.sources.iter().find(|s| !AddSpec::is_url(s)) {
                     return Err(error(format!(
                         "checksum can't be specified for non-HTTP(S) sources: {local}"
