@@ -153,7 +153,7 @@ pub enum CacheCommand {
     Ls,
     /// Remove expired entries, then blobs no entry refers to.
     Gc {
-        /// Collect unreferenced blobs only until the store is this small (e.g. 10GiB).
+        /// Collect until the store (blobs, then unpacked layers) is this small (e.g. 10GiB).
         #[arg(long, value_name = "SIZE")]
         max_size: Option<String>,
         /// Entries older than this are expired (e.g. 7d).

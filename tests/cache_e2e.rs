@@ -343,6 +343,17 @@ fn cache_subcommands_inspect_repair_and_empty_the_cache() {
         unpacked() > 0,
         "the overlay snapshotter keeps unpacked layers"
     );
+    // A tiny --max-size takes the unpacked layers, not the entries' blobs.
+    let gc = kiln_cache(state.path(), &["gc", "--max-size", "1"]);
+    let said = String::from_utf8_lossy(&gc.stdout);
+    assert!(said.contains("removed 0 entries, 0 blobs"), "{said}");
+    assert_eq!(unpacked(), 0, "{said}");
+    let (rebuilt, _) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(
+        summary(&rebuilt),
+        (2, 0, 0),
+        "a full hit needs no unpacked layer"
+    );
     let prune = kiln_cache(state.path(), &["prune"]);
     assert!(prune.status.success(), "{}", stderr(&prune));
     assert_eq!(unpacked(), 0, "{}", String::from_utf8_lossy(&prune.stdout));

@@ -73,7 +73,9 @@ pub fn stats(store: &BlobStore, index: &Index) -> Result<Stats> {
 /// Removes entries older than `older_than`, then blobs no entry refers to
 /// (oldest first, and only until the store is under `max_size` when one is
 /// given), then the work dirs of builds that are gone. Unpacked layers
-/// not used for `older_than` go too, when no build is running.
+/// not used for `older_than` go too, when no build is running, and with
+/// `max_size` the least recently used until blobs and unpacked layers
+/// together fit.
 pub fn gc(
     state_dir: &Path,
     store: &BlobStore,
@@ -118,6 +120,13 @@ pub fn gc(
         total -= size;
         report.blobs_removed += 1;
         report.bytes_freed += size;
+    }
+    // What the blobs leave of the budget is the unpacked layers'.
+    if let (Some(max), 0) = (max_size, report.live_builds) {
+        let (removed, freed) =
+            UnpackedLayers::open(state_dir)?.shrink_to(max.saturating_sub(total))?;
+        report.unpacked_removed += removed;
+        report.bytes_freed += freed;
     }
     Ok(report)
 }

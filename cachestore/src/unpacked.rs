@@ -65,33 +65,87 @@ impl UnpackedLayers {
         }
     }
 
+    /// The directories here and when each was last used, clearing what an
+    /// interrupted removal left.
+    fn entries(&self) -> Result<Vec<(PathBuf, SystemTime)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
+            let entry = entry.at(&self.dir)?;
+            if entry.file_name().to_string_lossy().starts_with(REMOVING) {
+                fs::remove_dir_all(entry.path()).at(entry.path())?;
+                continue;
+            }
+            let used = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            out.push((entry.path(), used));
+        }
+        Ok(out)
+    }
+
+    /// Renamed away first, so a half-removed directory is never found.
+    fn remove(&self, dir: &Path) -> Result<()> {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let doomed = self.dir.join(format!("{REMOVING}{name}"));
+        fs::rename(dir, &doomed).at(dir)?;
+        fs::remove_dir_all(&doomed).at(&doomed)
+    }
+
     /// Removes the directories not used for `older_than` (all of them with
     /// zero). Only call it while no build runs: a build's mounts read them.
     /// Returns how many went.
     pub fn gc(&self, older_than: Duration) -> Result<usize> {
         let mut removed = 0;
-        for entry in fs::read_dir(&self.dir).at(&self.dir)? {
-            let entry = entry.at(&self.dir)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(REMOVING) {
-                // Left by a GC that was interrupted.
-                fs::remove_dir_all(entry.path()).at(entry.path())?;
-                continue;
-            }
-            let unused = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map_or(true, |t| t.elapsed().is_ok_and(|age| age >= older_than));
-            if unused {
-                // Renamed away first, so a half-removed one is never found.
-                let doomed = self.dir.join(format!("{REMOVING}{name}"));
-                fs::rename(entry.path(), &doomed).at(entry.path())?;
-                fs::remove_dir_all(&doomed).at(&doomed)?;
+        for (dir, used) in self.entries()? {
+            if used.elapsed().is_ok_and(|age| age >= older_than) {
+                self.remove(&dir)?;
                 removed += 1;
             }
         }
         Ok(removed)
     }
+
+    /// Removes the least recently used directories until the rest take at
+    /// most `budget` bytes on disk. Only while no build runs, as
+    /// [`UnpackedLayers::gc`]. Returns how many went and the bytes freed.
+    pub fn shrink_to(&self, budget: u64) -> Result<(usize, u64)> {
+        let mut dirs: Vec<(PathBuf, SystemTime, u64)> = self
+            .entries()?
+            .into_iter()
+            .map(|(dir, used)| {
+                let size = disk_usage(&dir).at(&dir)?;
+                Ok((dir, used, size))
+            })
+            .collect::<Result<_>>()?;
+        dirs.sort_by_key(|(_, used, _)| *used);
+        let mut total: u64 = dirs.iter().map(|d| d.2).sum();
+        let (mut removed, mut freed) = (0, 0);
+        for (dir, _, size) in dirs {
+            if total <= budget {
+                break;
+            }
+            self.remove(&dir)?;
+            total -= size;
+            removed += 1;
+            freed += size;
+        }
+        Ok((removed, freed))
+    }
+}
+
+/// The disk blocks a tree takes (a file with several links in it counts
+/// each time: an upper bound).
+fn disk_usage(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path)?;
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            total += disk_usage(&entry?.path())?;
+        }
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -118,7 +172,36 @@ mod tests {
         assert_eq!(layers.count().unwrap(), 1);
         assert!(layers.get("sha256:../../etc").is_err());
         assert_eq!(layers.gc(Duration::from_secs(3600)).unwrap(), 0);
+        assert_eq!(layers.shrink_to(u64::MAX).unwrap().0, 0);
         assert_eq!(layers.gc(Duration::ZERO).unwrap(), 1);
         assert_eq!(layers.get(ID).unwrap(), None);
+    }
+
+    #[test]
+    fn shrinking_removes_the_least_recently_used_first() {
+        let state = tempfile::tempdir().unwrap();
+        let layers = UnpackedLayers::open(state.path()).unwrap();
+        let ids: Vec<String> = (0..3)
+            .map(|i| format!("sha256:{}", format!("{i}").repeat(64)))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let made = state.path().join(format!("made{i}"));
+            fs::create_dir(&made).unwrap();
+            fs::write(made.join("data"), vec![b'x'; 64 * 1024]).unwrap();
+            let dir = layers.insert(id, &made).unwrap();
+            // Used in order 1, 0, 2: layer 1 is the least recent.
+            let age = [20, 30, 10][i];
+            fs::File::open(&dir)
+                .unwrap()
+                .set_modified(SystemTime::now() - Duration::from_secs(age))
+                .unwrap();
+        }
+        let one = disk_usage(&layers.path(&ids[0]).unwrap()).unwrap();
+        let (removed, freed) = layers.shrink_to(2 * one).unwrap();
+        assert_eq!((removed, freed), (1, one));
+        assert!(layers.get(&ids[1]).unwrap().is_none());
+        assert!(layers.get(&ids[0]).unwrap().is_some() && layers.get(&ids[2]).unwrap().is_some());
+        assert_eq!(layers.shrink_to(0).unwrap().0, 2);
+        assert_eq!(layers.count().unwrap(), 0);
     }
 }
