@@ -1,8 +1,8 @@
 //! Micro-benchmarks of Kiln's hot paths (issue 7), on the public APIs of
 //! kiln-engine and kiln-cachestore:
 //!
-//! - context hashing (`key::hash_sources*`) of 10k files, cold and with the
-//!   stat cache;
+//! - context hashing (`key::hash_sources*`) of 10k and 100k files, cold
+//!   and with the stat cache;
 //! - a snapshot rescan after a one-file change in a 100k-file root (the
 //!   walk snapshotter, `rootfs::snapshot::Snapshot`);
 //! - layer writing (`layer::LayerWriter`), tar + gzip and tar + zstd, MB/s;
@@ -40,33 +40,50 @@ fn make_tree(root: &Path, files: usize) {
     }
 }
 
-fn context_hashing(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().unwrap();
-    let ctx = tmp.path().join("ctx");
-    make_tree(&ctx, 10_000);
-    let sources = vec![ctx.clone()];
-    let state = tmp.path().join("state");
-    let index = Index::open(&state).unwrap();
-    // Files younger than two seconds are never stat-cached (racy).
-    std::thread::sleep(Duration::from_millis(2100));
-    key::hash_sources_cached(&sources, false, None, Some(&index)).unwrap();
+/// One 100k-file tree for the whole run (made once: file creation is the
+/// slow part on some disks), in directories of 1000 files.
+fn tree_100k() -> &'static Path {
+    static TREE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &TREE
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path().join("root");
+            make_tree(&root, 100_000);
+            // Files younger than two seconds are never stat-cached (racy).
+            std::thread::sleep(Duration::from_millis(2100));
+            (tmp, root)
+        })
+        .1
+}
 
-    let mut g = c.benchmark_group("context_hash_10k_files");
-    g.sample_size(10);
-    g.throughput(Throughput::Elements(10_000));
-    g.bench_function("cold", |b| {
-        b.iter(|| black_box(key::hash_sources(&sources, false).unwrap()))
-    });
-    g.bench_function("stat_cache", |b| {
-        b.iter(|| black_box(key::hash_sources_cached(&sources, false, None, Some(&index)).unwrap()))
-    });
-    g.finish();
+fn context_hashing(c: &mut Criterion) {
+    let tree = tree_100k();
+    let state = tempfile::tempdir().unwrap();
+    let index = Index::open(state.path()).unwrap();
+    // 10k files: the tree's first ten directories.
+    let ten: Vec<PathBuf> = (0..10).map(|d| tree.join(format!("d{d:03}"))).collect();
+    for (name, sources, files) in [
+        ("context_hash_10k_files", ten, 10_000u64),
+        ("context_hash_100k_files", vec![tree.to_path_buf()], 100_000),
+    ] {
+        key::hash_sources_cached(&sources, false, None, Some(&index)).unwrap();
+        let mut g = c.benchmark_group(name);
+        g.sample_size(10);
+        g.throughput(Throughput::Elements(files));
+        g.bench_function("cold", |b| {
+            b.iter(|| black_box(key::hash_sources(&sources, false).unwrap()))
+        });
+        g.bench_function("stat_cache", |b| {
+            b.iter(|| {
+                black_box(key::hash_sources_cached(&sources, false, None, Some(&index)).unwrap())
+            })
+        });
+        g.finish();
+    }
 }
 
 fn snapshot_rescan(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    make_tree(&root, 100_000);
+    let root = tree_100k().to_path_buf();
     let mut snapshot =
         Snapshot::scan(&root, SnapshotMode::Redo, &["proc", "sys", "dev"], &[]).unwrap();
     assert!(snapshot.len() >= 100_000);
