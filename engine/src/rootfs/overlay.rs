@@ -230,6 +230,26 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
+/// A path's xattrs but overlayfs's own, sorted by name.
+fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let Ok(n) = rustix::fs::llistxattr(path, &mut names) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = names[..n]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty() && !n.starts_with(OVERLAY_XATTR_PREFIX))
+        .map(|name| {
+            let mut value = vec![0u8; 65536];
+            let len = rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value).unwrap_or(0);
+            value.truncate(len);
+            (name.to_vec(), value)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Removes overlayfs's bookkeeping xattrs (origin, impure...), keeping
 /// only the opaque mark, so the upper dir reads as a plain lower layer.
 fn strip_overlay_xattrs(path: &Path) -> io::Result<()> {
@@ -327,11 +347,12 @@ impl Settler<'_> {
             let shown = below.as_ref().is_some_and(|(_, low)| low.is_dir());
             self.dir(&r, opaque, shown)?;
             strip_overlay_xattrs(&up)?;
-            let unchanged = below.is_some_and(|(_, low)| {
+            let unchanged = below.as_ref().is_some_and(|(layer, low)| {
                 low.is_dir()
                     && low.mode() == meta.mode()
                     && low.uid() == meta.uid()
                     && low.gid() == meta.gid()
+                    && xattrs(&self.lowers[*layer].join(&r)) == xattrs(&up)
             });
             let empty = mark == (self.changes.upserts.len() - 1, self.changes.deletes.len())
                 && fs::read_dir(&up)?.next().is_none();
@@ -507,9 +528,18 @@ mod tests {
         fs::write(lower.join("app/y"), "y").unwrap();
         fs::write(lower.join("f"), "f").unwrap();
         fs::hard_link(lower.join("f"), lower.join("f2")).unwrap();
-        // The step: /etc copied up for a mount point and nothing else, /app
-        // replaced whole, /f written, /proc/x ignored.
+        // The step: /etc copied up for a mount point and nothing else, /srv
+        // given an xattr, /app replaced whole, /f written, /proc/x ignored.
         fs::create_dir_all(upper.join("etc")).unwrap();
+        fs::create_dir_all(lower.join("srv")).unwrap();
+        fs::create_dir_all(upper.join("srv")).unwrap();
+        rustix::fs::setxattr(
+            upper.join("srv").as_path(),
+            "user.kiln",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
         opaque_dir(&upper.join("app"));
         fs::write(upper.join("app/new"), "new").unwrap();
         fs::write(upper.join("f"), "F").unwrap();
@@ -528,7 +558,7 @@ mod tests {
         upserts.sort();
         let mut deletes = strs(&changes.deletes);
         deletes.sort();
-        assert_eq!(upserts, ["app", "app/new", "f", "f2", "proc"]);
+        assert_eq!(upserts, ["app", "app/new", "f", "f2", "proc", "srv"]);
         assert_eq!(deletes, ["app/old", "app/y", "gone"]);
         assert!(!upper.join("etc").exists(), "the idle copy-up is dropped");
         assert!(!upper.join("proc/x").exists());
