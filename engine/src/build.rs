@@ -499,32 +499,41 @@ impl<'a> Builder<'a> {
     /// The overlay snapshotter's directory of a layer, unpacked the first
     /// time any build needs it.
     fn layer_dir(&self, unpacked: &UnpackedLayers, layer: &Layer) -> Result<PathBuf, BuildError> {
-        if let Some(dir) = unpacked.get(&layer.diff_id)? {
-            return Ok(dir);
-        }
-        let start = Instant::now();
-        let made = tempfile::Builder::new()
-            .prefix("unpack-")
-            .tempdir_in(self.work.path())
-            .at(self.work.path())?;
-        unpack_layer(self.store, layer, made.path(), true)?;
-        let dir = unpacked.insert(&layer.diff_id, &made.keep())?;
-        self.counters.extracted(1);
-        self.counters.timed("unpack", start);
-        Ok(dir)
+        self.layer_dirs(unpacked, std::slice::from_ref(layer))
+            .map(|mut dirs| dirs.remove(0))
     }
 
-    /// The unpacked directories of `layers` (bottom first), in parallel.
+    /// The unpacked directories of `layers` (bottom first); the missing
+    /// ones are unpacked in parallel.
     fn layer_dirs(
         &self,
         unpacked: &UnpackedLayers,
         layers: &[Layer],
     ) -> Result<Vec<PathBuf>, BuildError> {
         use rayon::prelude::*;
-        layers
+        let start = Instant::now();
+        let extracted = AtomicUsize::new(0);
+        let dirs = layers
             .par_iter()
-            .map(|l| self.layer_dir(unpacked, l))
-            .collect()
+            .map(|layer| {
+                if let Some(dir) = unpacked.get(&layer.diff_id)? {
+                    return Ok(dir);
+                }
+                let made = tempfile::Builder::new()
+                    .prefix("unpack-")
+                    .tempdir_in(self.work.path())
+                    .at(self.work.path())?;
+                unpack_layer(self.store, layer, made.path(), true)?;
+                extracted.fetch_add(1, Ordering::Relaxed);
+                Ok(unpacked.insert(&layer.diff_id, &made.keep())?)
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
+        let extracted = extracted.into_inner();
+        if extracted > 0 {
+            self.counters.extracted(extracted);
+            self.counters.timed("unpack", start);
+        }
+        Ok(dirs)
     }
 
     /// Puts `layers` on disk at `dir` to be read: unpacked there, or with the
