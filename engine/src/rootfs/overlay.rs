@@ -64,35 +64,38 @@ pub fn mount(
     upper: Option<(&Path, &Path)>,
     target: &Path,
 ) -> io::Result<Mounted> {
-    // The lowers are named by descriptor, so the options stay short
-    // whatever the paths and however many layers.
+    // Every dir is named by descriptor, so the options stay short however
+    // many layers there are, and no path's `,` or `:` can break them.
+    let open = |dir: &Path| {
+        rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let named = |fd: &OwnedFd| format!("/proc/self/fd/{}", fd.as_raw_fd());
     let fds: Vec<OwnedFd> = lowers
         .iter()
         .rev()
-        .map(|l| {
-            rustix::fs::open(
-                l,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-        })
+        .map(|l| open(l))
         .collect::<Result<_, _>>()?;
-    let lowerdir: Vec<String> = fds
-        .iter()
-        .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .collect();
+    let lowerdir: Vec<String> = fds.iter().map(named).collect();
     // No redirects or metadata-only copy-ups: an upper dir must hold whole
     // files, as a layer does.
     let mut options = format!(
         "lowerdir={},redirect_dir=off,metacopy=off",
         lowerdir.join(":")
     );
-    let flags = match upper {
-        Some((upper, work)) => {
-            options += &format!(",upperdir={},workdir={}", upper.display(), work.display());
+    let upper_fds = match upper {
+        Some((upper, work)) => vec![open(upper)?, open(work)?],
+        None => Vec::new(),
+    };
+    let flags = match &upper_fds[..] {
+        [upper, work] => {
+            options += &format!(",upperdir={},workdir={}", named(upper), named(work));
             MountFlags::empty()
         }
-        None => MountFlags::RDONLY,
+        _ => MountFlags::RDONLY,
     };
     // index=on keeps hard links whole across copy-up; older kernels or
     // filesystems without file handles refuse it.
