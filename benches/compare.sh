@@ -367,10 +367,7 @@ sc_remote() {
   hits=$(grep -ho '[0-9]* hits from --cache-repo' "$log/$wl-remote-kiln-1.err" | head -1 || true)
   note="${note:+$note; }kiln run 1: ${hits:-?}"
   if [ "$buildah_remote" = 1 ]; then
-    local used
-    used=$(grep -c -i 'cache' "$log/$wl-remote-buildah-1.out" || true)
     note+="; buildah run 1: $(grep -ci 'Using cache' "$log/$wl-remote-buildah-1.out" || true) 'Using cache' lines"
-    : "$used"
   fi
   record "$wl" remote "$kt" "$bt" "$note"
 }

@@ -171,11 +171,7 @@ fn cache_keys(c: &mut Criterion) {
         });
     }
     let host = Platform::host();
-    let platform = dockerfile::Platform {
-        os: host.os.clone(),
-        architecture: host.architecture.clone(),
-        variant: host.variant.clone(),
-    };
+    let platform: dockerfile::Platform = (&host).into();
     let build_args = BTreeMap::new();
     let configs = HashMap::new();
     let labels = BTreeMap::new();

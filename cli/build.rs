@@ -3,11 +3,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
 use kiln_engine::build::{BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter};
+use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::exec::run::Isolation;
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
@@ -40,6 +41,25 @@ pub fn parse_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, Stri
 
 /// Reads the Dockerfile: the path as given, or else inside the context, as
 /// Kaniko looks it up.
+/// Reads, parses and resolves the Dockerfile `frontend` names, for
+/// `platform`; errors name the file and line.
+pub fn resolve_graph(
+    frontend: &FrontendArgs,
+    platform: &Platform,
+) -> Result<(Dockerfile, StageGraph)> {
+    let (name, text) = read_dockerfile(frontend, None)?;
+    let located = |e: dockerfile::FrontendError| anyhow!("{name}:{}: {}", e.line, e.message);
+    let df = dockerfile::parse(&text).map_err(located)?;
+    let graph = StageGraph::resolve(
+        &df,
+        &parse_pairs("--build-arg", &frontend.build_args)?,
+        frontend.target.as_deref(),
+        &platform.into(),
+    )
+    .map_err(located)?;
+    Ok((df, graph))
+}
+
 pub fn read_dockerfile(
     frontend: &FrontendArgs,
     context: Option<&Path>,
@@ -244,9 +264,11 @@ fn render(event: Event) {
 
 pub fn run(a: BuildArgs) -> Result<()> {
     let started = Instant::now();
-    // While the process has one thread: the overlay snapshotter's mounts
-    // then live and die with this process.
+    // While the process has one thread, and only where the overlay
+    // snapshotter may run: its mounts then live and die with this process.
     let own_mount_namespace = a.snapshotter != SnapshotterArg::Walk
+        && a.isolation == IsolationArg::Namespaces
+        && !a.single_snapshot
         && kiln_engine::exec::run::running_as_root()
         && kiln_engine::rootfs::overlay::enter_private_mount_namespace()
             .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))

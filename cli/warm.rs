@@ -2,15 +2,13 @@
 //! them, so CI nodes start warm.
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use kiln_cachestore::{warm, BlobStore, Index, RegistryClient};
-use kiln_engine::dockerfile::{self, BaseRef, StageGraph};
+use kiln_engine::dockerfile::BaseRef;
 
 use crate::args::{FrontendArgs, WarmArgs};
-use crate::build::{
-    default_state_dir, parse_pairs, parse_platform, read_dockerfile, registry_options,
-};
+use crate::build::{default_state_dir, parse_platform, registry_options, resolve_graph};
 
 /// Every image a Dockerfile's stages start from or copy from (only those
 /// the `--target` needs when one is given).
@@ -18,20 +16,7 @@ fn dockerfile_images(
     frontend: &FrontendArgs,
     platform: &kiln_cachestore::Platform,
 ) -> Result<Vec<String>> {
-    let (name, text) = read_dockerfile(frontend, None)?;
-    let located = |e: dockerfile::FrontendError| anyhow!("{name}:{}: {}", e.line, e.message);
-    let df = dockerfile::parse(&text).map_err(located)?;
-    let graph = StageGraph::resolve(
-        &df,
-        &parse_pairs("--build-arg", &frontend.build_args)?,
-        frontend.target.as_deref(),
-        &dockerfile::Platform {
-            os: platform.os.clone(),
-            architecture: platform.architecture.clone(),
-            variant: platform.variant.clone(),
-        },
-    )
-    .map_err(located)?;
+    let (_, graph) = resolve_graph(frontend, platform)?;
     let mut images = Vec::new();
     for stage in &graph.stages {
         if frontend.target.is_some() && !stage.needed {

@@ -5,7 +5,7 @@ mod support;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use kiln_cachestore::digest::sha256_digest as sha256;
 use support::*;
 
 fn digest_of(out: &std::process::Output, digest_file: &Path) -> String {
@@ -148,10 +148,6 @@ fn raw_entry(out: &mut Vec<u8>, name: &str, kind: u8, link: &str, data: &[u8]) {
     out.extend_from_slice(&header);
     out.extend_from_slice(data);
     out.resize(out.len().div_ceil(512) * 512, 0);
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 /// A tar entry as an attacker writes it: name, type flag, link target, data.
@@ -365,7 +361,7 @@ fn add_downloads_urls_and_checks_their_checksum() {
     let registry = Registry::start();
     let base = registry.push_busybox();
     let (addr, requests) = serve(BODY);
-    let good = format!("sha256:{}", hex::encode(Sha256::digest(BODY)));
+    let good = sha256(BODY);
     let bad = format!("sha256:{}", "0".repeat(64));
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");

@@ -5,8 +5,8 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
+use kiln_cachestore::digest::sha256_digest as sha256;
 use serde_json::{json, Value};
-use sha2::Digest;
 use support::*;
 
 const FIXTURE_DIGEST: &str = "sha256:46d2db65";
@@ -70,10 +70,6 @@ fn mirrors_serve_base_images() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("127.0.0.1:1"), "{}", stderr(&out));
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
 /// Adds an arm64 image (same layer, arm64 config) to a copy of the busybox

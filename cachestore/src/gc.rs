@@ -103,14 +103,15 @@ pub fn gc(
     index.remove_steps(&expired.into_iter().map(|((k, _), _)| k).collect::<Vec<_>>())?;
     let referenced = referenced(&kept);
 
-    let mut candidates: Vec<_> = blobs(store)?
+    let all = blobs(store)?;
+    let mut total: u64 = all.iter().map(|b| b.1).sum();
+    let mut candidates: Vec<_> = all
         .into_iter()
         .filter(|(d, _, modified)| {
             !referenced.contains(d) && modified.elapsed().is_ok_and(|age| age > GRACE)
         })
         .collect();
     candidates.sort_by_key(|(_, _, modified)| *modified);
-    let mut total: u64 = blobs(store)?.iter().map(|b| b.1).sum();
     for (digest, size, _) in candidates {
         if report.live_builds > 0 || max_size.is_some_and(|max| total <= max) {
             break;

@@ -72,6 +72,13 @@ pub struct Index {
     lock: PathBuf,
 }
 
+/// A read-only open of the index; the database closes before the lock
+/// is let go (fields drop in order).
+struct ReadOnly {
+    db: DB,
+    _lock: File,
+}
+
 impl Index {
     pub fn open(state_dir: &Path) -> Result<Index> {
         std::fs::create_dir_all(state_dir).at(state_dir)?;
@@ -105,6 +112,23 @@ impl Index {
         Ok(lock)
     }
 
+    /// Opens the database read-only under the shared lock. Every family
+    /// this Kiln writes is asked for; an index an older Kiln made, without
+    /// some of them, is opened with the ones it has.
+    fn open_read(&self) -> Result<ReadOnly> {
+        let lock = self.shared_lock()?;
+        let opts = Self::options(false);
+        let db = match DB::open_cf_for_read_only(&opts, &self.path, FAMILIES, false) {
+            Ok(db) => db,
+            Err(_) => {
+                let families = DB::list_cf(&opts, &self.path).map_err(|e| self.error(e))?;
+                DB::open_cf_for_read_only(&opts, &self.path, &families, false)
+                    .map_err(|e| self.error(e))?
+            }
+        };
+        Ok(ReadOnly { db, _lock: lock })
+    }
+
     /// Reads many keys of one column family at once, read-only, so any
     /// number of builds read together. A family an older Kiln did not
     /// create reads as empty.
@@ -112,11 +136,8 @@ impl Index {
         if keys.is_empty() || !self.path.join("CURRENT").exists() {
             return Ok(vec![None; keys.len()]);
         }
-        let _shared = self.shared_lock()?;
-        let opts = Self::options(false);
-        let families = DB::list_cf(&opts, &self.path).map_err(|e| self.error(e))?;
-        let db = DB::open_cf_for_read_only(&opts, &self.path, &families, false)
-            .map_err(|e| self.error(e))?;
+        let read = self.open_read()?;
+        let db = &read.db;
         let Some(cf) = db.cf_handle(family) else {
             return Ok(vec![None; keys.len()]);
         };
@@ -195,11 +216,8 @@ impl Index {
         if !self.path.join("CURRENT").exists() {
             return Ok(Vec::new());
         }
-        let _shared = self.shared_lock()?;
-        let opts = Self::options(false);
-        let families = DB::list_cf(&opts, &self.path).map_err(|e| self.error(e))?;
-        let db = DB::open_cf_for_read_only(&opts, &self.path, &families, false)
-            .map_err(|e| self.error(e))?;
+        let read = self.open_read()?;
+        let db = &read.db;
         let cf = db
             .cf_handle(STEPS)
             .ok_or_else(|| self.error("no steps column family"))?;

@@ -41,10 +41,6 @@ impl<'a> RemoteCache<'a> {
         Ok(RemoteCache { registry, repo })
     }
 
-    pub fn registry_host(&self) -> &str {
-        self.repo.resolve_registry()
-    }
-
     fn tagged(&self, key: &str) -> Reference {
         Reference::with_tag(
             self.repo.registry().to_string(),

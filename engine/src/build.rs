@@ -370,7 +370,7 @@ impl<'a> Builder<'a> {
             &df,
             &opts.build_args,
             opts.target.as_deref(),
-            &frontend_platform(&opts.platform),
+            &(&opts.platform).into(),
         )
         .map_err(|e| self.dockerfile_error(e))?;
         let mut manifests = HashMap::new();
@@ -1104,8 +1104,8 @@ impl<'a> Builder<'a> {
                             }
                         }
                     };
-                    // --single-snapshot: no per-step layer, so nothing per step to cache.
-                    if self.cacheable(step) && !opts.single_snapshot {
+                    // (Never with --single-snapshot: no per-step layer.)
+                    if self.cacheable(step) {
                         recorded.push((
                             key.clone(),
                             StepEntry {
@@ -1712,10 +1712,12 @@ fn copy_tree(src: &Path, dest: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn frontend_platform(p: &Platform) -> dockerfile::Platform {
-    dockerfile::Platform {
-        os: p.os.clone(),
-        architecture: p.architecture.clone(),
-        variant: p.variant.clone(),
+impl From<&Platform> for dockerfile::Platform {
+    fn from(p: &Platform) -> Self {
+        dockerfile::Platform {
+            os: p.os.clone(),
+            architecture: p.architecture.clone(),
+            variant: p.variant.clone(),
+        }
     }
 }

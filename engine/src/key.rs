@@ -248,20 +248,11 @@ struct SourceEntry {
 /// `with_owner` is for sources whose ownership the copy keeps (other
 /// stages); the context's files are always copied as root.
 pub fn hash_sources(sources: &[PathBuf], with_owner: bool) -> io::Result<String> {
-    hash_sources_filtered(sources, with_owner, None)
+    hash_sources_cached(sources, with_owner, None, None)
 }
 
 /// [`hash_sources`] seeing only what `filter` shows (the context through
-/// `.dockerignore`), as the copy does.
-pub fn hash_sources_filtered(
-    sources: &[PathBuf],
-    with_owner: bool,
-    filter: Option<Filter>,
-) -> io::Result<String> {
-    hash_sources_cached(sources, with_owner, filter, None)
-}
-
-/// [`hash_sources_filtered`] with a stat cache: a file whose identity
+/// `.dockerignore`, as the copy does), with a stat cache: a file whose identity
 /// (path, device, inode, size, mtime, ctime) is in `stats` is not read
 /// again, so an unchanged context costs a walk and one batched lookup.
 /// Files changed within the last [`RACY`] are never cached, since a write

@@ -188,21 +188,11 @@ impl LayerWriter {
         if ft.is_symlink() {
             return Ok(());
         }
-        let names = match list_xattrs(host) {
-            Ok(names) => names,
-            Err(_) => return Ok(()),
-        };
         let mut records = Vec::new();
-        // Overlayfs's own (an upper dir's opaque mark...) are storage, not content.
-        for name in names
-            .into_iter()
-            .filter(|n| !n.starts_with(crate::rootfs::extract::OVERLAY_XATTR_PREFIX))
-        {
-            if let Ok(value) = get_xattr(host, &name) {
-                let mut key = b"SCHILY.xattr.".to_vec();
-                key.extend_from_slice(&name);
-                records.extend(pax_record(&key, &value));
-            }
+        for (name, value) in crate::rootfs::content_xattrs(host) {
+            let mut key = b"SCHILY.xattr.".to_vec();
+            key.extend_from_slice(&name);
+            records.extend(pax_record(&key, &value));
         }
         if records.is_empty() {
             return Ok(());
@@ -261,24 +251,6 @@ fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
     out.extend_from_slice(value);
     out.push(b'\n');
     out
-}
-
-fn list_xattrs(path: &Path) -> io::Result<Vec<Vec<u8>>> {
-    let mut buf = vec![0u8; 4096];
-    let n = rustix::fs::llistxattr(path, &mut buf)?;
-    Ok(buf[..n]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect())
-}
-
-fn get_xattr(path: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
-    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = rustix::fs::lgetxattr(path, name.as_c_str(), &mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
 }
 
 /// Opens a stored layer for reading, decompressing by its magic bytes (media

@@ -9,9 +9,8 @@ use kiln_cachestore::Platform;
 use serde_json::Value;
 
 use crate::dockerfile::{
-    expand_heredoc, expand_word, parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile,
-    FrontendError, HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph,
-    Warning,
+    expand_heredoc, parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile, FrontendError,
+    HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph, Warning,
 };
 use crate::image::ImageConfig;
 
@@ -500,9 +499,7 @@ impl StagePlanner<'_> {
     /// Expands one `--mount` with the scope and resolves its `from` and
     /// target as BuildKit does.
     fn run_mount(&self, spec: &str, workdir: &str) -> Result<PlannedMount, String> {
-        let escape = self.df.escape;
-        let scope = &self.scope;
-        let expand = |v: &str| expand_word(v, escape, &|name| scope.lookup(name));
+        let expand = |v: &str| self.scope.expand_word(v, self.df.escape);
         let mut mount = RunMount::parse(spec, Some(&expand))?;
         if mount.kind == MountType::Ssh {
             return Err("RUN --mount=type=ssh is not supported yet".into());

@@ -21,6 +21,7 @@ use sha2::Digest;
 
 use crate::context::Ignore;
 use crate::exec::copy::{self, CopyRequest, Source};
+use crate::plan::AddSpec;
 use crate::rootfs::{extract, resolve_in_root};
 
 /// How an archive's bytes are compressed.
@@ -358,10 +359,6 @@ pub struct AddRequest<'a> {
     pub scratch: &'a Path,
 }
 
-fn is_url(s: &str) -> bool {
-    crate::plan::AddSpec::is_download(s)
-}
-
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
 pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
     let local = |sources: &[String], dest: &str| {
@@ -410,7 +407,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             );
         }
     }
-    if !req.sources.iter().any(|s| is_url(s)) {
+    if !req.sources.iter().any(|s| AddSpec::is_download(s)) {
         return local(req.sources, req.dest);
     }
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
@@ -422,7 +419,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
     let mut touched = Vec::new();
     // In order, so a later source overwrites an earlier one as in Docker.
     for source in req.sources {
-        if !is_url(source) {
+        if !AddSpec::is_download(source) {
             touched.extend(local(std::slice::from_ref(source), req.dest)?);
             continue;
         }

@@ -542,7 +542,7 @@ mod tests {
         let hash = || {
             let (selected, filter) =
                 selected_context_sources(&f.ctx, &ignore, &[".".into()]).unwrap();
-            crate::key::hash_sources_filtered(&selected, false, Some(filter)).unwrap()
+            crate::key::hash_sources_cached(&selected, false, Some(filter), None).unwrap()
         };
         let before = hash();
         fs::write(f.ctx.join("src/sub/x.log"), "changed").unwrap();

@@ -5,8 +5,9 @@ pub mod overlay;
 pub mod snapshot;
 
 use std::collections::VecDeque;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Resolves `path` as a process chrooted at `root` would: symlinks (absolute
@@ -96,6 +97,34 @@ pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<(PathBuf, V
         }
     }
     Ok((resolve_in_root(root, dir, true)?, created))
+}
+
+/// The xattrs of `path` (never followed), overlayfs's own left out: they
+/// describe where a file is stored, not the file. In the order the
+/// filesystem lists them; none when it has no xattr support.
+pub(crate) fn content_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    xattr_names(path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|name| !name.starts_with(extract::OVERLAY_XATTR_PREFIX))
+        .filter_map(|name| {
+            let mut value = vec![0u8; 64 * 1024];
+            let len = rustix::fs::lgetxattr(path, OsStr::from_bytes(&name), &mut value).ok()?;
+            value.truncate(len);
+            Some((name, value))
+        })
+        .collect()
+}
+
+/// The names of `path`'s xattrs (never followed).
+pub(crate) fn xattr_names(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(path, &mut buf)?;
+    Ok(buf[..n]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
 }
 
 /// The path of `host` (inside `root`) relative to the root.

@@ -28,6 +28,7 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::extract::{OVERLAY_OPAQUE, OVERLAY_XATTR_PREFIX};
 use super::snapshot::Changes;
+use super::{content_xattrs, xattr_names};
 
 /// Moves this process into a mount namespace of its own, where the overlay
 /// snapshotter may mount (see `BuildOptions::own_mount_namespace`). Call it
@@ -234,35 +235,18 @@ fn remove_any(path: &Path) -> io::Result<()> {
 }
 
 /// A path's xattrs but overlayfs's own, sorted by name.
-fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut names = vec![0u8; 4096];
-    let Ok(n) = rustix::fs::llistxattr(path, &mut names) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = names[..n]
-        .split(|b| *b == 0)
-        .filter(|n| !n.is_empty() && !n.starts_with(OVERLAY_XATTR_PREFIX))
-        .map(|name| {
-            let mut value = vec![0u8; 65536];
-            let len = rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value).unwrap_or(0);
-            value.truncate(len);
-            (name.to_vec(), value)
-        })
-        .collect();
-    out.sort();
-    out
+fn sorted_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut all = content_xattrs(path);
+    all.sort();
+    all
 }
 
 /// Removes overlayfs's bookkeeping xattrs (origin, impure...), keeping
 /// only the opaque mark, so the upper dir reads as a plain lower layer.
 fn strip_overlay_xattrs(path: &Path) -> io::Result<()> {
-    let mut names = vec![0u8; 4096];
-    let Ok(n) = rustix::fs::llistxattr(path, &mut names) else {
-        return Ok(());
-    };
-    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+    for name in xattr_names(path).unwrap_or_default() {
         if name.starts_with(OVERLAY_XATTR_PREFIX) && name != OVERLAY_OPAQUE.as_bytes() {
-            rustix::fs::lremovexattr(path, OsStr::from_bytes(name))?;
+            rustix::fs::lremovexattr(path, OsStr::from_bytes(&name))?;
         }
     }
     Ok(())
@@ -355,7 +339,7 @@ impl Settler<'_> {
                     && low.mode() == meta.mode()
                     && low.uid() == meta.uid()
                     && low.gid() == meta.gid()
-                    && xattrs(&self.lowers[*layer].join(&r)) == xattrs(&up)
+                    && sorted_xattrs(&self.lowers[*layer].join(&r)) == sorted_xattrs(&up)
             });
             let empty = mark == (self.changes.upserts.len() - 1, self.changes.deletes.len())
                 && fs::read_dir(&up)?.next().is_none();
