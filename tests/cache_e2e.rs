@@ -222,15 +222,7 @@ RUN sleep 0.3 && echo done > /done
     let ctx = Context::new(&dockerfile, &[("big.bin", &big)]);
     let state = tempfile::tempdir().unwrap();
     for delay_ms in [30, 120, 250, 450, 700, 1000] {
-        let mut child = std::process::Command::new(KILN)
-            .arg("build")
-            .arg("--context")
-            .arg(ctx.path())
-            .arg("--dockerfile")
-            .arg(ctx.path().join("Dockerfile"))
-            .arg("--cache-dir")
-            .arg(state.path())
-            .arg("--no-push")
+        let mut child = kiln_build_cmd(&ctx, state.path(), &["--no-push"])
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();

@@ -63,18 +63,11 @@ fn build(config: &Path, extra: &[&str], path_prefix: Option<&Path>, registry: &R
         &[],
     );
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(KILN);
-    cmd.arg("build")
-        .arg("--context")
-        .arg(ctx.path())
-        .arg("--dockerfile")
-        .arg(ctx.path().join("Dockerfile"))
-        .arg("--cache-dir")
-        .arg(state.path())
-        .arg("--destination")
-        .arg(registry.reference("app/private:1"))
-        .args(extra)
-        .env("DOCKER_CONFIG", config);
+    let destination = registry.reference("app/private:1");
+    let mut args = vec!["--destination", destination.as_str()];
+    args.extend_from_slice(extra);
+    let mut cmd = kiln_build_cmd(&ctx, state.path(), &args);
+    cmd.env("DOCKER_CONFIG", config);
     if let Some(bin) = path_prefix {
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
         cmd.env("PATH", path);

@@ -186,7 +186,9 @@ impl Context {
 }
 
 /// Runs `kiln build` on a context with a fresh state dir under `state`.
-pub fn kiln_build(ctx: &Context, state: &Path, extra: &[&str]) -> Output {
+/// `kiln build` of `ctx` with `state` as its cache dir, to run as the
+/// caller needs (environment, spawned...).
+pub fn kiln_build_cmd(ctx: &Context, state: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(KILN);
     cmd.arg("build")
         .arg("--context")
@@ -196,7 +198,11 @@ pub fn kiln_build(ctx: &Context, state: &Path, extra: &[&str]) -> Output {
         .arg("--cache-dir")
         .arg(state)
         .args(extra);
-    cmd.output().unwrap()
+    cmd
+}
+
+pub fn kiln_build(ctx: &Context, state: &Path, extra: &[&str]) -> Output {
+    kiln_build_cmd(ctx, state, extra).output().unwrap()
 }
 
 pub fn stderr(out: &Output) -> String {
