@@ -284,10 +284,12 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value_t = ImageFormatArg::Oci)]
     pub image_format: ImageFormatArg,
     /// How RUN steps are isolated: namespaces (chroot in new mount, PID,
-    /// UTS and IPC namespaces) or chroot (for containers that forbid
-    /// unshare). `rootless` and `none` are not available yet.
-    #[arg(long, value_enum, default_value_t = IsolationArg::Namespaces)]
-    pub isolation: IsolationArg,
+    /// UTS and IPC namespaces; the default as root), rootless (the same in
+    /// a user namespace mapping the caller to root and its /etc/subuid
+    /// range; the default otherwise) or chroot (for containers that forbid
+    /// unshare). `none` is not available.
+    #[arg(long, value_enum)]
+    pub isolation: Option<IsolationArg>,
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or
     /// `id=ID,env=VAR` (a bare `id=ID` reads $ID). Repeatable.
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]

@@ -10,6 +10,7 @@ use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOption
 use kiln_engine::build::{BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::exec::run::Isolation;
+use kiln_engine::exec::userns;
 use kiln_engine::layer::Compression;
 use kiln_engine::output;
 use kiln_engine::rootfs::snapshot::SnapshotMode;
@@ -184,21 +185,29 @@ pub fn registry_options(a: &RegistryArgs, mut plain_http: Vec<String>) -> Result
     })
 }
 
-fn isolation(arg: IsolationArg) -> Result<Isolation> {
-    let chosen = match arg {
-        IsolationArg::Namespaces => Isolation::Namespaces,
-        IsolationArg::Chroot => Isolation::Chroot,
-        IsolationArg::Rootless => bail!(
-            "--isolation rootless is not available yet: run as root (namespaces) or use --isolation chroot"
-        ),
-        IsolationArg::None => bail!(
-            "--isolation none (running RUN steps over this machine's /) is not available: use namespaces or chroot"
+/// The isolation asked for, or the default for the caller: namespaces as
+/// root, rootless otherwise.
+fn isolation(arg: Option<IsolationArg>) -> Result<Isolation> {
+    let root = kiln_engine::exec::run::running_as_root();
+    let chosen = match (arg, root) {
+        (None, true) => Isolation::Namespaces,
+        (None | Some(IsolationArg::Rootless), false) => Isolation::Rootless,
+        // Already root: a user namespace would add nothing.
+        (Some(IsolationArg::Rootless), true) => {
+            eprintln!("==> already root: rootless isolation is namespaces isolation");
+            Isolation::Namespaces
+        }
+        (Some(IsolationArg::Namespaces), _) => Isolation::Namespaces,
+        (Some(IsolationArg::Chroot), _) => Isolation::Chroot,
+        (Some(IsolationArg::None), _) => bail!(
+            "--isolation none (running RUN steps over this machine's /) is not available: use namespaces, rootless or chroot"
         ),
     };
-    if !kiln_engine::exec::run::running_as_root() {
-        bail!("--isolation {arg:?}: RUN steps need root (rootless mode is not available yet)");
+    let name = format!("{chosen:?}").to_lowercase();
+    if !root && chosen != Isolation::Rootless {
+        bail!("--isolation {name} needs root: as another user use --isolation rootless (the default then)");
     }
-    eprintln!("==> RUN isolation: {}", format!("{arg:?}").to_lowercase());
+    eprintln!("==> RUN isolation: {name}");
     Ok(chosen)
 }
 
@@ -264,12 +273,20 @@ fn render(event: Event) {
 
 pub fn run(a: BuildArgs) -> Result<()> {
     let started = Instant::now();
+    let isolation = isolation(a.isolation)?;
+    // While the process has one thread: the build goes on in the child,
+    // as root of its own user namespace.
+    if isolation == Isolation::Rootless {
+        match userns::become_root()? {
+            userns::Forked::Child => {}
+            userns::Forked::Parent(code) => std::process::exit(code),
+        }
+    }
     // While the process has one thread, and only where the overlay
     // snapshotter may run: its mounts then live and die with this process.
     let own_mount_namespace = a.snapshotter != SnapshotterArg::Walk
-        && a.isolation == IsolationArg::Namespaces
+        && isolation == Isolation::Namespaces
         && !a.single_snapshot
-        && kiln_engine::exec::run::running_as_root()
         && kiln_engine::rootfs::overlay::enter_private_mount_namespace()
             .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))
             .is_ok();
@@ -339,7 +356,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         cache_repo: a.cache_repo.clone(),
         cache_repo_push: !a.no_push_cache,
         skip_tls_verify_pull: a.registry.skip_tls_verify_pull,
-        isolation: isolation(a.isolation)?,
+        isolation,
         snapshotter: match a.snapshotter {
             SnapshotterArg::Walk => Snapshotter::Walk,
             SnapshotterArg::Overlay => Snapshotter::Overlay,

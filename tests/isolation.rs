@@ -1,8 +1,11 @@
-//! `--isolation`: the chroot mode gives the same image as the namespaces
-//! mode, leaves nothing mounted behind, and refuses what it cannot isolate.
+//! `--isolation`: the chroot and rootless modes give the same image as the
+//! namespaces mode, leave nothing behind, and refuse what they cannot
+//! isolate.
 mod support;
 
 use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
 
 use support::*;
 
@@ -82,12 +85,209 @@ fn modes_refuse_what_they_cannot_do() {
     let out = kiln_build(&ctx, state.path(), &["--no-push", "--isolation", "chroot"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("need namespaces"), "{}", stderr(&out));
-    for mode in ["rootless", "none"] {
-        let out = kiln_build(&ctx, state.path(), &["--no-push", "--isolation", mode]);
-        assert!(!out.status.success());
+    let out = kiln_build(&ctx, state.path(), &["--no-push", "--isolation", "none"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--isolation none"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The unprivileged user rootless builds run as, with a subordinate id
+/// range; made once on this (disposable) machine, as `.ci/run` would.
+fn rootless_user() -> (u32, u32) {
+    const USER: &str = "kiln-rootless";
+    static IDS: OnceLock<(u32, u32)> = OnceLock::new();
+    *IDS.get_or_init(|| {
+        if !Command::new("id")
+            .arg(USER)
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            run_ok(Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                USER,
+            ]));
+        }
+        let has_range = |file| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with(&format!("{USER}:")))
+        };
+        if !has_range("/etc/subuid") || !has_range("/etc/subgid") {
+            run_ok(Command::new("usermod").args([
+                "--add-subuids",
+                "400000-465535",
+                "--add-subgids",
+                "400000-465535",
+                USER,
+            ]));
+        }
+        let id = |flag| {
+            let out = run_ok(Command::new("id").args([flag, USER]));
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (id("-u"), id("-g"))
+    })
+}
+
+/// A dir the unprivileged user owns, holding a copy of kiln and of the
+/// busybox layout (the originals sit under root's 0700 home).
+fn user_workspace(uid: u32, gid: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(KILN, dir.path().join("kiln")).unwrap();
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(busybox_layout())
+            .arg(dir.path().join("base")),
+    );
+    run_ok(
+        Command::new("chown")
+            .args(["-R", &format!("{uid}:{gid}")])
+            .arg(dir.path()),
+    );
+    dir
+}
+
+/// `cmd` run as `uid:gid` with no supplementary groups.
+fn as_user(uid: u32, gid: u32, home: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={gid}"),
+        "--clear-groups",
+        "env",
+    ])
+    .arg(format!("HOME={}", home.display()));
+    cmd
+}
+
+fn layout_digest(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn rootless_mode_builds_what_root_builds() {
+    let (uid, gid) = rootless_user();
+    let ws = user_workspace(uid, gid);
+    let canary = format!("/kiln-rootless-canary-{}", std::process::id());
+    let dockerfile = format!(
+        "FROM oci-layout://{}/base:latest
+RUN mkdir -p /srv/a && echo hi > /srv/a/f && chown -R 1000:100 /srv && chmod 4755 /srv/a/f \\
+ && ln /srv/a/f /srv/a/hard && ln -s f /srv/a/soft && mkfifo /srv/fifo && rm /bin/ls
+RUN id -u > /uid-seen && echo $$ > /pid-seen && hostname > /hostname-seen && touch {canary} \\
+ && test ! -e /proc/1/root/{ws} && ls /dev > /dev-seen
+COPY --chown=1234:5678 file /srv/copied
+USER 1000:100
+RUN id > /tmp/id-seen
+",
+        ws.path().display(),
+        ws = ws.path().display(),
+    );
+    let ctx = ws.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    std::fs::write(ctx.join("file"), "copied\n").unwrap();
+    let build = |mut cmd: Command, name: &str| {
+        let out = cmd
+            .arg("build")
+            .arg("--context")
+            .arg(&ctx)
+            .arg("--cache-dir")
+            .arg(ws.path().join(format!("state-{name}")))
+            .args(["--no-push", "--reproducible", "--oci-layout-path"])
+            .arg(ws.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        (stderr(&out), ws.path().join(name))
+    };
+    let (root_log, root_layout) = build(Command::new(KILN), "as-root");
+    assert!(root_log.contains("RUN isolation: namespaces"), "{root_log}");
+    let mut cmd = as_user(uid, gid, ws.path());
+    cmd.arg(ws.path().join("kiln"));
+    let (user_log, user_layout) = build(cmd, "as-user");
+    assert!(user_log.contains("RUN isolation: rootless"), "{user_log}");
+    assert!(
+        !Path::new(&canary).exists(),
+        "a rootless RUN wrote to the host"
+    );
+
+    // Owners, modes, links and what the steps saw: all as root built them,
+    // down to the image digest.
+    let out = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&user_layout, "latest", out.path());
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
+    assert_eq!(read("uid-seen"), "0\n");
+    assert_eq!(read("pid-seen"), "1\n");
+    assert_eq!(read("tmp/id-seen"), "uid=1000(user) gid=100 groups=100\n");
+    assert!(read("dev-seen").contains("null"));
+    assert!(rootfs.join(canary.trim_start_matches('/')).exists());
+    use std::os::unix::fs::MetadataExt;
+    let copied = std::fs::metadata(rootfs.join("srv/copied")).unwrap();
+    assert_eq!((copied.uid(), copied.gid()), (1234, 5678));
+    let root_out = tempfile::tempdir().unwrap();
+    assert_eq!(
+        tree(&umoci_unpack(&root_layout, "latest", root_out.path())),
+        tree(&rootfs)
+    );
+    assert_eq!(layout_digest(&root_layout), layout_digest(&user_layout));
+    // Cached the second time, still as the user.
+    let mut cmd = as_user(uid, gid, ws.path());
+    cmd.arg(ws.path().join("kiln"));
+    std::fs::remove_dir_all(&user_layout).unwrap();
+    let (again, _) = build(cmd, "as-user");
+    assert!(again.contains("0 run"), "{again}");
+    assert_eq!(layout_digest(&root_layout), layout_digest(&user_layout));
+}
+
+#[test]
+fn rootless_mode_needs_subordinate_ids_and_others_need_root() {
+    // nobody has no /etc/subuid range.
+    let ws = user_workspace(65534, 65534);
+    let ctx = ws.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\n").unwrap();
+    for (isolation, expected) in [
+        (
+            None,
+            "subordinate ids for user nobody (uid 65534) in /etc/subuid",
+        ),
+        (Some("namespaces"), "--isolation namespaces needs root"),
+        (Some("chroot"), "--isolation chroot needs root"),
+    ] {
+        let mut cmd = as_user(65534, 65534, ws.path());
+        cmd.arg(ws.path().join("kiln"))
+            .args(["build", "--no-push", "--context"])
+            .arg(&ctx)
+            .args(isolation.map(|i| ["--isolation", i]).into_iter().flatten());
+        let out = cmd.output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{isolation:?}: {}",
+            stderr(&out)
+        );
         assert!(
-            stderr(&out).contains(&format!("--isolation {mode}")),
-            "{}",
+            stderr(&out).contains(expected),
+            "{isolation:?}: {}",
             stderr(&out)
         );
     }

@@ -2,4 +2,5 @@
 pub mod add;
 pub mod copy;
 pub mod run;
+pub mod userns;
 pub mod users;

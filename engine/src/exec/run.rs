@@ -50,6 +50,9 @@ pub enum Isolation {
     /// /dev, /sys and Kiln's /etc files mounted.
     #[default]
     Namespaces,
+    /// The same, run by an unprivileged user as root of a user namespace
+    /// (see [`crate::exec::userns`]).
+    Rootless,
     /// chroot alone, for containers that forbid unshare and mount: device
     /// nodes are made with mknod, /proc is mounted only if allowed, the
     /// image's own /etc files are used; `RUN --mount` and
@@ -229,7 +232,7 @@ pub fn run(spec: &RunSpec) -> io::Result<i32> {
         .stderr(Stdio::inherit());
     use rustix::thread::UnshareFlags as F;
     let mut flags = match spec.isolation {
-        Isolation::Namespaces => F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC,
+        Isolation::Namespaces | Isolation::Rootless => F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC,
         Isolation::Chroot => F::empty(),
     };
     if spec.no_network {
@@ -341,7 +344,7 @@ fn step_runner() -> io::Result<i32> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     }
     rustix::mount::mount_bind_recursive("/sys", &m.sys)?;
-    rustix::mount::mount_remount(&m.sys, MountFlags::BIND | MountFlags::RDONLY, c"")?;
+    remount_readonly(&m.sys)?;
     for (source, target) in &m.files {
         rustix::mount::mount_bind(source, target)?;
     }
@@ -475,6 +478,25 @@ fn wait_command(mut cmd: Command, spec: &RunSpec) -> io::Result<i32> {
     Ok(exit_code(status))
 }
 
+/// Makes a bind mount read-only, keeping the nosuid, nodev and noexec it
+/// has: in a user namespace those are locked, and dropping them is EPERM.
+fn remount_readonly(target: &Path) -> io::Result<()> {
+    use rustix::fs::StatVfsMountFlags as V;
+    let have = rustix::fs::statvfs(target)?.f_flag;
+    let mut flags = MountFlags::BIND | MountFlags::RDONLY;
+    for (vfs, mount) in [
+        (V::NOSUID, MountFlags::NOSUID),
+        (V::NODEV, MountFlags::NODEV),
+        (V::NOEXEC, MountFlags::NOEXEC),
+    ] {
+        if have.contains(vfs) {
+            flags |= mount;
+        }
+    }
+    rustix::mount::mount_remount(target, flags, c"")?;
+    Ok(())
+}
+
 /// Mounts the step's `--mount`s.
 fn mount_extra(m: &MountPoints) -> io::Result<()> {
     let staged = match (
@@ -504,11 +526,7 @@ fn mount_extra(m: &MountPoints) -> io::Result<()> {
             } => {
                 rustix::mount::mount_bind_recursive(source, target)?;
                 if *readonly {
-                    rustix::mount::mount_remount(
-                        target,
-                        MountFlags::BIND | MountFlags::RDONLY,
-                        c"",
-                    )?;
+                    remount_readonly(target)?;
                 }
             }
             StepMount::Tmpfs { target, size } => {
@@ -535,7 +553,7 @@ fn mount_extra(m: &MountPoints) -> io::Result<()> {
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode))?;
                 std::os::unix::fs::chown(&file, Some(*uid), Some(*gid))?;
                 rustix::mount::mount_bind(&file, target)?;
-                rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, c"")?;
+                remount_readonly(target)?;
             }
         }
     }

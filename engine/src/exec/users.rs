@@ -48,6 +48,14 @@ fn passwd(root: &Path) -> Vec<PasswdEntry> {
         .collect()
 }
 
+/// The name `uid` has in the root's /etc/passwd.
+pub(crate) fn name_of(root: &Path, uid: u32) -> Option<String> {
+    passwd(root)
+        .into_iter()
+        .find(|e| e.uid == uid)
+        .map(|e| e.name)
+}
+
 fn groups(root: &Path) -> Vec<GroupEntry> {
     read_in_root(root, "/etc/group")
         .lines()

@@ -116,6 +116,13 @@ pub(crate) fn content_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// [`content_xattrs`] sorted by name, for comparing two paths.
+pub(crate) fn sorted_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut all = content_xattrs(path);
+    all.sort();
+    all
+}
+
 /// The names of `path`'s xattrs (never followed).
 pub(crate) fn xattr_names(path: &Path) -> io::Result<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; 4096];

@@ -28,7 +28,7 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::extract::{OVERLAY_OPAQUE, OVERLAY_XATTR_PREFIX};
 use super::snapshot::Changes;
-use super::{content_xattrs, xattr_names};
+use super::{sorted_xattrs, xattr_names};
 
 /// Moves this process into a mount namespace of its own, where the overlay
 /// snapshotter may mount (see `BuildOptions::own_mount_namespace`). Call it
@@ -232,13 +232,6 @@ fn remove_any(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// A path's xattrs but overlayfs's own, sorted by name.
-fn sorted_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut all = content_xattrs(path);
-    all.sort();
-    all
 }
 
 /// Removes overlayfs's bookkeeping xattrs (origin, impure...), keeping

@@ -2,8 +2,9 @@
 //! there before, walked in parallel.
 //!
 //! A path counts as changed when its type, mode, owner, size, mtime, ctime,
-//! inode, device or link target changed. ctime cannot be set by a step, so a
-//! write that restores the mtime is still seen. The one blind spot of
+//! inode, device or link target changed (a directory: its type, mode,
+//! owner, inode or xattrs). ctime cannot be set by a step, so a write that
+//! restores the mtime is still seen. The one blind spot of
 //! metadata, a write within the same clock tick as the previous snapshot
 //! ("racy" entries, as git calls them), is closed by hashing exactly those
 //! files when they are recorded and comparing content later.
@@ -15,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
+
+use super::sorted_xattrs;
 
 /// How a snapshot decides that a path changed (`--snapshot-mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -46,12 +49,23 @@ struct EntryMeta {
     rdev: u64,
     /// blake3 of the content: racy regular files, or all in `Full` mode.
     hash: Option<[u8; 32]>,
+    /// Directories: blake3 of their xattrs, the one change to a directory
+    /// that its mode, owner and inode do not show.
+    xattrs: Option<[u8; 32]>,
 }
 
 impl EntryMeta {
     /// Whether `new` differs from `self` in what `mode` looks at.
     fn changed(&self, new: &EntryMeta, mode: SnapshotMode, host: &Path) -> io::Result<bool> {
         let kind = |m: &EntryMeta| rustix::fs::FileType::from_raw_mode(m.mode);
+        // A directory whose entries changed is written as their parent
+        // anyway; its times alone are no change (so creating and removing a
+        // mount point, or a temp file, leaves it out, as the overlay
+        // snapshotter does).
+        if self.is_dir() && new.is_dir() {
+            let dir = |m: &EntryMeta| (m.mode, m.uid, m.gid, m.ino, m.xattrs);
+            return Ok(dir(self) != dir(new));
+        }
         if mode == SnapshotMode::Time {
             return Ok(kind(self) != kind(new) || self.mtime != new.mtime);
         }
@@ -260,6 +274,16 @@ impl Snapshot {
             rdev: meta.rdev(),
             // An unreadable file counts as changed later (hash mismatch).
             hash: hashed.then(|| hash_file(host).unwrap_or([0; 32])),
+            xattrs: meta.is_dir().then(|| {
+                let mut hasher = blake3::Hasher::new();
+                for (name, value) in sorted_xattrs(host) {
+                    for part in [&name, &value] {
+                        hasher.update(&(part.len() as u64).to_le_bytes());
+                        hasher.update(part);
+                    }
+                }
+                *hasher.finalize().as_bytes()
+            }),
         }
     }
 }
@@ -295,7 +319,7 @@ mod tests {
         fs::set_permissions(root.join("keep"), fs::Permissions::from_mode(0o600)).unwrap();
         fs::create_dir_all(root.join("proc/2")).unwrap();
         let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
-        assert_eq!(paths(&changes.upserts), ["a/b/f", "keep", "new", "proc"]);
+        assert_eq!(paths(&changes.upserts), ["a/b/f", "keep", "new"]);
         assert!(changes.deletes.is_empty());
 
         fs::remove_dir_all(root.join("a")).unwrap();
@@ -304,6 +328,30 @@ mod tests {
         assert_eq!(paths(&changes.upserts), ["keep2"]);
         assert_eq!(paths(&changes.deletes), ["a"]);
         assert!(snap.rescan(root, &[PathBuf::new()]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_directory_changes_by_mode_owner_or_xattrs_not_by_its_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &[], &[]).unwrap();
+        // A mount point made and removed again around a RUN.
+        fs::write(root.join("etc/hosts"), "").unwrap();
+        fs::remove_file(root.join("etc/hosts")).unwrap();
+        assert!(snap.rescan(root, &[PathBuf::new()]).unwrap().is_empty());
+        rustix::fs::setxattr(
+            root.join("etc"),
+            "user.kiln",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["etc"]);
+        fs::set_permissions(root.join("etc"), fs::Permissions::from_mode(0o700)).unwrap();
+        let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["etc"]);
     }
 
     #[test]
