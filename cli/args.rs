@@ -56,17 +56,15 @@ pub struct WarmArgs {
 
 /// Kaniko flags that Kiln accepts so a Kaniko job runs unchanged, but that
 /// change nothing here: Kiln always cleans up its work dir, never holds
-/// layers in memory, never unpacks over `/` (so `/var/run` needs no
-/// ignoring), only builds the stages the target needs, and always runs RUN
-/// the new way.
+/// layers in memory, keeps every mount when it unpacks over `/` (only with
+/// `--isolation none`; so `/var/run` needs no ignoring), only builds the
+/// stages the target needs, and always runs RUN the new way.
 #[derive(Debug, Args)]
 pub struct KanikoCompat {
     #[arg(long, hide = true)]
     pub cleanup: bool,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub compressed_caching: Option<bool>,
-    #[arg(long, hide = true)]
-    pub force: bool,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub ignore_var_run: Option<bool>,
     #[arg(long, hide = true, value_name = "N")]
@@ -286,10 +284,15 @@ pub struct BuildArgs {
     /// How RUN steps are isolated: namespaces (chroot in new mount, PID,
     /// UTS and IPC namespaces; the default as root), rootless (the same in
     /// a user namespace mapping the caller to root and its /etc/subuid
-    /// range; the default otherwise) or chroot (for containers that forbid
-    /// unshare). `none` is not available.
+    /// range; the default otherwise), chroot (for containers that forbid
+    /// unshare) or none (Kaniko's way: the build runs over this machine's
+    /// own `/`; only with --force, in a container Kiln can recognize).
     #[arg(long, value_enum)]
     pub isolation: Option<IsolationArg>,
+    /// Allow `--isolation none`, which replaces this machine's files with
+    /// the image's: only in a disposable container.
+    #[arg(long)]
+    pub force: bool,
     /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or
     /// `id=ID,env=VAR` (a bare `id=ID` reads $ID). Repeatable.
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]

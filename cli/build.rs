@@ -187,7 +187,7 @@ pub fn registry_options(a: &RegistryArgs, mut plain_http: Vec<String>) -> Result
 
 /// The isolation asked for, or the default for the caller: namespaces as
 /// root, rootless otherwise.
-fn isolation(arg: Option<IsolationArg>) -> Result<Isolation> {
+fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
     let root = kiln_engine::exec::run::running_as_root();
     let chosen = match (arg, root) {
         (None, true) => Isolation::Namespaces,
@@ -199,16 +199,125 @@ fn isolation(arg: Option<IsolationArg>) -> Result<Isolation> {
         }
         (Some(IsolationArg::Namespaces), _) => Isolation::Namespaces,
         (Some(IsolationArg::Chroot), _) => Isolation::Chroot,
-        (Some(IsolationArg::None), _) => bail!(
-            "--isolation none (running RUN steps over this machine's /) is not available: use namespaces, rootless or chroot"
-        ),
+        (Some(IsolationArg::None), _) => Isolation::None,
     };
     let name = format!("{chosen:?}").to_lowercase();
     if !root && chosen != Isolation::Rootless {
         bail!("--isolation {name} needs root: as another user use --isolation rootless (the default then)");
     }
+    if chosen == Isolation::None {
+        let Some(marker) = disposable_container() else {
+            bail!("--isolation none replaces this machine's files with the image's: refused outside a container (no /.dockerenv, /run/.containerenv, $container or $KUBERNETES_SERVICE_HOST)");
+        };
+        if !force {
+            bail!("--isolation none replaces this machine's files with the image's: add --force to allow it in this container ({marker})");
+        }
+    }
     eprintln!("==> RUN isolation: {name}");
     Ok(chosen)
+}
+
+/// What tells Kiln it runs in a container made for this build alone.
+fn disposable_container() -> Option<String> {
+    ["/.dockerenv", "/run/.containerenv"]
+        .into_iter()
+        .find(|marker| Path::new(marker).exists())
+        .map(str::to_string)
+        .or_else(|| {
+            ["container", "KUBERNETES_SERVICE_HOST"]
+                .into_iter()
+                .find(|var| std::env::var_os(var).is_some())
+                .map(|var| format!("${var}"))
+        })
+}
+
+/// `--isolation none`: what clearing and unpacking over `/` must spare, as
+/// paths relative to it: mounts (/proc, /dev, volumes, the files a runtime
+/// mounts over /etc), Kiln itself, its state, the context and Dockerfile,
+/// the outputs, registry credentials and certificates.
+fn kept_from_host_root(a: &BuildArgs, state_dir: &Path, context: &Path) -> Result<Vec<PathBuf>> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
+    // Field 5 is the mount point, with spaces and such octal-escaped.
+    let mounts = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4).map(unescape_octal));
+    let docker_config = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+    let mut paths: Vec<PathBuf> = mounts
+        .chain(["/proc", "/sys", "/dev", "/kaniko"].map(PathBuf::from))
+        .chain([
+            std::env::current_exe()?,
+            state_dir.to_path_buf(),
+            context.to_path_buf(),
+        ])
+        .chain([a.frontend.dockerfile.clone()])
+        .chain(docker_config)
+        .chain(
+            a.registry
+                .registry_certificates
+                .iter()
+                .filter_map(|s| s.split_once('=').map(|(_, p)| p.into())),
+        )
+        .chain(
+            [
+                &a.tar_path,
+                &a.oci_layout_path,
+                &a.digest_file,
+                &a.image_name_with_digest_file,
+                &a.image_name_tag_with_digest_file,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        )
+        .collect();
+    paths.extend(a.ignore_paths.iter().map(|p| Path::new("/").join(p)));
+    let mut kept: Vec<PathBuf> = paths
+        .into_iter()
+        .map(|p| {
+            // Real paths: a kept path reached through a symlink would be lost.
+            let absolute = std::path::absolute(&p).unwrap_or(p);
+            let real = match (absolute.parent(), absolute.file_name()) {
+                (Some(parent), Some(name)) => parent
+                    .canonicalize()
+                    .map(|parent| parent.join(name))
+                    .unwrap_or(absolute),
+                _ => absolute,
+            };
+            kiln_engine::rootfs::clean_relative(&real)
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    kept.sort();
+    kept.dedup();
+    Ok(kept)
+}
+
+/// `\040`-style escapes, as /proc/self/mountinfo writes them.
+fn unescape_octal(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes
+            .get(i + 1..i + 4)
+            .filter(|_| bytes[i] == b'\\')
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// `--secret` as buildah and `docker buildx` take it: `id=`, then `src=`
@@ -273,7 +382,7 @@ fn render(event: Event) {
 
 pub fn run(a: BuildArgs) -> Result<()> {
     let started = Instant::now();
-    let isolation = isolation(a.isolation)?;
+    let isolation = isolation(a.isolation, a.force)?;
     // While the process has one thread: the build goes on in the child,
     // as root of its own user namespace.
     if isolation == Isolation::Rootless {
@@ -328,6 +437,14 @@ pub fn run(a: BuildArgs) -> Result<()> {
     };
     let dockerignore = kiln_engine::context::Ignore::load(&context, Some(&dockerfile_path))
         .map_err(anyhow::Error::msg)?;
+    let ignore_paths = match isolation {
+        Isolation::None => kept_from_host_root(&a, &state_dir, &context)?,
+        _ => a
+            .ignore_paths
+            .iter()
+            .map(|p| kiln_engine::rootfs::clean_relative(p))
+            .collect(),
+    };
     let options = BuildOptions {
         dockerfile_name,
         dockerfile,
@@ -345,11 +462,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
             SnapshotModeArg::Full => SnapshotMode::Full,
             SnapshotModeArg::Time => SnapshotMode::Time,
         },
-        ignore_paths: a
-            .ignore_paths
-            .iter()
-            .map(|p| kiln_engine::rootfs::clean_relative(p))
-            .collect(),
+        ignore_paths,
         single_snapshot: a.single_snapshot,
         cache: a.cache,
         cache_ttl: a.cache_ttl.into(),
@@ -393,6 +506,13 @@ pub fn run(a: BuildArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        if isolation == Isolation::None {
+            let mut pushed_to = destinations.clone();
+            if let Some(repo) = &a.cache_repo {
+                pushed_to.push(parse_reference(repo)?);
+            }
+            registry.prepare(&pushed_to).await?;
+        }
         let builder = Builder::new(&options, &state_dir, &store, &index, &registry, &render)?;
         let image = builder.build().await?;
         let outputs_started = Instant::now();

@@ -36,7 +36,36 @@ fn main() {
         args::Commands::Warm(a) => warm::run(*a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", message(&e));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes, each said once: library errors name their
+/// source in their own message too.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !out.contains(&cause) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&cause);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(io).context("x/index.json: entity not found");
+        let e = e.context("base image x");
+        assert_eq!(
+            super::message(&e),
+            "base image x: x/index.json: entity not found"
+        );
     }
 }

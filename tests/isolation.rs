@@ -292,3 +292,144 @@ fn rootless_mode_needs_subordinate_ids_and_others_need_root() {
         );
     }
 }
+
+/// A root for a throwaway "container": kiln and the libraries it links,
+/// the busybox layout, and junk a `none` build must clear first.
+fn container_root(root: &Path) {
+    for dir in ["kiln", "proc", "dev", "sys", "ctx", "out", "etc", "junk"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy(KILN, root.join("kiln/kiln")).unwrap();
+    let ldd = run_ok(Command::new("ldd").arg(KILN));
+    for lib in String::from_utf8(ldd.stdout)
+        .unwrap()
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = root.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        run_ok(Command::new("cp").arg("-L").arg(lib).arg(&to));
+    }
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(busybox_layout())
+            .arg(root.join("kiln/base")),
+    );
+    std::fs::write(root.join("junk/file"), "junk").unwrap();
+    std::fs::write(root.join("etc/leftover"), "junk").unwrap();
+}
+
+/// `kiln build` run chrooted in `root`, in mount and PID namespaces of its
+/// own, with the context and output dirs bind-mounted as a runtime would.
+fn build_in_container(root: &Path, ctx: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let script = format!(
+        "mount --bind {ctx} {root}/ctx && mount --bind {out} {root}/out && mount --rbind /dev {root}/dev \
+         && exec chroot {root} /kiln/kiln build --context /ctx --cache-dir /kiln/state --no-push \
+         --reproducible --build-arg BASE=oci-layout:///kiln/base:latest --oci-layout-path /out/layout \"$@\"",
+        ctx = ctx.display(),
+        out = out.display(),
+        root = root.display(),
+    );
+    Command::new("unshare")
+        .args(["--mount", "--pid", "--fork"])
+        .arg(format!("--mount-proc={}/proc", root.display()))
+        .args(["sh", "-c", &script, "sh"])
+        .args(extra)
+        .env_remove("container")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn none_mode_builds_over_the_containers_own_root_what_namespaces_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    container_root(&root);
+    // Stages in turn: tool2 goes on in tool's root, the last one clears it.
+    let dockerfile = "ARG BASE
+FROM ${BASE} AS tool
+RUN echo tool > /tool-out && mkdir /only-in-tool
+FROM tool AS tool2
+RUN echo more >> /tool-out
+FROM ${BASE}
+COPY --from=tool2 /tool-out /srv/tool-out
+RUN mkdir -p /srv/a && echo hi > /srv/a/f && chown -R 1000:100 /srv && chmod 4755 /srv/a/f \\
+ && ln /srv/a/f /srv/a/hard && ln -s f /srv/a/soft && rm /bin/ls && (sleep 1000 &)
+RUN sleep 0.2; ps -o args | grep -c '^sleep 1000' > /sleepers || true
+COPY --chown=1234:5678 file /srv/copied
+USER 1000:100
+RUN id > /tmp/id-seen
+";
+    let ctx = Context::new(dockerfile, &[("file", "copied\n")]);
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+
+    // Refused outside a container, and without --force inside one.
+    let refused = build_in_container(&root, ctx.path(), &out, &["--isolation", "none", "--force"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("refused outside a container"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::write(root.join(".dockerenv"), "").unwrap();
+    let refused = build_in_container(&root, ctx.path(), &out, &["--isolation", "none"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("add --force"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        root.join("junk/file").exists(),
+        "a refused build touched the root"
+    );
+
+    let built = build_in_container(&root, ctx.path(), &out, &["--isolation", "none", "--force"]);
+    assert!(built.status.success(), "{}", stderr(&built));
+    assert!(stderr(&built).contains("RUN isolation: none"));
+    // The build ran over the container's root, cleared of what was there.
+    assert!(!root.join("junk").exists() && !root.join("etc/leftover").exists());
+    assert!(!root.join("only-in-tool").exists());
+    assert!(root.join("srv/copied").exists() && root.join("kiln/kiln").exists());
+
+    // The same image as namespaces isolation builds, down to the digest.
+    let reference = dir.path().join("reference");
+    // (The none build cleared /kiln/base: it keeps only kiln itself.)
+    let base = format!("BASE=oci-layout://{}:latest", busybox_layout().display());
+    let ns = kiln_build(
+        &ctx,
+        &dir.path().join("state"),
+        &[
+            "--no-push",
+            "--reproducible",
+            "--build-arg",
+            &base,
+            "--oci-layout-path",
+            reference.to_str().unwrap(),
+        ],
+    );
+    assert!(ns.status.success(), "{}", stderr(&ns));
+    let unpacked = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&out.join("layout"), "latest", unpacked.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("sleepers")).unwrap(),
+        "0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/tool-out")).unwrap(),
+        "tool\nmore\n"
+    );
+    assert!(!rootfs.join("junk").exists() && !rootfs.join("kiln").exists());
+    let reference_out = tempfile::tempdir().unwrap();
+    assert_eq!(
+        tree(&umoci_unpack(&reference, "latest", reference_out.path())),
+        tree(&rootfs)
+    );
+    assert_eq!(
+        layout_digest(&reference),
+        layout_digest(&out.join("layout"))
+    );
+}

@@ -213,6 +213,16 @@ impl RegistryClient {
             .push(registry.to_string());
     }
 
+    /// Makes the clients for these references now instead of on first use:
+    /// with `--isolation none` the files their TLS roots and credentials
+    /// come from are replaced by the image's during the build.
+    pub async fn prepare(&self, references: &[Reference]) -> Result<()> {
+        for reference in references {
+            self.client(reference).await?;
+        }
+        Ok(())
+    }
+
     /// The client for a reference's registry, made on first use with that
     /// registry's protocol, TLS settings and credentials.
     async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {

@@ -32,6 +32,8 @@ use crate::rootfs::{
 /// during RUN.
 const SKIP_CONTENTS: &[&str] = &["proc", "sys", "dev"];
 const HOSTNAME: &str = "kiln";
+/// The root every stage is built in with `--isolation none`.
+const HOST_ROOT: &str = "/";
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -484,12 +486,23 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
+    /// What unpacking over `root` must leave alone: with `--isolation
+    /// none`, the machine's `/` holds Kiln itself, its state, the context,
+    /// the outputs and every mount (`--ignore-path`s, set by the CLI).
+    fn kept(&self, root: &Path) -> UnpackInto<'_> {
+        let keep = match root == Path::new(HOST_ROOT) {
+            true => &self.options.ignore_paths[..],
+            false => &[],
+        };
+        UnpackInto::Root { keep }
+    }
+
     /// Unpacks stored layers, in order, into a new root.
     fn unpack_all(&self, layers: &[Layer], root: &Path) -> Result<(), BuildError> {
         let start = Instant::now();
         std::fs::create_dir_all(root).at(root)?;
         for layer in layers {
-            unpack_layer(self.store, layer, root, false)?;
+            unpack_layer(self.store, layer, root, self.kept(root))?;
         }
         self.counters.extracted(layers.len());
         self.counters.timed("unpack", start);
@@ -523,7 +536,7 @@ impl<'a> Builder<'a> {
                     .prefix("unpack-")
                     .tempdir_in(self.work.path())
                     .at(self.work.path())?;
-                unpack_layer(self.store, layer, made.path(), true)?;
+                unpack_layer(self.store, layer, made.path(), UnpackInto::Dir)?;
                 extracted.fetch_add(1, Ordering::Relaxed);
                 Ok(unpacked.insert(&layer.diff_id, &made.keep())?)
             })
@@ -638,10 +651,33 @@ impl<'a> Builder<'a> {
                 .all(|(k, h)| k.is_none() || h.is_some());
             if !fully_cached {
                 // Put on disk what this stage reads: its base and its COPY sources.
-                let root = self.work.path().join(format!("stage-{}", stage.index));
+                let root = match self.options.isolation {
+                    run::Isolation::None => PathBuf::from(HOST_ROOT),
+                    _ => self.work.path().join(format!("stage-{}", stage.index)),
+                };
                 match &stage.base {
                     // Each step mounts its own overlay of the layers at the root.
                     _ if self.unpacked.is_some() => std::fs::create_dir_all(&root).at(&root)?,
+                    // The machine's own root: cleared of the stage before,
+                    // which later readers find unpacked elsewhere instead.
+                    _ if self.options.isolation == run::Isolation::None => {
+                        // Built on the stage just before, its last reader:
+                        // that stage's root is already there.
+                        let on_parent = matches!(&stage.base, Base::Stage(p)
+                            if results[p].root.as_deref() == Some(&root)
+                                && last_use.get(p) == Some(&stage.index)
+                                && !stage.copies_from(*p));
+                        for earlier in results.values_mut() {
+                            if earlier.root.as_deref() == Some(&root) {
+                                earlier.root = None;
+                            }
+                        }
+                        if !on_parent {
+                            crate::rootfs::clear_root(&root, &self.options.ignore_paths)
+                                .at(&root)?;
+                            tokio::task::block_in_place(|| self.unpack_all(&result.layers, &root))?;
+                        }
+                    }
                     Base::Stage(parent) => {
                         let parent_result = results.get_mut(parent).expect("parent built");
                         match parent_result.root.take() {
@@ -711,7 +747,9 @@ impl<'a> Builder<'a> {
                 .collect();
             for i in done {
                 if let Some(root) = results.remove(&i).and_then(|r| r.root) {
-                    let _ = std::fs::remove_dir_all(root);
+                    if root != Path::new(HOST_ROOT) {
+                        let _ = std::fs::remove_dir_all(root);
+                    }
                 }
             }
             results.insert(stage.index, result);
@@ -1061,7 +1099,7 @@ impl<'a> Builder<'a> {
                         }
                         (Some(root), Some(layer), _, _) => {
                             let start = Instant::now();
-                            unpack_layer(self.store, layer, root, false)?;
+                            unpack_layer(self.store, layer, root, self.kept(root))?;
                             self.counters.extracted(1);
                             self.counters.timed("unpack", start);
                             if let Some(snapshot) = &mut snapshot {
@@ -1244,17 +1282,22 @@ impl<'a> Builder<'a> {
                 mounts: planned,
                 network,
             } => {
-                if self.options.isolation == run::Isolation::Chroot
+                let isolation = self.options.isolation;
+                if matches!(isolation, run::Isolation::Chroot | run::Isolation::None)
                     && (!planned.is_empty() || *network == Network::None)
                 {
-                    return Err(
-                        "RUN --mount and --network=none need namespaces: not available with --isolation chroot"
-                            .into(),
-                    );
+                    return Err(format!(
+                        "RUN --mount and --network=none need namespaces: not available with --isolation {}",
+                        format!("{isolation:?}").to_lowercase()
+                    ));
                 }
                 let identity = users::resolve_user(root, user)?;
                 create_dir_all_in_root(root, Path::new(workdir)).map_err(io)?;
-                let mut mounts = MountPoints::prepare(root, &self.etc).map_err(io)?;
+                let mut mounts = match isolation {
+                    // The machine's own /proc, /dev and /etc files.
+                    run::Isolation::None => MountPoints::host(root),
+                    _ => MountPoints::prepare(root, &self.etc).map_err(io)?,
+                };
                 let mut env = run::run_env(env, &identity, HOSTNAME);
                 let scratch = tempfile::Builder::new()
                     .prefix("mounts-")
@@ -1662,17 +1705,25 @@ impl<'a> Builder<'a> {
 
 /// Unpacks one stored layer onto `root`, or with `alone` into `root` as
 /// its own directory (overlayfs's format), checking its diff_id.
+/// Where [`unpack_layer`] puts a layer.
+enum UnpackInto<'a> {
+    /// Over a root, leaving its `keep` paths alone.
+    Root { keep: &'a [PathBuf] },
+    /// Alone into an empty directory, in overlayfs's format.
+    Dir,
+}
+
 fn unpack_layer(
     store: &BlobStore,
     layer: &Layer,
     root: &Path,
-    alone: bool,
+    into: UnpackInto,
 ) -> Result<(), BuildError> {
     let reader = crate::layer::open_layer(store, &layer.descriptor.digest)?;
     let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
-    let extracted = match alone {
-        true => extract::extract_layer_dir(root, &mut hashing),
-        false => extract::extract_layer(root, &mut hashing),
+    let extracted = match into {
+        UnpackInto::Dir => extract::extract_layer_dir(root, &mut hashing),
+        UnpackInto::Root { keep } => extract::extract_layer_keeping(root, &mut hashing, keep),
     };
     extracted.map_err(|e| BuildError::Layer {
         layer: layer.descriptor.digest.clone(),

@@ -53,6 +53,10 @@ pub enum Isolation {
     /// The same, run by an unprivileged user as root of a user namespace
     /// (see [`crate::exec::userns`]).
     Rootless,
+    /// Kaniko's way, for disposable containers only: every stage is built
+    /// in the machine's own `/`, and RUN runs there with no isolation; like
+    /// `Chroot`, no `RUN --mount` or `--network=none`.
+    None,
     /// chroot alone, for containers that forbid unshare and mount: device
     /// nodes are made with mknod, /proc is mounted only if allowed, the
     /// image's own /etc files are used; `RUN --mount` and
@@ -172,6 +176,16 @@ impl MountPoints {
         Ok(mp)
     }
 
+    /// `--isolation none`: the root's own /proc and /dev, nothing mounted.
+    pub fn host(root: &Path) -> MountPoints {
+        MountPoints {
+            proc: root.join("proc"),
+            dev: root.join("dev"),
+            sys: root.join("sys"),
+            ..MountPoints::default()
+        }
+    }
+
     /// Finds (or creates, recording what it made) a mount point inside the
     /// root for a `--mount`: a directory, or an empty file when a file is
     /// mounted there.
@@ -224,6 +238,11 @@ pub fn running_as_root() -> bool {
 
 /// Runs the step and returns its exit code (128 + signal when killed).
 pub fn run(spec: &RunSpec) -> io::Result<i32> {
+    if spec.isolation == Isolation::None {
+        // In this process: Kiln's own libraries may be gone from a `/` a
+        // base image was unpacked over, so it cannot re-execute itself.
+        return chroot_runner(spec);
+    }
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg(STEP_RUNNER_ARG)
@@ -233,7 +252,7 @@ pub fn run(spec: &RunSpec) -> io::Result<i32> {
     use rustix::thread::UnshareFlags as F;
     let mut flags = match spec.isolation {
         Isolation::Namespaces | Isolation::Rootless => F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC,
-        Isolation::Chroot => F::empty(),
+        Isolation::Chroot | Isolation::None => F::empty(),
     };
     if spec.no_network {
         flags |= F::NEWNET;
@@ -355,9 +374,9 @@ fn step_runner() -> io::Result<i32> {
     wait_command(command(&spec, Some(cstring(&m.proc)?))?, &spec)
 }
 
-/// `--isolation chroot`: no namespaces and, where it can be helped, no
-/// mounts; everything made in the root is removed again before the
-/// snapshot.
+/// `--isolation chroot` (and `none`, whose root is `/`): no namespaces and,
+/// where it can be helped, no mounts; everything made in the root is
+/// removed again before the snapshot.
 fn chroot_runner(spec: &RunSpec) -> io::Result<i32> {
     use rustix::fs::{FileType, Mode};
     let m = &spec.mounts;
@@ -395,14 +414,15 @@ fn chroot_runner(spec: &RunSpec) -> io::Result<i32> {
         made.push(pipes);
     }
     // Best effort: a container that forbids unshare usually forbids mount.
-    let proc_mounted = rustix::mount::mount(
-        "proc",
-        &m.proc,
-        "proc",
-        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
-        None,
-    )
-    .is_ok();
+    let proc_mounted = spec.isolation == Isolation::Chroot
+        && rustix::mount::mount(
+            "proc",
+            &m.proc,
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            None,
+        )
+        .is_ok();
     let code = command(spec, None).and_then(|cmd| wait_command(cmd, spec));
     if proc_mounted {
         rustix::mount::unmount(&m.proc, rustix::mount::UnmountFlags::DETACH)?;
@@ -445,6 +465,8 @@ fn command(spec: &RunSpec, proc_dir: Option<CString>) -> io::Result<Command> {
                     None,
                 )?;
             }
+            // A group of its own, killed when it exits (see wait_command).
+            rustix::process::setpgid(None, None)?;
             rustix::process::chroot(root.as_c_str())?;
             rustix::process::chdir(cwd.as_c_str())?;
             rustix::thread::set_thread_groups(&groups)?;
@@ -467,14 +489,20 @@ fn command(spec: &RunSpec, proc_dir: Option<CString>) -> io::Result<Command> {
     Ok(cmd)
 }
 
+/// Runs the command and then kills what it left running in its process
+/// group: without a PID namespace (chroot, none) nothing else would.
 fn wait_command(mut cmd: Command, spec: &RunSpec) -> io::Result<i32> {
-    let status = match cmd.status() {
-        Ok(status) => status,
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
         Err(e) => {
             eprintln!("kiln: cannot run {:?}: {e}", spec.argv[0]);
             return Ok(127);
         }
     };
+    let status = child.wait()?;
+    if let Some(group) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
     Ok(exit_code(status))
 }
 

@@ -33,6 +33,10 @@
 //! * The root entry itself (`./`) is skipped (the root's own metadata
 //!   belongs to the caller), as are entry types with no filesystem meaning
 //!   (global PAX headers, GNU volume labels...), with a warning.
+//! * With [`extract_layer_keeping`], entries at or under a kept path, and
+//!   entries that would replace a directory leading to one, are skipped,
+//!   and whiteouts leave kept objects alone (`--isolation none`, where the
+//!   root is the machine's own `/`).
 //! * Extended attributes the filesystem does not support (`ENOTSUP`) or
 //!   does not allow (`EPERM`) are skipped with a warning, as Docker does;
 //!   xattrs on symlinks are skipped.
@@ -99,7 +103,17 @@ pub enum ExtractError {
 /// Must run as root (or with the matching capabilities) to apply ownership,
 /// device nodes and `security.*` xattrs. Regular-file content is streamed.
 pub fn extract_layer<R: Read>(root: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
-    extract(root, layer, Format::Apply)
+    extract(root, layer, Format::Apply, &[])
+}
+
+/// [`extract_layer`] onto a root that holds things the layer must not touch:
+/// the `keep` paths (relative to the root) and everything under them.
+pub fn extract_layer_keeping<R: Read>(
+    root: &Path,
+    layer: R,
+    keep: &[PathBuf],
+) -> Result<ExtractStats, ExtractError> {
+    extract(root, layer, Format::Apply, keep)
 }
 
 /// Unpacks one uncompressed layer tar stream into `dir`, an empty
@@ -107,7 +121,7 @@ pub fn extract_layer<R: Read>(root: &Path, layer: R) -> Result<ExtractStats, Ext
 /// recorded the way overlayfs reads them instead of being applied. A hard
 /// link must point into the same layer.
 pub fn extract_layer_dir<R: Read>(dir: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
-    extract(dir, layer, Format::Overlay)
+    extract(dir, layer, Format::Overlay, &[])
 }
 
 /// What whiteouts do.
@@ -119,7 +133,12 @@ enum Format {
     Overlay,
 }
 
-fn extract<R: Read>(root: &Path, layer: R, format: Format) -> Result<ExtractStats, ExtractError> {
+fn extract<R: Read>(
+    root: &Path,
+    layer: R,
+    format: Format,
+    keep: &[PathBuf],
+) -> Result<ExtractStats, ExtractError> {
     let root_fd = rustix::fs::open(
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -133,6 +152,12 @@ fn extract<R: Read>(root: &Path, layer: R, format: Format) -> Result<ExtractStat
         root: root_fd,
         format,
         created: HashSet::new(),
+        keep: keep.to_vec(),
+        protected: keep
+            .iter()
+            .filter_map(|k| rustix::fs::lstat(root.join(k)).ok())
+            .map(|st| file_id(&st))
+            .collect(),
         dir_times: Vec::new(),
         stats: ExtractStats::default(),
     };
@@ -165,6 +190,10 @@ struct Extractor {
     /// by inode rather than name stays right when a path reached the object
     /// through an in-image symlink.
     created: HashSet<FileId>,
+    /// Paths (relative to the root) this layer must leave alone, and the
+    /// objects found there, which whiteouts must not remove.
+    keep: Vec<PathBuf>,
+    protected: HashSet<FileId>,
     dir_times: Vec<DirTime>,
     stats: ExtractStats,
 }
@@ -209,6 +238,15 @@ impl Extractor {
             }
             return Ok(());
         };
+
+        let kept = self
+            .keep
+            .iter()
+            .any(|k| rel.starts_with(k) || (k.starts_with(&rel) && !matches!(kind, Kind::Dir)));
+        if kept {
+            tracing::debug!(path = %raw.display(), "skipping an entry over a kept path");
+            return Ok(());
+        }
 
         let meta = Meta::read(&mut entry, &raw)?;
         let io_err = |e: io::Error| ExtractError::Io {
@@ -282,13 +320,19 @@ impl Extractor {
                 )
                 .map_err(io_err)?;
                 for child in list_dir(&dir).map_err(io_err)? {
-                    prune(dir.as_fd(), child.as_c_str(), &self.created).map_err(io_err)?;
+                    prune(
+                        dir.as_fd(),
+                        child.as_c_str(),
+                        &self.created,
+                        &self.protected,
+                    )
+                    .map_err(io_err)?;
                 }
             }
             Whiteout::Name(name) => {
                 match self.open_dir(parent_rel, false) {
                     Ok(dir) => {
-                        prune(dir.as_fd(), name, &self.created).map_err(io_err)?;
+                        prune(dir.as_fd(), name, &self.created, &self.protected).map_err(io_err)?;
                     }
                     // Nothing below a missing directory or a file to delete.
                     Err(Errno::NOENT | Errno::NOTDIR) => {}
@@ -852,15 +896,16 @@ fn clear_slot(parent: BorrowedFd<'_>, name: &OsStr, keep_dir: bool) -> io::Resul
         Err(e) => Err(e.into()),
         Ok(st) if keep_dir && file_type(&st) == FileType::Directory => Ok(true),
         Ok(_) => {
-            prune(parent, name, &HashSet::new())?;
+            prune(parent, name, &HashSet::new(), &HashSet::new())?;
             Ok(false)
         }
     }
 }
 
 /// Removes `name` from `dir` without following symlinks, sparing objects in
-/// `keep`; a directory survives if it is kept or still holds something
-/// kept. Returns whether `name` is gone.
+/// `keep` and, untouched with all they hold, those in `protected`; a
+/// directory survives if it is kept or still holds something kept. Returns
+/// whether `name` is gone.
 ///
 /// Every step is an `*at` call on a single name in an already opened
 /// directory, and directories are opened with `O_NOFOLLOW`, so a symlink in
@@ -869,11 +914,15 @@ fn prune<P: rustix::path::Arg + Copy>(
     dir: BorrowedFd<'_>,
     name: P,
     keep: &HashSet<FileId>,
+    protected: &HashSet<FileId>,
 ) -> rustix::io::Result<bool> {
     let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Err(Errno::NOENT) => return Ok(true),
         result => result?,
     };
+    if protected.contains(&file_id(&st)) {
+        return Ok(false);
+    }
     let kept = keep.contains(&file_id(&st));
     if file_type(&st) != FileType::Directory {
         if !kept {
@@ -889,7 +938,7 @@ fn prune<P: rustix::path::Arg + Copy>(
     )?;
     let mut emptied = true;
     for child in list_dir(&sub)? {
-        emptied &= prune(sub.as_fd(), child.as_c_str(), keep)?;
+        emptied &= prune(sub.as_fd(), child.as_c_str(), keep, protected)?;
     }
     if kept || !emptied {
         return Ok(false);
@@ -1428,6 +1477,35 @@ mod tests {
             );
         }
         assert_eq!(fs::read_dir(&sb.root).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn kept_paths_survive_entries_and_whiteouts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir_all(root.join("kiln/state")).unwrap();
+        fs::write(root.join("kiln/state/db"), "db").unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(root.join("etc/hosts"), "mounted").unwrap();
+        fs::write(root.join("etc/old"), "old").unwrap();
+        let keep = ["kiln/state", "etc/hosts"].map(PathBuf::from);
+        let layer = Layer::new()
+            .file("kiln/state/db", "overwritten")
+            .file("etc/hosts", "image's")
+            .file("etc/passwd", "root:x:0:0::/:/bin/sh")
+            // A file where a directory leads to a kept path.
+            .file("kiln", "not a dir")
+            .bytes();
+        extract_layer_keeping(root, &layer[..], &keep).unwrap();
+        let whiteouts = Layer::new()
+            .file("etc/.wh..wh..opq", "")
+            .file("kiln/.wh.state", "")
+            .bytes();
+        extract_layer_keeping(root, &whiteouts[..], &keep).unwrap();
+        assert_eq!(read(root.join("kiln/state/db")), "db");
+        assert_eq!(read(root.join("etc/hosts")), "mounted");
+        assert!(!exists(root.join("etc/old")));
+        assert!(!exists(root.join("etc/passwd")));
     }
 
     #[test]

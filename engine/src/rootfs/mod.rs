@@ -73,6 +73,34 @@ pub fn clean_relative(path: &Path) -> PathBuf {
     out
 }
 
+/// Empties `root` of everything but the `keep` paths (relative to it), their
+/// contents and the directories that lead to them: `--isolation none`
+/// clears the machine's own `/` this way before a stage's base goes there.
+/// A symlink is removed, never followed; a mount point must be kept, not
+/// crossed.
+pub fn clear_root(root: &Path, keep: &[PathBuf]) -> io::Result<()> {
+    fn clear(root: &Path, rel: &Path, keep: &[PathBuf]) -> io::Result<()> {
+        for entry in std::fs::read_dir(root.join(rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            if keep.iter().any(|k| path.starts_with(k)) {
+                continue;
+            }
+            let leads_to_kept = keep.iter().any(|k| k.starts_with(&path));
+            if entry.file_type()?.is_dir() {
+                match leads_to_kept {
+                    true => clear(root, &path, keep)?,
+                    false => std::fs::remove_dir_all(entry.path())?,
+                }
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+    clear(root, Path::new(""), keep)
+}
+
 /// Creates `dir` (a path inside the root) and its missing parents, resolving
 /// every existing component inside the root. Returns the host path and the
 /// host paths of the directories it created, outermost first.
@@ -143,6 +171,57 @@ pub fn relative_to_root(root: &Path, host: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn clearing_a_root_keeps_only_the_kept_paths_and_their_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["kiln/state/x", "usr/bin", "etc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in [
+            "kiln/kiln",
+            "kiln/other",
+            "usr/bin/sh",
+            "etc/hosts",
+            "etc/passwd",
+            "junk",
+        ] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("precious"), "p").unwrap();
+        symlink(outside.path(), root.join("link")).unwrap();
+        let keep = ["kiln/kiln", "kiln/state", "etc/hosts"].map(PathBuf::from);
+        clear_root(root, &keep).unwrap();
+        let mut left: Vec<String> = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() && !p.is_symlink() {
+                    stack.push(p.clone());
+                }
+                left.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "etc",
+                "etc/hosts",
+                "kiln",
+                "kiln/kiln",
+                "kiln/state",
+                "kiln/state/x"
+            ]
+        );
+        assert!(
+            outside.path().join("precious").exists(),
+            "followed a symlink"
+        );
+    }
 
     #[test]
     fn symlinks_resolve_inside_the_root() {
