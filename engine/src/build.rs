@@ -1217,6 +1217,7 @@ impl<'a> Builder<'a> {
             true => std::slice::from_ref(&self.empty),
             false => &lowers[..],
         };
+        let since = std::time::SystemTime::now();
         let mounted = overlay::mount(stack, Some((&upper, &work)), root).at(root)?;
         let ran = self.run_step(step, root, None, stages, image_roots);
         drop(mounted);
@@ -1228,7 +1229,7 @@ impl<'a> Builder<'a> {
                     .iter()
                     .any(|s| p.starts_with(s) && p != Path::new(s))
         };
-        let changes = overlay::settle_upper(&upper, lowers, &keep).at(&upper)?;
+        let changes = overlay::settle_upper(&upper, lowers, &keep, since).at(&upper)?;
         self.counters.timed("run", start);
         if changes.is_empty() {
             return Ok(None);

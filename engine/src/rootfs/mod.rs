@@ -144,6 +144,16 @@ pub(crate) fn content_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Whether a directory's new mtime was set on purpose (`touch -d`) rather
+/// than moved by entries made or removed in it between `since` and `until`
+/// (unix seconds). Only the former is a change of the directory's own: the
+/// latter shows in its entries, or is a mount point or temp file gone again.
+pub(crate) fn mtime_set_outside(mtime: i64, since: i64, until: i64) -> bool {
+    // File times come from a coarse clock.
+    const SLACK: i64 = 2;
+    mtime < since - SLACK || mtime > until + SLACK
+}
+
 /// [`content_xattrs`] sorted by name, for comparing two paths.
 pub(crate) fn sorted_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut all = content_xattrs(path);

@@ -22,13 +22,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{Mode, OFlags, Timespec, Timestamps};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::extract::{OVERLAY_OPAQUE, OVERLAY_XATTR_PREFIX};
 use super::snapshot::Changes;
-use super::{sorted_xattrs, xattr_names};
+use super::{mtime_set_outside, sorted_xattrs, xattr_names};
 
 /// Moves this process into a mount namespace of its own, where the overlay
 /// snapshotter may mount (see `BuildOptions::own_mount_namespace`). Call it
@@ -249,8 +250,9 @@ fn strip_overlay_xattrs(path: &Path) -> io::Result<()> {
 /// changes, and leaves it fit to be the step's layer directory:
 ///
 /// * paths `keep` refuses (`--ignore-path`, under /proc...) are removed;
-/// * a directory copied up for nothing (empty, same mode and owner as
-///   below: a mount point was made and removed in it) is dropped;
+/// * a directory copied up for nothing (empty, same mode, owner and xattrs
+///   as below, no mtime set outside the step, which started at `since`: a
+///   mount point was made and removed in it) is dropped;
 /// * the other hard links of a copied-up file join it, as they did in the
 ///   step's view (index=on) and as on a plain filesystem;
 /// * overlayfs's bookkeeping xattrs are stripped.
@@ -258,11 +260,17 @@ pub fn settle_upper(
     upper: &Path,
     lowers: &[PathBuf],
     keep: &dyn Fn(&Path) -> bool,
+    since: SystemTime,
 ) -> io::Result<Changes> {
+    let secs = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    };
     let mut settler = Settler {
         upper,
         lowers,
         keep,
+        step: (secs(since), secs(SystemTime::now())),
         changes: Changes::default(),
         linked: Vec::new(),
     };
@@ -276,6 +284,8 @@ struct Settler<'a> {
     upper: &'a Path,
     lowers: &'a [PathBuf],
     keep: &'a dyn Fn(&Path) -> bool,
+    /// The step's start and end (unix seconds).
+    step: (i64, i64),
     changes: Changes,
     /// Copied-up files that had other links below: (path, layer, inode).
     linked: Vec<(PathBuf, usize, u64)>,
@@ -333,6 +343,8 @@ impl Settler<'_> {
                     && low.uid() == meta.uid()
                     && low.gid() == meta.gid()
                     && sorted_xattrs(&self.lowers[*layer].join(&r)) == sorted_xattrs(&up)
+                    && (low.mtime() == meta.mtime()
+                        || !mtime_set_outside(meta.mtime(), self.step.0, self.step.1))
             });
             let empty = mark == (self.changes.upserts.len() - 1, self.changes.deletes.len())
                 && fs::read_dir(&up)?.next().is_none();
@@ -511,6 +523,23 @@ mod tests {
         // The step: /etc copied up for a mount point and nothing else, /srv
         // given an xattr, /app replaced whole, /f written, /proc/x ignored.
         fs::create_dir_all(upper.join("etc")).unwrap();
+        // /opt copied up and given an old mtime (touch -d).
+        fs::create_dir_all(lower.join("opt")).unwrap();
+        fs::create_dir_all(upper.join("opt")).unwrap();
+        let past = rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            upper.join("opt"),
+            &rustix::fs::Timestamps {
+                last_access: past,
+                last_modification: past,
+            },
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
         fs::create_dir_all(lower.join("srv")).unwrap();
         fs::create_dir_all(upper.join("srv")).unwrap();
         rustix::fs::setxattr(
@@ -528,7 +557,13 @@ mod tests {
         whiteout(&upper.join("gone"));
 
         let keep = |p: &Path| !p.starts_with("proc") || p == Path::new("proc");
-        let changes = settle_upper(&upper, std::slice::from_ref(&lower), &keep).unwrap();
+        let changes = settle_upper(
+            &upper,
+            std::slice::from_ref(&lower),
+            &keep,
+            SystemTime::now(),
+        )
+        .unwrap();
         let strs = |v: &[PathBuf]| {
             v.iter()
                 .map(|p| p.display().to_string())
@@ -538,7 +573,7 @@ mod tests {
         upserts.sort();
         let mut deletes = strs(&changes.deletes);
         deletes.sort();
-        assert_eq!(upserts, ["app", "app/new", "f", "f2", "proc", "srv"]);
+        assert_eq!(upserts, ["app", "app/new", "f", "f2", "opt", "proc", "srv"]);
         assert_eq!(deletes, ["app/old", "app/y", "gone"]);
         assert!(!upper.join("etc").exists(), "the idle copy-up is dropped");
         assert!(!upper.join("proc/x").exists());

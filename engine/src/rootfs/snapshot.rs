@@ -2,9 +2,10 @@
 //! there before, walked in parallel.
 //!
 //! A path counts as changed when its type, mode, owner, size, mtime, ctime,
-//! inode, device or link target changed (a directory: its type, mode,
-//! owner, inode or xattrs). ctime cannot be set by a step, so a write that
-//! restores the mtime is still seen. The one blind spot of
+//! inode, device or link target changed. A directory counts when its mode,
+//! owner, inode or xattrs changed, or its mtime was set to a time outside
+//! the step: entries made or removed in it show by themselves. ctime cannot
+//! be set by a step, so a write that restores the mtime is still seen. The one blind spot of
 //! metadata, a write within the same clock tick as the previous snapshot
 //! ("racy" entries, as git calls them), is closed by hashing exactly those
 //! files when they are recorded and comparing content later.
@@ -17,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 
-use super::sorted_xattrs;
+use super::{mtime_set_outside, sorted_xattrs};
 
 /// How a snapshot decides that a path changed (`--snapshot-mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,9 +50,11 @@ struct EntryMeta {
     rdev: u64,
     /// blake3 of the content: racy regular files, or all in `Full` mode.
     hash: Option<[u8; 32]>,
-    /// Directories: blake3 of their xattrs, the one change to a directory
-    /// that its mode, owner and inode do not show.
+    /// Directories: blake3 of their xattrs, a change to a directory that
+    /// its mode, owner and inode do not show.
     xattrs: Option<[u8; 32]>,
+    /// When this was recorded (unix seconds).
+    recorded: i64,
 }
 
 impl EntryMeta {
@@ -59,12 +62,13 @@ impl EntryMeta {
     fn changed(&self, new: &EntryMeta, mode: SnapshotMode, host: &Path) -> io::Result<bool> {
         let kind = |m: &EntryMeta| rustix::fs::FileType::from_raw_mode(m.mode);
         // A directory whose entries changed is written as their parent
-        // anyway; its times alone are no change (so creating and removing a
-        // mount point, or a temp file, leaves it out, as the overlay
-        // snapshotter does).
+        // anyway; so creating and removing a mount point, or a temp file,
+        // leaves it out, as the overlay snapshotter does.
         if self.is_dir() && new.is_dir() {
             let dir = |m: &EntryMeta| (m.mode, m.uid, m.gid, m.ino, m.xattrs);
-            return Ok(dir(self) != dir(new));
+            return Ok(dir(self) != dir(new)
+                || (self.mtime != new.mtime
+                    && mtime_set_outside(new.mtime.0, self.recorded, new.recorded)));
         }
         if mode == SnapshotMode::Time {
             return Ok(kind(self) != kind(new) || self.mtime != new.mtime);
@@ -274,6 +278,9 @@ impl Snapshot {
             rdev: meta.rdev(),
             // An unreadable file counts as changed later (hash mismatch).
             hash: hashed.then(|| hash_file(host).unwrap_or([0; 32])),
+            recorded: now
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
             xattrs: meta.is_dir().then(|| {
                 let mut hasher = blake3::Hasher::new();
                 for (name, value) in sorted_xattrs(host) {
@@ -331,7 +338,7 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_changes_by_mode_owner_or_xattrs_not_by_its_times() {
+    fn a_directory_changes_by_mode_owner_xattrs_or_a_time_set_on_purpose() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         fs::create_dir_all(root.join("etc")).unwrap();
@@ -350,6 +357,24 @@ mod tests {
         let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
         assert_eq!(paths(&changes.upserts), ["etc"]);
         fs::set_permissions(root.join("etc"), fs::Permissions::from_mode(0o700)).unwrap();
+        let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
+        assert_eq!(paths(&changes.upserts), ["etc"]);
+        // touch -d 2001-09-09 /etc
+        let past = rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: past,
+            last_modification: past,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            root.join("etc"),
+            &times,
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
         let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
         assert_eq!(paths(&changes.upserts), ["etc"]);
     }
