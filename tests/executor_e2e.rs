@@ -62,7 +62,10 @@ fn reproducible_builds_give_the_same_digest() {
     assert_ne!(third, fourth);
     let config = skopeo_oci_config(&layout);
     assert!(
-        config["created"].as_str().unwrap().starts_with("2026-03-13T13:00"),
+        config["created"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-03-13T13:00"),
         "{config}"
     );
 }
@@ -326,15 +329,20 @@ fn base_layers_cannot_write_outside_the_root() {
     );
 }
 
-/// A tiny HTTP server on 127.0.0.1 serving `body` at any path; returns its
-/// address and the number of requests it has answered.
-fn serve(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// What [`serve`] answers with, changeable while it runs.
+type Body = std::sync::Arc<std::sync::Mutex<&'static [u8]>>;
+
+/// A tiny HTTP server on 127.0.0.1 serving one body at any path; returns
+/// its address, the number of requests it has answered, and the body.
+fn serve(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>, Body) {
     use std::io::Read;
     use std::sync::atomic::Ordering;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let served = count.clone();
+    let shared: Body = std::sync::Arc::new(std::sync::Mutex::new(body));
+    let current = shared.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -345,6 +353,7 @@ fn serve(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::Atom
                 head.push(byte[0]);
             }
             served.fetch_add(1, Ordering::SeqCst);
+            let body: &[u8] = *current.lock().unwrap();
             let _ = stream.write_all(
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: Tue, 14 Nov 2023 22:13:20 GMT\r\nConnection: close\r\n\r\n",
@@ -355,7 +364,7 @@ fn serve(body: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::Atom
             let _ = stream.write_all(body);
         }
     });
-    (addr, count)
+    (addr, count, shared)
 }
 
 #[test]
@@ -365,7 +374,7 @@ fn add_downloads_urls_and_checks_their_checksum() {
     const BODY: &[u8] = b"downloaded over http\n";
     let registry = Registry::start();
     let base = registry.push_busybox();
-    let (addr, requests) = serve(BODY);
+    let (addr, requests, body) = serve(BODY);
     let good = sha256(BODY);
     let bad = format!("sha256:{}", "0".repeat(64));
     let tmp = tempfile::tempdir().unwrap();
@@ -396,14 +405,31 @@ fn add_downloads_urls_and_checks_their_checksum() {
     }
     assert_eq!(requests.load(Ordering::SeqCst), 2);
 
-    // Again: the checksummed ADD is a cache hit, the other downloads anew.
-    let (out, _) = build(with_checksum, 2);
+    // Again: the checksummed ADD is a cache hit; the other downloads anew
+    // to be keyed, and hits too while the server gives the same file.
+    let (out, _) = build(with_checksum.clone(), 2);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(requests.load(Ordering::SeqCst), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("2 steps from the cache, 0 run"),
+        "{}",
+        stderr(&out)
+    );
+    // New content at the same URL: that step runs, and copies what its key
+    // was made from (no second request).
+    *body.lock().unwrap() = b"changed on the server\n";
+    let (out, layout) = build(with_checksum, 5);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(requests.load(Ordering::SeqCst), 4, "{}", stderr(&out));
     assert!(
         stderr(&out).contains("1 steps from the cache, 1 run"),
         "{}",
         stderr(&out)
+    );
+    let rootfs = umoci_unpack(&layout, "latest", &tmp.path().join("unpacked-5"));
+    assert_eq!(
+        std::fs::read(rootfs.join("named")).unwrap(),
+        b"changed on the server\n"
     );
 
     // A wrong checksum fails the build, naming the line.

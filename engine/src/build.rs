@@ -269,6 +269,9 @@ pub struct Builder<'a> {
     /// The remote tier, when `--cache-repo` is given and caching is on.
     remote: Option<RemoteCache<'a>>,
     etc: EtcFiles,
+    /// `ADD <url>` without `--checksum`: fetched while keying, by URL, so
+    /// the step is keyed by what came and copies that same file.
+    downloads: std::sync::Mutex<HashMap<String, PathBuf>>,
 }
 
 impl<'a> Builder<'a> {
@@ -326,6 +329,7 @@ impl<'a> Builder<'a> {
             empty,
             remote,
             etc,
+            downloads: Default::default(),
         })
     }
 
@@ -762,6 +766,24 @@ impl<'a> Builder<'a> {
         self.assemble(target)
     }
 
+    /// `url` downloaded into this build's work dir, once per build.
+    fn download(&self, url: &str) -> Result<PathBuf, String> {
+        if let Some(file) = self.downloads.lock().expect("downloads poisoned").get(url) {
+            return Ok(file.clone());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("download-")
+            .tempdir_in(self.work.path())
+            .map_err(|e| format!("{}: {e}", self.work.path().display()))?
+            .keep();
+        let file = dir.join(crate::exec::add::download(url, None, &dir)?);
+        self.downloads
+            .lock()
+            .expect("downloads poisoned")
+            .insert(url.to_string(), file.clone());
+        Ok(file)
+    }
+
     /// The cache key of every step (`None` for metadata-only steps),
     /// chained from `parent`.
     fn step_keys(
@@ -776,9 +798,20 @@ impl<'a> Builder<'a> {
         let mut keys = Vec::new();
         for step in &stage.steps {
             let (identity, digest) = match &step.action {
-                // ADD <url> without --checksum: a key no build shares.
-                Action::Copy { .. } if key::always_runs(&step.action) => {
-                    (String::new(), key::fresh_digest())
+                // ADD <url> without --checksum: keyed by what the URL gives
+                // now (name, Last-Modified and content), as BuildKit does.
+                Action::Copy { sources, .. } if key::downloads_unchecked(&step.action) => {
+                    let mut digests = Vec::new();
+                    let (urls, local): (Vec<String>, Vec<String>) = sources
+                        .iter()
+                        .cloned()
+                        .partition(|s| plan::AddSpec::is_download(s));
+                    for url in urls {
+                        let file = self.download(&url).map_err(|e| self.step_error(step, e))?;
+                        digests.push(key::file_digest(&file).at(&file)?);
+                    }
+                    digests.push(self.context_digest(step, &local)?);
+                    (String::new(), digests.join("\n"))
                 }
                 // A Git source counts by the commit its ref names now,
                 // which --checksum, when given, must start with.
@@ -940,7 +973,6 @@ impl<'a> Builder<'a> {
         let opts = self.options;
         opts.cache
             && !opts.single_snapshot
-            && !key::always_runs(&step.action)
             && match step.action {
                 Action::Run { .. } => opts.cache_run_layers,
                 Action::Copy { .. } => opts.cache_copy_layers,
@@ -1416,6 +1448,7 @@ impl<'a> Builder<'a> {
                             checksum: spec.checksum.as_deref(),
                             unpack: spec.unpack,
                             scratch: self.work.path(),
+                            downloaded: &self.downloads.lock().expect("downloads poisoned"),
                         },
                         root,
                     )?,

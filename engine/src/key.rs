@@ -179,10 +179,9 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
     Some(h.finish())
 }
 
-/// Whether a step must run on every build: an ADD of a URL without
-/// `--checksum` (its content is unknown until downloaded). Its key is then
-/// made unique ([`fresh_digest`]) so the steps after it miss too.
-pub fn always_runs(action: &Action) -> bool {
+/// Whether a step is an ADD of a URL without `--checksum`: its content is
+/// unknown until downloaded, so the builder downloads it to key the step.
+pub fn downloads_unchecked(action: &Action) -> bool {
     match action {
         Action::Copy {
             add: Some(add),
@@ -193,18 +192,21 @@ pub fn always_runs(action: &Action) -> bool {
     }
 }
 
-/// A content digest no other build produces, for a step that always runs.
-pub fn fresh_digest() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut h = KeyHasher::new("uncacheable");
-    h.field("time", &now.as_nanos().to_le_bytes())
-        .field("pid", &std::process::id().to_le_bytes())
-        .field("n", &COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    h.finish()
+/// A downloaded file's name, mtime, mode and content, for a step's key.
+pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    let mut content = blake3::Hasher::new();
+    content.update_reader(std::fs::File::open(path)?)?;
+    let mut h = KeyHasher::new("download");
+    h.field(
+        "name",
+        path.file_name().unwrap_or_default().as_encoded_bytes(),
+    )
+    .field("mtime", &meta.mtime().to_le_bytes())
+    .field("mode", &meta.mode().to_le_bytes())
+    .field("content", content.finalize().as_bytes());
+    Ok(h.finish())
 }
 
 /// A mount's options as one line (secret contents are not options).
@@ -633,7 +635,7 @@ mod tests {
     }
 
     #[test]
-    fn add_is_its_own_kind_and_unchecked_urls_always_run() {
+    fn add_is_its_own_kind_and_unchecked_urls_are_told_apart() {
         let copy = step_key(&copy_step(&["a"], None), &inputs("p")).unwrap();
         let add = step_key(&copy_step(&["a"], Some(AddSpec::default())), &inputs("p")).unwrap();
         assert_ne!(copy, add);
@@ -648,16 +650,15 @@ mod tests {
         };
         let sum = format!("sha256:{}", "a".repeat(64));
         let other = format!("sha256:{}", "b".repeat(64));
-        assert!(always_runs(&url(None).action));
-        assert!(!always_runs(&url(Some(&sum)).action));
-        assert!(!always_runs(
+        assert!(downloads_unchecked(&url(None).action));
+        assert!(!downloads_unchecked(&url(Some(&sum)).action));
+        assert!(!downloads_unchecked(
             &copy_step(&["a"], Some(AddSpec::default())).action
         ));
         assert_ne!(
             step_key(&url(Some(&sum)), &inputs("p")),
             step_key(&url(Some(&other)), &inputs("p"))
         );
-        assert_ne!(fresh_digest(), fresh_digest());
     }
 
     #[test]

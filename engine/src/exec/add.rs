@@ -357,6 +357,8 @@ pub struct AddRequest<'a> {
     pub keep_git_dir: bool,
     /// Where downloads wait before they are copied in (outside the root).
     pub scratch: &'a Path,
+    /// URLs already downloaded (to key the step): their files.
+    pub downloaded: &'a std::collections::HashMap<String, PathBuf>,
 }
 
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
@@ -423,14 +425,27 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             touched.extend(local(std::slice::from_ref(source), req.dest)?);
             continue;
         }
-        let dir = tempfile::Builder::new()
-            .prefix("add-")
-            .tempdir_in(req.scratch)
-            .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
-        let name = download(source, req.checksum, dir.path())?;
+        let fetched;
+        let (dir, name) = match req.downloaded.get(source) {
+            Some(file) => (
+                file.parent().unwrap_or(req.scratch),
+                file.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            None => {
+                fetched = tempfile::Builder::new()
+                    .prefix("add-")
+                    .tempdir_in(req.scratch)
+                    .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
+                let name = download(source, req.checksum, fetched.path())?;
+                (fetched.path(), name)
+            }
+        };
         touched.extend(copy::copy(
             &CopyRequest {
-                source: Source::Context(dir.path()),
+                source: Source::Context(dir),
                 sources: &[name],
                 dest: req.dest,
                 chown: req.chown,
@@ -563,6 +578,7 @@ mod tests {
                     checksum: None,
                     unpack,
                     scratch: &scratch,
+                    downloaded: &Default::default(),
                 },
                 &root,
             )
@@ -664,6 +680,7 @@ mod tests {
                     checksum: None,
                     unpack,
                     scratch: dir.path(),
+                    downloaded: &Default::default(),
                 },
                 &root,
             )
