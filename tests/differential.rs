@@ -20,9 +20,10 @@ fn case_dir(name: &str) -> PathBuf {
     Path::new(REPO).join("fixtures/differential").join(name)
 }
 
-/// Extra flags for both builders, one per line in the case's `flags` file.
-fn case_flags(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("flags"))
+/// Extra flags, one per line in a case's file: `flags` for both builders,
+/// `flags.buildah` for buildah alone (what Kiln does unasked).
+fn case_flags(dir: &Path, file: &str) -> Vec<String> {
+    std::fs::read_to_string(dir.join(file))
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -52,7 +53,7 @@ fn build_with_kiln(dir: &Path, base: &str, work: &Path, snapshotter: &str) -> Bu
         .arg(work.join("kiln-state"))
         .arg("--build-arg")
         .arg(format!("BASE={base}"))
-        .args(case_flags(dir))
+        .args(case_flags(dir, "flags"))
         .args(["--snapshotter", snapshotter])
         .arg("--oci-layout-path")
         .arg(&layout)
@@ -63,9 +64,51 @@ fn build_with_kiln(dir: &Path, base: &str, work: &Path, snapshotter: &str) -> Bu
         "kiln ({snapshotter}) failed:\n{}",
         stderr(&out)
     );
+    assert_layers_in_order(&layout);
     Built {
         tree: tree(&umoci_unpack(&layout, "latest", &work.join("kiln"))),
         config: oci_config(&layout, "latest"),
+    }
+}
+
+/// Every layer Kiln wrote is a tar sorted by name, whiteouts among the
+/// rest, with long names and large ids in PAX records (no GNU members).
+fn assert_layers_in_order(layout: &Path) {
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let read_json =
+        |path: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
+    let index = read_json(layout.join("index.json"));
+    let manifest = read_json(blob(index["manifests"][0]["digest"].as_str().unwrap()));
+    for layer in manifest["layers"].as_array().unwrap() {
+        let file = std::fs::File::open(blob(layer["digest"].as_str().unwrap())).unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        let mut names = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.header().entry_type();
+            assert!(
+                !kind.is_gnu_longname() && !kind.is_gnu_longlink(),
+                "a GNU long-name member"
+            );
+            names.push(PathBuf::from(
+                entry
+                    .path()
+                    .unwrap()
+                    .to_string_lossy()
+                    .trim_end_matches('/'),
+            ));
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(
+            names, sorted,
+            "layer {} is not in name order",
+            layer["digest"]
+        );
     }
 }
 
@@ -92,7 +135,8 @@ fn build_with_buildah(dir: &Path, base: &str, work: &Path) -> Built {
     .arg(dir.join("Dockerfile"))
     .arg("--build-arg")
     .arg(format!("BASE={base}"))
-    .args(case_flags(dir))
+    .args(case_flags(dir, "flags"))
+    .args(case_flags(dir, "flags.buildah"))
     .arg(dir);
     // buildah 1.28's chroot isolation now and then fails to seal the memfd
     // copy of itself it runs steps from (EBUSY): a flake of the reference,
@@ -258,5 +302,6 @@ cases!(
     exec_forms,
     arg_env_interplay,
     copy_context_symlinks,
+    devices_and_large_ids,
     copy_dest_merge,
 );

@@ -1654,21 +1654,31 @@ impl<'a> Builder<'a> {
     /// whiteouts for what was deleted.
     fn write_layer(&self, root: &Path, changes: &Changes) -> Result<Layer, BuildError> {
         let start = Instant::now();
-        let mut paths = std::collections::BTreeSet::new();
+        // One stream sorted by name, parents first: entries, and whiteouts
+        // (`None`: an entry; `Some(path)`: the whiteout of path).
+        let mut names: BTreeMap<PathBuf, Option<&Path>> = BTreeMap::new();
         for p in changes.upserts.iter().chain(&changes.deletes) {
-            paths.extend(p.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()));
+            for parent in p.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()) {
+                names.insert(parent.to_path_buf(), None);
+            }
         }
-        paths.extend(changes.upserts.iter().map(PathBuf::as_path));
+        names.extend(changes.upserts.iter().map(|p| (p.clone(), None)));
+        names.extend(
+            changes
+                .deletes
+                .iter()
+                .map(|p| (crate::layer::whiteout_name(p), Some(p.as_path()))),
+        );
         let mut writer = LayerWriter::new(
             self.store,
             self.options.compression,
             self.options.fixed_time,
         )?;
-        for p in paths {
-            writer.add(root, p)?;
-        }
-        for p in &changes.deletes {
-            writer.whiteout(p)?;
+        for (name, whiteout) in &names {
+            match whiteout {
+                None => writer.add(root, name)?,
+                Some(deleted) => writer.whiteout(deleted)?,
+            }
         }
         let layer = writer.finish()?;
         self.counters.timed("layers", start);

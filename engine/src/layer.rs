@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -108,21 +109,23 @@ impl LayerWriter {
         let host = root.join(rel);
         let meta = std::fs::symlink_metadata(&host).at(&host)?;
         let ft = meta.file_type();
-        let mut header = tar::Header::new_gnu();
+        let mut header = tar::Header::new_ustar();
         header.set_mode(meta.mode() & 0o7777);
-        header.set_uid(meta.uid() as u64);
-        header.set_gid(meta.gid() as u64);
         header.set_mtime(self.fixed_mtime.unwrap_or(meta.mtime().max(0) as u64));
         header.set_size(0);
-        let name = tar_name(rel, ft.is_dir());
+        let entry = Entry {
+            name: tar_name(rel, ft.is_dir()),
+            link: None,
+            ids: (meta.uid() as u64, meta.gid() as u64),
+            records: xattr_records(&host, &ft),
+        };
 
-        self.append_xattrs(&host, &ft)?;
         if !ft.is_dir() && meta.nlink() > 1 {
             let key = (meta.dev(), meta.ino());
             if let Some(first) = self.hardlinks.get(&key) {
                 header.set_entry_type(tar::EntryType::Link);
-                let first = first.clone();
-                return self.tar.append_link(&mut header, &name, &first).at(&host);
+                let link = Some(first.clone());
+                return self.append(header, Entry { link, ..entry }, io::empty(), &host);
             }
             self.hardlinks.insert(key, rel.to_path_buf());
         }
@@ -131,15 +134,12 @@ impl LayerWriter {
             header.set_size(meta.len());
             let file = File::open(&host).at(&host)?;
             // Take exactly the size in the header, even if the file changes.
-            return self
-                .tar
-                .append_data(&mut header, &name, file.take(meta.len()))
-                .at(&host);
+            return self.append(header, entry, file.take(meta.len()), &host);
         }
         if ft.is_symlink() {
             header.set_entry_type(tar::EntryType::Symlink);
-            let target = std::fs::read_link(&host).at(&host)?;
-            return self.tar.append_link(&mut header, &name, target).at(&host);
+            let link = Some(std::fs::read_link(&host).at(&host)?);
+            return self.append(header, Entry { link, ..entry }, io::empty(), &host);
         }
         let entry_type = if ft.is_dir() {
             tar::EntryType::Directory
@@ -159,51 +159,75 @@ impl LayerWriter {
             header.set_device_major(rustix::fs::major(rdev)).at(&host)?;
             header.set_device_minor(rustix::fs::minor(rdev)).at(&host)?;
         }
-        self.tar
-            .append_data(&mut header, &name, io::empty())
-            .at(&host)
+        self.append(header, entry, io::empty(), &host)
     }
 
     /// Adds a whiteout that deletes `rel` from lower layers.
     pub fn whiteout(&mut self, rel: &Path) -> Result<(), BuildError> {
-        let name = rel
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        let mut wh = std::ffi::OsString::from(".wh.");
-        wh.push(name);
-        let path = rel.with_file_name(wh);
-        let mut header = tar::Header::new_gnu();
+        let mut header = tar::Header::new_ustar();
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mode(0o644);
         header.set_size(0);
         header.set_mtime(self.fixed_mtime.unwrap_or(0));
-        self.tar
-            .append_data(&mut header, &path, io::empty())
-            .at(&path)
+        let entry = Entry {
+            name: whiteout_name(rel),
+            link: None,
+            ids: (0, 0),
+            records: Vec::new(),
+        };
+        self.append(header, entry, io::empty(), rel)
     }
 
-    /// PAX records for extended attributes, e.g. `security.capability`.
-    fn append_xattrs(&mut self, host: &Path, ft: &std::fs::FileType) -> Result<(), BuildError> {
-        if ft.is_symlink() {
-            return Ok(());
+    /// Writes `header` for `entry`: names, link targets and ids in the
+    /// ustar fields where they fit, else in a PAX header before it (as Go's
+    /// archive/tar does), with the entry's other records (xattrs).
+    fn append(
+        &mut self,
+        mut header: tar::Header,
+        entry: Entry,
+        data: impl Read,
+        at: &Path,
+    ) -> Result<(), BuildError> {
+        let mut records = entry.records;
+        let ustar = header.as_ustar_mut().expect("a ustar header");
+        for (key, value, field) in [
+            ("path", Some(entry.name.as_os_str()), &mut ustar.name),
+            (
+                "linkpath",
+                entry.link.as_ref().map(|l| l.as_os_str()),
+                &mut ustar.linkname,
+            ),
+        ] {
+            let Some(bytes) = value.map(|v| v.as_bytes()) else {
+                continue;
+            };
+            if bytes.len() > field.len() {
+                records.extend(pax_record(key.as_bytes(), bytes));
+            }
+            let n = bytes.len().min(field.len());
+            field[..n].copy_from_slice(&bytes[..n]);
         }
-        let mut records = Vec::new();
-        for (name, value) in crate::rootfs::content_xattrs(host) {
-            let mut key = b"SCHILY.xattr.".to_vec();
-            key.extend_from_slice(&name);
-            records.extend(pax_record(&key, &value));
+        // The largest id an octal ustar field holds.
+        const MAX_ID: u64 = 0o7777777;
+        let (uid, gid) = entry.ids;
+        for (key, id) in [("uid", uid), ("gid", gid)] {
+            if id > MAX_ID {
+                records.extend(pax_record(key.as_bytes(), id.to_string().as_bytes()));
+            }
         }
-        if records.is_empty() {
-            return Ok(());
+        header.set_uid(if uid > MAX_ID { 0 } else { uid });
+        header.set_gid(if gid > MAX_ID { 0 } else { gid });
+        if !records.is_empty() {
+            let mut pax = tar::Header::new_ustar();
+            pax.set_entry_type(tar::EntryType::XHeader);
+            pax.set_size(records.len() as u64);
+            pax.set_mode(0o644);
+            pax.set_path("PaxHeader").at(at)?;
+            pax.set_cksum();
+            self.tar.append(&pax, records.as_slice()).at(at)?;
         }
-        let mut header = tar::Header::new_ustar();
-        header.set_entry_type(tar::EntryType::XHeader);
-        header.set_size(records.len() as u64);
-        header.set_mode(0o644);
-        header.set_path("PaxHeader").at(host)?;
         header.set_cksum();
-        self.tar.append(&header, records.as_slice()).at(host)
+        self.tar.append(&header, data).at(at)
     }
 
     pub fn finish(self) -> Result<Layer, BuildError> {
@@ -225,6 +249,35 @@ impl LayerWriter {
             diff_id,
         })
     }
+}
+
+/// One entry's name, link target, ids and PAX records, for [`LayerWriter::append`].
+struct Entry {
+    name: PathBuf,
+    link: Option<PathBuf>,
+    ids: (u64, u64),
+    records: Vec<u8>,
+}
+
+/// PAX records for a path's extended attributes, e.g. `security.capability`.
+fn xattr_records(host: &Path, ft: &std::fs::FileType) -> Vec<u8> {
+    let mut records = Vec::new();
+    if ft.is_symlink() {
+        return records;
+    }
+    for (name, value) in crate::rootfs::content_xattrs(host) {
+        let mut key = b"SCHILY.xattr.".to_vec();
+        key.extend_from_slice(&name);
+        records.extend(pax_record(&key, &value));
+    }
+    records
+}
+
+/// `dir/.wh.name`: the whiteout of `dir/name`.
+pub(crate) fn whiteout_name(rel: &Path) -> PathBuf {
+    let mut wh = std::ffi::OsString::from(".wh.");
+    wh.push(rel.file_name().unwrap_or_default());
+    rel.with_file_name(wh)
 }
 
 /// Directories carry a trailing slash, as Docker and Go's archive/tar write.
@@ -342,5 +395,64 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn long_names_links_and_large_ids_go_into_pax_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&dir.path().join("state")).unwrap();
+        let root = dir.path().join("root");
+        let long_dir = format!("{}/{}", "a".repeat(120), "b".repeat(120));
+        std::fs::create_dir_all(root.join(&long_dir)).unwrap();
+        let long_file = format!("{long_dir}/file");
+        std::fs::write(root.join(&long_file), b"x").unwrap();
+        std::os::unix::fs::chown(root.join(&long_file), Some(3_000_000), Some(4_000_000)).unwrap();
+        let long_target = format!("/{}", "t".repeat(150));
+        std::os::unix::fs::symlink(&long_target, root.join("link")).unwrap();
+        let mut w = LayerWriter::new(&store, Compression::Gzip { level: 1 }, Some(0)).unwrap();
+        for p in [&long_file, "link"] {
+            w.add(&root, Path::new(p)).unwrap();
+        }
+        let layer = w.finish().unwrap();
+        let mut raw = Vec::new();
+        open_layer(&store, &layer.descriptor.digest)
+            .unwrap()
+            .read_to_end(&mut raw)
+            .unwrap();
+        // Raw: PAX headers and ustar entries, no GNU long-name members.
+        let kinds: Vec<tar::EntryType> = tar::Archive::new(raw.as_slice())
+            .entries()
+            .unwrap()
+            .raw(true)
+            .map(|e| e.unwrap().header().entry_type())
+            .collect();
+        use tar::EntryType::{Regular, Symlink, XHeader};
+        assert_eq!(kinds, [XHeader, Regular, XHeader, Symlink]);
+        let mut archive = tar::Archive::new(raw.as_slice());
+        let read: Vec<(String, Option<String>, u64, u64)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let (mut uid, mut gid) = (e.header().uid().unwrap(), e.header().gid().unwrap());
+                for ext in e.pax_extensions().unwrap().into_iter().flatten() {
+                    let ext = ext.unwrap();
+                    match ext.key().unwrap() {
+                        "uid" => uid = ext.value().unwrap().parse().unwrap(),
+                        "gid" => gid = ext.value().unwrap().parse().unwrap(),
+                        _ => {}
+                    }
+                }
+                let link = e.link_name().unwrap().map(|l| l.display().to_string());
+                (e.path().unwrap().display().to_string(), link, uid, gid)
+            })
+            .collect();
+        assert_eq!(
+            read,
+            [
+                (long_file.clone(), None, 3_000_000, 4_000_000),
+                ("link".into(), Some(long_target), 0, 0),
+            ]
+        );
     }
 }
