@@ -13,6 +13,8 @@ const DOCKERFILE: &str = "FROM {BASE}
 RUN echo quiet > /dev/null && head -c 4 /dev/urandom | wc -c > /random-bytes \\
  && mkdir -p /opt/x && echo x > /opt/x/file && chmod 4755 /opt/x/file && mkfifo /opt/x/fifo
 RUN test -r /proc/self/status && echo proc > /proc-seen || echo no-proc > /proc-seen
+RUN (sleep 4242 &) ; true
+RUN sleep 0.2; ps -o args | grep -c '^sleep 4242' > /sleepers || true
 RUN <<EOF
 #!/bin/sh
 echo from-a-script > /script-out
@@ -57,6 +59,13 @@ fn chroot_mode_builds_the_same_files_and_cleans_up() {
         std::fs::read_to_string(ch_root.join("script-out")).unwrap(),
         "from-a-script\n"
     );
+    // What a step leaves running dies with it, in both modes.
+    for root in [&ns_root, &ch_root] {
+        assert_eq!(
+            std::fs::read_to_string(root.join("sleepers")).unwrap(),
+            "0\n"
+        );
+    }
     assert_eq!(
         std::fs::read_to_string(ch_root.join("tmp/uid")).unwrap(),
         "1000\n"
@@ -193,7 +202,8 @@ fn rootless_mode_builds_what_root_builds() {
 RUN mkdir -p /srv/a && echo hi > /srv/a/f && chown -R 1000:100 /srv && chmod 4755 /srv/a/f \\
  && ln /srv/a/f /srv/a/hard && ln -s f /srv/a/soft && mkfifo /srv/fifo && rm /bin/ls
 RUN id -u > /uid-seen && echo $$ > /pid-seen && hostname > /hostname-seen && touch {canary} \\
- && test ! -e /proc/1/root/{ws} && ls /dev > /dev-seen
+ && test ! -e /proc/1/root/{ws} && ls /dev > /dev-seen && touch /dev/shm/x && test -c /dev/pts/ptmx \\
+ && awk '$2==\"/sys\" {{ split($4, o, \",\"); print o[1] }}' /proc/mounts > /sys-seen
 COPY --chown=1234:5678 file /srv/copied
 USER 1000:100
 RUN id > /tmp/id-seen
@@ -237,6 +247,8 @@ RUN id > /tmp/id-seen
     let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap();
     assert_eq!(read("uid-seen"), "0\n");
     assert_eq!(read("pid-seen"), "1\n");
+    assert_eq!(read("hostname-seen"), "kiln\n");
+    assert_eq!(read("sys-seen"), "ro\n", "/sys is read-only");
     assert_eq!(read("tmp/id-seen"), "uid=1000(user) gid=100 groups=100\n");
     assert!(read("dev-seen").contains("null"));
     assert!(rootfs.join(canary.trim_start_matches('/')).exists());

@@ -43,6 +43,9 @@ RUN --mount=type=bind,target=/ctx sh -c 'ls /ctx > /listing; touch /ctx/new 2>/d
 RUN --mount=type=bind,target=/ctx,rw sh -c 'echo scribble > /ctx/scribble && cat /ctx/scribble > /rw'
 RUN --mount=type=bind,from=builder,source=/built,target=/b cp /b/x /from-stage
 RUN --mount=type=tmpfs,target=/scratch,size=1m sh -c 'echo x > /scratch/f && grep \" /scratch \" /proc/mounts | cut -d\" \" -f3 > /tmpfs-type'
+RUN --mount=type=cache,target=/c2,id=opts,uid=1000,gid=100,mode=0700,sharing=locked stat -c '%u:%g %a' /c2 > /cache-perms
+RUN --mount=type=cache,target=/c3,sharing=private sh -c 'touch /c3/p && ls /c3 > /private-listing'
+RUN --mount=type=cache,target=/c4,id=seeded,from=builder,source=/built cat /c4/x > /cache-seeded
 ARG RUN_ID
 RUN --mount=type=cache,target=/var/cache/kiln-test,id=t sh -c 'echo $RUN_ID >> /var/cache/kiln-test/log && cp /var/cache/kiln-test/log /cache-log'
 ",
@@ -65,8 +68,20 @@ RUN --mount=type=cache,target=/var/cache/kiln-test,id=t sh -c 'echo $RUN_ID >> /
     assert_eq!(read(&root, "from-stage"), "from-stage\n");
     assert_eq!(read(&root, "tmpfs-type"), "tmpfs\n");
     assert_eq!(read(&root, "cache-log"), "one\n");
+    assert_eq!(read(&root, "cache-perms"), "1000:100 700\n");
+    assert_eq!(read(&root, "private-listing"), "p\n");
+    assert_eq!(read(&root, "cache-seeded"), "from-stage\n");
     // Mount points Kiln made are gone; nothing written through a mount stayed.
-    for gone in ["data", "ctx", "b", "scratch", "var/cache/kiln-test"] {
+    for gone in [
+        "data",
+        "ctx",
+        "b",
+        "scratch",
+        "var/cache/kiln-test",
+        "c2",
+        "c3",
+        "c4",
+    ] {
         assert!(!root.join(gone).exists(), "/{gone} reached the image");
     }
     // A rw bind writes to a copy, never to the context.
@@ -140,6 +155,27 @@ RUN --mount=type=secret,id=absent echo optional secrets may be missing > /option
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&zgrep.stdout).trim(), "0");
+
+    // From an environment variable (`env=`), as buildx takes it.
+    let out_env = tempfile::tempdir().unwrap();
+    let layout = out_env.path().join("layout");
+    let output = kiln_build_cmd(
+        &ctx,
+        state.path(),
+        &[
+            "--no-push",
+            "--cache=false",
+            "--secret",
+            "id=tok,env=KILN_TEST_TOKEN",
+        ],
+    )
+    .args(["--oci-layout-path", layout.to_str().unwrap()])
+    .env("KILN_TEST_TOKEN", "from-the-env")
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let root = umoci_unpack(&layout, "latest", out_env.path());
+    assert_eq!(read(&root, "upper"), "FROM-THE-ENV");
 
     // A required secret that was not given fails clearly, naming the line.
     let ctx = Context::new(
