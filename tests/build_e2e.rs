@@ -128,12 +128,15 @@ fn writes_a_tarball_and_an_oci_layout() {
     let tar = out_dir.path().join("image.tar");
     let layout = out_dir.path().join("layout");
     let dest = registry.reference("app/saved:v3");
+    let other = registry.reference("app/other:latest");
     let out = kiln_build(
         &ctx,
         state.path(),
         &[
             "--destination",
             &dest,
+            "--destination",
+            &other,
             "--no-push",
             "--tar-path",
             tar.to_str().unwrap(),
@@ -170,11 +173,14 @@ fn writes_a_tarball_and_an_oci_layout() {
             .args(["--storage-driver", "vfs", "load", "-i"])
             .arg(&tar),
     );
-    assert!(
-        String::from_utf8_lossy(&loaded.stdout).contains("app/saved:v3"),
-        "{}",
-        String::from_utf8_lossy(&loaded.stdout)
-    );
+    // Every destination is a tag of the archive.
+    for tag in ["app/saved:v3", "app/other:latest"] {
+        assert!(
+            String::from_utf8_lossy(&loaded.stdout).contains(tag),
+            "{tag}: {}",
+            String::from_utf8_lossy(&loaded.stdout)
+        );
+    }
 
     // The OCI layout is read by skopeo and umoci under the destination's tag.
     let inspected =
@@ -286,6 +292,75 @@ fn pushes_docker_schema_2_on_request() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `--compression zstd` layers, at the level asked for, read back by
+/// skopeo (umoci 0.4 reads gzip only, so skopeo recompresses for it).
+#[test]
+fn zstd_layers_at_a_level_are_read_back() {
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    let ctx = Context::new(&format!("FROM {base}\nRUN seq 1 200000 > /numbers\n"), &[]);
+    let out_dir = tempfile::tempdir().unwrap();
+    let build = |level: &str| {
+        let layout = out_dir.path().join(format!("zstd-{level}"));
+        let state = out_dir.path().join(format!("state-{level}"));
+        let out = kiln_build(
+            &ctx,
+            &state,
+            &[
+                "--no-push",
+                "--compression",
+                "zstd",
+                "--compression-level",
+                level,
+                "--oci-layout-path",
+                layout.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let blob = |d: &serde_json::Value| {
+            layout
+                .join("blobs/sha256")
+                .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+        };
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(blob(&index["manifests"][0]["digest"])).unwrap())
+                .unwrap();
+        let top = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            top["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        let bytes = std::fs::read(blob(&top["digest"])).unwrap();
+        assert_eq!(bytes[..4], [0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
+        (layout, bytes.len())
+    };
+    let (fast, fast_size) = build("1");
+    let (_, small_size) = build("19");
+    assert!(
+        small_size < fast_size,
+        "level 19 ({small_size}) vs 1 ({fast_size})"
+    );
+    let gzipped = out_dir.path().join("gzipped");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-compress",
+        "--dest-compress-format",
+        "gzip",
+        &format!("oci:{}:latest", fast.display()),
+        &format!("oci:{}:latest", gzipped.display()),
+    ]));
+    let rootfs = umoci_unpack(&gzipped, "latest", out_dir.path());
+    let numbers = std::fs::read_to_string(rootfs.join("numbers")).unwrap();
+    assert!(numbers.ends_with("199999\n200000\n"));
 }
 
 /// Base layers are mounted from the base's repository, not uploaded again,

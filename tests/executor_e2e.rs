@@ -3,6 +3,7 @@
 mod support;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kiln_cachestore::digest::sha256_digest as sha256;
@@ -697,4 +698,122 @@ ADD --exclude=skip.txt keep.txt skip.txt /added/
         "{}",
         stderr(&out)
     );
+}
+
+/// A base layer whose bytes are not what its digest says fails the build,
+/// clearly, and is never stored: the next build with the right bytes works.
+#[test]
+fn a_tampered_base_layer_fails_the_build_and_stays_out_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layout_with_layer(
+        dir.path(),
+        &[("hello".into(), b'0', String::new(), b"hi\n")],
+    );
+    let blobs = layout.join("blobs/sha256");
+    let json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let index = json(layout.join("index.json"));
+    let hex = |v: &serde_json::Value| {
+        v.as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let manifest = json(blobs.join(hex(&index["manifests"][0]["digest"])));
+    let layer = blobs.join(hex(
+        &manifest["layers"].as_array().unwrap().last().unwrap()["digest"]
+    ));
+    let good = std::fs::read(&layer).unwrap();
+    let mut evil = Vec::new();
+    raw_entry(&mut evil, "hello", b'0', "", b"swapped\n");
+    evil.extend_from_slice(&[0u8; 1024]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&evil).unwrap();
+    std::fs::write(&layer, gz.finish().unwrap()).unwrap();
+
+    let ctx = Context::new(
+        &format!(
+            "FROM oci-layout://{}:latest\nRUN cat /hello > /copy\n",
+            layout.display()
+        ),
+        &[],
+    );
+    let state = dir.path().join("state");
+    let out_dir = dir.path().join("out");
+    let args = ["--no-push", "--oci-layout-path", out_dir.to_str().unwrap()];
+    let out = kiln_build(&ctx, &state, &args);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("digest mismatch"), "{}", stderr(&out));
+
+    std::fs::write(&layer, good).unwrap();
+    let out = kiln_build(&ctx, &state, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rootfs = umoci_unpack(&out_dir, "latest", dir.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("copy")).unwrap(),
+        "hi\n"
+    );
+}
+
+/// `--snapshot-mode`: redo and full see every change; time, as Kaniko's,
+/// sees only what moves an mtime, so a chmod alone is missed.
+#[test]
+fn snapshot_modes_and_copy_from_an_image() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &format!(
+            "FROM {base}
+COPY --from={base} /bin/busybox /copied-busybox
+RUN --mount=type=bind,from={base},source=/etc,target=/base-etc cp /base-etc/passwd /passwd-from-image
+RUN echo a > /a && mkdir /d && echo b > /d/b
+RUN echo c >> /a && rm /d/b
+RUN chmod 600 /a
+"
+        ),
+        &[],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut trees = Vec::new();
+    for mode in ["redo", "full", "time"] {
+        let layout = dir.path().join(format!("layout-{mode}"));
+        let out = kiln_build(
+            &ctx,
+            &dir.path().join(format!("state-{mode}")),
+            &[
+                "--no-push",
+                "--snapshotter",
+                "walk",
+                "--snapshot-mode",
+                mode,
+                "--oci-layout-path",
+                layout.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let rootfs = umoci_unpack(&layout, "latest", &dir.path().join(mode));
+        let busybox = std::fs::read(rootfs.join("bin/busybox")).unwrap();
+        assert_eq!(
+            std::fs::read(rootfs.join("copied-busybox")).unwrap(),
+            busybox
+        );
+        assert!(std::fs::read_to_string(rootfs.join("passwd-from-image"))
+            .unwrap()
+            .starts_with("root:"));
+        assert_eq!(std::fs::read_to_string(rootfs.join("a")).unwrap(), "a\nc\n");
+        assert!(!rootfs.join("d/b").exists());
+        let mode_of_a = std::fs::metadata(rootfs.join("a"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(
+            mode_of_a,
+            if mode == "time" { 0o644 } else { 0o600 },
+            "{mode}"
+        );
+        trees.push(tree(&rootfs));
+    }
+    assert_eq!(trees[0], trees[1], "redo and full differ");
 }
