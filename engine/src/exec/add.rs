@@ -14,7 +14,7 @@
 //! verified before anything reaches the root.
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{lchown, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::Digest;
@@ -22,7 +22,7 @@ use sha2::Digest;
 use crate::context::Ignore;
 use crate::exec::copy::{self, CopyRequest, Source};
 use crate::plan::AddSpec;
-use crate::rootfs::{extract, resolve_in_root};
+use crate::rootfs::extract;
 
 /// How an archive's bytes are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,35 +100,11 @@ pub fn extract_archive(
     host_dir: &Path,
     chown: Option<(u32, u32)>,
 ) -> Result<(), String> {
-    let open = || {
-        fs::File::open(path)
-            .and_then(|f| decompress(f, compression))
-            .map_err(|e| format!("{}: {e}", path.display()))
-    };
-    extract::extract_layer(host_dir, open()?)
-        .map_err(|e| format!("extracting {}: {e}", path.display()))?;
-    let Some((uid, gid)) = chown else {
-        return Ok(());
-    };
-    // A second pass over the headers: the extractor keeps the archive's
-    // owners, --chown replaces them.
-    let mut archive = tar::Archive::new(open()?);
-    let entries = archive
-        .entries()
+    let archive = fs::File::open(path)
+        .and_then(|f| decompress(f, compression))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("{}: {e}", path.display()))?;
-        let name = entry
-            .path()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        let host = resolve_in_root(host_dir, &Path::new("/").join(&name), false)
-            .map_err(|e| format!("{}: {e}", name.display()))?;
-        match lchown(&host, Some(uid), Some(gid)) {
-            // Whiteouts and skipped entries leave nothing behind.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            r => r.map_err(|e| format!("{}: {e}", name.display()))?,
-        }
-    }
+    extract::extract_archive(host_dir, archive, chown)
+        .map_err(|e| format!("extracting {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -485,6 +461,14 @@ mod tests {
         let mut file = header(tar::EntryType::Regular, 0o640, 1000);
         file.set_size(5);
         b.append_data(&mut file, "d/f", &b"hello"[..]).unwrap();
+        // An archive is no layer: this is a file, not a whiteout of d/f.
+        let mut wh = header(tar::EntryType::Regular, 0o644, 0);
+        b.append_data(&mut wh, "d/.wh.f", io::empty()).unwrap();
+        let mut aufs = header(tar::EntryType::Regular, 0o644, 0);
+        b.append_data(&mut aufs, ".wh..wh.aufs", io::empty())
+            .unwrap();
+        let mut suid = header(tar::EntryType::Regular, 0o4755, 1000);
+        b.append_data(&mut suid, "d/suid", io::empty()).unwrap();
         let mut link = header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut link, "up", "../../../..").unwrap();
         // Written through a link to `/`: must land inside the destination.
@@ -588,6 +572,18 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("opt/d/f")).unwrap(), "hello");
         assert_eq!((f.uid(), f.gid(), f.mode() & 0o7777), (1000, 1000, 0o640));
         assert!(root.join("opt/old").is_file(), "existing files stay");
+        assert!(root.join("opt/d/.wh.f").is_file(), ".wh. names are files");
+        assert!(
+            !root.join("opt/.wh..wh.aufs").exists(),
+            "AUFS metadata is skipped"
+        );
+        // --chown replaces owners and keeps setuid bits.
+        run(&["a.tgz"], "/chowned", Some((7, 8)), None).unwrap();
+        let suid = fs::metadata(root.join("chowned/d/suid")).unwrap();
+        assert_eq!(
+            (suid.uid(), suid.gid(), suid.mode() & 0o7777),
+            (7, 8, 0o4755)
+        );
         assert_eq!(
             fs::read_link(root.join("opt/up")).unwrap(),
             PathBuf::from("../../../..")

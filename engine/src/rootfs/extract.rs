@@ -124,6 +124,19 @@ pub fn extract_layer_dir<R: Read>(dir: &Path, layer: R) -> Result<ExtractStats, 
     extract(dir, layer, Format::Overlay, &[])
 }
 
+/// Unpacks a plain archive (`ADD archive.tar`) into `dir`, as Docker's
+/// untar does: `.wh.` names are ordinary files (an archive is no layer),
+/// AUFS metadata (`.wh..wh.*`) is skipped, and `owner`, when given
+/// (`--chown`), replaces every entry's owner before modes are set, so
+/// setuid bits survive it. Everything else is as [`extract_layer`].
+pub fn extract_archive<R: Read>(
+    dir: &Path,
+    archive: R,
+    owner: Option<(u32, u32)>,
+) -> Result<ExtractStats, ExtractError> {
+    extract(dir, archive, Format::Archive { owner }, &[])
+}
+
 /// What whiteouts do.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -131,6 +144,8 @@ enum Format {
     Apply,
     /// Record them as overlayfs does (a layer alone in its own directory).
     Overlay,
+    /// Nothing: a plain archive, owned by `owner` when given.
+    Archive { owner: Option<(u32, u32)> },
 }
 
 fn extract<R: Read>(
@@ -209,6 +224,9 @@ enum Whiteout<'a> {
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// AUFS's own files (`.wh..wh.plnk`, `.wh..wh.aufs`...), the opaque marker
+/// among them.
+const AUFS_METADATA: &[u8] = b".wh..wh.";
 /// Marks a directory that hides what lower layers have there.
 pub const OVERLAY_OPAQUE: &str = "trusted.overlay.opaque";
 /// Overlayfs's own xattrs: storage details, never image content.
@@ -227,8 +245,13 @@ impl Extractor {
         };
         let parent_rel = rel.parent().unwrap_or(Path::new(""));
 
-        if let Some(whiteout) = whiteout_of(&name) {
-            return self.whiteout(&raw, parent_rel, whiteout);
+        match (whiteout_of(&name), self.format) {
+            (Some(_), Format::Archive { .. }) if name.as_bytes().starts_with(AUFS_METADATA) => {
+                tracing::debug!(path = %raw.display(), "skipping AUFS metadata in an archive");
+                return Ok(());
+            }
+            (Some(_), Format::Archive { .. }) | (None, _) => {}
+            (Some(whiteout), _) => return self.whiteout(&raw, parent_rel, whiteout),
         }
 
         let Some(kind) = Kind::of(entry.header(), &raw) else {
@@ -248,7 +271,14 @@ impl Extractor {
             return Ok(());
         }
 
-        let meta = Meta::read(&mut entry, &raw)?;
+        let mut meta = Meta::read(&mut entry, &raw)?;
+        if let Format::Archive {
+            owner: Some((uid, gid)),
+        } = self.format
+        {
+            meta.uid = Uid::from_raw(uid);
+            meta.gid = Gid::from_raw(gid);
+        }
         let io_err = |e: io::Error| ExtractError::Io {
             path: raw.clone(),
             source: e,
