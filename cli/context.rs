@@ -128,7 +128,12 @@ fn clone(spec: &str, options: &GitOptions, scratch: &Path) -> Result<PathBuf> {
         source.reference = options.branch.clone();
     }
     source
-        .fetch(&scratch.join("git"), false, options.recurse_submodules)
+        .fetch(
+            &scratch.join("git"),
+            false,
+            options.recurse_submodules,
+            None,
+        )
         .with_context(|| format!("--context {spec}"))
 }
 

@@ -269,9 +269,9 @@ pub struct Builder<'a> {
     /// The remote tier, when `--cache-repo` is given and caching is on.
     remote: Option<RemoteCache<'a>>,
     etc: EtcFiles,
-    /// `ADD <url>` without `--checksum`: fetched while keying, by URL, so
-    /// the step is keyed by what came and copies that same file.
-    downloads: std::sync::Mutex<HashMap<String, PathBuf>>,
+    /// ADD's remote sources as keying found them (downloads, commits), so
+    /// the step copies exactly what it was keyed by.
+    resolved: std::sync::Mutex<crate::exec::add::Resolved>,
 }
 
 impl<'a> Builder<'a> {
@@ -329,7 +329,7 @@ impl<'a> Builder<'a> {
             empty,
             remote,
             etc,
-            downloads: Default::default(),
+            resolved: Default::default(),
         })
     }
 
@@ -768,7 +768,7 @@ impl<'a> Builder<'a> {
 
     /// `url` downloaded into this build's work dir, once per build.
     fn download(&self, url: &str) -> Result<PathBuf, String> {
-        if let Some(file) = self.downloads.lock().expect("downloads poisoned").get(url) {
+        if let Some(file) = self.resolved().downloads.get(url) {
             return Ok(file.clone());
         }
         let dir = tempfile::Builder::new()
@@ -777,11 +777,14 @@ impl<'a> Builder<'a> {
             .map_err(|e| format!("{}: {e}", self.work.path().display()))?
             .keep();
         let file = dir.join(crate::exec::add::download(url, None, &dir)?);
-        self.downloads
-            .lock()
-            .expect("downloads poisoned")
+        self.resolved()
+            .downloads
             .insert(url.to_string(), file.clone());
         Ok(file)
+    }
+
+    fn resolved(&self) -> std::sync::MutexGuard<'_, crate::exec::add::Resolved> {
+        self.resolved.lock().expect("resolved sources poisoned")
     }
 
     /// The cache key of every step (`None` for metadata-only steps),
@@ -825,6 +828,9 @@ impl<'a> Builder<'a> {
                         .map(|s| crate::git::GitSource::parse(s).resolve())
                         .collect::<Result<_, _>>()
                         .map_err(|e| self.step_error(step, e.to_string()))?;
+                    self.resolved()
+                        .commits
+                        .extend(sources.iter().cloned().zip(commits.iter().cloned()));
                     if let Some(checksum) = &spec.checksum {
                         if let Some(other) = commits
                             .iter()
@@ -1448,7 +1454,7 @@ impl<'a> Builder<'a> {
                             checksum: spec.checksum.as_deref(),
                             unpack: spec.unpack,
                             scratch: self.work.path(),
-                            downloaded: &self.downloads.lock().expect("downloads poisoned"),
+                            resolved: &self.resolved(),
                         },
                         root,
                     )?,

@@ -15,6 +15,12 @@ pub enum GitError {
     Failed { op: String, message: String },
     #[error("git ls-remote: no ref {0} in the repository")]
     NoSuchRef(String),
+    #[error("{reference} moved during the build: it was commit {expected}, now {found}")]
+    Moved {
+        reference: String,
+        expected: String,
+        found: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -90,17 +96,38 @@ impl GitSource {
 
     /// A shallow checkout of the ref into `dir` (made here), without its
     /// `.git` unless `keep_git_dir`. Returns the source: `subdir` in it.
+    /// With `commit` (what [`resolve`](Self::resolve) said), exactly that
+    /// commit: fetched by id, or by ref when the server refuses ids, and
+    /// then the ref must still name it.
     pub fn fetch(
         &self,
         dir: &Path,
         keep_git_dir: bool,
         recurse_submodules: bool,
+        commit: Option<&str>,
     ) -> Result<PathBuf, GitError> {
         let dir_str = dir.to_string_lossy().into_owned();
         git(None, &["init", "--quiet", &dir_str])?;
         let in_repo = |args: &[&str]| git(Some(dir), args);
         in_repo(&["remote", "add", "origin", &self.fetch_url()])?;
-        in_repo(&["fetch", "--quiet", "--depth", "1", "origin", self.wanted()])?;
+        let fetch = |what: &str| in_repo(&["fetch", "--quiet", "--depth", "1", "origin", what]);
+        match commit {
+            Some(id) if fetch(id).is_ok() => {}
+            Some(id) => {
+                fetch(self.wanted())?;
+                let found = in_repo(&["rev-parse", "FETCH_HEAD^{commit}"])?;
+                if found.trim() != id {
+                    return Err(GitError::Moved {
+                        reference: self.wanted().to_string(),
+                        expected: id.to_string(),
+                        found: found.trim().to_string(),
+                    });
+                }
+            }
+            None => {
+                fetch(self.wanted())?;
+            }
+        }
         in_repo(&["checkout", "--quiet", "FETCH_HEAD"])?;
         if recurse_submodules {
             in_repo(&[
@@ -205,8 +232,25 @@ mod tests {
             Err(GitError::NoSuchRef(_))
         ));
         let source = GitSource::parse(&format!("{url}#v1:sub"));
-        let out = source.fetch(&dir.path().join("co"), false, false).unwrap();
+        let out = source
+            .fetch(&dir.path().join("co"), false, false, None)
+            .unwrap();
         assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "hi\n");
         assert!(!dir.path().join("co/.git").exists());
+
+        // The branch moves on after keying: the build still gets the
+        // commit it was keyed by; a commit the server cannot give is an
+        // error naming both.
+        sh("cd repo && echo two > sub/f && git -c user.email=t@e -c user.name=t commit -qam two");
+        let main = GitSource::parse(&format!("{url}#main:sub"));
+        let out = main
+            .fetch(&dir.path().join("pinned"), false, false, Some(head.trim()))
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("f")).unwrap(), "hi\n");
+        let gone = "0".repeat(40);
+        let err = main
+            .fetch(&dir.path().join("moved"), false, false, Some(&gone))
+            .unwrap_err();
+        assert!(matches!(err, GitError::Moved { .. }), "{err}");
     }
 }

@@ -333,8 +333,18 @@ pub struct AddRequest<'a> {
     pub keep_git_dir: bool,
     /// Where downloads wait before they are copied in (outside the root).
     pub scratch: &'a Path,
-    /// URLs already downloaded (to key the step): their files.
-    pub downloaded: &'a std::collections::HashMap<String, PathBuf>,
+    /// What keying the step learned of its remote sources.
+    pub resolved: &'a Resolved,
+}
+
+/// What keying an ADD learned of its remote sources, for running it on
+/// exactly that.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// URLs without `--checksum`, downloaded: their files.
+    pub downloads: std::collections::HashMap<String, PathBuf>,
+    /// Git sources: the commit each ref named.
+    pub commits: std::collections::HashMap<String, String>,
 }
 
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
@@ -367,7 +377,12 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 .tempdir_in(req.scratch)
                 .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
             let checkout = crate::git::GitSource::parse(source)
-                .fetch(&dir.path().join("repo"), req.keep_git_dir, false)
+                .fetch(
+                    &dir.path().join("repo"),
+                    req.keep_git_dir,
+                    false,
+                    req.resolved.commits.get(source).map(String::as_str),
+                )
                 .map_err(|e| format!("{source}: {e}"))?;
             return copy::copy(
                 &CopyRequest {
@@ -402,7 +417,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             continue;
         }
         let fetched;
-        let (dir, name) = match req.downloaded.get(source) {
+        let (dir, name) = match req.resolved.downloads.get(source) {
             Some(file) => (
                 file.parent().unwrap_or(req.scratch),
                 file.file_name()
@@ -562,7 +577,7 @@ mod tests {
                     checksum: None,
                     unpack,
                     scratch: &scratch,
-                    downloaded: &Default::default(),
+                    resolved: &Resolved::default(),
                 },
                 &root,
             )
@@ -676,7 +691,7 @@ mod tests {
                     checksum: None,
                     unpack,
                     scratch: dir.path(),
-                    downloaded: &Default::default(),
+                    resolved: &Resolved::default(),
                 },
                 &root,
             )
