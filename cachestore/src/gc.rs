@@ -201,11 +201,11 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
     Ok(report)
 }
 
-/// Empties the cache: every entry, every blob, the unpacked layers, the
-/// work dirs of dead builds and the `RUN --mount=type=cache` directories.
+/// Empties the cache: the whole index (entries, their use, the stat and
+/// base-image caches), every blob, the unpacked layers, the work dirs of
+/// dead builds and the `RUN --mount=type=cache` directories. Refused, with
+/// nothing removed, while a build runs.
 pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcReport> {
-    let keys: Vec<String> = index.all_steps()?.into_iter().map(|(k, _)| k).collect();
-    index.remove_steps(&keys)?;
     let (build_dirs_removed, live_builds) = remove_abandoned_builds(state_dir)?;
     if live_builds > 0 {
         return Err(crate::CacheStoreError::Busy(format!(
@@ -213,8 +213,10 @@ pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcRep
             state_dir.display()
         )));
     }
+    let entries_removed = index.all_steps()?.len();
+    index.clear()?;
     let mut report = GcReport {
-        entries_removed: keys.len(),
+        entries_removed,
         build_dirs_removed,
         ..GcReport::default()
     };
@@ -317,6 +319,35 @@ mod tests {
         );
         assert!(verify(&store, &index).unwrap().clean());
         assert_eq!(index.all_steps().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn prune_waits_for_live_builds_then_empties_the_whole_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let key = "k".to_string();
+        index
+            .put_steps(&[(key.clone(), entry_for(&digest, now_secs()))])
+            .unwrap();
+        index.touch_steps(std::slice::from_ref(&key)).unwrap();
+        index
+            .put_stats(&[(b"stat".to_vec(), b"hash".to_vec())])
+            .unwrap();
+        let live = dir.path().join("builds/build-live");
+        fs::create_dir_all(&live).unwrap();
+        fs::write(live.join("lock"), b"").unwrap();
+        let held = fs::File::open(live.join("lock")).unwrap();
+        held.lock().unwrap();
+        assert!(prune(dir.path(), &store, &index).is_err());
+        assert!(index.get_steps(std::slice::from_ref(&key)).unwrap()[0].is_some());
+        drop(held);
+        let report = prune(dir.path(), &store, &index).unwrap();
+        assert_eq!(report.entries_removed, 1);
+        assert!(index.get_steps(std::slice::from_ref(&key)).unwrap()[0].is_none());
+        assert_eq!(index.last_used(std::slice::from_ref(&key)).unwrap(), [None]);
+        assert_eq!(index.get_stats(&[b"stat".to_vec()]).unwrap(), [None]);
     }
 
     #[test]

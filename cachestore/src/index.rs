@@ -236,11 +236,26 @@ impl Index {
         if keys.is_empty() || !self.path.join("CURRENT").exists() {
             return Ok(());
         }
-        self.write(STEPS, |cf, batch| {
-            for key in keys {
-                batch.delete_cf(cf, key.as_bytes());
-            }
-        })
+        // Their use records too, or they would outlive them forever.
+        for family in [STEPS, USED] {
+            self.write(family, |cf, batch| {
+                for key in keys {
+                    batch.delete_cf(cf, key.as_bytes());
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Empties the index, every family (`kiln cache prune`): under the
+    /// writers' lock, which also keeps readers out.
+    pub fn clear(&self) -> Result<()> {
+        let lock = File::create(&self.lock).at(&self.lock)?;
+        lock.lock().at(&self.lock)?;
+        match std::fs::remove_dir_all(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&self.path),
+            _ => Ok(()),
+        }
     }
 
     /// Records entries, waiting for any other writer to finish first.
@@ -316,6 +331,20 @@ mod tests {
             index.get_steps(&keys).unwrap(),
             vec![Some(a), Some(b), None]
         );
+    }
+
+    #[test]
+    fn removed_steps_take_their_use_records_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let keys = ["a".to_string(), "b".to_string()];
+        index
+            .put_steps(&keys.clone().map(|k| (k, StepEntry::new(Some(layer(1))))))
+            .unwrap();
+        index.touch_steps(&keys).unwrap();
+        index.remove_steps(&keys[..1]).unwrap();
+        let used = index.last_used(&keys).unwrap();
+        assert!(used[0].is_none() && used[1].is_some(), "{used:?}");
     }
 
     #[test]
