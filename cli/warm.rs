@@ -53,10 +53,12 @@ pub fn run(a: WarmArgs) -> Result<()> {
         .build()?;
     runtime.block_on(async {
         for image in &images {
-            if a.insecure_pull {
-                if let Ok(r) = kiln_cachestore::registry::parse_reference(image) {
-                    registry.allow_plain_http(r.resolve_registry());
-                }
+            if let Ok(r) = kiln_cachestore::registry::parse_reference(image) {
+                registry.relax_for_pull(
+                    r.resolve_registry(),
+                    a.insecure_pull,
+                    a.registry.skip_tls_verify_pull,
+                );
             }
             let w = warm::warm(&registry, &store, &index, image, &platform, a.force)
                 .await

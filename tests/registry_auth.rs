@@ -181,6 +181,27 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 
+    // `kiln warm` pulls with the same TLS flags as a build.
+    let warm = |extra: &[&str]| {
+        let state = tempfile::tempdir().unwrap();
+        Command::new(KILN)
+            .args(["warm", "--cache-dir"])
+            .arg(state.path())
+            .args(["--image", &registry.reference("base/busybox:latest")])
+            .args(extra)
+            .env("DOCKER_CONFIG", good.path())
+            .output()
+            .unwrap()
+    };
+    let out = warm(&[]);
+    assert!(
+        !out.status.success() && stderr(&out).contains(&host),
+        "{}",
+        stderr(&out)
+    );
+    let out = warm(&["--skip-tls-verify-pull"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
     // No credentials at all: refused by the registry, named in the error.
     let none = docker_config("{}");
     let out = build(

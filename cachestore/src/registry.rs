@@ -64,6 +64,32 @@ pub struct RegistryClient {
     origins: Mutex<HashMap<String, Reference>>,
 }
 
+/// Whether the server at `registry` (`host:port`) answers plain HTTP as a
+/// TLS server does: Docker tries HTTPS first on registries it may reach
+/// over HTTP. Go's servers (Distribution, Harbor) answer a plain request
+/// with a 400 saying so; others do not answer it with HTTP at all. Anything
+/// unreachable counts as plain, for the request after to report.
+fn speaks_tls(registry: &str) -> bool {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(2);
+    let Some(addr) = registry.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    if stream.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.take(1024).read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    !answer.starts_with("HTTP/") || answer.contains("HTTP request to an HTTPS server")
+}
+
 /// Loopback registries may use plain HTTP, as Docker allows.
 pub fn is_loopback(registry: &str) -> bool {
     let host = match registry.strip_prefix('[') {
@@ -205,6 +231,17 @@ impl RegistryClient {
             .push(registry.to_string());
     }
 
+    /// `--insecure-pull` and `--skip-tls-verify-pull` for the registry an
+    /// image is pulled from; only affects clients made later.
+    pub fn relax_for_pull(&self, registry: &str, plain_http: bool, invalid_certificates: bool) {
+        if plain_http {
+            self.allow_plain_http(registry);
+        }
+        if invalid_certificates {
+            self.allow_invalid_certificates(registry);
+        }
+    }
+
     /// Allows plain HTTP to `registry`; only affects clients made later.
     pub fn allow_plain_http(&self, registry: &str) {
         self.plain_http
@@ -237,14 +274,30 @@ impl RegistryClient {
             return Ok(client);
         }
         // Loopback may use plain HTTP as with Docker, unless TLS was asked
-        // for that registry (a CA or a skip-verify for it).
+        // for that registry (a CA or a skip-verify for it), or a skip-verify
+        // flag covers it and it turns out to speak TLS.
+        let invalid_certs_ok = self.options.skip_tls_verify
+            || self.options.skip_tls_verify_registries.contains(&registry)
+            || self
+                .invalid_certs_ok
+                .lock()
+                .expect("certificate list poisoned")
+                .contains(&registry);
         let tls_configured = self
             .options
             .ca_certificates
             .iter()
             .any(|(h, _)| *h == registry)
             || self.options.skip_tls_verify_registries.contains(&registry);
-        let plain = (is_loopback(&registry) && !tls_configured)
+        let loopback_plain = is_loopback(&registry)
+            && !tls_configured
+            && !(invalid_certs_ok && {
+                let probed = registry.clone();
+                tokio::task::spawn_blocking(move || speaks_tls(&probed))
+                    .await
+                    .unwrap_or(false)
+            });
+        let plain = loopback_plain
             || self.options.plain_http.contains(&registry)
             || self
                 .plain_http
@@ -257,13 +310,7 @@ impl RegistryClient {
             } else {
                 ClientProtocol::Https
             },
-            accept_invalid_certificates: self.options.skip_tls_verify
-                || self.options.skip_tls_verify_registries.contains(&registry)
-                || self
-                    .invalid_certs_ok
-                    .lock()
-                    .expect("certificate list poisoned")
-                    .contains(&registry),
+            accept_invalid_certificates: invalid_certs_ok,
             extra_root_certificates: self.root_certificates(&registry)?,
             // Streamed monolithic PUTs: some registries mishandle chunks.
             use_monolithic_push: true,

@@ -418,13 +418,11 @@ impl<'a> Builder<'a> {
             layout::import(Path::new(path), tag, platform, self.store).map_err(base_error)?
         } else {
             let r = registry::parse_reference(reference).map_err(base_error)?;
-            if self.options.insecure_pull {
-                self.registry.allow_plain_http(r.resolve_registry());
-            }
-            if self.options.skip_tls_verify_pull {
-                self.registry
-                    .allow_invalid_certificates(r.resolve_registry());
-            }
+            self.registry.relax_for_pull(
+                r.resolve_registry(),
+                self.options.insecure_pull,
+                self.options.skip_tls_verify_pull,
+            );
             kiln_cachestore::warm::resolve_base(
                 self.registry,
                 self.store,
