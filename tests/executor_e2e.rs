@@ -817,3 +817,85 @@ RUN chmod 600 /a
     }
     assert_eq!(trees[0], trees[1], "redo and full differ");
 }
+
+/// xattrs a RUN sets, `security.capability` among them, reach the layer as
+/// PAX records, with both snapshotters.
+#[test]
+fn xattrs_set_by_a_step_reach_the_layer() {
+    const CAP: [u8; 20] = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    let ctx = Context::new(
+        &format!("FROM {base}\nCOPY setxattrs /usr/local/bin/\nRUN echo x > /capped && setxattrs /capped\n"),
+        &[(
+            "setxattrs.c",
+            "#include <sys/xattr.h>\n\
+             int main(int c, char **v) {\n\
+               unsigned char cap[20] = {1, 0, 0, 2, 0, 0x20};\n\
+               if (setxattr(v[1], \"security.capability\", cap, sizeof cap, 0)) return 1;\n\
+               return setxattr(v[1], \"user.kiln\", \"hello\", 5, 0) ? 2 : 0;\n\
+             }\n",
+        )],
+    );
+    // Static: busybox has neither setcap nor setfattr, nor a libc.
+    run_ok(
+        std::process::Command::new("cc")
+            .args(["-static", "-O2", "-o"])
+            .arg(ctx.path().join("setxattrs"))
+            .arg(ctx.path().join("setxattrs.c")),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for snapshotter in ["walk", "overlay"] {
+        let layout = dir.path().join(snapshotter);
+        let out = kiln_build(
+            &ctx,
+            &dir.path().join(format!("state-{snapshotter}")),
+            &[
+                "--no-push",
+                "--snapshotter",
+                snapshotter,
+                "--oci-layout-path",
+                layout.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{snapshotter}: {}", stderr(&out));
+        let json = |path: PathBuf| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+        };
+        let blob = |d: &serde_json::Value| {
+            layout
+                .join("blobs/sha256")
+                .join(d.as_str().unwrap().trim_start_matches("sha256:"))
+        };
+        let index = json(layout.join("index.json"));
+        let manifest = json(blob(&index["manifests"][0]["digest"]));
+        let top = blob(&manifest["layers"].as_array().unwrap().last().unwrap()["digest"]);
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+            std::fs::File::open(top).unwrap(),
+        ));
+        let mut xattrs = std::collections::BTreeMap::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap() != Path::new("capped") {
+                continue;
+            }
+            for ext in entry.pax_extensions().unwrap().into_iter().flatten() {
+                let ext = ext.unwrap();
+                xattrs.insert(ext.key().unwrap().to_string(), ext.value_bytes().to_vec());
+            }
+        }
+        assert_eq!(
+            xattrs
+                .get("SCHILY.xattr.security.capability")
+                .map(Vec::as_slice),
+            Some(&CAP[..]),
+            "{snapshotter}: {xattrs:?}"
+        );
+        assert_eq!(
+            xattrs.get("SCHILY.xattr.user.kiln").map(Vec::as_slice),
+            Some(&b"hello"[..]),
+            "{snapshotter}"
+        );
+    }
+}
