@@ -9,7 +9,7 @@
 //! metadata, a write within the same clock tick as the previous snapshot
 //! ("racy" entries, as git calls them), is closed by hashing exactly those
 //! files when they are recorded and comparing content later.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -122,7 +122,7 @@ impl Changes {
 /// The recorded state of a root.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    entries: BTreeMap<PathBuf, EntryMeta>,
+    entries: HashMap<PathBuf, EntryMeta>,
     /// Directories whose contents are never recorded (/proc, /sys, /dev).
     skip_contents: BTreeSet<PathBuf>,
     /// Paths never recorded at all (`--ignore-path`).
@@ -140,7 +140,7 @@ impl Snapshot {
         ignore: &[PathBuf],
     ) -> io::Result<Snapshot> {
         let mut snapshot = Snapshot {
-            entries: BTreeMap::new(),
+            entries: HashMap::new(),
             skip_contents: skip_contents.iter().map(PathBuf::from).collect(),
             ignore: ignore.iter().cloned().collect(),
             mode,
@@ -162,7 +162,7 @@ impl Snapshot {
     /// WORKDIR pass the paths they touched; RUN passes the whole root.
     pub fn rescan(&mut self, root: &Path, subtrees: &[PathBuf]) -> io::Result<Changes> {
         let now = SystemTime::now();
-        let mut fresh: BTreeMap<PathBuf, EntryMeta> = BTreeMap::new();
+        let mut fresh: Vec<(PathBuf, EntryMeta)> = Vec::new();
         for top in subtrees {
             let host = root.join(top);
             if top.as_os_str().is_empty() {
@@ -175,7 +175,7 @@ impl Snapshot {
             match fs::symlink_metadata(&host) {
                 Ok(meta) => {
                     let is_dir = meta.is_dir();
-                    fresh.insert(top.clone(), self.record(&host, &meta, now));
+                    fresh.push((top.clone(), self.record(|| host.clone(), &meta, now)));
                     if is_dir && !self.skip_contents.contains(top) {
                         fresh.extend(self.walk(root, top, now)?);
                     }
@@ -185,35 +185,48 @@ impl Snapshot {
             }
         }
 
+        // Hash lookups, and sorting only what changed: ordered maps of
+        // paths spent most of a 100k-file rescan comparing components.
         let mut changes = Changes::default();
+        let mut seen = 0;
         for (path, meta) in &fresh {
             let changed = match self.entries.get(path) {
                 None => true,
-                Some(old) => old.changed(meta, self.mode, &root.join(path))?,
+                Some(old) => {
+                    seen += 1;
+                    old.changed(meta, self.mode, &root.join(path))?
+                }
             };
             if changed {
                 changes.upserts.push(path.clone());
             }
         }
+        changes.upserts.sort();
         let in_scope = |p: &Path| {
             subtrees
                 .iter()
                 .any(|top| top.as_os_str().is_empty() || p.starts_with(top))
         };
-        let gone: Vec<PathBuf> = self
-            .entries
-            .keys()
-            .filter(|p| in_scope(p) && !fresh.contains_key(*p))
-            .cloned()
-            .collect();
+        // Everything recorded before was seen again: nothing is gone.
+        let mut gone: Vec<PathBuf> = Vec::new();
+        if seen != self.entries.keys().filter(|p| in_scope(p)).count() {
+            let now_there: HashSet<&Path> = fresh.iter().map(|(p, _)| p.as_path()).collect();
+            gone = self
+                .entries
+                .keys()
+                .filter(|p| in_scope(p) && !now_there.contains(p.as_path()))
+                .cloned()
+                .collect();
+            // Parents first, so a deleted directory covers its children.
+            gone.sort();
+        }
+        // Recorded first, so a parent below is looked up as it is now.
+        self.entries.extend(fresh);
         for path in gone {
             self.entries.remove(&path);
             let parent_is_dir = match path.parent() {
                 Some(p) if p.as_os_str().is_empty() => true,
-                Some(p) => fresh
-                    .get(p)
-                    .or_else(|| self.entries.get(p))
-                    .is_some_and(EntryMeta::is_dir),
+                Some(p) => self.entries.get(p).is_some_and(EntryMeta::is_dir),
                 None => false,
             };
             // A deleted child of a deleted (or replaced) directory is covered by its parent.
@@ -224,7 +237,6 @@ impl Snapshot {
                 changes.deletes.push(path);
             }
         }
-        self.entries.extend(fresh);
         Ok(changes)
     }
 
@@ -238,12 +250,14 @@ impl Snapshot {
         let entries: Vec<fs::DirEntry> = fs::read_dir(&dir)?.collect::<io::Result<_>>()?;
         let nested: Vec<Vec<(PathBuf, EntryMeta)>> = entries
             .par_iter()
-            .filter(|entry| !self.ignored(&rel.join(entry.file_name())))
             .map(|entry| {
                 let path = rel.join(entry.file_name());
+                if self.ignored(&path) {
+                    return Ok(Vec::new());
+                }
                 // DirEntry::metadata does not follow symlinks.
                 let meta = entry.metadata()?;
-                let mut out = vec![(path.clone(), self.record(&entry.path(), &meta, now))];
+                let mut out = vec![(path.clone(), self.record(|| entry.path(), &meta, now))];
                 if meta.is_dir() && !self.skip_contents.contains(&path) {
                     out.extend(self.walk(root, &path, now)?);
                 }
@@ -257,7 +271,9 @@ impl Snapshot {
         self.ignore.iter().any(|i| path.starts_with(i))
     }
 
-    fn record(&self, host: &Path, meta: &Metadata, now: SystemTime) -> EntryMeta {
+    /// `host` makes the host path, needed only to hash a file's content
+    /// or list a directory's xattrs.
+    fn record(&self, host: impl Fn() -> PathBuf, meta: &Metadata, now: SystemTime) -> EntryMeta {
         let ctime =
             UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
         let racy = now.duration_since(ctime).map_or(true, |d| d < RACY_WINDOW);
@@ -277,13 +293,13 @@ impl Snapshot {
             ino: meta.ino(),
             rdev: meta.rdev(),
             // An unreadable file counts as changed later (hash mismatch).
-            hash: hashed.then(|| hash_file(host).unwrap_or([0; 32])),
+            hash: hashed.then(|| hash_file(&host()).unwrap_or([0; 32])),
             recorded: now
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
             xattrs: meta.is_dir().then(|| {
                 let mut hasher = blake3::Hasher::new();
-                for (name, value) in sorted_xattrs(host) {
+                for (name, value) in sorted_xattrs(&host()) {
                     for part in [&name, &value] {
                         hasher.update(&(part.len() as u64).to_le_bytes());
                         hasher.update(part);
