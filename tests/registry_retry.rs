@@ -95,11 +95,37 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
         !out.status.success(),
         "a pull without retries must fail here"
     );
-    assert!(stderr(&out).contains("pull"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("base image") && stderr(&out).contains("manifest"),
+        "{}",
+        stderr(&out)
+    );
     let out = build(
         &flaky_proxy(registry.addr.clone(), 6),
         &["--push-retry", "3", "--image-download-retry", "3"],
         true,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A registry that cannot be reached fails the build after the retries of
+/// one request (the tag check), not of every request that would follow.
+#[test]
+fn an_unreachable_registry_fails_after_one_round_of_retries() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ctx = Context::new(&format!("FROM 127.0.0.1:{port}/base/busybox:latest\n"), &[]);
+    let state = tempfile::tempdir().unwrap();
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--no-push", "--image-download-retry", "2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert_eq!(err.matches("retrying in").count(), 2, "{err}");
 }

@@ -484,8 +484,19 @@ impl RegistryClient {
     }
 
     /// Fetches exact manifest bytes, verified against their digest, or
-    /// `None` when the registry has no such manifest.
+    /// `None` when the registry has no such manifest; retried as pulls are.
     pub async fn pull_manifest_if_exists(
+        &self,
+        reference: &Reference,
+        accepted: &[&str],
+    ) -> Result<Option<Vec<u8>>> {
+        self.retrying(self.options.pull_retries, || {
+            self.pull_manifest_if_exists_once(reference, accepted)
+        })
+        .await
+    }
+
+    async fn pull_manifest_if_exists_once(
         &self,
         reference: &Reference,
         accepted: &[&str],

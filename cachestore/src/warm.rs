@@ -8,7 +8,7 @@ use std::time::Duration;
 use oci_client::Reference;
 
 use crate::blobs::BlobStore;
-use crate::error::Result;
+use crate::error::{CacheStoreError, Result};
 use crate::index::{now_secs, BaseEntry, Index};
 use crate::layout;
 use crate::manifest::{Platform, ResolvedManifest};
@@ -58,6 +58,14 @@ pub async fn resolve_base(
             );
             return Ok(entry.manifest.clone());
         }
+        // Unreachable through every source, after its retries: pulling
+        // would only wait as long again before failing the same way.
+        (
+            _,
+            Err(CacheStoreError::Registry {
+                transient: true, ..
+            }),
+        ) => return Err(head.unwrap_err()),
         _ => {}
     }
     let manifest = registry.pull_manifest(reference, platform).await?;
