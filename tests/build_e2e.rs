@@ -318,27 +318,12 @@ fn zstd_layers_at_a_level_are_read_back() {
             ],
         );
         assert!(out.status.success(), "{}", stderr(&out));
-        let index: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-        let blob = |d: &serde_json::Value| {
-            layout
-                .join("blobs/sha256")
-                .join(d.as_str().unwrap().trim_start_matches("sha256:"))
-        };
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(blob(&index["manifests"][0]["digest"])).unwrap())
-                .unwrap();
-        let top = manifest["layers"]
-            .as_array()
-            .unwrap()
-            .last()
-            .unwrap()
-            .clone();
+        let (top, blob) = layout_top_layer(&layout);
         assert_eq!(
             top["mediaType"],
             "application/vnd.oci.image.layer.v1.tar+zstd"
         );
-        let bytes = std::fs::read(blob(&top["digest"])).unwrap();
+        let bytes = std::fs::read(blob).unwrap();
         assert_eq!(bytes[..4], [0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
         (layout, bytes.len())
     };

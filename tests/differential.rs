@@ -74,17 +74,8 @@ fn build_with_kiln(dir: &Path, base: &str, work: &Path, snapshotter: &str) -> Bu
 /// Every layer Kiln wrote is a tar sorted by name, whiteouts among the
 /// rest, with long names and large ids in PAX records (no GNU members).
 fn assert_layers_in_order(layout: &Path) {
-    let blob = |digest: &str| {
-        layout
-            .join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"))
-    };
-    let read_json =
-        |path: PathBuf| -> Value { serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap() };
-    let index = read_json(layout.join("index.json"));
-    let manifest = read_json(blob(index["manifests"][0]["digest"].as_str().unwrap()));
-    for layer in manifest["layers"].as_array().unwrap() {
-        let file = std::fs::File::open(blob(layer["digest"].as_str().unwrap())).unwrap();
+    for layer in layout_manifest(layout)["layers"].as_array().unwrap() {
+        let file = std::fs::File::open(layout_blob(layout, &layer["digest"])).unwrap();
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
         let mut names = Vec::new();
         for entry in archive.entries().unwrap() {

@@ -709,21 +709,7 @@ fn a_tampered_base_layer_fails_the_build_and_stays_out_of_the_store() {
         dir.path(),
         &[("hello".into(), b'0', String::new(), b"hi\n")],
     );
-    let blobs = layout.join("blobs/sha256");
-    let json = |path: PathBuf| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-    };
-    let index = json(layout.join("index.json"));
-    let hex = |v: &serde_json::Value| {
-        v.as_str()
-            .unwrap()
-            .trim_start_matches("sha256:")
-            .to_string()
-    };
-    let manifest = json(blobs.join(hex(&index["manifests"][0]["digest"])));
-    let layer = blobs.join(hex(
-        &manifest["layers"].as_array().unwrap().last().unwrap()["digest"]
-    ));
+    let (_, layer) = layout_top_layer(&layout);
     let good = std::fs::read(&layer).unwrap();
     let mut evil = Vec::new();
     raw_entry(&mut evil, "hello", b'0', "", b"swapped\n");
@@ -860,17 +846,7 @@ fn xattrs_set_by_a_step_reach_the_layer() {
             ],
         );
         assert!(out.status.success(), "{snapshotter}: {}", stderr(&out));
-        let json = |path: PathBuf| -> serde_json::Value {
-            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-        };
-        let blob = |d: &serde_json::Value| {
-            layout
-                .join("blobs/sha256")
-                .join(d.as_str().unwrap().trim_start_matches("sha256:"))
-        };
-        let index = json(layout.join("index.json"));
-        let manifest = json(blob(&index["manifests"][0]["digest"]));
-        let top = blob(&manifest["layers"].as_array().unwrap().last().unwrap()["digest"]);
+        let (_, top) = layout_top_layer(&layout);
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
             std::fs::File::open(top).unwrap(),
         ));

@@ -232,6 +232,35 @@ pub fn umoci_unpack(layout: &Path, tag: &str, into: &Path) -> PathBuf {
     bundle.join("rootfs")
 }
 
+/// A blob of an OCI layout, by its digest (a `sha256:` JSON string).
+pub fn layout_blob(layout: &Path, digest: &serde_json::Value) -> PathBuf {
+    layout
+        .join("blobs/sha256")
+        .join(digest.as_str().unwrap().trim_start_matches("sha256:"))
+}
+
+/// The manifest an OCI layout's index names first.
+pub fn layout_manifest(layout: &Path) -> serde_json::Value {
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = json(layout.join("index.json"));
+    json(layout_blob(layout, &index["manifests"][0]["digest"]))
+}
+
+/// The top layer of that manifest: its descriptor and its blob.
+pub fn layout_top_layer(layout: &Path) -> (serde_json::Value, PathBuf) {
+    let manifest = layout_manifest(layout);
+    let top = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let blob = layout_blob(layout, &top["digest"]);
+    (top, blob)
+}
+
 /// Copies an image from the registry into an OCI layout and unpacks it.
 pub fn pull_and_unpack(reference: &str, into: &Path) -> PathBuf {
     let layout = into.join("layout");
