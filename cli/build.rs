@@ -245,8 +245,9 @@ fn kept_from_host_root(a: &BuildArgs, state_dir: &Path, context: &Path) -> Resul
     let docker_config = std::env::var_os("DOCKER_CONFIG")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
-    let mut paths: Vec<PathBuf> = mounts
-        .chain(["/proc", "/sys", "/dev", "/kaniko"].map(PathBuf::from))
+    let mut paths: Vec<PathBuf> = ["/proc", "/sys", "/dev", "/kaniko"]
+        .map(PathBuf::from)
+        .into_iter()
         .chain([
             std::env::current_exe()?,
             state_dir.to_path_buf(),
@@ -274,22 +275,38 @@ fn kept_from_host_root(a: &BuildArgs, state_dir: &Path, context: &Path) -> Resul
         )
         .collect();
     paths.extend(a.ignore_paths.iter().map(|p| Path::new("/").join(p)));
-    let mut kept: Vec<PathBuf> = paths
-        .into_iter()
-        .map(|p| {
-            // Real paths: a kept path reached through a symlink would be lost.
-            let absolute = std::path::absolute(&p).unwrap_or(p);
-            let real = match (absolute.parent(), absolute.file_name()) {
-                (Some(parent), Some(name)) => parent
-                    .canonicalize()
-                    .map(|parent| parent.join(name))
-                    .unwrap_or(absolute),
-                _ => absolute,
-            };
-            kiln_engine::rootfs::clean_relative(&real)
-        })
-        .filter(|p| !p.as_os_str().is_empty())
-        .collect();
+    let mut kept = Vec::new();
+    for path in paths {
+        let absolute = std::path::absolute(&path).unwrap_or(path);
+        // The path as written (its parent resolved) and, when it is a
+        // symlink, where it leads: both must survive.
+        let written = match (absolute.parent(), absolute.file_name()) {
+            (Some(parent), Some(name)) => parent
+                .canonicalize()
+                .map(|parent| parent.join(name))
+                .unwrap_or_else(|_| absolute.clone()),
+            _ => absolute.clone(),
+        };
+        for real in [Some(written), absolute.canonicalize().ok()]
+            .into_iter()
+            .flatten()
+        {
+            let relative = kiln_engine::rootfs::clean_relative(&real);
+            if relative.as_os_str().is_empty() {
+                bail!(
+                    "--isolation none: {} is / itself, which the build replaces",
+                    absolute.display()
+                );
+            }
+            kept.push(relative);
+        }
+    }
+    // Mount points are kept, never crossed; `/` is one and is the root.
+    kept.extend(
+        mounts
+            .map(|m| kiln_engine::rootfs::clean_relative(&m))
+            .filter(|m| !m.as_os_str().is_empty()),
+    );
     kept.sort();
     kept.dedup();
     Ok(kept)

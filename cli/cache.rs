@@ -27,6 +27,18 @@ fn human(bytes: u64) -> String {
 }
 
 pub fn run(a: CacheArgs) -> Result<()> {
+    // What a killed rootless build left is owned by the caller's
+    // subordinate ids: only its user namespace's root may remove it.
+    if matches!(a.command, CacheCommand::Gc { .. } | CacheCommand::Prune)
+        && !kiln_engine::exec::run::running_as_root()
+    {
+        use kiln_engine::exec::userns::{become_root, Forked, UsernsError};
+        match become_root() {
+            Ok(Forked::Child) | Err(UsernsError::NoSubordinateIds { .. }) => {}
+            Ok(Forked::Parent(code)) => std::process::exit(code),
+            Err(e) => return Err(e.into()),
+        }
+    }
     let state_dir = a.cache_dir.clone().unwrap_or_else(default_state_dir);
     let at = || format!("--cache-dir {}", state_dir.display());
     let store = BlobStore::open(&state_dir).with_context(at)?;

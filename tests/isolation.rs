@@ -268,6 +268,26 @@ RUN id > /tmp/id-seen
     let (again, _) = build(cmd, "as-user");
     assert!(again.contains("0 run"), "{again}");
     assert_eq!(layout_digest(&root_layout), layout_digest(&user_layout));
+
+    // A killed rootless build leaves files of subordinate ids: the user's
+    // `kiln cache prune` removes them (as root of its user namespace).
+    let dead = ws.path().join("state-as-user/builds/build-dead/root/srv");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(dead.join("f"), "x").unwrap();
+    std::fs::write(ws.path().join("state-as-user/builds/build-dead/lock"), "").unwrap();
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "400001:400001"])
+            .arg(ws.path().join("state-as-user/builds/build-dead")),
+    );
+    let mut prune = as_user(uid, gid, ws.path());
+    prune
+        .arg(ws.path().join("kiln"))
+        .args(["cache", "prune", "--cache-dir"])
+        .arg(ws.path().join("state-as-user"));
+    let out = prune.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!ws.path().join("state-as-user/builds/build-dead").exists());
 }
 
 #[test]

@@ -203,8 +203,8 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
 
 /// Empties the cache: the whole index (entries, their use, the stat and
 /// base-image caches), every blob, the unpacked layers, the work dirs of
-/// dead builds and the `RUN --mount=type=cache` directories. Refused, with
-/// nothing removed, while a build runs.
+/// dead builds and the `RUN --mount=type=cache` directories. Refused while
+/// a build runs, with nothing removed but dead builds' work dirs.
 pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcReport> {
     let (build_dirs_removed, live_builds) = remove_abandoned_builds(state_dir)?;
     if live_builds > 0 {

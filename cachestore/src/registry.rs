@@ -64,19 +64,19 @@ pub struct RegistryClient {
     origins: Mutex<HashMap<String, Reference>>,
 }
 
-/// Whether the server at `registry` (`host:port`) answers plain HTTP as a
-/// TLS server does: Docker tries HTTPS first on registries it may reach
-/// over HTTP. Go's servers (Distribution, Harbor) answer a plain request
-/// with a 400 saying so; others do not answer it with HTTP at all. Anything
-/// unreachable counts as plain, for the request after to report.
+/// Whether the server at `registry` (`host:port`) is a TLS server: Docker
+/// tries HTTPS first on registries it may reach over HTTP. Go's servers
+/// (Distribution, Harbor) answer a plain request with a 400 saying so;
+/// others do not answer it with HTTP at all (no answer counts as TLS). A
+/// server that cannot be reached counts as plain, for the request after to
+/// report.
 fn speaks_tls(registry: &str) -> bool {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let timeout = std::time::Duration::from_secs(2);
-    let Some(addr) = registry.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
-        return false;
-    };
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+    let Some(mut stream) = registry.to_socket_addrs().ok().and_then(|mut addrs| {
+        addrs.find_map(|addr| std::net::TcpStream::connect_timeout(&addr, timeout).ok())
+    }) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(timeout));

@@ -58,14 +58,14 @@ pub async fn resolve_base(
             );
             return Ok(entry.manifest.clone());
         }
-        // Unreachable through every source, after its retries: pulling
-        // would only wait as long again before failing the same way.
+        // The registry alone (no mirrors) could not be reached, after its
+        // retries: pulling would only wait as long again and fail the same.
         (
             _,
             Err(CacheStoreError::Registry {
                 transient: true, ..
             }),
-        ) => return Err(head.unwrap_err()),
+        ) if registry.pull_sources(reference).len() == 1 => return Err(head.unwrap_err()),
         _ => {}
     }
     let manifest = registry.pull_manifest(reference, platform).await?;

@@ -675,8 +675,12 @@ impl<'a> Builder<'a> {
                             }
                         }
                         if !on_parent {
-                            crate::rootfs::clear_root(&root, &self.options.ignore_paths)
-                                .at(&root)?;
+                            // Whatever the caller listed: never the build's
+                            // own state, nor /proc, /sys and /dev.
+                            let mut keep = self.options.ignore_paths.clone();
+                            keep.extend(SKIP_CONTENTS.iter().map(PathBuf::from));
+                            keep.push(crate::rootfs::clean_relative(self.work.path()));
+                            crate::rootfs::clear_root(&root, &keep).at(&root)?;
                             tokio::task::block_in_place(|| self.unpack_all(&result.layers, &root))?;
                         }
                     }
@@ -821,9 +825,13 @@ impl<'a> Builder<'a> {
                     sources,
                     ..
                 } if sources.iter().any(|s| plan::is_git_source(s)) => {
+                    // Once per build: two steps naming one ref get one commit.
+                    let known = |s: &String| self.resolved().commits.get(s).cloned();
                     let commits: Vec<String> = sources
                         .iter()
-                        .map(|s| crate::git::GitSource::parse(s).resolve())
+                        .map(|s| {
+                            known(s).map_or_else(|| crate::git::GitSource::parse(s).resolve(), Ok)
+                        })
                         .collect::<Result<_, _>>()
                         .map_err(|e| self.step_error(step, e.to_string()))?;
                     self.resolved()

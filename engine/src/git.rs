@@ -78,20 +78,27 @@ impl GitSource {
         if wanted.len() == 40 && wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(wanted.to_ascii_lowercase());
         }
-        let peeled = format!("{wanted}^{{}}");
-        let out = git(None, &["ls-remote", &self.fetch_url(), wanted, &peeled])?;
-        // Branches and tags of that name; an annotated tag's commit (`^{}`)
-        // comes after the tag object, and wins.
-        let mut found = None;
-        for line in out.lines() {
-            let Some((sha, name)) = line.split_once('\t') else {
-                continue;
-            };
-            if name.ends_with("^{}") || found.is_none() {
-                found = Some(sha.to_string());
-            }
-        }
-        found.ok_or_else(|| GitError::NoSuchRef(wanted.to_string()))
+        let out = git(None, &["ls-remote", &self.fetch_url()])?;
+        let refs: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('\t')).collect();
+        // As git resolves a name: the ref itself, then a tag, then a
+        // branch (never `refs/heads/feature/main` for `main`); an annotated
+        // tag stands for its commit (`^{}`).
+        let full = match wanted {
+            "HEAD" => vec!["HEAD".to_string()],
+            w if w.starts_with("refs/") => vec![w.to_string()],
+            w => vec![format!("refs/tags/{w}"), format!("refs/heads/{w}")],
+        };
+        full.iter()
+            .find_map(|name| {
+                let peeled = format!("{name}^{{}}");
+                let sha = |n: &str| {
+                    refs.iter()
+                        .find(|(_, r)| *r == n)
+                        .map(|(s, _)| s.to_string())
+                };
+                sha(&peeled).or_else(|| sha(name))
+            })
+            .ok_or_else(|| GitError::NoSuchRef(wanted.to_string()))
     }
 
     /// A shallow checkout of the ref into `dir` (made here), without its
@@ -212,7 +219,9 @@ mod tests {
         sh(
             "git init -q -b main repo && cd repo && mkdir sub && echo hi > sub/f \
             && git add -A && git -c user.email=t@e -c user.name=t commit -q -m one \
-            && git tag -a -m v1 v1",
+            && git tag -a -m v1 v1 && git checkout -q -b feature/main \
+            && git -c user.email=t@e -c user.name=t commit -q --allow-empty -m other \
+            && git checkout -q main",
         );
         let head = String::from_utf8(
             Command::new("git")

@@ -453,7 +453,8 @@ fn command(spec: &RunSpec, proc_dir: Option<CString>) -> io::Result<Command> {
         .env_clear()
         .envs(spec.env.iter().filter_map(|e| e.split_once('=')))
         .stdin(Stdio::null());
-    // SAFETY: runs in the forked child of this single-threaded runner.
+    // SAFETY: runs in the forked child, between fork and exec, and makes
+    // raw system calls only (the builder is multi-threaded in `none` mode).
     unsafe {
         cmd.pre_exec(move || {
             if let Some(proc_dir) = &proc_dir {

@@ -246,7 +246,10 @@ impl Extractor {
         let parent_rel = rel.parent().unwrap_or(Path::new(""));
 
         match (whiteout_of(&name), self.format) {
-            (Some(_), Format::Archive { .. }) if name.as_bytes().starts_with(AUFS_METADATA) => {
+            // As Docker's untar: a top-level `.wh..wh.*` and all below it.
+            (_, Format::Archive { .. })
+                if rel.as_os_str().as_bytes().starts_with(AUFS_METADATA) =>
+            {
                 tracing::debug!(path = %raw.display(), "skipping AUFS metadata in an archive");
                 return Ok(());
             }

@@ -76,10 +76,11 @@ pub fn clean_relative(path: &Path) -> PathBuf {
 /// Empties `root` of everything but the `keep` paths (relative to it), their
 /// contents and the directories that lead to them: `--isolation none`
 /// clears the machine's own `/` this way before a stage's base goes there.
-/// A symlink is removed, never followed; a mount point must be kept, not
-/// crossed.
+/// A symlink is removed, never followed; a directory on another
+/// filesystem (a mount nobody listed) is kept, never crossed.
 pub fn clear_root(root: &Path, keep: &[PathBuf]) -> io::Result<()> {
-    fn clear(root: &Path, rel: &Path, keep: &[PathBuf]) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    fn clear(root: &Path, rel: &Path, keep: &[PathBuf], dev: u64) -> io::Result<()> {
         for entry in std::fs::read_dir(root.join(rel))? {
             let entry = entry?;
             let path = rel.join(entry.file_name());
@@ -88,8 +89,11 @@ pub fn clear_root(root: &Path, keep: &[PathBuf]) -> io::Result<()> {
             }
             let leads_to_kept = keep.iter().any(|k| k.starts_with(&path));
             if entry.file_type()?.is_dir() {
+                if entry.metadata()?.dev() != dev {
+                    continue;
+                }
                 match leads_to_kept {
-                    true => clear(root, &path, keep)?,
+                    true => clear(root, &path, keep, dev)?,
                     false => std::fs::remove_dir_all(entry.path())?,
                 }
             } else {
@@ -98,7 +102,7 @@ pub fn clear_root(root: &Path, keep: &[PathBuf]) -> io::Result<()> {
         }
         Ok(())
     }
-    clear(root, Path::new(""), keep)
+    clear(root, Path::new(""), keep, std::fs::metadata(root)?.dev())
 }
 
 /// Creates `dir` (a path inside the root) and its missing parents, resolving

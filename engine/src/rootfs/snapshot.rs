@@ -162,6 +162,11 @@ impl Snapshot {
     /// WORKDIR pass the paths they touched; RUN passes the whole root.
     pub fn rescan(&mut self, root: &Path, subtrees: &[PathBuf]) -> io::Result<Changes> {
         let now = SystemTime::now();
+        // Each path walked once: a subtree inside another is dropped.
+        let mut subtrees = subtrees.to_vec();
+        subtrees.sort();
+        subtrees.dedup_by(|later, earlier| later.starts_with(earlier));
+        let subtrees = &subtrees[..];
         let mut fresh: Vec<(PathBuf, EntryMeta)> = Vec::new();
         for top in subtrees {
             let host = root.join(top);
