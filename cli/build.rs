@@ -201,7 +201,7 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
         (Some(IsolationArg::Chroot), _) => Isolation::Chroot,
         (Some(IsolationArg::None), _) => Isolation::None,
     };
-    let name = format!("{chosen:?}").to_lowercase();
+    let name = chosen.to_string();
     if !root && chosen != Isolation::Rootless {
         bail!("--isolation {name} needs root: as another user use --isolation rootless (the default then)");
     }

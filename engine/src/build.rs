@@ -588,6 +588,28 @@ impl<'a> Builder<'a> {
         let last_use = plan.last_uses();
         // Keys that hit, recorded once at the end as used, for `kiln cache gc`.
         let mut used: Vec<String> = Vec::new();
+        // Every image a step reads, up front: with `--isolation none` the
+        // files a registry client starts from (TLS roots, credential
+        // helpers) are replaced once the first stage is unpacked.
+        let reads = plan
+            .stages
+            .iter()
+            .filter(|s| s.needed)
+            .flat_map(|s| s.steps.iter().flat_map(|step| step.action.reads()));
+        for from in reads {
+            if let CopyFrom::Image(reference) = from {
+                if !images.contains_key(reference) {
+                    let (m, config) = self.fetch_image(reference).await?;
+                    let image = FetchedImage {
+                        m,
+                        config,
+                        root: None,
+                        view: None,
+                    };
+                    images.insert(reference.clone(), image);
+                }
+            }
+        }
         for stage in plan.stages.iter().filter(|s| s.needed) {
             (self.on_event)(Event::Stage {
                 index: stage.index,
@@ -619,22 +641,6 @@ impl<'a> Builder<'a> {
                 }
                 Base::Stage(parent) => results[parent].clone_without_root(),
             };
-            for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
-                if let CopyFrom::Image(reference) = from {
-                    if !images.contains_key(reference) {
-                        let (m, config) = self.fetch_image(reference).await?;
-                        images.insert(
-                            reference.clone(),
-                            FetchedImage {
-                                m,
-                                config,
-                                root: None,
-                                view: None,
-                            },
-                        );
-                    }
-                }
-            }
             let start = Instant::now();
             let keys = tokio::task::block_in_place(|| {
                 self.step_keys(stage, &result.last_key, &results, &images)
@@ -1332,8 +1338,7 @@ impl<'a> Builder<'a> {
                     && (!planned.is_empty() || *network == Network::None)
                 {
                     return Err(format!(
-                        "RUN --mount and --network=none need namespaces: not available with --isolation {}",
-                        format!("{isolation:?}").to_lowercase()
+                        "RUN --mount and --network=none need namespaces: not available with --isolation {isolation}"
                     ));
                 }
                 let identity = users::resolve_user(root, user)?;

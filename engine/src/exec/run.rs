@@ -64,6 +64,18 @@ pub enum Isolation {
     Chroot,
 }
 
+/// As `--isolation` spells it.
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Isolation::Namespaces => "namespaces",
+            Isolation::Rootless => "rootless",
+            Isolation::Chroot => "chroot",
+            Isolation::None => "none",
+        })
+    }
+}
+
 /// A `RUN --mount`, with host paths resolved by the builder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StepMount {
