@@ -171,15 +171,25 @@ impl Index {
         self.write(BASES, |cf, batch| batch.put_cf(cf, key.as_bytes(), &value))
     }
 
-    /// Records that these entries were just used.
+    /// Records that these entries were just used. A use recorded in the
+    /// last hour stands: a rebuild that hits then needs no write, and
+    /// opening the index for writing (recovering its log, syncing) is most
+    /// of what a no-change rebuild costs the index. GC counts in days.
     pub fn touch_steps(&self, keys: &[String]) -> Result<()> {
-        if keys.is_empty() {
+        const FRESH: u64 = 3600;
+        let now = now_secs();
+        let stale: Vec<&String> = keys
+            .iter()
+            .zip(self.last_used(keys)?)
+            .filter(|(_, used)| used.is_none_or(|t| t.saturating_add(FRESH) < now))
+            .map(|(key, _)| key)
+            .collect();
+        if stale.is_empty() {
             return Ok(());
         }
-        let now = now_secs().to_le_bytes();
         self.write(USED, |cf, batch| {
-            for key in keys {
-                batch.put_cf(cf, key.as_bytes(), now);
+            for key in stale {
+                batch.put_cf(cf, key.as_bytes(), now.to_le_bytes());
             }
         })
     }
@@ -345,6 +355,24 @@ mod tests {
         index.remove_steps(&keys[..1]).unwrap();
         let used = index.last_used(&keys).unwrap();
         assert!(used[0].is_none() && used[1].is_some(), "{used:?}");
+    }
+
+    #[test]
+    fn a_use_within_the_hour_is_not_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        let keys = ["recent".to_string(), "old".to_string()];
+        let now = now_secs();
+        index
+            .write(USED, |cf, batch| {
+                batch.put_cf(cf, b"recent", (now - 1800).to_le_bytes());
+                batch.put_cf(cf, b"old", (now - 7200).to_le_bytes());
+            })
+            .unwrap();
+        index.touch_steps(&keys).unwrap();
+        let used = index.last_used(&keys).unwrap();
+        assert_eq!(used[0], Some(now - 1800));
+        assert!(used[1].is_some_and(|t| t >= now), "{used:?}");
     }
 
     #[test]
