@@ -261,9 +261,11 @@ pub struct Builder<'a> {
     _work_lock: std::fs::File,
     /// `RUN --mount=type=cache` directories, kept across builds.
     cache_mounts: PathBuf,
-    /// The overlay snapshotter's unpacked layers; `None` with the walk
-    /// snapshotter.
-    unpacked: Option<UnpackedLayers>,
+    /// The overlay snapshotter's unpacked layers (`None`: the walk
+    /// snapshotter), decided when a step first has to run: a fully cached
+    /// build never mounts the probe (its unmount alone syncs for ms).
+    unpacked: std::sync::OnceLock<Option<UnpackedLayers>>,
+    state_dir: PathBuf,
     /// An empty dir: the lowest layer of a stack that has none.
     empty: PathBuf,
     /// The remote tier, when `--cache-repo` is given and caching is on.
@@ -299,22 +301,6 @@ impl<'a> Builder<'a> {
         };
         let empty = work.path().join("empty");
         std::fs::create_dir(&empty).at(&empty)?;
-        let unpacked = match Self::overlay_usable(options, work.path(), &empty) {
-            Ok(true) => Some(UnpackedLayers::open(state_dir)?),
-            Ok(false) => None,
-            Err(why) if options.snapshotter == Snapshotter::Overlay => {
-                return Err(BuildError::Invalid(format!(
-                    "--snapshotter overlay: overlayfs cannot be mounted here: {why}"
-                )))
-            }
-            Err(why) => {
-                on_event(Event::Warning {
-                    line: 0,
-                    message: format!("overlayfs unavailable ({why}); using the walk snapshotter"),
-                });
-                None
-            }
-        };
         Ok(Self {
             options,
             store,
@@ -325,12 +311,38 @@ impl<'a> Builder<'a> {
             work,
             _work_lock: work_lock,
             cache_mounts: state_dir.join("mounts"),
-            unpacked,
+            unpacked: std::sync::OnceLock::new(),
+            state_dir: state_dir.to_path_buf(),
             empty,
             remote,
             etc,
             resolved: Default::default(),
         })
+    }
+
+    /// The overlay snapshotter's unpacked layers, or `None` for the walk
+    /// snapshotter: decided once, by [`Self::overlay_usable`].
+    fn unpacked(&self) -> Result<Option<&UnpackedLayers>, BuildError> {
+        if let Some(decided) = self.unpacked.get() {
+            return Ok(decided.as_ref());
+        }
+        let decided = match Self::overlay_usable(self.options, self.work.path(), &self.empty) {
+            Ok(true) => Some(UnpackedLayers::open(&self.state_dir)?),
+            Ok(false) => None,
+            Err(why) if self.options.snapshotter == Snapshotter::Overlay => {
+                return Err(BuildError::Invalid(format!(
+                    "--snapshotter overlay: overlayfs cannot be mounted here: {why}"
+                )))
+            }
+            Err(why) => {
+                (self.on_event)(Event::Warning {
+                    line: 0,
+                    message: format!("overlayfs unavailable ({why}); using the walk snapshotter"),
+                });
+                None
+            }
+        };
+        Ok(self.unpacked.get_or_init(|| decided).as_ref())
     }
 
     /// Whether the overlay snapshotter is to be used: asked for (or left to
@@ -554,7 +566,7 @@ impl<'a> Builder<'a> {
     /// Puts `layers` on disk at `dir` to be read: unpacked there, or with the
     /// overlay snapshotter a read-only overlay of their directories.
     fn materialize(&self, layers: &[Layer], dir: &Path) -> Result<Option<Mounted>, BuildError> {
-        let Some(unpacked) = &self.unpacked else {
+        let Some(unpacked) = self.unpacked()? else {
             self.unpack_all(layers, dir)?;
             return Ok(None);
         };
@@ -665,7 +677,7 @@ impl<'a> Builder<'a> {
                 };
                 match &stage.base {
                     // Each step mounts its own overlay of the layers at the root.
-                    _ if self.unpacked.is_some() => std::fs::create_dir_all(&root).at(&root)?,
+                    _ if self.unpacked()?.is_some() => std::fs::create_dir_all(&root).at(&root)?,
                     // The machine's own root: cleared of the stage before,
                     // which later readers find unpacked elsewhere instead.
                     _ if self.options.isolation == run::Isolation::None => {
@@ -1112,9 +1124,13 @@ impl<'a> Builder<'a> {
         let root = result.root.clone();
         // With the overlay snapshotter, the layers the next step runs on
         // (bottom first); no snapshot of the root is ever taken.
-        let mut lowers = match (&self.unpacked, &root) {
-            (Some(unpacked), Some(_)) => Some(self.layer_dirs(unpacked, &result.layers)?),
-            _ => None,
+        let unpacked = match root {
+            Some(_) => self.unpacked()?,
+            None => None,
+        };
+        let mut lowers = match unpacked {
+            Some(unpacked) => Some(self.layer_dirs(unpacked, &result.layers)?),
+            None => None,
         };
         // Taken lazily, right before the first step that runs.
         let mut snapshot: Option<Snapshot> = None;
@@ -1143,7 +1159,7 @@ impl<'a> Builder<'a> {
                     (self.on_event)(Event::CacheHit { line: step.line });
                     time = Some(hit.created);
                     let cached = &hit.layer;
-                    match (&root, cached, &mut lowers, &self.unpacked) {
+                    match (&root, cached, &mut lowers, unpacked) {
                         (Some(_), Some(layer), Some(lowers), Some(unpacked)) => {
                             lowers.push(self.layer_dir(unpacked, layer)?);
                         }
@@ -1163,7 +1179,7 @@ impl<'a> Builder<'a> {
                 (Some(key), _, Some(root)) => {
                     self.counters.miss();
                     time = Some(now);
-                    let layer = match (&mut lowers, &self.unpacked) {
+                    let layer = match (&mut lowers, unpacked) {
                         (Some(lowers), Some(unpacked)) => {
                             self.run_stacked(step, root, lowers, unpacked, stages, image_roots)?
                         }
