@@ -138,12 +138,9 @@ fn mirrors(a: &RegistryArgs) -> Result<Vec<(String, String)>> {
     for map in &a.registry_maps {
         match map.split_once('=') {
             Some((from, to)) if !from.is_empty() && !to.is_empty() => {
-                let from = match from {
-                    "index.docker.io" | "registry-1.docker.io" => "docker.io",
-                    other => other,
-                };
+                let from = kiln_cachestore::auth::normalize(from);
                 for mirror in to.split(';') {
-                    out.push((from.to_string(), mirror.trim_end_matches('/').to_string()));
+                    out.push((from.clone(), mirror.trim_end_matches('/').to_string()));
                 }
             }
             _ => bail!("--registry-map {map}: expected ORIGINAL=MIRROR"),

@@ -53,8 +53,9 @@ pub fn config_path() -> Option<PathBuf> {
 }
 
 /// `https://index.docker.io/v1/` → `index.docker.io`; Docker Hub's
-/// aliases all become `docker.io`.
-fn normalize(server: &str) -> String {
+/// aliases all become `docker.io`. Credentials, mirrors and
+/// `--registry-map` all name registries this way.
+pub fn normalize(server: &str) -> String {
     let host = server
         .trim_start_matches("https://")
         .trim_start_matches("http://")

@@ -393,15 +393,12 @@ impl RegistryClient {
     /// its registry (`--registry-mirror` for Docker Hub, `--registry-map`),
     /// then the registry itself unless `--skip-default-registry-fallback`.
     pub fn pull_sources(&self, reference: &Reference) -> Vec<Reference> {
-        let registry = match reference.registry() {
-            "index.docker.io" | "registry-1.docker.io" => "docker.io",
-            other => other,
-        };
+        let registry = crate::auth::normalize(reference.registry());
         let mut out: Vec<Reference> = self
             .options
             .mirrors
             .iter()
-            .filter(|(from, _)| from == registry)
+            .filter(|(from, _)| *from == registry)
             .map(|(_, mirror)| {
                 // A mirror may carry a path prefix: `host/prefix`.
                 let (host, prefix) = mirror.split_once('/').unwrap_or((mirror, ""));
