@@ -7,7 +7,9 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
-use kiln_engine::build::{BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter};
+use kiln_engine::build::{
+    overlay_wanted, BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter,
+};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::exec::run::Isolation;
 use kiln_engine::exec::userns;
@@ -40,8 +42,6 @@ pub fn parse_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, Stri
     Ok(out)
 }
 
-/// Reads the Dockerfile: the path as given, or else inside the context, as
-/// Kaniko looks it up.
 /// Reads, parses and resolves the Dockerfile `frontend` names, for
 /// `platform`; errors name the file and line.
 pub fn resolve_graph(
@@ -61,6 +61,8 @@ pub fn resolve_graph(
     Ok((df, graph))
 }
 
+/// Reads the Dockerfile: the path as given, or else inside the context, as
+/// Kaniko looks it up.
 pub fn read_dockerfile(
     frontend: &FrontendArgs,
     context: Option<&Path>,
@@ -214,6 +216,16 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
     Ok(chosen)
 }
 
+/// Goes on as root of the user namespace `forked` made, or, in the parent
+/// left outside, exits with the child's code. Must run while the process
+/// has one thread.
+pub fn enter_user_namespace(forked: Result<userns::Forked, userns::UsernsError>) -> Result<()> {
+    match forked? {
+        userns::Forked::Child => Ok(()),
+        userns::Forked::Parent(code) => std::process::exit(code),
+    }
+}
+
 /// What tells Kiln it runs in a container made for this build alone.
 fn disposable_container() -> Option<String> {
     ["/.dockerenv", "/run/.containerenv"]
@@ -249,8 +261,8 @@ fn kept_from_host_root(a: &BuildArgs, state_dir: &Path, context: &Path) -> Resul
             std::env::current_exe()?,
             state_dir.to_path_buf(),
             context.to_path_buf(),
+            a.frontend.dockerfile.clone(),
         ])
-        .chain([a.frontend.dockerfile.clone()])
         .chain(docker_config)
         .chain(
             a.registry
@@ -400,16 +412,16 @@ pub fn run(a: BuildArgs) -> Result<()> {
     // While the process has one thread: the build goes on in the child,
     // as root of its own user namespace.
     if isolation == Isolation::Rootless {
-        match userns::become_root()? {
-            userns::Forked::Child => {}
-            userns::Forked::Parent(code) => std::process::exit(code),
-        }
+        enter_user_namespace(userns::become_root())?;
     }
     // While the process has one thread, and only where the overlay
     // snapshotter may run: its mounts then live and die with this process.
-    let own_mount_namespace = a.snapshotter != SnapshotterArg::Walk
-        && isolation == Isolation::Namespaces
-        && !a.single_snapshot
+    let snapshotter = match a.snapshotter {
+        SnapshotterArg::Walk => Snapshotter::Walk,
+        SnapshotterArg::Overlay => Snapshotter::Overlay,
+        SnapshotterArg::Auto => Snapshotter::Auto,
+    };
+    let own_mount_namespace = overlay_wanted(snapshotter, isolation, a.single_snapshot)
         && kiln_engine::rootfs::overlay::enter_private_mount_namespace()
             .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))
             .is_ok();
@@ -484,11 +496,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         cache_repo_push: !a.no_push_cache,
         skip_tls_verify_pull: a.registry.skip_tls_verify_pull,
         isolation,
-        snapshotter: match a.snapshotter {
-            SnapshotterArg::Walk => Snapshotter::Walk,
-            SnapshotterArg::Overlay => Snapshotter::Overlay,
-            SnapshotterArg::Auto => Snapshotter::Auto,
-        },
+        snapshotter,
         own_mount_namespace,
         image_format: match a.image_format {
             ImageFormatArg::Oci => ImageFormat::Oci,

@@ -32,11 +32,11 @@ pub fn run(a: CacheArgs) -> Result<()> {
     if matches!(a.command, CacheCommand::Gc { .. } | CacheCommand::Prune)
         && !kiln_engine::exec::run::running_as_root()
     {
-        use kiln_engine::exec::userns::{become_root, Forked, UsernsError};
+        use kiln_engine::exec::userns::{become_root, UsernsError};
+        // No subordinate ids: no rootless build can have left anything.
         match become_root() {
-            Ok(Forked::Child) | Err(UsernsError::NoSubordinateIds { .. }) => {}
-            Ok(Forked::Parent(code)) => std::process::exit(code),
-            Err(e) => return Err(e.into()),
+            Err(UsernsError::NoSubordinateIds { .. }) => {}
+            forked => crate::build::enter_user_namespace(forked)?,
         }
     }
     let state_dir = a.cache_dir.clone().unwrap_or_else(default_state_dir);

@@ -274,6 +274,10 @@ pub struct Builder<'a> {
     /// ADD's remote sources as keying found them (downloads, commits), so
     /// the step copies exactly what it was keyed by.
     resolved: std::sync::Mutex<crate::exec::add::Resolved>,
+    /// `--isolation none`: what clearing and unpacking over `/` spare, the
+    /// caller's list (Kiln, its state, the context, the outputs, every
+    /// mount) plus this build's work dir and /proc, /sys and /dev.
+    host_keep: Vec<PathBuf>,
 }
 
 impl<'a> Builder<'a> {
@@ -308,7 +312,6 @@ impl<'a> Builder<'a> {
             registry,
             on_event,
             counters: Counters::default(),
-            work,
             _work_lock: work_lock,
             cache_mounts: state_dir.join("mounts"),
             unpacked: std::sync::OnceLock::new(),
@@ -317,6 +320,16 @@ impl<'a> Builder<'a> {
             remote,
             etc,
             resolved: Default::default(),
+            host_keep: match options.isolation {
+                run::Isolation::None => {
+                    let mut keep = options.ignore_paths.clone();
+                    keep.extend(SKIP_CONTENTS.iter().map(PathBuf::from));
+                    keep.push(clean_relative(work.path()));
+                    keep
+                }
+                _ => Vec::new(),
+            },
+            work,
         })
     }
 
@@ -349,10 +362,11 @@ impl<'a> Builder<'a> {
     /// `auto`), with the isolation it needs, and an overlay can be mounted
     /// in Kiln's own mount namespace (tried once, on scratch dirs).
     fn overlay_usable(options: &BuildOptions, work: &Path, empty: &Path) -> Result<bool, String> {
-        if options.snapshotter == Snapshotter::Walk
-            || options.isolation != run::Isolation::Namespaces
-            || options.single_snapshot
-        {
+        if !overlay_wanted(
+            options.snapshotter,
+            options.isolation,
+            options.single_snapshot,
+        ) {
             return Ok(false);
         }
         if !options.own_mount_namespace {
@@ -500,12 +514,11 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// What unpacking over `root` must leave alone: with `--isolation
-    /// none`, the machine's `/` holds Kiln itself, its state, the context,
-    /// the outputs and every mount (`--ignore-path`s, set by the CLI).
+    /// What unpacking over `root` must leave alone: on the machine's own
+    /// `/` (`--isolation none`), [`Self::host_keep`].
     fn kept(&self, root: &Path) -> UnpackInto<'_> {
         let keep = match root == Path::new(HOST_ROOT) {
-            true => &self.options.ignore_paths[..],
+            true => &self.host_keep[..],
             false => &[],
         };
         UnpackInto::Root { keep }
@@ -693,12 +706,7 @@ impl<'a> Builder<'a> {
                             }
                         }
                         if !on_parent {
-                            // Whatever the caller listed: never the build's
-                            // own state, nor /proc, /sys and /dev.
-                            let mut keep = self.options.ignore_paths.clone();
-                            keep.extend(SKIP_CONTENTS.iter().map(PathBuf::from));
-                            keep.push(crate::rootfs::clean_relative(self.work.path()));
-                            crate::rootfs::clear_root(&root, &keep).at(&root)?;
+                            crate::rootfs::clear_root(&root, &self.host_keep).at(&root)?;
                             tokio::task::block_in_place(|| self.unpack_all(&result.layers, &root))?;
                         }
                     }
@@ -1780,8 +1788,6 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// Unpacks one stored layer onto `root`, or with `alone` into `root` as
-/// its own directory (overlayfs's format), checking its diff_id.
 /// Where [`unpack_layer`] puts a layer.
 enum UnpackInto<'a> {
     /// Over a root, leaving its `keep` paths alone.
@@ -1790,6 +1796,7 @@ enum UnpackInto<'a> {
     Dir,
 }
 
+/// Unpacks one stored layer, checking its diff_id.
 fn unpack_layer(
     store: &BlobStore,
     layer: &Layer,
@@ -1838,6 +1845,16 @@ fn copy_tree(src: &Path, dest: &Path) -> Result<(), BuildError> {
         )));
     }
     Ok(())
+}
+
+/// Whether the overlay snapshotter may run at all: not turned off, with
+/// the namespaces isolation it mounts in, and a layer per step.
+pub fn overlay_wanted(
+    snapshotter: Snapshotter,
+    isolation: run::Isolation,
+    single_snapshot: bool,
+) -> bool {
+    snapshotter != Snapshotter::Walk && isolation == run::Isolation::Namespaces && !single_snapshot
 }
 
 impl From<&Platform> for dockerfile::Platform {

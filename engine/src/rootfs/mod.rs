@@ -148,6 +148,12 @@ pub(crate) fn content_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Seconds since the epoch (0 before it).
+pub(crate) fn unix_secs(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// Whether a directory's new mtime was set on purpose (`touch -d`) rather
 /// than moved by entries made or removed in it between `since` and `until`
 /// (unix seconds). Only the former is a change of the directory's own: the

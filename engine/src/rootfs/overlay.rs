@@ -22,14 +22,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustix::fs::{Mode, OFlags, Timespec, Timestamps};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::extract::{OVERLAY_OPAQUE, OVERLAY_XATTR_PREFIX};
 use super::snapshot::Changes;
-use super::{mtime_set_outside, sorted_xattrs, xattr_names};
+use super::{mtime_set_outside, sorted_xattrs, unix_secs, xattr_names};
 
 /// Moves this process into a mount namespace of its own, where the overlay
 /// snapshotter may mount (see `BuildOptions::own_mount_namespace`). Call it
@@ -262,15 +262,11 @@ pub fn settle_upper(
     keep: &dyn Fn(&Path) -> bool,
     since: SystemTime,
 ) -> io::Result<Changes> {
-    let secs = |t: SystemTime| {
-        t.duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64)
-    };
     let mut settler = Settler {
         upper,
         lowers,
         keep,
-        step: (secs(since), secs(SystemTime::now())),
+        step: (unix_secs(since), unix_secs(SystemTime::now())),
         changes: Changes::default(),
         linked: Vec::new(),
     };
@@ -337,18 +333,21 @@ impl Settler<'_> {
             let shown = below.as_ref().is_some_and(|(_, low)| low.is_dir());
             self.dir(&r, opaque, shown)?;
             strip_overlay_xattrs(&up)?;
-            let unchanged = below.as_ref().is_some_and(|(layer, low)| {
-                low.is_dir()
-                    && low.mode() == meta.mode()
-                    && low.uid() == meta.uid()
-                    && low.gid() == meta.gid()
-                    && sorted_xattrs(&self.lowers[*layer].join(&r)) == sorted_xattrs(&up)
-                    && (low.mtime() == meta.mtime()
-                        || !mtime_set_outside(meta.mtime(), self.step.0, self.step.1))
-            });
             let empty = mark == (self.changes.upserts.len() - 1, self.changes.deletes.len())
                 && fs::read_dir(&up)?.next().is_none();
-            if !opaque && unchanged && empty {
+            // The xattrs are read last, for the few dirs it still decides.
+            let unchanged = || {
+                below.as_ref().is_some_and(|(layer, low)| {
+                    low.is_dir()
+                        && low.mode() == meta.mode()
+                        && low.uid() == meta.uid()
+                        && low.gid() == meta.gid()
+                        && (low.mtime() == meta.mtime()
+                            || !mtime_set_outside(meta.mtime(), self.step.0, self.step.1))
+                        && sorted_xattrs(&self.lowers[*layer].join(&r)) == sorted_xattrs(&up)
+                })
+            };
+            if !opaque && empty && unchanged() {
                 fs::remove_dir(&up)?;
                 self.changes.upserts.pop();
             }

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 
-use super::{mtime_set_outside, sorted_xattrs};
+use super::{mtime_set_outside, sorted_xattrs, unix_secs};
 
 /// How a snapshot decides that a path changed (`--snapshot-mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -299,9 +299,7 @@ impl Snapshot {
             rdev: meta.rdev(),
             // An unreadable file counts as changed later (hash mismatch).
             hash: hashed.then(|| hash_file(&host()).unwrap_or([0; 32])),
-            recorded: now
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
+            recorded: unix_secs(now),
             xattrs: meta.is_dir().then(|| {
                 let mut hasher = blake3::Hasher::new();
                 for (name, value) in sorted_xattrs(&host()) {
