@@ -109,6 +109,13 @@ impl Index {
         opts
     }
 
+    /// The lock writers (and `clear`) hold alone.
+    fn exclusive_lock(&self) -> Result<File> {
+        let lock = File::create(&self.lock).at(&self.lock)?;
+        lock.lock().at(&self.lock)?;
+        Ok(lock)
+    }
+
     /// Readers share the lock writers hold alone: a read-only open must not
     /// meet a writer deleting the files its MANIFEST names (compaction).
     fn shared_lock(&self) -> Result<File> {
@@ -252,21 +259,19 @@ impl Index {
             return Ok(());
         }
         // Their use records too, or they would outlive them forever.
-        for family in [STEPS, USED] {
-            self.write(family, |cf, batch| {
+        self.write_families(&[STEPS, USED], |cfs, batch| {
+            for cf in cfs {
                 for key in keys {
                     batch.delete_cf(cf, key.as_bytes());
                 }
-            })?;
-        }
-        Ok(())
+            }
+        })
     }
 
     /// Empties the index, every family (`kiln cache prune`): under the
     /// writers' lock, which also keeps readers out.
     pub fn clear(&self) -> Result<()> {
-        let lock = File::create(&self.lock).at(&self.lock)?;
-        lock.lock().at(&self.lock)?;
+        let _lock = self.exclusive_lock()?;
         match std::fs::remove_dir_all(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&self.path),
             _ => Ok(()),
@@ -296,15 +301,27 @@ impl Index {
         family: &str,
         fill: impl FnOnce(&rocksdb::ColumnFamily, &mut WriteBatch),
     ) -> Result<()> {
-        let lock = File::create(&self.lock).at(&self.lock)?;
-        lock.lock().at(&self.lock)?;
+        self.write_families(&[family], |cfs, batch| fill(cfs[0], batch))
+    }
+
+    /// [`Self::write`] of one batch over several families.
+    fn write_families(
+        &self,
+        families: &[&str],
+        fill: impl FnOnce(&[&rocksdb::ColumnFamily], &mut WriteBatch),
+    ) -> Result<()> {
+        let lock = self.exclusive_lock()?;
         let db =
             DB::open_cf(&Self::options(true), &self.path, FAMILIES).map_err(|e| self.error(e))?;
-        let cf = db
-            .cf_handle(family)
-            .ok_or_else(|| self.error(format!("no {family} column family")))?;
+        let cfs = families
+            .iter()
+            .map(|family| {
+                db.cf_handle(family)
+                    .ok_or_else(|| self.error(format!("no {family} column family")))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut batch = WriteBatch::default();
-        fill(cf, &mut batch);
+        fill(&cfs, &mut batch);
         db.write(batch).map_err(|e| self.error(e))?;
         // Dropping the database before the lock lets the next writer in.
         drop(db);

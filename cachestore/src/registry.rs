@@ -276,8 +276,9 @@ impl RegistryClient {
         // Loopback may use plain HTTP as with Docker, unless TLS was asked
         // for that registry (a CA or a skip-verify for it), or a skip-verify
         // flag covers it and it turns out to speak TLS.
+        let skip_verify_here = self.options.skip_tls_verify_registries.contains(&registry);
         let invalid_certs_ok = self.options.skip_tls_verify
-            || self.options.skip_tls_verify_registries.contains(&registry)
+            || skip_verify_here
             || self
                 .invalid_certs_ok
                 .lock()
@@ -288,7 +289,7 @@ impl RegistryClient {
             .ca_certificates
             .iter()
             .any(|(h, _)| *h == registry)
-            || self.options.skip_tls_verify_registries.contains(&registry);
+            || skip_verify_here;
         let loopback_plain = is_loopback(&registry)
             && !tls_configured
             && !(invalid_certs_ok && {
