@@ -101,7 +101,8 @@ pub struct RegistryArgs {
     /// Do not verify TLS certificates of the registries base images come from.
     #[arg(long)]
     pub skip_tls_verify_pull: bool,
-    /// mTLS client certificate, `host=cert.pem,key.pem` (not available yet).
+    /// Show this client certificate to a registry (mutual TLS),
+    /// `host[:port]=cert.pem,key.pem`. Repeatable.
     #[arg(long = "registry-client-cert", value_name = "HOST=CERT,KEY")]
     pub registry_client_certs: Vec<String>,
     /// Trust this CA (PEM) for a registry, `host[:port]=ca.pem`. Repeatable.

@@ -154,21 +154,22 @@ fn mirrors(a: &RegistryArgs) -> Result<Vec<(String, String)>> {
 /// Registry options from the flags; `plain_http` adds registries that may
 /// use plain HTTP (`--insecure` destinations).
 pub fn registry_options(a: &RegistryArgs, mut plain_http: Vec<String>) -> Result<RegistryOptions> {
-    if let Some(spec) = a.registry_client_certs.first() {
-        bail!("--registry-client-cert {spec}: client certificates (mTLS) are not supported yet");
-    }
     plain_http.extend(a.insecure_registries.iter().cloned());
     let ca_certificates = a
         .registry_certificates
         .iter()
-        .map(|spec| match spec.split_once('=') {
-            Some((host, path)) if !host.is_empty() && Path::new(path).is_file() => {
-                Ok((host.to_string(), PathBuf::from(path)))
-            }
-            Some((_, path)) if !path.is_empty() => {
-                bail!("--registry-certificate {spec}: {path} is not a readable file")
-            }
-            _ => bail!("--registry-certificate {spec}: expected HOST=CA.pem"),
+        .map(|spec| {
+            let (host, [ca]) = host_files("--registry-certificate", spec, "HOST=CA.pem")?;
+            Ok((host, ca))
+        })
+        .collect::<Result<_>>()?;
+    let client_certificates = a
+        .registry_client_certs
+        .iter()
+        .map(|spec| {
+            let (host, [cert, key]) =
+                host_files("--registry-client-cert", spec, "HOST=CERT.pem,KEY.pem")?;
+            Ok((host, cert, key))
         })
         .collect::<Result<_>>()?;
     Ok(RegistryOptions {
@@ -176,12 +177,33 @@ pub fn registry_options(a: &RegistryArgs, mut plain_http: Vec<String>) -> Result
         skip_tls_verify: a.skip_tls_verify,
         skip_tls_verify_registries: a.skip_tls_verify_registries.clone(),
         ca_certificates,
+        client_certificates,
         mirrors: mirrors(a)?,
         mirror_fallback: !a.skip_default_registry_fallback,
         pull_retries: a.image_download_retry,
         push_retries: a.push_retry,
         docker_config: None,
     })
+}
+
+/// `HOST=FILE[,FILE...]` with exactly `N` files that exist.
+fn host_files<const N: usize>(
+    flag: &str,
+    spec: &str,
+    expected: &str,
+) -> Result<(String, [PathBuf; N])> {
+    let parsed = spec.split_once('=').and_then(|(host, files)| {
+        let files: Vec<&str> = files.split(',').collect();
+        let files: [&str; N] = files.try_into().ok()?;
+        (!host.is_empty() && files.iter().all(|f| !f.is_empty())).then_some((host, files))
+    });
+    let Some((host, files)) = parsed else {
+        bail!("{flag} {spec}: expected {expected}");
+    };
+    if let Some(missing) = files.iter().find(|f| !Path::new(f).is_file()) {
+        bail!("{flag} {spec}: {missing} is not a readable file");
+    }
+    Ok((host.to_string(), files.map(PathBuf::from)))
 }
 
 /// The isolation asked for, or the default for the caller: namespaces as

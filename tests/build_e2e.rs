@@ -419,15 +419,12 @@ fn kaniko_flags_are_accepted() {
     let out = kiln_build(
         &ctx,
         state.path(),
-        &[
-            "--no-push",
-            "--registry-client-cert",
-            "r.example.com=c.pem,k.pem",
-        ],
+        &["--no-push", "--registry-client-cert", "r.example.com=c.pem"],
     );
     assert!(!out.status.success());
     assert!(
-        stderr(&out).contains("--registry-client-cert"),
+        stderr(&out)
+            .contains("--registry-client-cert r.example.com=c.pem: expected HOST=CERT.pem,KEY.pem"),
         "{}",
         stderr(&out)
     );

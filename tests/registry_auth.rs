@@ -16,7 +16,8 @@ struct Pki {
 }
 
 impl Pki {
-    /// A CA and a server certificate for 127.0.0.1, made with openssl.
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate,
+    /// made with openssl.
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -26,6 +27,9 @@ openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -su
 openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
 printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=kiln-ci 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext 2>/dev/null
 mkdir certs && cp ca.pem certs/ca.crt
 htpasswd -Bbn {USER} {PASSWORD} > htpasswd",
             d = d.display()
@@ -82,6 +86,7 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
         cert: &pki.path("server.pem"),
         key: &pki.path("server.key"),
         htpasswd: &pki.path("htpasswd"),
+        client_ca: None,
     });
     let host = registry.addr.clone();
     let cert_dir = pki.path("certs");
@@ -212,6 +217,95 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
     );
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&host), "{}", stderr(&out));
+}
+
+/// A registry that requires a client certificate (Distribution's
+/// `clientcas`): refused without `--registry-client-cert`, pushed to and
+/// pulled from with it.
+#[test]
+fn mutual_tls_with_a_client_certificate() {
+    let pki = Pki::new();
+    let registry = Registry::start_secure(&Security {
+        cert: &pki.path("server.pem"),
+        key: &pki.path("server.key"),
+        htpasswd: &pki.path("htpasswd"),
+        client_ca: Some(&pki.path("ca.pem")),
+    });
+    let host = registry.addr.clone();
+    let good = docker_config(&format!(
+        r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
+        base64(&format!("{USER}:{PASSWORD}"))
+    ));
+    let ca = format!("{host}={}", pki.path("ca.pem").display());
+    let client_cert = format!(
+        "{host}={},{}",
+        pki.path("client.pem").display(),
+        pki.path("client.key").display()
+    );
+    // The base goes in with Kiln itself: FROM a layout, pushed over mTLS.
+    let push_base = |extra: &[&str]| {
+        let ctx = Context::new(
+            &format!("FROM oci-layout://{}:latest\n", busybox_layout().display()),
+            &[],
+        );
+        let state = tempfile::tempdir().unwrap();
+        let destination = registry.reference("base/busybox:latest");
+        let mut args = vec!["--destination", &destination, "--registry-certificate", &ca];
+        args.extend_from_slice(extra);
+        let mut cmd = kiln_build_cmd(&ctx, state.path(), &args);
+        cmd.env("DOCKER_CONFIG", good.path()).output().unwrap()
+    };
+
+    let out = push_base(&[]);
+    assert!(!out.status.success(), "no client certificate, no push");
+    let err = stderr(&out);
+    assert!(err.contains(&format!("registry {host}")), "{err}");
+
+    let out = push_base(&["--registry-client-cert", &client_cert]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A pull of that base and a push of the result, both over mTLS.
+    let out = build(
+        good.path(),
+        &[
+            "--registry-certificate",
+            &ca,
+            "--registry-client-cert",
+            &client_cert,
+        ],
+        None,
+        &registry,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Read back by skopeo, which finds client.cert/client.key in its cert dir.
+    let cert_dir = pki.path("certs");
+    std::fs::copy(pki.path("client.pem"), cert_dir.join("client.cert")).unwrap();
+    std::fs::copy(pki.path("client.key"), cert_dir.join("client.key")).unwrap();
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--cert-dir",
+        cert_dir.to_str().unwrap(),
+        "--creds",
+        &format!("{USER}:{PASSWORD}"),
+        &format!("docker://{}", registry.reference("app/private:1")),
+    ]));
+    assert!(String::from_utf8_lossy(&inspected.stdout).contains("Digest"));
+
+    // A key that is not a key: an error naming the registry, not a
+    // silent fallback to a client without the certificate.
+    let out = push_base(&[
+        "--registry-client-cert",
+        &format!(
+            "{host}={},{}",
+            pki.path("client.pem").display(),
+            pki.path("san.ext").display()
+        ),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("TLS settings for registry {host}")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -10,32 +10,46 @@ use std::sync::Arc;
 
 use support::*;
 
-/// A TCP proxy to `upstream` whose first `failures` connections fail:
-/// even ones with a 503, odd ones closed without an answer. Returns its address.
-fn flaky_proxy(upstream: String, failures: usize) -> String {
+const UNAVAILABLE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// A TCP proxy to `upstream` whose first `failures` connections fail: even
+/// ones with `answer`, odd ones closed without an answer. The proxy answers
+/// the `/v2/` ping that starts a session itself, and closes: it is only a
+/// probe for auth, whose failure is not an error. Returns its address.
+fn flaky_proxy(upstream: String, failures: usize, answer: &'static [u8]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let seen = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { continue };
+            let mut first = vec![0u8; 64 * 1024];
+            let Ok(len) = client.read(&mut first) else {
+                continue;
+            };
+            first.truncate(len);
+            if first.starts_with(b"GET /v2/ ") {
+                let _ = client.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                );
+                continue;
+            }
             let n = seen.fetch_add(1, Ordering::SeqCst);
             if n < failures {
-                let mut buf = [0u8; 4096];
-                let _ = client.read(&mut buf);
                 if n.is_multiple_of(2) {
-                    let _ = client.write_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
+                    let _ = client.write_all(answer);
                 }
                 // Otherwise the connection just closes without an answer.
                 continue;
             }
-            let Ok(server) = TcpStream::connect(&upstream) else {
+            let Ok(mut server) = TcpStream::connect(&upstream) else {
                 continue;
             };
+            if server.write_all(&first).is_err() {
+                continue;
+            }
             let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (mut client, mut server) = (client, server);
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut c2, &mut s2);
                 let _ = s2.shutdown(Shutdown::Write);
@@ -67,7 +81,11 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
     let registry = Registry::start();
     registry.push_busybox();
 
-    let out = build(&flaky_proxy(registry.addr.clone(), 2), &[], false);
+    let out = build(
+        &flaky_proxy(registry.addr.clone(), 2, UNAVAILABLE),
+        &[],
+        false,
+    );
     assert!(
         !out.status.success(),
         "a push without retries must fail here"
@@ -78,7 +96,7 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
         "{err}"
     );
 
-    let proxy = flaky_proxy(registry.addr.clone(), 2);
+    let proxy = flaky_proxy(registry.addr.clone(), 2, UNAVAILABLE);
     let out = build(&proxy, &["--push-retry", "3"], false);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("retrying"), "{}", stderr(&out));
@@ -87,7 +105,7 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
     // Pulling the base through the same kind of proxy; more failures, as
     // the tag check (a HEAD, with oci-client's own GET fallback) takes some.
     let out = build(
-        &flaky_proxy(registry.addr.clone(), 6),
+        &flaky_proxy(registry.addr.clone(), 6, UNAVAILABLE),
         &["--push-retry", "3"],
         true,
     );
@@ -101,11 +119,32 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
         stderr(&out)
     );
     let out = build(
-        &flaky_proxy(registry.addr.clone(), 6),
+        &flaky_proxy(registry.addr.clone(), 6, UNAVAILABLE),
         &["--push-retry", "3", "--image-download-retry", "3"],
         true,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A 429 with `Retry-After: 2` is retried after the 2 s asked for, not
+/// after the 250 ms backoff.
+#[test]
+fn retries_wait_as_long_as_retry_after_asks() {
+    let registry = Registry::start();
+    let proxy = flaky_proxy(
+        registry.addr.clone(),
+        1,
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    let started = std::time::Instant::now();
+    let out = build(&proxy, &["--push-retry", "1"], false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("429") && err.contains("retrying in 2s"),
+        "{err}"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2));
 }
 
 /// A registry that cannot be reached fails the build after the retries of

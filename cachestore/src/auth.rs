@@ -143,6 +143,7 @@ fn from_helper(helper: &str, registry: &str) -> Result<RegistryAuth> {
         reference: program.clone(),
         message,
         transient: false,
+        retry_after: None,
     };
     let mut child = Command::new(&program)
         .arg("get")

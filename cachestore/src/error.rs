@@ -27,6 +27,8 @@ pub enum CacheStoreError {
         message: String,
         /// A 5xx, 429 or connection failure: worth retrying.
         transient: bool,
+        /// How long the registry asked to wait first (`Retry-After`).
+        retry_after: Option<std::time::Duration>,
     },
     #[error("{what}: {message}")]
     Malformed { what: String, message: String },

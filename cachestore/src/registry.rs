@@ -33,6 +33,9 @@ pub struct RegistryOptions {
     pub skip_tls_verify_registries: Vec<String>,
     /// (registry, PEM file): extra CA roots per registry.
     pub ca_certificates: Vec<(String, PathBuf)>,
+    /// (registry, certificate PEM, key PEM): the client certificate shown
+    /// to that registry (mutual TLS).
+    pub client_certificates: Vec<(String, PathBuf, PathBuf)>,
     /// Retries of registry pulls / pushes after transient failures
     /// (`--image-download-retry`, `--push-retry`).
     pub pull_retries: u32,
@@ -45,6 +48,10 @@ pub struct RegistryOptions {
     /// Docker and Kaniko do ([`auth::config_path`]).
     pub docker_config: Option<PathBuf>,
 }
+
+/// The longest `Retry-After` honoured: a registry asking for more gets
+/// retried after this, rather than a CI job sleeping for hours.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// One `oci-client` per registry host, because the protocol choice is per host.
 pub struct RegistryClient {
@@ -180,11 +187,15 @@ fn registry_error<E: std::fmt::Display + 'static>(
     err: E,
 ) -> CacheStoreError {
     let any = &err as &dyn std::any::Any;
-    let transient = match any.downcast_ref::<OciDistributionError>() {
-        Some(OciDistributionError::ServerError { code, .. }) => *code == 429 || *code >= 500,
-        Some(OciDistributionError::RequestError(_) | OciDistributionError::IoError(_)) => true,
-        Some(_) => false,
-        None => any.is::<std::io::Error>(),
+    let (transient, retry_after) = match any.downcast_ref::<OciDistributionError>() {
+        Some(OciDistributionError::ServerError {
+            code, retry_after, ..
+        }) => (*code == 429 || *code >= 500, *retry_after),
+        Some(OciDistributionError::RequestError(_) | OciDistributionError::IoError(_)) => {
+            (true, None)
+        }
+        Some(_) => (false, None),
+        None => (any.is::<std::io::Error>(), None),
     };
     CacheStoreError::Registry {
         registry: reference.registry().to_string(),
@@ -192,6 +203,7 @@ fn registry_error<E: std::fmt::Display + 'static>(
         reference: reference.whole(),
         message: err.to_string(),
         transient,
+        retry_after,
     }
 }
 
@@ -284,11 +296,13 @@ impl RegistryClient {
                 .lock()
                 .expect("certificate list poisoned")
                 .contains(&registry);
+        let identity = self.client_identity(&registry)?;
         let tls_configured = self
             .options
             .ca_certificates
             .iter()
             .any(|(h, _)| *h == registry)
+            || identity.is_some()
             || skip_verify_here;
         let loopback_plain = is_loopback(&registry)
             && !tls_configured
@@ -305,7 +319,7 @@ impl RegistryClient {
                 .lock()
                 .expect("plain-http list poisoned")
                 .contains(&registry);
-        let client = Arc::new(Client::new(ClientConfig {
+        let config = ClientConfig {
             protocol: if plain {
                 ClientProtocol::Http
             } else {
@@ -313,11 +327,21 @@ impl RegistryClient {
             },
             accept_invalid_certificates: invalid_certs_ok,
             extra_root_certificates: self.root_certificates(&registry)?,
+            client_identity: identity,
             // Streamed monolithic PUTs: some registries mishandle chunks.
             use_monolithic_push: true,
             platform_resolver: None,
             ..Default::default()
-        }));
+        };
+        // Not `Client::new`, which falls back to a default client when the
+        // TLS settings (a client key, say) are unusable.
+        let client =
+            Arc::new(
+                Client::try_from(config).map_err(|e| CacheStoreError::Malformed {
+                    what: format!("TLS settings for registry {registry}"),
+                    message: e.to_string(),
+                })?,
+            );
         let auth = match &self.options.docker_config {
             Some(path) => auth::credentials_in(path, &registry)?,
             None => auth::credentials_for(&registry)?,
@@ -347,9 +371,28 @@ impl RegistryClient {
             .collect()
     }
 
+    /// `--registry-client-cert host=cert,key`: the certificate chain and key
+    /// for that host, as one PEM bundle.
+    fn client_identity(&self, registry: &str) -> Result<Option<Vec<u8>>> {
+        let Some((_, cert, key)) = self
+            .options
+            .client_certificates
+            .iter()
+            .find(|(host, _, _)| host == registry)
+        else {
+            return Ok(None);
+        };
+        let mut pem = std::fs::read(cert).at(cert)?;
+        pem.push(b'\n');
+        pem.extend(std::fs::read(key).at(key)?);
+        Ok(Some(pem))
+    }
+
     /// Runs `op` up to `retries` more times after a transient failure (5xx,
-    /// 429, a dropped connection), backing off exponentially from 250 ms.
-    /// Anything else, a digest mismatch above all, fails at once.
+    /// 429, a dropped connection), waiting as long as the registry asked
+    /// (`Retry-After`, up to [`MAX_RETRY_AFTER`]) or else backing off
+    /// exponentially from 250 ms. Anything else, a digest mismatch above
+    /// all, fails at once.
     async fn retrying<T, F, Fut>(&self, retries: u32, op: F) -> Result<T>
     where
         F: Fn() -> Fut,
@@ -362,9 +405,13 @@ impl RegistryClient {
                     transient: true,
                     ref message,
                     operation,
+                    retry_after,
                     ..
                 }) if attempt < retries => {
-                    let delay = Duration::from_millis(250 << attempt.min(5));
+                    let delay = retry_after
+                        .map_or(Duration::from_millis(250 << attempt.min(5)), |d| {
+                            d.min(MAX_RETRY_AFTER)
+                        });
                     tracing::warn!("{operation} failed ({message}); retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                     attempt += 1;

@@ -436,7 +436,7 @@ impl<'a> Builder<'a> {
     ) -> Result<(ResolvedManifest, ImageConfig), BuildError> {
         let base_error = |source| BuildError::BaseImage {
             reference: reference.to_string(),
-            source,
+            source: Box::new(source),
         };
         let platform = &self.options.platform;
         let m = if let Some(spec) = reference.strip_prefix("oci-layout://") {
@@ -509,7 +509,7 @@ impl<'a> Builder<'a> {
             .await
             .map_err(|source| BuildError::BaseImage {
                 reference: reference.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(())
     }

@@ -20,8 +20,9 @@ pub enum BuildError {
     #[error("base image {reference}: {source}")]
     BaseImage {
         reference: String,
+        // Boxed: a registry error is large, and this one adds a reference.
         #[source]
-        source: kiln_cachestore::CacheStoreError,
+        source: Box<kiln_cachestore::CacheStoreError>,
     },
     #[error(transparent)]
     Store(#[from] kiln_cachestore::CacheStoreError),

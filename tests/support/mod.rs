@@ -25,6 +25,8 @@ pub struct Security<'a> {
     pub cert: &'a Path,
     pub key: &'a Path,
     pub htpasswd: &'a Path,
+    /// Require a client certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<&'a Path>,
 }
 
 impl Registry {
@@ -54,9 +56,13 @@ impl Registry {
                 "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}",
                 dir.path().join("data").display(),
                 security.map_or(String::new(), |s| format!(
-                    "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                    "  tls:\n    certificate: {}\n    key: {}\n{}auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
                     s.cert.display(),
                     s.key.display(),
+                    s.client_ca.map_or(String::new(), |ca| format!(
+                        "    clientcas:\n      - {}\n",
+                        ca.display()
+                    )),
                     s.htpasswd.display()
                 ))
             ),
