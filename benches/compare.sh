@@ -4,7 +4,12 @@
 #
 #   benches/compare.sh [--runs N] [--kiln PATH] [--only WORKLOAD[,WORKLOAD]]
 #                      [--scenarios SCENARIO[,SCENARIO]] [--debian] [--out FILE]
-#                      [--keep]
+#                      [--readme FILE] [--keep]
+#
+# The report (a table of medians with every run's time, and the issue's
+# targets checked against it) goes to stdout and to --out (default
+# benches/results/latest.md); --readme FILE also puts it in FILE between
+# the lines `<!-- compare.sh: begin -->` and `<!-- compare.sh: end -->`.
 #
 # Workloads (all FROM the busybox fixture, fixtures/busybox.sh):
 #   anchor5   5 steps: RUN + metadata (the issue's first anchor)
@@ -40,7 +45,9 @@ kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
 only=anchor5,anchor6,monorepo,bigroot
 scenarios=all
 out=$here/results/latest.md
+readme=
 keep=0
+given=$*
 while [ $# -gt 0 ]; do
   case $1 in
     --runs) runs=$2; shift 2 ;;
@@ -48,9 +55,10 @@ while [ $# -gt 0 ]; do
     --only) only=$2; shift 2 ;;
     --scenarios) scenarios=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --readme) readme=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --debian) only+=,debian; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -59,6 +67,10 @@ for tool in docker-registry skopeo buildah; do
   command -v "$tool" >/dev/null || { echo "compare.sh: $tool is not installed" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "compare.sh: run as root (buildah overlay storage, kiln RUN isolation)" >&2; exit 1; }
+if [ -n "$readme" ]; then
+  [ "$(grep -c -x -e '<!-- compare.sh: begin -->' -e '<!-- compare.sh: end -->' "$readme" 2>/dev/null)" = 2 ] ||
+    { echo "compare.sh: --readme $readme: no <!-- compare.sh: begin --> / <!-- compare.sh: end --> lines" >&2; exit 2; }
+fi
 
 work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 reg_pid=
@@ -285,14 +297,20 @@ median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{ v[NR] = $1
 
 rows=()
 phases=()
+# Kiln's seconds, ratio and step time (its run phase) per "WL SCENARIO",
+# for the targets.
+declare -A kiln_median ratios step_median
 # record WL SCENARIO "kiln times" "buildah times" [note]
 record() {
-  local km bm ratio
+  local km bm ratio raw
   km=$(echo "$3" | median)
   bm=$(echo "$4" | median)
   if [ "$km" = n/a ] || [ "$bm" = n/a ]; then ratio=n/a
   else ratio=$(awk -v k="$km" -v b="$bm" 'BEGIN { printf "%.2f×", k / b }'); fi
-  rows+=("| $1 | $2 | $km | $bm | $ratio | ${5:-} |")
+  kiln_median["$1 $2"]=$km
+  ratios["$1 $2"]=$ratio
+  raw="kiln:$3; buildah:${4:- none}"
+  rows+=("| $1 | $2 | $km | $bm | $ratio | $raw${5:+; $5} |")
   printf '  %-9s %-9s kiln %-7s buildah %-7s ratio %s  [kiln: %s] [buildah: %s]\n' \
     "$1" "$2" "$km" "$bm" "$ratio" "$3" "$4" >&2
 }
@@ -378,7 +396,26 @@ sc_touch1() {
     s=$(kiln_run "$wl" "$work/k-warm-$wl" touch1 "$wl-touch1-kiln-$i" --build-arg "TOUCH=$i"); kt+=" $s"
     s=$(buildah_run "$wl" "$work/b-warm-$wl" touch1 "$wl-touch1-buildah-$i" --build-arg "TOUCH=$i"); bt+=" $s"
   done
+  step_median["$wl touch1"]=$(for i in $(seq "$runs"); do
+    grep -m1 '^ *time:' "$log/$wl-touch1-kiln-$i.err" | grep -o 'run [0-9.]*' | cut -d' ' -f2
+  done | median)
   record "$wl" touch1 "$kt" "$bt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
+}
+
+# target_row SCENARIO LIMIT TEXT: met or missed by every workload that ran
+# SCENARIO, by its Kiln/buildah ratio.
+target_row() {
+  local sc=$1 limit=$2 text=$3 key v list="" worst=0
+  for key in "${!ratios[@]}"; do
+    [ "${key#* }" = "$sc" ] || continue
+    v=${ratios[$key]%×}
+    [ "$v" = n/a ] && continue
+    list+="${list:+, }${key% *} $v×"
+    worst=$(awk -v a="$worst" -v b="$v" 'BEGIN { print (b > a ? b : a) }')
+  done
+  [ -n "$list" ] || return 0
+  list=$(tr ',' '\n' <<<"$list" | sed 's/^ //' | sort | paste -sd, - | sed 's/,/, /g')
+  echo "| $text | $(awk -v w="$worst" -v l="$limit" 'BEGIN { print (w <= l ? "met" : "**missed**") }'): $list |"
 }
 
 # want SCENARIO: whether --scenarios asks for it.
@@ -415,7 +452,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- buildah: $(buildah --version | awk '{print $3}'), --storage-driver $driver --isolation chroot --layers, then buildah push$( [ "$driver" = vfs ] && echo ' (overlay was not usable here: vfs)')"
   echo "- load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers)"
   echo "- registry: Distribution $(docker-registry --version 2>/dev/null | awk '{print $3}') on 127.0.0.1, plain HTTP; base: the busybox fixture"
-  echo "- rerun: \`benches/compare.sh --runs $runs\` (as root, after \`cargo build --release\`)"
+  echo "- rerun: \`benches/compare.sh${given:+ $given}\` (as root, after \`cargo build --release\`)"
   echo
   echo "| workload | scenario | Kiln (s) | buildah (s) | Kiln/buildah | notes |"
   echo "|---|---|---|---|---|---|"
@@ -428,6 +465,21 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "writes one file and is the only step to re-run (a build arg). Scenarios: cold = empty local state;"
   echo "nochange = warm rebuild; onefile = one file the COPY reads changed; remote = empty local state, warm remote"
   echo "cache (kiln --cache-repo, buildah --cache-from)."
+  echo
+  echo "Against the issue's targets (Kiln/buildah medians of this run; the worst workload decides):"
+  echo
+  echo "| target | result |"
+  echo "|---|---|"
+  target_row nochange 0.25 "no-change rebuild ≤ 0.25×"
+  target_row onefile 0.5 "one-file-change rebuild ≤ 0.5×"
+  target_row remote 0.5 "remote-cache rebuild ≤ 0.5× buildah --cache-from"
+  target_row cold 0.8 "cold build ≤ 0.8×"
+  if [ -n "${step_median[bigroot touch1]:-}" ]; then
+    echo "| a RUN touching one file in a 100k-file root: the step, snapshot included, ≤ 0.3 s | $(awk -v s="${step_median[bigroot touch1]}" 'BEGIN { print (s <= 0.3 ? "met" : "**missed**") }'): ${step_median[bigroot touch1]} s (Kiln's run phase, median; the walk snapshotter's rescan alone is a micro-bench) |"
+  fi
+  if [ -n "${kiln_median[debian nochange]:-}" ]; then
+    echo "| Debian no-change rebuild < 0.2 s with the push | $(awk -v k="${kiln_median[debian nochange]}" 'BEGIN { print (k < 0.2 ? "met" : "**missed**") }'): ${kiln_median[debian nochange]} s |"
+  fi
   if [ "${#phases[@]}" -gt 0 ]; then
     echo
     echo "Kiln's own phase times in the no-change rebuild (its build summary, median run):"
@@ -442,4 +494,12 @@ if [ -n "$out" ]; then
   mkdir -p "$(dirname "$out")"
   cp "$work/report.md" "$out"
   echo "compare.sh: wrote $out" >&2
+fi
+if [ -n "$readme" ]; then
+  awk -v report="$work/report.md" '
+    $0 == "<!-- compare.sh: begin -->" { print; while ((getline line < report) > 0) print line; skip = 1; next }
+    $0 == "<!-- compare.sh: end -->" { skip = 0 }
+    !skip { print }' "$readme" >"$work/readme.new"
+  cat "$work/readme.new" >"$readme"
+  echo "compare.sh: put the report in $readme" >&2
 fi
