@@ -12,7 +12,7 @@ use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
-use crate::error::{CacheStoreError, Result};
+use crate::error::{CacheStoreError, RegistryFailure, Result};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -142,7 +142,7 @@ fn from_helper(helper: &str, registry: &str) -> Result<RegistryAuth> {
         operation: "get credentials",
         reference: program.clone(),
         message,
-        transient: false,
+        failure: RegistryFailure::Permanent,
         retry_after: None,
     };
     let mut child = Command::new(&program)

@@ -25,8 +25,7 @@ pub enum CacheStoreError {
         operation: &'static str,
         reference: String,
         message: String,
-        /// A 5xx, 429 or connection failure: worth retrying.
-        transient: bool,
+        failure: RegistryFailure,
         /// How long the registry asked to wait first (`Retry-After`).
         retry_after: Option<std::time::Duration>,
     },
@@ -38,6 +37,18 @@ pub enum CacheStoreError {
     Layout { path: PathBuf, message: String },
     #[error("{0}")]
     Busy(String),
+}
+
+/// What a registry failure says about the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryFailure {
+    /// Refused, malformed, not found: trying again gives the same.
+    Permanent,
+    /// A 5xx, a 429, a dropped connection: worth retrying.
+    Transient,
+    /// No connection could be made: worth retrying, and once the retries
+    /// are spent, not worth trying again for the rest of the process.
+    Unreachable,
 }
 
 pub type Result<T, E = CacheStoreError> = std::result::Result<T, E>;

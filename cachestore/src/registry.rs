@@ -19,7 +19,7 @@ use std::io::Write;
 use crate::auth;
 use crate::blobs::{BlobStore, StoredBlob};
 use crate::digest;
-use crate::error::{CacheStoreError, IoContext, Result};
+use crate::error::{CacheStoreError, IoContext, RegistryFailure, Result};
 use crate::manifest::{self, Platform, ResolvedManifest};
 
 #[derive(Debug, Clone, Default)]
@@ -62,6 +62,9 @@ pub struct RegistryClient {
     /// Registries whose certificates are not checked, added at run time
     /// (`--skip-tls-verify-pull` bases).
     invalid_certs_ok: Mutex<Vec<String>>,
+    /// Registries no connection could be made to, after their retries,
+    /// with the error: later requests to them fail at once.
+    unreachable: Mutex<HashMap<String, String>>,
     /// Blob bytes moved, and blobs mounted, for the build summary.
     pulled: AtomicU64,
     pushed: AtomicU64,
@@ -186,23 +189,26 @@ fn registry_error<E: std::fmt::Display + 'static>(
     operation: &'static str,
     err: E,
 ) -> CacheStoreError {
+    use RegistryFailure::*;
     let any = &err as &dyn std::any::Any;
-    let (transient, retry_after) = match any.downcast_ref::<OciDistributionError>() {
+    let (failure, retry_after) = match any.downcast_ref::<OciDistributionError>() {
         Some(OciDistributionError::ServerError {
             code, retry_after, ..
-        }) => (*code == 429 || *code >= 500, *retry_after),
+        }) if *code == 429 || *code >= 500 => (Transient, *retry_after),
+        Some(OciDistributionError::RequestError(e)) if e.is_connect() => (Unreachable, None),
         Some(OciDistributionError::RequestError(_) | OciDistributionError::IoError(_)) => {
-            (true, None)
+            (Transient, None)
         }
-        Some(_) => (false, None),
-        None => (any.is::<std::io::Error>(), None),
+        Some(_) => (Permanent, None),
+        None if any.is::<std::io::Error>() => (Transient, None),
+        None => (Permanent, None),
     };
     CacheStoreError::Registry {
         registry: reference.registry().to_string(),
         operation,
         reference: reference.whole(),
         message: err.to_string(),
-        transient,
+        failure,
         retry_after,
     }
 }
@@ -214,6 +220,7 @@ impl RegistryClient {
             plain_http: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
             invalid_certs_ok: Mutex::new(Vec::new()),
+            unreachable: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
             mounted: AtomicU64::new(0),
@@ -275,6 +282,23 @@ impl RegistryClient {
     /// The client for a reference's registry, made on first use with that
     /// registry's protocol, TLS settings and credentials.
     async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {
+        if let Some(message) = self
+            .unreachable
+            .lock()
+            .expect("unreachable registries poisoned")
+            .get(reference.registry())
+        {
+            // Every retry was spent on it already: waiting again would
+            // only fail the same way.
+            return Err(CacheStoreError::Registry {
+                registry: reference.registry().to_string(),
+                operation: "connect",
+                reference: reference.whole(),
+                message: format!("not reachable (an earlier request spent its retries): {message}"),
+                failure: RegistryFailure::Permanent,
+                retry_after: None,
+            });
+        }
         let registry = reference.resolve_registry().to_string();
         let existing = self
             .clients
@@ -400,10 +424,11 @@ impl RegistryClient {
     {
         let mut attempt = 0;
         loop {
-            match op().await {
+            let result = op().await;
+            match &result {
                 Err(CacheStoreError::Registry {
-                    transient: true,
-                    ref message,
+                    failure: RegistryFailure::Transient | RegistryFailure::Unreachable,
+                    message,
                     operation,
                     retry_after,
                     ..
@@ -415,9 +440,22 @@ impl RegistryClient {
                     tracing::warn!("{operation} failed ({message}); retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
+                    continue;
                 }
-                result => return result,
+                Err(CacheStoreError::Registry {
+                    failure: RegistryFailure::Unreachable,
+                    registry,
+                    message,
+                    ..
+                }) => {
+                    self.unreachable
+                        .lock()
+                        .expect("unreachable registries poisoned")
+                        .insert(registry.clone(), message.clone());
+                }
+                _ => {}
             }
+            return result;
         }
     }
 

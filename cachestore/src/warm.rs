@@ -8,7 +8,7 @@ use std::time::Duration;
 use oci_client::Reference;
 
 use crate::blobs::BlobStore;
-use crate::error::{CacheStoreError, Result};
+use crate::error::Result;
 use crate::index::{now_secs, BaseEntry, Index};
 use crate::layout;
 use crate::manifest::{Platform, ResolvedManifest};
@@ -58,14 +58,6 @@ pub async fn resolve_base(
             );
             return Ok(entry.manifest.clone());
         }
-        // The registry alone (no mirrors) could not be reached, after its
-        // retries: pulling would only wait as long again and fail the same.
-        (
-            _,
-            Err(CacheStoreError::Registry {
-                transient: true, ..
-            }),
-        ) if registry.pull_sources(reference).len() == 1 => return Err(head.unwrap_err()),
         _ => {}
     }
     let manifest = registry.pull_manifest(reference, platform).await?;
