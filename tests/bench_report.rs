@@ -90,7 +90,14 @@ fn compare_sh_writes_its_report_into_the_readme() {
     std::fs::write(&readme, &original).unwrap();
     let out = run_ok(
         Command::new(Path::new(REPO).join("benches/compare.sh"))
-            .args(["--runs", "1", "--only", "anchor5", "--scenarios", "nochange"])
+            .args([
+                "--runs",
+                "1",
+                "--only",
+                "anchor5",
+                "--scenarios",
+                "nochange",
+            ])
             .arg("--out")
             .arg(dir.path().join("latest.md"))
             .arg("--readme")

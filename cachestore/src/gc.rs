@@ -85,8 +85,13 @@ pub fn gc(
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
     (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state_dir)?;
-    if report.live_builds == 0 {
-        report.unpacked_removed = UnpackedLayers::open(state_dir)?.gc(older_than)?;
+    // Unpacked layers are left alone while a build may be stacking them.
+    let unpacked = match report.live_builds {
+        0 => Some(UnpackedLayers::open(state_dir)?),
+        _ => None,
+    };
+    if let Some(unpacked) = &unpacked {
+        report.unpacked_removed = unpacked.gc(older_than)?;
     }
     let entries = index.all_steps()?;
     let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
@@ -123,9 +128,8 @@ pub fn gc(
         report.bytes_freed += size;
     }
     // What the blobs leave of the budget is the unpacked layers'.
-    if let (Some(max), 0) = (max_size, report.live_builds) {
-        let (removed, freed) =
-            UnpackedLayers::open(state_dir)?.shrink_to(max.saturating_sub(total))?;
+    if let (Some(max), Some(unpacked)) = (max_size, &unpacked) {
+        let (removed, freed) = unpacked.shrink_to(max.saturating_sub(total))?;
         report.unpacked_removed += removed;
         report.bytes_freed += freed;
     }
@@ -213,7 +217,7 @@ pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcRep
             state_dir.display()
         )));
     }
-    let entries_removed = index.all_steps()?.len();
+    let entries_removed = index.step_count()?;
     index.clear()?;
     let mut report = GcReport {
         entries_removed,

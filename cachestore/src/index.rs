@@ -253,6 +253,24 @@ impl Index {
         Ok(out)
     }
 
+    /// How many step entries there are, without decoding them.
+    pub fn step_count(&self) -> Result<usize> {
+        if !self.path.join("CURRENT").exists() {
+            return Ok(0);
+        }
+        let read = self.open_read()?;
+        let cf = read
+            .db
+            .cf_handle(STEPS)
+            .ok_or_else(|| self.error("no steps column family"))?;
+        let mut count = 0;
+        for item in read.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            item.map_err(|e| self.error(e))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Removes entries (GC, verify, prune).
     pub fn remove_steps(&self, keys: &[String]) -> Result<()> {
         if keys.is_empty() || !self.path.join("CURRENT").exists() {

@@ -1296,13 +1296,8 @@ impl<'a> Builder<'a> {
         let ran = self.run_step(step, root, None, stages, image_roots);
         drop(mounted);
         ran.map_err(|message| self.step_error(step, message))?;
-        let opts = self.options;
-        let keep = |p: &Path| {
-            !opts.ignore_paths.iter().any(|i| p.starts_with(i))
-                && !SKIP_CONTENTS
-                    .iter()
-                    .any(|s| p.starts_with(s) && p != Path::new(s))
-        };
+        let recorded = crate::rootfs::Recorded::new(SKIP_CONTENTS, &self.options.ignore_paths);
+        let keep = |p: &Path| recorded.records(p);
         let changes = overlay::settle_upper(&upper, lowers, &keep, since).at(&upper)?;
         self.counters.timed("run", start);
         if changes.is_empty() {

@@ -347,27 +347,49 @@ pub struct Resolved {
     pub commits: std::collections::HashMap<String, String>,
 }
 
+impl AddRequest<'_> {
+    /// Copies `sources` from `source` to the step's destination, with its
+    /// owner and mode.
+    fn copy_in(
+        &self,
+        root: &Path,
+        source: Source,
+        sources: &[String],
+        ignore: Option<&Ignore>,
+        unpack: bool,
+        excludes: &[String],
+    ) -> Result<Vec<PathBuf>, String> {
+        let request = CopyRequest {
+            source,
+            sources,
+            dest: self.dest,
+            chown: self.chown,
+            chmod: self.chmod,
+            ignore,
+            unpack,
+            excludes,
+            parents: false,
+        };
+        copy::copy(&request, root)
+    }
+
+    /// Local sources: from the context (or a root), archives unpacked
+    /// unless `--unpack=false`.
+    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
+        let unpack = self.unpack != Some(false);
+        self.copy_in(
+            root,
+            self.source,
+            sources,
+            self.ignore,
+            unpack,
+            self.excludes,
+        )
+    }
+}
+
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
 pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
-    let local = |sources: &[String], dest: &str| {
-        copy::copy(
-            &CopyRequest {
-                source: match req.source {
-                    Source::Context(p) => Source::Context(p),
-                    Source::Root(p) => Source::Root(p),
-                },
-                sources,
-                dest,
-                chown: req.chown,
-                chmod: req.chmod,
-                ignore: req.ignore,
-                unpack: req.unpack != Some(false),
-                excludes: req.excludes,
-                parents: false,
-            },
-            root,
-        )
-    };
     if let [source] = req.sources {
         if crate::plan::is_git_source(source) {
             // The repository's files (its subdir) go into dest, owned by
@@ -384,24 +406,19 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                     req.resolved.commits.get(source).map(String::as_str),
                 )
                 .map_err(|e| format!("{source}: {e}"))?;
-            return copy::copy(
-                &CopyRequest {
-                    source: Source::Context(&checkout),
-                    sources: &[".".to_string()],
-                    dest: req.dest,
-                    chown: req.chown,
-                    chmod: req.chmod,
-                    ignore: None,
-                    unpack: false,
-                    excludes: req.excludes,
-                    parents: false,
-                },
+            let all = [".".to_string()];
+            return req.copy_in(
                 root,
+                Source::Context(&checkout),
+                &all,
+                None,
+                false,
+                req.excludes,
             );
         }
     }
     if !req.sources.iter().any(|s| AddSpec::is_download(s)) {
-        return local(req.sources, req.dest);
+        return req.copy_local(root, req.sources);
     }
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
         return Err(format!(
@@ -413,7 +430,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
     // In order, so a later source overwrites an earlier one as in Docker.
     for source in req.sources {
         if !AddSpec::is_download(source) {
-            touched.extend(local(std::slice::from_ref(source), req.dest)?);
+            touched.extend(req.copy_local(root, std::slice::from_ref(source))?);
             continue;
         }
         let fetched;
@@ -434,20 +451,8 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 (fetched.path(), name)
             }
         };
-        touched.extend(copy::copy(
-            &CopyRequest {
-                source: Source::Context(dir),
-                sources: &[name],
-                dest: req.dest,
-                chown: req.chown,
-                chmod: req.chmod,
-                ignore: None,
-                unpack: req.unpack == Some(true),
-                excludes: &[],
-                parents: false,
-            },
-            root,
-        )?);
+        let unpack = req.unpack == Some(true);
+        touched.extend(req.copy_in(root, Source::Context(dir), &[name], None, unpack, &[])?);
     }
     Ok(touched)
 }

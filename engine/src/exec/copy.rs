@@ -15,6 +15,7 @@ use crate::exec::add;
 use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
 
 /// Where sources are read from.
+#[derive(Clone, Copy)]
 pub enum Source<'a> {
     /// The build context: paths are relative to it and cannot leave it.
     Context(&'a Path),

@@ -167,7 +167,7 @@ fn extract<R: Read>(
         root: root_fd,
         format,
         created: HashSet::new(),
-        keep: keep.to_vec(),
+        keep,
         protected: keep
             .iter()
             .filter_map(|k| rustix::fs::lstat(root.join(k)).ok())
@@ -195,7 +195,7 @@ struct DirTime {
     times: Timestamps,
 }
 
-struct Extractor {
+struct Extractor<'k> {
     /// `O_PATH` descriptor of the root; everything is resolved from it.
     root: OwnedFd,
     format: Format,
@@ -207,7 +207,7 @@ struct Extractor {
     created: HashSet<FileId>,
     /// Paths (relative to the root) this layer must leave alone, and the
     /// objects found there, which whiteouts must not remove.
-    keep: Vec<PathBuf>,
+    keep: &'k [PathBuf],
     protected: HashSet<FileId>,
     dir_times: Vec<DirTime>,
     stats: ExtractStats,
@@ -234,7 +234,7 @@ pub const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 /// Same limit as the kernel's for symlink hops during one resolution.
 const MAX_SYMLINK_HOPS: u32 = 40;
 
-impl Extractor {
+impl Extractor<'_> {
     fn apply<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ExtractError> {
         let raw = PathBuf::from(OsStr::from_bytes(&entry.path_bytes()));
         let rel =
@@ -344,14 +344,7 @@ impl Extractor {
         match whiteout {
             Whiteout::Opaque => {
                 // The marker means the directory exists in this layer.
-                let dir = self.open_dir(parent_rel, true).map_err(io_err)?;
-                let dir = rustix::fs::openat(
-                    &dir,
-                    c".",
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(io_err)?;
+                let dir = self.open_dir_for_reading(parent_rel).map_err(io_err)?;
                 for child in list_dir(&dir).map_err(io_err)? {
                     prune(
                         dir.as_fd(),
@@ -380,18 +373,13 @@ impl Extractor {
     /// [`Format::Overlay`]: an opaque directory gets the xattr, a whiteout
     /// a 0:0 character device (unless this layer wrote that name itself).
     fn record_whiteout(&mut self, parent_rel: &Path, whiteout: Whiteout<'_>) -> Result<(), Errno> {
-        let dir = self.open_dir(parent_rel, true)?;
         match whiteout {
             Whiteout::Opaque => {
-                let dir = rustix::fs::openat(
-                    &dir,
-                    c".",
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                let dir = self.open_dir_for_reading(parent_rel)?;
                 rustix::fs::fsetxattr(&dir, OVERLAY_OPAQUE, b"y", XattrFlags::empty())
             }
             Whiteout::Name(name) => {
+                let dir = self.open_dir(parent_rel, true)?;
                 if let Ok(st) = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
                     if self.created.contains(&file_id(&st)) {
                         return Ok(());
@@ -622,6 +610,18 @@ impl Extractor {
             Err(Errno::NOENT) if create => self.create_dirs(rel),
             result => result,
         }
+    }
+
+    /// The directory at `rel` (made if missing), open for listing and
+    /// xattrs: `open_dir`'s `O_PATH` descriptor allows neither.
+    fn open_dir_for_reading(&self, rel: &Path) -> rustix::io::Result<OwnedFd> {
+        let dir = self.open_dir(rel, true)?;
+        rustix::fs::openat(
+            &dir,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
     }
 
     fn resolve_dir(&self, rel: &Path) -> rustix::io::Result<OwnedFd> {

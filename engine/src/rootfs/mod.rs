@@ -135,17 +135,55 @@ pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<(PathBuf, V
 /// describe where a file is stored, not the file. In the order the
 /// filesystem lists them; none when it has no xattr support.
 pub(crate) fn content_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    xattr_names(path)
-        .unwrap_or_default()
+    let names = xattr_names(path).unwrap_or_default();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    // One buffer of the largest size an xattr value may have, for all.
+    let mut value = vec![0u8; 64 * 1024];
+    names
         .into_iter()
         .filter(|name| !name.starts_with(extract::OVERLAY_XATTR_PREFIX))
         .filter_map(|name| {
-            let mut value = vec![0u8; 64 * 1024];
             let len = rustix::fs::lgetxattr(path, OsStr::from_bytes(&name), &mut value).ok()?;
-            value.truncate(len);
-            Some((name, value))
+            Some((name, value[..len].to_vec()))
         })
         .collect()
+}
+
+/// Which paths of a root a layer records, for both snapshotters: none at
+/// or under an `--ignore-path`, and none inside /proc, /sys and /dev (the
+/// directories themselves are recorded). Paths are relative to the root.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    skip_contents: Vec<PathBuf>,
+    ignore: Vec<PathBuf>,
+}
+
+impl Recorded {
+    pub fn new(skip_contents: &[&str], ignore: &[PathBuf]) -> Recorded {
+        Recorded {
+            skip_contents: skip_contents.iter().map(PathBuf::from).collect(),
+            ignore: ignore.to_vec(),
+        }
+    }
+
+    pub fn ignores(&self, path: &Path) -> bool {
+        self.ignore.iter().any(|i| path.starts_with(i))
+    }
+
+    /// Whether a directory's contents go unrecorded.
+    pub fn skips_contents_of(&self, dir: &Path) -> bool {
+        self.skip_contents.iter().any(|s| s == dir)
+    }
+
+    pub fn records(&self, path: &Path) -> bool {
+        !self.ignores(path)
+            && !self
+                .skip_contents
+                .iter()
+                .any(|s| path.starts_with(s) && path != s)
+    }
 }
 
 /// Seconds since the epoch (0 before it).
@@ -190,6 +228,19 @@ pub fn relative_to_root(root: &Path, host: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_paths_leave_out_ignored_paths_and_mounted_contents() {
+        let r = Recorded::new(&["proc"], &[PathBuf::from("var/run")]);
+        assert!(r.records(Path::new("proc")));
+        assert!(!r.records(Path::new("proc/1/status")));
+        assert!(r.skips_contents_of(Path::new("proc")));
+        assert!(!r.records(Path::new("var/run")));
+        assert!(!r.records(Path::new("var/run/x.pid")));
+        // Components, not string prefixes.
+        assert!(r.records(Path::new("var/runner")));
+        assert!(r.records(Path::new("procfile")));
+    }
     use std::os::unix::fs::symlink;
 
     #[test]

@@ -9,7 +9,7 @@
 //! metadata, a write within the same clock tick as the previous snapshot
 //! ("racy" entries, as git calls them), is closed by hashing exactly those
 //! files when they are recorded and comparing content later.
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 
-use super::{mtime_set_outside, sorted_xattrs, unix_secs};
+use super::{mtime_set_outside, sorted_xattrs, unix_secs, Recorded};
 
 /// How a snapshot decides that a path changed (`--snapshot-mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,10 +123,7 @@ impl Changes {
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     entries: HashMap<PathBuf, EntryMeta>,
-    /// Directories whose contents are never recorded (/proc, /sys, /dev).
-    skip_contents: BTreeSet<PathBuf>,
-    /// Paths never recorded at all (`--ignore-path`).
-    ignore: BTreeSet<PathBuf>,
+    recorded: Recorded,
     mode: SnapshotMode,
 }
 
@@ -141,8 +138,7 @@ impl Snapshot {
     ) -> io::Result<Snapshot> {
         let mut snapshot = Snapshot {
             entries: HashMap::new(),
-            skip_contents: skip_contents.iter().map(PathBuf::from).collect(),
-            ignore: ignore.iter().cloned().collect(),
+            recorded: Recorded::new(skip_contents, ignore),
             mode,
         };
         snapshot.rescan(root, &[PathBuf::new()])?;
@@ -174,14 +170,14 @@ impl Snapshot {
                 fresh.extend(self.walk(root, Path::new(""), now)?);
                 continue;
             }
-            if self.ignored(top) {
+            if self.recorded.ignores(top) {
                 continue;
             }
             match fs::symlink_metadata(&host) {
                 Ok(meta) => {
                     let is_dir = meta.is_dir();
                     fresh.push((top.clone(), self.record(|| host.clone(), &meta, now)));
-                    if is_dir && !self.skip_contents.contains(top) {
+                    if is_dir && !self.recorded.skips_contents_of(top) {
                         fresh.extend(self.walk(root, top, now)?);
                     }
                 }
@@ -257,23 +253,19 @@ impl Snapshot {
             .par_iter()
             .map(|entry| {
                 let path = rel.join(entry.file_name());
-                if self.ignored(&path) {
+                if self.recorded.ignores(&path) {
                     return Ok(Vec::new());
                 }
                 // DirEntry::metadata does not follow symlinks.
                 let meta = entry.metadata()?;
                 let mut out = vec![(path.clone(), self.record(|| entry.path(), &meta, now))];
-                if meta.is_dir() && !self.skip_contents.contains(&path) {
+                if meta.is_dir() && !self.recorded.skips_contents_of(&path) {
                     out.extend(self.walk(root, &path, now)?);
                 }
                 Ok(out)
             })
             .collect::<io::Result<_>>()?;
         Ok(nested.into_iter().flatten().collect())
-    }
-
-    fn ignored(&self, path: &Path) -> bool {
-        self.ignore.iter().any(|i| path.starts_with(i))
     }
 
     /// `host` makes the host path, needed only to hash a file's content
