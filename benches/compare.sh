@@ -47,7 +47,8 @@ scenarios=all
 out=$here/results/latest.md
 readme=
 keep=0
-given=$*
+given=
+[ $# -eq 0 ] || given=$(printf ' %q' "$@")
 while [ $# -gt 0 ]; do
   case $1 in
     --runs) runs=$2; shift 2 ;;
@@ -68,7 +69,9 @@ for tool in docker-registry skopeo buildah; do
 done
 [ "$(id -u)" = 0 ] || { echo "compare.sh: run as root (buildah overlay storage, kiln RUN isolation)" >&2; exit 1; }
 if [ -n "$readme" ]; then
-  [ "$(grep -c -x -e '<!-- compare.sh: begin -->' -e '<!-- compare.sh: end -->' "$readme" 2>/dev/null)" = 2 ] ||
+  # Exactly one begin line, then one end line: anything else would lose text.
+  [ "$(grep -x -e '<!-- compare.sh: begin -->' -e '<!-- compare.sh: end -->' "$readme" 2>/dev/null | paste -sd' ')" = \
+    '<!-- compare.sh: begin --> <!-- compare.sh: end -->' ] ||
     { echo "compare.sh: --readme $readme: no <!-- compare.sh: begin --> / <!-- compare.sh: end --> lines" >&2; exit 2; }
 fi
 
@@ -299,7 +302,7 @@ rows=()
 phases=()
 # Kiln's seconds, ratio and step time (its run phase) per "WL SCENARIO",
 # for the targets.
-declare -A kiln_median ratios step_median
+declare -A kiln_median ratios exact step_median
 # record WL SCENARIO "kiln times" "buildah times" [note]
 record() {
   local km bm ratio raw
@@ -309,6 +312,8 @@ record() {
   else ratio=$(awk -v k="$km" -v b="$bm" 'BEGIN { printf "%.2f×", k / b }'); fi
   kiln_median["$1 $2"]=$km
   ratios["$1 $2"]=$ratio
+  # Unrounded, for the targets: 0.254 is not within 0.25.
+  exact["$1 $2"]=$(awk -v k="$km" -v b="$bm" 'BEGIN { if (b == "n/a" || k == "n/a") print "n/a"; else printf "%.6f", k / b }')
   raw="kiln:$3; buildah:${4:- none}"
   rows+=("| $1 | $2 | $km | $bm | $ratio | $raw${5:+; $5} |")
   printf '  %-9s %-9s kiln %-7s buildah %-7s ratio %s  [kiln: %s] [buildah: %s]\n' \
@@ -397,7 +402,7 @@ sc_touch1() {
     s=$(buildah_run "$wl" "$work/b-warm-$wl" touch1 "$wl-touch1-buildah-$i" --build-arg "TOUCH=$i"); bt+=" $s"
   done
   step_median["$wl touch1"]=$(for i in $(seq "$runs"); do
-    grep -m1 '^ *time:' "$log/$wl-touch1-kiln-$i.err" | grep -o 'run [0-9.]*' | cut -d' ' -f2
+    { grep -m1 '^ *time:' "$log/$wl-touch1-kiln-$i.err" || true; } | { grep -o 'run [0-9.]*' || true; } | cut -d' ' -f2
   done | median)
   record "$wl" touch1 "$kt" "$bt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
 }
@@ -408,9 +413,9 @@ target_row() {
   local sc=$1 limit=$2 text=$3 key v list="" worst=0
   for key in "${!ratios[@]}"; do
     [ "${key#* }" = "$sc" ] || continue
-    v=${ratios[$key]%×}
+    v=${exact[$key]}
     [ "$v" = n/a ] && continue
-    list+="${list:+, }${key% *} $v×"
+    list+="${list:+, }${key% *} ${ratios[$key]}"
     worst=$(awk -v a="$worst" -v b="$v" 'BEGIN { print (b > a ? b : a) }')
   done
   [ -n "$list" ] || return 0
@@ -452,7 +457,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   echo "- buildah: $(buildah --version | awk '{print $3}'), --storage-driver $driver --isolation chroot --layers, then buildah push$( [ "$driver" = vfs ] && echo ' (overlay was not usable here: vfs)')"
   echo "- load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers)"
   echo "- registry: Distribution $(docker-registry --version 2>/dev/null | awk '{print $3}') on 127.0.0.1, plain HTTP; base: the busybox fixture"
-  echo "- rerun: \`benches/compare.sh${given:+ $given}\` (as root, after \`cargo build --release\`)"
+  echo "- rerun: \`benches/compare.sh$given\` (as root, after \`cargo build --release\`)"
   echo
   echo "| workload | scenario | Kiln (s) | buildah (s) | Kiln/buildah | notes |"
   echo "|---|---|---|---|---|---|"

@@ -193,7 +193,8 @@ fn host_files<const N: usize>(
     expected: &str,
 ) -> Result<(String, [PathBuf; N])> {
     let parsed = spec.split_once('=').and_then(|(host, files)| {
-        let files: Vec<&str> = files.split(',').collect();
+        // The last file keeps any comma its path has.
+        let files: Vec<&str> = files.splitn(N, ',').collect();
         let files: [&str; N] = files.try_into().ok()?;
         (!host.is_empty() && files.iter().all(|f| !f.is_empty())).then_some((host, files))
     });

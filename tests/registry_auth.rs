@@ -260,6 +260,8 @@ fn mutual_tls_with_a_client_certificate() {
     assert!(!out.status.success(), "no client certificate, no push");
     let err = stderr(&out);
     assert!(err.contains(&format!("registry {host}")), "{err}");
+    // The cause, not just "error sending request".
+    assert!(err.contains("BadCertificate"), "{err}");
 
     let out = push_base(&["--registry-client-cert", &client_cert]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -303,7 +305,7 @@ fn mutual_tls_with_a_client_certificate() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("TLS settings for registry {host}")),
+        err.contains(&format!("TLS settings for registry {host}")) && err.contains("private key"),
         "{err}"
     );
 }

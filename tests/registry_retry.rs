@@ -165,6 +165,10 @@ fn an_unreachable_registry_fails_after_one_round_of_retries() {
     );
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains(&format!("registry 127.0.0.1:{port}")), "{err}");
+    assert!(
+        err.contains("Connection refused"),
+        "the cause is said: {err}"
+    );
     assert_eq!(err.matches("retrying in").count(), 2, "{err}");
 }

@@ -42,13 +42,11 @@ pub enum CacheStoreError {
 /// What a registry failure says about the next attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegistryFailure {
-    /// Refused, malformed, not found: trying again gives the same.
+    /// Refused, malformed, not found, a certificate rejected: trying
+    /// again gives the same.
     Permanent,
-    /// A 5xx, a 429, a dropped connection: worth retrying.
+    /// A 5xx, a 429, a dropped or refused connection: worth retrying.
     Transient,
-    /// No connection could be made: worth retrying, and once the retries
-    /// are spent, not worth trying again for the rest of the process.
-    Unreachable,
 }
 
 pub type Result<T, E = CacheStoreError> = std::result::Result<T, E>;

@@ -235,40 +235,37 @@ impl Index {
 
     /// Every entry, for listing, GC and verification.
     pub fn all_steps(&self) -> Result<Vec<(String, StepEntry)>> {
-        if !self.path.join("CURRENT").exists() {
-            return Ok(Vec::new());
-        }
-        let read = self.open_read()?;
-        let db = &read.db;
-        let cf = db
-            .cf_handle(STEPS)
-            .ok_or_else(|| self.error("no steps column family"))?;
         let mut out = Vec::new();
-        for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (key, value) = item.map_err(|e| self.error(e))?;
-            if let Ok(entry) = serde_json::from_slice(&value) {
-                out.push((String::from_utf8_lossy(&key).into_owned(), entry));
+        self.each_step(|key, value| {
+            if let Ok(entry) = serde_json::from_slice(value) {
+                out.push((String::from_utf8_lossy(key).into_owned(), entry));
             }
-        }
+        })?;
         Ok(out)
     }
 
     /// How many step entries there are, without decoding them.
     pub fn step_count(&self) -> Result<usize> {
+        let mut count = 0;
+        self.each_step(|_, _| count += 1)?;
+        Ok(count)
+    }
+
+    /// Calls `f` with every step entry's key and value, in key order.
+    fn each_step(&self, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
         if !self.path.join("CURRENT").exists() {
-            return Ok(0);
+            return Ok(());
         }
         let read = self.open_read()?;
         let cf = read
             .db
             .cf_handle(STEPS)
             .ok_or_else(|| self.error("no steps column family"))?;
-        let mut count = 0;
         for item in read.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            item.map_err(|e| self.error(e))?;
-            count += 1;
+            let (key, value) = item.map_err(|e| self.error(e))?;
+            f(&key, &value);
         }
-        Ok(count)
+        Ok(())
     }
 
     /// Removes entries (GC, verify, prune).

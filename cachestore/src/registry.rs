@@ -62,9 +62,10 @@ pub struct RegistryClient {
     /// Registries whose certificates are not checked, added at run time
     /// (`--skip-tls-verify-pull` bases).
     invalid_certs_ok: Mutex<Vec<String>>,
-    /// Registries no connection could be made to, after their retries,
-    /// with the error: later requests to them fail at once.
-    unreachable: Mutex<HashMap<String, String>>,
+    /// Registries where a request failed transiently after spending this
+    /// many retries: a later request with no more retries to spend fails
+    /// on its first failure instead of waiting as long again.
+    exhausted: Mutex<HashMap<String, u32>>,
     /// Blob bytes moved, and blobs mounted, for the build summary.
     pulled: AtomicU64,
     pushed: AtomicU64,
@@ -98,6 +99,11 @@ fn speaks_tls(registry: &str) -> bool {
     let _ = stream.take(1024).read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
     !answer.starts_with("HTTP/") || answer.contains("HTTP request to an HTTPS server")
+}
+
+/// Whether a flag's `host` names `registry`, Docker Hub's aliases alike.
+fn names(host: &str, registry: &str) -> bool {
+    auth::normalize(host) == auth::normalize(registry)
 }
 
 /// Loopback registries may use plain HTTP, as Docker allows.
@@ -184,7 +190,38 @@ fn parse_plain(s: &str) -> Option<Reference> {
     })
 }
 
-fn registry_error<E: std::fmt::Display + 'static>(
+/// An error and its causes, each said once: reqwest's own message hides
+/// whether a connection was refused or a certificate rejected.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether a failed request broke on TLS (a certificate refused, either
+/// way): rustls reports those as `InvalidData`, and retrying cannot help.
+fn tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+fn registry_error<E: std::error::Error + 'static>(
     reference: &Reference,
     operation: &'static str,
     err: E,
@@ -195,7 +232,7 @@ fn registry_error<E: std::fmt::Display + 'static>(
         Some(OciDistributionError::ServerError {
             code, retry_after, ..
         }) if *code == 429 || *code >= 500 => (Transient, *retry_after),
-        Some(OciDistributionError::RequestError(e)) if e.is_connect() => (Unreachable, None),
+        Some(e @ OciDistributionError::RequestError(_)) if tls_failure(e) => (Permanent, None),
         Some(OciDistributionError::RequestError(_) | OciDistributionError::IoError(_)) => {
             (Transient, None)
         }
@@ -207,7 +244,7 @@ fn registry_error<E: std::fmt::Display + 'static>(
         registry: reference.registry().to_string(),
         operation,
         reference: reference.whole(),
-        message: err.to_string(),
+        message: error_chain(&err),
         failure,
         retry_after,
     }
@@ -220,7 +257,7 @@ impl RegistryClient {
             plain_http: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
             invalid_certs_ok: Mutex::new(Vec::new()),
-            unreachable: Mutex::new(HashMap::new()),
+            exhausted: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
             mounted: AtomicU64::new(0),
@@ -282,23 +319,6 @@ impl RegistryClient {
     /// The client for a reference's registry, made on first use with that
     /// registry's protocol, TLS settings and credentials.
     async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {
-        if let Some(message) = self
-            .unreachable
-            .lock()
-            .expect("unreachable registries poisoned")
-            .get(reference.registry())
-        {
-            // Every retry was spent on it already: waiting again would
-            // only fail the same way.
-            return Err(CacheStoreError::Registry {
-                registry: reference.registry().to_string(),
-                operation: "connect",
-                reference: reference.whole(),
-                message: format!("not reachable (an earlier request spent its retries): {message}"),
-                failure: RegistryFailure::Permanent,
-                retry_after: None,
-            });
-        }
         let registry = reference.resolve_registry().to_string();
         let existing = self
             .clients
@@ -312,7 +332,11 @@ impl RegistryClient {
         // Loopback may use plain HTTP as with Docker, unless TLS was asked
         // for that registry (a CA or a skip-verify for it), or a skip-verify
         // flag covers it and it turns out to speak TLS.
-        let skip_verify_here = self.options.skip_tls_verify_registries.contains(&registry);
+        let skip_verify_here = self
+            .options
+            .skip_tls_verify_registries
+            .iter()
+            .any(|h| names(h, &registry));
         let invalid_certs_ok = self.options.skip_tls_verify
             || skip_verify_here
             || self
@@ -325,7 +349,7 @@ impl RegistryClient {
             .options
             .ca_certificates
             .iter()
-            .any(|(h, _)| *h == registry)
+            .any(|(h, _)| names(h, &registry))
             || identity.is_some()
             || skip_verify_here;
         let loopback_plain = is_loopback(&registry)
@@ -363,7 +387,7 @@ impl RegistryClient {
             Arc::new(
                 Client::try_from(config).map_err(|e| CacheStoreError::Malformed {
                     what: format!("TLS settings for registry {registry}"),
-                    message: e.to_string(),
+                    message: error_chain(&e),
                 })?,
             );
         let auth = match &self.options.docker_config {
@@ -385,7 +409,7 @@ impl RegistryClient {
         self.options
             .ca_certificates
             .iter()
-            .filter(|(host, _)| host == registry)
+            .filter(|(host, _)| names(host, registry))
             .map(|(_, path)| {
                 Ok(Certificate {
                     encoding: CertificateEncoding::Pem,
@@ -402,7 +426,7 @@ impl RegistryClient {
             .options
             .client_certificates
             .iter()
-            .find(|(host, _, _)| host == registry)
+            .find(|(host, _, _)| names(host, registry))
         else {
             return Ok(None);
         };
@@ -413,10 +437,11 @@ impl RegistryClient {
     }
 
     /// Runs `op` up to `retries` more times after a transient failure (5xx,
-    /// 429, a dropped connection), waiting as long as the registry asked
-    /// (`Retry-After`, up to [`MAX_RETRY_AFTER`]) or else backing off
-    /// exponentially from 250 ms. Anything else, a digest mismatch above
-    /// all, fails at once.
+    /// 429, a dropped or refused connection), waiting as long as the
+    /// registry asked (`Retry-After`, up to [`MAX_RETRY_AFTER`]) or else
+    /// backing off exponentially from 250 ms. Anything else, a digest
+    /// mismatch above all, fails at once; so does a transient failure on a
+    /// registry where an earlier request spent as many retries in vain.
     async fn retrying<T, F, Fut>(&self, retries: u32, op: F) -> Result<T>
     where
         F: Fn() -> Fut,
@@ -425,37 +450,31 @@ impl RegistryClient {
         let mut attempt = 0;
         loop {
             let result = op().await;
-            match &result {
-                Err(CacheStoreError::Registry {
-                    failure: RegistryFailure::Transient | RegistryFailure::Unreachable,
-                    message,
-                    operation,
-                    retry_after,
-                    ..
-                }) if attempt < retries => {
-                    let delay = retry_after
-                        .map_or(Duration::from_millis(250 << attempt.min(5)), |d| {
-                            d.min(MAX_RETRY_AFTER)
-                        });
-                    tracing::warn!("{operation} failed ({message}); retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                    continue;
+            let Err(CacheStoreError::Registry {
+                failure: RegistryFailure::Transient,
+                registry,
+                message,
+                operation,
+                retry_after,
+                ..
+            }) = &result
+            else {
+                return result;
+            };
+            {
+                let mut exhausted = self.exhausted.lock().expect("retry record poisoned");
+                let spent = exhausted.get(registry).copied();
+                if attempt == retries || (attempt == 0 && spent >= Some(retries)) {
+                    exhausted.insert(registry.clone(), attempt.max(spent.unwrap_or(0)));
+                    return result;
                 }
-                Err(CacheStoreError::Registry {
-                    failure: RegistryFailure::Unreachable,
-                    registry,
-                    message,
-                    ..
-                }) => {
-                    self.unreachable
-                        .lock()
-                        .expect("unreachable registries poisoned")
-                        .insert(registry.clone(), message.clone());
-                }
-                _ => {}
             }
-            return result;
+            let delay = retry_after.map_or(Duration::from_millis(250 << attempt.min(5)), |d| {
+                d.min(MAX_RETRY_AFTER)
+            });
+            tracing::warn!("{operation} failed ({message}); retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
         }
     }
 
@@ -827,6 +846,39 @@ mod tests {
         ] {
             assert!(parse_plain(odd).is_none(), "{odd}");
         }
+    }
+
+    #[test]
+    fn retries_are_not_spent_twice_on_one_registry() {
+        let client = RegistryClient::new(RegistryOptions::default());
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let failing = || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(CacheStoreError::Registry {
+                registry: "r.example".into(),
+                operation: "pull manifest",
+                reference: "r.example/a".into(),
+                message: "503".into(),
+                failure: RegistryFailure::Transient,
+                retry_after: None,
+            })
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let attempts = |retries| {
+            calls.store(0, Ordering::SeqCst);
+            assert!(runtime.block_on(client.retrying(retries, failing)).is_err());
+            calls.load(Ordering::SeqCst)
+        };
+        assert_eq!(attempts(1), 2);
+        // One retry was spent in vain there: another request with one
+        // fails at its first failure; one with more still retries.
+        assert_eq!(attempts(1), 1);
+        assert_eq!(attempts(0), 1);
+        assert_eq!(attempts(2), 3);
+        assert_eq!(attempts(2), 1);
     }
 
     #[test]

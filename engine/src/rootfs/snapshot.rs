@@ -170,7 +170,7 @@ impl Snapshot {
                 fresh.extend(self.walk(root, Path::new(""), now)?);
                 continue;
             }
-            if self.recorded.ignores(top) {
+            if !self.recorded.records(top) {
                 continue;
             }
             match fs::symlink_metadata(&host) {

@@ -350,6 +350,7 @@ impl TryFrom<ClientConfig> for Client {
             }
             client_builder = client_builder
                 .tls_certs_merge(convert_certificates(&config.extra_root_certificates)?);
+            #[cfg(any(feature = "rustls-tls", feature = "rustls-tls-no-provider"))]
             if let Some(pem) = &config.client_identity {
                 client_builder = client_builder.identity(reqwest::Identity::from_pem(pem)?);
             }
@@ -576,7 +577,7 @@ impl Client {
             Err(OciDistributionError::ServerError {
                 code: status.as_u16(),
                 url,
-                message: String::new(),
+                message: format!("HEAD answered {status}"),
                 retry_after: retry_after(res.headers()),
             })
         }
@@ -2272,8 +2273,8 @@ fn validate_registry_response(
     }
 }
 
-/// A `Retry-After` header given in seconds (RFC 9110; the HTTP-date form,
-/// which registries do not send, counts as absent).
+/// A `Retry-After` header given in seconds (RFC 9110); its HTTP-date form
+/// is not parsed and counts as absent.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     value
