@@ -58,6 +58,20 @@ fn base64(s: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// skopeo reads the pushed image back, trusting (and showing) what
+/// `cert_dir` holds: `ca.crt`, and `client.cert`/`client.key` for mTLS.
+fn assert_pushed(registry: &Registry, cert_dir: &Path) {
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--cert-dir",
+        cert_dir.to_str().unwrap(),
+        "--creds",
+        &format!("{USER}:{PASSWORD}"),
+        &format!("docker://{}", registry.reference("app/private:1")),
+    ]));
+    assert!(String::from_utf8_lossy(&inspected.stdout).contains("Digest"));
+}
+
 fn build(config: &Path, extra: &[&str], path_prefix: Option<&Path>, registry: &Registry) -> Output {
     let ctx = Context::new(
         &format!(
@@ -115,15 +129,7 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains(PASSWORD));
-    let inspected = run_ok(Command::new("skopeo").args([
-        "inspect",
-        "--cert-dir",
-        cert_dir.to_str().unwrap(),
-        "--creds",
-        &format!("{USER}:{PASSWORD}"),
-        &format!("docker://{}", registry.reference("app/private:1")),
-    ]));
-    assert!(String::from_utf8_lossy(&inspected.stdout).contains("Digest"));
+    assert_pushed(&registry, &cert_dir);
 
     // Without the CA, verification fails, clearly.
     let out = build(good.path(), &[], None, &registry);
@@ -282,15 +288,7 @@ fn mutual_tls_with_a_client_certificate() {
     let cert_dir = pki.path("certs");
     std::fs::copy(pki.path("client.pem"), cert_dir.join("client.cert")).unwrap();
     std::fs::copy(pki.path("client.key"), cert_dir.join("client.key")).unwrap();
-    let inspected = run_ok(Command::new("skopeo").args([
-        "inspect",
-        "--cert-dir",
-        cert_dir.to_str().unwrap(),
-        "--creds",
-        &format!("{USER}:{PASSWORD}"),
-        &format!("docker://{}", registry.reference("app/private:1")),
-    ]));
-    assert!(String::from_utf8_lossy(&inspected.stdout).contains("Digest"));
+    assert_pushed(&registry, &cert_dir);
 
     // A key that is not a key: an error naming the registry, not a
     // silent fallback to a client without the certificate.
