@@ -383,13 +383,11 @@ impl RegistryClient {
         };
         // Not `Client::new`, which falls back to a default client when the
         // TLS settings (a client key, say) are unusable.
-        let client =
-            Arc::new(
-                Client::try_from(config).map_err(|e| CacheStoreError::Malformed {
-                    what: format!("TLS settings for registry {registry}"),
-                    message: error_chain(&e),
-                })?,
-            );
+        let client = Client::try_from(config).map_err(|e| CacheStoreError::Malformed {
+            what: format!("TLS settings for registry {registry}"),
+            message: error_chain(&e),
+        })?;
+        let client = Arc::new(client);
         let auth = match &self.options.docker_config {
             Some(path) => auth::credentials_in(path, &registry)?,
             None => auth::credentials_for(&registry)?,
