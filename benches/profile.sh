@@ -3,9 +3,10 @@
 # a RUN creating 2000 files, rm, chmod, COPY, WORKDIR, CMD) against a local
 # registry: `perf stat` over 10 warm rebuilds, then a `perf record` with
 # DWARF call graphs over 3 of them, and the top symbols, self and children.
-# With --cold, the same for cold builds (an empty --cache-dir each time).
+# With --cold, the same for cold builds (an empty --cache-dir each time);
+# with --quick, 2 builds for perf stat and 1 recorded (a smoke run).
 #
-#   benches/profile.sh [--cold] [--kiln PATH] [--keep]
+#   benches/profile.sh [--cold] [--quick] [--kiln PATH] [--keep]
 #
 # Needs perf, docker-registry, skopeo, busybox-static, root.
 set -euo pipefail
@@ -15,11 +16,14 @@ repo=$(cd "$here/.." && pwd)
 kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
 keep=0
 cold=0
+stat_runs=10
+record_runs=3
 while [ $# -gt 0 ]; do
   case $1 in
     --kiln) kiln=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --cold) cold=1; shift ;;
+    --quick) stat_runs=2; record_runs=1; shift ;;
     *) echo "profile.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -69,13 +73,13 @@ fi
 "${build[@]}" >/dev/null 2>&1 # warm the cache (and the page cache)
 "${build[@]}" 2>&1 | grep -E 'time:|built in'
 
-echo "== perf stat, 10 $what"
-perf stat -r 10 -e task-clock,context-switches,cpu-migrations,page-faults "${build[@]}" 2>&1 >/dev/null |
+echo "== perf stat, $stat_runs $what"
+perf stat -r "$stat_runs" -e task-clock,context-switches,cpu-migrations,page-faults "${build[@]}" 2>&1 >/dev/null |
   sed -n '/Performance counter stats/,$p' || true
 
-echo "== perf record (DWARF call graphs), 3 $what"
+echo "== perf record (DWARF call graphs), $record_runs $what"
 perf record -q -F 5000 --call-graph dwarf,32768 -o "$work/perf.data" -- \
-  bash -c 'for i in 1 2 3; do "$@" >/dev/null 2>&1; done' _ "${build[@]}" 2>/dev/null
+  bash -c 'n=$1; shift; for _ in $(seq "$n"); do "$@" >/dev/null 2>&1; done' _ "$record_runs" "${build[@]}" 2>/dev/null
 echo "-- self time, top 15"
 perf report -i "$work/perf.data" --comm kiln --no-children --sort dso,symbol -g none 2>/dev/null |
   grep '%' | grep -v '^#' | head -15 | cut -c1-150 || true

@@ -384,12 +384,14 @@ impl TryFrom<ClientConfig> for Client {
         }
 
         let default_token_expiration_secs = config.default_token_expiration_secs;
+        // Not `..Default::default()`: that builds a second HTTP client, and
+        // loads the system's TLS roots a second time, only to drop it.
         Ok(Self {
             config: Arc::new(config),
+            auth_store: Arc::default(),
             tokens: TokenCache::new(default_token_expiration_secs),
             client: client_builder.build()?,
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
-            ..Default::default()
         })
     }
 }

@@ -1,7 +1,9 @@
+//! The bench scripts, end to end, as smoke runs (no time is asserted).
 //! The README's comparison with buildah is the report `benches/compare.sh`
-//! wrote, unedited: the script puts it there itself (a smoke run here, one
-//! run of one scenario, into a copy of the README), and every median and
-//! ratio in it follows from the raw times it lists. No time is asserted.
+//! wrote, unedited: the script puts it there itself (one run of one
+//! scenario here, into a copy of the README), and every median and ratio in
+//! it follows from the raw times it lists. `benches/profile.sh` profiles a
+//! rebuild down to Kiln's own functions.
 mod support;
 
 use std::path::Path;
@@ -118,5 +120,22 @@ fn compare_sh_writes_its_report_into_the_readme() {
         block.contains("| no-change rebuild ≤ 0.25× | met: anchor5 ")
             || block.contains("| no-change rebuild ≤ 0.25× | **missed**: anchor5 "),
         "{block}"
+    );
+}
+
+#[test]
+fn profile_sh_profiles_a_rebuild_down_to_kilns_functions() {
+    let out = run_ok(
+        Command::new(Path::new(REPO).join("benches/profile.sh")).args(["--quick", "--kiln", KILN]),
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let (stat, calls) = report
+        .split_once("-- with children")
+        .unwrap_or_else(|| panic!("no call-graph section in {report}"));
+    assert!(stat.contains("task-clock"), "{report}");
+    // Call graphs reach into the engine (release builds keep debug info).
+    assert!(
+        calls.contains("kiln_engine::build::Builder::build"),
+        "{report}"
     );
 }
