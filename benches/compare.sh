@@ -40,6 +40,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
 runs=5
 kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
 only=anchor5,anchor6,monorepo,bigroot
@@ -93,31 +95,8 @@ cp "$kiln" "$work/kiln"
 kiln=$work/kiln
 
 # --- registry -------------------------------------------------------------
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null || echo 5123)
-reg=127.0.0.1:$port
-cat >"$work/registry.yml" <<EOF
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/registry
-  delete:
-    enabled: true
-http:
-  addr: $reg
-EOF
-docker-registry serve "$work/registry.yml" >"$log/registry.log" 2>&1 &
-reg_pid=$!
-for _ in $(seq 100); do
-  curl -fs "http://$reg/v2/" >/dev/null 2>&1 && break
-  sleep 0.05
-done
-curl -fs "http://$reg/v2/" >/dev/null || { echo "compare.sh: registry did not start" >&2; exit 1; }
-"$repo/fixtures/busybox.sh" "$work/busybox" >/dev/null
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/busybox:latest" "docker://$reg/base/busybox:latest"
+start_registry "$work" "$log/registry.log"
+push_busybox "$work"
 base=$reg/base/busybox:latest
 
 # --- optional Debian base -------------------------------------------------------

@@ -28,6 +28,7 @@ use kiln_engine::key::{self, KeyInputs};
 use kiln_engine::layer::{Compression, LayerWriter};
 use kiln_engine::plan;
 use kiln_engine::rootfs::snapshot::{Snapshot, SnapshotMode};
+use kiln_engine::rootfs::Recorded;
 
 /// `files` small files spread over directories of 1000, under `root`.
 fn make_tree(root: &Path, files: usize) {
@@ -84,8 +85,12 @@ fn context_hashing(c: &mut Criterion) {
 
 fn snapshot_rescan(c: &mut Criterion) {
     let root = tree_100k().to_path_buf();
-    let mut snapshot =
-        Snapshot::scan(&root, SnapshotMode::Redo, &["proc", "sys", "dev"], &[]).unwrap();
+    let mut snapshot = Snapshot::scan(
+        &root,
+        SnapshotMode::Redo,
+        Recorded::new(&["proc", "sys", "dev"], &[]),
+    )
+    .unwrap();
     assert!(snapshot.len() >= 100_000);
     let target = root.join("d050/f050000");
     let mut n = 0u64;

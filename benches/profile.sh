@@ -13,6 +13,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
 kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/release/kiln}
 keep=0
 cold=0
@@ -38,15 +40,8 @@ cleanup() {
 trap cleanup EXIT
 cp "$kiln" "$work/kiln"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-reg=127.0.0.1:$port
-printf 'version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
-  "$work/registry" "$reg" >"$work/registry.yml"
-docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
-reg_pid=$!
-for _ in $(seq 100); do curl -fs "http://$reg/v2/" >/dev/null 2>&1 && break; sleep 0.05; done
-"$repo/fixtures/busybox.sh" "$work/busybox" >/dev/null
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/busybox:latest" "docker://$reg/base/busybox:latest"
+start_registry "$work" /dev/null
+push_busybox "$work"
 
 ctx=$work/ctx
 mkdir -p "$ctx/app"

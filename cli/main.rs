@@ -36,24 +36,9 @@ fn main() {
         args::Commands::Warm(a) => warm::run(*a),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", message(&e));
+        eprintln!("error: {}", kiln_cachestore::error::error_chain(e.as_ref()));
         std::process::exit(1);
     }
-}
-
-/// The error and its causes, each said once: library errors name their
-/// source in their own message too.
-fn message(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain().map(ToString::to_string) {
-        if !out.contains(&cause) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&cause);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -64,7 +49,7 @@ mod tests {
         let e = anyhow::Error::new(io).context("x/index.json: entity not found");
         let e = e.context("base image x");
         assert_eq!(
-            super::message(&e),
+            kiln_cachestore::error::error_chain(e.as_ref()),
             "base image x: x/index.json: entity not found"
         );
     }

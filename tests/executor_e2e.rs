@@ -162,8 +162,8 @@ fn raw_entry(out: &mut Vec<u8>, name: &str, kind: u8, link: &str, data: &[u8]) {
 /// A tar entry as an attacker writes it: name, type flag, link target, data.
 type RawEntry = (String, u8, String, &'static [u8]);
 
-/// Copies the busybox layout and adds one layer made of `entries` on top.
-fn layout_with_layer(dir: &Path, entries: &[RawEntry]) -> PathBuf {
+/// A tar of `entries`, written as given, and its gzip.
+fn gz_tar(entries: &[RawEntry]) -> (Vec<u8>, Vec<u8>) {
     let mut tar = Vec::new();
     for (name, kind, link, data) in entries {
         raw_entry(&mut tar, name, *kind, link, data);
@@ -172,6 +172,12 @@ fn layout_with_layer(dir: &Path, entries: &[RawEntry]) -> PathBuf {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).unwrap();
     let gz = gz.finish().unwrap();
+    (tar, gz)
+}
+
+/// Copies the busybox layout and adds one layer made of `entries` on top.
+fn layout_with_layer(dir: &Path, entries: &[RawEntry]) -> PathBuf {
+    let (tar, gz) = gz_tar(entries);
 
     let src = busybox_layout();
     let layout = dir.join("evil-layout");
@@ -711,12 +717,8 @@ fn a_tampered_base_layer_fails_the_build_and_stays_out_of_the_store() {
     );
     let (_, layer) = layout_top_layer(&layout);
     let good = std::fs::read(&layer).unwrap();
-    let mut evil = Vec::new();
-    raw_entry(&mut evil, "hello", b'0', "", b"swapped\n");
-    evil.extend_from_slice(&[0u8; 1024]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&evil).unwrap();
-    std::fs::write(&layer, gz.finish().unwrap()).unwrap();
+    let (_, evil) = gz_tar(&[("hello".into(), b'0', String::new(), b"swapped\n")]);
+    std::fs::write(&layer, evil).unwrap();
 
     let ctx = Context::new(
         &format!(

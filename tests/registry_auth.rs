@@ -72,17 +72,29 @@ fn assert_pushed(registry: &Registry, cert_dir: &Path) {
     assert!(String::from_utf8_lossy(&inspected.stdout).contains("Digest"));
 }
 
+/// The private app: the private base plus a RUN, pushed as app/private:1.
 fn build(config: &Path, extra: &[&str], path_prefix: Option<&Path>, registry: &Registry) -> Output {
-    let ctx = Context::new(
-        &format!(
-            "FROM {}\nRUN echo private > /private\n",
-            registry.reference("base/busybox:latest")
-        ),
-        &[],
+    let dockerfile = format!(
+        "FROM {}\nRUN echo private > /private\n",
+        registry.reference("base/busybox:latest")
     );
-    let state = tempfile::tempdir().unwrap();
     let destination = registry.reference("app/private:1");
-    let mut args = vec!["--destination", destination.as_str()];
+    build_and_push(&dockerfile, &destination, config, extra, path_prefix)
+}
+
+/// Builds `dockerfile` and pushes it to `destination`, with the Docker
+/// config in `config` and, first on PATH, the credential helpers in
+/// `path_prefix`.
+fn build_and_push(
+    dockerfile: &str,
+    destination: &str,
+    config: &Path,
+    extra: &[&str],
+    path_prefix: Option<&Path>,
+) -> Output {
+    let ctx = Context::new(dockerfile, &[]);
+    let state = tempfile::tempdir().unwrap();
+    let mut args = vec!["--destination", destination];
     args.extend_from_slice(extra);
     let mut cmd = kiln_build_cmd(&ctx, state.path(), &args);
     cmd.env("DOCKER_CONFIG", config);
@@ -250,16 +262,10 @@ fn mutual_tls_with_a_client_certificate() {
     );
     // The base goes in with Kiln itself: FROM a layout, pushed over mTLS.
     let push_base = |extra: &[&str]| {
-        let ctx = Context::new(
-            &format!("FROM oci-layout://{}:latest\n", busybox_layout().display()),
-            &[],
-        );
-        let state = tempfile::tempdir().unwrap();
+        let from_layout = format!("FROM oci-layout://{}:latest\n", busybox_layout().display());
         let destination = registry.reference("base/busybox:latest");
-        let mut args = vec!["--destination", &destination, "--registry-certificate", &ca];
-        args.extend_from_slice(extra);
-        let mut cmd = kiln_build_cmd(&ctx, state.path(), &args);
-        cmd.env("DOCKER_CONFIG", good.path()).output().unwrap()
+        let args = [&["--registry-certificate", ca.as_str()], extra].concat();
+        build_and_push(&from_layout, &destination, good.path(), &args, None)
     };
 
     let out = push_base(&[]);

@@ -19,10 +19,24 @@ fn build_and_unpack(
     out: &Path,
     extra: &[&str],
 ) -> (Output, std::path::PathBuf) {
+    build_and_unpack_with_env(ctx, state, out, extra, &[])
+}
+
+/// [`build_and_unpack`] with these environment variables set for Kiln.
+fn build_and_unpack_with_env(
+    ctx: &Context,
+    state: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, std::path::PathBuf) {
     let layout = out.join("layout");
     let mut args = vec!["--no-push", "--oci-layout-path", layout.to_str().unwrap()];
     args.extend_from_slice(extra);
-    let output = kiln_build(ctx, state, &args);
+    let output = kiln_build_cmd(ctx, state, &args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let rootfs = umoci_unpack(&layout, "latest", out);
     (output, rootfs)
@@ -158,23 +172,13 @@ RUN --mount=type=secret,id=absent echo optional secrets may be missing > /option
 
     // From an environment variable (`env=`), as buildx takes it.
     let out_env = tempfile::tempdir().unwrap();
-    let layout = out_env.path().join("layout");
-    let output = kiln_build_cmd(
+    let (_, root) = build_and_unpack_with_env(
         &ctx,
         state.path(),
-        &[
-            "--no-push",
-            "--cache=false",
-            "--secret",
-            "id=tok,env=KILN_TEST_TOKEN",
-        ],
-    )
-    .args(["--oci-layout-path", layout.to_str().unwrap()])
-    .env("KILN_TEST_TOKEN", "from-the-env")
-    .output()
-    .unwrap();
-    assert!(output.status.success(), "{}", stderr(&output));
-    let root = umoci_unpack(&layout, "latest", out_env.path());
+        out_env.path(),
+        &["--cache=false", "--secret", "id=tok,env=KILN_TEST_TOKEN"],
+        &[("KILN_TEST_TOKEN", "from-the-env")],
+    );
     assert_eq!(read(&root, "upper"), "FROM-THE-ENV");
 
     // A required secret that was not given fails clearly, naming the line.

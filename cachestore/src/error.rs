@@ -49,6 +49,22 @@ pub enum RegistryFailure {
     Transient,
 }
 
+/// An error and its causes, each said once: libraries often repeat their
+/// source in their own message, and reqwest's alone hides whether a
+/// connection was refused or a certificate rejected.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text = format!("{text}: {said}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 pub type Result<T, E = CacheStoreError> = std::result::Result<T, E>;
 
 /// Adds the path to an I/O error, so every message names the file.

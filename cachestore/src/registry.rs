@@ -19,7 +19,7 @@ use std::io::Write;
 use crate::auth;
 use crate::blobs::{BlobStore, StoredBlob};
 use crate::digest;
-use crate::error::{CacheStoreError, IoContext, RegistryFailure, Result};
+use crate::error::{error_chain, CacheStoreError, IoContext, RegistryFailure, Result};
 use crate::manifest::{self, Platform, ResolvedManifest};
 
 #[derive(Debug, Clone, Default)]
@@ -188,21 +188,6 @@ fn parse_plain(s: &str) -> Option<Reference> {
         (None, Some(d)) => Reference::with_digest(registry, path, d.into()),
         (t, None) => Reference::with_tag(registry, path, t.unwrap_or("latest").into()),
     })
-}
-
-/// An error and its causes, each said once: reqwest's own message hides
-/// whether a connection was refused or a certificate rejected.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        if !text.contains(&said) {
-            text = format!("{text}: {said}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Whether a failed request broke on TLS (a certificate refused, either

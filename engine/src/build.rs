@@ -25,7 +25,7 @@ use crate::plan::{self, Action, Base, CopyFrom, Network, Plan, PlannedMount, Sta
 use crate::rootfs::overlay::{self, Mounted};
 use crate::rootfs::snapshot::{Changes, Snapshot, SnapshotMode};
 use crate::rootfs::{
-    clean_relative, create_dir_all_in_root, extract, relative_to_root, resolve_in_root,
+    clean_relative, create_dir_all_in_root, extract, relative_to_root, resolve_in_root, Recorded,
 };
 
 /// Contents of these directories are never committed: they are mounted
@@ -278,6 +278,8 @@ pub struct Builder<'a> {
     /// caller's list (Kiln, its state, the context, the outputs, every
     /// mount) plus this build's work dir and /proc, /sys and /dev.
     host_keep: Vec<PathBuf>,
+    /// What a layer records of a root, for both snapshotters.
+    recorded: Recorded,
 }
 
 impl<'a> Builder<'a> {
@@ -320,6 +322,7 @@ impl<'a> Builder<'a> {
             remote,
             etc,
             resolved: Default::default(),
+            recorded: Recorded::new(SKIP_CONTENTS, &options.ignore_paths),
             host_keep: match options.isolation {
                 run::Isolation::None => {
                     let mut keep = options.ignore_paths.clone();
@@ -688,6 +691,10 @@ impl<'a> Builder<'a> {
                     run::Isolation::None => PathBuf::from(HOST_ROOT),
                     _ => self.work.path().join(format!("stage-{}", stage.index)),
                 };
+                // The last reader of a parent stage that copies nothing from
+                // it takes its root instead of copying it.
+                let takes_parent_root =
+                    |p: usize| last_use.get(&p) == Some(&stage.index) && !stage.copies_from(p);
                 match &stage.base {
                     // Each step mounts its own overlay of the layers at the root.
                     _ if self.unpacked()?.is_some() => std::fs::create_dir_all(&root).at(&root)?,
@@ -697,9 +704,7 @@ impl<'a> Builder<'a> {
                         // Built on the stage just before, its last reader:
                         // that stage's root is already there.
                         let on_parent = matches!(&stage.base, Base::Stage(p)
-                            if results[p].root.as_deref() == Some(&root)
-                                && last_use.get(p) == Some(&stage.index)
-                                && !stage.copies_from(*p));
+                            if results[p].root.as_deref() == Some(&root) && takes_parent_root(*p));
                         for earlier in results.values_mut() {
                             if earlier.root.as_deref() == Some(&root) {
                                 earlier.root = None;
@@ -713,11 +718,7 @@ impl<'a> Builder<'a> {
                     Base::Stage(parent) => {
                         let parent_result = results.get_mut(parent).expect("parent built");
                         match parent_result.root.take() {
-                            // The last reader of a stage takes its root instead of copying it.
-                            Some(parent_root)
-                                if last_use.get(parent) == Some(&stage.index)
-                                    && !stage.copies_from(*parent) =>
-                            {
+                            Some(parent_root) if takes_parent_root(*parent) => {
                                 std::fs::rename(&parent_root, &root).at(&root)?;
                             }
                             Some(parent_root) => {
@@ -799,12 +800,9 @@ impl<'a> Builder<'a> {
         if let Some(file) = self.resolved().downloads.get(url) {
             return Ok(file.clone());
         }
-        let dir = tempfile::Builder::new()
-            .prefix("download-")
-            .tempdir_in(self.work.path())
-            .map_err(|e| format!("{}: {e}", self.work.path().display()))?
-            .keep();
-        let file = dir.join(crate::exec::add::download(url, None, &dir)?);
+        // Kept for the step that copies it; the work dir goes with the build.
+        let (dir, file) = crate::exec::add::download_to_new_dir(url, None, self.work.path())?;
+        let _ = dir.keep();
         self.resolved()
             .downloads
             .insert(url.to_string(), file.clone());
@@ -1194,13 +1192,9 @@ impl<'a> Builder<'a> {
                         _ => {
                             let start = Instant::now();
                             if snapshot.is_none() {
-                                let scanned = Snapshot::scan(
-                                    root,
-                                    opts.snapshot_mode,
-                                    SKIP_CONTENTS,
-                                    &opts.ignore_paths,
-                                )
-                                .at(root)?;
+                                let scanned =
+                                    Snapshot::scan(root, opts.snapshot_mode, self.recorded.clone())
+                                        .at(root)?;
                                 if opts.single_snapshot {
                                     base_state = Some(scanned.clone());
                                 }
@@ -1296,9 +1290,7 @@ impl<'a> Builder<'a> {
         let ran = self.run_step(step, root, None, stages, image_roots);
         drop(mounted);
         ran.map_err(|message| self.step_error(step, message))?;
-        let recorded = crate::rootfs::Recorded::new(SKIP_CONTENTS, &self.options.ignore_paths);
-        let keep = |p: &Path| recorded.records(p);
-        let changes = overlay::settle_upper(&upper, lowers, &keep, since).at(&upper)?;
+        let changes = overlay::settle_upper(&upper, lowers, &self.recorded, since).at(&upper)?;
         self.counters.timed("run", start);
         if changes.is_empty() {
             return Ok(None);

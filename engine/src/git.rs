@@ -78,7 +78,14 @@ impl GitSource {
         if wanted.len() == 40 && wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(wanted.to_ascii_lowercase());
         }
-        let out = git(None, &["ls-remote", &self.fetch_url()])?;
+        let url = self.fetch_url();
+        // A bare name can only be a tag or a branch: list those alone, not
+        // every ref a forge keeps (pull requests, changes).
+        let out = match wanted {
+            "HEAD" => git(None, &["ls-remote", &url])?,
+            w if w.starts_with("refs/") => git(None, &["ls-remote", &url])?,
+            _ => git(None, &["ls-remote", "--heads", "--tags", &url])?,
+        };
         let refs: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('\t')).collect();
         // As git resolves a name: the ref itself, then a tag, then a
         // branch (never `refs/heads/feature/main` for `main`); an annotated
@@ -119,6 +126,10 @@ impl GitSource {
         in_repo(&["remote", "add", "origin", &self.fetch_url()])?;
         let fetch = |what: &str| in_repo(&["fetch", "--quiet", "--depth", "1", "origin", what]);
         match commit {
+            // The ref is itself the id: no ref to fall back on.
+            Some(id) if id.eq_ignore_ascii_case(self.wanted()) => {
+                fetch(id)?;
+            }
             Some(id) if fetch(id).is_ok() => {}
             Some(id) => {
                 fetch(self.wanted())?;

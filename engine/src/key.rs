@@ -196,8 +196,7 @@ pub fn downloads_unchecked(action: &Action) -> bool {
 pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
-    let mut content = blake3::Hasher::new();
-    content.update_reader(std::fs::File::open(path)?)?;
+    let content = crate::rootfs::hash_file(path)?;
     let mut h = KeyHasher::new("download");
     h.field(
         "name",
@@ -205,7 +204,7 @@ pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
     )
     .field("mtime", &meta.mtime().to_le_bytes())
     .field("mode", &meta.mode().to_le_bytes())
-    .field("content", content.finalize().as_bytes());
+    .field("content", &content);
     Ok(h.finish())
 }
 
@@ -395,11 +394,7 @@ fn describe(
     let (kind, content) = if ft.is_file() {
         let content = match cached {
             Some(hash) => hash,
-            None => {
-                let mut hasher = blake3::Hasher::new();
-                hasher.update_reader(fs::File::open(host)?)?;
-                hasher.finalize().to_hex().to_string()
-            }
+            None => hex::encode(crate::rootfs::hash_file(host)?),
         };
         ("file", content)
     } else if ft.is_symlink() {

@@ -209,14 +209,17 @@ impl LayerWriter {
         }
         // The largest id an octal ustar field holds.
         const MAX_ID: u64 = 0o7777777;
-        let (uid, gid) = entry.ids;
-        for (key, id) in [("uid", uid), ("gid", gid)] {
-            if id > MAX_ID {
+        // A larger one goes in a PAX record, the ustar field left 0.
+        let mut fit = |key: &str, id: u64| match id > MAX_ID {
+            true => {
                 records.extend(pax_record(key.as_bytes(), id.to_string().as_bytes()));
+                0
             }
-        }
-        header.set_uid(if uid > MAX_ID { 0 } else { uid });
-        header.set_gid(if gid > MAX_ID { 0 } else { gid });
+            false => id,
+        };
+        let (uid, gid) = entry.ids;
+        header.set_uid(fit("uid", uid));
+        header.set_gid(fit("gid", gid));
         if !records.is_empty() {
             let mut pax = tar::Header::new_ustar();
             pax.set_entry_type(tar::EntryType::XHeader);

@@ -241,6 +241,21 @@ fn parse_http_date(s: &str) -> Option<i64> {
     Some(days * 86400 + h * 3600 + m * 60 + sec)
 }
 
+/// Downloads `url` into a new directory under `scratch`: the directory
+/// (removed when dropped) and the file's path.
+pub fn download_to_new_dir(
+    url: &str,
+    checksum: Option<&str>,
+    scratch: &Path,
+) -> Result<(tempfile::TempDir, PathBuf), String> {
+    let dir = tempfile::Builder::new()
+        .prefix("download-")
+        .tempdir_in(scratch)
+        .map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let file = dir.path().join(download(url, checksum, dir.path())?);
+    Ok((dir, file))
+}
+
 /// Downloads `url` into the directory `into` and returns the file's name.
 /// The body streams to disk; with a checksum it is verified first.
 pub fn download(url: &str, checksum: Option<&str>, into: &Path) -> Result<String, String> {
@@ -348,43 +363,32 @@ pub struct Resolved {
 }
 
 impl AddRequest<'_> {
-    /// Copies `sources` from `source` to the step's destination, with its
-    /// owner and mode.
-    fn copy_in(
-        &self,
-        root: &Path,
-        source: Source,
-        sources: &[String],
-        ignore: Option<&Ignore>,
-        unpack: bool,
-        excludes: &[String],
-    ) -> Result<Vec<PathBuf>, String> {
-        let request = CopyRequest {
+    /// A plain copy of `sources` from `source` to the step's destination,
+    /// with its owner and mode; callers add what else applies.
+    fn copy_of<'b>(&'b self, source: Source<'b>, sources: &'b [String]) -> CopyRequest<'b> {
+        CopyRequest {
             source,
             sources,
             dest: self.dest,
             chown: self.chown,
             chmod: self.chmod,
-            ignore,
-            unpack,
-            excludes,
+            ignore: None,
+            unpack: false,
+            excludes: &[],
             parents: false,
-        };
-        copy::copy(&request, root)
+        }
     }
 
-    /// Local sources: from the context (or a root), archives unpacked
-    /// unless `--unpack=false`.
+    /// Local sources: from the context (or a root), `.dockerignore` and
+    /// `--exclude` applied, archives unpacked unless `--unpack=false`.
     fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
-        let unpack = self.unpack != Some(false);
-        self.copy_in(
-            root,
-            self.source,
-            sources,
-            self.ignore,
-            unpack,
-            self.excludes,
-        )
+        let request = CopyRequest {
+            ignore: self.ignore,
+            unpack: self.unpack != Some(false),
+            excludes: self.excludes,
+            ..self.copy_of(self.source, sources)
+        };
+        copy::copy(&request, root)
     }
 }
 
@@ -407,14 +411,11 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 )
                 .map_err(|e| format!("{source}: {e}"))?;
             let all = [".".to_string()];
-            return req.copy_in(
-                root,
-                Source::Context(&checkout),
-                &all,
-                None,
-                false,
-                req.excludes,
-            );
+            let request = CopyRequest {
+                excludes: req.excludes,
+                ..req.copy_of(Source::Context(&checkout), &all)
+            };
+            return copy::copy(&request, root);
         }
     }
     if !req.sources.iter().any(|s| AddSpec::is_download(s)) {
@@ -433,26 +434,25 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             touched.extend(req.copy_local(root, std::slice::from_ref(source))?);
             continue;
         }
-        let fetched;
-        let (dir, name) = match req.resolved.downloads.get(source) {
-            Some(file) => (
-                file.parent().unwrap_or(req.scratch),
-                file.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            ),
+        // Downloaded while keying, or now (with --checksum).
+        let (_fetched, file) = match req.resolved.downloads.get(source) {
+            Some(file) => (None, file.clone()),
             None => {
-                fetched = tempfile::Builder::new()
-                    .prefix("add-")
-                    .tempdir_in(req.scratch)
-                    .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
-                let name = download(source, req.checksum, fetched.path())?;
-                (fetched.path(), name)
+                let (dir, file) = download_to_new_dir(source, req.checksum, req.scratch)?;
+                (Some(dir), file)
             }
         };
-        let unpack = req.unpack == Some(true);
-        touched.extend(req.copy_in(root, Source::Context(dir), &[name], None, unpack, &[])?);
+        let dir = file.parent().unwrap_or(req.scratch);
+        let name = [file
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()];
+        let request = CopyRequest {
+            unpack: req.unpack == Some(true),
+            ..req.copy_of(Source::Context(dir), &name)
+        };
+        touched.extend(copy::copy(&request, root)?);
     }
     Ok(touched)
 }

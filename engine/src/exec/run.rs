@@ -291,7 +291,7 @@ pub fn run(spec: &RunSpec) -> io::Result<i32> {
     Ok(exit_code(status))
 }
 
-fn exit_code(status: std::process::ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
     status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))

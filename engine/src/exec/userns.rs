@@ -151,11 +151,10 @@ fn wait(pid: i32) -> io::Result<i32> {
     if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
-    })
+    use std::os::unix::process::ExitStatusExt;
+    Ok(crate::exec::run::exit_code(
+        std::process::ExitStatus::from_raw(status),
+    ))
 }
 
 #[cfg(test)]

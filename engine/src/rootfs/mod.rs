@@ -186,6 +186,13 @@ impl Recorded {
     }
 }
 
+/// The blake3 of a file's content.
+pub(crate) fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open(path)?)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
 /// Seconds since the epoch (0 before it).
 pub(crate) fn unix_secs(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)

@@ -29,7 +29,7 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 use super::extract::{OVERLAY_OPAQUE, OVERLAY_XATTR_PREFIX};
 use super::snapshot::Changes;
-use super::{mtime_set_outside, sorted_xattrs, unix_secs, xattr_names};
+use super::{mtime_set_outside, sorted_xattrs, unix_secs, xattr_names, Recorded};
 
 /// Moves this process into a mount namespace of its own, where the overlay
 /// snapshotter may mount (see `BuildOptions::own_mount_namespace`). Call it
@@ -249,7 +249,8 @@ fn strip_overlay_xattrs(path: &Path) -> io::Result<()> {
 /// Turns a step's upper dir, over `lowers` (bottom first), into its
 /// changes, and leaves it fit to be the step's layer directory:
 ///
-/// * paths `keep` refuses (`--ignore-path`, under /proc...) are removed;
+/// * paths `recorded` leaves out (`--ignore-path`, under /proc...) are
+///   removed;
 /// * a directory copied up for nothing (empty, same mode, owner and xattrs
 ///   as below, no mtime set outside the step, which started at `since`: a
 ///   mount point was made and removed in it) is dropped;
@@ -259,13 +260,13 @@ fn strip_overlay_xattrs(path: &Path) -> io::Result<()> {
 pub fn settle_upper(
     upper: &Path,
     lowers: &[PathBuf],
-    keep: &dyn Fn(&Path) -> bool,
+    recorded: &Recorded,
     since: SystemTime,
 ) -> io::Result<Changes> {
     let mut settler = Settler {
         upper,
         lowers,
-        keep,
+        recorded,
         step: (unix_secs(since), unix_secs(SystemTime::now())),
         changes: Changes::default(),
         linked: Vec::new(),
@@ -279,7 +280,7 @@ pub fn settle_upper(
 struct Settler<'a> {
     upper: &'a Path,
     lowers: &'a [PathBuf],
-    keep: &'a dyn Fn(&Path) -> bool,
+    recorded: &'a Recorded,
     /// The step's start and end (unix seconds).
     step: (i64, i64),
     changes: Changes,
@@ -295,7 +296,7 @@ impl Settler<'_> {
         for name in sorted_names(&self.upper.join(rel))? {
             let r = rel.join(&name);
             let up = self.upper.join(&r);
-            if !(self.keep)(&r) {
+            if !self.recorded.records(&r) {
                 remove_any(&up)?;
                 continue;
             }
@@ -322,7 +323,7 @@ impl Settler<'_> {
             if opaque {
                 for child in lower_children(self.lowers, &r)? {
                     if fs::symlink_metadata(up.join(&child)).is_err()
-                        && (self.keep)(&r.join(&child))
+                        && self.recorded.records(&r.join(&child))
                     {
                         self.changes.deletes.push(r.join(&child));
                     }
@@ -555,11 +556,10 @@ mod tests {
         fs::write(upper.join("proc/x"), "").unwrap();
         whiteout(&upper.join("gone"));
 
-        let keep = |p: &Path| !p.starts_with("proc") || p == Path::new("proc");
         let changes = settle_upper(
             &upper,
             std::slice::from_ref(&lower),
-            &keep,
+            &Recorded::new(&["proc"], &[]),
             SystemTime::now(),
         )
         .unwrap();

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rayon::prelude::*;
 
-use super::{mtime_set_outside, sorted_xattrs, unix_secs, Recorded};
+use super::{hash_file, mtime_set_outside, sorted_xattrs, unix_secs, Recorded};
 
 /// How a snapshot decides that a path changed (`--snapshot-mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -128,17 +128,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Records the whole root. `skip_contents` and `ignore` are relative
-    /// paths.
-    pub fn scan(
-        root: &Path,
-        mode: SnapshotMode,
-        skip_contents: &[&str],
-        ignore: &[PathBuf],
-    ) -> io::Result<Snapshot> {
+    /// Records the whole root, what `recorded` records of it.
+    pub fn scan(root: &Path, mode: SnapshotMode, recorded: Recorded) -> io::Result<Snapshot> {
         let mut snapshot = Snapshot {
             entries: HashMap::new(),
-            recorded: Recorded::new(skip_contents, ignore),
+            recorded,
             mode,
         };
         snapshot.rescan(root, &[PathBuf::new()])?;
@@ -176,7 +170,7 @@ impl Snapshot {
             match fs::symlink_metadata(&host) {
                 Ok(meta) => {
                     let is_dir = meta.is_dir();
-                    fresh.push((top.clone(), self.record(|| host.clone(), &meta, now)));
+                    fresh.push((top.clone(), self.record(top, || host.clone(), &meta, now)));
                     if is_dir && !self.recorded.skips_contents_of(top) {
                         fresh.extend(self.walk(root, top, now)?);
                     }
@@ -258,7 +252,10 @@ impl Snapshot {
                 }
                 // DirEntry::metadata does not follow symlinks.
                 let meta = entry.metadata()?;
-                let mut out = vec![(path.clone(), self.record(|| entry.path(), &meta, now))];
+                let mut out = vec![(
+                    path.clone(),
+                    self.record(&path, || entry.path(), &meta, now),
+                )];
                 if meta.is_dir() && !self.recorded.skips_contents_of(&path) {
                     out.extend(self.walk(root, &path, now)?);
                 }
@@ -268,9 +265,15 @@ impl Snapshot {
         Ok(nested.into_iter().flatten().collect())
     }
 
-    /// `host` makes the host path, needed only to hash a file's content
-    /// or list a directory's xattrs.
-    fn record(&self, host: impl Fn() -> PathBuf, meta: &Metadata, now: SystemTime) -> EntryMeta {
+    /// `host` makes the host path of `path`, needed only to hash a file's
+    /// content or list a directory's xattrs.
+    fn record(
+        &self,
+        path: &Path,
+        host: impl Fn() -> PathBuf,
+        meta: &Metadata,
+        now: SystemTime,
+    ) -> EntryMeta {
         let ctime =
             UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
         let racy = now.duration_since(ctime).map_or(true, |d| d < RACY_WINDOW);
@@ -293,6 +296,19 @@ impl Snapshot {
             hash: hashed.then(|| hash_file(&host()).unwrap_or([0; 32])),
             recorded: unix_secs(now),
             xattrs: meta.is_dir().then(|| {
+                // Setting an xattr moves the ctime: a directory whose inode
+                // and ctime are as recorded, with that ctime well before the
+                // record (file times come from a coarse clock), keeps its
+                // xattrs, and a rescan need not list them again.
+                let kept = self.entries.get(path).and_then(|old| {
+                    let same = old.ino == meta.ino()
+                        && old.ctime == (meta.ctime(), meta.ctime_nsec())
+                        && old.ctime.0 + 2 < old.recorded;
+                    old.xattrs.filter(|_| same)
+                });
+                if let Some(hash) = kept {
+                    return hash;
+                }
                 let mut hasher = blake3::Hasher::new();
                 for (name, value) in sorted_xattrs(&host()) {
                     for part in [&name, &value] {
@@ -304,12 +320,6 @@ impl Snapshot {
             }),
         }
     }
-}
-
-fn hash_file(path: &Path) -> io::Result<[u8; 32]> {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(fs::File::open(path)?)?;
-    Ok(*hasher.finalize().as_bytes())
 }
 
 #[cfg(test)]
@@ -329,7 +339,8 @@ mod tests {
         fs::write(root.join("a/b/f"), "1").unwrap();
         fs::write(root.join("keep"), "k").unwrap();
         fs::create_dir_all(root.join("proc/1")).unwrap();
-        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &["proc"], &[]).unwrap();
+        let mut snap =
+            Snapshot::scan(root, SnapshotMode::Redo, Recorded::new(&["proc"], &[])).unwrap();
         assert!(!snap.entries.contains_key(Path::new("proc/1")));
 
         fs::write(root.join("a/b/f"), "2").unwrap(); // same size, racy
@@ -353,7 +364,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         fs::create_dir_all(root.join("etc")).unwrap();
-        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &[], &[]).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, Recorded::new(&[], &[])).unwrap();
         // A mount point made and removed again around a RUN.
         fs::write(root.join("etc/hosts"), "").unwrap();
         fs::remove_file(root.join("etc/hosts")).unwrap();
@@ -396,7 +407,7 @@ mod tests {
         let root = dir.path();
         fs::create_dir_all(root.join("d/e")).unwrap();
         fs::write(root.join("d/e/f"), "1").unwrap();
-        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &[], &[]).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, Recorded::new(&[], &[])).unwrap();
         fs::remove_dir_all(root.join("d")).unwrap();
         fs::write(root.join("d"), "file now").unwrap();
         let changes = snap.rescan(root, &[PathBuf::new()]).unwrap();
@@ -411,8 +422,10 @@ mod tests {
         fs::write(root.join("f"), "1").unwrap();
         fs::create_dir(root.join("ignored")).unwrap();
         let ignore = [PathBuf::from("ignored")];
-        let mut time = Snapshot::scan(root, SnapshotMode::Time, &[], &ignore).unwrap();
-        let mut full = Snapshot::scan(root, SnapshotMode::Full, &[], &ignore).unwrap();
+        let mut time =
+            Snapshot::scan(root, SnapshotMode::Time, Recorded::new(&[], &ignore)).unwrap();
+        let mut full =
+            Snapshot::scan(root, SnapshotMode::Full, Recorded::new(&[], &ignore)).unwrap();
         assert!(full.entries[Path::new("f")].hash.is_some());
         assert!(!time.entries.contains_key(Path::new("ignored")));
         fs::set_permissions(root.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -431,7 +444,7 @@ mod tests {
         let root = dir.path();
         fs::create_dir_all(root.join("app")).unwrap();
         fs::write(root.join("other"), "o").unwrap();
-        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, &[], &[]).unwrap();
+        let mut snap = Snapshot::scan(root, SnapshotMode::Redo, Recorded::new(&[], &[])).unwrap();
         fs::write(root.join("app/x"), "x").unwrap();
         fs::remove_file(root.join("other")).unwrap();
         let changes = snap.rescan(root, &[PathBuf::from("app/x")]).unwrap();
