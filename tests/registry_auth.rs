@@ -156,6 +156,9 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
         &registry,
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    // ... or for every registry.
+    let out = build(good.path(), &["--skip-tls-verify"], None, &registry);
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // Wrong credentials: a clear failure naming the registry, no secret shown.
     let wrong = docker_config(&format!(
