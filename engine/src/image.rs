@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use kiln_cachestore::manifest::Layer;
-use kiln_cachestore::manifest::{Descriptor, ImageManifest};
+use kiln_cachestore::manifest::{self, Descriptor, ImageManifest};
+use kiln_cachestore::BlobStore;
+
+use crate::error::BuildError;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImageConfig {
@@ -130,6 +133,85 @@ pub fn manifest_bytes(media_type: &str, config: &Descriptor, layers: &[Layer]) -
         annotations: None,
     };
     serde_json::to_vec(&manifest).expect("a manifest always serializes")
+}
+
+/// The manifest format of the built image (`--image-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ImageFormat {
+    #[default]
+    Oci,
+    /// Docker schema 2, for registries and tools that want it.
+    Docker,
+}
+
+/// A finished image: its blobs are in the store.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Layer>,
+}
+
+/// Writes an image's config and manifest into the store: `config` with
+/// its rootfs set to `layers` and `created` as its time.
+pub(crate) fn assemble(
+    store: &BlobStore,
+    format: ImageFormat,
+    mut config: ImageConfig,
+    mut layers: Vec<Layer>,
+    created: String,
+) -> Result<BuiltImage, BuildError> {
+    let docker = format == ImageFormat::Docker;
+    if docker {
+        // Docker schema 2 names the same gzip or tar bytes differently;
+        // it has no zstd layers.
+        for layer in &mut layers {
+            let d = &mut layer.descriptor;
+            d.media_type = match d.media_type.as_str() {
+                manifest::OCI_LAYER_GZIP | manifest::DOCKER_LAYER_GZIP => {
+                    manifest::DOCKER_LAYER_GZIP.into()
+                }
+                manifest::OCI_LAYER_TAR => manifest::DOCKER_LAYER_TAR.into(),
+                other => {
+                    return Err(BuildError::Invalid(format!(
+                        "--image-format docker: layer {} is {other}, which Docker images cannot hold (use --compression gzip)",
+                        d.digest
+                    )))
+                }
+            };
+        }
+    }
+    config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
+    config.created = Some(created);
+    let bytes = serde_json::to_vec(&config).expect("a config always serializes");
+    let stored = store.put(&bytes)?;
+    let config_desc = Descriptor {
+        media_type: match docker {
+            true => manifest::DOCKER_CONFIG.into(),
+            false => manifest::OCI_CONFIG.into(),
+        },
+        digest: stored.digest,
+        size: stored.size,
+        platform: None,
+        annotations: None,
+    };
+    let manifest_type = match docker {
+        true => manifest::DOCKER_MANIFEST,
+        false => manifest::OCI_MANIFEST,
+    };
+    let manifest_bytes = manifest_bytes(manifest_type, &config_desc, &layers);
+    let stored = store.put(&manifest_bytes)?;
+    Ok(BuiltImage {
+        manifest: Descriptor {
+            media_type: manifest_type.into(),
+            digest: stored.digest,
+            size: stored.size,
+            platform: None,
+            annotations: None,
+        },
+        config: config_desc,
+        layers,
+    })
 }
 
 #[cfg(test)]

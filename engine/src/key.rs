@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use kiln_cachestore::Index;
 
 use crate::context::Filter;
+use crate::error::BuildError;
 use crate::plan::{Action, AddSpec, CopyFrom, Network, PlannedMount, Step};
 
 /// Bumped whenever the encoding or the meaning of an input changes.
@@ -177,6 +178,129 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
         }
     }
     Some(h.finish())
+}
+
+/// What keying a stage's steps asks of the build: the identity of what
+/// they read.
+pub(crate) trait StepSources {
+    /// The digest of the context files `sources` select, as COPY would
+    /// copy them (through `.dockerignore`).
+    fn context_digest(&self, step: &Step, sources: &[String]) -> Result<String, BuildError>;
+    /// What `url` gives now ([`file_digest`] of its download).
+    fn download_digest(&self, step: &Step, url: &str) -> Result<String, BuildError>;
+    /// The commit a Git source's ref names now, which `checksum`, when
+    /// given, must start with.
+    fn git_commit(
+        &self,
+        step: &Step,
+        source: &str,
+        checksum: Option<&str>,
+    ) -> Result<String, BuildError>;
+    /// The key `FROM <stage>` and `COPY --from=<stage>` chain on.
+    fn stage_key(&self, stage: usize) -> &str;
+    /// An image's manifest digest.
+    fn image_digest(&self, reference: &str) -> &str;
+}
+
+/// The key of every step (`None` for metadata-only steps), chained from
+/// `parent`.
+pub(crate) fn step_keys(
+    steps: &[Step],
+    parent: &str,
+    platform: &str,
+    sources: &dyn StepSources,
+) -> Result<Vec<Option<String>>, BuildError> {
+    let mut parent = parent.to_string();
+    let mut keys = Vec::new();
+    for step in steps {
+        let local = |all: &[String]| -> Vec<String> {
+            all.iter()
+                .filter(|s| !AddSpec::is_download(s))
+                .cloned()
+                .collect()
+        };
+        let (identity, digest) = match &step.action {
+            // ADD <url> without --checksum: keyed by what the URL gives
+            // now (name, Last-Modified and content), as BuildKit does.
+            Action::Copy { sources: all, .. } if downloads_unchecked(&step.action) => {
+                let mut digests = all
+                    .iter()
+                    .filter(|s| AddSpec::is_download(s))
+                    .map(|url| sources.download_digest(step, url))
+                    .collect::<Result<Vec<_>, _>>()?;
+                digests.push(sources.context_digest(step, &local(all))?);
+                (String::new(), digests.join("\n"))
+            }
+            // A Git source counts by the commit its ref names now.
+            Action::Copy {
+                add: Some(spec),
+                sources: all,
+                ..
+            } if all.iter().any(|s| crate::plan::is_git_source(s)) => {
+                let commits = all
+                    .iter()
+                    .map(|s| sources.git_commit(step, s, spec.checksum.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (commits.join("\n"), String::new())
+            }
+            // What .dockerignore hides is not hashed, as not copied; ADD's
+            // URLs count through their checksum.
+            Action::Copy {
+                from: CopyFrom::Context,
+                sources: all,
+                ..
+            } => (String::new(), sources.context_digest(step, &local(all))?),
+            Action::Copy {
+                from: CopyFrom::Inline(files),
+                ..
+            } => (String::new(), hash_inline(files)),
+            Action::Copy {
+                from: CopyFrom::Stage(i),
+                ..
+            } => (sources.stage_key(*i).to_string(), String::new()),
+            Action::Copy {
+                from: CopyFrom::Image(r),
+                ..
+            } => (sources.image_digest(r).to_string(), String::new()),
+            Action::Run { mounts, .. } => {
+                // What each bind (or cache seed) shows: a stage by its
+                // key, an image by its digest, the context by content.
+                let mut identity = Vec::new();
+                let mut digests = Vec::new();
+                for pm in mounts {
+                    match &pm.from {
+                        None | Some(CopyFrom::Inline(_)) => {}
+                        Some(CopyFrom::Context) => {
+                            let source = pm.mount.source.clone().unwrap_or_else(|| ".".into());
+                            digests.push(sources.context_digest(step, &[source])?);
+                        }
+                        Some(CopyFrom::Stage(i)) => {
+                            identity.push(sources.stage_key(*i).to_string())
+                        }
+                        Some(CopyFrom::Image(r)) => {
+                            identity.push(sources.image_digest(r).to_string())
+                        }
+                    }
+                }
+                (identity.join("\n"), digests.join("\n"))
+            }
+            _ => (String::new(), String::new()),
+        };
+        let key = step_key(
+            step,
+            &KeyInputs {
+                parent: &parent,
+                platform,
+                source_identity: &identity,
+                sources_digest: &digest,
+            },
+        );
+        if let Some(k) = &key {
+            parent = k.clone();
+        }
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 /// Whether a step is an ADD of a URL without `--checksum`: its content is

@@ -4,19 +4,10 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use kiln_cachestore::manifest::Descriptor;
 use kiln_cachestore::{layout, BlobStore, Reference, RegistryClient};
 
 use crate::error::{BuildError, IoContext};
-use crate::image::Layer;
-
-/// A finished image: its blobs are in the store.
-#[derive(Debug, Clone)]
-pub struct BuiltImage {
-    pub manifest: Descriptor,
-    pub config: Descriptor,
-    pub layers: Vec<Layer>,
-}
+pub use crate::image::BuiltImage;
 
 impl BuiltImage {
     fn blob_digests(&self) -> Vec<String> {

@@ -10,6 +10,24 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
+/// Copies a whole tree, keeping owners, modes, links, devices and xattrs.
+pub(crate) fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dest)?;
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(dest)
+        .status()?;
+    if !status.success() {
+        return Err(io::Error::other(format!(
+            "copying {} to {} failed",
+            src.display(),
+            dest.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Resolves `path` as a process chrooted at `root` would: symlinks (absolute
 /// or with `..`) are followed inside the root and can never leave it. The
 /// last component is followed only when `follow_final` is set. Missing

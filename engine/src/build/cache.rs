@@ -1,0 +1,147 @@
+//! The cache decisions: which steps may use the cache, the local and
+//! remote lookups of a stage's keys, and publishing new entries.
+use std::collections::HashMap;
+
+use kiln_cachestore::manifest::Descriptor;
+use kiln_cachestore::StepEntry;
+
+use super::Builder;
+use crate::error::{BuildError, IoContext};
+use crate::image::Layer;
+use crate::plan::{Action, StagePlan, Step};
+
+/// A step found in the cache: its layer (none when it changed no file)
+/// and when it was first built, which its history keeps, so a rebuild that
+/// only hits gives the same image.
+#[derive(Debug, Clone)]
+pub(crate) struct Hit {
+    pub(crate) layer: Option<Layer>,
+    pub(crate) created: u64,
+}
+
+impl Builder<'_> {
+    /// Looks every key up at once. A hit is an entry within the TTL whose
+    /// layer blob is in the store; `Some(None)` is a hit that made no layer.
+    pub(super) fn lookup(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+    ) -> Result<Vec<Option<Hit>>, BuildError> {
+        let wanted: Vec<String> = keys
+            .iter()
+            .zip(&stage.steps)
+            .filter_map(|(k, step)| k.clone().filter(|_| self.cacheable(step)))
+            .collect();
+        let found = self.index.get_steps(&wanted)?;
+        let found: HashMap<&String, StepEntry> = wanted
+            .iter()
+            .zip(found)
+            .filter_map(|(k, e)| e.map(|e| (k, e)))
+            .collect();
+        keys.iter()
+            .map(|k| {
+                let Some(entry) = k.as_ref().and_then(|k| found.get(k)) else {
+                    return Ok(None);
+                };
+                if entry.expired(self.options.cache_ttl) {
+                    return Ok(None);
+                }
+                match &entry.layer {
+                    Some(l) if !self.store_has(&l.descriptor)? => Ok(None),
+                    layer => Ok(Some(Hit {
+                        layer: layer.clone(),
+                        created: entry.created,
+                    })),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the store holds `d`'s blob at its recorded size. A blob of
+    /// another size is damaged (hashing every hit would cost too much; the
+    /// digest is checked on unpack and by the registry on push): it is
+    /// removed, so the step runs again and writes it anew.
+    fn store_has(&self, d: &Descriptor) -> Result<bool, BuildError> {
+        if !self.store.contains(&d.digest)? {
+            return Ok(false);
+        }
+        if self.store.size(&d.digest)? == d.size {
+            return Ok(true);
+        }
+        let path = self.store.path(&d.digest)?;
+        std::fs::remove_file(&path).at(&path)?;
+        Ok(false)
+    }
+
+    /// Whether a step's result may come from and go to the cache.
+    pub(super) fn cacheable(&self, step: &Step) -> bool {
+        let opts = self.options;
+        opts.cache
+            && !opts.single_snapshot
+            && match step.action {
+                Action::Run { .. } => opts.cache_run_layers,
+                Action::Copy { .. } => opts.cache_copy_layers,
+                _ => true,
+            }
+    }
+
+    /// Asks the remote tier, all at once, for every key the local tier
+    /// missed. A remote hit's layer is fetched into the store and the entry
+    /// recorded locally, so the next build finds it here.
+    pub(super) async fn lookup_remote(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+        mut hits: Vec<Option<Hit>>,
+    ) -> Result<Vec<Option<Hit>>, BuildError> {
+        let Some(remote) = &self.remote else {
+            return Ok(hits);
+        };
+        let missing: Vec<(usize, &String)> = keys
+            .iter()
+            .zip(&stage.steps)
+            .enumerate()
+            .filter(|(i, (k, step))| k.is_some() && hits[*i].is_none() && self.cacheable(step))
+            .map(|(i, (k, _))| (i, k.as_ref().expect("filtered")))
+            .collect();
+        let store = self.store;
+        let found = futures_util::future::try_join_all(missing.iter().map(|(i, key)| async move {
+            let entry = match remote.get(key, store).await? {
+                Some(e) if !e.expired(self.options.cache_ttl) => e,
+                _ => return Ok::<_, BuildError>(None),
+            };
+            remote.fetch_layer(key, &entry, store).await?;
+            Ok(Some((*i, (*key).clone(), entry)))
+        }))
+        .await?;
+        let mut fetched = Vec::new();
+        for (i, key, entry) in found.into_iter().flatten() {
+            hits[i] = Some(Hit {
+                layer: entry.layer.clone(),
+                created: entry.created,
+            });
+            self.counters.remote_hit();
+            fetched.push((key, entry));
+        }
+        self.index.put_steps(&fetched)?;
+        Ok(hits)
+    }
+
+    /// Uploads a stage's new entries to the remote tier.
+    pub(super) async fn publish(&self, entries: &[(String, StepEntry)]) -> Result<(), BuildError> {
+        let Some(remote) = self
+            .remote
+            .as_ref()
+            .filter(|_| self.options.cache_repo_push)
+        else {
+            return Ok(());
+        };
+        futures_util::future::try_join_all(
+            entries
+                .iter()
+                .map(|(key, entry)| async move { remote.put(key, entry, self.store).await }),
+        )
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! What a build reports as it goes, and the counts behind its summary.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// What the builder reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Warning {
+        line: usize,
+        message: String,
+    },
+    Stage {
+        index: usize,
+        name: Option<String>,
+        base: String,
+    },
+    Pulled {
+        reference: String,
+        digest: String,
+    },
+    Step {
+        line: usize,
+        text: String,
+    },
+    Layer {
+        digest: String,
+        size: u64,
+    },
+    CacheHit {
+        line: usize,
+    },
+    Summary(Summary),
+}
+
+/// What a build did, for the summary line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Steps whose result came from the cache.
+    pub cache_hits: usize,
+    /// Steps that ran.
+    pub cache_misses: usize,
+    /// Layers unpacked onto a root (0 for a fully cached build).
+    pub layers_unpacked: usize,
+    /// Of the hits, those found in the remote tier (`--cache-repo`).
+    pub remote_hits: usize,
+    /// Wall time per phase: resolve (Dockerfile, base manifests), lookup
+    /// (keys, local and remote), unpack, run (steps and their snapshots),
+    /// layers (tar + compress), in the order they first ran.
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+/// Counts for the build summary, shared by the builder's parts.
+#[derive(Default)]
+pub(crate) struct Counters {
+    hits: AtomicUsize,
+    remote_hits: AtomicUsize,
+    misses: AtomicUsize,
+    unpacked: AtomicUsize,
+    /// Wall time per phase, in the order phases first ran.
+    phases: std::sync::Mutex<Vec<(&'static str, Duration)>>,
+}
+
+impl Counters {
+    pub(crate) fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remote_hit(&self) {
+        self.remote_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn extracted(&self, layers: usize) {
+        self.unpacked.fetch_add(layers, Ordering::Relaxed);
+    }
+
+    /// Adds the time since `start` to `phase`.
+    pub(crate) fn timed(&self, phase: &'static str, start: Instant) {
+        let elapsed = start.elapsed();
+        let mut phases = self.phases.lock().expect("phase timer poisoned");
+        match phases.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, total)) => *total += elapsed,
+            None => phases.push((phase, elapsed)),
+        }
+    }
+
+    pub(crate) fn summary(&self) -> Summary {
+        Summary {
+            phases: self.phases.lock().expect("phase timer poisoned").clone(),
+            cache_hits: self.hits.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+            remote_hits: self.remote_hits.load(Ordering::Relaxed),
+            layers_unpacked: self.unpacked.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! The builder: walks the plan's stages, materializes each root, runs the
+//! steps that change files, turns each change into a layer, and assembles
+//! the target stage's image. It emits events and prints nothing.
+//!
+//! One concern a file:
+//! - `mod.rs`: resolving the Dockerfile and bases, and the stage loop;
+//! - `roots.rs`: how a stage's root is made (plain tree, overlay mount
+//!   point, or the host's `/`) and the trees `COPY --from` reads;
+//! - `cache.rs`: which steps use the cache, local and remote lookups, publish;
+//! - `sources.rs`: what the steps read, identified for their keys
+//!   (the keys themselves are `crate::key`);
+//! - `steps.rs`: running a stage's steps and writing their layers;
+//! - `syscalls.rs`: mounting, unpacking and running, behind a trait;
+//! - `options.rs`, `events.rs`: what the caller asks and is told.
+mod cache;
+mod events;
+mod options;
+mod roots;
+mod sources;
+mod steps;
+mod syscalls;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, UNIX_EPOCH};
+
+use kiln_cachestore::manifest::ResolvedManifest;
+use kiln_cachestore::remote::RemoteCache;
+use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient};
+
+use crate::dockerfile::{self, Dockerfile, StageGraph};
+use crate::error::{BuildError, IoContext};
+use crate::exec::add::Resolved;
+use crate::exec::mounts::SourceRoots;
+use crate::exec::run::{EtcFiles, Isolation};
+use crate::image::{self, BuiltImage, ImageConfig, Layer};
+use crate::key;
+use crate::plan::{self, Base, CopyFrom, Plan, Step};
+use crate::rootfs::{clean_relative, Recorded};
+use events::Counters;
+use roots::{OnDisk, Roots};
+use syscalls::{Host, Syscalls};
+
+pub use crate::exec::mounts::SecretSource;
+pub use crate::image::ImageFormat;
+pub use events::{Event, Summary};
+pub use options::{overlay_wanted, BuildOptions, Snapshotter};
+
+/// Contents of these directories are never committed: they are mounted
+/// during RUN.
+const SKIP_CONTENTS: &[&str] = &["proc", "sys", "dev"];
+const HOSTNAME: &str = "kiln";
+
+/// The result of one stage: its image, and its root when on disk.
+struct StageResult {
+    on_disk: Option<OnDisk>,
+    config: ImageConfig,
+    layers: Vec<Layer>,
+    /// The key of the stage's last file-changing step (its base's identity
+    /// when it has none): what `FROM <stage>` and `COPY --from` chain on.
+    last_key: String,
+    /// When its newest step was built (seconds since the epoch).
+    built: Option<u64>,
+}
+
+impl StageResult {
+    fn clone_without_root(&self) -> StageResult {
+        StageResult {
+            on_disk: None,
+            config: self.config.clone(),
+            layers: self.layers.clone(),
+            last_key: self.last_key.clone(),
+            built: self.built,
+        }
+    }
+}
+
+/// An image a `COPY --from` reads, put on disk only when a step runs.
+struct FetchedImage {
+    m: ResolvedManifest,
+    config: ImageConfig,
+    on_disk: Option<OnDisk>,
+}
+
+pub struct Builder<'a> {
+    options: &'a BuildOptions,
+    store: &'a BlobStore,
+    index: &'a Index,
+    registry: &'a RegistryClient,
+    on_event: &'a (dyn Fn(Event) + Sync),
+    counters: Arc<Counters>,
+    roots: Roots<'a>,
+    /// The remote tier, when `--cache-repo` is given and caching is on.
+    remote: Option<RemoteCache<'a>>,
+    etc: EtcFiles,
+    /// `RUN --mount=type=cache` directories, kept across builds.
+    cache_mounts: PathBuf,
+    /// ADD's remote sources as keying found them (downloads, commits), so
+    /// the step copies exactly what it was keyed by.
+    resolved: Mutex<Resolved>,
+    /// The paths a layer may hold, for both snapshotters.
+    recorded: Recorded,
+    /// Held while the build runs: `kiln cache gc` removes only the work
+    /// dirs whose lock it can take.
+    _work_lock: std::fs::File,
+    /// This build's scratch space under the state dir, removed on drop
+    /// (after everything above that points into it).
+    work: tempfile::TempDir,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(
+        options: &'a BuildOptions,
+        state_dir: &Path,
+        store: &'a BlobStore,
+        index: &'a Index,
+        registry: &'a RegistryClient,
+        on_event: &'a (dyn Fn(Event) + Sync),
+    ) -> Result<Self, BuildError> {
+        static HOST: Host = Host;
+        Self::with_syscalls(options, state_dir, store, index, registry, on_event, &HOST)
+    }
+
+    /// A builder whose mounts, unpacking and steps go through `sys`.
+    pub(crate) fn with_syscalls(
+        options: &'a BuildOptions,
+        state_dir: &Path,
+        store: &'a BlobStore,
+        index: &'a Index,
+        registry: &'a RegistryClient,
+        on_event: &'a (dyn Fn(Event) + Sync),
+        sys: &'a dyn Syscalls,
+    ) -> Result<Self, BuildError> {
+        let builds = state_dir.join("builds");
+        std::fs::create_dir_all(&builds).at(&builds)?;
+        let work = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(&builds)
+            .at(&builds)?;
+        let lock_path = work.path().join("lock");
+        let work_lock = std::fs::File::create(&lock_path).at(&lock_path)?;
+        work_lock.lock().at(&lock_path)?;
+        let etc = EtcFiles::create(&work.path().join("etc"), HOSTNAME).at(work.path())?;
+        let remote = match &options.cache_repo {
+            Some(repo) if options.cache => Some(RemoteCache::new(registry, repo)?),
+            _ => None,
+        };
+        // `--isolation none`: what clearing and unpacking over `/` spare,
+        // the caller's list plus this build's work dir and /proc, /sys, /dev.
+        let host_keep = match options.isolation {
+            Isolation::None => {
+                let mut keep = options.ignore_paths.clone();
+                keep.extend(SKIP_CONTENTS.iter().map(PathBuf::from));
+                keep.push(clean_relative(work.path()));
+                keep
+            }
+            _ => Vec::new(),
+        };
+        let counters = Arc::new(Counters::default());
+        let roots = Roots::new(
+            sys,
+            store,
+            options,
+            on_event,
+            counters.clone(),
+            state_dir,
+            work.path(),
+            host_keep,
+        )?;
+        Ok(Self {
+            options,
+            store,
+            index,
+            registry,
+            on_event,
+            counters,
+            roots,
+            remote,
+            etc,
+            cache_mounts: state_dir.join("mounts"),
+            resolved: Default::default(),
+            recorded: Recorded::new(SKIP_CONTENTS, &options.ignore_paths),
+            _work_lock: work_lock,
+            work,
+        })
+    }
+
+    fn dockerfile_error(&self, e: dockerfile::FrontendError) -> BuildError {
+        BuildError::Dockerfile {
+            file: self.options.dockerfile_name.clone(),
+            line: e.line,
+            message: e.message,
+        }
+    }
+
+    fn step_error(&self, step: &Step, message: String) -> BuildError {
+        BuildError::Step {
+            file: self.options.dockerfile_name.clone(),
+            line: step.line,
+            instruction: step.keyword.clone(),
+            message,
+        }
+    }
+
+    /// Parses and resolves the Dockerfile, fetches the base images' configs
+    /// and plans every step.
+    pub async fn resolve(
+        &self,
+    ) -> Result<(Dockerfile, Plan, HashMap<String, ResolvedManifest>), BuildError> {
+        let opts = self.options;
+        let df = dockerfile::parse(&opts.dockerfile).map_err(|e| self.dockerfile_error(e))?;
+        let graph = StageGraph::resolve(
+            &df,
+            &opts.build_args,
+            opts.target.as_deref(),
+            &(&opts.platform).into(),
+        )
+        .map_err(|e| self.dockerfile_error(e))?;
+        let mut manifests = HashMap::new();
+        let mut configs = HashMap::new();
+        for stage in graph.stages.iter().filter(|s| s.needed) {
+            if let dockerfile::BaseRef::Image(reference) = &stage.base_ref {
+                if manifests.contains_key(reference) {
+                    continue;
+                }
+                let (m, config) = self.fetch_image(reference).await?;
+                configs.insert(reference.clone(), config);
+                manifests.insert(reference.clone(), m);
+            }
+        }
+        let plan = plan::plan(&df, &graph, &configs, &opts.platform, &opts.labels)
+            .map_err(|e| self.dockerfile_error(e))?;
+        for w in &plan.warnings {
+            (self.on_event)(Event::Warning {
+                line: w.line,
+                message: w.message.clone(),
+            });
+        }
+        Ok((df, plan, manifests))
+    }
+
+    /// Resolves an image reference (registry or `oci-layout://`) to its
+    /// manifest and config; the blobs land in the store.
+    async fn fetch_image(
+        &self,
+        reference: &str,
+    ) -> Result<(ResolvedManifest, ImageConfig), BuildError> {
+        let base_error = |source| BuildError::BaseImage {
+            reference: reference.to_string(),
+            source: Box::new(source),
+        };
+        let platform = &self.options.platform;
+        let m = if let Some(spec) = reference.strip_prefix("oci-layout://") {
+            let (path, tag) = layout::split_layout_reference(spec);
+            layout::import(Path::new(path), tag, platform, self.store).map_err(base_error)?
+        } else {
+            let r = registry::parse_reference(reference).map_err(base_error)?;
+            self.registry.relax_for_pull(
+                r.resolve_registry(),
+                self.options.insecure_pull,
+                self.options.skip_tls_verify_pull,
+            );
+            kiln_cachestore::warm::resolve_base(
+                self.registry,
+                self.store,
+                self.index,
+                &r,
+                platform,
+                self.options.cache_ttl,
+            )
+            .await
+            .map_err(base_error)?
+        };
+        let config = self.image_config(&m, reference)?;
+        if config.rootfs.diff_ids.len() != m.manifest.layers.len() {
+            return Err(BuildError::Invalid(format!(
+                "{reference}: the config lists {} diff_ids for {} layers",
+                config.rootfs.diff_ids.len(),
+                m.manifest.layers.len()
+            )));
+        }
+        (self.on_event)(Event::Pulled {
+            reference: reference.to_string(),
+            digest: m.digest.clone(),
+        });
+        Ok((m, config))
+    }
+
+    /// The config of a resolved image, from the store.
+    fn image_config(
+        &self,
+        m: &ResolvedManifest,
+        reference: &str,
+    ) -> Result<ImageConfig, BuildError> {
+        let bytes = self.store.read(&m.manifest.config.digest)?;
+        serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
+            layer: m.manifest.config.digest.clone(),
+            message: format!("invalid image config of {reference}: {e}"),
+        })
+    }
+
+    /// The layers of a fetched image, with their diff_ids.
+    fn image_layers(m: &ResolvedManifest, config: &ImageConfig) -> Vec<Layer> {
+        m.manifest
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .map(|(d, diff_id)| Layer {
+                descriptor: d.clone(),
+                diff_id: diff_id.clone(),
+            })
+            .collect()
+    }
+
+    /// Makes sure an image's layer blobs are in the store (concurrently;
+    /// blobs already there cost nothing).
+    async fn pull_layers(&self, reference: &str, m: &ResolvedManifest) -> Result<(), BuildError> {
+        if reference.starts_with("oci-layout://") {
+            return Ok(()); // imported with the manifest
+        }
+        let r = registry::parse_reference(reference)?;
+        let pulls = m
+            .manifest
+            .layers
+            .iter()
+            .map(|l| self.registry.pull_blob(&r, &l.digest, self.store));
+        futures_util::future::try_join_all(pulls)
+            .await
+            .map_err(|source| BuildError::BaseImage {
+                reference: reference.to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(())
+    }
+
+    /// Builds every needed stage and assembles the target's image.
+    ///
+    /// Each stage first computes the cache keys of all its steps and looks
+    /// them all up. A stage whose steps all hit is never put on disk: its
+    /// image is the base's layers plus the cached ones. Otherwise its root
+    /// is made (see `roots.rs`) and the steps from there run, a later hit
+    /// unpacking its layer instead.
+    ///
+    /// Unpacking and running steps block; on a multi-thread runtime the
+    /// worker hands its other tasks off first ([`blocking`]).
+    pub async fn build(&self) -> Result<BuiltImage, BuildError> {
+        let start = Instant::now();
+        let (_df, plan, manifests) = self.resolve().await?;
+        self.counters.timed("resolve", start);
+        let mut results: HashMap<usize, StageResult> = HashMap::new();
+        let mut images: HashMap<String, FetchedImage> = HashMap::new();
+        let last_use = plan.last_uses();
+        let platform = self.options.platform.to_string();
+        // Keys that hit, recorded once at the end as used, for `kiln cache gc`.
+        let mut used: Vec<String> = Vec::new();
+        // Every image a step reads, up front: with `--isolation none` the
+        // files a registry client starts from (TLS roots, credential
+        // helpers) are replaced once the first stage is unpacked.
+        let reads = plan
+            .stages
+            .iter()
+            .filter(|s| s.needed)
+            .flat_map(|s| s.steps.iter().flat_map(|step| step.action.reads()));
+        for from in reads {
+            if let CopyFrom::Image(reference) = from {
+                if !images.contains_key(reference) {
+                    let (m, config) = self.fetch_image(reference).await?;
+                    let on_disk = None;
+                    images.insert(reference.clone(), FetchedImage { m, config, on_disk });
+                }
+            }
+        }
+        for stage in plan.stages.iter().filter(|s| s.needed) {
+            (self.on_event)(Event::Stage {
+                index: stage.index,
+                name: stage.name.clone(),
+                base: stage.base_display.clone(),
+            });
+            let mut result = match &stage.base {
+                Base::Scratch => StageResult {
+                    on_disk: None,
+                    config: ImageConfig::default(),
+                    layers: Vec::new(),
+                    last_key: "scratch".into(),
+                    built: None,
+                },
+                Base::Image(reference) => {
+                    let m = &manifests[reference];
+                    let config = self.image_config(m, reference)?;
+                    // Blobs are needed for the outputs, even when nothing unpacks them.
+                    self.pull_layers(reference, m).await?;
+                    StageResult {
+                        on_disk: None,
+                        layers: Self::image_layers(m, &config),
+                        config,
+                        last_key: m.digest.clone(),
+                        built: None,
+                    }
+                }
+                Base::Stage(parent) => results[parent].clone_without_root(),
+            };
+            let start = Instant::now();
+            let sources = sources::StageSources {
+                builder: self,
+                stages: &results,
+                images: &images,
+            };
+            let keys =
+                blocking(|| key::step_keys(&stage.steps, &result.last_key, &platform, &sources))?;
+            let hits = self.lookup(stage, &keys)?;
+            let hits = self.lookup_remote(stage, &keys, hits).await?;
+            used.extend(
+                keys.iter()
+                    .zip(&hits)
+                    .filter_map(|(k, h)| k.clone().filter(|_| h.is_some())),
+            );
+            self.counters.timed("lookup", start);
+            let fully_cached = keys
+                .iter()
+                .zip(&hits)
+                .all(|(k, h)| k.is_none() || h.is_some());
+            if !fully_cached {
+                // Put on disk what this stage reads: its base and its COPY sources.
+                let root = blocking(|| {
+                    self.roots
+                        .stage_root(stage, &result.layers, &mut results, &last_use)
+                })?;
+                result.on_disk = Some(root);
+                for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
+                    match from {
+                        CopyFrom::Stage(i) => {
+                            let source = results.get_mut(i).expect("source stage built");
+                            if source.on_disk.is_none() {
+                                let dir = self.work.path().join(format!("stage-{i}"));
+                                let tree =
+                                    blocking(|| self.roots.materialize(&source.layers, dir))?;
+                                source.on_disk = Some(tree);
+                            }
+                        }
+                        CopyFrom::Image(reference) => {
+                            let image = images.get_mut(reference).expect("fetched above");
+                            if image.on_disk.is_none() {
+                                let dir = self.work.path().join(format!(
+                                    "image-{}",
+                                    image.m.digest.trim_start_matches("sha256:")
+                                ));
+                                self.pull_layers(reference, &image.m).await?;
+                                let layers = Self::image_layers(&image.m, &image.config);
+                                let tree = blocking(|| self.roots.materialize(&layers, dir))?;
+                                image.on_disk = Some(tree);
+                            }
+                        }
+                        CopyFrom::Context | CopyFrom::Inline(_) => {}
+                    }
+                }
+            }
+            let reads = SourceRoots {
+                stages: results
+                    .iter()
+                    .filter_map(|(i, r)| r.on_disk.as_ref().map(|d| (*i, d.dir.clone())))
+                    .collect(),
+                images: images
+                    .iter()
+                    .filter_map(|(r, i)| i.on_disk.as_ref().map(|d| (r.clone(), d.dir.clone())))
+                    .collect(),
+            };
+            let entries = blocking(|| self.run_steps(stage, &mut result, &keys, &hits, &reads))?;
+            self.publish(&entries).await?;
+            // Free the roots nobody reads any more.
+            let done: Vec<usize> = results
+                .keys()
+                .copied()
+                .filter(|i| last_use.get(i).is_none_or(|last| *last <= stage.index))
+                .collect();
+            for i in done {
+                if let Some(tree) = results.remove(&i).and_then(|r| r.on_disk) {
+                    tree.remove();
+                }
+            }
+            results.insert(stage.index, result);
+        }
+        self.index.touch_steps(&used)?;
+        (self.on_event)(Event::Summary(self.counters.summary()));
+        let target = results
+            .remove(&plan.target)
+            .ok_or_else(|| BuildError::Invalid("the target stage was not built".into()))?;
+        let created = self.created(target.built);
+        image::assemble(
+            self.store,
+            self.options.image_format,
+            target.config,
+            target.layers,
+            created,
+        )
+    }
+
+    /// A timestamp for the image: `--reproducible`'s fixed time, else
+    /// `secs` (when a cached step was built), else now.
+    fn created(&self, secs: Option<u64>) -> String {
+        let secs = self
+            .options
+            .fixed_time
+            .or(secs)
+            .unwrap_or_else(kiln_cachestore::index::now_secs);
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .to_string()
+    }
+}
+
+/// Runs blocking work (keying, unpacking, running steps) from the async
+/// stage loop. On a multi-thread runtime the worker first hands its other
+/// tasks off (`block_in_place`, which panics on a current-thread runtime);
+/// on a current-thread runtime nothing else is waiting, so it just runs.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl From<&Platform> for dockerfile::Platform {
+    fn from(p: &Platform) -> Self {
+        dockerfile::Platform {
+            os: p.os.clone(),
+            architecture: p.architecture.clone(),
+            variant: p.variant.clone(),
+        }
+    }
+}

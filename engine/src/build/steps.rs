@@ -1,0 +1,440 @@
+//! Running a stage's steps: hits contribute their cached layers, misses
+//! run (on a walked root, or on an overlay with the overlay snapshotter)
+//! and their changes are written as layers.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_cachestore::unpacked::UnpackedLayers;
+use kiln_cachestore::StepEntry;
+
+use super::cache::Hit;
+use super::events::Event;
+use super::{Builder, StageResult, HOSTNAME};
+use crate::error::{BuildError, IoContext};
+use crate::exec::copy::{self, CopyRequest, Source};
+use crate::exec::mounts::{self, MountInputs, SourceRoots};
+use crate::exec::run::{self, MountPoints, RunSpec};
+use crate::exec::users;
+use crate::image::{History, ImageConfig, Layer};
+use crate::layer::LayerWriter;
+use crate::plan::{Action, CopyFrom, Network, StagePlan, Step};
+use crate::rootfs::overlay;
+use crate::rootfs::snapshot::{Changes, Snapshot};
+use crate::rootfs::{create_dir_all_in_root, relative_to_root};
+
+impl Builder<'_> {
+    fn history(&self, created_by: &str, empty_layer: bool, secs: Option<u64>) -> History {
+        History {
+            created: Some(self.created(secs)),
+            created_by: Some(created_by.to_string()),
+            comment: Some("kiln".into()),
+            empty_layer,
+            ..Default::default()
+        }
+    }
+
+    /// Walks the stage's steps: hits contribute their cached layer (unpacked
+    /// when the root is on disk), misses run and are recorded.
+    pub(super) fn run_steps(
+        &self,
+        stage: &StagePlan,
+        result: &mut StageResult,
+        keys: &[Option<String>],
+        hits: &[Option<Hit>],
+        reads: &SourceRoots,
+    ) -> Result<Vec<(String, StepEntry)>, BuildError> {
+        let opts = self.options;
+        let root = result.on_disk.as_ref().map(|d| d.dir.clone());
+        // With the overlay snapshotter, the layers the next step runs on
+        // (bottom first); no snapshot of the root is ever taken.
+        let unpacked = match root {
+            Some(_) => self.roots.unpacked()?,
+            None => None,
+        };
+        let mut lowers = match unpacked {
+            Some(unpacked) => Some(self.roots.layer_dirs(unpacked, &result.layers)?),
+            None => None,
+        };
+        // Taken lazily, right before the first step that runs.
+        let mut snapshot: Option<Snapshot> = None;
+        // --single-snapshot: one layer for the whole stage, against its base.
+        let mut base_state: Option<Snapshot> = None;
+        let mut entries = Vec::new();
+        // Metadata steps take the time of the keyed step before them (the
+        // first keyed step's, at the start), so a fully cached stage gets
+        // the history, and the image, it had.
+        let now = kiln_cachestore::index::now_secs();
+        let mut time = keys
+            .iter()
+            .zip(hits)
+            .find(|(k, _)| k.is_some())
+            .map(|(_, h)| h.as_ref().map_or(now, |h| h.created))
+            .or(result.built);
+        for ((step, key), hit) in stage.steps.iter().zip(keys).zip(hits) {
+            (self.on_event)(Event::Step {
+                line: step.line,
+                text: step.created_by.clone(),
+            });
+            let (layer, empty_layer) = match (key, hit, &root) {
+                (None, _, _) => (None, true),
+                (Some(_), Some(hit), _) => {
+                    self.counters.hit();
+                    (self.on_event)(Event::CacheHit { line: step.line });
+                    time = Some(hit.created);
+                    let cached = &hit.layer;
+                    match (&root, cached, &mut lowers, unpacked) {
+                        (Some(_), Some(layer), Some(lowers), Some(unpacked)) => {
+                            lowers.push(self.roots.layer_dir(unpacked, layer)?);
+                        }
+                        (Some(root), Some(layer), _, _) => {
+                            self.roots.unpack_onto(layer, root)?;
+                            if let Some(snapshot) = &mut snapshot {
+                                snapshot.rescan(root, &[PathBuf::new()]).at(root)?;
+                            }
+                        }
+                        _ => {}
+                    }
+                    (cached.clone(), cached.is_none())
+                }
+                (Some(key), _, Some(root)) => {
+                    self.counters.miss();
+                    time = Some(now);
+                    let layer = match (&mut lowers, unpacked) {
+                        (Some(lowers), Some(unpacked)) => {
+                            self.run_stacked(step, root, lowers, unpacked, reads)?
+                        }
+                        _ => {
+                            let start = Instant::now();
+                            if snapshot.is_none() {
+                                let scanned =
+                                    Snapshot::scan(root, opts.snapshot_mode, self.recorded.clone())
+                                        .at(root)?;
+                                if opts.single_snapshot {
+                                    base_state = Some(scanned.clone());
+                                }
+                                snapshot = Some(scanned);
+                            }
+                            let changes = self
+                                .run_step(step, root, snapshot.as_mut(), reads)
+                                .map_err(|message| self.step_error(step, message))?;
+                            self.counters.timed("run", start);
+                            match changes.is_empty() || opts.single_snapshot {
+                                true => None,
+                                false => Some(self.write_layer(root, &changes)?),
+                            }
+                        }
+                    };
+                    // (Never with --single-snapshot: no per-step layer.)
+                    if self.cacheable(step) {
+                        entries.push((
+                            key.clone(),
+                            StepEntry {
+                                layer: layer.clone(),
+                                created: now,
+                            },
+                        ));
+                    }
+                    let empty = layer.is_none();
+                    (layer, empty)
+                }
+                (Some(_), None, None) => unreachable!("a stage with a miss is on disk"),
+            };
+            result.layers.extend(layer);
+            result
+                .config
+                .history
+                .push(self.history(&step.created_by, empty_layer, time));
+        }
+        result.built = time.or(result.built);
+        if let (Some(lowers), Some(root)) = (&lowers, &root) {
+            // Later stages read this one's files there.
+            result.on_disk.as_mut().expect("on disk").view = self.roots.view(lowers, root)?;
+        }
+        if let (Some(base), Some(root)) = (&mut base_state, &root) {
+            let changes = base.rescan(root, &[PathBuf::new()]).at(root)?;
+            if !changes.is_empty() {
+                result.layers.push(self.write_layer(root, &changes)?);
+                result.config.history.push(self.history(
+                    "kiln --single-snapshot",
+                    false,
+                    Some(now),
+                ));
+            }
+        }
+        if let Some(last) = keys.iter().flatten().last() {
+            result.last_key = last.clone();
+        }
+        self.index.put_steps(&entries)?;
+        // The plan computed the stage's final config; keep the layers' history.
+        let history = std::mem::take(&mut result.config.history);
+        result.config = ImageConfig {
+            history,
+            ..stage.config.clone()
+        };
+        Ok(entries)
+    }
+
+    /// Runs a step with the overlay snapshotter: on a fresh upper dir over
+    /// `lowers`, mounted at `root`. The upper dir becomes the step's layer
+    /// and, pushed onto `lowers`, what the next step runs on.
+    fn run_stacked(
+        &self,
+        step: &Step,
+        root: &Path,
+        lowers: &mut Vec<PathBuf>,
+        unpacked: &UnpackedLayers,
+        reads: &SourceRoots,
+    ) -> Result<Option<Layer>, BuildError> {
+        let start = Instant::now();
+        let scratch = tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(self.roots.work())
+            .at(self.roots.work())?;
+        let (upper, work) = (scratch.path().join("upper"), scratch.path().join("work"));
+        for dir in [&upper, &work] {
+            std::fs::create_dir(dir).at(dir)?;
+        }
+        let since = std::time::SystemTime::now();
+        let mounted = self.roots.mount_step(lowers, (&upper, &work), root)?;
+        let ran = self.run_step(step, root, None, reads);
+        drop(mounted);
+        ran.map_err(|message| self.step_error(step, message))?;
+        let changes = overlay::settle_upper(&upper, lowers, &self.recorded, since).at(&upper)?;
+        self.counters.timed("run", start);
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let layer = self.write_layer(&upper, &changes)?;
+        lowers.push(unpacked.insert(&layer.diff_id, &upper)?);
+        Ok(Some(layer))
+    }
+
+    /// Runs one step and returns what it changed in the root (nothing
+    /// without a snapshot: the overlay snapshotter reads its upper dir).
+    fn run_step(
+        &self,
+        step: &Step,
+        root: &Path,
+        snapshot: Option<&mut Snapshot>,
+        reads: &SourceRoots,
+    ) -> Result<Changes, String> {
+        let io = |e: std::io::Error| e.to_string();
+        let rescan = |root: &Path, touched: &[PathBuf]| match snapshot {
+            Some(snapshot) => snapshot.rescan(root, touched).map_err(io),
+            None => Ok(Changes::default()),
+        };
+        match &step.action {
+            Action::Config => Ok(Changes::default()),
+            Action::Mkdir { paths, owner } => {
+                let (uid, gid) = match owner.as_deref().filter(|o| !o.is_empty()) {
+                    Some(user) => {
+                        let id = users::resolve_user(root, user)?;
+                        (id.uid, id.gid)
+                    }
+                    None => (0, 0),
+                };
+                let mut touched = Vec::new();
+                for path in paths {
+                    let (_, created) = create_dir_all_in_root(root, Path::new(path)).map_err(io)?;
+                    for dir in &created {
+                        std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io)?;
+                    }
+                    touched.extend(created.first().map(|d| relative_to_root(root, d)));
+                }
+                rescan(root, &touched)
+            }
+            Action::Run {
+                argv,
+                env,
+                user,
+                workdir,
+                script,
+                mounts: planned,
+                network,
+            } => {
+                let isolation = self.options.isolation;
+                if matches!(isolation, run::Isolation::Chroot | run::Isolation::None)
+                    && (!planned.is_empty() || *network == Network::None)
+                {
+                    return Err(format!(
+                        "RUN --mount and --network=none need namespaces: not available with --isolation {isolation}"
+                    ));
+                }
+                let identity = users::resolve_user(root, user)?;
+                create_dir_all_in_root(root, Path::new(workdir)).map_err(io)?;
+                let mut mounts = match isolation {
+                    // The machine's own /proc, /dev and /etc files.
+                    run::Isolation::None => MountPoints::host(root),
+                    _ => MountPoints::prepare(root, &self.etc).map_err(io)?,
+                };
+                let mut env = run::run_env(env, &identity, HOSTNAME);
+                let scratch = tempfile::Builder::new()
+                    .prefix("mounts-")
+                    .tempdir_in(self.roots.work())
+                    .map_err(io)?;
+                let inputs = MountInputs {
+                    context: &self.options.context,
+                    dockerignore: &self.options.dockerignore,
+                    cache_dir: &self.cache_mounts,
+                    secrets: &self.options.secrets,
+                    roots: reads,
+                };
+                let prepared = mounts::prepare(
+                    planned,
+                    root,
+                    &mut mounts,
+                    &mut env,
+                    scratch.path(),
+                    &inputs,
+                );
+                let _locks = match prepared {
+                    Ok(locks) => locks,
+                    Err(e) => {
+                        mounts.cleanup().map_err(io)?;
+                        return Err(e);
+                    }
+                };
+                let spec = RunSpec {
+                    root: root.to_path_buf(),
+                    argv: argv.clone(),
+                    env,
+                    cwd: workdir.clone(),
+                    uid: identity.uid,
+                    gid: identity.gid,
+                    groups: identity.groups.clone(),
+                    hostname: HOSTNAME.into(),
+                    mounts,
+                    script: script.clone(),
+                    no_network: *network == Network::None,
+                    isolation: self.options.isolation,
+                };
+                let code = self.roots.sys().run(&spec);
+                spec.mounts.cleanup().map_err(io)?;
+                match code.map_err(io)? {
+                    0 => rescan(root, &[PathBuf::new()]),
+                    code => Err(format!("{argv:?} returned a non-zero code: {code}")),
+                }
+            }
+            Action::Copy {
+                from,
+                sources,
+                dest,
+                chown,
+                chmod,
+                add,
+                excludes,
+                parents,
+            } => {
+                // Heredoc sources are written to a scratch dir, as files of
+                // mode 0644 the copy then treats like context files.
+                let (inline_dir, from_root);
+                let source = match from {
+                    CopyFrom::Context => Source::Context(&self.options.context),
+                    CopyFrom::Inline(files) => {
+                        inline_dir = tempfile::Builder::new()
+                            .prefix("heredoc-")
+                            .tempdir_in(self.roots.work())
+                            .map_err(io)?;
+                        for (name, content) in files {
+                            let path = inline_dir.path().join(name);
+                            std::fs::write(&path, content).map_err(io)?;
+                            std::fs::set_permissions(
+                                &path,
+                                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                            )
+                            .map_err(io)?;
+                        }
+                        Source::Context(inline_dir.path())
+                    }
+                    CopyFrom::Stage(_) | CopyFrom::Image(_) => {
+                        from_root = reads.get(from, &self.options.context);
+                        Source::Root(&from_root)
+                    }
+                };
+                let chown = chown
+                    .as_deref()
+                    .map(|spec| users::resolve_chown(root, spec))
+                    .transpose()?;
+                let ignore = match from {
+                    CopyFrom::Context => Some(&self.options.dockerignore),
+                    _ => None,
+                };
+                let touched = match add {
+                    None => copy::copy(
+                        &CopyRequest {
+                            source,
+                            sources,
+                            dest,
+                            chown,
+                            chmod: *chmod,
+                            ignore,
+                            unpack: false,
+                            excludes,
+                            parents: *parents,
+                        },
+                        root,
+                    )?,
+                    Some(spec) => crate::exec::add::add(
+                        &crate::exec::add::AddRequest {
+                            source,
+                            sources,
+                            dest,
+                            chown,
+                            chmod: *chmod,
+                            ignore,
+                            excludes,
+                            keep_git_dir: spec.keep_git_dir,
+                            checksum: spec.checksum.as_deref(),
+                            unpack: spec.unpack,
+                            scratch: self.roots.work(),
+                            resolved: &self.resolved(),
+                        },
+                        root,
+                    )?,
+                };
+                rescan(root, &touched)
+            }
+        }
+    }
+
+    /// Writes the changes as a layer: changed paths with their parent
+    /// directories (so a layer alone restores their metadata), then
+    /// whiteouts for what was deleted.
+    fn write_layer(&self, root: &Path, changes: &Changes) -> Result<Layer, BuildError> {
+        let start = Instant::now();
+        // One stream sorted by name, parents first: entries, and whiteouts
+        // (`None`: an entry; `Some(path)`: the whiteout of path).
+        let mut names: BTreeMap<PathBuf, Option<&Path>> = BTreeMap::new();
+        for p in changes.upserts.iter().chain(&changes.deletes) {
+            for parent in p.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()) {
+                names.insert(parent.to_path_buf(), None);
+            }
+        }
+        names.extend(changes.upserts.iter().map(|p| (p.clone(), None)));
+        names.extend(
+            changes
+                .deletes
+                .iter()
+                .map(|p| (crate::layer::whiteout_name(p), Some(p.as_path()))),
+        );
+        let mut writer = LayerWriter::new(
+            self.store,
+            self.options.compression,
+            self.options.fixed_time,
+        )?;
+        for (name, whiteout) in &names {
+            match whiteout {
+                None => writer.add(root, name)?,
+                Some(deleted) => writer.whiteout(deleted)?,
+            }
+        }
+        let layer = writer.finish()?;
+        self.counters.timed("layers", start);
+        (self.on_event)(Event::Layer {
+            digest: layer.descriptor.digest.clone(),
+            size: layer.descriptor.size,
+        });
+        Ok(layer)
+    }
+}

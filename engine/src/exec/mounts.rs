@@ -1,0 +1,223 @@
+//! `RUN --mount`s: each planned mount resolved to a host path and a mount
+//! point in the root (binds, caches, tmpfs, secrets).
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::context::Ignore;
+use crate::dockerfile::MountType;
+use crate::exec::copy::{self, CopyRequest, Source};
+use crate::exec::run::{MountPoints, StepMount};
+use crate::plan::{CopyFrom, PlannedMount};
+use crate::rootfs::{clean_relative, copy_tree, resolve_in_root};
+
+/// Where a `--secret` comes from; read only when a step mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// Where the trees steps read are on disk: the stages and images that
+/// `COPY --from` and `RUN --mount=from=` name.
+#[derive(Default)]
+pub(crate) struct SourceRoots {
+    pub(crate) stages: HashMap<usize, PathBuf>,
+    pub(crate) images: HashMap<String, PathBuf>,
+}
+
+impl SourceRoots {
+    /// The tree `from` names (`context` for the build context).
+    pub(crate) fn get(&self, from: &CopyFrom, context: &Path) -> PathBuf {
+        match from {
+            CopyFrom::Context => context.to_path_buf(),
+            CopyFrom::Stage(i) => self.stages[i].clone(),
+            CopyFrom::Image(r) => self.images[r].clone(),
+            CopyFrom::Inline(_) => unreachable!("heredocs are no tree"),
+        }
+    }
+}
+
+/// What mounts are made from, besides the planned mounts themselves.
+pub(crate) struct MountInputs<'a> {
+    pub(crate) context: &'a Path,
+    pub(crate) dockerignore: &'a Ignore,
+    /// Where `type=cache` directories live across builds.
+    pub(crate) cache_dir: &'a Path,
+    pub(crate) secrets: &'a BTreeMap<String, SecretSource>,
+    pub(crate) roots: &'a SourceRoots,
+}
+
+/// Resolves a RUN's `--mount`s to host paths and mount points in the
+/// root; `scratch` holds what the step gets a copy of. Returns the locks
+/// of `sharing=locked` caches, held until the step ends.
+pub(crate) fn prepare(
+    planned: &[PlannedMount],
+    root: &Path,
+    mounts: &mut MountPoints,
+    env: &mut Vec<String>,
+    scratch: &Path,
+    inputs: &MountInputs,
+) -> Result<Vec<std::fs::File>, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut locks = Vec::new();
+    for (n, pm) in planned.iter().enumerate() {
+        let m = &pm.mount;
+        let source_path = |from: &CopyFrom| -> Result<PathBuf, String> {
+            let src = Path::new(m.source.as_deref().unwrap_or("/"));
+            let base = inputs.roots.get(from, inputs.context);
+            let path = resolve_in_root(&base, &clean_relative(src), true).map_err(io)?;
+            std::fs::symlink_metadata(&path)
+                .map_err(|e| format!("mount source {}: {e}", src.display()))?;
+            Ok(path)
+        };
+        let target = pm.target.as_deref();
+        match m.kind {
+            MountType::Bind => {
+                let from = pm.from.as_ref().unwrap_or(&CopyFrom::Context);
+                let mut source = source_path(from)?;
+                let file = !source.is_dir();
+                if matches!(from, CopyFrom::Context) && !inputs.dockerignore.is_empty() {
+                    // The step sees the context as COPY does: without
+                    // what .dockerignore hides (and the key hashes).
+                    let filtered = scratch.join(format!("context-{n}"));
+                    std::fs::create_dir(&filtered).map_err(io)?;
+                    let wanted = [m.source.clone().unwrap_or_else(|| ".".into())];
+                    copy::copy(
+                        &CopyRequest {
+                            source: Source::Context(inputs.context),
+                            sources: &wanted,
+                            dest: "/",
+                            chown: None,
+                            chmod: None,
+                            ignore: Some(inputs.dockerignore),
+                            unpack: false,
+                            excludes: &[],
+                            parents: false,
+                        },
+                        &filtered,
+                    )?;
+                    source = match file {
+                        true => filtered.join(source.file_name().unwrap_or_default()),
+                        false => filtered,
+                    };
+                } else if !m.readonly {
+                    // Writes to a rw bind are thrown away, as in BuildKit:
+                    // the step gets a copy.
+                    let copy = scratch.join(format!("bind-{n}"));
+                    if file {
+                        std::fs::copy(&source, &copy).map_err(io)?;
+                    } else {
+                        copy_tree(&source, &copy).map_err(io)?;
+                    }
+                    source = copy;
+                }
+                let target = mounts
+                    .mount_point(root, target.expect("binds have targets"), file)
+                    .map_err(io)?;
+                mounts.extra.push(StepMount::Bind {
+                    source,
+                    target,
+                    readonly: m.readonly,
+                });
+            }
+            MountType::Cache => {
+                let target_str = target.expect("caches have targets");
+                let id = m.id.clone().unwrap_or_else(|| target_str.to_string());
+                let dir = inputs
+                    .cache_dir
+                    .join(blake3::hash(id.as_bytes()).to_hex().as_str());
+                let lock_path = dir.with_extension("lock");
+                std::fs::create_dir_all(inputs.cache_dir).map_err(io)?;
+                let lock = std::fs::File::create(&lock_path).map_err(io)?;
+                let source = match m.sharing.as_deref() {
+                    Some("locked") => {
+                        lock.lock().map_err(io)?;
+                        locks.push(lock);
+                        dir.clone()
+                    }
+                    // Busy private caches give the step a fresh dir.
+                    Some("private") if lock.try_lock().is_err() => {
+                        scratch.join(format!("cache-{n}"))
+                    }
+                    Some("private") => {
+                        locks.push(lock);
+                        dir.clone()
+                    }
+                    _ => dir.clone(),
+                };
+                if !source.exists() {
+                    let fresh = scratch.join(format!("fresh-{n}"));
+                    match &pm.from {
+                        Some(from) => copy_tree(&source_path(from)?, &fresh).map_err(io)?,
+                        None => std::fs::create_dir(&fresh).map_err(io)?,
+                    }
+                    std::os::unix::fs::chown(
+                        &fresh,
+                        Some(m.uid.unwrap_or(0)),
+                        Some(m.gid.unwrap_or(0)),
+                    )
+                    .map_err(io)?;
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(
+                        &fresh,
+                        std::fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
+                    )
+                    .map_err(io)?;
+                    // Renamed into place whole, so a racing build sees
+                    // either no cache or a complete one.
+                    if std::fs::rename(&fresh, &source).is_err() && !source.is_dir() {
+                        return Err(format!("cannot create the cache mount for {id}"));
+                    }
+                }
+                let target = mounts.mount_point(root, target_str, false).map_err(io)?;
+                mounts.extra.push(StepMount::Bind {
+                    source,
+                    target,
+                    readonly: m.readonly,
+                });
+            }
+            MountType::Tmpfs => {
+                let target = mounts
+                    .mount_point(root, target.expect("tmpfs mounts have targets"), false)
+                    .map_err(io)?;
+                mounts.extra.push(StepMount::Tmpfs {
+                    target,
+                    size: m.size,
+                });
+            }
+            MountType::Secret => {
+                let id = m.id.as_deref().unwrap_or_default();
+                let content = match inputs.secrets.get(id) {
+                    Some(SecretSource::File(path)) => std::fs::read(path)
+                        .map_err(|e| format!("secret {id}: {}: {e}", path.display()))?,
+                    Some(SecretSource::Env(var)) => std::env::var_os(var)
+                        .map(|v| v.into_encoded_bytes())
+                        .ok_or_else(|| format!("secret {id}: ${var} is not set"))?,
+                    None if m.required => {
+                        return Err(format!(
+                            "secret {id} is required: pass --secret id={id},src=FILE"
+                        ))
+                    }
+                    None => continue,
+                };
+                if let Some(var) = &m.env {
+                    env.push(format!("{var}={}", String::from_utf8_lossy(&content)));
+                }
+                if let Some(target) = target {
+                    mounts.secret_stage = Some(scratch.join("secrets"));
+                    std::fs::create_dir_all(scratch.join("secrets")).map_err(io)?;
+                    let target = mounts.mount_point(root, target, true).map_err(io)?;
+                    mounts.extra.push(StepMount::Secret {
+                        target,
+                        content,
+                        mode: m.mode.unwrap_or(0o400),
+                        uid: m.uid.unwrap_or(0),
+                        gid: m.gid.unwrap_or(0),
+                    });
+                }
+            }
+            MountType::Ssh => return Err("RUN --mount=type=ssh is not supported".into()),
+        }
+    }
+    Ok(locks)
+}
