@@ -263,30 +263,11 @@ fn disposable_container() -> Option<String> {
         })
 }
 
-/// `--isolation none`: what clearing and unpacking over `/` must spare, as
-/// paths relative to it: mounts (/proc, /dev, volumes, the files a runtime
-/// mounts over /etc), Kiln itself, its state, the context and Dockerfile,
-/// the outputs, registry credentials and certificates.
-fn kept_from_host_root(a: &BuildArgs, state_dir: &Path, context: &Path) -> Result<Vec<PathBuf>> {
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").context("/proc/self/mountinfo")?;
-    // Field 5 is the mount point, with spaces and such octal-escaped.
-    let mounts = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4).map(unescape_octal));
-    let docker_config = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
-    let mut paths: Vec<PathBuf> = ["/proc", "/sys", "/dev", "/kaniko"]
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([
-            std::env::current_exe()?,
-            state_dir.to_path_buf(),
-            context.to_path_buf(),
-            a.frontend.dockerfile.clone(),
-        ])
-        .chain(docker_config)
+/// `--isolation none`: the files outside the build that Kiln's flags name
+/// (Dockerfile, certificates, outputs), which the engine spares along with
+/// everything it knows of itself (`kiln_engine` `host.rs`).
+fn files_outside_the_build(a: &BuildArgs) -> Vec<PathBuf> {
+    std::iter::once(a.frontend.dockerfile.clone())
         .chain(
             a.registry
                 .registry_certificates
@@ -305,68 +286,7 @@ fn kept_from_host_root(a: &BuildArgs, state_dir: &Path, context: &Path) -> Resul
             .flatten()
             .cloned(),
         )
-        .collect();
-    paths.extend(a.ignore_paths.iter().map(|p| Path::new("/").join(p)));
-    let mut kept = Vec::new();
-    for path in paths {
-        let absolute = std::path::absolute(&path).unwrap_or(path);
-        // The path as written (its parent resolved) and, when it is a
-        // symlink, where it leads: both must survive.
-        let written = match (absolute.parent(), absolute.file_name()) {
-            (Some(parent), Some(name)) => parent
-                .canonicalize()
-                .map(|parent| parent.join(name))
-                .unwrap_or_else(|_| absolute.clone()),
-            _ => absolute.clone(),
-        };
-        for real in [Some(written), absolute.canonicalize().ok()]
-            .into_iter()
-            .flatten()
-        {
-            let relative = kiln_engine::rootfs::clean_relative(&real);
-            if relative.as_os_str().is_empty() {
-                bail!(
-                    "--isolation none: {} is / itself, which the build replaces",
-                    absolute.display()
-                );
-            }
-            kept.push(relative);
-        }
-    }
-    // Mount points are kept, never crossed; `/` is one and is the root.
-    kept.extend(
-        mounts
-            .map(|m| kiln_engine::rootfs::clean_relative(&m))
-            .filter(|m| !m.as_os_str().is_empty()),
-    );
-    kept.sort();
-    kept.dedup();
-    Ok(kept)
-}
-
-/// `\040`-style escapes, as /proc/self/mountinfo writes them.
-fn unescape_octal(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let code = bytes
-            .get(i + 1..i + 4)
-            .filter(|_| bytes[i] == b'\\')
-            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
-        match code {
-            Some(c) => {
-                out.push(c);
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
+        .collect()
 }
 
 /// `--secret` as buildah and `docker buildx` take it: `id=`, then `src=`
@@ -486,14 +406,11 @@ pub fn run(a: BuildArgs) -> Result<()> {
     };
     let dockerignore = kiln_engine::context::Ignore::load(&context, Some(&dockerfile_path))
         .map_err(anyhow::Error::msg)?;
-    let ignore_paths = match isolation {
-        Isolation::None => kept_from_host_root(&a, &state_dir, &context)?,
-        _ => a
-            .ignore_paths
-            .iter()
-            .map(|p| kiln_engine::rootfs::clean_relative(p))
-            .collect(),
-    };
+    let ignore_paths = a
+        .ignore_paths
+        .iter()
+        .map(|p| kiln_engine::rootfs::clean_relative(p))
+        .collect();
     let options = BuildOptions {
         dockerfile_name,
         dockerfile,
@@ -512,6 +429,10 @@ pub fn run(a: BuildArgs) -> Result<()> {
             SnapshotModeArg::Time => SnapshotMode::Time,
         },
         ignore_paths,
+        host_files: match isolation {
+            Isolation::None => files_outside_the_build(&a),
+            _ => Vec::new(),
+        },
         single_snapshot: a.single_snapshot,
         cache: a.cache,
         cache_ttl: a.cache_ttl.into(),

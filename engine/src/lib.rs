@@ -6,6 +6,7 @@ pub mod dockerfile;
 pub mod error;
 pub mod exec;
 pub mod git;
+mod host;
 pub mod image;
 pub mod key;
 pub mod layer;

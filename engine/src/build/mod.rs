@@ -149,15 +149,22 @@ impl<'a> Builder<'a> {
             _ => None,
         };
         // `--isolation none`: what clearing and unpacking over `/` spare,
-        // the caller's list plus this build's work dir and /proc, /sys, /dev.
-        let host_keep = match options.isolation {
+        // which no snapshot records either, plus this build's work dir.
+        let (ignored, host_keep) = match options.isolation {
             Isolation::None => {
-                let mut keep = options.ignore_paths.clone();
+                let kept = crate::host::kept_paths(
+                    state_dir,
+                    &options.context,
+                    &options.host_files,
+                    &options.ignore_paths,
+                )
+                .map_err(|e| BuildError::Invalid(e.to_string()))?;
+                let mut keep = kept.clone();
                 keep.extend(SKIP_CONTENTS.iter().map(PathBuf::from));
                 keep.push(clean_relative(work.path()));
-                keep
+                (kept, keep)
             }
-            _ => Vec::new(),
+            _ => (options.ignore_paths.clone(), Vec::new()),
         };
         let counters = Arc::new(Counters::default());
         let roots = Roots::new(
@@ -182,7 +189,7 @@ impl<'a> Builder<'a> {
             etc,
             cache_mounts: state_dir.join("mounts"),
             resolved: Default::default(),
-            recorded: Recorded::new(SKIP_CONTENTS, &options.ignore_paths),
+            recorded: Recorded::new(SKIP_CONTENTS, &ignored),
             _work_lock: work_lock,
             work,
         })

@@ -30,6 +30,10 @@ pub struct BuildOptions {
     pub snapshot_mode: SnapshotMode,
     /// Relative paths (inside the root) no snapshot records.
     pub ignore_paths: Vec<PathBuf>,
+    /// `--isolation none`: files outside the build that the caller uses
+    /// (Dockerfile, certificates, outputs). The engine spares them, and
+    /// all it knows of itself, when it replaces `/` (`host.rs`).
+    pub host_files: Vec<PathBuf>,
     /// One layer per stage instead of one per step.
     pub single_snapshot: bool,
     /// Use and fill the local cache (`--cache`).

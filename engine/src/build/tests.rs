@@ -89,6 +89,7 @@ impl Fixture {
             insecure_pull: false,
             snapshot_mode: Default::default(),
             ignore_paths: Vec::new(),
+            host_files: Vec::new(),
             single_snapshot: false,
             cache: true,
             cache_ttl: std::time::Duration::from_secs(3600),
