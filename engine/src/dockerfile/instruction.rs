@@ -14,7 +14,7 @@ use super::error::{ExpandError, FrontendError};
 use super::expand::{expand_heredoc, expand_word, expand_words, process, LexOptions, Lookup};
 use super::heredoc::{parse_heredoc_word, Heredoc};
 use super::mount::RunMount;
-use super::parse::RawInstruction;
+use super::raw::RawInstruction;
 use super::words::split_command;
 
 /// Every instruction keyword BuildKit knows.

@@ -29,6 +29,7 @@ mod mount;
 mod parse;
 mod pattern;
 mod plan_doc;
+mod raw;
 mod scope;
 mod stages;
 mod words;
@@ -42,8 +43,9 @@ pub use expand::{expand_heredoc, expand_word, expand_words, Lookup};
 pub use heredoc::Heredoc;
 pub use instruction::{Command, CopyArgs, Healthcheck, HeredocRun, Instruction, KEYWORDS};
 pub use mount::{parse_size, MountExpander, MountType, RunMount};
-pub use parse::{parse, parse_onbuild_trigger, Dockerfile, RawInstruction};
+pub use parse::{parse, parse_onbuild_trigger, Dockerfile};
 pub use plan_doc::{plan_document, plan_text};
+pub use raw::RawInstruction;
 pub use scope::{
     unused_build_arg_warnings, GlobalArgs, Platform, Scope, PLATFORM_ARGS, PROXY_ARGS,
 };

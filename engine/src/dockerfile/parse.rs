@@ -7,36 +7,10 @@ use super::error::{FrontendError, Warning};
 use super::heredoc::{chomp, heredocs_from_line, is_terminator, Heredoc};
 use super::instruction::Instruction;
 use super::json_form::{looks_like_broken_json, maybe_json, maybe_json_to_list};
+use super::raw::RawInstruction;
 use super::words::{
     is_space, parse_words, split_command, split_first_whitespace, split_whitespace_delimited,
 };
-
-/// One instruction as BuildKit's parser yields it, before any meaning is
-/// given to it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RawInstruction {
-    /// The line the instruction starts on (1-based).
-    pub line: usize,
-    /// The last line it covers: continuation lines and heredoc bodies
-    /// included.
-    pub end_line: usize,
-    /// The keyword, upper case.
-    pub keyword: String,
-    /// The `--name=value` words before the arguments, in order, quotes
-    /// removed as BuildKit removes them.
-    pub flags: Vec<String>,
-    /// The arguments, unexpanded: one string for the shell form
-    /// (continuations joined, comment lines dropped), the elements of the
-    /// JSON form, alternating key and value for ENV and LABEL, each
-    /// `NAME[=value]` word for ARG, the words of FROM, EXPOSE and (shell
-    /// form) COPY/ADD/VOLUME, the subcommand and then its arguments for
-    /// HEALTHCHECK, the trigger's text for ONBUILD.
-    pub args: Vec<String>,
-    /// Whether the arguments were a JSON array.
-    pub json_form: bool,
-    /// Heredocs opened on the instruction's line, in order.
-    pub heredocs: Vec<Heredoc>,
-}
 
 /// A parsed Dockerfile.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -3,7 +3,8 @@
 
 use serde_json::{json, Value};
 
-use super::parse::{Dockerfile, RawInstruction};
+use super::parse::Dockerfile;
+use super::raw::RawInstruction;
 use super::stages::{BaseRef, StageGraph};
 
 /// The JSON document `kiln plan --format json` prints:
