@@ -38,11 +38,11 @@ mod words;
 mod tests;
 
 pub use directives::{CheckConfig, DEFAULT_ESCAPE};
-pub use error::{ExpandError, FrontendError, Warning};
-pub use expand::{expand_heredoc, expand_word, expand_words, Lookup};
+pub use error::{FrontendError, Warning};
+pub use expand::{expand_heredoc, expand_word, expand_words, ExpandError, Lookup};
 pub use heredoc::Heredoc;
 pub use instruction::{Command, CopyArgs, Healthcheck, HeredocRun, Instruction, KEYWORDS};
-pub use mount::{parse_size, MountExpander, MountType, RunMount};
+pub use mount::{parse_size, MountError, MountExpander, MountType, RunMount};
 pub use parse::{parse, parse_onbuild_trigger, Dockerfile};
 pub use plan_doc::{plan_document, plan_text};
 pub use raw::RawInstruction;
