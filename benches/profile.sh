@@ -2,7 +2,8 @@
 # Profiles Kiln's no-change rebuild of the 6-step anchor (busybox fixture,
 # a RUN creating 2000 files, rm, chmod, COPY, WORKDIR, CMD) against a local
 # registry: `perf stat` over 10 warm rebuilds, then a `perf record` with
-# DWARF call graphs over 3 of them, and the top symbols, self and children.
+# DWARF call graphs over 3 of them, and the top symbols, self and children
+# (then the engine's own frames, with children).
 # With --cold, the same for cold builds (an empty --cache-dir each time);
 # with --quick, 2 builds for perf stat and 1 recorded (a smoke run).
 #
@@ -78,6 +79,11 @@ perf record -q -F 5000 --call-graph dwarf,32768 -o "$work/perf.data" -- \
 echo "-- self time, top 15"
 perf report -i "$work/perf.data" --comm kiln --no-children --sort dso,symbol -g none 2>/dev/null |
   grep '%' | grep -v '^#' | head -15 | cut -c1-150 || true
-echo "-- with children (Kiln's and its crates' frames), top 25"
 perf report -i "$work/perf.data" --comm kiln --children --sort symbol -g none 2>/dev/null |
-  grep '%' | grep -v '^#' | grep -E 'kiln|oci_|regex::|rustls|rocksdb' | head -25 | cut -c1-150 || true
+  grep '%' | grep -v '^#' >"$work/children.txt" || true
+echo "-- with children (Kiln's and its crates' frames), top 25"
+grep -E 'kiln|oci_|regex::|rustls|rocksdb' "$work/children.txt" | head -25 | cut -c1-150 || true
+# The engine's frames on their own, so that they show even when the CLI,
+# the registry client or TLS set-up fill the list above.
+echo "-- with children (the engine's frames), top 15"
+grep -E '\] kiln_engine::' "$work/children.txt" | head -15 | cut -c1-150 || true

@@ -1,4 +1,5 @@
-//! `kiln plan`: the parsed and resolved build, without building.
+//! `kiln plan`: the stage report (the parsed and resolved stage graph),
+//! without building.
 use anyhow::Result;
 
 use kiln_engine::dockerfile;
@@ -11,9 +12,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
     match a.format {
         PlanFormat::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&dockerfile::plan_document(&graph, &df))?
+            serde_json::to_string_pretty(&dockerfile::stage_report_json(&graph))?
         ),
-        PlanFormat::Text => print!("{}", dockerfile::plan_text(&graph, &df)),
+        PlanFormat::Text => print!("{}", dockerfile::stage_report_text(&graph, &df)),
     }
     Ok(())
 }

@@ -45,6 +45,32 @@ enum Token {
     Rest,
 }
 
+/// A `.dockerignore` pattern Docker refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("illegal exclusion pattern: \"!\"")]
+    IllegalExclusion,
+    #[error("invalid pattern {0:?}")]
+    Invalid(String),
+}
+
+/// A `.dockerignore` file that cannot be used, named by its path.
+#[derive(Debug, thiserror::Error)]
+pub enum IgnoreFileError {
+    #[error("{}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", .path.display())]
+    Pattern {
+        path: PathBuf,
+        #[source]
+        source: PatternError,
+    },
+}
+
 /// Whether a context entry can be seen through the ignore rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Visibility {
@@ -59,7 +85,7 @@ impl Ignore {
     /// Reads the rules for a build: `<dockerfile>.dockerignore` beside the
     /// Dockerfile when it exists (BuildKit gives it precedence), else
     /// `.dockerignore` in the context root, else none.
-    pub fn load(context: &Path, dockerfile: Option<&Path>) -> Result<Ignore, String> {
+    pub fn load(context: &Path, dockerfile: Option<&Path>) -> Result<Ignore, IgnoreFileError> {
         let mut candidates = Vec::new();
         if let Some(df) = dockerfile {
             let mut name = df.as_os_str().to_os_string();
@@ -71,17 +97,17 @@ impl Ignore {
             match std::fs::read(&path) {
                 Ok(bytes) => {
                     return Ignore::parse(&String::from_utf8_lossy(&bytes))
-                        .map_err(|e| format!("{}: {e}", path.display()))
+                        .map_err(|source| IgnoreFileError::Pattern { path, source })
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(source) => return Err(IgnoreFileError::Read { path, source }),
             }
         }
         Ok(Ignore::default())
     }
 
     /// Parses the text of a `.dockerignore` file.
-    pub fn parse(text: &str) -> Result<Ignore, String> {
+    pub fn parse(text: &str) -> Result<Ignore, PatternError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut patterns = Vec::new();
         for line in text.lines() {
@@ -99,7 +125,7 @@ impl Ignore {
             }
             let cleaned = clean(line);
             if exception && cleaned.is_empty() {
-                return Err("illegal exclusion pattern: \"!\"".into());
+                return Err(PatternError::IllegalExclusion);
             }
             patterns.push(Pattern {
                 tokens: compile(&cleaned)?,
@@ -246,8 +272,8 @@ fn clean(pattern: &str) -> String {
     out.join("/")
 }
 
-fn compile(pattern: &str) -> Result<Vec<Token>, String> {
-    let bad = || format!("invalid pattern {pattern:?}");
+fn compile(pattern: &str) -> Result<Vec<Token>, PatternError> {
+    let bad = || PatternError::Invalid(pattern.to_string());
     let mut tokens = Vec::new();
     let mut chars = pattern.chars().peekable();
     while let Some(c) = chars.next() {
@@ -402,8 +428,11 @@ mod tests {
         assert!(excluded(&ig, "docs/guide.md"));
         assert!(!excluded(&ig, "docs/api"));
         assert!(!excluded(&ig, "docs/api/index.html"));
-        assert!(Ignore::parse("!\n").is_err());
-        assert!(Ignore::parse("[a-\n").is_err());
+        assert_eq!(Ignore::parse("!\n"), Err(PatternError::IllegalExclusion));
+        assert_eq!(
+            Ignore::parse("[a-\n").unwrap_err().to_string(),
+            "invalid pattern \"[a-\""
+        );
     }
 
     #[test]
@@ -438,5 +467,34 @@ mod tests {
         assert!(Ignore::load(&dir.path().join("none"), None)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_bad_ignore_file_is_named_with_its_cause() {
+        use std::error::Error;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(".dockerignore");
+        std::fs::write(&file, "ok\n[z-a]\n").unwrap();
+        let e = Ignore::load(dir.path(), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: invalid pattern \"[z-a]\"", file.display())
+        );
+        assert!(matches!(
+            e.source().unwrap().downcast_ref(),
+            Some(PatternError::Invalid(_))
+        ));
+        // A directory where the file should be: the read fails, and the
+        // I/O error is kept as the cause.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        let e = Ignore::load(dir.path(), None).unwrap_err();
+        assert!(matches!(e, IgnoreFileError::Read { ref path, .. } if *path == file));
+        let io = e
+            .source()
+            .unwrap()
+            .downcast_ref::<std::io::Error>()
+            .unwrap();
+        assert_eq!(e.to_string(), format!("{}: {io}", file.display()));
     }
 }

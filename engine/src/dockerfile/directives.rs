@@ -12,6 +12,15 @@ pub const DEFAULT_ESCAPE: char = '\\';
 
 const KNOWN: [&str; 3] = ["syntax", "escape", "check"];
 
+/// A directive BuildKit refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DirectiveError {
+    #[error("only one {0} parser directive can be used")]
+    Repeated(String),
+    #[error("invalid escape token '{0}' does not match ` or \\")]
+    InvalidEscape(String),
+}
+
 /// The state of directive parsing while lines are read.
 #[derive(Debug, Clone)]
 pub(crate) struct DirectiveParser {
@@ -31,7 +40,7 @@ impl DirectiveParser {
 
     /// Looks at one line (newline and leading whitespace already trimmed).
     /// Returns whether it was a directive.
-    pub(crate) fn feed(&mut self, line: &str) -> Result<bool, String> {
+    pub(crate) fn feed(&mut self, line: &str) -> Result<bool, DirectiveError> {
         if self.done {
             return Ok(false);
         }
@@ -45,17 +54,13 @@ impl DirectiveParser {
             return Ok(false);
         }
         if self.directives.iter().any(|(k, _)| *k == key) {
-            return Err(format!("only one {key} parser directive can be used"));
+            return Err(DirectiveError::Repeated(key));
         }
         if key == "escape" {
             self.escape = match value {
                 "\\" => '\\',
                 "`" => '`',
-                other => {
-                    return Err(format!(
-                        "invalid escape token '{other}' does not match ` or \\"
-                    ))
-                }
+                other => return Err(DirectiveError::InvalidEscape(other.to_string())),
             };
         }
         self.directives.push((key, value.to_string()));
@@ -177,13 +182,14 @@ mod tests {
         let mut p = DirectiveParser::new();
         p.feed("# escape=\\").unwrap();
         assert_eq!(
-            p.feed("# escape=`").unwrap_err(),
+            p.feed("# escape=`").unwrap_err().to_string(),
             "only one escape parser directive can be used"
         );
         let mut p = DirectiveParser::new();
         assert!(p
             .feed("# escape=x")
             .unwrap_err()
+            .to_string()
             .contains("invalid escape token 'x'"));
     }
 

@@ -3,9 +3,23 @@
 
 use std::time::Duration;
 
+/// A duration or interval that cannot be used; the texts are Go's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DurationError {
+    #[error("time: invalid duration {0:?}")]
+    Invalid(String),
+    #[error("time: missing unit in duration {0:?}")]
+    MissingUnit(String),
+    #[error("time: unknown unit {unit:?} in duration {text:?}")]
+    UnknownUnit { unit: String, text: String },
+    /// A HEALTHCHECK interval below one millisecond.
+    #[error("Interval \"{flag}\" cannot be less than 1ms")]
+    BelowOneMillisecond { flag: String },
+}
+
 /// A signed duration in nanoseconds, as Go parses it.
-pub(crate) fn parse_go_duration(text: &str) -> Result<i128, String> {
-    let invalid = || format!("time: invalid duration {text:?}");
+pub(crate) fn parse_go_duration(text: &str) -> Result<i128, DurationError> {
+    let invalid = || DurationError::Invalid(text.to_string());
     let (neg, mut s) = match text.as_bytes().first() {
         Some(b'-') => (true, &text[1..]),
         Some(b'+') => (false, &text[1..]),
@@ -40,14 +54,19 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<i128, String> {
         let unit = &s[..unit_len];
         s = &s[unit_len..];
         let nanos: i128 = match unit {
-            "" => return Err(format!("time: missing unit in duration {text:?}")),
+            "" => return Err(DurationError::MissingUnit(text.to_string())),
             "ns" => 1,
             "us" | "µs" | "μs" => 1_000,
             "ms" => 1_000_000,
             "s" => 1_000_000_000,
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
-            other => return Err(format!("time: unknown unit {other:?} in duration {text:?}")),
+            other => {
+                return Err(DurationError::UnknownUnit {
+                    unit: other.to_string(),
+                    text: text.to_string(),
+                })
+            }
         };
         let whole: i128 = if int_part.is_empty() {
             0
@@ -74,7 +93,7 @@ pub(crate) fn parse_go_duration(text: &str) -> Result<i128, String> {
 /// A HEALTHCHECK interval: empty or zero means "not set"; anything below
 /// one millisecond (including negative values) is refused, as BuildKit
 /// does.
-pub(crate) fn parse_interval(flag: &str, text: &str) -> Result<Option<Duration>, String> {
+pub(crate) fn parse_interval(flag: &str, text: &str) -> Result<Option<Duration>, DurationError> {
     if text.is_empty() {
         return Ok(None);
     }
@@ -83,7 +102,9 @@ pub(crate) fn parse_interval(flag: &str, text: &str) -> Result<Option<Duration>,
         return Ok(None);
     }
     if nanos < 1_000_000 {
-        return Err(format!("Interval \"{flag}\" cannot be less than 1ms"));
+        return Err(DurationError::BelowOneMillisecond {
+            flag: flag.to_string(),
+        });
     }
     Ok(Some(Duration::from_nanos(nanos as u64)))
 }
@@ -101,9 +122,13 @@ mod tests {
         assert_eq!(parse_go_duration("-2m").unwrap(), -120_000_000_000);
         assert_eq!(parse_go_duration("0").unwrap(), 0);
         assert_eq!(parse_go_duration("10µs").unwrap(), 10_000);
-        assert!(parse_go_duration("5").unwrap_err().contains("missing unit"));
+        assert!(parse_go_duration("5")
+            .unwrap_err()
+            .to_string()
+            .contains("missing unit"));
         assert!(parse_go_duration("5d")
             .unwrap_err()
+            .to_string()
             .contains("unknown unit \"d\""));
         assert!(parse_go_duration("").is_err());
         assert!(parse_go_duration("s").is_err());
@@ -120,7 +145,7 @@ mod tests {
             Some(Duration::from_secs(3))
         );
         assert_eq!(
-            parse_interval("interval", "500us").unwrap_err(),
+            parse_interval("interval", "500us").unwrap_err().to_string(),
             "Interval \"interval\" cannot be less than 1ms"
         );
         assert!(parse_interval("interval", "-1s").is_err());

@@ -19,26 +19,15 @@ impl FrontendError {
     }
 }
 
-/// A failure of variable expansion (`${VAR:?}`, a bad substitution, an
-/// unterminated quote). It carries no line: the caller knows which
-/// instruction it was expanding and turns it into a [`FrontendError`] with
-/// [`ExpandError::at`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ExpandError {
-    pub message: String,
+/// Locates a frontend module's error at a Dockerfile line, as the
+/// frontend's outward [`FrontendError`].
+pub(crate) trait AtLine<T> {
+    fn at_line(self, line: usize) -> Result<T, FrontendError>;
 }
 
-impl ExpandError {
-    pub fn new(message: impl Into<String>) -> Self {
-        ExpandError {
-            message: message.into(),
-        }
-    }
-
-    /// The same problem, located at `line`.
-    pub fn at(self, line: usize) -> FrontendError {
-        FrontendError::new(line, self.message)
+impl<T, E: std::error::Error> AtLine<T> for Result<T, E> {
+    fn at_line(self, line: usize) -> Result<T, FrontendError> {
+        self.map_err(|e| FrontendError::new(line, e.to_string()))
     }
 }
 
@@ -85,8 +74,14 @@ mod tests {
 
     #[test]
     fn expand_error_is_located_by_the_caller() {
-        let e = ExpandError::new("X: is not allowed to be unset").at(7);
-        assert_eq!(e, FrontendError::new(7, "X: is not allowed to be unset"));
+        let e = super::super::expand_word("${X:?}", '\\', &|_| None).unwrap_err();
+        assert_eq!(
+            e.at(7),
+            FrontendError::new(
+                7,
+                "failed to process \"${X:?}\": X: is not allowed to be unset"
+            )
+        );
     }
 
     #[test]

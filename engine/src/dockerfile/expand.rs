@@ -10,12 +10,67 @@
 
 use std::collections::BTreeSet;
 
-use super::error::ExpandError;
-use super::pattern;
+use super::error::FrontendError;
+use super::pattern::{self, PatternError};
 
 /// How deeply `${...}` may nest. BuildKit has no limit (Go stacks grow);
 /// ours keeps a hostile Dockerfile from overflowing the stack.
 const MAX_NESTING: usize = 200;
+
+/// A failure of variable expansion (`${VAR:?}`, a bad substitution, an
+/// unterminated quote) in one word. It carries no line: the caller knows
+/// which instruction it was expanding and turns it into a
+/// [`FrontendError`] with [`ExpandError::at`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("failed to process {word:?}: {source}")]
+pub struct ExpandError {
+    /// The word as written.
+    pub(crate) word: String,
+    #[source]
+    pub(crate) source: LexError,
+}
+
+impl ExpandError {
+    /// The same problem, located at `line`.
+    pub fn at(self, line: usize) -> FrontendError {
+        FrontendError::new(line, self.to_string())
+    }
+}
+
+/// What the lexer found wrong; the texts are BuildKit's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LexError {
+    #[error("unexpected end of statement while looking for matching {0}")]
+    Unmatched(char),
+    #[error("unexpected end of statement while looking for matching single-quote")]
+    UnterminatedSingleQuote,
+    #[error("unexpected end of statement while looking for matching double-quote")]
+    UnterminatedDoubleQuote,
+    #[error("syntax error: substitutions nested too deeply")]
+    TooDeep,
+    #[error("syntax error: missing '}}'")]
+    MissingBrace,
+    #[error("syntax error: missing '/' in ${{}}")]
+    MissingSlash,
+    #[error("syntax error: bad substitution")]
+    BadSubstitution,
+    #[error("unsupported modifier ({0}) in substitution")]
+    UnsupportedModifier(String),
+    /// `${VAR?message}` / `${VAR:?message}` of an unset variable.
+    #[error("{name}: {}", .message.as_deref().unwrap_or("is not allowed to be unset"))]
+    Unset {
+        name: String,
+        message: Option<String>,
+    },
+    /// `${VAR:?message}` of an empty variable.
+    #[error("{name}: {}", .message.as_deref().unwrap_or("is not allowed to be empty"))]
+    Empty {
+        name: String,
+        message: Option<String>,
+    },
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+}
 
 /// A variable lookup: `Some(value)` when the variable is set (possibly to
 /// the empty string), `None` when it is unset.
@@ -108,7 +163,10 @@ pub(crate) fn process(
             words,
             unmatched: lexer.unmatched,
         }),
-        Err(e) => Err(ExpandError::new(format!("failed to process {word:?}: {e}"))),
+        Err(source) => Err(ExpandError {
+            word: word.to_string(),
+            source,
+        }),
     }
 }
 
@@ -192,7 +250,7 @@ impl Lexer<'_> {
         &mut self,
         stop: Option<char>,
         raw_escapes: bool,
-    ) -> Result<(String, Vec<String>), String> {
+    ) -> Result<(String, Vec<String>), LexError> {
         let saved = std::mem::replace(&mut self.raw_escapes, raw_escapes);
         let out = self.process_stop_on_inner(stop);
         self.raw_escapes = saved;
@@ -202,7 +260,7 @@ impl Lexer<'_> {
     fn process_stop_on_inner(
         &mut self,
         stop: Option<char>,
-    ) -> Result<(String, Vec<String>), String> {
+    ) -> Result<(String, Vec<String>), LexError> {
         let mut result = String::new();
         let mut words = Words::default();
         while let Some(c) = self.peek() {
@@ -243,14 +301,12 @@ impl Lexer<'_> {
             }
         }
         match stop {
-            Some(s) => Err(format!(
-                "unexpected end of statement while looking for matching {s}"
-            )),
+            Some(s) => Err(LexError::Unmatched(s)),
             None => Ok((result, words.finish())),
         }
     }
 
-    fn process_single_quote(&mut self) -> Result<String, String> {
+    fn process_single_quote(&mut self) -> Result<String, LexError> {
         let mut result = String::new();
         let open = self.next().unwrap_or('\'');
         if self.opts.raw_quotes {
@@ -258,12 +314,7 @@ impl Lexer<'_> {
         }
         loop {
             match self.next() {
-                None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching single-quote"
-                            .into(),
-                    )
-                }
+                None => return Err(LexError::UnterminatedSingleQuote),
                 Some('\'') => {
                     if self.opts.raw_quotes {
                         result.push('\'');
@@ -275,7 +326,7 @@ impl Lexer<'_> {
         }
     }
 
-    fn process_double_quote(&mut self) -> Result<String, String> {
+    fn process_double_quote(&mut self) -> Result<String, LexError> {
         let mut result = String::new();
         let open = self.next().unwrap_or('"');
         if self.opts.raw_quotes {
@@ -283,12 +334,7 @@ impl Lexer<'_> {
         }
         loop {
             match self.peek() {
-                None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching double-quote"
-                            .into(),
-                    )
-                }
+                None => return Err(LexError::UnterminatedDoubleQuote),
                 Some('"') => {
                     self.next();
                     if self.opts.raw_quotes {
@@ -325,9 +371,9 @@ impl Lexer<'_> {
         }
     }
 
-    fn process_dollar(&mut self) -> Result<String, String> {
+    fn process_dollar(&mut self) -> Result<String, LexError> {
         if self.depth >= MAX_NESTING {
-            return Err("syntax error: substitutions nested too deeply".into());
+            return Err(LexError::TooDeep);
         }
         self.depth += 1;
         let out = self.process_dollar_inner();
@@ -335,7 +381,7 @@ impl Lexer<'_> {
         out
     }
 
-    fn process_dollar_inner(&mut self) -> Result<String, String> {
+    fn process_dollar_inner(&mut self) -> Result<String, LexError> {
         self.next(); // the `$`
         if self.peek() != Some('{') {
             let name = self.process_name();
@@ -350,15 +396,13 @@ impl Lexer<'_> {
         }
         self.next(); // the `{`
         match self.peek() {
-            None => return Err("syntax error: missing '}'".into()),
-            Some('{') | Some('}') | Some(':') => {
-                return Err("syntax error: bad substitution".into())
-            }
+            None => return Err(LexError::MissingBrace),
+            Some('{') | Some('}') | Some(':') => return Err(LexError::BadSubstitution),
             Some(_) => {}
         }
         let name = self.process_name();
         let Some(c) = self.next() else {
-            return Err("syntax error: missing '}'".into());
+            return Err(LexError::MissingBrace);
         };
         match c {
             '}' => Ok(match self.get_env(&name) {
@@ -377,7 +421,7 @@ impl Lexer<'_> {
                 self.process_modifier(&name, Some(c), &c.to_string(), false)
             }
             '/' => self.process_replace(&name),
-            other => Err(format!("unsupported modifier ({other}) in substitution")),
+            other => Err(LexError::UnsupportedModifier(other.to_string())),
         }
     }
 
@@ -387,14 +431,14 @@ impl Lexer<'_> {
         modifier: Option<char>,
         chs: &str,
         null_is_unset: bool,
-    ) -> Result<String, String> {
+    ) -> Result<String, LexError> {
         let raw = matches!(modifier, Some('#') | Some('%'));
         if raw && null_is_unset {
-            return Err(format!("unsupported modifier ({chs}) in substitution"));
+            return Err(LexError::UnsupportedModifier(chs.to_string()));
         }
         let mut word = match self.process_stop_on(Some('}'), raw) {
             Ok((w, _)) => w,
-            Err(_) if self.peek().is_none() => return Err("syntax error: missing '}'".into()),
+            Err(_) if self.peek().is_none() => return Err(LexError::MissingBrace),
             Err(e) => return Err(e),
         };
         let value = self.get_env(name);
@@ -408,20 +452,12 @@ impl Lexer<'_> {
             Some('-') => Ok(if unset { word } else { value }),
             Some('+') => Ok(if unset { String::new() } else { word }),
             Some('?') => {
+                let name = name.to_string();
+                let message = (!word.is_empty()).then_some(word);
                 if !set {
-                    let msg = if word.is_empty() {
-                        "is not allowed to be unset"
-                    } else {
-                        &word
-                    };
-                    Err(format!("{name}: {msg}"))
+                    Err(LexError::Unset { name, message })
                 } else if null_is_unset && value.is_empty() {
-                    let msg = if word.is_empty() {
-                        "is not allowed to be empty"
-                    } else {
-                        &word
-                    };
-                    Err(format!("{name}: {msg}"))
+                    Err(LexError::Empty { name, message })
                 } else {
                     Ok(value)
                 }
@@ -432,36 +468,39 @@ impl Lexer<'_> {
                 if greedy {
                     word.remove(0);
                 }
-                if m == '%' {
-                    pattern::trim_suffix(&word, &value, greedy)
+                Ok(if m == '%' {
+                    pattern::trim_suffix(&word, &value, greedy)?
                 } else {
-                    pattern::trim_prefix(&word, &value, greedy)
-                }
+                    pattern::trim_prefix(&word, &value, greedy)?
+                })
             }
-            _ => Err(format!("unsupported modifier ({chs}) in substitution")),
+            _ => Err(LexError::UnsupportedModifier(chs.to_string())),
         }
     }
 
-    fn process_replace(&mut self, name: &str) -> Result<String, String> {
+    fn process_replace(&mut self, name: &str) -> Result<String, LexError> {
         let all = self.peek() == Some('/');
         if all {
             self.next();
         }
         let pat = match self.process_stop_on(Some('/'), true) {
             Ok((p, _)) => p,
-            Err(_) if self.peek().is_none() => {
-                return Err("syntax error: missing '/' in ${}".into())
-            }
+            Err(_) if self.peek().is_none() => return Err(LexError::MissingSlash),
             Err(e) => return Err(e),
         };
         let replacement = match self.process_stop_on(Some('}'), true) {
             Ok((r, _)) => r,
-            Err(_) if self.peek().is_none() => return Err("syntax error: missing '}'".into()),
+            Err(_) if self.peek().is_none() => return Err(LexError::MissingBrace),
             Err(e) => return Err(e),
         };
         match self.get_env(name) {
             None if self.opts.skip_unset_env => Ok(format!("${{{name}/{pat}/{replacement}}}")),
-            value => pattern::replace(&pat, &value.unwrap_or_default(), &replacement, all),
+            value => Ok(pattern::replace(
+                &pat,
+                &value.unwrap_or_default(),
+                &replacement,
+                all,
+            )?),
         }
     }
 
@@ -562,19 +601,20 @@ mod tests {
         assert_eq!(word("${A:?msg}").unwrap(), "a");
         assert_eq!(word("${EMPTY?msg}").unwrap(), "");
         let e = word("${UNSET:?need it}").unwrap_err();
-        assert!(e.message.ends_with("UNSET: need it"), "{e}");
+        assert!(e.to_string().ends_with("UNSET: need it"), "{e}");
         let e = word("${UNSET?}").unwrap_err();
         assert!(
-            e.message.ends_with("UNSET: is not allowed to be unset"),
+            e.to_string().ends_with("UNSET: is not allowed to be unset"),
             "{e}"
         );
         let e = word("${EMPTY:?}").unwrap_err();
         assert!(
-            e.message.ends_with("EMPTY: is not allowed to be empty"),
+            e.to_string().ends_with("EMPTY: is not allowed to be empty"),
             "{e}"
         );
         assert!(
-            e.message.starts_with("failed to process \"${EMPTY:?}\""),
+            e.to_string()
+                .starts_with("failed to process \"${EMPTY:?}\""),
             "{e}"
         );
     }
@@ -599,7 +639,10 @@ mod tests {
         );
         assert_eq!(word("${PATHV//\\//_}").unwrap(), "_usr_local_bin:_usr_bin");
         assert_eq!(word("${UNI//ö/o}").unwrap(), "héllo world");
-        assert!(word("${A/x").unwrap_err().message.contains("missing '/'"));
+        assert!(word("${A/x")
+            .unwrap_err()
+            .to_string()
+            .contains("missing '/'"));
     }
 
     #[test]
@@ -612,13 +655,13 @@ mod tests {
         }
         assert!(word("${A!}")
             .unwrap_err()
-            .message
+            .to_string()
             .contains("unsupported modifier (!)"));
         assert!(word("${A:x}")
             .unwrap_err()
-            .message
+            .to_string()
             .contains("unsupported modifier (:x)"));
-        assert!(word("${A").unwrap_err().message.contains("missing '}'"));
+        assert!(word("${A").unwrap_err().to_string().contains("missing '}'"));
     }
 
     #[test]
@@ -667,7 +710,7 @@ mod tests {
         let deep = "${A:-".repeat(100_000) + &"}".repeat(100_000);
         assert!(word(&deep)
             .unwrap_err()
-            .message
+            .to_string()
             .contains("nested too deeply"));
         let ok = "${A:-".repeat(50) + &"}".repeat(50);
         assert_eq!(word(&ok).unwrap(), "a");

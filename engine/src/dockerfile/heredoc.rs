@@ -7,7 +7,16 @@
 //! leading tabs are stripped, for `<<-`). A delimiter with any quoting
 //! (`<<"EOF"`, `<<'EOF'`, `<<E"O"F`) turns expansion off.
 
-use super::expand::{process, LexOptions};
+use super::expand::{process, ExpandError, LexOptions};
+
+/// A heredoc opener that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HeredocError {
+    #[error(transparent)]
+    Lex(#[from] ExpandError),
+    #[error("internal lexing of heredoc produced inconsistent results: {0}")]
+    Inconsistent(String),
+}
 
 /// One heredoc attached to an instruction.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -29,7 +38,7 @@ pub struct Heredoc {
 
 /// Parses one word as a heredoc opener (BuildKit's `ParseHeredoc`):
 /// `^(\d*)<<(-?)([^<]*)$`. Returns `None` for words that are not one.
-pub(crate) fn parse_heredoc_word(word: &str) -> Result<Option<Heredoc>, String> {
+pub(crate) fn parse_heredoc_word(word: &str) -> Result<Option<Heredoc>, HeredocError> {
     let digits = word.chars().take_while(char::is_ascii_digit).count();
     let Some(after) = word[digits..].strip_prefix("<<") else {
         return Ok(None);
@@ -47,16 +56,14 @@ pub(crate) fn parse_heredoc_word(word: &str) -> Result<Option<Heredoc>, String> 
         skip_unset_env: true,
         ..LexOptions::new('\\')
     };
-    let words = process(rest, &opts, &lookup).map_err(|e| e.message)?.words;
+    let words = process(rest, &opts, &lookup)?.words;
     if words.len() != 1 {
         return Ok(None);
     }
     opts.raw_quotes = true;
-    let raw = process(rest, &opts, &lookup).map_err(|e| e.message)?.words;
+    let raw = process(rest, &opts, &lookup)?.words;
     if raw.len() != words.len() {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
+        return Err(HeredocError::Inconsistent(rest.to_string()));
     }
     // Quotes that disappeared when quotes are processed were quoting.
     let quotes = |s: &str| s.chars().filter(|&c| c == '\'' || c == '"').count();
@@ -71,7 +78,7 @@ pub(crate) fn parse_heredoc_word(word: &str) -> Result<Option<Heredoc>, String> 
 }
 
 /// The heredocs an instruction line opens, in order.
-pub(crate) fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
+pub(crate) fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, HeredocError> {
     let opts = LexOptions {
         raw_quotes: true,
         raw_escapes: true,

@@ -9,12 +9,14 @@
 
 use std::time::Duration;
 
-use super::duration::parse_interval;
-use super::error::{ExpandError, FrontendError};
-use super::expand::{expand_heredoc, expand_word, expand_words, process, LexOptions, Lookup};
+use super::duration::{parse_interval, DurationError};
+use super::error::{AtLine, FrontendError};
+use super::expand::{
+    expand_heredoc, expand_word, expand_words, process, ExpandError, LexOptions, Lookup,
+};
 use super::heredoc::{parse_heredoc_word, Heredoc};
-use super::mount::RunMount;
-use super::parse::RawInstruction;
+use super::mount::{MountError, RunMount};
+use super::raw::RawInstruction;
 use super::words::split_command;
 
 /// Every instruction keyword BuildKit knows.
@@ -38,6 +40,100 @@ pub const KEYWORDS: [&str; 18] = [
     "VOLUME",
     "WORKDIR",
 ];
+
+/// An instruction BuildKit would refuse; the texts are BuildKit's (or say
+/// as precisely why not). [`Instruction::from_raw`] locates it at its line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum InstructionError {
+    #[error("unknown instruction: {keyword}{}", did_you_mean(*.suggestion))]
+    UnknownInstruction {
+        keyword: String,
+        suggestion: Option<&'static str>,
+    },
+    #[error("unknown flag: --{name} ({keyword} takes no flags)")]
+    NoFlags { keyword: String, name: String },
+    #[error("unknown flag: --{name} (did you mean --{suggestion}?)")]
+    MisspelledFlag {
+        name: String,
+        suggestion: &'static str,
+    },
+    #[error("unknown flag: --{name} ({keyword} accepts {})", flag_list(.accepted))]
+    UnknownFlag {
+        keyword: String,
+        name: String,
+        accepted: Vec<&'static str>,
+    },
+    #[error("Duplicate flag specified: {0}")]
+    DuplicateFlag(String),
+    #[error("Missing a value on flag: {0}")]
+    MissingFlagValue(String),
+    #[error("Expecting boolean value for flag {name}, not: {value}")]
+    NotBoolean { name: String, value: String },
+    #[error("{0} requires exactly one argument")]
+    NotExactlyOne(String),
+    #[error("{0} requires at least one argument")]
+    NoArguments(String),
+    #[error("{0} names can not be blank")]
+    BlankName(String),
+    #[error("Bad input to {0}, too many arguments")]
+    TooManyArguments(String),
+    #[error("{0} requires at least two arguments, but only one was provided. Destination could not be determined")]
+    NoDestination(String),
+    #[error("{0} cannot accept a heredoc as a destination")]
+    HeredocDestination(String),
+    #[error("variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround")]
+    VariableInFrom,
+    #[error("FROM requires either one or three arguments")]
+    FromArguments,
+    #[error(
+        "invalid name for build stage: {0:?}, name can't start with a number or contain symbols"
+    )]
+    StageName(String),
+    #[error("unsupported network mode {0:?}")]
+    NetworkMode(String),
+    #[error("unsupported security mode {0:?}")]
+    SecurityMode(String),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("RUN requires at least one argument: RUN [] has no command to run")]
+    EmptyRun,
+    #[error("SHELL requires the arguments to be in JSON form")]
+    ShellNotJson,
+    #[error("VOLUME specified can not be an empty string")]
+    EmptyVolume,
+    #[error("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")]
+    OnbuildChain,
+    #[error("{0} isn't allowed as an ONBUILD trigger")]
+    OnbuildTrigger(String),
+    #[error("HEALTHCHECK NONE takes no arguments")]
+    HealthcheckNoneArguments,
+    #[error("Unknown type {0:?} in HEALTHCHECK (try CMD)")]
+    HealthcheckType(String),
+    #[error("Missing command after HEALTHCHECK CMD")]
+    HealthcheckNoCommand,
+    #[error(transparent)]
+    Interval(#[from] DurationError),
+    #[error("strconv.ParseInt: parsing {0:?}: invalid syntax")]
+    Retries(String),
+    #[error("--retries cannot be negative ({0})")]
+    NegativeRetries(i64),
+}
+
+/// ` (did you mean X?)` when there is a suggestion.
+fn did_you_mean(suggestion: Option<&str>) -> String {
+    suggestion
+        .map(|s| format!(" (did you mean {s}?)"))
+        .unwrap_or_default()
+}
+
+/// `--a, --b`.
+fn flag_list(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("--{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A command line: the shell form (run through the stage's SHELL) or the
 /// exec (JSON) form.
@@ -217,7 +313,7 @@ pub enum Instruction {
 impl Instruction {
     /// Types and checks a parsed instruction. Errors carry its line.
     pub fn from_raw(raw: &RawInstruction, escape: char) -> Result<Instruction, FrontendError> {
-        typed(raw, escape).map_err(|m| FrontendError::new(raw.line, m))
+        typed(raw, escape).at_line(raw.line)
     }
 
     /// Expands the fields BuildKit expands, with `lookup` as the scope at
@@ -301,7 +397,7 @@ impl Flags {
         keyword: &str,
         raw: &[String],
         specs: &[(&'static str, Kind)],
-    ) -> Result<Flags, String> {
+    ) -> Result<Flags, InstructionError> {
         let mut out: Vec<(&'static str, Value)> = Vec::new();
         for arg in raw {
             let body = arg.strip_prefix("--").unwrap_or(arg);
@@ -317,9 +413,9 @@ impl Flags {
             };
             let seen = out.iter().position(|(n, _)| *n == spec);
             if seen.is_some() && kind != Kind::Strs {
-                return Err(format!("Duplicate flag specified: {name}"));
+                return Err(InstructionError::DuplicateFlag(name.to_string()));
             }
-            let missing = || format!("Missing a value on flag: {name}");
+            let missing = || InstructionError::MissingFlagValue(name.to_string());
             match kind {
                 Kind::Bool => {
                     let b = match value {
@@ -329,9 +425,10 @@ impl Flags {
                             "true" => true,
                             "false" => false,
                             _ => {
-                                return Err(format!(
-                                    "Expecting boolean value for flag {name}, not: {v}"
-                                ))
+                                return Err(InstructionError::NotBoolean {
+                                    name: name.to_string(),
+                                    value: v.to_string(),
+                                })
                             }
                         },
                     };
@@ -385,21 +482,19 @@ impl Flags {
     }
 }
 
-fn unknown_flag(keyword: &str, name: &str, specs: &[(&'static str, Kind)]) -> String {
+fn unknown_flag(keyword: &str, name: &str, specs: &[(&'static str, Kind)]) -> InstructionError {
+    let (keyword, name) = (keyword.to_string(), name.to_string());
     if specs.is_empty() {
-        return format!("unknown flag: --{name} ({keyword} takes no flags)");
+        return InstructionError::NoFlags { keyword, name };
     }
-    let names: Vec<&str> = specs.iter().map(|(n, _)| *n).collect();
-    match suggest(name, &names) {
-        Some(s) => format!("unknown flag: --{name} (did you mean --{s}?)"),
-        None => format!(
-            "unknown flag: --{name} ({keyword} accepts {})",
-            names
-                .iter()
-                .map(|n| format!("--{n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+    let accepted: Vec<&'static str> = specs.iter().map(|(n, _)| *n).collect();
+    match suggest(&name, &accepted) {
+        Some(suggestion) => InstructionError::MisspelledFlag { name, suggestion },
+        None => InstructionError::UnknownFlag {
+            keyword,
+            name,
+            accepted,
+        },
     }
 }
 
@@ -441,7 +536,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     d[a.len()][b.len()]
 }
 
-fn no_flags(raw: &RawInstruction) -> Result<(), String> {
+fn no_flags(raw: &RawInstruction) -> Result<(), InstructionError> {
     Flags::parse(&raw.keyword, &raw.flags, &[]).map(|_| ())
 }
 
@@ -453,29 +548,29 @@ fn command(raw: &RawInstruction, args: &[String]) -> Command {
     }
 }
 
-fn exactly_one(raw: &RawInstruction) -> Result<String, String> {
+fn exactly_one(raw: &RawInstruction) -> Result<String, InstructionError> {
     match raw.args.as_slice() {
         [one] => Ok(one.clone()),
-        _ => Err(format!("{} requires exactly one argument", raw.keyword)),
+        _ => Err(InstructionError::NotExactlyOne(raw.keyword.clone())),
     }
 }
 
-fn at_least_one(raw: &RawInstruction) -> Result<(), String> {
+fn at_least_one(raw: &RawInstruction) -> Result<(), InstructionError> {
     if raw.args.is_empty() {
-        return Err(format!("{} requires at least one argument", raw.keyword));
+        return Err(InstructionError::NoArguments(raw.keyword.clone()));
     }
     Ok(())
 }
 
-fn key_values(raw: &RawInstruction) -> Result<Vec<(String, String)>, String> {
+fn key_values(raw: &RawInstruction) -> Result<Vec<(String, String)>, InstructionError> {
     no_flags(raw)?;
     at_least_one(raw)?;
     raw.args
         .chunks(2)
         .map(|kv| match kv {
-            [k, _] if k.is_empty() => Err(format!("{} names can not be blank", raw.keyword)),
+            [k, _] if k.is_empty() => Err(InstructionError::BlankName(raw.keyword.clone())),
             [k, v] => Ok((k.clone(), v.clone())),
-            _ => Err(format!("Bad input to {}, too many arguments", raw.keyword)),
+            _ => Err(InstructionError::TooManyArguments(raw.keyword.clone())),
         })
         .collect()
 }
@@ -487,13 +582,12 @@ fn is_valid_stage_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
 }
 
-fn sources_and_dest(raw: &RawInstruction) -> Result<(Vec<String>, String, Vec<Heredoc>), String> {
+type SourcesAndDest = (Vec<String>, String, Vec<Heredoc>);
+
+fn sources_and_dest(raw: &RawInstruction) -> Result<SourcesAndDest, InstructionError> {
     let (dest, srcs) = raw.args.split_last().expect("checked by the caller");
     if matches!(parse_heredoc_word(dest), Ok(Some(_))) {
-        return Err(format!(
-            "{} cannot accept a heredoc as a destination",
-            raw.keyword
-        ));
+        return Err(InstructionError::HeredocDestination(raw.keyword.clone()));
     }
     let mut sources = Vec::new();
     let mut heredocs = Vec::new();
@@ -514,12 +608,9 @@ fn sources_and_dest(raw: &RawInstruction) -> Result<(Vec<String>, String, Vec<He
     Ok((sources, dest.clone(), heredocs))
 }
 
-fn copy_args(raw: &RawInstruction, add: bool) -> Result<CopyArgs, String> {
+fn copy_args(raw: &RawInstruction, add: bool) -> Result<CopyArgs, InstructionError> {
     if raw.args.len() < 2 {
-        return Err(format!(
-            "{} requires at least two arguments, but only one was provided. Destination could not be determined",
-            raw.keyword
-        ));
+        return Err(InstructionError::NoDestination(raw.keyword.clone()));
     }
     let specs: &[(&'static str, Kind)] = if add {
         &[
@@ -548,9 +639,7 @@ fn copy_args(raw: &RawInstruction, add: bool) -> Result<CopyArgs, String> {
         // before any stage runs.
         let literal = process(from, &LexOptions::new('\\'), &|_| None).map(|p| p.result);
         if literal.as_deref() != Ok(from.as_str()) {
-            return Err("variable expansion is not supported for --from, define a new stage with FROM using ARG \
-                 from global scope as a workaround"
-                .into());
+            return Err(InstructionError::VariableInFrom);
         }
     }
     let (sources, dest, heredocs) = sources_and_dest(raw)?;
@@ -570,7 +659,7 @@ fn copy_args(raw: &RawInstruction, add: bool) -> Result<CopyArgs, String> {
     })
 }
 
-fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
+fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, InstructionError> {
     let _ = escape; // the raw form already honours it; kept for API symmetry
     let args = &raw.args;
     Ok(match raw.keyword.as_str() {
@@ -579,14 +668,12 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
                 [_, as_kw, name] if as_kw.eq_ignore_ascii_case("as") => {
                     let lower = name.to_lowercase();
                     if !is_valid_stage_name(&lower) {
-                        return Err(format!(
-                            "invalid name for build stage: {name:?}, name can't start with a number or contain symbols"
-                        ));
+                        return Err(InstructionError::StageName(name.clone()));
                     }
                     Some(lower)
                 }
                 [_] => None,
-                _ => return Err("FROM requires either one or three arguments".into()),
+                _ => return Err(InstructionError::FromArguments),
             };
             let flags = Flags::parse("FROM", &raw.flags, &[("platform", Kind::Str)])?;
             Instruction::From {
@@ -610,7 +697,7 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
                 .map(|_| flags.string("network").unwrap_or_default());
             if let Some(n) = &network {
                 if !matches!(n.as_str(), "none" | "default" | "host") {
-                    return Err(format!("unsupported network mode {n:?}"));
+                    return Err(InstructionError::NetworkMode(n.clone()));
                 }
             }
             let security = flags
@@ -618,7 +705,7 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
                 .map(|_| flags.string("security").unwrap_or_default());
             if let Some(s) = &security {
                 if !matches!(s.as_str(), "sandbox" | "insecure") {
-                    return Err(format!("unsupported security mode {s:?}"));
+                    return Err(InstructionError::SecurityMode(s.clone()));
                 }
             }
             let mounts = flags.strings("mount");
@@ -626,9 +713,7 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
                 RunMount::parse(m, None)?;
             }
             if raw.json_form && args.is_empty() {
-                return Err(
-                    "RUN requires at least one argument: RUN [] has no command to run".into(),
-                );
+                return Err(InstructionError::EmptyRun);
             }
             Instruction::Run {
                 command: command(raw, args),
@@ -649,11 +734,9 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
         "SHELL" => {
             no_flags(raw)?;
             if !raw.json_form {
-                return Err("SHELL requires the arguments to be in JSON form".into());
+                return Err(InstructionError::ShellNotJson);
             }
-            if args.is_empty() {
-                return Err("SHELL requires at least one argument".into());
-            }
+            at_least_one(raw)?;
             Instruction::Shell(args.clone())
         }
         "COPY" => Instruction::Copy(copy_args(raw, false)?),
@@ -666,7 +749,7 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
             let pairs = args
                 .iter()
                 .map(|a| match a.split_once('=') {
-                    Some(("", _)) => Err("ARG names can not be blank".to_string()),
+                    Some(("", _)) => Err(InstructionError::BlankName("ARG".into())),
                     Some((k, v)) => Ok((k.to_string(), Some(v.to_string()))),
                     None => Ok((a.clone(), None)),
                 })
@@ -685,7 +768,7 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
             for v in args {
                 let v = v.trim();
                 if v.is_empty() {
-                    return Err("VOLUME specified can not be an empty string".into());
+                    return Err(InstructionError::EmptyVolume);
                 }
                 volumes.push(v.to_string());
             }
@@ -714,12 +797,8 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
             no_flags(raw)?;
             let trigger = split_command(&args[0]).keyword.to_uppercase();
             match trigger.as_str() {
-                "ONBUILD" => {
-                    return Err("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into())
-                }
-                "MAINTAINER" | "FROM" => {
-                    return Err(format!("{trigger} isn't allowed as an ONBUILD trigger"))
-                }
+                "ONBUILD" => return Err(InstructionError::OnbuildChain),
+                "MAINTAINER" | "FROM" => return Err(InstructionError::OnbuildTrigger(trigger)),
                 _ => {}
             }
             let mut expression = args[0].clone();
@@ -731,22 +810,22 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, String> {
             Instruction::Onbuild(expression)
         }
         other => {
-            let hint = suggest(other, &KEYWORDS)
-                .map(|s| format!(" (did you mean {s}?)"))
-                .unwrap_or_default();
-            return Err(format!("unknown instruction: {other}{hint}"));
+            return Err(InstructionError::UnknownInstruction {
+                keyword: other.to_string(),
+                suggestion: suggest(other, &KEYWORDS),
+            })
         }
     })
 }
 
-fn healthcheck(raw: &RawInstruction) -> Result<Healthcheck, String> {
+fn healthcheck(raw: &RawInstruction) -> Result<Healthcheck, InstructionError> {
     at_least_one(raw)?;
     let kind = raw.args[0].to_uppercase();
     let rest = &raw.args[1..];
     if kind == "NONE" {
         // BuildKit does not look at flags for NONE; the parser warns.
         if !rest.is_empty() {
-            return Err("HEALTHCHECK NONE takes no arguments".into());
+            return Err(InstructionError::HealthcheckNoneArguments);
         }
         return Ok(Healthcheck::None);
     }
@@ -762,10 +841,10 @@ fn healthcheck(raw: &RawInstruction) -> Result<Healthcheck, String> {
         ],
     )?;
     if kind != "CMD" {
-        return Err(format!("Unknown type {kind:?} in HEALTHCHECK (try CMD)"));
+        return Err(InstructionError::HealthcheckType(kind));
     }
     if raw.json_form && rest.is_empty() {
-        return Err("Missing command after HEALTHCHECK CMD".into());
+        return Err(InstructionError::HealthcheckNoCommand);
     }
     let interval = |name: &str| parse_interval(name, &flags.string(name).unwrap_or_default());
     let retries = match flags.string("retries") {
@@ -775,9 +854,9 @@ fn healthcheck(raw: &RawInstruction) -> Result<Healthcheck, String> {
                 .parse()
                 .ok()
                 .filter(|n| i32::try_from(*n).is_ok())
-                .ok_or_else(|| format!("strconv.ParseInt: parsing {r:?}: invalid syntax"))?;
+                .ok_or_else(|| InstructionError::Retries(r.clone()))?;
             if n < 0 {
-                return Err(format!("--retries cannot be negative ({n})"));
+                return Err(InstructionError::NegativeRetries(n));
             }
             Some(n as u32)
         }

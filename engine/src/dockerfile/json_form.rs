@@ -6,8 +6,10 @@
 
 use super::words::{is_space, split_whitespace_delimited};
 
-const NOT_STRING_ARRAY: &str =
-    "when using JSON array syntax, arrays must be comprised of strings only";
+/// A JSON array holding something other than strings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("when using JSON array syntax, arrays must be comprised of strings only")]
+pub(crate) struct NotStringArray;
 
 enum Json {
     Array(Vec<String>),
@@ -36,23 +38,23 @@ fn parse_json_array(rest: &str) -> Json {
 /// Arguments of RUN, CMD, ENTRYPOINT, SHELL and HEALTHCHECK CMD: a JSON
 /// array, or the whole text as one shell-form string. Returns the
 /// arguments and whether they were JSON.
-pub(crate) fn maybe_json(rest: &str) -> Result<(Vec<String>, bool), String> {
+pub(crate) fn maybe_json(rest: &str) -> Result<(Vec<String>, bool), NotStringArray> {
     if rest.is_empty() {
         return Ok((Vec::new(), false));
     }
     match parse_json_array(rest) {
         Json::Array(v) => Ok((v, true)),
-        Json::NonStrings => Err(NOT_STRING_ARRAY.to_string()),
+        Json::NonStrings => Err(NotStringArray),
         Json::Invalid => Ok((vec![rest.to_string()], false)),
     }
 }
 
 /// Arguments of COPY, ADD and VOLUME: a JSON array, or whitespace-split
 /// words.
-pub(crate) fn maybe_json_to_list(rest: &str) -> Result<(Vec<String>, bool), String> {
+pub(crate) fn maybe_json_to_list(rest: &str) -> Result<(Vec<String>, bool), NotStringArray> {
     match parse_json_array(rest) {
         Json::Array(v) => Ok((v, true)),
-        Json::NonStrings => Err(NOT_STRING_ARRAY.to_string()),
+        Json::NonStrings => Err(NotStringArray),
         Json::Invalid => Ok((split_whitespace_delimited(rest), false)),
     }
 }
@@ -104,7 +106,11 @@ mod tests {
             r#"[{"a":1}]"#,
             "[true]",
         ] {
-            assert_eq!(maybe_json(text).unwrap_err(), NOT_STRING_ARRAY, "{text}");
+            assert_eq!(
+                maybe_json(text).unwrap_err().to_string(),
+                "when using JSON array syntax, arrays must be comprised of strings only",
+                "{text}"
+            );
             assert!(maybe_json_to_list(text).is_err(), "{text}");
         }
     }

@@ -16,7 +16,8 @@
 //!    with [`Scope::lookup`]) for the instructions BuildKit expands. A base
 //!    image's ONBUILD triggers go through [`parse_onbuild_trigger`].
 //!
-//! [`plan_document`] and [`plan_text`] describe the result for `kiln plan`.
+//! [`stage_report_json`] and [`stage_report_text`] describe the resolved
+//! stage graph; they are what `kiln plan` prints.
 
 mod directives;
 mod duration;
@@ -28,8 +29,9 @@ mod json_form;
 mod mount;
 mod parse;
 mod pattern;
-mod plan_doc;
+mod raw;
 mod scope;
+mod stage_report;
 mod stages;
 mod words;
 
@@ -37,14 +39,15 @@ mod words;
 mod tests;
 
 pub use directives::{CheckConfig, DEFAULT_ESCAPE};
-pub use error::{ExpandError, FrontendError, Warning};
-pub use expand::{expand_heredoc, expand_word, expand_words, Lookup};
+pub use error::{FrontendError, Warning};
+pub use expand::{expand_heredoc, expand_word, expand_words, ExpandError, Lookup};
 pub use heredoc::Heredoc;
 pub use instruction::{Command, CopyArgs, Healthcheck, HeredocRun, Instruction, KEYWORDS};
-pub use mount::{parse_size, MountExpander, MountType, RunMount};
-pub use parse::{parse, parse_onbuild_trigger, Dockerfile, RawInstruction};
-pub use plan_doc::{plan_document, plan_text};
+pub use mount::{parse_size, MountError, MountExpander, MountType, RunMount};
+pub use parse::{parse, parse_onbuild_trigger, Dockerfile};
+pub use raw::RawInstruction;
 pub use scope::{
     unused_build_arg_warnings, GlobalArgs, Platform, Scope, PLATFORM_ARGS, PROXY_ARGS,
 };
+pub use stage_report::{stage_report_json, stage_report_text};
 pub use stages::{BaseRef, RefKind, Stage, StageGraph, StageRef};

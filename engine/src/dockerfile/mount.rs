@@ -5,7 +5,7 @@
 //! the RUN executes; only `from` may not (BuildKit refuses it, because the
 //! stage graph has to be known before anything runs).
 
-use super::error::ExpandError;
+use super::expand::ExpandError;
 
 /// Expands one mount option value with the stage's scope.
 pub type MountExpander<'a> = &'a dyn Fn(&str) -> Result<String, ExpandError>;
@@ -21,6 +21,17 @@ pub enum MountType {
 }
 
 impl MountType {
+    /// The name `type=` gives it.
+    fn name(self) -> &'static str {
+        match self {
+            MountType::Bind => "bind",
+            MountType::Cache => "cache",
+            MountType::Tmpfs => "tmpfs",
+            MountType::Secret => "secret",
+            MountType::Ssh => "ssh",
+        }
+    }
+
     fn parse(s: &str) -> Option<MountType> {
         Some(match s.to_ascii_lowercase().as_str() {
             "bind" => MountType::Bind,
@@ -56,6 +67,59 @@ pub struct RunMount {
     pub size: Option<u64>,
 }
 
+/// A `--mount` BuildKit would refuse; the texts are BuildKit's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountError {
+    #[error("failed to parse csv mounts: {0}")]
+    Csv(#[source] CsvError),
+    #[error(transparent)]
+    Expand(#[from] ExpandError),
+    #[error("invalid field '{0}' must be a key=value pair")]
+    NotKeyValue(String),
+    #[error("'from' doesn't support variable expansion, define alias stage instead")]
+    VariableInFrom,
+    #[error("unexpected key '{key}' in '{field}'")]
+    UnexpectedKey { key: String, field: String },
+    #[error("unsupported mount type {0:?}")]
+    UnsupportedType(String),
+    #[error("invalid value for {key}: {value}")]
+    NotBoolean { key: String, value: String },
+    #[error("unsupported sharing value {0:?}")]
+    UnsupportedSharing(String),
+    #[error("invalid value {value} for {key}")]
+    InvalidValue { key: &'static str, value: String },
+    #[error("{key} not allowed for {:?} type mounts", .kind.name())]
+    FileInfoNotAllowed { key: &'static str, kind: MountType },
+    #[error("unexpected key '{key}' for mount type '{}'", .kind.name())]
+    KeyNotForType { key: &'static str, kind: MountType },
+    #[error("invalid cache sharing set for {} mount", .kind.name())]
+    SharingNotForType { kind: MountType },
+    #[error("secret mount should not have a from")]
+    SecretFrom,
+    #[error("both source and id can't be set")]
+    SecretSourceAndId,
+}
+
+/// The planner (`crate::plan`) still reports a mount's problem as text;
+/// this lets its `?` keep working until its errors are typed too.
+impl From<MountError> for String {
+    fn from(e: MountError) -> String {
+        e.to_string()
+    }
+}
+
+/// A `--mount` value that is not one CSV record, in the words of Go's
+/// `encoding/csv`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsvError {
+    #[error("EOF")]
+    Empty,
+    #[error("extraneous or missing \" in quoted-field")]
+    Quote,
+    #[error("bare \" in non-quoted-field")]
+    BareQuote,
+}
+
 const KEYS: [&str; 19] = [
     "type",
     "from",
@@ -83,9 +147,8 @@ impl RunMount {
     /// first (what the executor does with the stage's scope). Without it,
     /// values holding a `$` are only checked for shape, since their meaning
     /// is not known yet; a variable in `from` is always an error.
-    pub fn parse(spec: &str, expand: Option<MountExpander<'_>>) -> Result<RunMount, String> {
-        let fields =
-            parse_csv_record(spec).map_err(|e| format!("failed to parse csv mounts: {e}"))?;
+    pub fn parse(spec: &str, expand: Option<MountExpander<'_>>) -> Result<RunMount, MountError> {
+        let fields = parse_csv_record(spec).map_err(MountError::Csv)?;
         let mut m = RunMount {
             kind: MountType::Bind,
             from: None,
@@ -122,23 +185,18 @@ impl RunMount {
                             m.required = true;
                             continue;
                         }
-                        _ => {
-                            return Err(format!("invalid field '{field}' must be a key=value pair"))
-                        }
+                        _ => return Err(MountError::NotKeyValue(field.clone())),
                     }
                 }
             };
             let value = match expand {
-                Some(expand) => expand(value).map_err(|e| e.message)?,
+                Some(expand) => expand(value)?,
                 None if key == "from" && has_variable(value) => {
-                    return Err(
-                        "'from' doesn't support variable expansion, define alias stage instead"
-                            .into(),
-                    );
+                    return Err(MountError::VariableInFrom);
                 }
                 None if value.contains('$') => {
                     if !KEYS.contains(&key.as_str()) {
-                        return Err(format!("unexpected key '{key}' in '{field}'"));
+                        return Err(unexpected_key(key, field));
                     }
                     continue;
                 }
@@ -147,61 +205,36 @@ impl RunMount {
             match key.as_str() {
                 "type" => {
                     m.kind = MountType::parse(&value)
-                        .ok_or_else(|| format!("unsupported mount type {value:?}"))?;
+                        .ok_or_else(|| MountError::UnsupportedType(value.clone()))?;
                 }
                 "from" => m.from = Some(value),
                 "source" | "src" => m.source = Some(value),
                 "target" | "dst" | "destination" => m.target = Some(value),
                 "readonly" | "ro" => {
-                    m.readonly = parse_bool(&value)
-                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?;
+                    m.readonly = parse_bool(&key, &value)?;
                     ro_auto = false;
                 }
                 "readwrite" | "rw" => {
-                    m.readonly = !parse_bool(&value)
-                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?;
+                    m.readonly = !parse_bool(&key, &value)?;
                     ro_auto = false;
                 }
-                "required" => {
-                    m.required = parse_bool(&value)
-                        .ok_or_else(|| format!("invalid value for {key}: {value}"))?;
-                }
+                "required" => m.required = parse_bool(&key, &value)?,
                 "id" => m.id = Some(value),
                 "sharing" => {
                     let v = value.to_ascii_lowercase();
                     if !matches!(v.as_str(), "shared" | "private" | "locked") {
-                        return Err(format!("unsupported sharing value {value:?}"));
+                        return Err(MountError::UnsupportedSharing(value));
                     }
                     m.sharing = Some(v);
                 }
                 "mode" => {
-                    m.mode = Some(
-                        u32::from_str_radix(&value, 8)
-                            .map_err(|_| format!("invalid value {value} for mode"))?,
-                    )
+                    m.mode = Some(valid("mode", &value, u32::from_str_radix(&value, 8).ok())?)
                 }
-                "uid" => {
-                    m.uid = Some(
-                        value
-                            .parse()
-                            .map_err(|_| format!("invalid value {value} for uid"))?,
-                    )
-                }
-                "gid" => {
-                    m.gid = Some(
-                        value
-                            .parse()
-                            .map_err(|_| format!("invalid value {value} for gid"))?,
-                    )
-                }
+                "uid" => m.uid = Some(valid("uid", &value, value.parse().ok())?),
+                "gid" => m.gid = Some(valid("gid", &value, value.parse().ok())?),
                 "env" => m.env = Some(value),
-                "size" => {
-                    m.size = Some(
-                        parse_size(&value)
-                            .ok_or_else(|| format!("invalid value {value} for size"))?,
-                    )
-                }
-                _ => return Err(format!("unexpected key '{key}' in '{field}'")),
+                "size" => m.size = Some(valid("size", &value, parse_size(&value))?),
+                _ => return Err(unexpected_key(key, field)),
             }
         }
         m.validate()?;
@@ -211,39 +244,38 @@ impl RunMount {
         Ok(m)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        let file_info_allowed = matches!(
-            self.kind,
-            MountType::Secret | MountType::Ssh | MountType::Cache
-        );
-        let kind = format!("{:?}", self.kind).to_ascii_lowercase();
-        for (name, set) in [
+    fn validate(&self) -> Result<(), MountError> {
+        let kind = self.kind;
+        let file_info_allowed =
+            matches!(kind, MountType::Secret | MountType::Ssh | MountType::Cache);
+        for (key, set) in [
             ("mode", self.mode.is_some()),
             ("uid", self.uid.is_some()),
             ("gid", self.gid.is_some()),
         ] {
             if set && !file_info_allowed {
-                return Err(format!("{name} not allowed for {kind:?} type mounts"));
+                return Err(MountError::FileInfoNotAllowed { key, kind });
             }
         }
-        if self.required && !matches!(self.kind, MountType::Secret | MountType::Ssh) {
-            return Err(format!("unexpected key 'required' for mount type '{kind}'"));
+        let not_for = |key| Err(MountError::KeyNotForType { key, kind });
+        if self.required && !matches!(kind, MountType::Secret | MountType::Ssh) {
+            return not_for("required");
         }
-        if self.sharing.is_some() && self.kind != MountType::Cache {
-            return Err(format!("invalid cache sharing set for {kind} mount"));
+        if self.sharing.is_some() && kind != MountType::Cache {
+            return Err(MountError::SharingNotForType { kind });
         }
-        if self.env.is_some() && self.kind != MountType::Secret {
-            return Err(format!("unexpected key 'env' for mount type '{kind}'"));
+        if self.env.is_some() && kind != MountType::Secret {
+            return not_for("env");
         }
-        if self.size.is_some() && self.kind != MountType::Tmpfs {
-            return Err(format!("unexpected key 'size' for mount type '{kind}'"));
+        if self.size.is_some() && kind != MountType::Tmpfs {
+            return not_for("size");
         }
-        if self.kind == MountType::Secret {
+        if kind == MountType::Secret {
             if self.from.is_some() {
-                return Err("secret mount should not have a from".into());
+                return Err(MountError::SecretFrom);
             }
             if self.source.is_some() && self.id.is_some() {
-                return Err("both source and id can't be set".into());
+                return Err(MountError::SecretSourceAndId);
             }
         }
         Ok(())
@@ -281,21 +313,39 @@ pub fn parse_size(s: &str) -> Option<u64> {
     (number >= 0.0).then(|| (number * (1u64 << shift) as f64) as u64)
 }
 
-/// Go's `strconv.ParseBool`.
-fn parse_bool(s: &str) -> Option<bool> {
-    match s {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
+/// Go's `strconv.ParseBool`, for the value of `key`.
+fn parse_bool(key: &str, value: &str) -> Result<bool, MountError> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(MountError::NotBoolean {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
+/// A number read from the value of `key`, or why not.
+fn valid<T>(key: &'static str, value: &str, parsed: Option<T>) -> Result<T, MountError> {
+    parsed.ok_or_else(|| MountError::InvalidValue {
+        key,
+        value: value.to_string(),
+    })
+}
+
+fn unexpected_key(key: String, field: &str) -> MountError {
+    MountError::UnexpectedKey {
+        key,
+        field: field.to_string(),
     }
 }
 
 /// One record of Go's `encoding/csv` (comma-separated, `"`-quoted fields
 /// with `""` for a quote, no bare quotes in unquoted fields).
-fn parse_csv_record(s: &str) -> Result<Vec<String>, String> {
+fn parse_csv_record(s: &str) -> Result<Vec<String>, CsvError> {
     let line = s.split(['\n', '\r']).next().unwrap_or("");
     if line.is_empty() {
-        return Err("EOF".into());
+        return Err(CsvError::Empty);
     }
     let mut fields = Vec::new();
     let mut chars = line.chars().peekable();
@@ -311,7 +361,7 @@ fn parse_csv_record(s: &str) -> Result<Vec<String>, String> {
                     }
                     Some('"') => break,
                     Some(c) => field.push(c),
-                    None => return Err("extraneous or missing \" in quoted-field".into()),
+                    None => return Err(CsvError::Quote),
                 }
             }
             match chars.next() {
@@ -320,7 +370,7 @@ fn parse_csv_record(s: &str) -> Result<Vec<String>, String> {
                     return Ok(fields);
                 }
                 Some(',') => fields.push(field),
-                Some(_) => return Err("extraneous or missing \" in quoted-field".into()),
+                Some(_) => return Err(CsvError::Quote),
             }
         } else {
             loop {
@@ -333,7 +383,7 @@ fn parse_csv_record(s: &str) -> Result<Vec<String>, String> {
                         fields.push(field);
                         break;
                     }
-                    Some('"') => return Err("bare \" in non-quoted-field".into()),
+                    Some('"') => return Err(CsvError::BareQuote),
                     Some(c) => field.push(c),
                 }
             }
@@ -403,7 +453,7 @@ mod tests {
             ("a=\"b", "failed to parse csv mounts"),
             ("", "failed to parse csv mounts: EOF"),
         ] {
-            let err = RunMount::parse(spec, None).unwrap_err();
+            let err = RunMount::parse(spec, None).unwrap_err().to_string();
             assert!(err.contains(msg), "{spec}: {err}");
         }
     }
@@ -435,7 +485,7 @@ mod tests {
             ("type=bind,target=/c,size=1", "unexpected key 'size'"),
             ("type=tmpfs,target=/c,size=x", "invalid value x for size"),
         ] {
-            let err = RunMount::parse(spec, None).unwrap_err();
+            let err = RunMount::parse(spec, None).unwrap_err().to_string();
             assert!(err.contains(msg), "{spec}: {err}");
         }
     }

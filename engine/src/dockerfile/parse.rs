@@ -3,40 +3,14 @@
 //! form and heredocs.
 
 use super::directives::{CheckConfig, DirectiveParser};
-use super::error::{FrontendError, Warning};
+use super::error::{AtLine, FrontendError, Warning};
 use super::heredoc::{chomp, heredocs_from_line, is_terminator, Heredoc};
-use super::instruction::Instruction;
-use super::json_form::{looks_like_broken_json, maybe_json, maybe_json_to_list};
+use super::instruction::{Instruction, InstructionError};
+use super::json_form::{looks_like_broken_json, maybe_json, maybe_json_to_list, NotStringArray};
+use super::raw::RawInstruction;
 use super::words::{
     is_space, parse_words, split_command, split_first_whitespace, split_whitespace_delimited,
 };
-
-/// One instruction as BuildKit's parser yields it, before any meaning is
-/// given to it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RawInstruction {
-    /// The line the instruction starts on (1-based).
-    pub line: usize,
-    /// The last line it covers: continuation lines and heredoc bodies
-    /// included.
-    pub end_line: usize,
-    /// The keyword, upper case.
-    pub keyword: String,
-    /// The `--name=value` words before the arguments, in order, quotes
-    /// removed as BuildKit removes them.
-    pub flags: Vec<String>,
-    /// The arguments, unexpanded: one string for the shell form
-    /// (continuations joined, comment lines dropped), the elements of the
-    /// JSON form, alternating key and value for ENV and LABEL, each
-    /// `NAME[=value]` word for ARG, the words of FROM, EXPOSE and (shell
-    /// form) COPY/ADD/VOLUME, the subcommand and then its arguments for
-    /// HEALTHCHECK, the trigger's text for ONBUILD.
-    pub args: Vec<String>,
-    /// Whether the arguments were a JSON array.
-    pub json_form: bool,
-    /// Heredocs opened on the instruction's line, in order.
-    pub heredocs: Vec<Heredoc>,
-}
 
 /// A parsed Dockerfile.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -112,10 +86,8 @@ pub fn parse_onbuild_trigger(trigger: &str, line: usize) -> Result<RawInstructio
         return Err(fail("onbuild trigger should be a single expression".into()));
     };
     if matches!(raw.keyword.as_str(), "FROM" | "ONBUILD" | "MAINTAINER") {
-        return Err(fail(format!(
-            "{} isn't allowed as an ONBUILD trigger",
-            raw.keyword
-        )));
+        let refused = InstructionError::OnbuildTrigger(raw.keyword.clone());
+        return Err(fail(refused.to_string()));
     }
     Instruction::from_raw(raw, df.escape).map_err(|e| fail(e.message))?;
     Ok(RawInstruction {
@@ -171,6 +143,17 @@ fn trim_continuation(line: &str, escape: char) -> (&str, bool) {
     }
 }
 
+/// A line the parser cannot split into an instruction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SyntaxError {
+    #[error(transparent)]
+    Json(#[from] NotStringArray),
+    #[error("{0} must have two arguments")]
+    NoValue(String),
+    #[error("Syntax error - can't find = in {0:?}. Must be of the form: name=value")]
+    NoEquals(String),
+}
+
 /// One logical line split and given its arguments by the keyword's line
 /// parser.
 struct Node {
@@ -198,7 +181,7 @@ impl Node {
     }
 }
 
-fn parse_node(line: &str, escape: char) -> Result<Node, String> {
+fn parse_node(line: &str, escape: char) -> Result<Node, SyntaxError> {
     let split = split_command(line);
     let keyword = split.keyword.to_uppercase();
     let rest = split.rest.as_str();
@@ -268,7 +251,7 @@ fn parse_name_value(
     rest: &str,
     keyword: &str,
     escape: char,
-) -> Result<(Vec<String>, bool), String> {
+) -> Result<(Vec<String>, bool), SyntaxError> {
     let words = parse_words(rest, escape);
     let Some(first) = words.first() else {
         return Ok((Vec::new(), false));
@@ -278,15 +261,13 @@ fn parse_name_value(
             (key, Some(value)) if !value.is_empty() => {
                 Ok((vec![key.to_string(), value.to_string()], true))
             }
-            _ => Err(format!("{keyword} must have two arguments")),
+            _ => Err(SyntaxError::NoValue(keyword.to_string())),
         };
     }
     let mut args = Vec::with_capacity(words.len() * 2);
     for word in words {
         let Some((key, value)) = word.split_once('=') else {
-            return Err(format!(
-                "Syntax error - can't find = in {word:?}. Must be of the form: name=value"
-            ));
+            return Err(SyntaxError::NoEquals(word));
         };
         args.push(key.to_string());
         args.push(value.to_string());
@@ -309,9 +290,7 @@ pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
             raw
         };
         let text = trim_newline(raw).trim_start_matches(is_space);
-        directives
-            .feed(text)
-            .map_err(|m| FrontendError::new(number, m))?;
+        directives.feed(text).at_line(number)?;
         let escape = directives.escape;
         let text = if is_comment(text) { "" } else { text };
         let (first, mut ends) = trim_continuation(text, escape);
@@ -346,10 +325,10 @@ pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
             ));
         }
 
-        let node = parse_node(&line, escape).map_err(|m| FrontendError::new(start, m))?;
+        let node = parse_node(&line, escape).at_line(start)?;
         let mut heredocs = Vec::new();
         if node.can_contain_heredoc() && line.contains("<<") {
-            let opened = heredocs_from_line(&line).map_err(|m| FrontendError::new(start, m))?;
+            let opened = heredocs_from_line(&line).at_line(start)?;
             for mut doc in opened {
                 let mut terminated = false;
                 while let Some((_, body)) = lines.next() {

@@ -22,6 +22,28 @@ enum Token {
     Star,
 }
 
+/// A pattern that cannot be applied to a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PatternError {
+    #[error("invalid pattern ({pattern}) in substitution: {source}")]
+    Invalid {
+        pattern: String,
+        #[source]
+        source: PatternSyntaxError,
+    },
+    #[error("pattern too complex for this value")]
+    TooComplex,
+}
+
+/// Why a pattern does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PatternSyntaxError {
+    #[error("invalid escape '\\{0}'")]
+    InvalidEscape(char),
+    #[error("invalid escape '\\' at end of pattern")]
+    TrailingEscape,
+}
+
 /// A compiled pattern. `greedy` decides whether `*` prefers the longest
 /// (`##`, `%%`, `/`) or the shortest (`#`, `%`) run.
 #[derive(Debug, Clone)]
@@ -33,7 +55,11 @@ pub(crate) struct Pattern {
 impl Pattern {
     /// Compiles a pattern as BuildKit's `convertShellPatternToRegex` does:
     /// `\` escapes only `*`, `?` and `\`; before `}` or `/` it is dropped.
-    pub(crate) fn compile(pattern: &str, greedy: bool) -> Result<Pattern, String> {
+    pub(crate) fn compile(pattern: &str, greedy: bool) -> Result<Pattern, PatternError> {
+        let invalid = |source| PatternError::Invalid {
+            pattern: pattern.to_string(),
+            source,
+        };
         let chars: Vec<char> = pattern.chars().collect();
         let mut tokens = Vec::with_capacity(chars.len());
         let mut i = 0;
@@ -51,8 +77,8 @@ impl Pattern {
                         tokens.push(Token::Literal(e));
                         i += 1;
                     }
-                    Some(&e) => return Err(format!("invalid escape '\\{e}'")),
-                    None => return Err("invalid escape '\\' at end of pattern".to_string()),
+                    Some(&e) => return Err(invalid(PatternSyntaxError::InvalidEscape(e))),
+                    None => return Err(invalid(PatternSyntaxError::TrailingEscape)),
                 },
                 other => tokens.push(Token::Literal(other)),
             }
@@ -61,12 +87,12 @@ impl Pattern {
     }
 
     /// Refuses pattern and value pairs too large to match safely.
-    fn check_size(&self, value: &[char]) -> Result<(), String> {
+    fn check_size(&self, value: &[char]) -> Result<(), PatternError> {
         let stars = self.tokens.contains(&Token::Star);
         if self.tokens.len() > 10_000
             || (stars && self.tokens.len().saturating_mul(value.len() + 1) > MAX_STATES)
         {
-            return Err("pattern too complex for this value".into());
+            return Err(PatternError::TooComplex);
         }
         Ok(())
     }
@@ -132,9 +158,12 @@ impl Pattern {
 }
 
 /// `${VAR#pat}` (`greedy` false) and `${VAR##pat}` (`greedy` true).
-pub(crate) fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> Result<String, String> {
-    let pat = Pattern::compile(pattern, greedy)
-        .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
+pub(crate) fn trim_prefix(
+    pattern: &str,
+    value: &str,
+    greedy: bool,
+) -> Result<String, PatternError> {
+    let pat = Pattern::compile(pattern, greedy)?;
     let chars: Vec<char> = value.chars().collect();
     pat.check_size(&chars)?;
     Ok(match pat.match_at(&chars, 0) {
@@ -145,7 +174,11 @@ pub(crate) fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> Result<St
 
 /// `${VAR%pat}` and `${VAR%%pat}`: BuildKit reverses pattern and value so
 /// that the rightmost match becomes a leftmost one.
-pub(crate) fn trim_suffix(pattern: &str, value: &str, greedy: bool) -> Result<String, String> {
+pub(crate) fn trim_suffix(
+    pattern: &str,
+    value: &str,
+    greedy: bool,
+) -> Result<String, PatternError> {
     let reversed_value: String = value.chars().rev().collect();
     let trimmed = trim_prefix(&reverse_pattern(pattern), &reversed_value, greedy)?;
     Ok(trimmed.chars().rev().collect())
@@ -180,9 +213,8 @@ pub(crate) fn replace(
     value: &str,
     replacement: &str,
     all: bool,
-) -> Result<String, String> {
-    let pat = Pattern::compile(pattern, true)
-        .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
+) -> Result<String, PatternError> {
+    let pat = Pattern::compile(pattern, true)?;
     let chars: Vec<char> = value.chars().collect();
     pat.check_size(&chars)?;
     let mut out = String::new();
@@ -244,6 +276,7 @@ mod tests {
         assert_eq!(trim_prefix("\\}", "}a", false).unwrap(), "a");
         assert!(trim_prefix("\\a", "a", false)
             .unwrap_err()
+            .to_string()
             .contains("invalid escape '\\a'"));
         assert!(trim_prefix("a\\", "a", false).is_err());
     }
@@ -288,6 +321,7 @@ mod tests {
         let pattern = "*a".repeat(1_000);
         assert!(trim_prefix(&pattern, &value, true)
             .unwrap_err()
+            .to_string()
             .contains("too complex"));
         assert!(replace(&"x".repeat(20_000), "x", "y", true).is_err());
         // Long literal patterns are fine.

@@ -19,8 +19,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::directives::CheckConfig;
-use super::error::{ExpandError, Warning};
-use super::expand::{expand_word, expand_words};
+use super::error::Warning;
+use super::expand::{expand_word, expand_words, ExpandError};
 use super::instruction::suggest;
 
 /// An OS/architecture pair, as `docker build --platform` names it.

@@ -8,7 +8,8 @@ use super::error::{FrontendError, Warning};
 use super::expand::{process, LexOptions};
 use super::instruction::Instruction;
 use super::mount::RunMount;
-use super::parse::{Dockerfile, RawInstruction};
+use super::parse::Dockerfile;
+use super::raw::RawInstruction;
 use super::scope::{unused_build_arg_warnings, GlobalArgs, Platform};
 
 /// What a stage (or a `--from`) starts from.

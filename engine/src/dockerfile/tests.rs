@@ -43,7 +43,7 @@ const FIXTURES: &[(&str, &str, &str)] = &[
 fn plan_json(src: &str) -> Result<String, FrontendError> {
     let df = parse(src)?;
     let graph = StageGraph::resolve(&df, &BTreeMap::new(), None, &Platform::linux_amd64())?;
-    Ok(serde_json::to_string_pretty(&plan_document(&graph, &df)).unwrap() + "\n")
+    Ok(serde_json::to_string_pretty(&stage_report_json(&graph)).unwrap() + "\n")
 }
 
 #[test]
@@ -99,8 +99,8 @@ proptest! {
         let src = lines.join("\n");
         if let Ok(df) = parse(&src) {
             if let Ok(graph) = StageGraph::resolve(&df, &BTreeMap::new(), None, &Platform::linux_amd64()) {
-                let _ = plan_document(&graph, &df);
-                let _ = plan_text(&graph, &df);
+                let _ = stage_report_json(&graph);
+                let _ = stage_report_text(&graph, &df);
                 for raw in graph.stages.iter().flat_map(|s| &s.instructions) {
                     if let Ok(i) = Instruction::from_raw(raw, df.escape) {
                         let _ = i.expanded(df.escape, &|_| Some("v a l".into()));

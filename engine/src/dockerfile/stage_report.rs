@@ -1,12 +1,15 @@
-//! The `kiln plan` document: the parsed and resolved build, without
-//! building it.
+//! The stage report: the resolved stage graph (and the Dockerfile's
+//! directives) described for people and tools, without building anything.
+//! It is what `kiln plan` prints; not to be confused with `crate::plan`,
+//! the resolved steps the builder runs.
 
 use serde_json::{json, Value};
 
-use super::parse::{Dockerfile, RawInstruction};
+use super::parse::Dockerfile;
+use super::raw::RawInstruction;
 use super::stages::{BaseRef, StageGraph};
 
-/// The JSON document `kiln plan --format json` prints:
+/// The stage report as JSON, what `kiln plan --format json` prints:
 ///
 /// ```json
 /// {"global": [<instructions before the first FROM>],
@@ -18,9 +21,8 @@ use super::stages::{BaseRef, StageGraph};
 ///
 /// Each instruction is a [`RawInstruction`]: `line`, `end_line`,
 /// `keyword`, `flags`, `args` (unexpanded), `json_form` and `heredocs`
-/// (`name`, `content`, `expand`). The Dockerfile is accepted for symmetry
-/// with [`plan_text`]; everything in the document comes from the graph.
-pub fn plan_document(graph: &StageGraph, _df: &Dockerfile) -> Value {
+/// (`name`, `content`, `expand`). Everything in it comes from the graph.
+pub fn stage_report_json(graph: &StageGraph) -> Value {
     let stages: Vec<Value> = graph
         .stages
         .iter()
@@ -42,8 +44,9 @@ pub fn plan_document(graph: &StageGraph, _df: &Dockerfile) -> Value {
     })
 }
 
-/// A readable summary of the same information, for `--format text`.
-pub fn plan_text(graph: &StageGraph, df: &Dockerfile) -> String {
+/// The stage report as readable text, with the Dockerfile's escape
+/// character and directives, for `kiln plan --format text`.
+pub fn stage_report_text(graph: &StageGraph, df: &Dockerfile) -> String {
     let mut out = String::new();
     let target = graph.target_stage();
     out.push_str(&format!(
@@ -157,7 +160,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn plan(src: &str, target: Option<&str>) -> (StageGraph, Dockerfile) {
+    fn resolve(src: &str, target: Option<&str>) -> (StageGraph, Dockerfile) {
         let df = parse(src).unwrap();
         let g =
             StageGraph::resolve(&df, &BTreeMap::new(), target, &Platform::linux_amd64()).unwrap();
@@ -166,11 +169,11 @@ mod tests {
 
     #[test]
     fn document_shape() {
-        let (g, df) = plan(
+        let (g, _) = resolve(
             "ARG V=1\nFROM alpine:$V AS builder\nRUN --mount=type=cache,target=/c <<EOF\necho $V\nEOF\nFROM scratch\nCOPY --from=builder /a /a\n",
             None,
         );
-        let doc = plan_document(&g, &df);
+        let doc = stage_report_json(&g);
         let expected = json!({
             "global": [{"line": 1, "end_line": 1, "keyword": "ARG", "flags": [], "args": ["V=1"], "json_form": false, "heredocs": []}],
             "stages": [
@@ -198,8 +201,8 @@ mod tests {
 
     #[test]
     fn target_marks_unneeded_stages() {
-        let (g, df) = plan("FROM a AS one\nFROM b AS two\nFROM c", Some("one"));
-        let doc = plan_document(&g, &df);
+        let (g, _) = resolve("FROM a AS one\nFROM b AS two\nFROM c", Some("one"));
+        let doc = stage_report_json(&g);
         let needed: Vec<_> = doc["stages"]
             .as_array()
             .unwrap()
@@ -211,11 +214,11 @@ mod tests {
 
     #[test]
     fn text_summary() {
-        let (g, df) = plan(
+        let (g, df) = resolve(
             "# syntax=docker/dockerfile:1\nARG V=1\nFROM alpine:$V AS builder\nENV A=1 B=2\nCMD [\"sh\"]\nFROM scratch\nCOPY --from=builder <<EOF /a\nx\nEOF\n",
             None,
         );
-        let text = plan_text(&g, &df);
+        let text = stage_report_text(&g, &df);
         for needle in [
             "2 stage(s), target: stage-1",
             "directive syntax=docker/dockerfile:1",
