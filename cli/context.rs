@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use kiln_engine::exec::add;
-use kiln_engine::git::GitSource;
+use kiln_engine::source::git::GitSource;
 
 /// Kaniko's `--git` options for git contexts.
 #[derive(Debug, Default)]

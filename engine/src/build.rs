@@ -854,7 +854,10 @@ impl<'a> Builder<'a> {
                     let commits: Vec<String> = sources
                         .iter()
                         .map(|s| {
-                            known(s).map_or_else(|| crate::git::GitSource::parse(s).resolve(), Ok)
+                            known(s).map_or_else(
+                                || crate::source::git::GitSource::parse(s).resolve(),
+                                Ok,
+                            )
                         })
                         .collect::<Result<_, _>>()
                         .map_err(|e| self.step_error(step, e.to_string()))?;

@@ -5,12 +5,12 @@ pub mod context;
 pub mod dockerfile;
 pub mod error;
 pub mod exec;
-pub mod git;
 pub mod image;
 pub mod key;
 pub mod layer;
 pub mod output;
 pub mod plan;
 pub mod rootfs;
+pub mod source;
 
 pub use error::BuildError;

@@ -402,7 +402,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
                 .prefix("git-")
                 .tempdir_in(req.scratch)
                 .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
-            let checkout = crate::git::GitSource::parse(source)
+            let checkout = crate::source::git::GitSource::parse(source)
                 .fetch(
                     &dir.path().join("repo"),
                     req.keep_git_dir,
