@@ -13,7 +13,7 @@ use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClie
 
 use crate::dockerfile::MountType;
 use crate::dockerfile::{self, Dockerfile, StageGraph};
-use crate::error::{BuildError, IoContext};
+use crate::error::{BuildError, IoContext, StepFailure};
 use crate::exec::copy::{self, CopyRequest, Source};
 use crate::exec::run::{self, EtcFiles, MountPoints, RunSpec, StepMount};
 use crate::exec::users;
@@ -860,7 +860,7 @@ impl<'a> Builder<'a> {
                             )
                         })
                         .collect::<Result<_, _>>()
-                        .map_err(|e| self.step_error(step, e.to_string()))?;
+                        .map_err(|e| self.step_error(step, e))?;
                     self.resolved()
                         .commits
                         .extend(sources.iter().cloned().zip(commits.iter().cloned()));
@@ -1079,12 +1079,12 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn step_error(&self, step: &Step, message: String) -> BuildError {
+    fn step_error(&self, step: &Step, failure: impl Into<StepFailure>) -> BuildError {
         BuildError::Step {
             file: self.options.dockerfile_name.clone(),
             line: step.line,
             instruction: step.keyword.clone(),
-            message,
+            failure: Box::new(failure.into()),
         }
     }
 
