@@ -27,6 +27,7 @@ use crate::rootfs::snapshot::{Changes, Snapshot, SnapshotMode};
 use crate::rootfs::{
     clean_relative, create_dir_all_in_root, extract, relative_to_root, resolve_in_root, Recorded,
 };
+use crate::source::classify;
 
 /// Contents of these directories are never committed: they are mounted
 /// during RUN.
@@ -834,7 +835,7 @@ impl<'a> Builder<'a> {
                     let (urls, local): (Vec<String>, Vec<String>) = sources
                         .iter()
                         .cloned()
-                        .partition(|s| plan::AddSpec::is_download(s));
+                        .partition(|s| classify::is_download(s));
                     for url in urls {
                         let file = self.download(&url).map_err(|e| self.step_error(step, e))?;
                         digests.push(key::file_digest(&file).at(&file)?);
@@ -848,7 +849,7 @@ impl<'a> Builder<'a> {
                     add: Some(spec),
                     sources,
                     ..
-                } if sources.iter().any(|s| plan::is_git_source(s)) => {
+                } if sources.iter().any(|s| classify::is_git(s)) => {
                     // Once per build: two steps naming one ref get one commit.
                     let known = |s: &String| self.resolved().commits.get(s).cloned();
                     let commits: Vec<String> = sources
@@ -888,7 +889,7 @@ impl<'a> Builder<'a> {
                     // ADD's URLs count through their checksum.
                     let local: Vec<String> = sources
                         .iter()
-                        .filter(|s| !plan::AddSpec::is_download(s))
+                        .filter(|s| !classify::is_download(s))
                         .cloned()
                         .collect();
                     (String::new(), self.context_digest(step, &local)?)

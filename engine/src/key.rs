@@ -25,7 +25,8 @@ use rayon::prelude::*;
 use kiln_cachestore::Index;
 
 use crate::context::Filter;
-use crate::plan::{Action, AddSpec, CopyFrom, Network, PlannedMount, Step};
+use crate::plan::{Action, CopyFrom, Network, PlannedMount, Step};
+use crate::source::classify;
 
 /// Bumped whenever the encoding or the meaning of an input changes.
 const VERSION: &str = "kiln-step-key/1";
@@ -187,7 +188,7 @@ pub fn downloads_unchecked(action: &Action) -> bool {
             add: Some(add),
             sources,
             ..
-        } => add.checksum.is_none() && sources.iter().any(|s| AddSpec::is_download(s)),
+        } => add.checksum.is_none() && sources.iter().any(|s| classify::is_download(s)),
         _ => false,
     }
 }
@@ -416,6 +417,7 @@ fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::AddSpec;
 
     #[test]
     fn the_stat_cache_skips_reading_settled_files_and_never_racy_ones() {

@@ -13,6 +13,7 @@ use crate::dockerfile::{
     HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph, Warning,
 };
 use crate::image::ImageConfig;
+use crate::source::classify::{self, Checksum};
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -107,43 +108,6 @@ pub struct AddSpec {
     pub unpack: Option<bool>,
     /// `--keep-git-dir`: a Git source keeps its `.git`.
     pub keep_git_dir: bool,
-}
-
-impl AddSpec {
-    /// Whether an ADD source is an HTTP(S) URL (a download, or a Git
-    /// repository: see [`is_git_source`]).
-    pub fn is_url(source: &str) -> bool {
-        source.starts_with("http://") || source.starts_with("https://")
-    }
-
-    /// Whether an ADD source is a file to download.
-    pub fn is_download(source: &str) -> bool {
-        Self::is_url(source) && !is_git_source(source)
-    }
-}
-
-/// BuildKit's test for a Git source (`gitutil.ParseGitRef`): a Git
-/// scheme or shorthand, or an HTTP(S) (or, for local tests and mirrors,
-/// `file://`) URL whose path ends with `.git`.
-pub fn is_git_source(source: &str) -> bool {
-    if ["git://", "git@", "github.com/", "ssh://"]
-        .iter()
-        .any(|p| source.starts_with(p))
-    {
-        return true;
-    }
-    if !AddSpec::is_url(source) && !source.starts_with("file://") {
-        return false;
-    }
-    let without_fragment = source.split('#').next().unwrap_or_default();
-    let path = without_fragment
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .splitn(4, '/')
-        .nth(3)
-        .unwrap_or_default();
-    path.trim_end_matches('/').ends_with(".git")
 }
 
 /// `RUN --network`: `None` gets its own network namespace; `Default` and
@@ -567,7 +531,7 @@ impl StagePlanner<'_> {
             return Err(error(format!("{keyword} with {what} is not supported yet")));
         }
         let spec = if add {
-            let git = args.sources.iter().any(|s| is_git_source(s));
+            let git = args.sources.iter().any(|s| classify::is_git(s));
             if git && args.sources.len() > 1 {
                 return Err(error(
                     "ADD of a Git repository takes no other source".into(),
@@ -585,12 +549,12 @@ impl StagePlanner<'_> {
                 return Err(error("--keep-git-dir is only for a Git source".into()));
             }
             if let Some(checksum) = args.checksum.as_ref().filter(|_| !git) {
-                if let Some(local) = args.sources.iter().find(|s| !AddSpec::is_url(s)) {
+                if let Some(local) = args.sources.iter().find(|s| !classify::is_url(s)) {
                     return Err(error(format!(
                         "checksum can't be specified for non-HTTP(S) sources: {local}"
                     )));
                 }
-                crate::exec::add::parse_checksum(checksum).map_err(error)?;
+                Checksum::parse(checksum).map_err(|e| error(e.to_string()))?;
             }
             Some(AddSpec {
                 checksum: args.checksum.clone(),
@@ -598,7 +562,7 @@ impl StagePlanner<'_> {
                 keep_git_dir: args.keep_git_dir,
             })
         } else {
-            if let Some(url) = args.sources.iter().find(|s| AddSpec::is_url(s)) {
+            if let Some(url) = args.sources.iter().find(|s| classify::is_url(s)) {
                 return Err(error(format!(
                     "source can't be a URL for COPY: {url} (use ADD)"
                 )));

@@ -21,8 +21,8 @@ use sha2::Digest;
 
 use crate::context::Ignore;
 use crate::exec::copy::{self, CopyRequest, Source};
-use crate::plan::AddSpec;
 use crate::rootfs::extract;
+use crate::source::classify::{self, Algorithm, Checksum};
 
 /// How an archive's bytes are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,23 +108,6 @@ pub fn extract_archive(
     Ok(())
 }
 
-/// A `--checksum` value: (algorithm, lowercase hex digest).
-pub fn parse_checksum(checksum: &str) -> Result<(&str, String), String> {
-    let invalid =
-        || format!("invalid --checksum {checksum:?}: expected sha256:<hex> (or sha384:, sha512:)");
-    let (algorithm, hex_digest) = checksum.split_once(':').ok_or_else(invalid)?;
-    let len = match algorithm {
-        "sha256" => 64,
-        "sha384" => 96,
-        "sha512" => 128,
-        _ => return Err(invalid()),
-    };
-    if hex_digest.len() != len || !hex_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid());
-    }
-    Ok((algorithm, hex_digest.to_ascii_lowercase()))
-}
-
 /// A digest computed while streaming a download.
 enum Hasher {
     Sha256(sha2::Sha256),
@@ -133,11 +116,11 @@ enum Hasher {
 }
 
 impl Hasher {
-    fn new(algorithm: &str) -> Hasher {
+    fn new(algorithm: Algorithm) -> Hasher {
         match algorithm {
-            "sha384" => Hasher::Sha384(Default::default()),
-            "sha512" => Hasher::Sha512(Default::default()),
-            _ => Hasher::Sha256(Default::default()),
+            Algorithm::Sha256 => Hasher::Sha256(Default::default()),
+            Algorithm::Sha384 => Hasher::Sha384(Default::default()),
+            Algorithm::Sha512 => Hasher::Sha512(Default::default()),
         }
     }
 
@@ -159,11 +142,11 @@ impl Hasher {
 }
 
 /// Fails unless `actual` (hex) is what `--checksum` says.
-fn verify(url: &str, checksum: &str, algorithm: &str, actual: &str) -> Result<(), String> {
-    let (_, expected) = parse_checksum(checksum)?;
-    if expected != actual {
+fn verify(url: &str, expected: &Checksum, actual: &str) -> Result<(), String> {
+    if expected.hex != actual {
+        let algorithm = expected.algorithm;
         return Err(format!(
-            "checksum mismatch for {url}: expected {algorithm}:{expected}, got {algorithm}:{actual}"
+            "checksum mismatch for {url}: expected {expected}, got {algorithm}:{actual}"
         ));
     }
     Ok(())
@@ -245,7 +228,7 @@ fn parse_http_date(s: &str) -> Option<i64> {
 /// (removed when dropped) and the file's path.
 pub fn download_to_new_dir(
     url: &str,
-    checksum: Option<&str>,
+    checksum: Option<&Checksum>,
     scratch: &Path,
 ) -> Result<(tempfile::TempDir, PathBuf), String> {
     let dir = tempfile::Builder::new()
@@ -258,7 +241,7 @@ pub fn download_to_new_dir(
 
 /// Downloads `url` into the directory `into` and returns the file's name.
 /// The body streams to disk; with a checksum it is verified first.
-pub fn download(url: &str, checksum: Option<&str>, into: &Path) -> Result<String, String> {
+pub fn download(url: &str, checksum: Option<&Checksum>, into: &Path) -> Result<String, String> {
     let name = file_name_of(url);
     let path = into.join(&name);
     // Its own thread and runtime: the builder calls steps from a runtime
@@ -287,7 +270,7 @@ pub fn download(url: &str, checksum: Option<&str>, into: &Path) -> Result<String
 /// GETs `url` into `path`: the open file and the Last-Modified time.
 async fn fetch(
     url: &str,
-    checksum: Option<&str>,
+    checksum: Option<&Checksum>,
     path: &Path,
 ) -> Result<(fs::File, Option<i64>), String> {
     let client = reqwest::Client::builder()
@@ -310,8 +293,7 @@ async fn fetch(
         .and_then(|v| v.to_str().ok())
         .and_then(parse_http_date);
     let mut file = fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let algorithm = checksum.and_then(|c| c.split_once(':')).map(|(a, _)| a);
-    let mut hasher = algorithm.map(Hasher::new);
+    let mut hasher = checksum.map(|c| Hasher::new(c.algorithm));
     while let Some(chunk) = response
         .chunk()
         .await
@@ -323,8 +305,8 @@ async fn fetch(
         file.write_all(&chunk)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    if let (Some(checksum), Some(algorithm), Some(h)) = (checksum, algorithm, hasher) {
-        verify(url, checksum, algorithm, &h.finish())?;
+    if let (Some(checksum), Some(h)) = (checksum, hasher) {
+        verify(url, checksum, &h.finish())?;
     }
     Ok((file, modified))
 }
@@ -395,7 +377,7 @@ impl AddRequest<'_> {
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
 pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
     if let [source] = req.sources {
-        if crate::plan::is_git_source(source) {
+        if classify::is_git(source) {
             // The repository's files (its subdir) go into dest, owned by
             // root or --chown, as a directory source's would.
             let dir = tempfile::Builder::new()
@@ -418,7 +400,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             return copy::copy(&request, root);
         }
     }
-    if !req.sources.iter().any(|s| AddSpec::is_download(s)) {
+    if !req.sources.iter().any(|s| classify::is_download(s)) {
         return req.copy_local(root, req.sources);
     }
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
@@ -430,7 +412,7 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
     let mut touched = Vec::new();
     // In order, so a later source overwrites an earlier one as in Docker.
     for source in req.sources {
-        if !AddSpec::is_download(source) {
+        if !classify::is_download(source) {
             touched.extend(req.copy_local(root, std::slice::from_ref(source))?);
             continue;
         }
@@ -438,7 +420,12 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         let (_fetched, file) = match req.resolved.downloads.get(source) {
             Some(file) => (None, file.clone()),
             None => {
-                let (dir, file) = download_to_new_dir(source, req.checksum, req.scratch)?;
+                let checksum = req
+                    .checksum
+                    .map(Checksum::parse)
+                    .transpose()
+                    .map_err(|e| e.to_string())?;
+                let (dir, file) = download_to_new_dir(source, checksum.as_ref(), req.scratch)?;
                 (Some(dir), file)
             }
         };
@@ -627,15 +614,12 @@ mod tests {
     }
 
     #[test]
-    fn checksums_are_parsed_and_verified() {
-        let zero = format!("sha256:{}", "0".repeat(64));
-        assert!(parse_checksum(&zero).is_ok());
-        assert!(parse_checksum("sha256:abc").is_err());
-        assert!(parse_checksum(&format!("md5:{}", "0".repeat(32))).is_err());
+    fn checksums_are_verified() {
+        let zero = Checksum::parse(&format!("sha256:{}", "0".repeat(64))).unwrap();
         let hello = hex::encode(sha2::Sha256::digest(b"hello"));
-        let good = format!("sha256:{}", hello.to_uppercase());
-        assert!(verify("u", &good, "sha256", &hello).is_ok());
-        let err = verify("http://x/f", &zero, "sha256", &hello).unwrap_err();
+        let good = Checksum::parse(&format!("sha256:{}", hello.to_uppercase())).unwrap();
+        assert!(verify("u", &good, &hello).is_ok());
+        let err = verify("http://x/f", &zero, &hello).unwrap_err();
         assert!(err.contains("checksum mismatch for http://x/f"), "{err}");
     }
 
@@ -728,12 +712,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("http://{addr}/files/greeting.txt");
         let good = format!("sha256:{}", hex::encode(sha2::Sha256::digest(b"hello")));
+        let good = Checksum::parse(&good).unwrap();
         let name = download(&url, Some(&good), dir.path()).unwrap();
         assert_eq!(name, "greeting.txt");
         let meta = fs::metadata(dir.path().join(&name)).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o600);
         assert_eq!(meta.mtime(), 784111777);
-        let bad = format!("sha256:{}", "1".repeat(64));
+        let bad = Checksum::parse(&format!("sha256:{}", "1".repeat(64))).unwrap();
         let err = download(&url, Some(&bad), dir.path()).unwrap_err();
         assert!(err.contains("checksum mismatch"), "{err}");
     }
