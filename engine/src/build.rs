@@ -797,12 +797,12 @@ impl<'a> Builder<'a> {
     }
 
     /// `url` downloaded into this build's work dir, once per build.
-    fn download(&self, url: &str) -> Result<PathBuf, String> {
+    fn download(&self, url: &str) -> Result<PathBuf, crate::source::http::DownloadError> {
         if let Some(file) = self.resolved().downloads.get(url) {
             return Ok(file.clone());
         }
         // Kept for the step that copies it; the work dir goes with the build.
-        let (dir, file) = crate::exec::add::download_to_new_dir(url, None, self.work.path())?;
+        let (dir, file) = crate::source::http::download_to_new_dir(url, None, self.work.path())?;
         let _ = dir.keep();
         self.resolved()
             .downloads

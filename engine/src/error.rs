@@ -46,6 +46,8 @@ pub enum BuildError {
 pub enum StepFailure {
     #[error(transparent)]
     Git(#[from] crate::source::git::GitError),
+    #[error(transparent)]
+    Download(#[from] crate::source::http::DownloadError),
     #[error("{0}")]
     Message(String),
 }

@@ -2,8 +2,10 @@
 //!
 //! - [`classify`]: what a source string names (a download, a Git
 //!   repository, a local path) and `--checksum` as a type;
+//! - [`http`]: downloads, checksums verified as they stream;
 //! - [`git`]: a Git repository, `URL[#ref[:subdir]]`, fetched with `git`.
 pub mod classify;
 pub mod git;
+pub mod http;
 
 pub use classify::{Checksum, SourceKind};
