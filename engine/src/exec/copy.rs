@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::context::{Filter, Ignore};
-use crate::exec::add;
 use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
+use crate::source::archive;
 
 /// Where sources are read from.
 #[derive(Clone, Copy)]
@@ -225,8 +225,7 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> 
         let parents_target = req.parents.then(|| dest.join(&kept));
         let meta = fs::metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
         if req.unpack && meta.is_file() {
-            let detected =
-                add::detect_archive(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+            let detected = archive::detect(&src).map_err(|e| format!("{}: {e}", src.display()))?;
             if let Some(compression) = detected {
                 // An archive is extracted into dest, always a directory.
                 let (host_dir, created) = create_dir_all_in_root(root, dest)
@@ -235,7 +234,8 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, String> 
                 for d in &created {
                     lchown(d, Some(uid), Some(gid)).map_err(|e| format!("{}: {e}", d.display()))?;
                 }
-                add::extract_archive(&src, compression, &host_dir, req.chown)?;
+                archive::extract(&src, compression, &host_dir, req.chown)
+                    .map_err(|e| e.to_string())?;
                 touched.push(relative_to_root(root, created.first().unwrap_or(&host_dir)));
                 continue;
             }
