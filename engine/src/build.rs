@@ -1313,8 +1313,8 @@ impl<'a> Builder<'a> {
         snapshot: Option<&mut Snapshot>,
         stages: &HashMap<usize, StageResult>,
         image_roots: &HashMap<String, PathBuf>,
-    ) -> Result<Changes, String> {
-        let io = |e: std::io::Error| e.to_string();
+    ) -> Result<Changes, StepFailure> {
+        let io = |e: std::io::Error| StepFailure::from(e.to_string());
         let rescan = |root: &Path, touched: &[PathBuf]| match snapshot {
             Some(snapshot) => snapshot.rescan(root, touched).map_err(io),
             None => Ok(Changes::default()),
@@ -1354,7 +1354,8 @@ impl<'a> Builder<'a> {
                 {
                     return Err(format!(
                         "RUN --mount and --network=none need namespaces: not available with --isolation {isolation}"
-                    ));
+                    )
+                    .into());
                 }
                 let identity = users::resolve_user(root, user)?;
                 create_dir_all_in_root(root, Path::new(workdir)).map_err(io)?;
@@ -1381,7 +1382,7 @@ impl<'a> Builder<'a> {
                     Ok(locks) => locks,
                     Err(e) => {
                         mounts.cleanup().map_err(io)?;
-                        return Err(e);
+                        return Err(e.into());
                     }
                 };
                 let spec = RunSpec {
@@ -1402,7 +1403,7 @@ impl<'a> Builder<'a> {
                 spec.mounts.cleanup().map_err(io)?;
                 match code.map_err(io)? {
                     0 => rescan(root, &[PathBuf::new()]),
-                    code => Err(format!("{argv:?} returned a non-zero code: {code}")),
+                    code => Err(format!("{argv:?} returned a non-zero code: {code}").into()),
                 }
             }
             Action::Copy {
@@ -1552,7 +1553,8 @@ impl<'a> Builder<'a> {
                                 parents: false,
                             },
                             &filtered,
-                        )?;
+                        )
+                        .map_err(|e| e.to_string())?;
                         source = match file {
                             true => filtered.join(source.file_name().unwrap_or_default()),
                             false => filtered,

@@ -45,6 +45,12 @@ pub enum BuildError {
 #[derive(Debug, thiserror::Error)]
 pub enum StepFailure {
     #[error(transparent)]
+    Copy(#[from] crate::exec::copy::CopyError),
+    #[error(transparent)]
+    Add(#[from] crate::exec::add::AddError),
+    #[error(transparent)]
+    User(#[from] crate::exec::users::UserError),
+    #[error(transparent)]
     Git(#[from] crate::source::git::GitError),
     #[error(transparent)]
     Download(#[from] crate::source::http::DownloadError),

@@ -436,9 +436,8 @@ impl StagePlanner<'_> {
                 let workdir = self.workdir();
                 let mounts = mounts
                     .iter()
-                    .map(|spec| self.run_mount(spec, &workdir))
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|m| FrontendError::new(raw.line, m))?;
+                    .map(|spec| self.run_mount(spec, &workdir, raw.line))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Action::Run {
                     argv,
                     env: self.scope.run_env(),
@@ -462,11 +461,18 @@ impl StagePlanner<'_> {
 
     /// Expands one `--mount` with the scope and resolves its `from` and
     /// target as BuildKit does.
-    fn run_mount(&self, spec: &str, workdir: &str) -> Result<PlannedMount, String> {
+    fn run_mount(
+        &self,
+        spec: &str,
+        workdir: &str,
+        line: usize,
+    ) -> Result<PlannedMount, FrontendError> {
+        let error = |message: &str| FrontendError::new(line, message);
         let expand = |v: &str| self.scope.expand_word(v, self.df.escape);
-        let mut mount = RunMount::parse(spec, Some(&expand))?;
+        let mut mount =
+            RunMount::parse(spec, Some(&expand)).map_err(|m| FrontendError::new(line, m))?;
         if mount.kind == MountType::Ssh {
-            return Err("RUN --mount=type=ssh is not supported yet".into());
+            return Err(error("RUN --mount=type=ssh is not supported yet"));
         }
         if mount.kind == MountType::Secret && mount.id.is_none() {
             // BuildKit: a secret's id defaults to its target's file name.
@@ -476,7 +482,7 @@ impl StagePlanner<'_> {
                     .map(|n| n.to_string_lossy().into_owned())
             });
             if mount.id.is_none() {
-                return Err("a secret mount needs an id or a target".into());
+                return Err(error("a secret mount needs an id or a target"));
             }
         }
         let target = match (&mount.target, mount.kind) {
@@ -486,10 +492,12 @@ impl StagePlanner<'_> {
                 "/run/secrets/{}",
                 mount.id.as_deref().unwrap_or_default()
             )),
-            (None, _) => return Err("mount target is required".into()),
+            (None, _) => return Err(error("mount target is required")),
         };
         if target.as_deref() == Some("/") {
-            return Err("a mount cannot replace the root: choose another target".into());
+            return Err(error(
+                "a mount cannot replace the root: choose another target",
+            ));
         }
         let from = match (&mount.from, mount.kind) {
             (Some(from), MountType::Bind | MountType::Cache) => {
@@ -500,7 +508,7 @@ impl StagePlanner<'_> {
             }
             (None, MountType::Bind) => Some(CopyFrom::Context),
             (None, _) => None,
-            (Some(_), _) => return Err("from= is only valid for bind and cache mounts".into()),
+            (Some(_), _) => return Err(error("from= is only valid for bind and cache mounts")),
         };
         Ok(PlannedMount {
             mount,

@@ -5,9 +5,34 @@
 use std::path::{Path, PathBuf};
 
 use crate::context::Ignore;
-use crate::exec::copy::{self, CopyRequest, Source};
-use crate::source::classify::{self, Checksum};
-use crate::source::http::download_to_new_dir;
+use crate::exec::copy::{self, CopyError, CopyRequest, Source};
+use crate::source::classify::{self, Checksum, ChecksumError};
+use crate::source::git::{GitError, GitSource};
+use crate::source::http::{download_to_new_dir, DownloadError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    #[error(transparent)]
+    Checksum(#[from] ChecksumError),
+    /// A Git source, as written, and why it could not be fetched.
+    #[error("{spec}: {source}")]
+    Git {
+        spec: String,
+        #[source]
+        source: GitError,
+    },
+    /// The scratch directory a Git checkout goes to.
+    #[error("{}: {source}", path.display())]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// One ADD step.
 pub struct AddRequest<'a> {
@@ -61,7 +86,7 @@ impl AddRequest<'_> {
 
     /// Local sources: from the context (or a root), `.dockerignore` and
     /// `--exclude` applied, archives unpacked unless `--unpack=false`.
-    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
+    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, CopyError> {
         let request = CopyRequest {
             ignore: self.ignore,
             unpack: self.unpack != Some(false),
@@ -73,7 +98,7 @@ impl AddRequest<'_> {
 }
 
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
-pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, AddError> {
     if let [source] = req.sources {
         if classify::is_git(source) {
             // The repository's files (its subdir) go into dest, owned by
@@ -81,31 +106,38 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             let dir = tempfile::Builder::new()
                 .prefix("git-")
                 .tempdir_in(req.scratch)
-                .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
-            let checkout = crate::source::git::GitSource::parse(source)
+                .map_err(|source| AddError::Scratch {
+                    path: req.scratch.to_path_buf(),
+                    source,
+                })?;
+            let checkout = GitSource::parse(source)
                 .fetch(
                     &dir.path().join("repo"),
                     req.keep_git_dir,
                     false,
                     req.resolved.commits.get(source).map(String::as_str),
                 )
-                .map_err(|e| format!("{source}: {e}"))?;
+                .map_err(|e| AddError::Git {
+                    spec: source.clone(),
+                    source: e,
+                })?;
             let all = [".".to_string()];
             let request = CopyRequest {
                 excludes: req.excludes,
                 ..req.copy_of(Source::Context(&checkout), &all)
             };
-            return copy::copy(&request, root);
+            return Ok(copy::copy(&request, root)?);
         }
     }
     if !req.sources.iter().any(|s| classify::is_download(s)) {
-        return req.copy_local(root, req.sources);
+        return Ok(req.copy_local(root, req.sources)?);
     }
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
-        return Err(format!(
-            "when using ADD with more than one source file, the destination must be a directory and end with a /: {}",
-            req.dest
-        ));
+        return Err(CopyError::DestNotDir {
+            instruction: "ADD",
+            dest: req.dest.to_string(),
+        }
+        .into());
     }
     let mut touched = Vec::new();
     // In order, so a later source overwrites an earlier one as in Docker.
@@ -118,13 +150,8 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         let (_fetched, file) = match req.resolved.downloads.get(source) {
             Some(file) => (None, file.clone()),
             None => {
-                let checksum = req
-                    .checksum
-                    .map(Checksum::parse)
-                    .transpose()
-                    .map_err(|e| e.to_string())?;
-                let (dir, file) = download_to_new_dir(source, checksum.as_ref(), req.scratch)
-                    .map_err(|e| e.to_string())?;
+                let checksum = req.checksum.map(Checksum::parse).transpose()?;
+                let (dir, file) = download_to_new_dir(source, checksum.as_ref(), req.scratch)?;
                 (Some(dir), file)
             }
         };
