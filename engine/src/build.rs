@@ -1453,30 +1453,21 @@ impl<'a> Builder<'a> {
                     CopyFrom::Context => Some(&self.options.dockerignore),
                     _ => None,
                 };
+                let request = CopyRequest {
+                    source,
+                    sources,
+                    dest,
+                    chown,
+                    chmod: *chmod,
+                    ignore,
+                    excludes,
+                    parents: *parents,
+                };
                 let touched = match add {
-                    None => copy::copy(
-                        &CopyRequest {
-                            source,
-                            sources,
-                            dest,
-                            chown,
-                            chmod: *chmod,
-                            ignore,
-                            unpack: false,
-                            excludes,
-                            parents: *parents,
-                        },
-                        root,
-                    )?,
+                    None => copy::copy(&request, root)?,
                     Some(spec) => crate::exec::add::add(
                         &crate::exec::add::AddRequest {
-                            source,
-                            sources,
-                            dest,
-                            chown,
-                            chmod: *chmod,
-                            ignore,
-                            excludes,
+                            copy: request,
                             keep_git_dir: spec.keep_git_dir,
                             checksum: spec.checksum.as_deref(),
                             unpack: spec.unpack,
@@ -1548,7 +1539,6 @@ impl<'a> Builder<'a> {
                                 chown: None,
                                 chmod: None,
                                 ignore: Some(&self.options.dockerignore),
-                                unpack: false,
                                 excludes: &[],
                                 parents: false,
                             },

@@ -1,19 +1,25 @@
 //! ADD: COPY plus local tar archives extracted into the destination
 //! (`source::archive`), HTTP(S) URLs downloaded into it (`source::http`)
 //! and Git repositories checked out into it (`source::git`), as Docker
-//! does.
+//! does. Every source reaches the root through a COPY of it
+//! (`exec::copy`), which diverts to extraction here the archives ADD
+//! unpacks.
 use std::path::{Path, PathBuf};
 
-use crate::context::Ignore;
 use crate::exec::copy::{self, CopyError, CopyRequest, Source};
+use crate::rootfs::relative_to_root;
+use crate::source::archive::{self, ArchiveError};
 use crate::source::classify::{self, Checksum, ChecksumError};
 use crate::source::git::{GitError, GitSource};
 use crate::source::http::{download_to_new_dir, DownloadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddError {
+    /// A copy's failure, naming ADD (see the `From` below).
     #[error(transparent)]
-    Copy(#[from] CopyError),
+    Copy(CopyError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
     #[error(transparent)]
     Download(#[from] DownloadError),
     #[error(transparent)]
@@ -34,18 +40,27 @@ pub enum AddError {
     },
 }
 
-/// One ADD step.
+impl From<CopyError> for AddError {
+    /// The copies an ADD makes are the ADD: a rule they break names it.
+    fn from(e: CopyError) -> AddError {
+        AddError::Copy(match e {
+            CopyError::DestNotDir { dest, .. } => CopyError::DestNotDir {
+                instruction: "ADD",
+                dest,
+            },
+            e => e,
+        })
+    }
+}
+
+/// One ADD step: the COPY of its sources, and what ADD adds.
 pub struct AddRequest<'a> {
-    /// The context, or another stage's root (never, as ADD has no --from,
-    /// but COPY's machinery allows it).
-    pub source: Source<'a>,
-    pub sources: &'a [String],
-    pub dest: &'a str,
-    pub chown: Option<(u32, u32)>,
-    pub chmod: Option<u32>,
-    pub ignore: Option<&'a Ignore>,
-    /// `--exclude` patterns, for local sources.
-    pub excludes: &'a [String],
+    /// The sources (local paths, URLs, or one Git repository) from the
+    /// context, with ADD's destination, owner, mode, `.dockerignore` and
+    /// `--exclude` (for local sources). Its `parents` is unused.
+    pub copy: CopyRequest<'a>,
+    /// `--checksum`: of a download, or (verified while keying) a Git
+    /// source's commit.
     pub checksum: Option<&'a str>,
     /// `--unpack`: `None` extracts local archives and leaves downloads.
     pub unpack: Option<bool>,
@@ -74,32 +89,58 @@ impl AddRequest<'_> {
         CopyRequest {
             source,
             sources,
-            dest: self.dest,
-            chown: self.chown,
-            chmod: self.chmod,
             ignore: None,
-            unpack: false,
             excludes: &[],
             parents: false,
+            ..self.copy
         }
+    }
+
+    /// Copies `request` into `root`; with `unpack`, a file that is an
+    /// archive is extracted into the destination instead.
+    fn copy_unpacking(
+        &self,
+        request: &CopyRequest,
+        root: &Path,
+        unpack: bool,
+    ) -> Result<Vec<PathBuf>, AddError> {
+        match unpack {
+            true => copy::copy_diverting(request, root, |file| self.extract(file, root)),
+            false => Ok(copy::copy(request, root)?),
+        }
+    }
+
+    /// Extracts `file` into the destination, always a directory, when it
+    /// is an archive: the top-level path it wrote.
+    fn extract(&self, file: &Path, root: &Path) -> Result<Option<PathBuf>, AddError> {
+        let Some(compression) = archive::detect(file).map_err(CopyError::io(file))? else {
+            return Ok(None);
+        };
+        let chown = self.copy.chown;
+        let (host_dir, created) =
+            copy::create_dirs_owned(root, Path::new(self.copy.dest), chown.unwrap_or((0, 0)))?;
+        archive::extract(file, compression, &host_dir, chown)?;
+        Ok(Some(relative_to_root(
+            root,
+            created.first().unwrap_or(&host_dir),
+        )))
     }
 
     /// Local sources: from the context (or a root), `.dockerignore` and
     /// `--exclude` applied, archives unpacked unless `--unpack=false`.
-    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, CopyError> {
+    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, AddError> {
         let request = CopyRequest {
-            ignore: self.ignore,
-            unpack: self.unpack != Some(false),
-            excludes: self.excludes,
-            ..self.copy_of(self.source, sources)
+            sources,
+            ..self.copy
         };
-        copy::copy(&request, root)
+        self.copy_unpacking(&request, root, self.unpack != Some(false))
     }
 }
 
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
 pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, AddError> {
-    if let [source] = req.sources {
+    let sources = req.copy.sources;
+    if let [source] = sources {
         if classify::is_git(source) {
             // The repository's files (its subdir) go into dest, owned by
             // root or --chown, as a directory source's would.
@@ -123,25 +164,25 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, AddError> {
                 })?;
             let all = [".".to_string()];
             let request = CopyRequest {
-                excludes: req.excludes,
+                excludes: req.copy.excludes,
                 ..req.copy_of(Source::Context(&checkout), &all)
             };
             return Ok(copy::copy(&request, root)?);
         }
     }
-    if !req.sources.iter().any(|s| classify::is_download(s)) {
-        return Ok(req.copy_local(root, req.sources)?);
+    if !sources.iter().any(|s| classify::is_download(s)) {
+        return req.copy_local(root, sources);
     }
-    if req.sources.len() > 1 && !req.dest.ends_with('/') {
+    if sources.len() > 1 && !req.copy.dest.ends_with('/') {
         return Err(CopyError::DestNotDir {
             instruction: "ADD",
-            dest: req.dest.to_string(),
+            dest: req.copy.dest.to_string(),
         }
         .into());
     }
     let mut touched = Vec::new();
     // In order, so a later source overwrites an earlier one as in Docker.
-    for source in req.sources {
+    for source in sources {
         if !classify::is_download(source) {
             touched.extend(req.copy_local(root, std::slice::from_ref(source))?);
             continue;
@@ -161,11 +202,8 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, AddError> {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned()];
-        let request = CopyRequest {
-            unpack: req.unpack == Some(true),
-            ..req.copy_of(Source::Context(dir), &name)
-        };
-        touched.extend(copy::copy(&request, root)?);
+        let request = req.copy_of(Source::Context(dir), &name);
+        touched.extend(req.copy_unpacking(&request, root, req.unpack == Some(true))?);
     }
     Ok(touched)
 }
@@ -178,6 +216,37 @@ mod tests {
     use std::fs;
     use std::io::{Read, Write};
     use std::os::unix::fs::MetadataExt;
+
+    /// ADD of `sources` from the context `ctx` (its scratch dir too) into
+    /// `root`, with nothing resolved while keying.
+    fn add_local(
+        ctx: &Path,
+        sources: &[String],
+        dest: &str,
+        chown: Option<(u32, u32)>,
+        unpack: Option<bool>,
+        root: &Path,
+    ) -> Result<Vec<PathBuf>, AddError> {
+        let copy = CopyRequest {
+            source: Source::Context(ctx),
+            sources,
+            dest,
+            chown,
+            chmod: None,
+            ignore: None,
+            excludes: &[],
+            parents: false,
+        };
+        let request = AddRequest {
+            copy,
+            keep_git_dir: false,
+            checksum: None,
+            unpack,
+            scratch: ctx,
+            resolved: &Resolved::default(),
+        };
+        add(&request, root)
+    }
 
     #[test]
     fn archives_extract_into_dest_and_stay_inside() {
@@ -193,27 +262,9 @@ mod tests {
         )
         .unwrap();
         fs::write(ctx.join("b.xz"), XZ_TREE).unwrap();
-        let scratch = dir.path().join("scratch");
-        fs::create_dir_all(&scratch).unwrap();
         let run = |sources: &[&str], dest: &str, chown, unpack| {
             let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-            add(
-                &AddRequest {
-                    source: Source::Context(&ctx),
-                    sources: &sources,
-                    dest,
-                    chown,
-                    chmod: None,
-                    ignore: None,
-                    excludes: &[],
-                    keep_git_dir: false,
-                    checksum: None,
-                    unpack,
-                    scratch: &scratch,
-                    resolved: &Resolved::default(),
-                },
-                &root,
-            )
+            add_local(&ctx, &sources, dest, chown, unpack, &root)
         };
         run(&["a.tgz"], "/opt", None, None).unwrap();
         let f = fs::metadata(root.join("opt/d/f")).unwrap();
@@ -281,25 +332,8 @@ mod tests {
         let root = dir.path().join("root");
         fs::create_dir_all(&root).unwrap();
         let url = vec![format!("{base}/pkg.tar.gz")];
-        let run = |dest: &str, unpack| {
-            add(
-                &AddRequest {
-                    source: Source::Context(dir.path()),
-                    sources: &url,
-                    dest,
-                    chown: Some((5, 6)),
-                    chmod: None,
-                    ignore: None,
-                    excludes: &[],
-                    keep_git_dir: false,
-                    checksum: None,
-                    unpack,
-                    scratch: dir.path(),
-                    resolved: &Resolved::default(),
-                },
-                &root,
-            )
-        };
+        let run =
+            |dest: &str, unpack| add_local(dir.path(), &url, dest, Some((5, 6)), unpack, &root);
         run("/dl/", None).unwrap();
         let kept = fs::metadata(root.join("dl/pkg.tar.gz")).unwrap();
         assert_eq!(
@@ -308,5 +342,23 @@ mod tests {
         );
         run("/x", Some(true)).unwrap();
         assert_eq!(fs::read_to_string(root.join("x/d/f")).unwrap(), "hello");
+    }
+
+    #[test]
+    fn the_copy_rules_an_add_breaks_name_add() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), "a").unwrap();
+        fs::write(dir.path().join("b"), "b").unwrap();
+        let sources = ["a".to_string(), "b".to_string()];
+        for unpack in [None, Some(false)] {
+            let root = dir.path().join("root");
+            let err = add_local(dir.path(), &sources, "/file", None, unpack, &root)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("when using ADD with more than one source file"),
+                "{err}"
+            );
+        }
     }
 }

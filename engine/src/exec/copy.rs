@@ -2,7 +2,8 @@
 //! another stage's root, written into the step's root with Docker's rules
 //! for destinations, ownership and modes. Every destination path is
 //! resolved inside the root. What `.dockerignore` excludes is invisible to
-//! a copy from the context.
+//! a copy from the context. A copy knows nothing of archives: ADD diverts
+//! the files it extracts ([`copy_diverting`]).
 use std::fs;
 use std::io;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
@@ -12,7 +13,6 @@ use rayon::prelude::*;
 
 use crate::context::{Filter, Ignore};
 use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
-use crate::source::archive;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -41,8 +41,6 @@ pub enum CopyError {
     /// The copy's writer threads could not start.
     #[error(transparent)]
     Pool(std::sync::Arc<rayon::ThreadPoolBuildError>),
-    #[error(transparent)]
-    Archive(#[from] archive::ArchiveError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -69,6 +67,7 @@ pub enum Source<'a> {
     Root(&'a Path),
 }
 
+#[derive(Clone, Copy)]
 pub struct CopyRequest<'a> {
     pub source: Source<'a>,
     pub sources: &'a [String],
@@ -79,9 +78,6 @@ pub struct CopyRequest<'a> {
     pub chmod: Option<u32>,
     /// `.dockerignore` rules, for [`Source::Context`].
     pub ignore: Option<&'a Ignore>,
-    /// ADD: a local tar archive (compressed or not) is extracted into the
-    /// destination directory instead of copied.
-    pub unpack: bool,
     /// `--exclude` patterns (`.dockerignore` syntax), matched against a
     /// source as written and against the paths inside a directory source,
     /// relative to it.
@@ -199,6 +195,21 @@ fn kept_by_parents(written: &str, rel: &Path) -> PathBuf {
 /// Copies the sources into `root` and returns the top-level paths it wrote
 /// (relative to the root), for the snapshot to look at.
 pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyError> {
+    copy_diverting(req, root, |_| Ok(None))
+}
+
+/// [`copy`], offering each selected regular file to `divert` first: it may
+/// write the file into the root its own way and return the top-level path
+/// it wrote (ADD extracts an archive into the destination), or return
+/// `None` to leave the file to the copy.
+pub fn copy_diverting<E>(
+    req: &CopyRequest,
+    root: &Path,
+    divert: impl Fn(&Path) -> Result<Option<PathBuf>, E> + Sync,
+) -> Result<Vec<PathBuf>, E>
+where
+    E: From<CopyError> + Send,
+{
     // Creating files waits on the filesystem more than it computes: on
     // ext4 here, 8 writers create files 2.7x faster than one, on 2 cores.
     // One pool for every COPY of the build.
@@ -213,10 +224,28 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyError> {
     });
     pool.as_ref()
         .map_err(|e| CopyError::Pool(e.clone()))?
-        .install(|| copy_sources(req, root))
+        .install(|| copy_sources(req, root, &divert))
 }
 
-fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyError> {
+/// Makes `dir` inside `root` with its missing parents, each new one owned
+/// by `owner`: the directory on the host and those it created, top first.
+pub fn create_dirs_owned(
+    root: &Path,
+    dir: &Path,
+    (uid, gid): (u32, u32),
+) -> Result<(PathBuf, Vec<PathBuf>), CopyError> {
+    let (host_dir, created) = create_dir_all_in_root(root, dir).map_err(CopyError::io(dir))?;
+    for d in &created {
+        lchown(d, Some(uid), Some(gid)).map_err(CopyError::io(d))?;
+    }
+    Ok((host_dir, created))
+}
+
+fn copy_sources<E: From<CopyError>>(
+    req: &CopyRequest,
+    root: &Path,
+    divert: &impl Fn(&Path) -> Result<Option<PathBuf>, E>,
+) -> Result<Vec<PathBuf>, E> {
     let (src_root, in_root) = match req.source {
         Source::Context(p) => (p, false),
         Source::Root(p) => (p, true),
@@ -239,9 +268,10 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyErro
         req.dest.ends_with('/') || sources.len() > 1 || req.dest == "/" || req.parents;
     if req.sources.len() > 1 && !req.dest.ends_with('/') {
         return Err(CopyError::DestNotDir {
-            instruction: if req.unpack { "ADD" } else { "COPY" },
+            instruction: "COPY",
             dest: req.dest.to_string(),
-        });
+        }
+        .into());
     }
     let copier = Copier {
         owner: (
@@ -265,18 +295,9 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyErro
         let kept = kept_by_parents(&req.sources[index], &rel);
         let parents_target = req.parents.then(|| dest.join(&kept));
         let meta = fs::metadata(&src).map_err(CopyError::io(&src))?;
-        if req.unpack && meta.is_file() {
-            let detected = archive::detect(&src).map_err(CopyError::io(&src))?;
-            if let Some(compression) = detected {
-                // An archive is extracted into dest, always a directory.
-                let (host_dir, created) =
-                    create_dir_all_in_root(root, dest).map_err(CopyError::io(dest))?;
-                let (uid, gid) = req.chown.unwrap_or((0, 0));
-                for d in &created {
-                    lchown(d, Some(uid), Some(gid)).map_err(CopyError::io(d))?;
-                }
-                archive::extract(&src, compression, &host_dir, req.chown)?;
-                touched.push(relative_to_root(root, created.first().unwrap_or(&host_dir)));
+        if meta.is_file() {
+            if let Some(top) = divert(&src)? {
+                touched.push(top);
                 continue;
             }
         }
@@ -301,12 +322,8 @@ fn copy_sources(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyErro
             true => target.as_path(),
             false => target.parent().unwrap_or(Path::new("/")),
         };
-        let (host_dir, created) = create_dir_all_in_root(root, dir).map_err(CopyError::io(dir))?;
         // Directories a COPY creates belong to the --chown owner (or root).
-        let (uid, gid) = copier.chown.unwrap_or((0, 0));
-        for d in &created {
-            lchown(d, Some(uid), Some(gid)).map_err(CopyError::io(d))?;
-        }
+        let (host_dir, created) = create_dirs_owned(root, dir, copier.chown.unwrap_or((0, 0)))?;
         if req.parents {
             // The parents it made under dest take their source dirs' modes.
             let pivot: PathBuf = rel
@@ -523,7 +540,6 @@ mod tests {
                 chown: None,
                 chmod: None,
                 ignore,
-                unpack: false,
                 excludes: &strings(excludes),
                 parents,
             },
