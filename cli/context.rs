@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use kiln_engine::exec::add;
-use kiln_engine::git::GitSource;
+use kiln_engine::source::archive;
+use kiln_engine::source::git::GitSource;
 
 /// Kaniko's `--git` options for git contexts.
 #[derive(Debug, Default)]
@@ -112,11 +112,11 @@ fn untar(path: &str, scratch: &Path) -> Result<PathBuf> {
     } else {
         PathBuf::from(path)
     };
-    let compression = add::detect_archive(&file)
+    let compression = archive::detect(&file)
         .with_context(|| format!("--context tar://{path}"))?
         .with_context(|| format!("--context tar://{path}: not a tar archive"))?;
-    add::extract_archive(&file, compression, &dir, None)
-        .map_err(|e| anyhow::anyhow!("--context tar://{path}: {e}"))?;
+    archive::extract(&file, compression, &dir, None)
+        .with_context(|| format!("--context tar://{path}"))?;
     Ok(dir)
 }
 

@@ -10,12 +10,14 @@ pub enum BuildError {
         line: usize,
         message: String,
     },
-    #[error("{file}:{line}: {instruction} failed: {message}")]
+    #[error("{file}:{line}: {instruction} failed: {failure}")]
     Step {
         file: String,
         line: usize,
         instruction: String,
-        message: String,
+        // Boxed: the executor's errors are large, and this one adds a line.
+        #[source]
+        failure: Box<StepFailure>,
     },
     #[error("base image {reference}: {source}")]
     BaseImage {
@@ -36,6 +38,34 @@ pub enum BuildError {
     Layer { layer: String, message: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Why a step failed, with its cause: the error of the module that ran
+/// it, or (where none is typed yet) a message.
+#[derive(Debug, thiserror::Error)]
+pub enum StepFailure {
+    #[error(transparent)]
+    Copy(#[from] crate::exec::copy::CopyError),
+    #[error(transparent)]
+    Add(#[from] crate::exec::add::AddError),
+    #[error(transparent)]
+    User(#[from] crate::exec::users::UserError),
+    #[error(transparent)]
+    Git(#[from] crate::source::git::GitError),
+    #[error(transparent)]
+    Download(#[from] crate::source::http::DownloadError),
+    #[error(transparent)]
+    Mount(#[from] crate::exec::mounts::MountError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Message(String),
+}
+
+impl From<String> for StepFailure {
+    fn from(message: String) -> Self {
+        StepFailure::Message(message)
+    }
 }
 
 impl BuildError {

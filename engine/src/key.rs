@@ -26,7 +26,8 @@ use kiln_cachestore::Index;
 
 use crate::context::Filter;
 use crate::error::BuildError;
-use crate::plan::{Action, AddSpec, CopyFrom, Network, PlannedMount, Step};
+use crate::plan::{Action, CopyFrom, Network, PlannedMount, Step};
+use crate::source::classify;
 
 /// Bumped whenever the encoding or the meaning of an input changes.
 const VERSION: &str = "kiln-step-key/1";
@@ -215,7 +216,7 @@ pub(crate) fn step_keys(
     for step in steps {
         let local = |all: &[String]| -> Vec<String> {
             all.iter()
-                .filter(|s| !AddSpec::is_download(s))
+                .filter(|s| !classify::is_download(s))
                 .cloned()
                 .collect()
         };
@@ -225,7 +226,7 @@ pub(crate) fn step_keys(
             Action::Copy { sources: all, .. } if downloads_unchecked(&step.action) => {
                 let mut digests = all
                     .iter()
-                    .filter(|s| AddSpec::is_download(s))
+                    .filter(|s| classify::is_download(s))
                     .map(|url| sources.download_digest(step, url))
                     .collect::<Result<Vec<_>, _>>()?;
                 digests.push(sources.context_digest(step, &local(all))?);
@@ -236,7 +237,7 @@ pub(crate) fn step_keys(
                 add: Some(spec),
                 sources: all,
                 ..
-            } if all.iter().any(|s| crate::plan::is_git_source(s)) => {
+            } if all.iter().any(|s| classify::is_git(s)) => {
                 let commits = all
                     .iter()
                     .map(|s| sources.git_commit(step, s, spec.checksum.as_deref()))
@@ -311,7 +312,7 @@ pub fn downloads_unchecked(action: &Action) -> bool {
             add: Some(add),
             sources,
             ..
-        } => add.checksum.is_none() && sources.iter().any(|s| AddSpec::is_download(s)),
+        } => add.checksum.is_none() && sources.iter().any(|s| classify::is_download(s)),
         _ => false,
     }
 }
@@ -540,6 +541,7 @@ fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::AddSpec;
 
     #[test]
     fn the_stat_cache_skips_reading_settled_files_and_never_racy_ones() {

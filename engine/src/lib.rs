@@ -5,7 +5,6 @@ pub mod context;
 pub mod dockerfile;
 pub mod error;
 pub mod exec;
-pub mod git;
 mod host;
 pub mod image;
 pub mod key;
@@ -13,5 +12,6 @@ pub mod layer;
 pub mod output;
 pub mod plan;
 pub mod rootfs;
+pub mod source;
 
 pub use error::BuildError;

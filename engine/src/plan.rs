@@ -13,6 +13,7 @@ use crate::dockerfile::{
     HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph, Warning,
 };
 use crate::image::ImageConfig;
+use crate::source::classify::{self, Checksum};
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -107,43 +108,6 @@ pub struct AddSpec {
     pub unpack: Option<bool>,
     /// `--keep-git-dir`: a Git source keeps its `.git`.
     pub keep_git_dir: bool,
-}
-
-impl AddSpec {
-    /// Whether an ADD source is an HTTP(S) URL (a download, or a Git
-    /// repository: see [`is_git_source`]).
-    pub fn is_url(source: &str) -> bool {
-        source.starts_with("http://") || source.starts_with("https://")
-    }
-
-    /// Whether an ADD source is a file to download.
-    pub fn is_download(source: &str) -> bool {
-        Self::is_url(source) && !is_git_source(source)
-    }
-}
-
-/// BuildKit's test for a Git source (`gitutil.ParseGitRef`): a Git
-/// scheme or shorthand, or an HTTP(S) (or, for local tests and mirrors,
-/// `file://`) URL whose path ends with `.git`.
-pub fn is_git_source(source: &str) -> bool {
-    if ["git://", "git@", "github.com/", "ssh://"]
-        .iter()
-        .any(|p| source.starts_with(p))
-    {
-        return true;
-    }
-    if !AddSpec::is_url(source) && !source.starts_with("file://") {
-        return false;
-    }
-    let without_fragment = source.split('#').next().unwrap_or_default();
-    let path = without_fragment
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .splitn(4, '/')
-        .nth(3)
-        .unwrap_or_default();
-    path.trim_end_matches('/').ends_with(".git")
 }
 
 /// `RUN --network`: `None` gets its own network namespace; `Default` and
@@ -472,9 +436,8 @@ impl StagePlanner<'_> {
                 let workdir = self.workdir();
                 let mounts = mounts
                     .iter()
-                    .map(|spec| self.run_mount(spec, &workdir))
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|m| FrontendError::new(raw.line, m))?;
+                    .map(|spec| self.run_mount(spec, &workdir, raw.line))
+                    .collect::<Result<Vec<_>, _>>()?;
                 Action::Run {
                     argv,
                     env: self.scope.run_env(),
@@ -498,11 +461,18 @@ impl StagePlanner<'_> {
 
     /// Expands one `--mount` with the scope and resolves its `from` and
     /// target as BuildKit does.
-    fn run_mount(&self, spec: &str, workdir: &str) -> Result<PlannedMount, String> {
+    fn run_mount(
+        &self,
+        spec: &str,
+        workdir: &str,
+        line: usize,
+    ) -> Result<PlannedMount, FrontendError> {
+        let error = |message: &str| FrontendError::new(line, message);
         let expand = |v: &str| self.scope.expand_word(v, self.df.escape);
-        let mut mount = RunMount::parse(spec, Some(&expand))?;
+        let mut mount = RunMount::parse(spec, Some(&expand))
+            .map_err(|m| FrontendError::new(line, m.to_string()))?;
         if mount.kind == MountType::Ssh {
-            return Err("RUN --mount=type=ssh is not supported yet".into());
+            return Err(error("RUN --mount=type=ssh is not supported yet"));
         }
         if mount.kind == MountType::Secret && mount.id.is_none() {
             // BuildKit: a secret's id defaults to its target's file name.
@@ -512,7 +482,7 @@ impl StagePlanner<'_> {
                     .map(|n| n.to_string_lossy().into_owned())
             });
             if mount.id.is_none() {
-                return Err("a secret mount needs an id or a target".into());
+                return Err(error("a secret mount needs an id or a target"));
             }
         }
         let target = match (&mount.target, mount.kind) {
@@ -522,10 +492,12 @@ impl StagePlanner<'_> {
                 "/run/secrets/{}",
                 mount.id.as_deref().unwrap_or_default()
             )),
-            (None, _) => return Err("mount target is required".into()),
+            (None, _) => return Err(error("mount target is required")),
         };
         if target.as_deref() == Some("/") {
-            return Err("a mount cannot replace the root: choose another target".into());
+            return Err(error(
+                "a mount cannot replace the root: choose another target",
+            ));
         }
         let from = match (&mount.from, mount.kind) {
             (Some(from), MountType::Bind | MountType::Cache) => {
@@ -536,7 +508,7 @@ impl StagePlanner<'_> {
             }
             (None, MountType::Bind) => Some(CopyFrom::Context),
             (None, _) => None,
-            (Some(_), _) => return Err("from= is only valid for bind and cache mounts".into()),
+            (Some(_), _) => return Err(error("from= is only valid for bind and cache mounts")),
         };
         Ok(PlannedMount {
             mount,
@@ -567,7 +539,7 @@ impl StagePlanner<'_> {
             return Err(error(format!("{keyword} with {what} is not supported yet")));
         }
         let spec = if add {
-            let git = args.sources.iter().any(|s| is_git_source(s));
+            let git = args.sources.iter().any(|s| classify::is_git(s));
             if git && args.sources.len() > 1 {
                 return Err(error(
                     "ADD of a Git repository takes no other source".into(),
@@ -585,12 +557,12 @@ impl StagePlanner<'_> {
                 return Err(error("--keep-git-dir is only for a Git source".into()));
             }
             if let Some(checksum) = args.checksum.as_ref().filter(|_| !git) {
-                if let Some(local) = args.sources.iter().find(|s| !AddSpec::is_url(s)) {
+                if let Some(local) = args.sources.iter().find(|s| !classify::is_url(s)) {
                     return Err(error(format!(
                         "checksum can't be specified for non-HTTP(S) sources: {local}"
                     )));
                 }
-                crate::exec::add::parse_checksum(checksum).map_err(error)?;
+                Checksum::parse(checksum).map_err(|e| error(e.to_string()))?;
             }
             Some(AddSpec {
                 checksum: args.checksum.clone(),
@@ -598,7 +570,7 @@ impl StagePlanner<'_> {
                 keep_git_dir: args.keep_git_dir,
             })
         } else {
-            if let Some(url) = args.sources.iter().find(|s| AddSpec::is_url(s)) {
+            if let Some(url) = args.sources.iter().find(|s| classify::is_url(s)) {
                 return Err(error(format!(
                     "source can't be a URL for COPY: {url} (use ADD)"
                 )));

@@ -32,7 +32,7 @@ use kiln_cachestore::remote::RemoteCache;
 use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient};
 
 use crate::dockerfile::{self, Dockerfile, StageGraph};
-use crate::error::{BuildError, IoContext};
+use crate::error::{BuildError, IoContext, StepFailure};
 use crate::exec::add::Resolved;
 use crate::exec::mounts::SourceRoots;
 use crate::exec::run::{EtcFiles, Isolation};
@@ -203,12 +203,12 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn step_error(&self, step: &Step, message: String) -> BuildError {
+    fn step_error(&self, step: &Step, failure: impl Into<StepFailure>) -> BuildError {
         BuildError::Step {
             file: self.options.dockerfile_name.clone(),
             line: step.line,
             instruction: step.keyword.clone(),
-            message,
+            failure: Box::new(failure.into()),
         }
     }
 

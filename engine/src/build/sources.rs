@@ -10,6 +10,8 @@ use crate::error::{BuildError, IoContext};
 use crate::exec::copy;
 use crate::key::{self, StepSources};
 use crate::plan::Step;
+use crate::source::git::GitSource;
+use crate::source::http::{self, DownloadError};
 
 /// The builder's view of a stage's inputs, for [`key::step_keys`].
 pub(super) struct StageSources<'b, 'a> {
@@ -20,12 +22,12 @@ pub(super) struct StageSources<'b, 'a> {
 
 impl Builder<'_> {
     /// `url` downloaded into this build's work dir, once per build.
-    fn download(&self, url: &str) -> Result<PathBuf, String> {
+    fn download(&self, url: &str) -> Result<PathBuf, DownloadError> {
         if let Some(file) = self.resolved().downloads.get(url) {
             return Ok(file.clone());
         }
         // Kept for the step that copies it; the work dir goes with the build.
-        let (dir, file) = crate::exec::add::download_to_new_dir(url, None, self.roots.work())?;
+        let (dir, file) = http::download_to_new_dir(url, None, self.roots.work())?;
         let _ = dir.keep();
         self.resolved()
             .downloads
@@ -65,9 +67,9 @@ impl StepSources for StageSources<'_, '_> {
         let known = b.resolved().commits.get(source).cloned();
         let commit = match known {
             Some(commit) => commit,
-            None => crate::git::GitSource::parse(source)
+            None => GitSource::parse(source)
                 .resolve()
-                .map_err(|e| b.step_error(step, e.to_string()))?,
+                .map_err(|e| b.step_error(step, e))?,
         };
         b.resolved()
             .commits

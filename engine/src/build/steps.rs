@@ -11,7 +11,7 @@ use kiln_cachestore::StepEntry;
 use super::cache::Hit;
 use super::events::Event;
 use super::{Builder, StageResult, HOSTNAME};
-use crate::error::{BuildError, IoContext};
+use crate::error::{BuildError, IoContext, StepFailure};
 use crate::exec::copy::{self, CopyRequest, Source};
 use crate::exec::mounts::{self, MountInputs, SourceRoots};
 use crate::exec::run::{self, MountPoints, RunSpec};
@@ -218,10 +218,9 @@ impl Builder<'_> {
         root: &Path,
         snapshot: Option<&mut Snapshot>,
         reads: &SourceRoots,
-    ) -> Result<Changes, String> {
-        let io = |e: std::io::Error| e.to_string();
+    ) -> Result<Changes, StepFailure> {
         let rescan = |root: &Path, touched: &[PathBuf]| match snapshot {
-            Some(snapshot) => snapshot.rescan(root, touched).map_err(io),
+            Some(snapshot) => snapshot.rescan(root, touched).map_err(StepFailure::from),
             None => Ok(Changes::default()),
         };
         match &step.action {
@@ -236,9 +235,9 @@ impl Builder<'_> {
                 };
                 let mut touched = Vec::new();
                 for path in paths {
-                    let (_, created) = create_dir_all_in_root(root, Path::new(path)).map_err(io)?;
+                    let (_, created) = create_dir_all_in_root(root, Path::new(path))?;
                     for dir in &created {
-                        std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io)?;
+                        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
                     }
                     touched.extend(created.first().map(|d| relative_to_root(root, d)));
                 }
@@ -259,20 +258,20 @@ impl Builder<'_> {
                 {
                     return Err(format!(
                         "RUN --mount and --network=none need namespaces: not available with --isolation {isolation}"
-                    ));
+                    )
+                    .into());
                 }
                 let identity = users::resolve_user(root, user)?;
-                create_dir_all_in_root(root, Path::new(workdir)).map_err(io)?;
+                create_dir_all_in_root(root, Path::new(workdir))?;
                 let mut mounts = match isolation {
                     // The machine's own /proc, /dev and /etc files.
                     run::Isolation::None => MountPoints::host(root),
-                    _ => MountPoints::prepare(root, &self.etc).map_err(io)?,
+                    _ => MountPoints::prepare(root, &self.etc)?,
                 };
                 let mut env = run::run_env(env, &identity, HOSTNAME);
                 let scratch = tempfile::Builder::new()
                     .prefix("mounts-")
-                    .tempdir_in(self.roots.work())
-                    .map_err(io)?;
+                    .tempdir_in(self.roots.work())?;
                 let inputs = MountInputs {
                     context: &self.options.context,
                     dockerignore: &self.options.dockerignore,
@@ -291,8 +290,8 @@ impl Builder<'_> {
                 let _locks = match prepared {
                     Ok(locks) => locks,
                     Err(e) => {
-                        mounts.cleanup().map_err(io)?;
-                        return Err(e);
+                        mounts.cleanup()?;
+                        return Err(e.into());
                     }
                 };
                 let spec = RunSpec {
@@ -310,10 +309,10 @@ impl Builder<'_> {
                     isolation: self.options.isolation,
                 };
                 let code = self.roots.sys().run(&spec);
-                spec.mounts.cleanup().map_err(io)?;
-                match code.map_err(io)? {
+                spec.mounts.cleanup()?;
+                match code? {
                     0 => rescan(root, &[PathBuf::new()]),
-                    code => Err(format!("{argv:?} returned a non-zero code: {code}")),
+                    code => Err(format!("{argv:?} returned a non-zero code: {code}").into()),
                 }
             }
             Action::Copy {
@@ -334,16 +333,14 @@ impl Builder<'_> {
                     CopyFrom::Inline(files) => {
                         inline_dir = tempfile::Builder::new()
                             .prefix("heredoc-")
-                            .tempdir_in(self.roots.work())
-                            .map_err(io)?;
+                            .tempdir_in(self.roots.work())?;
                         for (name, content) in files {
                             let path = inline_dir.path().join(name);
-                            std::fs::write(&path, content).map_err(io)?;
+                            std::fs::write(&path, content)?;
                             std::fs::set_permissions(
                                 &path,
                                 std::os::unix::fs::PermissionsExt::from_mode(0o644),
-                            )
-                            .map_err(io)?;
+                            )?;
                         }
                         Source::Context(inline_dir.path())
                     }
@@ -360,30 +357,21 @@ impl Builder<'_> {
                     CopyFrom::Context => Some(&self.options.dockerignore),
                     _ => None,
                 };
+                let request = CopyRequest {
+                    source,
+                    sources,
+                    dest,
+                    chown,
+                    chmod: *chmod,
+                    ignore,
+                    excludes,
+                    parents: *parents,
+                };
                 let touched = match add {
-                    None => copy::copy(
-                        &CopyRequest {
-                            source,
-                            sources,
-                            dest,
-                            chown,
-                            chmod: *chmod,
-                            ignore,
-                            unpack: false,
-                            excludes,
-                            parents: *parents,
-                        },
-                        root,
-                    )?,
+                    None => copy::copy(&request, root)?,
                     Some(spec) => crate::exec::add::add(
                         &crate::exec::add::AddRequest {
-                            source,
-                            sources,
-                            dest,
-                            chown,
-                            chmod: *chmod,
-                            ignore,
-                            excludes,
+                            copy: request,
                             keep_git_dir: spec.keep_git_dir,
                             checksum: spec.checksum.as_deref(),
                             unpack: spec.unpack,

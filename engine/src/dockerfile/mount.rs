@@ -100,14 +100,6 @@ pub enum MountError {
     SecretSourceAndId,
 }
 
-/// The planner (`crate::plan`) still reports a mount's problem as text;
-/// this lets its `?` keep working until its errors are typed too.
-impl From<MountError> for String {
-    fn from(e: MountError) -> String {
-        e.to_string()
-    }
-}
-
 /// A `--mount` value that is not one CSV record, in the words of Go's
 /// `encoding/csv`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

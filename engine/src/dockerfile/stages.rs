@@ -263,7 +263,7 @@ impl StageGraph {
                     Instruction::Run { mounts, .. } => {
                         for spec in &mounts {
                             let mount = RunMount::parse(spec, None)
-                                .map_err(|m| FrontendError::new(raw.line, m))?;
+                                .map_err(|m| FrontendError::new(raw.line, m.to_string()))?;
                             let Some(from) = mount.from else { continue };
                             let target = match find_stage(&stages, &from) {
                                 Some(i) => {

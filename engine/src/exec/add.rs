@@ -1,346 +1,66 @@
-//! ADD: COPY plus local tar archives extracted into the destination and
-//! HTTP(S) URLs downloaded into it, as Docker does.
-//!
-//! An archive is recognised by content, never by name (as moby's
-//! `DecompressStream` + `tar.Reader.Next`): plain tar, gzip, bzip2, xz or
-//! zstd whose decompressed stream starts with a valid tar header. It is
-//! extracted with the layer extractor, with the destination directory as
-//! its root, so nothing in it (`..`, absolute links) can reach outside the
-//! destination; ownership comes from the archive unless `--chown`.
-//!
-//! A download lands as a file of mode 0600 (Docker's) named after the
-//! URL's last path segment when the destination is a directory, with the
-//! mtime of `Last-Modified` when the server sends one. `--checksum` is
-//! verified before anything reaches the root.
-use std::fs;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+//! ADD: COPY plus local tar archives extracted into the destination
+//! (`source::archive`), HTTP(S) URLs downloaded into it (`source::http`)
+//! and Git repositories checked out into it (`source::git`), as Docker
+//! does. Every source reaches the root through a COPY of it
+//! (`exec::copy`), which diverts to extraction here the archives ADD
+//! unpacks.
 use std::path::{Path, PathBuf};
 
-use sha2::Digest;
+use crate::exec::copy::{self, CopyError, CopyRequest, Source};
+use crate::rootfs::relative_to_root;
+use crate::source::archive::{self, ArchiveError};
+use crate::source::classify::{self, Checksum, ChecksumError};
+use crate::source::git::{GitError, GitSource};
+use crate::source::http::{download_to_new_dir, DownloadError};
 
-use crate::context::Ignore;
-use crate::exec::copy::{self, CopyRequest, Source};
-use crate::plan::AddSpec;
-use crate::rootfs::extract;
-
-/// How an archive's bytes are compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Bzip2,
-    Xz,
-    Zstd,
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// A copy's failure, naming ADD (see the `From` below).
+    #[error(transparent)]
+    Copy(CopyError),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    #[error(transparent)]
+    Checksum(#[from] ChecksumError),
+    /// A Git source, as written, and why it could not be fetched.
+    #[error("{spec}: {source}")]
+    Git {
+        spec: String,
+        #[source]
+        source: GitError,
+    },
+    /// The scratch directory a Git checkout goes to.
+    #[error("{}: {source}", path.display())]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-impl Compression {
-    /// By magic bytes, as moby's `DetectCompression`.
-    fn sniff(head: &[u8]) -> Compression {
-        if head.starts_with(&[0x1f, 0x8b, 0x08]) {
-            Compression::Gzip
-        } else if head.starts_with(b"BZh") {
-            Compression::Bzip2
-        } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
-            Compression::Xz
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-            Compression::Zstd
-        } else {
-            Compression::None
-        }
-    }
-}
-
-/// The decompressed stream of `file`.
-fn decompress(file: fs::File, compression: Compression) -> io::Result<Box<dyn Read>> {
-    let file = io::BufReader::new(file);
-    Ok(match compression {
-        Compression::None => Box::new(file),
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
-        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(file)),
-        Compression::Xz => Box::new(lzma_rust2::XzReader::new(file, true)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
-    })
-}
-
-/// The compression of `path` when it is a tar archive, `None` when it is
-/// any other file (which ADD then copies as is).
-pub fn detect_archive(path: &Path) -> io::Result<Option<Compression>> {
-    let mut file = fs::File::open(path)?;
-    let mut head = [0u8; 6];
-    let n = read_full(&mut file, &mut head)?;
-    let compression = Compression::sniff(&head[..n]);
-    let Ok(stream) = decompress(fs::File::open(path)?, compression) else {
-        return Ok(None);
-    };
-    // A valid first header makes an archive; an empty or corrupt one does
-    // not (an error reading it is just "not an archive").
-    let mut archive = tar::Archive::new(stream);
-    let first = archive.entries().ok().and_then(|mut e| e.next());
-    Ok(matches!(first, Some(Ok(_))).then_some(compression))
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            read => n += read,
-        }
-    }
-    Ok(n)
-}
-
-/// Extracts the archive at `path` into the directory `host_dir` (already
-/// inside the build root), which acts as the extraction's root. With
-/// `chown`, every extracted entry gets that owner.
-pub fn extract_archive(
-    path: &Path,
-    compression: Compression,
-    host_dir: &Path,
-    chown: Option<(u32, u32)>,
-) -> Result<(), String> {
-    let archive = fs::File::open(path)
-        .and_then(|f| decompress(f, compression))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    extract::extract_archive(host_dir, archive, chown)
-        .map_err(|e| format!("extracting {}: {e}", path.display()))?;
-    Ok(())
-}
-
-/// A `--checksum` value: (algorithm, lowercase hex digest).
-pub fn parse_checksum(checksum: &str) -> Result<(&str, String), String> {
-    let invalid =
-        || format!("invalid --checksum {checksum:?}: expected sha256:<hex> (or sha384:, sha512:)");
-    let (algorithm, hex_digest) = checksum.split_once(':').ok_or_else(invalid)?;
-    let len = match algorithm {
-        "sha256" => 64,
-        "sha384" => 96,
-        "sha512" => 128,
-        _ => return Err(invalid()),
-    };
-    if hex_digest.len() != len || !hex_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(invalid());
-    }
-    Ok((algorithm, hex_digest.to_ascii_lowercase()))
-}
-
-/// A digest computed while streaming a download.
-enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha384(sha2::Sha384),
-    Sha512(sha2::Sha512),
-}
-
-impl Hasher {
-    fn new(algorithm: &str) -> Hasher {
-        match algorithm {
-            "sha384" => Hasher::Sha384(Default::default()),
-            "sha512" => Hasher::Sha512(Default::default()),
-            _ => Hasher::Sha256(Default::default()),
-        }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(bytes),
-            Hasher::Sha384(h) => h.update(bytes),
-            Hasher::Sha512(h) => h.update(bytes),
-        }
-    }
-
-    fn finish(self) -> String {
-        match self {
-            Hasher::Sha256(h) => hex::encode(h.finalize()),
-            Hasher::Sha384(h) => hex::encode(h.finalize()),
-            Hasher::Sha512(h) => hex::encode(h.finalize()),
-        }
-    }
-}
-
-/// Fails unless `actual` (hex) is what `--checksum` says.
-fn verify(url: &str, checksum: &str, algorithm: &str, actual: &str) -> Result<(), String> {
-    let (_, expected) = parse_checksum(checksum)?;
-    if expected != actual {
-        return Err(format!(
-            "checksum mismatch for {url}: expected {algorithm}:{expected}, got {algorithm}:{actual}"
-        ));
-    }
-    Ok(())
-}
-
-/// The name a download gets in a destination directory: the URL path's
-/// last segment (percent-decoded), as BuildKit without Content-Disposition.
-fn file_name_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let path = rest
-        .split(['?', '#'])
-        .next()
-        .unwrap_or_default()
-        .split_once('/')
-        .map_or("", |(_, p)| p);
-    let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
-    let decoded = percent_decode(last);
-    if decoded.is_empty() || decoded == "." || decoded == ".." || decoded.contains('/') {
-        "download".into()
-    } else {
-        decoded
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// An HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110's preferred
-/// form) as seconds since the epoch.
-fn parse_http_date(s: &str) -> Option<i64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let day: i64 = day.parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == month)? as i64
-        + 1;
-    let year: i64 = year.parse().ok()?;
-    let hms: Vec<i64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, sec] = hms.as_slice() else {
-        return None;
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    Some(days * 86400 + h * 3600 + m * 60 + sec)
-}
-
-/// Downloads `url` into a new directory under `scratch`: the directory
-/// (removed when dropped) and the file's path.
-pub fn download_to_new_dir(
-    url: &str,
-    checksum: Option<&str>,
-    scratch: &Path,
-) -> Result<(tempfile::TempDir, PathBuf), String> {
-    let dir = tempfile::Builder::new()
-        .prefix("download-")
-        .tempdir_in(scratch)
-        .map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let file = dir.path().join(download(url, checksum, dir.path())?);
-    Ok((dir, file))
-}
-
-/// Downloads `url` into the directory `into` and returns the file's name.
-/// The body streams to disk; with a checksum it is verified first.
-pub fn download(url: &str, checksum: Option<&str>, into: &Path) -> Result<String, String> {
-    let name = file_name_of(url);
-    let path = into.join(&name);
-    // Its own thread and runtime: the builder calls steps from a runtime
-    // thread (inside `block_in_place`), tests from none.
-    let (file, modified) = std::thread::scope(|s| {
-        s.spawn(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?
-                .block_on(fetch(url, checksum, &path))
+impl From<CopyError> for AddError {
+    /// The copies an ADD makes are the ADD: a rule they break names it.
+    fn from(e: CopyError) -> AddError {
+        AddError::Copy(match e {
+            CopyError::DestNotDir { dest, .. } => CopyError::DestNotDir {
+                instruction: "ADD",
+                dest,
+            },
+            e => e,
         })
-        .join()
-        .unwrap_or_else(|_| Err(format!("downloading {url}: the download thread panicked")))
-    })?;
-    file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Some(secs) = modified {
-        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-        file.set_modified(time)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    Ok(name)
 }
 
-/// GETs `url` into `path`: the open file and the Last-Modified time.
-async fn fetch(
-    url: &str,
-    checksum: Option<&str>,
-    path: &Path,
-) -> Result<(fs::File, Option<i64>), String> {
-    let client = reqwest::Client::builder()
-        .build()
-        .map_err(|e| format!("downloading {url}: {e}"))?;
-    let mut response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("downloading {url}: {e}"))?;
-    if !response.status().is_success() {
-        return Err(format!(
-            "downloading {url}: the server answered {}",
-            response.status()
-        ));
-    }
-    let modified = response
-        .headers()
-        .get(reqwest::header::LAST_MODIFIED)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_http_date);
-    let mut file = fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let algorithm = checksum.and_then(|c| c.split_once(':')).map(|(a, _)| a);
-    let mut hasher = algorithm.map(Hasher::new);
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("downloading {url}: {e}"))?
-    {
-        if let Some(h) = &mut hasher {
-            h.update(&chunk);
-        }
-        file.write_all(&chunk)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if let (Some(checksum), Some(algorithm), Some(h)) = (checksum, algorithm, hasher) {
-        verify(url, checksum, algorithm, &h.finish())?;
-    }
-    Ok((file, modified))
-}
-
-/// One ADD step.
+/// One ADD step: the COPY of its sources, and what ADD adds.
 pub struct AddRequest<'a> {
-    /// The context, or another stage's root (never, as ADD has no --from,
-    /// but COPY's machinery allows it).
-    pub source: Source<'a>,
-    pub sources: &'a [String],
-    pub dest: &'a str,
-    pub chown: Option<(u32, u32)>,
-    pub chmod: Option<u32>,
-    pub ignore: Option<&'a Ignore>,
-    /// `--exclude` patterns, for local sources.
-    pub excludes: &'a [String],
+    /// The sources (local paths, URLs, or one Git repository) from the
+    /// context, with ADD's destination, owner, mode, `.dockerignore` and
+    /// `--exclude` (for local sources). Its `parents` is unused.
+    pub copy: CopyRequest<'a>,
+    /// `--checksum`: of a download, or (verified while keying) a Git
+    /// source's commit.
     pub checksum: Option<&'a str>,
     /// `--unpack`: `None` extracts local archives and leaves downloads.
     pub unpack: Option<bool>,
@@ -369,68 +89,101 @@ impl AddRequest<'_> {
         CopyRequest {
             source,
             sources,
-            dest: self.dest,
-            chown: self.chown,
-            chmod: self.chmod,
             ignore: None,
-            unpack: false,
             excludes: &[],
             parents: false,
+            ..self.copy
         }
+    }
+
+    /// Copies `request` into `root`; with `unpack`, a file that is an
+    /// archive is extracted into the destination instead.
+    fn copy_unpacking(
+        &self,
+        request: &CopyRequest,
+        root: &Path,
+        unpack: bool,
+    ) -> Result<Vec<PathBuf>, AddError> {
+        match unpack {
+            true => copy::copy_diverting(request, root, |file| self.extract(file, root)),
+            false => Ok(copy::copy(request, root)?),
+        }
+    }
+
+    /// Extracts `file` into the destination, always a directory, when it
+    /// is an archive: the top-level path it wrote.
+    fn extract(&self, file: &Path, root: &Path) -> Result<Option<PathBuf>, AddError> {
+        let Some(compression) = archive::detect(file).map_err(CopyError::io(file))? else {
+            return Ok(None);
+        };
+        let chown = self.copy.chown;
+        let (host_dir, created) =
+            copy::create_dirs_owned(root, Path::new(self.copy.dest), chown.unwrap_or((0, 0)))?;
+        archive::extract(file, compression, &host_dir, chown)?;
+        Ok(Some(relative_to_root(
+            root,
+            created.first().unwrap_or(&host_dir),
+        )))
     }
 
     /// Local sources: from the context (or a root), `.dockerignore` and
     /// `--exclude` applied, archives unpacked unless `--unpack=false`.
-    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, String> {
+    fn copy_local(&self, root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, AddError> {
         let request = CopyRequest {
-            ignore: self.ignore,
-            unpack: self.unpack != Some(false),
-            excludes: self.excludes,
-            ..self.copy_of(self.source, sources)
+            sources,
+            ..self.copy
         };
-        copy::copy(&request, root)
+        self.copy_unpacking(&request, root, self.unpack != Some(false))
     }
 }
 
 /// Runs an ADD into `root` and returns the top-level paths it wrote.
-pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
-    if let [source] = req.sources {
-        if crate::plan::is_git_source(source) {
+pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, AddError> {
+    let sources = req.copy.sources;
+    if let [source] = sources {
+        if classify::is_git(source) {
             // The repository's files (its subdir) go into dest, owned by
             // root or --chown, as a directory source's would.
             let dir = tempfile::Builder::new()
                 .prefix("git-")
                 .tempdir_in(req.scratch)
-                .map_err(|e| format!("{}: {e}", req.scratch.display()))?;
-            let checkout = crate::git::GitSource::parse(source)
+                .map_err(|source| AddError::Scratch {
+                    path: req.scratch.to_path_buf(),
+                    source,
+                })?;
+            let checkout = GitSource::parse(source)
                 .fetch(
                     &dir.path().join("repo"),
                     req.keep_git_dir,
                     false,
                     req.resolved.commits.get(source).map(String::as_str),
                 )
-                .map_err(|e| format!("{source}: {e}"))?;
+                .map_err(|e| AddError::Git {
+                    spec: source.clone(),
+                    source: e,
+                })?;
             let all = [".".to_string()];
             let request = CopyRequest {
-                excludes: req.excludes,
+                excludes: req.copy.excludes,
                 ..req.copy_of(Source::Context(&checkout), &all)
             };
-            return copy::copy(&request, root);
+            return Ok(copy::copy(&request, root)?);
         }
     }
-    if !req.sources.iter().any(|s| AddSpec::is_download(s)) {
-        return req.copy_local(root, req.sources);
+    if !sources.iter().any(|s| classify::is_download(s)) {
+        return req.copy_local(root, sources);
     }
-    if req.sources.len() > 1 && !req.dest.ends_with('/') {
-        return Err(format!(
-            "when using ADD with more than one source file, the destination must be a directory and end with a /: {}",
-            req.dest
-        ));
+    if sources.len() > 1 && !req.copy.dest.ends_with('/') {
+        return Err(CopyError::DestNotDir {
+            instruction: "ADD",
+            dest: req.copy.dest.to_string(),
+        }
+        .into());
     }
     let mut touched = Vec::new();
     // In order, so a later source overwrites an earlier one as in Docker.
-    for source in req.sources {
-        if !AddSpec::is_download(source) {
+    for source in sources {
+        if !classify::is_download(source) {
             touched.extend(req.copy_local(root, std::slice::from_ref(source))?);
             continue;
         }
@@ -438,7 +191,8 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
         let (_fetched, file) = match req.resolved.downloads.get(source) {
             Some(file) => (None, file.clone()),
             None => {
-                let (dir, file) = download_to_new_dir(source, req.checksum, req.scratch)?;
+                let checksum = req.checksum.map(Checksum::parse).transpose()?;
+                let (dir, file) = download_to_new_dir(source, checksum.as_ref(), req.scratch)?;
                 (Some(dir), file)
             }
         };
@@ -448,11 +202,8 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned()];
-        let request = CopyRequest {
-            unpack: req.unpack == Some(true),
-            ..req.copy_of(Source::Context(dir), &name)
-        };
-        touched.extend(copy::copy(&request, root)?);
+        let request = req.copy_of(Source::Context(dir), &name);
+        touched.extend(req.copy_unpacking(&request, root, req.unpack == Some(true))?);
     }
     Ok(touched)
 }
@@ -460,95 +211,41 @@ pub fn add(req: &AddRequest, root: &Path) -> Result<Vec<PathBuf>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::archive::tests::{compressed, tar_bytes, XZ_TREE};
+    use crate::source::archive::Compression;
+    use std::fs;
+    use std::io::{Read, Write};
     use std::os::unix::fs::MetadataExt;
 
-    /// A tar with a directory, a file (owned by 1000:1000) and symlinks
-    /// that point out of any root.
-    fn tar_bytes() -> Vec<u8> {
-        let header = |kind: tar::EntryType, mode: u32, owner: u64| {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(kind);
-            h.set_mode(mode);
-            h.set_uid(owner);
-            h.set_gid(owner);
-            h.set_mtime(0);
-            h.set_size(0);
-            h
+    /// ADD of `sources` from the context `ctx` (its scratch dir too) into
+    /// `root`, with nothing resolved while keying.
+    fn add_local(
+        ctx: &Path,
+        sources: &[String],
+        dest: &str,
+        chown: Option<(u32, u32)>,
+        unpack: Option<bool>,
+        root: &Path,
+    ) -> Result<Vec<PathBuf>, AddError> {
+        let copy = CopyRequest {
+            source: Source::Context(ctx),
+            sources,
+            dest,
+            chown,
+            chmod: None,
+            ignore: None,
+            excludes: &[],
+            parents: false,
         };
-        let mut b = tar::Builder::new(Vec::new());
-        let mut dir = header(tar::EntryType::Directory, 0o750, 0);
-        b.append_data(&mut dir, "d/", io::empty()).unwrap();
-        let mut file = header(tar::EntryType::Regular, 0o640, 1000);
-        file.set_size(5);
-        b.append_data(&mut file, "d/f", &b"hello"[..]).unwrap();
-        // An archive is no layer: this is a file, not a whiteout of d/f.
-        let mut wh = header(tar::EntryType::Regular, 0o644, 0);
-        b.append_data(&mut wh, "d/.wh.f", io::empty()).unwrap();
-        let mut aufs = header(tar::EntryType::Regular, 0o644, 0);
-        b.append_data(&mut aufs, ".wh..wh.aufs", io::empty())
-            .unwrap();
-        let mut suid = header(tar::EntryType::Regular, 0o4755, 1000);
-        b.append_data(&mut suid, "d/suid", io::empty()).unwrap();
-        let mut link = header(tar::EntryType::Symlink, 0o777, 0);
-        b.append_link(&mut link, "up", "../../../..").unwrap();
-        // Written through a link to `/`: must land inside the destination.
-        let mut slash = header(tar::EntryType::Symlink, 0o777, 0);
-        b.append_link(&mut slash, "esc", "/").unwrap();
-        let mut evil = header(tar::EntryType::Regular, 0o644, 0);
-        evil.set_size(4);
-        b.append_data(&mut evil, "esc/evil", &b"evil"[..]).unwrap();
-        b.into_inner().unwrap()
-    }
-
-    const XZ_TREE: &[u8] =
-        include_bytes!("../../../fixtures/differential/add-archives/tree.tar.xz");
-
-    fn compressed(kind: Compression, data: &[u8]) -> Vec<u8> {
-        match kind {
-            Compression::None => data.to_vec(),
-            Compression::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Compression::Bzip2 => {
-                let mut e = bzip2::write::BzEncoder::new(Vec::new(), Default::default());
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            // No xz encoder in the build: the fixture's archive stands in.
-            Compression::Xz => XZ_TREE.to_vec(),
-            Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
-        }
-    }
-
-    #[test]
-    fn archives_are_detected_by_content_not_name() {
-        let dir = tempfile::tempdir().unwrap();
-        for kind in [
-            Compression::None,
-            Compression::Gzip,
-            Compression::Bzip2,
-            Compression::Xz,
-            Compression::Zstd,
-        ] {
-            let path = dir.path().join(format!("{kind:?}.bin"));
-            fs::write(&path, compressed(kind, &tar_bytes())).unwrap();
-            assert_eq!(detect_archive(&path).unwrap(), Some(kind), "{kind:?}");
-            if kind == Compression::Xz {
-                continue;
-            }
-            // Compressed text is not an archive: it is copied as is.
-            let text = dir.path().join(format!("{kind:?}.tar.gz"));
-            fs::write(&text, compressed(kind, b"just some text, not a tar")).unwrap();
-            assert_eq!(detect_archive(&text).unwrap(), None, "{kind:?} text");
-        }
-        let empty = dir.path().join("empty.tar");
-        fs::write(&empty, []).unwrap();
-        assert_eq!(detect_archive(&empty).unwrap(), None);
-        let zeros = dir.path().join("zeros.tar");
-        fs::write(&zeros, [0u8; 1024]).unwrap();
-        assert_eq!(detect_archive(&zeros).unwrap(), None);
+        let request = AddRequest {
+            copy,
+            keep_git_dir: false,
+            checksum: None,
+            unpack,
+            scratch: ctx,
+            resolved: &Resolved::default(),
+        };
+        add(&request, root)
     }
 
     #[test]
@@ -565,27 +262,9 @@ mod tests {
         )
         .unwrap();
         fs::write(ctx.join("b.xz"), XZ_TREE).unwrap();
-        let scratch = dir.path().join("scratch");
-        fs::create_dir_all(&scratch).unwrap();
         let run = |sources: &[&str], dest: &str, chown, unpack| {
             let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-            add(
-                &AddRequest {
-                    source: Source::Context(&ctx),
-                    sources: &sources,
-                    dest,
-                    chown,
-                    chmod: None,
-                    ignore: None,
-                    excludes: &[],
-                    keep_git_dir: false,
-                    checksum: None,
-                    unpack,
-                    scratch: &scratch,
-                    resolved: &Resolved::default(),
-                },
-                &root,
-            )
+            add_local(&ctx, &sources, dest, chown, unpack, &root)
         };
         run(&["a.tgz"], "/opt", None, None).unwrap();
         let f = fs::metadata(root.join("opt/d/f")).unwrap();
@@ -626,35 +305,6 @@ mod tests {
         assert!(root.join("kept/a.tgz").is_file());
     }
 
-    #[test]
-    fn checksums_are_parsed_and_verified() {
-        let zero = format!("sha256:{}", "0".repeat(64));
-        assert!(parse_checksum(&zero).is_ok());
-        assert!(parse_checksum("sha256:abc").is_err());
-        assert!(parse_checksum(&format!("md5:{}", "0".repeat(32))).is_err());
-        let hello = hex::encode(sha2::Sha256::digest(b"hello"));
-        let good = format!("sha256:{}", hello.to_uppercase());
-        assert!(verify("u", &good, "sha256", &hello).is_ok());
-        let err = verify("http://x/f", &zero, "sha256", &hello).unwrap_err();
-        assert!(err.contains("checksum mismatch for http://x/f"), "{err}");
-    }
-
-    #[test]
-    fn urls_name_files_and_dates_parse() {
-        assert_eq!(
-            file_name_of("https://h/a/b/file.tar.gz?x=1#y"),
-            "file.tar.gz"
-        );
-        assert_eq!(file_name_of("http://h/dir/"), "dir");
-        assert_eq!(file_name_of("http://h"), "download");
-        assert_eq!(file_name_of("http://h/a%20b"), "a b");
-        assert_eq!(
-            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784111777)
-        );
-        assert_eq!(parse_http_date("yesterday"), None);
-    }
-
     /// Serves `body` to `n` requests on 127.0.0.1; returns the base URL.
     fn serve(body: Vec<u8>, n: usize) -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -682,25 +332,8 @@ mod tests {
         let root = dir.path().join("root");
         fs::create_dir_all(&root).unwrap();
         let url = vec![format!("{base}/pkg.tar.gz")];
-        let run = |dest: &str, unpack| {
-            add(
-                &AddRequest {
-                    source: Source::Context(dir.path()),
-                    sources: &url,
-                    dest,
-                    chown: Some((5, 6)),
-                    chmod: None,
-                    ignore: None,
-                    excludes: &[],
-                    keep_git_dir: false,
-                    checksum: None,
-                    unpack,
-                    scratch: dir.path(),
-                    resolved: &Resolved::default(),
-                },
-                &root,
-            )
-        };
+        let run =
+            |dest: &str, unpack| add_local(dir.path(), &url, dest, Some((5, 6)), unpack, &root);
         run("/dl/", None).unwrap();
         let kept = fs::metadata(root.join("dl/pkg.tar.gz")).unwrap();
         assert_eq!(
@@ -712,29 +345,20 @@ mod tests {
     }
 
     #[test]
-    fn downloads_verify_their_checksum() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().take(2) {
-                let mut stream = stream.unwrap();
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf);
-                let _ = stream.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nConnection: close\r\n\r\nhello",
-                );
-            }
-        });
+    fn the_copy_rules_an_add_breaks_name_add() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("http://{addr}/files/greeting.txt");
-        let good = format!("sha256:{}", hex::encode(sha2::Sha256::digest(b"hello")));
-        let name = download(&url, Some(&good), dir.path()).unwrap();
-        assert_eq!(name, "greeting.txt");
-        let meta = fs::metadata(dir.path().join(&name)).unwrap();
-        assert_eq!(meta.mode() & 0o7777, 0o600);
-        assert_eq!(meta.mtime(), 784111777);
-        let bad = format!("sha256:{}", "1".repeat(64));
-        let err = download(&url, Some(&bad), dir.path()).unwrap_err();
-        assert!(err.contains("checksum mismatch"), "{err}");
+        fs::write(dir.path().join("a"), "a").unwrap();
+        fs::write(dir.path().join("b"), "b").unwrap();
+        let sources = ["a".to_string(), "b".to_string()];
+        for unpack in [None, Some(false)] {
+            let root = dir.path().join("root");
+            let err = add_local(dir.path(), &sources, "/file", None, unpack, &root)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("when using ADD with more than one source file"),
+                "{err}"
+            );
+        }
     }
 }

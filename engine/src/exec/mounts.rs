@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::context::Ignore;
 use crate::dockerfile::MountType;
-use crate::exec::copy::{self, CopyRequest, Source};
+use crate::exec::copy::{self, CopyError, CopyRequest, Source};
 use crate::exec::run::{MountPoints, StepMount};
 use crate::plan::{CopyFrom, PlannedMount};
 use crate::rootfs::{clean_relative, copy_tree, resolve_in_root};
@@ -15,6 +15,36 @@ use crate::rootfs::{clean_relative, copy_tree, resolve_in_root};
 pub enum SecretSource {
     File(PathBuf),
     Env(String),
+}
+
+/// Why a RUN's mounts could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount source {}: {source}", path.display())]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the cache mount for {id}")]
+    CacheCreate { id: String },
+    #[error("secret {id}: {}: {source}", path.display())]
+    SecretFile {
+        id: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("secret {id}: ${var} is not set")]
+    SecretEnvUnset { id: String, var: String },
+    #[error("secret {id} is required: pass --secret id={id},src=FILE")]
+    SecretRequired { id: String },
+    #[error("RUN --mount=type=ssh is not supported")]
+    Ssh,
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// Where the trees steps read are on disk: the stages and images that
@@ -57,17 +87,18 @@ pub(crate) fn prepare(
     env: &mut Vec<String>,
     scratch: &Path,
     inputs: &MountInputs,
-) -> Result<Vec<std::fs::File>, String> {
-    let io = |e: std::io::Error| e.to_string();
+) -> Result<Vec<std::fs::File>, MountError> {
     let mut locks = Vec::new();
     for (n, pm) in planned.iter().enumerate() {
         let m = &pm.mount;
-        let source_path = |from: &CopyFrom| -> Result<PathBuf, String> {
+        let source_path = |from: &CopyFrom| -> Result<PathBuf, MountError> {
             let src = Path::new(m.source.as_deref().unwrap_or("/"));
             let base = inputs.roots.get(from, inputs.context);
-            let path = resolve_in_root(&base, &clean_relative(src), true).map_err(io)?;
-            std::fs::symlink_metadata(&path)
-                .map_err(|e| format!("mount source {}: {e}", src.display()))?;
+            let path = resolve_in_root(&base, &clean_relative(src), true)?;
+            std::fs::symlink_metadata(&path).map_err(|source| MountError::Source {
+                path: src.to_path_buf(),
+                source,
+            })?;
             Ok(path)
         };
         let target = pm.target.as_deref();
@@ -80,7 +111,7 @@ pub(crate) fn prepare(
                     // The step sees the context as COPY does: without
                     // what .dockerignore hides (and the key hashes).
                     let filtered = scratch.join(format!("context-{n}"));
-                    std::fs::create_dir(&filtered).map_err(io)?;
+                    std::fs::create_dir(&filtered)?;
                     let wanted = [m.source.clone().unwrap_or_else(|| ".".into())];
                     copy::copy(
                         &CopyRequest {
@@ -90,7 +121,6 @@ pub(crate) fn prepare(
                             chown: None,
                             chmod: None,
                             ignore: Some(inputs.dockerignore),
-                            unpack: false,
                             excludes: &[],
                             parents: false,
                         },
@@ -105,15 +135,13 @@ pub(crate) fn prepare(
                     // the step gets a copy.
                     let copy = scratch.join(format!("bind-{n}"));
                     if file {
-                        std::fs::copy(&source, &copy).map_err(io)?;
+                        std::fs::copy(&source, &copy)?;
                     } else {
-                        copy_tree(&source, &copy).map_err(io)?;
+                        copy_tree(&source, &copy)?;
                     }
                     source = copy;
                 }
-                let target = mounts
-                    .mount_point(root, target.expect("binds have targets"), file)
-                    .map_err(io)?;
+                let target = mounts.mount_point(root, target.expect("binds have targets"), file)?;
                 mounts.extra.push(StepMount::Bind {
                     source,
                     target,
@@ -127,11 +155,11 @@ pub(crate) fn prepare(
                     .cache_dir
                     .join(blake3::hash(id.as_bytes()).to_hex().as_str());
                 let lock_path = dir.with_extension("lock");
-                std::fs::create_dir_all(inputs.cache_dir).map_err(io)?;
-                let lock = std::fs::File::create(&lock_path).map_err(io)?;
+                std::fs::create_dir_all(inputs.cache_dir)?;
+                let lock = std::fs::File::create(&lock_path)?;
                 let source = match m.sharing.as_deref() {
                     Some("locked") => {
-                        lock.lock().map_err(io)?;
+                        lock.lock()?;
                         locks.push(lock);
                         dir.clone()
                     }
@@ -148,28 +176,26 @@ pub(crate) fn prepare(
                 if !source.exists() {
                     let fresh = scratch.join(format!("fresh-{n}"));
                     match &pm.from {
-                        Some(from) => copy_tree(&source_path(from)?, &fresh).map_err(io)?,
-                        None => std::fs::create_dir(&fresh).map_err(io)?,
+                        Some(from) => copy_tree(&source_path(from)?, &fresh)?,
+                        None => std::fs::create_dir(&fresh)?,
                     }
                     std::os::unix::fs::chown(
                         &fresh,
                         Some(m.uid.unwrap_or(0)),
                         Some(m.gid.unwrap_or(0)),
-                    )
-                    .map_err(io)?;
+                    )?;
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(
                         &fresh,
                         std::fs::Permissions::from_mode(m.mode.unwrap_or(0o755)),
-                    )
-                    .map_err(io)?;
+                    )?;
                     // Renamed into place whole, so a racing build sees
                     // either no cache or a complete one.
                     if std::fs::rename(&fresh, &source).is_err() && !source.is_dir() {
-                        return Err(format!("cannot create the cache mount for {id}"));
+                        return Err(MountError::CacheCreate { id });
                     }
                 }
-                let target = mounts.mount_point(root, target_str, false).map_err(io)?;
+                let target = mounts.mount_point(root, target_str, false)?;
                 mounts.extra.push(StepMount::Bind {
                     source,
                     target,
@@ -177,9 +203,8 @@ pub(crate) fn prepare(
                 });
             }
             MountType::Tmpfs => {
-                let target = mounts
-                    .mount_point(root, target.expect("tmpfs mounts have targets"), false)
-                    .map_err(io)?;
+                let target =
+                    mounts.mount_point(root, target.expect("tmpfs mounts have targets"), false)?;
                 mounts.extra.push(StepMount::Tmpfs {
                     target,
                     size: m.size,
@@ -188,15 +213,21 @@ pub(crate) fn prepare(
             MountType::Secret => {
                 let id = m.id.as_deref().unwrap_or_default();
                 let content = match inputs.secrets.get(id) {
-                    Some(SecretSource::File(path)) => std::fs::read(path)
-                        .map_err(|e| format!("secret {id}: {}: {e}", path.display()))?,
+                    Some(SecretSource::File(path)) => {
+                        std::fs::read(path).map_err(|source| MountError::SecretFile {
+                            id: id.to_string(),
+                            path: path.clone(),
+                            source,
+                        })?
+                    }
                     Some(SecretSource::Env(var)) => std::env::var_os(var)
                         .map(|v| v.into_encoded_bytes())
-                        .ok_or_else(|| format!("secret {id}: ${var} is not set"))?,
+                        .ok_or_else(|| MountError::SecretEnvUnset {
+                            id: id.to_string(),
+                            var: var.clone(),
+                        })?,
                     None if m.required => {
-                        return Err(format!(
-                            "secret {id} is required: pass --secret id={id},src=FILE"
-                        ))
+                        return Err(MountError::SecretRequired { id: id.to_string() })
                     }
                     None => continue,
                 };
@@ -205,8 +236,8 @@ pub(crate) fn prepare(
                 }
                 if let Some(target) = target {
                     mounts.secret_stage = Some(scratch.join("secrets"));
-                    std::fs::create_dir_all(scratch.join("secrets")).map_err(io)?;
-                    let target = mounts.mount_point(root, target, true).map_err(io)?;
+                    std::fs::create_dir_all(scratch.join("secrets"))?;
+                    let target = mounts.mount_point(root, target, true)?;
                     mounts.extra.push(StepMount::Secret {
                         target,
                         content,
@@ -216,7 +247,7 @@ pub(crate) fn prepare(
                     });
                 }
             }
-            MountType::Ssh => return Err("RUN --mount=type=ssh is not supported".into()),
+            MountType::Ssh => return Err(MountError::Ssh),
         }
     }
     Ok(locks)

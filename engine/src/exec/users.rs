@@ -4,6 +4,15 @@ use std::path::Path;
 
 use crate::rootfs::resolve_in_root;
 
+/// A name the image's /etc/passwd or /etc/group does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("unable to find user {0}")]
+    NoUser(String),
+    #[error("unable to find group {0}")]
+    NoGroup(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub uid: u32,
@@ -78,7 +87,7 @@ fn groups(root: &Path) -> Vec<GroupEntry> {
         .collect()
 }
 
-fn lookup_group(root: &Path, spec: &str) -> Result<u32, String> {
+fn lookup_group(root: &Path, spec: &str) -> Result<u32, UserError> {
     if let Ok(gid) = spec.parse() {
         return Ok(gid);
     }
@@ -86,13 +95,13 @@ fn lookup_group(root: &Path, spec: &str) -> Result<u32, String> {
         .into_iter()
         .find(|g| g.name == spec)
         .map(|g| g.gid)
-        .ok_or_else(|| format!("unable to find group {spec}"))
+        .ok_or_else(|| UserError::NoGroup(spec.to_string()))
 }
 
 /// Resolves a USER value (`name`, `uid`, `name:group`, `uid:gid`) the way
 /// Docker does for running a process: a numeric uid with no passwd entry
 /// runs with gid 0.
-pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity, String> {
+pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity, UserError> {
     let spec = if spec.is_empty() { "root" } else { spec };
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -105,7 +114,7 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity, String> {
             entries
                 .into_iter()
                 .find(|e| e.name == user)
-                .ok_or_else(|| format!("unable to find user {user}"))?,
+                .ok_or_else(|| UserError::NoUser(user.to_string()))?,
         ),
     };
     let uid = entry
@@ -135,7 +144,7 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<Identity, String> {
 
 /// Resolves a `--chown` value: names are looked up in the target image; a
 /// user without a group gets the user's uid as gid, as Docker documents.
-pub fn resolve_chown(root: &Path, spec: &str) -> Result<(u32, u32), String> {
+pub fn resolve_chown(root: &Path, spec: &str) -> Result<(u32, u32), UserError> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -146,7 +155,7 @@ pub fn resolve_chown(root: &Path, spec: &str) -> Result<(u32, u32), String> {
             .into_iter()
             .find(|e| e.name == user)
             .map(|e| e.uid)
-            .ok_or_else(|| format!("unable to find user {user}"))?,
+            .ok_or_else(|| UserError::NoUser(user.to_string()))?,
     };
     let gid = match group {
         Some(g) => lookup_group(root, g)?,
