@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::{self, Descriptor, ResolvedManifest};
 use kiln_cachestore::remote::RemoteCache;
+use kiln_cachestore::state::{CacheMount, StateDir};
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient, StepEntry};
 
@@ -259,13 +260,11 @@ pub struct Builder<'a> {
     /// Held while the build runs: `kiln cache gc` removes only the work
     /// dirs whose lock it can take.
     _work_lock: std::fs::File,
-    /// `RUN --mount=type=cache` directories, kept across builds.
-    cache_mounts: PathBuf,
     /// The overlay snapshotter's unpacked layers (`None`: the walk
     /// snapshotter), decided when a step first has to run: a fully cached
     /// build never mounts the probe (its unmount alone syncs for ms).
     unpacked: std::sync::OnceLock<Option<UnpackedLayers>>,
-    state_dir: PathBuf,
+    state: StateDir,
     /// An empty dir: the lowest layer of a stack that has none.
     empty: PathBuf,
     /// The remote tier, when `--cache-repo` is given and caching is on.
@@ -285,13 +284,13 @@ pub struct Builder<'a> {
 impl<'a> Builder<'a> {
     pub fn new(
         options: &'a BuildOptions,
-        state_dir: &Path,
+        state: &StateDir,
         store: &'a BlobStore,
         index: &'a Index,
         registry: &'a RegistryClient,
         on_event: &'a (dyn Fn(Event) + Sync),
     ) -> Result<Self, BuildError> {
-        let builds = state_dir.join("builds");
+        let builds = state.path().join("builds");
         std::fs::create_dir_all(&builds).at(&builds)?;
         let work = tempfile::Builder::new()
             .prefix("build-")
@@ -315,9 +314,8 @@ impl<'a> Builder<'a> {
             on_event,
             counters: Counters::default(),
             _work_lock: work_lock,
-            cache_mounts: state_dir.join("mounts"),
             unpacked: std::sync::OnceLock::new(),
-            state_dir: state_dir.to_path_buf(),
+            state: state.clone(),
             empty,
             remote,
             etc,
@@ -343,7 +341,7 @@ impl<'a> Builder<'a> {
             return Ok(decided.as_ref());
         }
         let decided = match Self::overlay_usable(self.options, self.work.path(), &self.empty) {
-            Ok(true) => Some(UnpackedLayers::open(&self.state_dir)?),
+            Ok(true) => Some(UnpackedLayers::open(&self.state)?),
             Ok(false) => None,
             Err(why) if self.options.snapshotter == Snapshotter::Overlay => {
                 return Err(BuildError::Invalid(format!(
@@ -1576,11 +1574,11 @@ impl<'a> Builder<'a> {
                 MountType::Cache => {
                     let target_str = target.expect("caches have targets");
                     let id = m.id.clone().unwrap_or_else(|| target_str.to_string());
-                    let dir = self
-                        .cache_mounts
-                        .join(blake3::hash(id.as_bytes()).to_hex().as_str());
-                    let lock_path = dir.with_extension("lock");
-                    std::fs::create_dir_all(&self.cache_mounts).map_err(io)?;
+                    let CacheMount {
+                        dir,
+                        lock: lock_path,
+                    } = self.state.cache_mount(&id);
+                    std::fs::create_dir_all(self.state.mounts()).map_err(io)?;
                     let lock = std::fs::File::create(&lock_path).map_err(io)?;
                     let source = match m.sharing.as_deref() {
                         Some("locked") => {
