@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use crate::blobs::BlobStore;
 use crate::error::{IoContext, Result};
 use crate::index::{now_secs, Index, StepEntry};
-use crate::state::StateDir;
+use crate::state::{BuildDir, StateDir};
 use crate::unpacked::UnpackedLayers;
 
 /// Blobs younger than this are never collected: a running build may have
@@ -143,26 +143,21 @@ fn referenced(entries: &[(String, StepEntry)]) -> HashSet<String> {
         .collect()
 }
 
-/// A build holds a lock on `builds/<dir>/lock` while it runs; a dir whose
-/// lock can be taken belongs to a build that died. Returns (removed, live).
+/// A build holds its work dir's lock while it runs ([`StateDir::new_build`]);
+/// a dir whose lock can be taken belongs to a build that died. Returns
+/// (removed, live).
 fn remove_abandoned_builds(state: &StateDir) -> Result<(usize, usize)> {
-    let builds = state.path().join("builds");
-    let Ok(dirs) = fs::read_dir(&builds) else {
-        return Ok((0, 0));
-    };
     let (mut removed, mut live) = (0, 0);
-    for dir in dirs.flatten() {
-        let lock_path = dir.path().join("lock");
-        let abandoned = match fs::File::open(&lock_path) {
-            Ok(lock) => lock.try_lock().is_ok(),
+    for dir in state.build_dirs() {
+        let abandoned = match BuildDir::running(&dir) {
+            Some(running) => !running,
             // No lock file yet: only an old dir is certainly abandoned.
-            Err(_) => dir
-                .metadata()
+            None => fs::symlink_metadata(&dir)
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > GRACE)),
         };
         if abandoned {
-            fs::remove_dir_all(dir.path()).at(dir.path())?;
+            fs::remove_dir_all(&dir).at(&dir)?;
             removed += 1;
         } else {
             live += 1;

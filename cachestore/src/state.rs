@@ -9,7 +9,7 @@
 //! builds/build-*  running builds' work dirs, each holding builds/build-*/lock
 //! context-*       contexts fetched for a build (tar, git), for its length
 //! ```
-use std::fs;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
@@ -19,6 +19,9 @@ const INDEX: &str = "index";
 const INDEX_LOCK: &str = "index.lock";
 const UNPACKED: &str = "unpacked";
 const MOUNTS: &str = "mounts";
+const BUILDS: &str = "builds";
+/// Held by a build for as long as it runs, in its work dir.
+const BUILD_LOCK: &str = "lock";
 
 /// The state dir: the blob store, the cache index, unpacked layers, cache
 /// mounts and the work dirs of running builds.
@@ -86,6 +89,35 @@ impl StateDir {
         }
     }
 
+    /// The work dirs of builds: see [`StateDir::new_build`].
+    pub fn builds(&self) -> PathBuf {
+        self.root.join(BUILDS)
+    }
+
+    /// A work dir for a new build, `builds/build-*`, with its lock held
+    /// until the [`BuildDir`] is dropped, which removes the dir.
+    pub fn new_build(&self) -> Result<BuildDir> {
+        let builds = self.builds();
+        fs::create_dir_all(&builds).at(&builds)?;
+        let dir = tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(&builds)
+            .at(&builds)?;
+        let lock_path = dir.path().join(BUILD_LOCK);
+        let lock = File::create(&lock_path).at(&lock_path)?;
+        lock.lock().at(&lock_path)?;
+        Ok(BuildDir { dir, _lock: lock })
+    }
+
+    /// The work dirs in `builds/`, of running builds and of dead ones.
+    pub(crate) fn build_dirs(&self) -> impl Iterator<Item = PathBuf> {
+        fs::read_dir(self.builds())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+    }
+
     /// A directory for a context a build fetched (a tarball's, a Git
     /// checkout), removed when dropped.
     pub fn new_context_dir(&self) -> Result<tempfile::TempDir> {
@@ -93,5 +125,26 @@ impl StateDir {
             .prefix("context-")
             .tempdir_in(&self.root)
             .at(&self.root)
+    }
+}
+
+/// A running build's work dir: locked while it lives, so that `kiln cache
+/// gc` leaves it alone, and removed when it is dropped.
+pub struct BuildDir {
+    // Fields drop in order: the dir goes before its lock is let go.
+    dir: tempfile::TempDir,
+    _lock: File,
+}
+
+impl BuildDir {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether the build that made the work dir `dir` still runs (holds
+    /// its lock); `None` when the dir has no lock file (yet).
+    pub(crate) fn running(dir: &Path) -> Option<bool> {
+        let lock = File::open(dir.join(BUILD_LOCK)).ok()?;
+        Some(lock.try_lock().is_err())
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::{self, Descriptor, ResolvedManifest};
 use kiln_cachestore::remote::RemoteCache;
-use kiln_cachestore::state::{CacheMount, StateDir};
+use kiln_cachestore::state::{BuildDir, CacheMount, StateDir};
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient, StepEntry};
 
@@ -255,11 +255,9 @@ pub struct Builder<'a> {
     registry: &'a RegistryClient,
     on_event: &'a (dyn Fn(Event) + Sync),
     counters: Counters,
-    /// This build's scratch space under the state dir, removed on drop.
-    work: tempfile::TempDir,
-    /// Held while the build runs: `kiln cache gc` removes only the work
-    /// dirs whose lock it can take.
-    _work_lock: std::fs::File,
+    /// This build's scratch space under the state dir, locked while the
+    /// build runs (`kiln cache gc` spares it) and removed on drop.
+    work: BuildDir,
     /// The overlay snapshotter's unpacked layers (`None`: the walk
     /// snapshotter), decided when a step first has to run: a fully cached
     /// build never mounts the probe (its unmount alone syncs for ms).
@@ -290,15 +288,7 @@ impl<'a> Builder<'a> {
         registry: &'a RegistryClient,
         on_event: &'a (dyn Fn(Event) + Sync),
     ) -> Result<Self, BuildError> {
-        let builds = state.path().join("builds");
-        std::fs::create_dir_all(&builds).at(&builds)?;
-        let work = tempfile::Builder::new()
-            .prefix("build-")
-            .tempdir_in(&builds)
-            .at(&builds)?;
-        let lock_path = work.path().join("lock");
-        let work_lock = std::fs::File::create(&lock_path).at(&lock_path)?;
-        work_lock.lock().at(&lock_path)?;
+        let work = state.new_build()?;
         let etc = EtcFiles::create(&work.path().join("etc"), HOSTNAME).at(work.path())?;
         let remote = match &options.cache_repo {
             Some(repo) if options.cache => Some(RemoteCache::new(registry, repo)?),
@@ -313,7 +303,6 @@ impl<'a> Builder<'a> {
             registry,
             on_event,
             counters: Counters::default(),
-            _work_lock: work_lock,
             unpacked: std::sync::OnceLock::new(),
             state: state.clone(),
             empty,
