@@ -207,10 +207,10 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
 pub fn prune(state: &StateDir, store: &BlobStore, index: &Index) -> Result<GcReport> {
     let (build_dirs_removed, live_builds) = remove_abandoned_builds(state)?;
     if live_builds > 0 {
-        return Err(crate::CacheStoreError::Busy(format!(
-            "{live_builds} build(s) are using {}: prune when they are done",
-            state.path().display()
-        )));
+        return Err(crate::CacheStoreError::Busy {
+            state_dir: state.path().to_path_buf(),
+            live_builds,
+        });
     }
     let entries_removed = index.step_count()?;
     index.clear()?;

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CacheStoreError, IoContext, Result};
+use crate::error::{CacheStoreError, Cause, IoContext, Result};
 use crate::manifest::Layer;
 use crate::state::StateDir;
 
@@ -88,10 +88,10 @@ impl Index {
         })
     }
 
-    fn error(&self, e: impl ToString) -> CacheStoreError {
+    fn error(&self, e: impl Into<Cause>) -> CacheStoreError {
         CacheStoreError::Index {
             path: self.path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         }
     }
 

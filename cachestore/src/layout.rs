@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 
 use crate::blobs::BlobStore;
 use crate::digest;
-use crate::error::{CacheStoreError, IoContext, Result};
+use crate::error::{CacheStoreError, Cause, IoContext, Result};
 use crate::manifest::{self, Descriptor, ImageIndex, Parsed, Platform, ResolvedManifest};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-fn layout_error(path: &Path, message: impl ToString) -> CacheStoreError {
+fn layout_error(path: &Path, cause: impl Into<Cause>) -> CacheStoreError {
     CacheStoreError::Layout {
         path: path.to_path_buf(),
-        message: message.to_string(),
+        source: cause.into(),
     }
 }
 
