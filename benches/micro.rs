@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
-use kiln_cachestore::{BlobStore, Index, Platform, StepEntry};
+use kiln_cachestore::{BlobStore, Index, Platform, StateDir, StepEntry};
 use kiln_engine::dockerfile::{self, StageGraph};
 use kiln_engine::key::{self, KeyInputs};
 use kiln_engine::layer::{Compression, LayerWriter};
@@ -60,7 +60,7 @@ fn tree_100k() -> &'static Path {
 fn context_hashing(c: &mut Criterion) {
     let tree = tree_100k();
     let state = tempfile::tempdir().unwrap();
-    let index = Index::open(state.path()).unwrap();
+    let index = Index::open(&StateDir::open(state.path()).unwrap()).unwrap();
     // 10k files: the tree's first ten directories.
     let ten: Vec<PathBuf> = (0..10).map(|d| tree.join(format!("d{d:03}"))).collect();
     for (name, sources, files) in [
@@ -140,7 +140,7 @@ fn layer_writing(c: &mut Criterion) {
         rels.push(rel);
     }
     let store_dir = tmp.path().join("state");
-    let store = BlobStore::open(&store_dir).unwrap();
+    let store = BlobStore::open(&StateDir::open(store_dir).unwrap()).unwrap();
 
     let mut g = c.benchmark_group("layer_write_16MiB");
     g.sample_size(10);
@@ -214,7 +214,7 @@ fn cache_keys(c: &mut Criterion) {
 
 fn index_lookups(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
-    let index = Index::open(tmp.path()).unwrap();
+    let index = Index::open(&StateDir::open(tmp.path()).unwrap()).unwrap();
     let entries: Vec<(String, StepEntry)> = (0..2000)
         .map(|i| {
             let k = key::KeyHasher::new("bench")

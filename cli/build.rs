@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
-use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
+use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions, StateDir};
 use kiln_engine::build::{
     overlay_wanted, BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter,
 };
@@ -83,6 +83,14 @@ pub fn default_state_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"))
         .join("kiln")
+}
+
+/// The state dir `--cache-dir` names (the default one without it), made if
+/// it is not there.
+pub fn open_state_dir(cache_dir: Option<&Path>) -> Result<StateDir> {
+    let path = cache_dir.map_or_else(default_state_dir, Path::to_path_buf);
+    // The error names the path.
+    StateDir::open(path).context("--cache-dir")
 }
 
 pub fn parse_platform(spec: Option<&str>) -> Result<Platform> {
@@ -382,14 +390,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
         .iter()
         .map(|d| parse_reference(d).with_context(|| format!("--destination {d}")))
         .collect::<Result<Vec<_>>>()?;
-    let state_dir = a.cache_dir.clone().unwrap_or_else(default_state_dir);
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let state = open_state_dir(a.cache_dir.as_deref())?;
     // A fetched context (tar, git) lives as long as the build.
-    let scratch = tempfile::Builder::new()
-        .prefix("context-")
-        .tempdir_in(&state_dir)
-        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let scratch = state.new_context_dir().context("--cache-dir")?;
     let git = crate::context::GitOptions::parse(&a.git)?;
     let context = crate::context::resolve(
         &a.context,
@@ -404,8 +407,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         given if !given.exists() && given.is_relative() => context.join(given),
         given => given.clone(),
     };
-    let dockerignore = kiln_engine::context::Ignore::load(&context, Some(&dockerfile_path))
-        .map_err(anyhow::Error::msg)?;
+    let dockerignore = kiln_engine::context::Ignore::load(&context, Some(&dockerfile_path))?;
     let ignore_paths = a
         .ignore_paths
         .iter()
@@ -463,10 +465,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
     }
     let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?);
-    let store = BlobStore::open(&state_dir)
-        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
-    let index =
-        Index::open(&state_dir).with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let at = || format!("--cache-dir {}", state.path().display());
+    let store = BlobStore::open(&state).with_context(at)?;
+    let index = Index::open(&state).with_context(at)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -479,7 +480,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
             }
             registry.prepare(&pushed_to).await?;
         }
-        let builder = Builder::new(&options, &state_dir, &store, &index, &registry, &render)?;
+        let builder = Builder::new(&options, &state, &store, &index, &registry, &render)?;
         let image = builder.build().await?;
         let outputs_started = Instant::now();
         let tags: Vec<String> = destinations.iter().map(|d| d.whole()).collect();

@@ -7,7 +7,7 @@ use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::{gc, BlobStore, Index};
 
 use crate::args::{CacheArgs, CacheCommand};
-use crate::build::default_state_dir;
+use crate::build::open_state_dir;
 
 /// `10GiB`, `500M`, `1024`: binary units, as BuildKit reads sizes.
 fn parse_size(flag: &str, s: &str) -> Result<u64> {
@@ -39,16 +39,16 @@ pub fn run(a: CacheArgs) -> Result<()> {
             forked => crate::build::enter_user_namespace(forked)?,
         }
     }
-    let state_dir = a.cache_dir.clone().unwrap_or_else(default_state_dir);
-    let at = || format!("--cache-dir {}", state_dir.display());
-    let store = BlobStore::open(&state_dir).with_context(at)?;
-    let index = Index::open(&state_dir).with_context(at)?;
+    let state = open_state_dir(a.cache_dir.as_deref())?;
+    let at = || format!("--cache-dir {}", state.path().display());
+    let store = BlobStore::open(&state).with_context(at)?;
+    let index = Index::open(&state).with_context(at)?;
     match a.command {
         CacheCommand::Stats => {
             let s = gc::stats(&store, &index)?;
             println!("entries: {}", s.entries);
             println!("blobs:   {} ({})", s.blobs, human(s.blob_bytes));
-            let unpacked = UnpackedLayers::open(&state_dir).with_context(at)?.count()?;
+            let unpacked = UnpackedLayers::open(&state).with_context(at)?.count()?;
             println!("unpacked layers: {unpacked}");
         }
         CacheCommand::Ls => {
@@ -70,7 +70,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
                 .as_deref()
                 .map(|s| parse_size("--max-size", s))
                 .transpose()?;
-            let r = gc::gc(&state_dir, &store, &index, older_than.into(), max)?;
+            let r = gc::gc(&state, &store, &index, older_than.into(), max)?;
             println!(
                 "removed {} entries, {} blobs ({}), {} unpacked layers, {} abandoned build dirs",
                 r.entries_removed,
@@ -97,7 +97,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
             }
         }
         CacheCommand::Prune => {
-            let r = gc::prune(&state_dir, &store, &index)?;
+            let r = gc::prune(&state, &store, &index)?;
             println!(
                 "removed {} entries, {} blobs ({}), {} unpacked layers",
                 r.entries_removed,

@@ -1,6 +1,5 @@
 //! `kiln warm`: pull base images into the store before any build needs
 //! them, so CI nodes start warm.
-use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
@@ -8,7 +7,7 @@ use kiln_cachestore::{warm, BlobStore, Index, RegistryClient};
 use kiln_engine::dockerfile::BaseRef;
 
 use crate::args::{FrontendArgs, WarmArgs};
-use crate::build::{default_state_dir, parse_platform, registry_options, resolve_graph};
+use crate::build::{open_state_dir, parse_platform, registry_options, resolve_graph};
 
 /// Every image a Dockerfile's stages start from or copy from (only those
 /// the `--target` needs when one is given).
@@ -42,11 +41,10 @@ pub fn run(a: WarmArgs) -> Result<()> {
     if images.is_empty() {
         bail!("nothing to warm: give --image REF or --dockerfile FILE");
     }
-    let state_dir: PathBuf = a.cache_dir.clone().unwrap_or_else(default_state_dir);
-    let store = BlobStore::open(&state_dir)
-        .with_context(|| format!("--cache-dir {}", state_dir.display()))?;
-    let index =
-        Index::open(&state_dir).with_context(|| format!("--cache-dir {}", state_dir.display()))?;
+    let state = open_state_dir(a.cache_dir.as_deref())?;
+    let at = || format!("--cache-dir {}", state.path().display());
+    let store = BlobStore::open(&state).with_context(at)?;
+    let index = Index::open(&state).with_context(at)?;
     let registry = RegistryClient::new(registry_options(&a.registry, Vec::new())?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,7 +12,7 @@ use base64::Engine;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 
-use crate::error::{CacheStoreError, RegistryFailure, Result};
+use crate::error::{CacheStoreError, Cause, RegistryFailure, Result};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -79,11 +79,32 @@ fn helper_server(registry: &str) -> String {
     }
 }
 
-fn config_error(path: &Path, message: impl Into<String>) -> CacheStoreError {
+fn config_error(path: &Path, cause: impl Into<Cause>) -> CacheStoreError {
     CacheStoreError::Malformed {
         what: path.display().to_string(),
-        message: message.into(),
+        source: cause.into(),
     }
+}
+
+/// Why a credential helper gave no credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("{program} get failed ({status})")]
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+    },
+    /// serde's error is left out: the answer holds the secret.
+    #[error("{program} get printed no Username/Secret JSON")]
+    NoCredentials { program: String },
 }
 
 /// Credentials for `registry` (`host[:port]`) from the Docker config.
@@ -95,10 +116,9 @@ pub fn credentials_for(registry: &str) -> Result<RegistryAuth> {
 }
 
 pub fn credentials_in(path: &Path, registry: &str) -> Result<RegistryAuth> {
-    let text = std::fs::read(path).map_err(|e| config_error(path, e.to_string()))?;
+    let text = std::fs::read(path).map_err(|e| config_error(path, e))?;
     // serde's message names the position, never the value.
-    let config: DockerConfig =
-        serde_json::from_slice(&text).map_err(|e| config_error(path, e.to_string()))?;
+    let config: DockerConfig = serde_json::from_slice(&text).map_err(|e| config_error(path, e))?;
     let wanted = normalize(registry);
     let helper = config
         .cred_helpers
@@ -137,11 +157,11 @@ pub fn credentials_in(path: &Path, registry: &str) -> Result<RegistryAuth> {
 /// anonymous access, as with Docker.
 fn from_helper(helper: &str, registry: &str) -> Result<RegistryAuth> {
     let program = format!("docker-credential-{helper}");
-    let failed = |message: String| CacheStoreError::Registry {
+    let failed = |cause: HelperError| CacheStoreError::Registry {
         registry: registry.to_string(),
         operation: "get credentials",
         reference: program.clone(),
-        message,
+        source: Box::new(cause),
         failure: RegistryFailure::Permanent,
         retry_after: None,
     };
@@ -151,26 +171,35 @@ fn from_helper(helper: &str, registry: &str) -> Result<RegistryAuth> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| failed(format!("cannot run {program}: {e}")))?;
+        .map_err(|source| {
+            failed(HelperError::Spawn {
+                program: program.clone(),
+                source,
+            })
+        })?;
     child
         .stdin
         .take()
         .expect("stdin is piped")
         .write_all(helper_server(registry).as_bytes())
-        .map_err(|e| failed(e.to_string()))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| failed(e.into()))?;
+    let out = child.wait_with_output().map_err(|e| failed(e.into()))?;
     if !out.status.success() {
         let said = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         if said.to_ascii_lowercase().contains("credentials not found") {
             return Ok(RegistryAuth::Anonymous);
         }
-        return Err(failed(format!("{program} get failed ({})", out.status)));
+        return Err(failed(HelperError::Failed {
+            program: program.clone(),
+            status: out.status,
+        }));
     }
-    let answer: HelperAnswer = serde_json::from_slice(&out.stdout)
-        .map_err(|_| failed(format!("{program} get printed no Username/Secret JSON")))?;
+    let answer: HelperAnswer = serde_json::from_slice(&out.stdout).map_err(|_| {
+        failed(HelperError::NoCredentials {
+            program: program.clone(),
+        })
+    })?;
     Ok(match answer.username.as_str() {
         "<token>" => RegistryAuth::Bearer(answer.secret),
         _ => RegistryAuth::Basic(answer.username, answer.secret),

@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::{self, HashingWriter};
 use crate::error::{CacheStoreError, IoContext, Result};
+use crate::state::StateDir;
+
+/// Under the store's directory: the blobs by digest, and writes under way.
+const SHA256: &str = "sha256";
+const TMP: &str = "tmp";
 
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -23,12 +28,23 @@ pub struct StoredBlob {
 }
 
 impl BlobStore {
-    pub fn open(state_dir: &Path) -> Result<Self> {
-        let root = state_dir.join("blobs");
-        for dir in [root.join("sha256"), root.join("tmp")] {
+    pub fn open(state: &StateDir) -> Result<Self> {
+        let root = state.blobs();
+        let store = Self { root };
+        for dir in [store.sha256_dir(), store.tmp_dir()] {
             fs::create_dir_all(&dir).at(&dir)?;
         }
-        Ok(Self { root })
+        Ok(store)
+    }
+
+    /// Where blobs are, each named by its digest's hex.
+    pub(crate) fn sha256_dir(&self) -> PathBuf {
+        self.root.join(SHA256)
+    }
+
+    /// Where blobs are written before they are checked and moved in.
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.root.join(TMP)
     }
 
     /// The store's own directory (`blobs/` under the state dir).
@@ -37,7 +53,7 @@ impl BlobStore {
     }
 
     pub fn path(&self, digest: &str) -> Result<PathBuf> {
-        Ok(self.root.join("sha256").join(digest::validate(digest)?))
+        Ok(self.sha256_dir().join(digest::validate(digest)?))
     }
 
     pub fn contains(&self, digest: &str) -> Result<bool> {
@@ -71,7 +87,7 @@ impl BlobStore {
 
     /// Starts a streamed write; nothing is visible until [`BlobWriter::commit`].
     pub fn writer(&self) -> Result<BlobWriter> {
-        let dir = self.root.join("tmp");
+        let dir = self.tmp_dir();
         let tmp = tempfile::NamedTempFile::new_in(&dir).at(&dir)?;
         let tmp_path = tmp.path().to_path_buf();
         Ok(BlobWriter {
@@ -145,7 +161,8 @@ mod tests {
     #[test]
     fn put_read_and_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
         let blob = store.put(b"layer bytes").unwrap();
         assert_eq!(blob.digest, digest::sha256_digest(b"layer bytes"));
         assert_eq!(store.read(&blob.digest).unwrap(), b"layer bytes");
@@ -155,7 +172,8 @@ mod tests {
     #[test]
     fn a_wrong_digest_is_never_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
         let mut w = store.writer().unwrap();
         w.write_all(b"abc").unwrap();
         let expected = digest::sha256_digest(b"abd");
@@ -174,7 +192,8 @@ mod tests {
     #[test]
     fn a_corrupted_blob_is_removed_by_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
         let blob = store.put(b"good").unwrap();
         fs::write(store.path(&blob.digest).unwrap(), b"bad").unwrap();
         assert!(!store.verify(&blob.digest).unwrap());

@@ -2,12 +2,12 @@
 //! verification after crashes, and pruning.
 use std::collections::HashSet;
 use std::fs;
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::blobs::BlobStore;
 use crate::error::{IoContext, Result};
 use crate::index::{now_secs, Index, StepEntry};
+use crate::state::{BuildDir, StateDir};
 use crate::unpacked::UnpackedLayers;
 
 /// Blobs younger than this are never collected: a running build may have
@@ -50,7 +50,7 @@ impl VerifyReport {
 
 /// Every stored blob: (digest, size, modified).
 fn blobs(store: &BlobStore) -> Result<Vec<(String, u64, SystemTime)>> {
-    let dir = store.root().join("sha256");
+    let dir = store.sha256_dir();
     let mut out = Vec::new();
     for entry in fs::read_dir(&dir).at(&dir)? {
         let entry = entry.at(&dir)?;
@@ -77,17 +77,17 @@ pub fn stats(store: &BlobStore, index: &Index) -> Result<Stats> {
 /// `max_size` the least recently used until blobs and unpacked layers
 /// together fit.
 pub fn gc(
-    state_dir: &Path,
+    state: &StateDir,
     store: &BlobStore,
     index: &Index,
     older_than: Duration,
     max_size: Option<u64>,
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
-    (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state_dir)?;
+    (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state)?;
     // Unpacked layers are left alone while a build may be stacking them.
     let unpacked = match report.live_builds {
-        0 => Some(UnpackedLayers::open(state_dir)?),
+        0 => Some(UnpackedLayers::open(state)?),
         _ => None,
     };
     if let Some(unpacked) = &unpacked {
@@ -143,26 +143,21 @@ fn referenced(entries: &[(String, StepEntry)]) -> HashSet<String> {
         .collect()
 }
 
-/// A build holds a lock on `builds/<dir>/lock` while it runs; a dir whose
-/// lock can be taken belongs to a build that died. Returns (removed, live).
-fn remove_abandoned_builds(state_dir: &Path) -> Result<(usize, usize)> {
-    let builds = state_dir.join("builds");
-    let Ok(dirs) = fs::read_dir(&builds) else {
-        return Ok((0, 0));
-    };
+/// A build holds its work dir's lock while it runs ([`StateDir::new_build`]);
+/// a dir whose lock can be taken belongs to a build that died. Returns
+/// (removed, live).
+fn remove_abandoned_builds(state: &StateDir) -> Result<(usize, usize)> {
     let (mut removed, mut live) = (0, 0);
-    for dir in dirs.flatten() {
-        let lock_path = dir.path().join("lock");
-        let abandoned = match fs::File::open(&lock_path) {
-            Ok(lock) => lock.try_lock().is_ok(),
+    for dir in state.build_dirs() {
+        let abandoned = match BuildDir::running(&dir) {
+            Some(running) => !running,
             // No lock file yet: only an old dir is certainly abandoned.
-            Err(_) => dir
-                .metadata()
+            None => fs::symlink_metadata(&dir)
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > GRACE)),
         };
         if abandoned {
-            fs::remove_dir_all(dir.path()).at(dir.path())?;
+            fs::remove_dir_all(&dir).at(&dir)?;
             removed += 1;
         } else {
             live += 1;
@@ -192,7 +187,7 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
     }
     report.entries_without_blobs = orphans.len();
     index.remove_steps(&orphans)?;
-    let tmp = store.root().join("tmp");
+    let tmp = store.tmp_dir();
     for entry in fs::read_dir(&tmp).at(&tmp)?.flatten() {
         let old = entry
             .metadata()
@@ -209,13 +204,13 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
 /// base-image caches), every blob, the unpacked layers, the work dirs of
 /// dead builds and the `RUN --mount=type=cache` directories. Refused while
 /// a build runs, with nothing removed but dead builds' work dirs.
-pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcReport> {
-    let (build_dirs_removed, live_builds) = remove_abandoned_builds(state_dir)?;
+pub fn prune(state: &StateDir, store: &BlobStore, index: &Index) -> Result<GcReport> {
+    let (build_dirs_removed, live_builds) = remove_abandoned_builds(state)?;
     if live_builds > 0 {
-        return Err(crate::CacheStoreError::Busy(format!(
-            "{live_builds} build(s) are using {}: prune when they are done",
-            state_dir.display()
-        )));
+        return Err(crate::CacheStoreError::Busy {
+            state_dir: state.path().to_path_buf(),
+            live_builds,
+        });
     }
     let entries_removed = index.step_count()?;
     index.clear()?;
@@ -230,8 +225,8 @@ pub fn prune(state_dir: &Path, store: &BlobStore, index: &Index) -> Result<GcRep
         report.blobs_removed += 1;
         report.bytes_freed += size;
     }
-    report.unpacked_removed = UnpackedLayers::open(state_dir)?.gc(Duration::ZERO)?;
-    let mounts = state_dir.join("mounts");
+    report.unpacked_removed = UnpackedLayers::open(state)?.gc(Duration::ZERO)?;
+    let mounts = state.mounts();
     if mounts.exists() {
         fs::remove_dir_all(&mounts).at(&mounts)?;
     }
@@ -272,8 +267,9 @@ mod tests {
     #[test]
     fn gc_removes_expired_entries_and_unreferenced_old_blobs() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
+        let index = Index::open(&state).unwrap();
         let kept = store.put(b"kept").unwrap().digest;
         let expired = store.put(b"expired").unwrap().digest;
         let fresh_orphan = store.put(b"being written by a build").unwrap().digest;
@@ -292,7 +288,7 @@ mod tests {
             .put_steps(&[("used".into(), entry_for(&kept, now - 10 * 86400))])
             .unwrap();
         index.touch_steps(&["used".into()]).unwrap();
-        let report = gc(dir.path(), &store, &index, Duration::from_secs(86400), None).unwrap();
+        let report = gc(&state, &store, &index, Duration::from_secs(86400), None).unwrap();
         assert_eq!((report.entries_removed, report.blobs_removed), (1, 1));
         assert_eq!(stats(&store, &index).unwrap().entries, 2);
         assert!(store.contains(&kept).unwrap());
@@ -303,8 +299,9 @@ mod tests {
     #[test]
     fn verify_repairs_what_a_crash_or_bit_rot_left() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
+        let index = Index::open(&state).unwrap();
         let good = store.put(b"good").unwrap().digest;
         let bad = store.put(b"bad").unwrap().digest;
         fs::write(store.path(&bad).unwrap(), b"rotten").unwrap();
@@ -328,8 +325,9 @@ mod tests {
     #[test]
     fn prune_waits_for_live_builds_then_empties_the_whole_index() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
+        let index = Index::open(&state).unwrap();
         let digest = format!("sha256:{}", "a".repeat(64));
         let key = "k".to_string();
         index
@@ -344,10 +342,10 @@ mod tests {
         fs::write(live.join("lock"), b"").unwrap();
         let held = fs::File::open(live.join("lock")).unwrap();
         held.lock().unwrap();
-        assert!(prune(dir.path(), &store, &index).is_err());
+        assert!(prune(&state, &store, &index).is_err());
         assert!(index.get_steps(std::slice::from_ref(&key)).unwrap()[0].is_some());
         drop(held);
-        let report = prune(dir.path(), &store, &index).unwrap();
+        let report = prune(&state, &store, &index).unwrap();
         assert_eq!(report.entries_removed, 1);
         assert!(index.get_steps(std::slice::from_ref(&key)).unwrap()[0].is_none());
         assert_eq!(index.last_used(std::slice::from_ref(&key)).unwrap(), [None]);
@@ -357,6 +355,7 @@ mod tests {
     #[test]
     fn abandoned_build_dirs_are_removed_and_live_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
         let live = dir.path().join("builds/build-live");
         let dead = dir.path().join("builds/build-dead");
         for d in [&live, &dead] {
@@ -365,7 +364,7 @@ mod tests {
         }
         let held = fs::File::open(live.join("lock")).unwrap();
         held.lock().unwrap();
-        assert_eq!(remove_abandoned_builds(dir.path()).unwrap(), (1, 1));
+        assert_eq!(remove_abandoned_builds(&state).unwrap(), (1, 1));
         assert!(live.exists() && !dead.exists());
     }
 }

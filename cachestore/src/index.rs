@@ -8,14 +8,15 @@
 //! wait on instead of failing. (A read-only open alongside a writer can
 //! find the files its MANIFEST names already compacted away.)
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CacheStoreError, IoContext, Result};
+use crate::error::{CacheStoreError, Cause, IoContext, Result};
 use crate::manifest::Layer;
+use crate::state::StateDir;
 
 /// Column family of step entries, by cache key.
 const STEPS: &str = "steps";
@@ -80,18 +81,17 @@ struct ReadOnly {
 }
 
 impl Index {
-    pub fn open(state_dir: &Path) -> Result<Index> {
-        std::fs::create_dir_all(state_dir).at(state_dir)?;
+    pub fn open(state: &StateDir) -> Result<Index> {
         Ok(Index {
-            path: state_dir.join("index"),
-            lock: state_dir.join("index.lock"),
+            path: state.index(),
+            lock: state.index_lock(),
         })
     }
 
-    fn error(&self, e: impl ToString) -> CacheStoreError {
+    fn error(&self, e: impl Into<Cause>) -> CacheStoreError {
         CacheStoreError::Index {
             path: self.path.clone(),
-            message: e.to_string(),
+            source: e.into(),
         }
     }
 
@@ -366,7 +366,8 @@ mod tests {
     #[test]
     fn records_and_finds_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let index = Index::open(&state).unwrap();
         let keys = vec!["a".to_string(), "b".to_string(), "c".to_string()];
         assert_eq!(index.get_steps(&keys).unwrap(), vec![None, None, None]);
         let a = StepEntry::new(Some(layer(1)));
@@ -383,7 +384,8 @@ mod tests {
     #[test]
     fn removed_steps_take_their_use_records_along() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let index = Index::open(&state).unwrap();
         let keys = ["a".to_string(), "b".to_string()];
         index
             .put_steps(&keys.clone().map(|k| (k, StepEntry::new(Some(layer(1))))))
@@ -397,7 +399,8 @@ mod tests {
     #[test]
     fn a_use_within_the_hour_is_not_written_again() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let index = Index::open(&state).unwrap();
         let keys = ["recent".to_string(), "old".to_string()];
         let now = now_secs();
         index
@@ -415,7 +418,8 @@ mod tests {
     #[test]
     fn writers_in_many_threads_all_land() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let index = Index::open(&state).unwrap();
         std::thread::scope(|s| {
             for t in 0..4 {
                 let index = index.clone();
@@ -438,7 +442,8 @@ mod tests {
     #[test]
     fn stat_cache_round_trips_and_is_separate_from_steps() {
         let dir = tempfile::tempdir().unwrap();
-        let index = Index::open(dir.path()).unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let index = Index::open(&state).unwrap();
         let keys = vec![b"a".to_vec(), b"b".to_vec()];
         assert_eq!(index.get_stats(&keys).unwrap(), vec![None, None]);
         index

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 
 use crate::blobs::BlobStore;
 use crate::digest;
-use crate::error::{CacheStoreError, IoContext, Result};
+use crate::error::{CacheStoreError, Cause, IoContext, Result};
 use crate::manifest::{self, Descriptor, ImageIndex, Parsed, Platform, ResolvedManifest};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-fn layout_error(path: &Path, message: impl ToString) -> CacheStoreError {
+fn layout_error(path: &Path, cause: impl Into<Cause>) -> CacheStoreError {
     CacheStoreError::Layout {
         path: path.to_path_buf(),
-        message: message.to_string(),
+        source: cause.into(),
     }
 }
 
@@ -153,6 +153,7 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::StateDir;
 
     #[test]
     fn splits_tags_from_paths() {
@@ -164,7 +165,7 @@ mod tests {
     #[test]
     fn writes_then_imports_a_layout() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&dir.path().join("state")).unwrap();
+        let store = BlobStore::open(&StateDir::open(dir.path().join("state")).unwrap()).unwrap();
         let config = store.put(b"{}").unwrap();
         let layer = store.put(b"layer").unwrap();
         let m = manifest::ImageManifest {
@@ -205,7 +206,7 @@ mod tests {
         )
         .unwrap();
 
-        let other = BlobStore::open(&dir.path().join("other")).unwrap();
+        let other = BlobStore::open(&StateDir::open(dir.path().join("other")).unwrap()).unwrap();
         let got = import(&out, Some("v1"), &Platform::host(), &other).unwrap();
         assert_eq!(got.digest, stored.digest);
         assert!(other.contains(&layer.digest).unwrap());

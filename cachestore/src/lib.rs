@@ -10,6 +10,7 @@ pub mod layout;
 pub mod manifest;
 pub mod registry;
 pub mod remote;
+pub mod state;
 pub mod unpacked;
 pub mod warm;
 
@@ -19,3 +20,4 @@ pub use index::{Index, StepEntry};
 pub use manifest::{Descriptor, ImageManifest, Layer, Platform, ResolvedManifest};
 pub use oci_client::Reference;
 pub use registry::{RegistryClient, RegistryOptions};
+pub use state::StateDir;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::digest;
-use crate::error::{CacheStoreError, Result};
+use crate::error::{CacheStoreError, Cause, Result};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -118,10 +118,10 @@ pub enum Parsed {
     },
 }
 
-fn malformed(what: &str, message: impl ToString) -> CacheStoreError {
+fn malformed(what: &str, cause: impl Into<Cause>) -> CacheStoreError {
     CacheStoreError::Malformed {
         what: what.to_string(),
-        message: message.to_string(),
+        source: cause.into(),
     }
 }
 

@@ -127,7 +127,7 @@ pub fn parse_reference(reference: &str) -> Result<Reference> {
         .parse::<Reference>()
         .map_err(|e| CacheStoreError::InvalidReference {
             reference: reference.to_string(),
-            message: e.to_string(),
+            source: e.into(),
         })
 }
 
@@ -206,7 +206,7 @@ fn tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn registry_error<E: std::error::Error + 'static>(
+fn registry_error<E: std::error::Error + Send + Sync + 'static>(
     reference: &Reference,
     operation: &'static str,
     err: E,
@@ -229,7 +229,7 @@ fn registry_error<E: std::error::Error + 'static>(
         registry: reference.registry().to_string(),
         operation,
         reference: reference.whole(),
-        message: error_chain(&err),
+        source: Box::new(err),
         failure,
         retry_after,
     }
@@ -370,7 +370,7 @@ impl RegistryClient {
         // TLS settings (a client key, say) are unusable.
         let client = Client::try_from(config).map_err(|e| CacheStoreError::Malformed {
             what: format!("TLS settings for registry {registry}"),
-            message: error_chain(&e),
+            source: e.into(),
         })?;
         let client = Arc::new(client);
         let auth = match &self.options.docker_config {
@@ -436,7 +436,7 @@ impl RegistryClient {
             let Err(CacheStoreError::Registry {
                 failure: RegistryFailure::Transient,
                 registry,
-                message,
+                source,
                 operation,
                 retry_after,
                 ..
@@ -455,7 +455,10 @@ impl RegistryClient {
             let delay = retry_after.map_or(Duration::from_millis(250 << attempt.min(5)), |d| {
                 d.min(MAX_RETRY_AFTER)
             });
-            tracing::warn!("{operation} failed ({message}); retrying in {delay:?}");
+            tracing::warn!(
+                "{operation} failed ({}); retrying in {delay:?}",
+                error_chain(source.as_ref())
+            );
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
@@ -561,7 +564,7 @@ impl RegistryClient {
                     manifest::Parsed::Image(m) => Ok(*m),
                     manifest::Parsed::Index { .. } => Err(CacheStoreError::Malformed {
                         what: reference.whole(),
-                        message: "an index points at another index".into(),
+                        source: "an index points at another index".into(),
                     }),
                 }
             }
@@ -841,7 +844,7 @@ mod tests {
                 registry: "r.example".into(),
                 operation: "pull manifest",
                 reference: "r.example/a".into(),
-                message: "503".into(),
+                source: "503".into(),
                 failure: RegistryFailure::Transient,
                 retry_after: None,
             })

@@ -6,7 +6,7 @@
 use oci_client::Reference;
 
 use crate::blobs::BlobStore;
-use crate::error::{CacheStoreError, Result};
+use crate::error::{CacheStoreError, Cause, Result};
 use crate::index::StepEntry;
 use crate::manifest::{self, Descriptor, ImageManifest};
 use crate::registry::{parse_reference, RegistryClient};
@@ -23,9 +23,9 @@ impl<'a> RemoteCache<'a> {
     /// `repo` is `registry/repository`, without a tag, as Kaniko's
     /// `--cache-repo`.
     pub fn new(registry: &'a RegistryClient, repo: &str) -> Result<Self> {
-        let invalid = |message: &str| CacheStoreError::InvalidReference {
+        let invalid = |rule: &'static str| CacheStoreError::InvalidReference {
             reference: repo.to_string(),
-            message: message.into(),
+            source: rule.into(),
         };
         if repo.contains('@')
             || repo
@@ -60,21 +60,23 @@ impl<'a> RemoteCache<'a> {
         else {
             return Ok(None);
         };
-        let malformed = |message: String| CacheStoreError::Malformed {
+        let malformed = |cause: Cause| CacheStoreError::Malformed {
             what: format!("cache entry {}", r.whole()),
-            message,
+            source: cause,
         };
-        let m: ImageManifest =
-            serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+        let m: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| malformed(e.into()))?;
         if m.config.media_type != STEP_ENTRY {
-            return Err(malformed(format!(
-                "config media type {} is not a Kiln cache entry",
-                m.config.media_type
-            )));
+            return Err(malformed(
+                format!(
+                    "config media type {} is not a Kiln cache entry",
+                    m.config.media_type
+                )
+                .into(),
+            ));
         }
         self.registry.pull_blob(&r, &m.config.digest, store).await?;
         let entry: StepEntry = serde_json::from_slice(&store.read(&m.config.digest)?)
-            .map_err(|e| malformed(e.to_string()))?;
+            .map_err(|e| malformed(e.into()))?;
         let listed: Vec<&str> = m.layers.iter().map(|l| l.digest.as_str()).collect();
         let recorded: Vec<&str> = entry
             .layer

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::digest;
 use crate::error::{IoContext, Result};
+use crate::state::StateDir;
 
 const REMOVING: &str = ".removing-";
 
@@ -16,8 +17,8 @@ pub struct UnpackedLayers {
 }
 
 impl UnpackedLayers {
-    pub fn open(state_dir: &Path) -> Result<Self> {
-        let dir = state_dir.join("unpacked");
+    pub fn open(state: &StateDir) -> Result<Self> {
+        let dir = state.unpacked();
         fs::create_dir_all(&dir).at(&dir)?;
         Ok(Self { dir })
     }
@@ -156,8 +157,9 @@ mod tests {
 
     #[test]
     fn insert_get_and_gc() {
-        let state = tempfile::tempdir().unwrap();
-        let layers = UnpackedLayers::open(state.path()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let layers = UnpackedLayers::open(&state).unwrap();
         assert_eq!(layers.get(ID).unwrap(), None);
         for content in ["first", "second"] {
             let made = state.path().join(content);
@@ -179,8 +181,9 @@ mod tests {
 
     #[test]
     fn shrinking_removes_the_least_recently_used_first() {
-        let state = tempfile::tempdir().unwrap();
-        let layers = UnpackedLayers::open(state.path()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let layers = UnpackedLayers::open(&state).unwrap();
         let ids: Vec<String> = (0..3)
             .map(|i| format!("sha256:{}", format!("{i}").repeat(64)))
             .collect();

@@ -542,12 +542,13 @@ fn describe(
 mod tests {
     use super::*;
     use crate::plan::AddSpec;
+    use kiln_cachestore::StateDir;
 
     #[test]
     fn the_stat_cache_skips_reading_settled_files_and_never_racy_ones() {
         let dir = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
-        let index = Index::open(state.path()).unwrap();
+        let index = Index::open(&StateDir::open(state.path()).unwrap()).unwrap();
         let src = dir.path().join("src");
         fs::create_dir(&src).unwrap();
         let (old, fresh) = (src.join("old"), src.join("fresh"));

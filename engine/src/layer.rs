@@ -333,6 +333,7 @@ pub fn open_layer(store: &BlobStore, digest: &str) -> Result<Box<dyn Read + Send
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_cachestore::StateDir;
 
     #[test]
     fn pax_record_length_counts_itself() {
@@ -351,7 +352,7 @@ mod tests {
     #[test]
     fn writes_files_links_and_whiteouts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&dir.path().join("state")).unwrap();
+        let store = BlobStore::open(&StateDir::open(dir.path().join("state")).unwrap()).unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("d")).unwrap();
         std::fs::write(root.join("d/f"), b"hello").unwrap();
@@ -403,7 +404,7 @@ mod tests {
     #[test]
     fn long_names_links_and_large_ids_go_into_pax_records() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(&dir.path().join("state")).unwrap();
+        let store = BlobStore::open(&StateDir::open(dir.path().join("state")).unwrap()).unwrap();
         let root = dir.path().join("root");
         let long_dir = format!("{}/{}", "a".repeat(120), "b".repeat(120));
         std::fs::create_dir_all(root.join(&long_dir)).unwrap();

@@ -29,6 +29,7 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use kiln_cachestore::manifest::ResolvedManifest;
 use kiln_cachestore::remote::RemoteCache;
+use kiln_cachestore::state::{BuildDir, StateDir};
 use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClient};
 
 use crate::dockerfile::{self, Dockerfile, StageGraph};
@@ -96,53 +97,42 @@ pub struct Builder<'a> {
     /// The remote tier, when `--cache-repo` is given and caching is on.
     remote: Option<RemoteCache<'a>>,
     etc: EtcFiles,
-    /// `RUN --mount=type=cache` directories, kept across builds.
-    cache_mounts: PathBuf,
+    state: StateDir,
     /// ADD's remote sources as keying found them (downloads, commits), so
     /// the step copies exactly what it was keyed by.
     resolved: Mutex<Resolved>,
     /// The paths a layer may hold, for both snapshotters.
     recorded: Recorded,
-    /// Held while the build runs: `kiln cache gc` removes only the work
-    /// dirs whose lock it can take.
-    _work_lock: std::fs::File,
-    /// This build's scratch space under the state dir, removed on drop
-    /// (after everything above that points into it).
-    work: tempfile::TempDir,
+    /// This build's scratch space under the state dir, locked while the
+    /// build runs (`kiln cache gc` spares it) and removed on drop, after
+    /// everything above that points into it.
+    work: BuildDir,
 }
 
 impl<'a> Builder<'a> {
     pub fn new(
         options: &'a BuildOptions,
-        state_dir: &Path,
+        state: &StateDir,
         store: &'a BlobStore,
         index: &'a Index,
         registry: &'a RegistryClient,
         on_event: &'a (dyn Fn(Event) + Sync),
     ) -> Result<Self, BuildError> {
         static HOST: Host = Host;
-        Self::with_syscalls(options, state_dir, store, index, registry, on_event, &HOST)
+        Self::with_syscalls(options, state, store, index, registry, on_event, &HOST)
     }
 
     /// A builder whose mounts, unpacking and steps go through `sys`.
     pub(crate) fn with_syscalls(
         options: &'a BuildOptions,
-        state_dir: &Path,
+        state: &StateDir,
         store: &'a BlobStore,
         index: &'a Index,
         registry: &'a RegistryClient,
         on_event: &'a (dyn Fn(Event) + Sync),
         sys: &'a dyn Syscalls,
     ) -> Result<Self, BuildError> {
-        let builds = state_dir.join("builds");
-        std::fs::create_dir_all(&builds).at(&builds)?;
-        let work = tempfile::Builder::new()
-            .prefix("build-")
-            .tempdir_in(&builds)
-            .at(&builds)?;
-        let lock_path = work.path().join("lock");
-        let work_lock = std::fs::File::create(&lock_path).at(&lock_path)?;
-        work_lock.lock().at(&lock_path)?;
+        let work = state.new_build()?;
         let etc = EtcFiles::create(&work.path().join("etc"), HOSTNAME).at(work.path())?;
         let remote = match &options.cache_repo {
             Some(repo) if options.cache => Some(RemoteCache::new(registry, repo)?),
@@ -153,7 +143,7 @@ impl<'a> Builder<'a> {
         let (ignored, host_keep) = match options.isolation {
             Isolation::None => {
                 let kept = crate::host::kept_paths(
-                    state_dir,
+                    state.path(),
                     &options.context,
                     &options.host_files,
                     &options.ignore_paths,
@@ -173,7 +163,7 @@ impl<'a> Builder<'a> {
             options,
             on_event,
             counters.clone(),
-            state_dir,
+            state.clone(),
             work.path(),
             host_keep,
         )?;
@@ -187,10 +177,9 @@ impl<'a> Builder<'a> {
             roots,
             remote,
             etc,
-            cache_mounts: state_dir.join("mounts"),
+            state: state.clone(),
             resolved: Default::default(),
             recorded: Recorded::new(SKIP_CONTENTS, &ignored),
-            _work_lock: work_lock,
             work,
         })
     }

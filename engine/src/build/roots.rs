@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use kiln_cachestore::state::StateDir;
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::BlobStore;
 
@@ -87,7 +88,7 @@ pub(crate) struct Roots<'a> {
     options: &'a BuildOptions,
     on_event: &'a (dyn Fn(Event) + Sync),
     counters: Arc<Counters>,
-    state_dir: PathBuf,
+    state: StateDir,
     /// This build's scratch space.
     work: PathBuf,
     /// An empty dir: the lowest layer of a stack that has none.
@@ -108,7 +109,7 @@ impl<'a> Roots<'a> {
         options: &'a BuildOptions,
         on_event: &'a (dyn Fn(Event) + Sync),
         counters: Arc<Counters>,
-        state_dir: &Path,
+        state: StateDir,
         work: &Path,
         host_keep: Vec<PathBuf>,
     ) -> Result<Self, BuildError> {
@@ -120,7 +121,7 @@ impl<'a> Roots<'a> {
             options,
             on_event,
             counters,
-            state_dir: state_dir.to_path_buf(),
+            state,
             work: work.to_path_buf(),
             empty,
             host_keep,
@@ -151,7 +152,7 @@ impl<'a> Roots<'a> {
             return Ok(decided.as_ref());
         }
         let decided = match self.overlay_usable() {
-            Ok(true) => Some(UnpackedLayers::open(&self.state_dir)?),
+            Ok(true) => Some(UnpackedLayers::open(&self.state)?),
             Ok(false) => None,
             Err(why) if self.options.snapshotter == Snapshotter::Overlay => {
                 return Err(BuildError::Invalid(format!(

@@ -275,7 +275,7 @@ impl Builder<'_> {
                 let inputs = MountInputs {
                     context: &self.options.context,
                     dockerignore: &self.options.dockerignore,
-                    cache_dir: &self.cache_mounts,
+                    state: &self.state,
                     secrets: &self.options.secrets,
                     roots: reads,
                 };

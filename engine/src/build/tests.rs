@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use kiln_cachestore::state::StateDir;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
 
 use super::syscalls::{Host, Mount, Syscalls, UnpackInto};
@@ -111,10 +112,14 @@ impl Fixture {
         }
     }
 
+    fn state_dir(&self) -> StateDir {
+        StateDir::open(self.state.path()).unwrap()
+    }
+
     /// One build with `kernel`: its image and summary.
     async fn build(&self, kernel: &FakeKernel) -> (BuiltImage, Summary) {
-        let store = BlobStore::open(self.state.path()).unwrap();
-        let index = Index::open(self.state.path()).unwrap();
+        let store = BlobStore::open(&self.state_dir()).unwrap();
+        let index = Index::open(&self.state_dir()).unwrap();
         let registry = RegistryClient::new(RegistryOptions::default());
         let summary = Mutex::new(None);
         let on_event = |e: Event| {
@@ -124,7 +129,7 @@ impl Fixture {
         };
         let builder = Builder::with_syscalls(
             &self.options,
-            self.state.path(),
+            &self.state_dir(),
             &store,
             &index,
             &registry,
@@ -188,7 +193,7 @@ async fn expired_entries_and_missing_blobs_are_misses() {
     let (image, _) = f.build(&FakeKernel::default()).await;
 
     // The final stage's layer blob is gone: only its step runs again.
-    let store = BlobStore::open(f.state.path()).unwrap();
+    let store = BlobStore::open(&f.state_dir()).unwrap();
     std::fs::remove_file(store.path(&image.layers[0].descriptor.digest).unwrap()).unwrap();
     drop(store);
     let kernel = FakeKernel::default();
@@ -198,7 +203,7 @@ async fn expired_entries_and_missing_blobs_are_misses() {
     // The build stage is unpacked for the COPY --from, and the layer is
     // written (and stored) anew.
     assert_eq!(kernel.extracts.load(Ordering::Relaxed), 3);
-    let store = BlobStore::open(f.state.path()).unwrap();
+    let store = BlobStore::open(&f.state_dir()).unwrap();
     assert!(store.contains(&again.layers[0].descriptor.digest).unwrap());
     drop(store);
 

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use kiln_cachestore::state::{CacheMount, StateDir};
+
 use crate::context::Ignore;
 use crate::dockerfile::MountType;
 use crate::exec::copy::{self, CopyError, CopyRequest, Source};
@@ -72,7 +74,7 @@ pub(crate) struct MountInputs<'a> {
     pub(crate) context: &'a Path,
     pub(crate) dockerignore: &'a Ignore,
     /// Where `type=cache` directories live across builds.
-    pub(crate) cache_dir: &'a Path,
+    pub(crate) state: &'a StateDir,
     pub(crate) secrets: &'a BTreeMap<String, SecretSource>,
     pub(crate) roots: &'a SourceRoots,
 }
@@ -151,11 +153,11 @@ pub(crate) fn prepare(
             MountType::Cache => {
                 let target_str = target.expect("caches have targets");
                 let id = m.id.clone().unwrap_or_else(|| target_str.to_string());
-                let dir = inputs
-                    .cache_dir
-                    .join(blake3::hash(id.as_bytes()).to_hex().as_str());
-                let lock_path = dir.with_extension("lock");
-                std::fs::create_dir_all(inputs.cache_dir)?;
+                let CacheMount {
+                    dir,
+                    lock: lock_path,
+                } = inputs.state.cache_mount(&id);
+                std::fs::create_dir_all(inputs.state.mounts())?;
                 let lock = std::fs::File::create(&lock_path)?;
                 let source = match m.sharing.as_deref() {
                     Some("locked") => {
