@@ -23,12 +23,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use kiln_cachestore::{BlobStore, Index, Platform, StateDir, StepEntry};
+use kiln_engine::bench::{self as key, KeyInputs, LayerWriter, Recorded, Snapshot};
 use kiln_engine::dockerfile::{self, StageGraph};
-use kiln_engine::key::{self, KeyInputs};
-use kiln_engine::layer::{Compression, LayerWriter};
-use kiln_engine::plan;
-use kiln_engine::rootfs::snapshot::{Snapshot, SnapshotMode};
-use kiln_engine::rootfs::Recorded;
+use kiln_engine::{Compression, SnapshotMode};
 
 /// `files` small files spread over directories of 1000, under `root`.
 fn make_tree(root: &Path, files: usize) {
@@ -188,7 +185,7 @@ fn cache_keys(c: &mut Criterion) {
         b.iter(|| {
             let df = dockerfile::parse(&text).unwrap();
             let graph = StageGraph::resolve(&df, &build_args, None, &platform).unwrap();
-            let plan = plan::plan(&df, &graph, &configs, &host, &labels).unwrap();
+            let plan = key::plan(&df, &graph, &configs, &host, &labels).unwrap();
             let mut parent = String::from("sha256:base");
             let mut keys = 0;
             for stage in &plan.stages {

@@ -7,15 +7,11 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions, StateDir};
-use kiln_engine::build::{
-    overlay_wanted, BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter,
-};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
-use kiln_engine::exec::run::Isolation;
-use kiln_engine::exec::userns;
-use kiln_engine::layer::Compression;
-use kiln_engine::output;
-use kiln_engine::rootfs::snapshot::SnapshotMode;
+use kiln_engine::{
+    output, overlay_wanted, BuildOptions, Builder, Compression, Event, Forked, ImageFormat,
+    Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
+};
 
 use crate::args::{
     BuildArgs, CompressionArg, FrontendArgs, ImageFormatArg, IsolationArg, RegistryArgs,
@@ -218,7 +214,7 @@ fn host_files<const N: usize>(
 /// The isolation asked for, or the default for the caller: namespaces as
 /// root, rootless otherwise.
 fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
-    let root = kiln_engine::exec::run::running_as_root();
+    let root = kiln_engine::running_as_root();
     let chosen = match (arg, root) {
         (None, true) => Isolation::Namespaces,
         (None | Some(IsolationArg::Rootless), false) => Isolation::Rootless,
@@ -250,10 +246,10 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
 /// Goes on as root of the user namespace `forked` made, or, in the parent
 /// left outside, exits with the child's code. Must run while the process
 /// has one thread.
-pub fn enter_user_namespace(forked: Result<userns::Forked, userns::UsernsError>) -> Result<()> {
+pub fn enter_user_namespace(forked: Result<Forked, UsernsError>) -> Result<()> {
     match forked? {
-        userns::Forked::Child => Ok(()),
-        userns::Forked::Parent(code) => std::process::exit(code),
+        Forked::Child => Ok(()),
+        Forked::Parent(code) => std::process::exit(code),
     }
 }
 
@@ -363,7 +359,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
     // While the process has one thread: the build goes on in the child,
     // as root of its own user namespace.
     if isolation == Isolation::Rootless {
-        enter_user_namespace(userns::become_root())?;
+        enter_user_namespace(kiln_engine::become_root())?;
     }
     // While the process has one thread, and only where the overlay
     // snapshotter may run: its mounts then live and die with this process.
@@ -373,7 +369,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         SnapshotterArg::Auto => Snapshotter::Auto,
     };
     let own_mount_namespace = overlay_wanted(snapshotter, isolation, a.single_snapshot)
-        && kiln_engine::rootfs::overlay::enter_private_mount_namespace()
+        && kiln_engine::enter_private_mount_namespace()
             .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))
             .is_ok();
     if a.destinations.is_empty()
@@ -407,11 +403,11 @@ pub fn run(a: BuildArgs) -> Result<()> {
         given if !given.exists() && given.is_relative() => context.join(given),
         given => given.clone(),
     };
-    let dockerignore = kiln_engine::context::Ignore::load(&context, Some(&dockerfile_path))?;
+    let dockerignore = kiln_engine::Ignore::load(&context, Some(&dockerfile_path))?;
     let ignore_paths = a
         .ignore_paths
         .iter()
-        .map(|p| kiln_engine::rootfs::clean_relative(p))
+        .map(|p| kiln_engine::clean_relative(p))
         .collect();
     let options = BuildOptions {
         dockerfile_name,

@@ -30,9 +30,9 @@ pub fn run(a: CacheArgs) -> Result<()> {
     // What a killed rootless build left is owned by the caller's
     // subordinate ids: only its user namespace's root may remove it.
     if matches!(a.command, CacheCommand::Gc { .. } | CacheCommand::Prune)
-        && !kiln_engine::exec::run::running_as_root()
+        && !kiln_engine::running_as_root()
     {
-        use kiln_engine::exec::userns::{become_root, UsernsError};
+        use kiln_engine::{become_root, UsernsError};
         // No subordinate ids: no rootless build can have left anything.
         match become_root() {
             Err(UsernsError::NoSubordinateIds { .. }) => {}

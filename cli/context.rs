@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use kiln_engine::source::archive;
-use kiln_engine::source::git::GitSource;
+use kiln_engine::{archive, GitSource};
 
 /// Kaniko's `--git` options for git contexts.
 #[derive(Debug, Default)]
@@ -70,7 +69,7 @@ pub fn resolve(
     };
     let dir = match sub_path {
         Some(sub) => {
-            let clean = kiln_engine::rootfs::clean_relative(sub);
+            let clean = kiln_engine::clean_relative(sub);
             if clean.as_os_str().is_empty() && sub != Path::new(".") && sub != Path::new("") {
                 bail!(
                     "--context-sub-path {}: must stay inside the context",

@@ -9,7 +9,7 @@ mod warm;
 
 use clap::Parser;
 
-use kiln_engine::exec::run::{step_runner_main, STEP_RUNNER_ARG};
+use kiln_engine::{step_runner_main, STEP_RUNNER_ARG};
 
 fn main() {
     // The RUN step runner is this binary re-executed in new namespaces; it

@@ -1,17 +1,58 @@
 //! Kiln's build engine: the Dockerfile frontend, the plan, the executor
-//! (RUN isolation, COPY), snapshots, layers and image assembly.
-pub mod build;
-pub mod context;
-pub mod dockerfile;
-pub mod error;
-pub mod exec;
-mod host;
-pub mod image;
-pub mod key;
-pub mod layer;
-pub mod output;
-pub mod plan;
-pub mod rootfs;
-pub mod source;
+//! (RUN isolation, COPY, ADD), snapshots, layers and image assembly.
+//!
+//! The public face is this page: the frontend (`dockerfile`, which does no
+//! I/O), the builder and what it takes and reports, the outputs, and the
+//! few process-level switches the binary needs before it starts a thread.
+//! Everything else is the crate's own.
 
-pub use error::BuildError;
+// The frontend: parsing, the stage graph, `kiln plan`'s stage report.
+pub mod dockerfile;
+
+// Building.
+pub use build::{
+    overlay_wanted, BuildOptions, Builder, Event, ImageFormat, SecretSource, Snapshotter, Summary,
+};
+pub use context::Ignore;
+pub use error::{BuildError, StepFailure};
+pub use exec::run::Isolation;
+pub use layer::Compression;
+pub use rootfs::clean_relative;
+pub use rootfs::snapshot::SnapshotMode;
+
+// Outputs: registry push, docker-archive, OCI layout, digest file.
+pub use image::BuiltImage;
+pub mod output;
+
+// Remote build contexts (`tar://`, git), fetched by the CLI.
+pub use source::archive;
+pub use source::git::GitSource;
+
+// The process: the RUN step runner (this binary re-executed), rootless
+// builds in a user namespace, and the overlay snapshotter's own mount
+// namespace.
+pub use exec::run::{running_as_root, step_runner_main, STEP_RUNNER_ARG};
+pub use exec::userns::{become_root, Forked, UsernsError};
+pub use rootfs::overlay::enter_private_mount_namespace;
+
+/// For `benches/micro.rs` only: the hot paths it measures. Not an API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::key::{hash_sources, hash_sources_cached, step_key, KeyHasher, KeyInputs};
+    pub use crate::layer::LayerWriter;
+    pub use crate::plan::plan;
+    pub use crate::rootfs::snapshot::Snapshot;
+    pub use crate::rootfs::Recorded;
+}
+
+mod build;
+mod context;
+mod error;
+mod exec;
+mod host;
+mod image;
+mod key;
+mod layer;
+mod plan;
+mod rootfs;
+mod source;

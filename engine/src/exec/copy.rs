@@ -100,16 +100,8 @@ fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// The host paths a COPY from `src_root` reads (globs expanded), the same
-/// selection the copy itself makes; cache keys hash exactly these.
-pub fn selected_sources(src_root: &Path, sources: &[String]) -> Result<Vec<PathBuf>, CopyError> {
-    Ok(expand_sources(src_root, sources, None)?
-        .into_iter()
-        .map(|s| s.host)
-        .collect())
-}
-
-/// [`selected_sources`] from the context, without what `ignore` excludes;
+/// The host paths a COPY from the context reads (globs expanded, the
+/// selection the copy itself makes), without what `ignore` excludes;
 /// the filter to walk directory sources with comes along.
 pub fn selected_context_sources<'a>(
     context: &'a Path,

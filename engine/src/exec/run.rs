@@ -121,7 +121,6 @@ pub struct MountPoints {
 
 /// The files a RUN sees at /etc/hosts, /etc/resolv.conf and /etc/hostname.
 pub struct EtcFiles {
-    pub hostname: String,
     pub hosts: PathBuf,
     pub resolv_conf: PathBuf,
     pub hostname_file: PathBuf,
@@ -132,7 +131,6 @@ impl EtcFiles {
     pub fn create(dir: &Path, hostname: &str) -> io::Result<EtcFiles> {
         std::fs::create_dir_all(dir)?;
         let files = EtcFiles {
-            hostname: hostname.to_string(),
             hosts: dir.join("hosts"),
             resolv_conf: dir.join("resolv.conf"),
             hostname_file: dir.join("hostname"),

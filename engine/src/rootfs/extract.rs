@@ -102,6 +102,7 @@ pub enum ExtractError {
 ///
 /// Must run as root (or with the matching capabilities) to apply ownership,
 /// device nodes and `security.*` xattrs. Regular-file content is streamed.
+#[cfg(test)]
 pub fn extract_layer<R: Read>(root: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
     extract(root, layer, Format::Apply, &[])
 }

@@ -10,5 +10,3 @@ pub mod archive;
 pub mod classify;
 pub mod git;
 pub mod http;
-
-pub use classify::{Checksum, SourceKind};
