@@ -14,9 +14,11 @@ use super::error::{AtLine, FrontendError};
 use super::expand::{
     expand_heredoc, expand_word, expand_words, process, ExpandError, LexOptions, Lookup,
 };
+use super::flags::{FlagKind, Flags};
 use super::heredoc::{parse_heredoc_word, Heredoc};
 use super::mount::{MountError, RunMount};
 use super::raw::RawInstruction;
+use super::suggest::suggest;
 use super::words::split_command;
 
 /// Every instruction keyword BuildKit knows.
@@ -374,168 +376,6 @@ impl Instruction {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Bool,
-    Str,
-    Strs,
-}
-
-#[derive(Debug, Clone)]
-enum Value {
-    Bool(bool),
-    Str(String),
-    Strs(Vec<String>),
-}
-
-/// The flags given to one instruction, checked against what it accepts
-/// (BuildKit's `BFlags`).
-struct Flags(Vec<(&'static str, Value)>);
-
-impl Flags {
-    fn parse(
-        keyword: &str,
-        raw: &[String],
-        specs: &[(&'static str, Kind)],
-    ) -> Result<Flags, InstructionError> {
-        let mut out: Vec<(&'static str, Value)> = Vec::new();
-        for arg in raw {
-            let body = arg.strip_prefix("--").unwrap_or(arg);
-            if body.is_empty() {
-                break;
-            }
-            let (name, value) = match body.split_once('=') {
-                Some((n, v)) => (n, Some(v)),
-                None => (body, None),
-            };
-            let Some(&(spec, kind)) = specs.iter().find(|(n, _)| *n == name) else {
-                return Err(unknown_flag(keyword, name, specs));
-            };
-            let seen = out.iter().position(|(n, _)| *n == spec);
-            if seen.is_some() && kind != Kind::Strs {
-                return Err(InstructionError::DuplicateFlag(name.to_string()));
-            }
-            let missing = || InstructionError::MissingFlagValue(name.to_string());
-            match kind {
-                Kind::Bool => {
-                    let b = match value {
-                        None => true,
-                        Some("") => return Err(missing()),
-                        Some(v) => match v.to_ascii_lowercase().as_str() {
-                            "true" => true,
-                            "false" => false,
-                            _ => {
-                                return Err(InstructionError::NotBoolean {
-                                    name: name.to_string(),
-                                    value: v.to_string(),
-                                })
-                            }
-                        },
-                    };
-                    out.push((spec, Value::Bool(b)));
-                }
-                Kind::Str => out.push((spec, Value::Str(value.ok_or_else(missing)?.to_string()))),
-                Kind::Strs => {
-                    let v = value.ok_or_else(missing)?.to_string();
-                    match seen {
-                        Some(i) => {
-                            if let Value::Strs(list) = &mut out[i].1 {
-                                list.push(v);
-                            }
-                        }
-                        None => out.push((spec, Value::Strs(vec![v]))),
-                    }
-                }
-            }
-        }
-        Ok(Flags(out))
-    }
-
-    fn get(&self, name: &str) -> Option<&Value> {
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
-    }
-
-    fn bool(&self, name: &str) -> bool {
-        matches!(self.get(name), Some(Value::Bool(true)))
-    }
-
-    fn opt_bool(&self, name: &str) -> Option<bool> {
-        match self.get(name) {
-            Some(Value::Bool(b)) => Some(*b),
-            _ => None,
-        }
-    }
-
-    /// A string flag; an empty value counts as not given, as in BuildKit.
-    fn string(&self, name: &str) -> Option<String> {
-        match self.get(name) {
-            Some(Value::Str(s)) if !s.is_empty() => Some(s.clone()),
-            _ => None,
-        }
-    }
-
-    fn strings(&self, name: &str) -> Vec<String> {
-        match self.get(name) {
-            Some(Value::Strs(v)) => v.clone(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-fn unknown_flag(keyword: &str, name: &str, specs: &[(&'static str, Kind)]) -> InstructionError {
-    let (keyword, name) = (keyword.to_string(), name.to_string());
-    if specs.is_empty() {
-        return InstructionError::NoFlags { keyword, name };
-    }
-    let accepted: Vec<&'static str> = specs.iter().map(|(n, _)| *n).collect();
-    match suggest(&name, &accepted) {
-        Some(suggestion) => InstructionError::MisspelledFlag { name, suggestion },
-        None => InstructionError::UnknownFlag {
-            keyword,
-            name,
-            accepted,
-        },
-    }
-}
-
-/// The closest candidate within a small edit distance, case-insensitively.
-pub(crate) fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    let word = word.to_lowercase();
-    let max = if word.chars().count() <= 4 { 1 } else { 2 };
-    candidates
-        .iter()
-        .map(|c| (edit_distance(&word, &c.to_lowercase()), *c))
-        .filter(|&(d, c)| d > 0 && d <= max && d < c.len())
-        .min_by_key(|&(d, _)| d)
-        .map(|(_, c)| c)
-}
-
-/// Edit distance where swapping two neighbours counts as one edit
-/// (`HOEM` is one edit from `HOME`).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j - 1] + cost)
-                .min(d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    d[a.len()][b.len()]
-}
-
 fn no_flags(raw: &RawInstruction) -> Result<(), InstructionError> {
     Flags::parse(&raw.keyword, &raw.flags, &[]).map(|_| ())
 }
@@ -612,24 +452,24 @@ fn copy_args(raw: &RawInstruction, add: bool) -> Result<CopyArgs, InstructionErr
     if raw.args.len() < 2 {
         return Err(InstructionError::NoDestination(raw.keyword.clone()));
     }
-    let specs: &[(&'static str, Kind)] = if add {
+    let specs: &[(&'static str, FlagKind)] = if add {
         &[
-            ("chown", Kind::Str),
-            ("chmod", Kind::Str),
-            ("link", Kind::Bool),
-            ("keep-git-dir", Kind::Bool),
-            ("checksum", Kind::Str),
-            ("exclude", Kind::Strs),
-            ("unpack", Kind::Bool),
+            ("chown", FlagKind::Str),
+            ("chmod", FlagKind::Str),
+            ("link", FlagKind::Bool),
+            ("keep-git-dir", FlagKind::Bool),
+            ("checksum", FlagKind::Str),
+            ("exclude", FlagKind::Strs),
+            ("unpack", FlagKind::Bool),
         ]
     } else {
         &[
-            ("from", Kind::Str),
-            ("chown", Kind::Str),
-            ("chmod", Kind::Str),
-            ("link", Kind::Bool),
-            ("parents", Kind::Bool),
-            ("exclude", Kind::Strs),
+            ("from", FlagKind::Str),
+            ("chown", FlagKind::Str),
+            ("chmod", FlagKind::Str),
+            ("link", FlagKind::Bool),
+            ("parents", FlagKind::Bool),
+            ("exclude", FlagKind::Strs),
         ]
     };
     let flags = Flags::parse(&raw.keyword, &raw.flags, specs)?;
@@ -675,7 +515,7 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, InstructionE
                 [_] => None,
                 _ => return Err(InstructionError::FromArguments),
             };
-            let flags = Flags::parse("FROM", &raw.flags, &[("platform", Kind::Str)])?;
+            let flags = Flags::parse("FROM", &raw.flags, &[("platform", FlagKind::Str)])?;
             Instruction::From {
                 image: args[0].clone(),
                 name,
@@ -687,9 +527,9 @@ fn typed(raw: &RawInstruction, escape: char) -> Result<Instruction, InstructionE
                 "RUN",
                 &raw.flags,
                 &[
-                    ("mount", Kind::Strs),
-                    ("network", Kind::Str),
-                    ("security", Kind::Str),
+                    ("mount", FlagKind::Strs),
+                    ("network", FlagKind::Str),
+                    ("security", FlagKind::Str),
                 ],
             )?;
             let network = flags
@@ -833,11 +673,11 @@ fn healthcheck(raw: &RawInstruction) -> Result<Healthcheck, InstructionError> {
         "HEALTHCHECK",
         &raw.flags,
         &[
-            ("interval", Kind::Str),
-            ("timeout", Kind::Str),
-            ("start-period", Kind::Str),
-            ("start-interval", Kind::Str),
-            ("retries", Kind::Str),
+            ("interval", FlagKind::Str),
+            ("timeout", FlagKind::Str),
+            ("start-period", FlagKind::Str),
+            ("start-interval", FlagKind::Str),
+            ("retries", FlagKind::Str),
         ],
     )?;
     if kind != "CMD" {

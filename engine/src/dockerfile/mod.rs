@@ -23,6 +23,7 @@ mod directives;
 mod duration;
 mod error;
 mod expand;
+mod flags;
 mod heredoc;
 mod instruction;
 mod json_form;
@@ -33,6 +34,7 @@ mod raw;
 mod scope;
 mod stage_report;
 mod stages;
+mod suggest;
 mod words;
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::directives::CheckConfig;
 use super::error::Warning;
 use super::expand::{expand_word, expand_words, ExpandError};
-use super::instruction::suggest;
+use super::suggest::suggest;
 
 /// An OS/architecture pair, as `docker build --platform` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
