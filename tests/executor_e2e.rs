@@ -6,7 +6,6 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use kiln_cachestore::digest::sha256_digest as sha256;
 use support::*;
 
 fn digest_of(out: &std::process::Output, digest_file: &Path) -> String {
@@ -876,4 +875,9 @@ fn xattrs_set_by_a_step_reach_the_layer() {
             "{snapshotter}"
         );
     }
+}
+
+/// The `sha256:<hex>` digest of `bytes`, as these tests splice it into JSON.
+fn sha256(bytes: &[u8]) -> String {
+    kiln_cachestore::digest::sha256(bytes).to_string()
 }

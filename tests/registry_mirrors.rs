@@ -5,7 +5,6 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use kiln_cachestore::digest::sha256_digest as sha256;
 use serde_json::{json, Value};
 use support::*;
 
@@ -160,4 +159,9 @@ fn custom_platform_picks_from_a_multi_platform_base() {
         assert_eq!(config["architecture"], arch, "{config}");
         assert_eq!(config["os"], "linux");
     }
+}
+
+/// The `sha256:<hex>` digest of `bytes`, as these tests splice it into JSON.
+fn sha256(bytes: &[u8]) -> String {
+    kiln_cachestore::digest::sha256(bytes).to_string()
 }

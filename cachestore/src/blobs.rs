@@ -7,8 +7,9 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::digest::{self, HashingWriter};
+use crate::digest::{self, Digest, HashingWriter};
 use crate::error::{CacheStoreError, IoContext, Result};
+use crate::manifest::{canonical_json, Descriptor, MediaType};
 use crate::state::StateDir;
 
 /// Under the store's directory: the blobs by digest, and writes under way.
@@ -23,7 +24,7 @@ pub struct BlobStore {
 /// What a finished write produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBlob {
-    pub digest: String,
+    pub digest: Digest,
     pub size: u64,
 }
 
@@ -52,25 +53,25 @@ impl BlobStore {
         &self.root
     }
 
-    pub fn path(&self, digest: &str) -> Result<PathBuf> {
-        Ok(self.sha256_dir().join(digest::validate(digest)?))
+    pub fn path(&self, digest: &Digest) -> Result<PathBuf> {
+        Ok(self.sha256_dir().join(digest::hex(digest)?))
     }
 
-    pub fn contains(&self, digest: &str) -> Result<bool> {
+    pub fn contains(&self, digest: &Digest) -> Result<bool> {
         Ok(self.path(digest)?.is_file())
     }
 
-    pub fn open_blob(&self, digest: &str) -> Result<File> {
+    pub fn open_blob(&self, digest: &Digest) -> Result<File> {
         let path = self.path(digest)?;
         File::open(&path).at(path)
     }
 
-    pub fn size(&self, digest: &str) -> Result<u64> {
+    pub fn size(&self, digest: &Digest) -> Result<u64> {
         let path = self.path(digest)?;
         Ok(fs::metadata(&path).at(path)?.len())
     }
 
-    pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
+    pub fn read(&self, digest: &Digest) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
         self.open_blob(digest)?
             .read_to_end(&mut buf)
@@ -83,6 +84,16 @@ impl BlobStore {
         let mut w = self.writer()?;
         w.write_all(bytes).at(&w.tmp_path)?;
         w.commit(None)
+    }
+
+    /// Stores a JSON document in its canonical form and describes it.
+    pub fn put_json<T: serde::Serialize>(
+        &self,
+        media_type: MediaType,
+        value: &T,
+    ) -> Result<Descriptor> {
+        let stored = self.put(&canonical_json(value))?;
+        Ok(Descriptor::new(media_type, stored.digest, stored.size))
     }
 
     /// Starts a streamed write; nothing is visible until [`BlobWriter::commit`].
@@ -99,13 +110,13 @@ impl BlobStore {
 
     /// Re-hashes a stored blob; a blob that does not verify is removed so it
     /// is fetched again instead of being served.
-    pub fn verify(&self, digest: &str) -> Result<bool> {
+    pub fn verify(&self, digest: &Digest) -> Result<bool> {
         let path = self.path(digest)?;
         let mut file = File::open(&path).at(&path)?;
         let mut hw = HashingWriter::new(std::io::sink());
         std::io::copy(&mut file, &mut hw).at(&path)?;
         let (_, actual, _) = hw.finish();
-        if actual == digest {
+        if actual == *digest {
             return Ok(true);
         }
         fs::remove_file(&path).at(&path)?;
@@ -122,18 +133,18 @@ pub struct BlobWriter {
 impl BlobWriter {
     /// Flushes, fsyncs, checks the digest against `expected` (when given) and
     /// moves the blob into place.
-    pub fn commit(self, expected: Option<&str>) -> Result<StoredBlob> {
+    pub fn commit(self, expected: Option<&Digest>) -> Result<StoredBlob> {
         let (buf, digest, size) = self.inner.finish();
         let tmp = buf
             .into_inner()
             .map_err(|e| e.into_error())
             .at(&self.tmp_path)?;
         if let Some(expected) = expected {
-            if expected != digest {
+            if *expected != digest {
                 return Err(CacheStoreError::DigestMismatch {
                     what: "blob".into(),
-                    expected: expected.into(),
-                    actual: digest,
+                    expected: expected.to_string(),
+                    actual: digest.to_string(),
                 });
             }
         }
@@ -164,7 +175,7 @@ mod tests {
         let state = StateDir::open(dir.path()).unwrap();
         let store = BlobStore::open(&state).unwrap();
         let blob = store.put(b"layer bytes").unwrap();
-        assert_eq!(blob.digest, digest::sha256_digest(b"layer bytes"));
+        assert_eq!(blob.digest, digest::sha256(b"layer bytes"));
         assert_eq!(store.read(&blob.digest).unwrap(), b"layer bytes");
         assert!(store.verify(&blob.digest).unwrap());
     }
@@ -176,13 +187,13 @@ mod tests {
         let store = BlobStore::open(&state).unwrap();
         let mut w = store.writer().unwrap();
         w.write_all(b"abc").unwrap();
-        let expected = digest::sha256_digest(b"abd");
+        let expected = digest::sha256(b"abd");
         assert!(matches!(
             w.commit(Some(&expected)),
             Err(CacheStoreError::DigestMismatch { .. })
         ));
         assert!(!store.contains(&expected).unwrap());
-        assert!(!store.contains(&digest::sha256_digest(b"abc")).unwrap());
+        assert!(!store.contains(&digest::sha256(b"abc")).unwrap());
         assert_eq!(
             fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(),
             0

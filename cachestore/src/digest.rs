@@ -1,27 +1,42 @@
-//! sha256 digests as the OCI spec writes them (`sha256:<hex>`).
+//! sha256 digests as the OCI spec writes them (`sha256:<hex>`), typed as
+//! `oci_spec`'s [`Digest`]. Kiln stores and names blobs by sha256 only, so
+//! a digest from outside passes [`parse`] (or [`hex`]) before it is used.
 use sha2::{Digest as _, Sha256};
 use std::io::Write;
+use std::str::FromStr;
+
+pub use oci_spec::image::Digest;
+use oci_spec::image::{DigestAlgorithm, Sha256Digest};
 
 use crate::error::{CacheStoreError, Result};
 
-/// Checks that `digest` is `sha256:` and 64 lowercase hex digits, so it is
-/// safe to use as a file name and to compare.
-pub fn validate(digest: &str) -> Result<&str> {
-    match digest.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64
-                && hex
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-        {
-            Ok(hex)
-        }
+/// Parses an untrusted digest, accepting only `sha256:` and 64 lowercase hex
+/// digits, so it is safe to use as a file name and to compare.
+pub fn parse(digest: &str) -> Result<Digest> {
+    let invalid = || CacheStoreError::InvalidDigest(digest.to_string());
+    let parsed = Digest::from_str(digest).map_err(|_| invalid())?;
+    hex(&parsed).map_err(|_| invalid())?;
+    Ok(parsed)
+}
+
+/// The hex part of a sha256 digest: the blob's file name. Other algorithms
+/// parse as OCI digests but are refused here.
+pub fn hex(digest: &Digest) -> Result<&str> {
+    match digest.algorithm() {
+        DigestAlgorithm::Sha256 => Ok(digest.digest()),
         _ => Err(CacheStoreError::InvalidDigest(digest.to_string())),
     }
 }
 
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+/// The digest of bytes already in memory (configs, manifests).
+pub fn sha256(bytes: &[u8]) -> Digest {
+    finish(Sha256::digest(bytes).into())
+}
+
+fn finish(hash: [u8; 32]) -> Digest {
+    Sha256Digest::from_str(&::hex::encode(hash))
+        .expect("a sha256 hash is 64 hex digits")
+        .into()
 }
 
 /// A writer that hashes what passes through it and counts bytes.
@@ -48,10 +63,9 @@ impl<W: Write> HashingWriter<W> {
         &mut self.inner
     }
 
-    /// Returns the inner writer, the `sha256:` digest and the byte count.
-    pub fn finish(self) -> (W, String, u64) {
-        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
-        (self.inner, digest, self.len)
+    /// Returns the inner writer, the digest and the byte count.
+    pub fn finish(self) -> (W, Digest, u64) {
+        (self.inner, finish(self.hasher.finalize().into()), self.len)
     }
 }
 
@@ -85,9 +99,9 @@ impl<R: std::io::Read> HashingReader<R> {
 
     /// Reads what is left (a tar reader stops at the end marker, before
     /// the padding) and returns the `sha256:` digest of everything.
-    pub fn finish(mut self) -> std::io::Result<String> {
+    pub fn finish(mut self) -> std::io::Result<Digest> {
         std::io::copy(&mut self, &mut std::io::sink())?;
-        Ok(format!("sha256:{}", hex::encode(self.hasher.finalize())))
+        Ok(finish(self.hasher.finalize().into()))
     }
 }
 
@@ -104,12 +118,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn validates_digests() {
-        let good = sha256_digest(b"x");
-        assert!(validate(&good).is_ok());
-        assert!(validate("sha256:../../etc/passwd").is_err());
-        assert!(validate(&good.to_uppercase()).is_err());
-        assert!(validate("sha512:00").is_err());
+    fn parses_only_safe_sha256_digests() {
+        let good = sha256(b"x");
+        assert_eq!(parse(good.as_ref()).unwrap(), good);
+        assert_eq!(hex(&good).unwrap().len(), 64);
+        assert!(parse("sha256:../../etc/passwd").is_err());
+        assert!(parse(&good.to_string().to_uppercase()).is_err());
+        assert!(parse("sha512:00").is_err());
+        let sha512 = Digest::from_str(&format!("sha512:{}", "0".repeat(128))).unwrap();
+        assert!(hex(&sha512).is_err());
     }
 
     #[test]
@@ -119,7 +136,7 @@ mod tests {
         w.write_all(b"world").unwrap();
         let (inner, digest, len) = w.finish();
         assert_eq!(inner, b"hello world");
-        assert_eq!(digest, sha256_digest(b"hello world"));
+        assert_eq!(digest, sha256(b"hello world"));
         assert_eq!(len, 11);
     }
 }

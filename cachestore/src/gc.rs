@@ -5,6 +5,7 @@ use std::fs;
 use std::time::{Duration, SystemTime};
 
 use crate::blobs::BlobStore;
+use crate::digest::{self, Digest};
 use crate::error::{IoContext, Result};
 use crate::index::{now_secs, Index, StepEntry};
 use crate::state::{BuildDir, StateDir};
@@ -49,13 +50,13 @@ impl VerifyReport {
 }
 
 /// Every stored blob: (digest, size, modified).
-fn blobs(store: &BlobStore) -> Result<Vec<(String, u64, SystemTime)>> {
+fn blobs(store: &BlobStore) -> Result<Vec<(Digest, u64, SystemTime)>> {
     let dir = store.sha256_dir();
     let mut out = Vec::new();
     for entry in fs::read_dir(&dir).at(&dir)? {
         let entry = entry.at(&dir)?;
         let meta = entry.metadata().at(entry.path())?;
-        let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+        let digest = digest::parse(&format!("sha256:{}", entry.file_name().to_string_lossy()))?;
         out.push((digest, meta.len(), meta.modified().at(entry.path())?));
     }
     Ok(out)
@@ -136,7 +137,7 @@ pub fn gc(
     Ok(report)
 }
 
-fn referenced(entries: &[(String, StepEntry)]) -> HashSet<String> {
+fn referenced(entries: &[(String, StepEntry)]) -> HashSet<Digest> {
     entries
         .iter()
         .filter_map(|(_, e)| e.layer.as_ref().map(|l| l.descriptor.digest.clone()))
@@ -236,9 +237,9 @@ pub fn prune(state: &StateDir, store: &BlobStore, index: &Index) -> Result<GcRep
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Descriptor, Layer};
+    use crate::manifest::{Descriptor, Layer, MediaType};
 
-    fn age(store: &BlobStore, digest: &str) {
+    fn age(store: &BlobStore, digest: &Digest) {
         let old = SystemTime::now() - 2 * GRACE;
         fs::File::options()
             .write(true)
@@ -248,17 +249,11 @@ mod tests {
             .unwrap();
     }
 
-    fn entry_for(digest: &str, created: u64) -> StepEntry {
+    fn entry_for(digest: &Digest, created: u64) -> StepEntry {
         StepEntry {
             layer: Some(Layer {
-                descriptor: Descriptor {
-                    media_type: crate::manifest::OCI_LAYER_GZIP.into(),
-                    digest: digest.into(),
-                    size: 1,
-                    platform: None,
-                    annotations: None,
-                },
-                diff_id: digest.into(),
+                descriptor: Descriptor::new(MediaType::ImageLayerGzip, digest.clone(), 1),
+                diff_id: digest.clone(),
             }),
             created,
         }
@@ -328,7 +323,7 @@ mod tests {
         let state = StateDir::open(dir.path()).unwrap();
         let store = BlobStore::open(&state).unwrap();
         let index = Index::open(&state).unwrap();
-        let digest = format!("sha256:{}", "a".repeat(64));
+        let digest = digest::sha256(b"a");
         let key = "k".to_string();
         index
             .put_steps(&[(key.clone(), entry_for(&digest, now_secs()))])

@@ -34,7 +34,7 @@ const FAMILIES: &[&str] = &[STEPS, STATS, BASES, USED];
 /// (an index's, for multi-platform images) and the platform's manifest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaseEntry {
-    pub top_digest: String,
+    pub top_digest: crate::digest::Digest,
     pub manifest: crate::manifest::ResolvedManifest,
     /// Seconds since the epoch.
     pub checked: u64,
@@ -348,18 +348,13 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Descriptor;
+    use crate::digest;
+    use crate::manifest::{Descriptor, MediaType};
 
     fn layer(n: u8) -> Layer {
         Layer {
-            descriptor: Descriptor {
-                media_type: crate::manifest::OCI_LAYER_GZIP.into(),
-                digest: format!("sha256:{}", hex::encode([n; 32])),
-                size: n as u64,
-                platform: None,
-                annotations: None,
-            },
-            diff_id: format!("sha256:{}", hex::encode([n + 1; 32])),
+            descriptor: Descriptor::new(MediaType::ImageLayerGzip, digest::sha256(&[n]), n as u64),
+            diff_id: digest::sha256(&[n, n]),
         }
     }
 

@@ -5,9 +5,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::blobs::BlobStore;
-use crate::digest;
+use crate::digest::{self, Digest};
 use crate::error::{CacheStoreError, Cause, IoContext, Result};
-use crate::manifest::{self, Descriptor, ImageIndex, Parsed, Platform, ResolvedManifest};
+use crate::manifest::{
+    self, canonical_json, Descriptor, ImageIndex, MediaType, Parsed, Platform, ResolvedManifest,
+};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -18,8 +20,8 @@ fn layout_error(path: &Path, cause: impl Into<Cause>) -> CacheStoreError {
     }
 }
 
-fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
-    Ok(layout.join("blobs/sha256").join(digest::validate(digest)?))
+fn blob_path(layout: &Path, digest: &Digest) -> Result<PathBuf> {
+    Ok(layout.join("blobs/sha256").join(digest::hex(digest)?))
 }
 
 fn read_index(layout: &Path) -> Result<ImageIndex> {
@@ -29,7 +31,7 @@ fn read_index(layout: &Path) -> Result<ImageIndex> {
 }
 
 /// Copies one blob of the layout into the store, verifying its digest.
-fn import_blob(layout: &Path, digest: &str, store: &BlobStore) -> Result<()> {
+fn import_blob(layout: &Path, digest: &Digest, store: &BlobStore) -> Result<()> {
     if store.contains(digest)? {
         return Ok(());
     }
@@ -106,7 +108,7 @@ pub fn write(
     layout: &Path,
     store: &BlobStore,
     manifest: &Descriptor,
-    blobs: &[String],
+    blobs: &[Digest],
     tags: &[String],
 ) -> Result<()> {
     let blob_dir = layout.join("blobs/sha256");
@@ -130,7 +132,7 @@ pub fn write(
     } else {
         ImageIndex {
             schema_version: 2,
-            media_type: Some(manifest::OCI_INDEX.into()),
+            media_type: Some(MediaType::ImageIndex),
             manifests: Vec::new(),
         }
     };
@@ -145,7 +147,7 @@ pub fn write(
     let path = layout.join("index.json");
     let tmp = layout.join(".index.json.tmp");
     let mut file = fs::File::create(&tmp).at(&tmp)?;
-    serde_json::to_writer(&mut file, &index).map_err(|e| layout_error(layout, e))?;
+    file.write_all(&canonical_json(&index)).at(&tmp)?;
     file.flush().at(&tmp)?;
     fs::rename(&tmp, &path).at(&path)
 }
@@ -170,32 +172,16 @@ mod tests {
         let layer = store.put(b"layer").unwrap();
         let m = manifest::ImageManifest {
             schema_version: 2,
-            media_type: Some(manifest::OCI_MANIFEST.into()),
-            config: Descriptor {
-                media_type: manifest::OCI_CONFIG.into(),
-                digest: config.digest.clone(),
-                size: config.size,
-                platform: None,
-                annotations: None,
-            },
-            layers: vec![Descriptor {
-                media_type: manifest::OCI_LAYER_GZIP.into(),
-                digest: layer.digest.clone(),
-                size: layer.size,
-                platform: None,
-                annotations: None,
-            }],
+            media_type: Some(MediaType::ImageManifest),
+            config: Descriptor::new(MediaType::ImageConfig, config.digest.clone(), config.size),
+            layers: vec![Descriptor::new(
+                MediaType::ImageLayerGzip,
+                layer.digest.clone(),
+                layer.size,
+            )],
             annotations: None,
         };
-        let bytes = serde_json::to_vec(&m).unwrap();
-        let stored = store.put(&bytes).unwrap();
-        let desc = Descriptor {
-            media_type: manifest::OCI_MANIFEST.into(),
-            digest: stored.digest.clone(),
-            size: stored.size,
-            platform: None,
-            annotations: None,
-        };
+        let desc = store.put_json(MediaType::ImageManifest, &m).unwrap();
         let out = dir.path().join("out");
         write(
             &out,
@@ -208,7 +194,7 @@ mod tests {
 
         let other = BlobStore::open(&StateDir::open(dir.path().join("other")).unwrap()).unwrap();
         let got = import(&out, Some("v1"), &Platform::host(), &other).unwrap();
-        assert_eq!(got.digest, stored.digest);
+        assert_eq!(got.digest, desc.digest);
         assert!(other.contains(&layer.digest).unwrap());
         assert!(import(&out, Some("v2"), &Platform::host(), &other).is_err());
     }

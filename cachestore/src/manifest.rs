@@ -1,16 +1,13 @@
 //! Manifests and indexes as the OCI image spec and Docker schema 2 write
 //! them, reduced to what a builder needs, plus platform selection.
+pub use oci_spec::image::MediaType;
 use serde::{Deserialize, Serialize};
 
-use crate::digest;
+use crate::digest::{self, Digest};
 use crate::error::{CacheStoreError, Cause, Result};
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+// Docker schema 2's names, which `oci_spec`'s `MediaType` holds as
+// `Other`; the OCI ones are its own variants.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
@@ -18,18 +15,57 @@ pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// The manifest media types Kiln asks registries for.
-pub const ACCEPTED: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+pub const ACCEPTED: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+];
+
+/// A media type from a Docker name (`MediaType::Other`).
+pub fn docker(name: &str) -> MediaType {
+    MediaType::Other(name.to_string())
+}
+
+/// Whether a manifest's media type is an index (OCI or Docker list).
+fn is_index(media_type: &MediaType) -> bool {
+    match media_type {
+        MediaType::ImageIndex => true,
+        MediaType::Other(name) => name == DOCKER_LIST,
+        _ => false,
+    }
+}
+
+/// The one JSON writer for what Kiln stores, pushes or lays out (configs,
+/// manifests, indexes, cache entries): serde's compact form with fields in
+/// declaration order, which is the spec's, so one value has one digest.
+pub fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("Kiln's documents have string keys and always serialize")
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
+    pub media_type: MediaType,
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl Descriptor {
+    /// A descriptor with no platform and no annotations.
+    pub fn new(media_type: MediaType, digest: Digest, size: u64) -> Self {
+        Descriptor {
+            media_type,
+            digest,
+            size,
+            platform: None,
+            annotations: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,7 +115,7 @@ impl Platform {
 pub struct ImageManifest {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
+    pub media_type: Option<MediaType>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,7 +127,7 @@ pub struct ImageManifest {
 pub struct ImageIndex {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
+    pub media_type: Option<MediaType>,
     pub manifests: Vec<Descriptor>,
 }
 
@@ -99,14 +135,14 @@ pub struct ImageIndex {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
     pub descriptor: Descriptor,
-    pub diff_id: String,
+    pub diff_id: Digest,
 }
 
 /// An image manifest with its identity.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResolvedManifest {
-    pub digest: String,
-    pub media_type: String,
+    pub digest: Digest,
+    pub media_type: MediaType,
     pub manifest: ImageManifest,
 }
 
@@ -114,7 +150,7 @@ pub enum Parsed {
     Image(Box<ResolvedManifest>),
     /// An index; `chosen` is the digest of the manifest for the platform.
     Index {
-        chosen: String,
+        chosen: Digest,
     },
 }
 
@@ -126,18 +162,17 @@ fn malformed(what: &str, cause: impl Into<Cause>) -> CacheStoreError {
 }
 
 /// Parses manifest or index bytes, checking every digest they name.
-pub fn parse(bytes: &[u8], digest: &str, platform: &Platform) -> Result<Parsed> {
+pub fn parse(bytes: &[u8], digest: &Digest, platform: &Platform) -> Result<Parsed> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Probe {
-        media_type: Option<String>,
+        media_type: Option<MediaType>,
         manifests: Option<serde_json::Value>,
     }
     let what = format!("manifest {digest}");
     let probe: Probe = serde_json::from_slice(bytes).map_err(|e| malformed(&what, e))?;
-    let is_index = match probe.media_type.as_deref() {
-        Some(OCI_INDEX | DOCKER_LIST) => true,
-        Some(_) => false,
+    let is_index = match &probe.media_type {
+        Some(media_type) => is_index(media_type),
         None => probe.manifests.is_some(),
     };
     if is_index {
@@ -161,22 +196,22 @@ pub fn parse(bytes: &[u8], digest: &str, platform: &Platform) -> Result<Parsed> 
                     ),
                 )
             })?;
-        digest::validate(&chosen.digest)?;
+        digest::hex(&chosen.digest)?;
         return Ok(Parsed::Index {
             chosen: chosen.digest.clone(),
         });
     }
     let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| malformed(&what, e))?;
-    digest::validate(&manifest.config.digest)?;
+    digest::hex(&manifest.config.digest)?;
     for layer in &manifest.layers {
-        digest::validate(&layer.digest)?;
+        digest::hex(&layer.digest)?;
     }
     let media_type = manifest
         .media_type
         .clone()
-        .unwrap_or_else(|| OCI_MANIFEST.to_string());
+        .unwrap_or(MediaType::ImageManifest);
     Ok(Parsed::Image(Box::new(ResolvedManifest {
-        digest: digest.to_string(),
+        digest: digest.clone(),
         media_type,
         manifest,
     })))
@@ -186,18 +221,18 @@ pub fn parse(bytes: &[u8], digest: &str, platform: &Platform) -> Result<Parsed> 
 mod tests {
     use super::*;
 
-    fn d(n: char) -> String {
-        format!("sha256:{}", n.to_string().repeat(64))
+    fn d(n: char) -> Digest {
+        digest::parse(&format!("sha256:{}", n.to_string().repeat(64))).unwrap()
     }
 
     #[test]
     fn picks_the_platform_from_an_index() {
         let index = serde_json::json!({
-        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "schemaVersion": 2, "mediaType": MediaType::ImageIndex,
         "manifests": [
-            {"mediaType": OCI_MANIFEST, "digest": d('a'), "size": 1,
+            {"mediaType": MediaType::ImageManifest, "digest": d('a'), "size": 1,
              "platform": {"architecture": "arm64", "os": "linux"}},
-            {"mediaType": OCI_MANIFEST, "digest": d('b'), "size": 1,
+            {"mediaType": MediaType::ImageManifest, "digest": d('b'), "size": 1,
              "platform": {"architecture": "amd64", "os": "linux"}}
         ]});
         let bytes = serde_json::to_vec(&index).unwrap();
@@ -220,9 +255,17 @@ mod tests {
     #[test]
     fn rejects_unsafe_layer_digests() {
         let m = serde_json::json!({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": d('a'), "size": 1},
-            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": "sha256:../../x", "size": 1}]});
+            "schemaVersion": 2, "mediaType": MediaType::ImageManifest,
+            "config": {"mediaType": MediaType::ImageConfig, "digest": d('a'), "size": 1},
+            "layers": [{"mediaType": MediaType::ImageLayerGzip, "digest": "sha256:../../x", "size": 1}]});
+        let bytes = serde_json::to_vec(&m).unwrap();
+        assert!(parse(&bytes, &d('c'), &Platform::host()).is_err());
+        // A well-formed digest of another algorithm cannot name a blob.
+        let sha512 = format!("sha512:{}", "0".repeat(128));
+        let m = serde_json::json!({
+            "schemaVersion": 2, "mediaType": MediaType::ImageManifest,
+            "config": {"mediaType": MediaType::ImageConfig, "digest": d('a'), "size": 1},
+            "layers": [{"mediaType": MediaType::ImageLayerGzip, "digest": sha512, "size": 1}]});
         let bytes = serde_json::to_vec(&m).unwrap();
         assert!(parse(&bytes, &d('c'), &Platform::host()).is_err());
     }

@@ -18,9 +18,9 @@ use std::io::Write;
 
 use crate::auth;
 use crate::blobs::{BlobStore, StoredBlob};
-use crate::digest;
+use crate::digest::{self, Digest};
 use crate::error::{error_chain, CacheStoreError, IoContext, RegistryFailure, Result};
-use crate::manifest::{self, Platform, ResolvedManifest};
+use crate::manifest::{self, MediaType, Platform, ResolvedManifest};
 
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
@@ -72,7 +72,7 @@ pub struct RegistryClient {
     mounted: AtomicU64,
     /// Where each blob was pulled from: a push to another repository of
     /// the same registry mounts it from there instead of uploading it.
-    origins: Mutex<HashMap<String, Reference>>,
+    origins: Mutex<HashMap<Digest, Reference>>,
 }
 
 /// Whether the server at `registry` (`host:port`) is a TLS server: Docker
@@ -543,23 +543,23 @@ impl RegistryClient {
             .pull_manifest_raw(reference, &RegistryAuth::Anonymous, manifest::ACCEPTED)
             .await
             .map_err(|e| registry_error(reference, "pull manifest", e))?;
-        check_manifest_digest(reference, &bytes, &digest)?;
+        let digest = verified_manifest_digest(reference, &bytes, &digest)?;
         match manifest::parse(&bytes, &digest, platform)? {
             manifest::Parsed::Image(m) => Ok(*m),
             manifest::Parsed::Index { chosen } => {
-                let by_digest = reference.clone_with_digest(chosen.clone());
+                let by_digest = reference.clone_with_digest(chosen.to_string());
                 let (bytes, digest) = client
                     .pull_manifest_raw(&by_digest, &RegistryAuth::Anonymous, manifest::ACCEPTED)
                     .await
                     .map_err(|e| registry_error(reference, "pull manifest", e))?;
-                if digest != chosen {
+                if digest != chosen.as_ref() {
                     return Err(CacheStoreError::DigestMismatch {
                         what: format!("manifest of {}", reference.whole()),
-                        expected: chosen,
+                        expected: chosen.to_string(),
                         actual: digest,
                     });
                 }
-                check_manifest_digest(reference, &bytes, &digest)?;
+                let digest = verified_manifest_digest(reference, &bytes, &digest)?;
                 match manifest::parse(&bytes, &digest, platform)? {
                     manifest::Parsed::Image(m) => Ok(*m),
                     manifest::Parsed::Index { .. } => Err(CacheStoreError::Malformed {
@@ -595,7 +595,7 @@ impl RegistryClient {
             .await
         {
             Ok((bytes, digest)) => {
-                check_manifest_digest(reference, &bytes, &digest)?;
+                verified_manifest_digest(reference, &bytes, &digest)?;
                 Ok(Some(bytes.to_vec()))
             }
             Err(OciDistributionError::RegistryError { envelope, .. })
@@ -617,14 +617,15 @@ impl RegistryClient {
     }
 
     /// The digest `reference` points at now, by a HEAD request.
-    pub async fn manifest_digest(&self, reference: &Reference) -> Result<String> {
+    pub async fn manifest_digest(&self, reference: &Reference) -> Result<Digest> {
         self.via_sources(reference, |r| async move {
             self.retrying(self.options.pull_retries, || async {
                 let client = self.client(&r).await?;
-                client
+                let digest = client
                     .fetch_manifest_digest(&r, &RegistryAuth::Anonymous)
                     .await
-                    .map_err(|e| registry_error(&r, "check manifest", e))
+                    .map_err(|e| registry_error(&r, "check manifest", e))?;
+                digest::parse(&digest)
             })
             .await
         })
@@ -635,7 +636,7 @@ impl RegistryClient {
     pub async fn pull_blob(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         store: &BlobStore,
     ) -> Result<StoredBlob> {
         self.via_sources(reference, |r| async move {
@@ -650,23 +651,22 @@ impl RegistryClient {
     async fn pull_blob_once(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         store: &BlobStore,
     ) -> Result<StoredBlob> {
-        digest::validate(digest)?;
         self.origins
             .lock()
             .expect("blob origins poisoned")
-            .insert(digest.to_string(), reference.clone());
+            .insert(digest.clone(), reference.clone());
         if store.contains(digest)? {
             return Ok(StoredBlob {
-                digest: digest.to_string(),
+                digest: digest.clone(),
                 size: store.size(digest)?,
             });
         }
         let client = self.client(reference).await?;
         let mut stream = client
-            .pull_blob_stream(reference, digest)
+            .pull_blob_stream(reference, digest.as_ref())
             .await
             .map_err(|e| registry_error(reference, "pull blob", e))?;
         let mut writer = store.writer()?;
@@ -679,10 +679,10 @@ impl RegistryClient {
         Ok(stored)
     }
 
-    pub async fn blob_exists(&self, reference: &Reference, digest: &str) -> Result<bool> {
+    pub async fn blob_exists(&self, reference: &Reference, digest: &Digest) -> Result<bool> {
         let client = self.client(reference).await?;
         client
-            .blob_exists(reference, digest)
+            .blob_exists(reference, digest.as_ref())
             .await
             .map_err(|e| registry_error(reference, "check blob", e))
     }
@@ -691,7 +691,7 @@ impl RegistryClient {
     pub async fn push_blob(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         store: &BlobStore,
     ) -> Result<()> {
         self.retrying(self.options.push_retries, || {
@@ -703,7 +703,7 @@ impl RegistryClient {
     async fn push_blob_once(
         &self,
         reference: &Reference,
-        digest: &str,
+        digest: &Digest,
         store: &BlobStore,
     ) -> Result<()> {
         if self.blob_exists(reference, digest).await? {
@@ -722,7 +722,11 @@ impl RegistryClient {
             let client = self.client(reference).await?;
             // A refused mount (oci-client reports a 202 as an error) just
             // means an upload, as the registry then expects anyway.
-            if client.mount_blob(reference, &origin, digest).await.is_ok() {
+            if client
+                .mount_blob(reference, &origin, digest.as_ref())
+                .await
+                .is_ok()
+            {
                 self.mounted.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
@@ -734,7 +738,7 @@ impl RegistryClient {
             .map_err(OciDistributionError::from);
         let client = self.client(reference).await?;
         client
-            .push_blob_stream(reference, stream, digest, Some(size))
+            .push_blob_stream(reference, stream, digest.as_ref(), Some(size))
             .await
             .map_err(|e| registry_error(reference, "push blob", e))?;
         self.pushed.fetch_add(size, Ordering::Relaxed);
@@ -746,7 +750,7 @@ impl RegistryClient {
         &self,
         reference: &Reference,
         bytes: Vec<u8>,
-        media_type: &str,
+        media_type: &MediaType,
     ) -> Result<()> {
         self.retrying(self.options.push_retries, || {
             self.push_manifest_once(reference, bytes.clone(), media_type)
@@ -758,10 +762,11 @@ impl RegistryClient {
         &self,
         reference: &Reference,
         bytes: Vec<u8>,
-        media_type: &str,
+        media_type: &MediaType,
     ) -> Result<()> {
         let client = self.client(reference).await?;
         let content_type = media_type
+            .as_ref()
             .parse()
             .map_err(|e| registry_error(reference, "push manifest", e))?;
         client
@@ -772,25 +777,20 @@ impl RegistryClient {
     }
 }
 
-fn check_manifest_digest(reference: &Reference, bytes: &[u8], digest: &str) -> Result<()> {
-    let actual = digest::sha256_digest(bytes);
-    if actual != digest {
-        return Err(CacheStoreError::DigestMismatch {
-            what: format!("manifest of {}", reference.whole()),
-            expected: digest.to_string(),
-            actual,
-        });
-    }
-    if let Some(pinned) = reference.digest() {
-        if pinned != actual {
+/// The digest of manifest bytes, checked against the one the registry
+/// claimed and the one the reference pins.
+fn verified_manifest_digest(reference: &Reference, bytes: &[u8], claimed: &str) -> Result<Digest> {
+    let actual = digest::sha256(bytes);
+    for expected in std::iter::once(claimed).chain(reference.digest()) {
+        if expected != actual.as_ref() {
             return Err(CacheStoreError::DigestMismatch {
                 what: format!("manifest of {}", reference.whole()),
-                expected: pinned.to_string(),
-                actual,
+                expected: expected.to_string(),
+                actual: actual.to_string(),
             });
         }
     }
-    Ok(())
+    Ok(actual)
 }
 
 #[cfg(test)]

@@ -6,9 +6,10 @@
 use oci_client::Reference;
 
 use crate::blobs::BlobStore;
+use crate::digest::Digest;
 use crate::error::{CacheStoreError, Cause, Result};
 use crate::index::StepEntry;
-use crate::manifest::{self, Descriptor, ImageManifest};
+use crate::manifest::{canonical_json, ImageManifest, MediaType};
 use crate::registry::{parse_reference, RegistryClient};
 
 /// The config media type of a cache entry's manifest.
@@ -55,7 +56,7 @@ impl<'a> RemoteCache<'a> {
         let r = self.tagged(key);
         let Some(bytes) = self
             .registry
-            .pull_manifest_if_exists(&r, &[manifest::OCI_MANIFEST])
+            .pull_manifest_if_exists(&r, &[MediaType::ImageManifest.as_ref()])
             .await?
         else {
             return Ok(None);
@@ -65,7 +66,7 @@ impl<'a> RemoteCache<'a> {
             source: cause,
         };
         let m: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| malformed(e.into()))?;
-        if m.config.media_type != STEP_ENTRY {
+        if m.config.media_type.as_ref() != STEP_ENTRY {
             return Err(malformed(
                 format!(
                     "config media type {} is not a Kiln cache entry",
@@ -77,12 +78,8 @@ impl<'a> RemoteCache<'a> {
         self.registry.pull_blob(&r, &m.config.digest, store).await?;
         let entry: StepEntry = serde_json::from_slice(&store.read(&m.config.digest)?)
             .map_err(|e| malformed(e.into()))?;
-        let listed: Vec<&str> = m.layers.iter().map(|l| l.digest.as_str()).collect();
-        let recorded: Vec<&str> = entry
-            .layer
-            .iter()
-            .map(|l| l.descriptor.digest.as_str())
-            .collect();
+        let listed: Vec<&Digest> = m.layers.iter().map(|l| &l.digest).collect();
+        let recorded: Vec<&Digest> = entry.layer.iter().map(|l| &l.descriptor.digest).collect();
         if listed != recorded {
             return Err(malformed(
                 "the manifest and the entry name different layers".into(),
@@ -104,8 +101,7 @@ impl<'a> RemoteCache<'a> {
     /// Uploads an entry: the layer, the entry as config, then the manifest.
     pub async fn put(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
         let r = self.tagged(key);
-        let config_bytes = serde_json::to_vec(entry).expect("an entry always serializes");
-        let config = store.put(&config_bytes)?;
+        let config = store.put_json(MediaType::Other(STEP_ENTRY.into()), entry)?;
         let mut layers = Vec::new();
         if let Some(layer) = &entry.layer {
             self.registry
@@ -116,20 +112,13 @@ impl<'a> RemoteCache<'a> {
         self.registry.push_blob(&r, &config.digest, store).await?;
         let m = ImageManifest {
             schema_version: 2,
-            media_type: Some(manifest::OCI_MANIFEST.into()),
-            config: Descriptor {
-                media_type: STEP_ENTRY.into(),
-                digest: config.digest,
-                size: config.size,
-                platform: None,
-                annotations: None,
-            },
+            media_type: Some(MediaType::ImageManifest),
+            config,
             layers,
             annotations: None,
         };
-        let bytes = serde_json::to_vec(&m).expect("a manifest always serializes");
         self.registry
-            .push_manifest(&r, bytes, manifest::OCI_MANIFEST)
+            .push_manifest(&r, canonical_json(&m), &MediaType::ImageManifest)
             .await
     }
 }

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::digest;
+use crate::digest::{self, Digest};
 use crate::error::{IoContext, Result};
 use crate::state::StateDir;
 
@@ -23,13 +23,13 @@ impl UnpackedLayers {
         Ok(Self { dir })
     }
 
-    fn path(&self, diff_id: &str) -> Result<PathBuf> {
-        Ok(self.dir.join(digest::validate(diff_id)?))
+    fn path(&self, diff_id: &Digest) -> Result<PathBuf> {
+        Ok(self.dir.join(digest::hex(diff_id)?))
     }
 
     /// The layer's directory, if it is here. Its mtime records the use, for
     /// [`UnpackedLayers::gc`].
-    pub fn get(&self, diff_id: &str) -> Result<Option<PathBuf>> {
+    pub fn get(&self, diff_id: &Digest) -> Result<Option<PathBuf>> {
         let path = self.path(diff_id)?;
         match fs::File::open(&path) {
             Ok(dir) => {
@@ -54,7 +54,7 @@ impl UnpackedLayers {
     /// Moves `made` (a complete directory on the same filesystem) in as the
     /// layer's directory. When another build got there first, `made` is
     /// removed and theirs is used: both hold the same diff_id.
-    pub fn insert(&self, diff_id: &str, made: &Path) -> Result<PathBuf> {
+    pub fn insert(&self, diff_id: &Digest, made: &Path) -> Result<PathBuf> {
         let path = self.path(diff_id)?;
         match fs::rename(made, &path) {
             Ok(()) => Ok(path),
@@ -153,30 +153,33 @@ fn disk_usage(path: &Path) -> std::io::Result<u64> {
 mod tests {
     use super::*;
 
-    const ID: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    fn id() -> Digest {
+        digest::sha256(b"a layer")
+    }
 
     #[test]
     fn insert_get_and_gc() {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path()).unwrap();
         let layers = UnpackedLayers::open(&state).unwrap();
-        assert_eq!(layers.get(ID).unwrap(), None);
+        assert_eq!(layers.get(&id()).unwrap(), None);
         for content in ["first", "second"] {
             let made = state.path().join(content);
             fs::create_dir(&made).unwrap();
             fs::write(made.join("f"), content).unwrap();
-            let dir = layers.insert(ID, &made).unwrap();
+            let dir = layers.insert(&id(), &made).unwrap();
             assert!(!made.exists());
             // The first one made stays.
             assert_eq!(fs::read_to_string(dir.join("f")).unwrap(), "first");
         }
-        assert!(layers.get(ID).unwrap().is_some());
+        assert!(layers.get(&id()).unwrap().is_some());
         assert_eq!(layers.count().unwrap(), 1);
-        assert!(layers.get("sha256:../../etc").is_err());
+        let sha512 = format!("sha512:{}", "0".repeat(128));
+        assert!(layers.get(&sha512.parse().unwrap()).is_err());
         assert_eq!(layers.gc(Duration::from_secs(3600)).unwrap(), 0);
         assert_eq!(layers.shrink_to(u64::MAX).unwrap().0, 0);
         assert_eq!(layers.gc(Duration::ZERO).unwrap(), 1);
-        assert_eq!(layers.get(ID).unwrap(), None);
+        assert_eq!(layers.get(&id()).unwrap(), None);
     }
 
     #[test]
@@ -184,9 +187,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let state = StateDir::open(tmp.path()).unwrap();
         let layers = UnpackedLayers::open(&state).unwrap();
-        let ids: Vec<String> = (0..3)
-            .map(|i| format!("sha256:{}", format!("{i}").repeat(64)))
-            .collect();
+        let ids: Vec<Digest> = (0..3).map(|i: u8| digest::sha256(&[i])).collect();
         for (i, id) in ids.iter().enumerate() {
             let made = state.path().join(format!("made{i}"));
             fs::create_dir(&made).unwrap();

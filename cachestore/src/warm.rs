@@ -8,6 +8,7 @@ use std::time::Duration;
 use oci_client::Reference;
 
 use crate::blobs::BlobStore;
+use crate::digest::Digest;
 use crate::error::Result;
 use crate::index::{now_secs, BaseEntry, Index};
 use crate::layout;
@@ -104,12 +105,7 @@ pub async fn warm(
     }
     let r = parse_reference(reference)?;
     let manifest = resolve_base(registry, store, index, &r, platform, Duration::ZERO).await?;
-    let digests: Vec<&str> = manifest
-        .manifest
-        .layers
-        .iter()
-        .map(|l| l.digest.as_str())
-        .collect();
+    let digests: Vec<&Digest> = manifest.manifest.layers.iter().map(|l| &l.digest).collect();
     let mut missing = Vec::new();
     for digest in digests {
         // A blob that fails verification is removed by `verify`.

@@ -1,5 +1,7 @@
 use std::path::PathBuf;
 
+use kiln_cachestore::digest::Digest;
+
 /// Everything that can stop a build, each naming what it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -35,7 +37,7 @@ pub enum BuildError {
         source: std::io::Error,
     },
     #[error("layer {layer}: {message}")]
-    Layer { layer: String, message: String },
+    Layer { layer: Digest, message: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use kiln_cachestore::digest::Digest;
 pub use kiln_cachestore::manifest::Layer;
-use kiln_cachestore::manifest::{self, Descriptor, ImageManifest};
+use kiln_cachestore::manifest::{self, Descriptor, ImageManifest, MediaType};
 use kiln_cachestore::BlobStore;
 
 use crate::error::BuildError;
@@ -71,7 +72,7 @@ pub struct RootFs {
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default)]
-    pub diff_ids: Vec<String>,
+    pub diff_ids: Vec<Digest>,
 }
 
 impl Default for RootFs {
@@ -123,18 +124,6 @@ impl ImageConfig {
     }
 }
 
-/// Canonical manifest bytes for a config and its layers.
-pub fn manifest_bytes(media_type: &str, config: &Descriptor, layers: &[Layer]) -> Vec<u8> {
-    let manifest = ImageManifest {
-        schema_version: 2,
-        media_type: Some(media_type.into()),
-        config: config.clone(),
-        layers: layers.iter().map(|l| l.descriptor.clone()).collect(),
-        annotations: None,
-    };
-    serde_json::to_vec(&manifest).expect("a manifest always serializes")
-}
-
 /// The manifest format of the built image (`--image-format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ImageFormat {
@@ -167,11 +156,14 @@ pub(crate) fn assemble(
         // it has no zstd layers.
         for layer in &mut layers {
             let d = &mut layer.descriptor;
-            d.media_type = match d.media_type.as_str() {
-                manifest::OCI_LAYER_GZIP | manifest::DOCKER_LAYER_GZIP => {
-                    manifest::DOCKER_LAYER_GZIP.into()
+            d.media_type = match &d.media_type {
+                MediaType::ImageLayerGzip => manifest::docker(manifest::DOCKER_LAYER_GZIP),
+                MediaType::ImageLayer => manifest::docker(manifest::DOCKER_LAYER_TAR),
+                MediaType::Other(name)
+                    if name == manifest::DOCKER_LAYER_GZIP || name == manifest::DOCKER_LAYER_TAR =>
+                {
+                    d.media_type.clone()
                 }
-                manifest::OCI_LAYER_TAR => manifest::DOCKER_LAYER_TAR.into(),
                 other => {
                     return Err(BuildError::Invalid(format!(
                         "--image-format docker: layer {} is {other}, which Docker images cannot hold (use --compression gzip)",
@@ -183,33 +175,24 @@ pub(crate) fn assemble(
     }
     config.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
     config.created = Some(created);
-    let bytes = serde_json::to_vec(&config).expect("a config always serializes");
-    let stored = store.put(&bytes)?;
-    let config_desc = Descriptor {
-        media_type: match docker {
-            true => manifest::DOCKER_CONFIG.into(),
-            false => manifest::OCI_CONFIG.into(),
-        },
-        digest: stored.digest,
-        size: stored.size,
-        platform: None,
+    let (config_type, manifest_type) = match docker {
+        true => (
+            manifest::docker(manifest::DOCKER_CONFIG),
+            manifest::docker(manifest::DOCKER_MANIFEST),
+        ),
+        false => (MediaType::ImageConfig, MediaType::ImageManifest),
+    };
+    let config = store.put_json(config_type, &config)?;
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(manifest_type.clone()),
+        config: config.clone(),
+        layers: layers.iter().map(|l| l.descriptor.clone()).collect(),
         annotations: None,
     };
-    let manifest_type = match docker {
-        true => manifest::DOCKER_MANIFEST,
-        false => manifest::OCI_MANIFEST,
-    };
-    let manifest_bytes = manifest_bytes(manifest_type, &config_desc, &layers);
-    let stored = store.put(&manifest_bytes)?;
     Ok(BuiltImage {
-        manifest: Descriptor {
-            media_type: manifest_type.into(),
-            digest: stored.digest,
-            size: stored.size,
-            platform: None,
-            annotations: None,
-        },
-        config: config_desc,
+        manifest: store.put_json(manifest_type, &manifest)?,
+        config,
         layers,
     })
 }

@@ -9,8 +9,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use kiln_cachestore::blobs::{BlobStore, BlobWriter};
-use kiln_cachestore::digest::HashingWriter;
-use kiln_cachestore::manifest::{self, Descriptor};
+use kiln_cachestore::digest::{Digest, HashingWriter};
+use kiln_cachestore::manifest::{Descriptor, MediaType};
 
 use crate::error::{BuildError, IoContext};
 use crate::image::Layer;
@@ -22,10 +22,10 @@ pub enum Compression {
 }
 
 impl Compression {
-    pub fn media_type(self) -> &'static str {
+    pub fn media_type(self) -> MediaType {
         match self {
-            Compression::Gzip { .. } => manifest::OCI_LAYER_GZIP,
-            Compression::Zstd { .. } => manifest::OCI_LAYER_ZSTD,
+            Compression::Gzip { .. } => MediaType::ImageLayerGzip,
+            Compression::Zstd { .. } => MediaType::ImageLayerZstd,
         }
     }
 }
@@ -242,13 +242,7 @@ impl LayerWriter {
         let blob = encoder.finish().map_err(|e| BuildError::io("layer", e))?;
         let stored = blob.commit(None)?;
         Ok(Layer {
-            descriptor: Descriptor {
-                media_type: self.compression.media_type().into(),
-                digest: stored.digest,
-                size: stored.size,
-                platform: None,
-                annotations: None,
-            },
+            descriptor: Descriptor::new(self.compression.media_type(), stored.digest, stored.size),
             diff_id,
         })
     }
@@ -311,20 +305,23 @@ fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
 
 /// Opens a stored layer for reading, decompressing by its magic bytes (media
 /// types in the wild do not always say the truth).
-pub fn open_layer(store: &BlobStore, digest: &str) -> Result<Box<dyn Read + Send>, BuildError> {
+pub fn open_layer(store: &BlobStore, digest: &Digest) -> Result<Box<dyn Read + Send>, BuildError> {
     let file = store.open_blob(digest)?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let magic = {
         use io::BufRead;
         reader
             .fill_buf()
-            .map_err(|e| BuildError::io(digest, e))?
+            .map_err(|e| BuildError::io(digest.to_string(), e))?
             .to_vec()
     };
     Ok(if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(reader))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::Decoder::with_buffer(reader).map_err(|e| BuildError::io(digest, e))?)
+        Box::new(
+            zstd::Decoder::with_buffer(reader)
+                .map_err(|e| BuildError::io(digest.to_string(), e))?,
+        )
     } else {
         Box::new(reader)
     })
@@ -375,7 +372,7 @@ mod tests {
                 .unwrap()
                 .read_to_end(&mut raw)
                 .unwrap();
-            assert_eq!(kiln_cachestore::digest::sha256_digest(&raw), layer.diff_id);
+            assert_eq!(kiln_cachestore::digest::sha256(&raw), layer.diff_id);
             let mut archive = tar::Archive::new(raw.as_slice());
             let entries: Vec<(String, tar::EntryType)> = archive
                 .entries()

@@ -4,13 +4,15 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use kiln_cachestore::digest::{self, Digest};
+use kiln_cachestore::manifest::canonical_json;
 use kiln_cachestore::{layout, BlobStore, Reference, RegistryClient};
 
 use crate::error::{BuildError, IoContext};
 pub use crate::image::BuiltImage;
 
 impl BuiltImage {
-    fn blob_digests(&self) -> Vec<String> {
+    fn blob_digests(&self) -> Vec<Digest> {
         self.layers
             .iter()
             .map(|l| l.descriptor.digest.clone())
@@ -46,13 +48,12 @@ pub fn write_docker_archive(
     path: &Path,
     store: &BlobStore,
 ) -> Result<(), BuildError> {
-    let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
-    let config_name = format!("{}.json", hex(&image.config.digest));
-    let layer_names: Vec<String> = image
+    let config_name = format!("{}.json", digest::hex(&image.config.digest)?);
+    let layer_names = image
         .layers
         .iter()
-        .map(|l| format!("{}.tar.gz", hex(&l.descriptor.digest)))
-        .collect();
+        .map(|l| Ok(format!("{}.tar.gz", digest::hex(&l.descriptor.digest)?)))
+        .collect::<Result<Vec<String>, BuildError>>()?;
     let manifest = serde_json::json!([{
         "Config": config_name,
         "RepoTags": tags,
@@ -73,7 +74,7 @@ pub fn write_docker_archive(
         let mut blob = store.open_blob(&layer.descriptor.digest)?;
         add(name, layer.descriptor.size, &mut blob)?;
     }
-    let manifest = serde_json::to_vec(&manifest).expect("json");
+    let manifest = canonical_json(&manifest);
     add(
         "manifest.json",
         manifest.len() as u64,
@@ -100,5 +101,5 @@ pub fn write_oci_layout(
 }
 
 pub fn write_digest_file(image: &BuiltImage, path: &Path) -> Result<(), BuildError> {
-    std::fs::write(path, &image.manifest.digest).at(path)
+    std::fs::write(path, image.manifest.digest.as_ref()).at(path)
 }

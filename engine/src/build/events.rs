@@ -2,6 +2,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use kiln_cachestore::digest::Digest;
+
 /// What the builder reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -16,14 +18,14 @@ pub enum Event {
     },
     Pulled {
         reference: String,
-        digest: String,
+        digest: Digest,
     },
     Step {
         line: usize,
         text: String,
     },
     Layer {
-        digest: String,
+        digest: Digest,
         size: u64,
     },
     CacheHit {

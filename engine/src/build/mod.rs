@@ -392,7 +392,7 @@ impl<'a> Builder<'a> {
                         on_disk: None,
                         layers: Self::image_layers(m, &config),
                         config,
-                        last_key: m.digest.clone(),
+                        last_key: m.digest.to_string(),
                         built: None,
                     }
                 }
@@ -439,10 +439,10 @@ impl<'a> Builder<'a> {
                         CopyFrom::Image(reference) => {
                             let image = images.get_mut(reference).expect("fetched above");
                             if image.on_disk.is_none() {
-                                let dir = self.work.path().join(format!(
-                                    "image-{}",
-                                    image.m.digest.trim_start_matches("sha256:")
-                                ));
+                                let dir = self
+                                    .work
+                                    .path()
+                                    .join(format!("image-{}", image.m.digest.digest()));
                                 self.pull_layers(reference, &image.m).await?;
                                 let layers = Self::image_layers(&image.m, &image.config);
                                 let tree = blocking(|| self.roots.materialize(&layers, dir))?;

@@ -392,7 +392,7 @@ impl<'a> Roots<'a> {
             })?;
         let diff_id = hashing
             .finish()
-            .map_err(|e| BuildError::io(&layer.descriptor.digest, e))?;
+            .map_err(|e| BuildError::io(layer.descriptor.digest.to_string(), e))?;
         if diff_id != layer.diff_id {
             return Err(BuildError::Layer {
                 layer: layer.descriptor.digest.clone(),

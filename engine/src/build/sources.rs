@@ -89,6 +89,6 @@ impl StepSources for StageSources<'_, '_> {
     }
 
     fn image_digest(&self, reference: &str) -> &str {
-        &self.images[reference].m.digest
+        self.images[reference].m.digest.as_ref()
     }
 }
