@@ -526,7 +526,9 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    /// Creates a device node or fifo (`dev` is 0 for fifos).
+    /// Creates a device node or fifo (`dev` is 0 for fifos). Real nodes
+    /// even in a layer dir: overlayfs shows a node only where a layer has
+    /// one; the state dir being 0700 keeps them from other users.
     fn write_node(
         &mut self,
         parent: BorrowedFd<'_>,
