@@ -547,3 +547,35 @@ fn a_fully_cached_rebuild_gives_the_same_image() {
     let (third, _) = digest(3);
     assert_ne!(third, first);
 }
+
+/// The cache dir holds base images' files and cache mounts: a new one is
+/// made 0700 (its sub-dirs too), and an old 0755 one is tightened with a
+/// warning.
+#[test]
+fn the_state_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    let ctx = context(&base, "b\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+
+    let (out, _) = build(&ctx, &state, &tmp.path().join("out1"), &[]);
+    summary(&out);
+    assert_eq!(mode(&state), 0o700);
+    for sub in ["blobs", "unpacked", "mounts", "builds"] {
+        assert_eq!(mode(&state.join(sub)), 0o700, "{sub}");
+    }
+    assert!(!stderr(&out).contains("readable by other users"));
+
+    // A state dir an older Kiln made 0755.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (out, _) = build(&ctx, &state, &tmp.path().join("out2"), &[]);
+    summary(&out);
+    assert_eq!(mode(&state), 0o700);
+    let err = stderr(&out);
+    assert!(
+        err.contains("was mode 0755, readable by other users; made it 0700"),
+        "{err}"
+    );
+}

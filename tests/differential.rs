@@ -214,8 +214,13 @@ fn drop_buildah_mount_points(
 }
 
 fn differential(name: &str) {
+    differential_on(name, Registry::push_busybox);
+}
+
+/// A case built on the base `push` puts in the registry.
+fn differential_on(name: &str, push: impl FnOnce(&Registry) -> String) {
     let registry = Registry::start();
-    let base = registry.push_busybox();
+    let base = push(&registry);
     let dir = case_dir(name);
     let work = tempfile::tempdir().unwrap();
     let mut reference = build_with_buildah(&dir, &base, work.path());
@@ -253,6 +258,58 @@ fn compare(name: &str, kiln: &Built, reference: &mut Built) {
         comparable_config(&kiln.config),
         comparable_config(&reference.config),
         "{name}: configs differ"
+    );
+}
+
+/// busybox with one more layer holding only `etc/passwd2`, a hard link to
+/// the `etc/passwd` of the layer below, as some tools write a RUN's link to
+/// an earlier layer's file. The overlay snapshotter unpacks each layer
+/// alone, so the link's target is in another layer's directory.
+fn push_busybox_with_a_link_into_the_layer_below(registry: &Registry) -> String {
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(busybox_layout())
+            .arg(&layout),
+    );
+    let layer = work.path().join("layer.tar");
+    let mut tar = tar::Builder::new(std::fs::File::create(&layer).unwrap());
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::Link);
+    header.set_path("etc/passwd2").unwrap();
+    header.set_link_name("etc/passwd").unwrap();
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_size(0);
+    header.set_mtime(1_600_000_000);
+    header.set_cksum();
+    tar.append(&header, std::io::empty()).unwrap();
+    tar.into_inner().unwrap();
+    run_ok(
+        Command::new("umoci")
+            .args(["raw", "add-layer", "--image"])
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&layer),
+    );
+    let reference = registry.reference("base/hardlinked:latest");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", layout.display()),
+        &format!("docker://{reference}"),
+    ]));
+    reference
+}
+
+#[test]
+fn hardlink_into_lower_layer() {
+    differential_on(
+        "hardlink-into-lower-layer",
+        push_busybox_with_a_link_into_the_layer_below,
     );
 }
 

@@ -9,7 +9,17 @@
 //! builds/build-*  running builds' work dirs, each holding builds/build-*/lock
 //! context-*       contexts fetched for a build (tar, git), for its length
 //! ```
-use std::fs::{self, File};
+//!
+//! The state dir is private (0700): it holds base images' files with their
+//! own modes, cache mounts and contexts, none of them other users' business.
+//! That includes a base image's device nodes in `unpacked/`: they stay real
+//! nodes, as overlayfs can only show a lower layer's device node if that
+//! layer has one (a placeholder file would show the build's RUN steps, and
+//! `COPY --from`, a regular file instead), and behind a 0700 dir only its
+//! owner (root, or rootless, a user who cannot create real nodes at all)
+//! reaches them, as root reaches any device anyway.
+use std::fs::{self, DirBuilder, File, Permissions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
@@ -22,6 +32,8 @@ const MOUNTS: &str = "mounts";
 const BUILDS: &str = "builds";
 /// Held by a build for as long as it runs, in its work dir.
 const BUILD_LOCK: &str = "lock";
+/// The mode of the state dir and the dirs made in it.
+const PRIVATE: u32 = 0o700;
 
 /// The state dir: the blob store, the cache index, unpacked layers, cache
 /// mounts and the work dirs of running builds.
@@ -39,13 +51,37 @@ pub struct CacheMount {
 }
 
 impl StateDir {
-    /// The state dir at `root`, made if it is not there.
+    /// The state dir at `root`, made private (0700) if it is not there,
+    /// with its sub-dirs; an existing one others may enter is made private,
+    /// with a warning.
     pub fn open(root: impl Into<PathBuf>) -> Result<StateDir> {
         let root = root.into();
-        // Made with the default mode. Restricting who may read the state
-        // (0700) belongs here, the one place the state dir is made.
-        fs::create_dir_all(&root).at(&root)?;
-        Ok(StateDir { root })
+        private_dir(&root)?;
+        let mode = fs::metadata(&root).at(&root)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            // Its sub-dirs are left as they are: they are unreachable now.
+            match fs::set_permissions(&root, Permissions::from_mode(PRIVATE)) {
+                Ok(()) => tracing::warn!(
+                    "state dir {}: was mode {mode:04o}, readable by other users; made it {PRIVATE:04o}",
+                    root.display()
+                ),
+                // Someone else's dir, shared on purpose: use it as it is.
+                Err(e) => tracing::warn!(
+                    "state dir {}: mode {mode:04o} lets other users read it, and it cannot be made {PRIVATE:04o}: {e}",
+                    root.display()
+                ),
+            }
+        }
+        let state = StateDir { root };
+        for dir in [
+            state.blobs(),
+            state.unpacked(),
+            state.mounts(),
+            state.builds(),
+        ] {
+            private_dir(&dir)?;
+        }
+        Ok(state)
     }
 
     pub fn path(&self) -> &Path {
@@ -128,6 +164,15 @@ impl StateDir {
     }
 }
 
+/// Makes `dir` and its missing parents 0700 (an existing dir is left alone).
+fn private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE)
+        .create(dir)
+        .at(dir)
+}
+
 /// A running build's work dir: locked while it lives, so that `kiln cache
 /// gc` leaves it alone, and removed when it is dropped.
 pub struct BuildDir {
@@ -146,5 +191,48 @@ impl BuildDir {
     pub(crate) fn running(dir: &Path) -> Option<bool> {
         let lock = File::open(dir.join(BUILD_LOCK)).ok()?;
         Some(lock.try_lock().is_err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_new_state_dir_and_its_sub_dirs_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::set_permissions(tmp.path(), Permissions::from_mode(0o755)).unwrap();
+        let state = StateDir::open(tmp.path().join("new/state")).unwrap();
+        assert_eq!(mode(state.path()), 0o700);
+        assert_eq!(mode(&tmp.path().join("new")), 0o700);
+        for dir in [
+            state.blobs(),
+            state.unpacked(),
+            state.mounts(),
+            state.builds(),
+        ] {
+            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        }
+        // Opening it again changes nothing.
+        StateDir::open(state.path()).unwrap();
+        assert_eq!(mode(state.path()), 0o700);
+    }
+
+    #[test]
+    fn an_existing_state_dir_others_can_read_is_made_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("state");
+        for old in [0o755, 0o750, 0o701, 0o777] {
+            fs::create_dir_all(root.join("blobs")).unwrap();
+            fs::write(root.join("blobs/kept"), "x").unwrap();
+            fs::set_permissions(&root, Permissions::from_mode(old)).unwrap();
+            let state = StateDir::open(&root).unwrap();
+            assert_eq!(mode(state.path()), 0o700, "was {old:o}");
+            assert_eq!(fs::read_to_string(root.join("blobs/kept")).unwrap(), "x");
+        }
     }
 }

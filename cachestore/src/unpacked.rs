@@ -2,6 +2,14 @@
 //! `unpacked/<hex of the diff_id>/`. A directory is made whole elsewhere
 //! and renamed into place, so one found here is always complete; it is
 //! never written again, since overlayfs lower layers must not change.
+//!
+//! A layer with a hard link into a layer below holds a copy of that file,
+//! so its directory depends on the layers below as well: it is kept as
+//! `unpacked/<hex of the diff_id>-<hex of the chain ID below>/`, the OCI
+//! chain ID of the layers under it. Whether a layer needs them is a
+//! property of its content alone, so a layer is only ever found under one
+//! of the two names, and every other layer is still shared by all images
+//! that have it, whatever their base.
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -27,10 +35,30 @@ impl UnpackedLayers {
         Ok(self.dir.join(digest::hex(diff_id)?))
     }
 
+    /// The name of a layer that depends on the layers `below` it.
+    fn stacked_path(&self, diff_id: &Digest, below: &[&Digest]) -> Result<PathBuf> {
+        let chain = chain_id(below)?;
+        Ok(self.dir.join(format!(
+            "{}-{}",
+            digest::hex(diff_id)?,
+            digest::hex(&chain)?
+        )))
+    }
+
     /// The layer's directory, if it is here. Its mtime records the use, for
     /// [`UnpackedLayers::gc`].
     pub fn get(&self, diff_id: &Digest) -> Result<Option<PathBuf>> {
-        let path = self.path(diff_id)?;
+        self.get_at(self.path(diff_id)?)
+    }
+
+    /// The directory of a layer that depends on the layers below it (see
+    /// the module documentation), for the stack whose diff_ids, bottom
+    /// first, are `below`.
+    pub fn get_stacked(&self, diff_id: &Digest, below: &[&Digest]) -> Result<Option<PathBuf>> {
+        self.get_at(self.stacked_path(diff_id, below)?)
+    }
+
+    fn get_at(&self, path: PathBuf) -> Result<Option<PathBuf>> {
         match fs::File::open(&path) {
             Ok(dir) => {
                 // Only the GC reads it: a failure costs nothing else.
@@ -55,7 +83,21 @@ impl UnpackedLayers {
     /// layer's directory. When another build got there first, `made` is
     /// removed and theirs is used: both hold the same diff_id.
     pub fn insert(&self, diff_id: &Digest, made: &Path) -> Result<PathBuf> {
-        let path = self.path(diff_id)?;
+        self.insert_at(self.path(diff_id)?, made)
+    }
+
+    /// [`UnpackedLayers::insert`] for a layer that depends on the layers
+    /// `below` it, as [`UnpackedLayers::get_stacked`] finds it.
+    pub fn insert_stacked(
+        &self,
+        diff_id: &Digest,
+        below: &[&Digest],
+        made: &Path,
+    ) -> Result<PathBuf> {
+        self.insert_at(self.stacked_path(diff_id, below)?, made)
+    }
+
+    fn insert_at(&self, path: PathBuf, made: &Path) -> Result<PathBuf> {
         match fs::rename(made, &path) {
             Ok(()) => Ok(path),
             Err(_) if path.is_dir() => {
@@ -135,6 +177,21 @@ impl UnpackedLayers {
     }
 }
 
+/// The OCI chain ID of a stack of layers (diff_ids bottom first):
+/// `ChainID(L0) = DiffID(L0)`, `ChainID(L0..Ln) = sha256(ChainID(L0..Ln-1)
+/// + " " + DiffID(Ln))`; that of no layers is the sha256 of nothing.
+fn chain_id(diff_ids: &[&Digest]) -> Result<Digest> {
+    let Some((first, rest)) = diff_ids.split_first() else {
+        return Ok(digest::sha256(b""));
+    };
+    let mut chain = (*first).clone();
+    for diff_id in rest {
+        digest::hex(diff_id)?;
+        chain = digest::sha256(format!("{chain} {diff_id}").as_bytes());
+    }
+    Ok(chain)
+}
+
 /// The disk blocks a tree takes (a file with several links in it counts
 /// each time: an upper bound).
 fn disk_usage(path: &Path) -> std::io::Result<u64> {
@@ -180,6 +237,40 @@ mod tests {
         assert_eq!(layers.shrink_to(u64::MAX).unwrap().0, 0);
         assert_eq!(layers.gc(Duration::ZERO).unwrap(), 1);
         assert_eq!(layers.get(&id()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_stacked_layer_is_kept_per_stack_below_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let layers = UnpackedLayers::open(&state).unwrap();
+        let (a, b) = (digest::sha256(b"a"), digest::sha256(b"b"));
+        for (below, content) in [([&a], "on a"), ([&b], "on b")] {
+            let made = state.path().join("made");
+            fs::create_dir(&made).unwrap();
+            fs::write(made.join("f"), content).unwrap();
+            let dir = layers.insert_stacked(&id(), &below, &made).unwrap();
+            assert_eq!(fs::read_to_string(dir.join("f")).unwrap(), content);
+        }
+        let on_a = layers.get_stacked(&id(), &[&a]).unwrap().unwrap();
+        assert_eq!(fs::read_to_string(on_a.join("f")).unwrap(), "on a");
+        // Neither is the layer alone, nor on another stack.
+        assert_eq!(layers.get(&id()).unwrap(), None);
+        assert_eq!(layers.get_stacked(&id(), &[&a, &b]).unwrap(), None);
+        assert_eq!(layers.count().unwrap(), 2);
+        let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
+        assert!(layers.get_stacked(&id(), &[&a, &sha512]).is_err());
+    }
+
+    #[test]
+    fn chain_ids_follow_the_oci_definition() {
+        let a = digest::parse(&format!("sha256:{}", "a".repeat(64))).unwrap();
+        let b = digest::parse(&format!("sha256:{}", "b".repeat(64))).unwrap();
+        assert_eq!(chain_id(&[&a]).unwrap(), a);
+        // printf 'sha256:aaa… sha256:bbb…' | sha256sum
+        let expected = "sha256:ccd722928bd92476ba1745586fed6e45a102504185ad88cd89e01ff116fd146c";
+        assert_eq!(chain_id(&[&a, &b]).unwrap().as_ref(), expected);
+        assert_ne!(chain_id(&[&b, &a]).unwrap().as_ref(), expected);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use kiln_cachestore::digest::Digest;
 use kiln_cachestore::state::StateDir;
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::BlobStore;
@@ -20,6 +21,7 @@ use crate::error::{BuildError, IoContext};
 use crate::exec::run::Isolation;
 use crate::image::Layer;
 use crate::plan::{Base, StagePlan};
+use crate::rootfs::extract::{ExtractError, ExtractStats, Lowers};
 
 /// The root every stage is built in with `--isolation none`.
 pub(crate) const HOST_ROOT: &str = "/";
@@ -348,7 +350,10 @@ impl<'a> Roots<'a> {
     }
 
     /// The unpacked directories of `layers` (bottom first); the missing
-    /// ones are unpacked in parallel.
+    /// ones are unpacked in parallel, each alone. A layer with a hard link
+    /// into the layers below needs their directories, so it is unpacked
+    /// again after them, bottom up, and kept for that stack only (see
+    /// `kiln_cachestore::unpacked`).
     pub(crate) fn layer_dirs(
         &self,
         unpacked: &UnpackedLayers,
@@ -357,21 +362,54 @@ impl<'a> Roots<'a> {
         use rayon::prelude::*;
         let start = Instant::now();
         let extracted = AtomicUsize::new(0);
-        let dirs = layers
+        let below = |i: usize| -> Vec<&Digest> { layers[..i].iter().map(|l| &l.diff_id).collect() };
+        let alone = layers
             .par_iter()
-            .map(|layer| {
+            .enumerate()
+            .map(|(i, layer)| {
                 if let Some(dir) = unpacked.get(&layer.diff_id)? {
-                    return Ok(dir);
+                    return Ok(Some(dir));
                 }
-                let made = tempfile::Builder::new()
-                    .prefix("unpack-")
-                    .tempdir_in(&self.work)
-                    .at(&self.work)?;
-                self.unpack_layer(layer, made.path(), UnpackInto::Dir)?;
-                extracted.fetch_add(1, Ordering::Relaxed);
-                Ok(unpacked.insert(&layer.diff_id, &made.keep())?)
+                if let Some(dir) = unpacked.get_stacked(&layer.diff_id, &below(i))? {
+                    return Ok(Some(dir));
+                }
+                let made = self.scratch_dir()?;
+                match self.unpack_layer(
+                    layer,
+                    made.path(),
+                    UnpackInto::Dir {
+                        lowers: Lowers::Unknown,
+                    },
+                )? {
+                    Some(_) => {
+                        extracted.fetch_add(1, Ordering::Relaxed);
+                        Ok(Some(unpacked.insert(&layer.diff_id, &made.keep())?))
+                    }
+                    None => Ok(None),
+                }
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
+        let mut dirs = Vec::with_capacity(layers.len());
+        for (i, (layer, dir)) in layers.iter().zip(alone).enumerate() {
+            let dir = match dir {
+                Some(dir) => dir,
+                None => {
+                    let made = self.scratch_dir()?;
+                    let into = UnpackInto::Dir {
+                        lowers: Lowers::Dirs(&dirs),
+                    };
+                    let stats = self
+                        .unpack_layer(layer, made.path(), into)?
+                        .expect("the layers below are given");
+                    extracted.fetch_add(1, Ordering::Relaxed);
+                    match stats.copied {
+                        0 => unpacked.insert(&layer.diff_id, &made.keep())?,
+                        _ => unpacked.insert_stacked(&layer.diff_id, &below(i), &made.keep())?,
+                    }
+                }
+            };
+            dirs.push(dir);
+        }
         let extracted = extracted.into_inner();
         if extracted > 0 {
             self.counters.extracted(extracted);
@@ -380,16 +418,35 @@ impl<'a> Roots<'a> {
         Ok(dirs)
     }
 
-    /// Unpacks one stored layer, checking its diff_id.
-    fn unpack_layer(&self, layer: &Layer, root: &Path, into: UnpackInto) -> Result<(), BuildError> {
+    /// An empty directory in the work dir to unpack a layer into, removed
+    /// unless kept.
+    fn scratch_dir(&self) -> Result<tempfile::TempDir, BuildError> {
+        tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(&self.work)
+            .at(&self.work)
+    }
+
+    /// Unpacks one stored layer, checking its diff_id. `None`: a layer
+    /// unpacked alone with [`Lowers::Unknown`] links into the layers below.
+    fn unpack_layer(
+        &self,
+        layer: &Layer,
+        root: &Path,
+        into: UnpackInto,
+    ) -> Result<Option<ExtractStats>, BuildError> {
         let reader = crate::layer::open_layer(self.store, &layer.descriptor.digest)?;
         let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
-        self.sys
-            .extract(&mut hashing, root, into)
-            .map_err(|e| BuildError::Layer {
-                layer: layer.descriptor.digest.clone(),
-                message: e.to_string(),
-            })?;
+        let stats = match self.sys.extract(&mut hashing, root, into) {
+            Ok(stats) => stats,
+            Err(ExtractError::NeedsLowerLayers { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(BuildError::Layer {
+                    layer: layer.descriptor.digest.clone(),
+                    message: e.to_string(),
+                })
+            }
+        };
         let diff_id = hashing
             .finish()
             .map_err(|e| BuildError::io(layer.descriptor.digest.to_string(), e))?;
@@ -402,7 +459,7 @@ impl<'a> Roots<'a> {
                 ),
             });
         }
-        Ok(())
+        Ok(Some(stats))
     }
 }
 

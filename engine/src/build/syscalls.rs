@@ -6,7 +6,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::exec::run::{self, RunSpec};
-use crate::rootfs::extract::{self, ExtractError};
+use crate::rootfs::extract::{self, ExtractError, ExtractStats, Lowers};
 use crate::rootfs::overlay;
 
 /// A mount that lasts as long as this value: dropping it unmounts.
@@ -17,8 +17,9 @@ pub(crate) type Mount = Box<dyn Send + Sync>;
 pub(crate) enum UnpackInto<'a> {
     /// Over a root, leaving its `keep` paths alone.
     Root { keep: &'a [PathBuf] },
-    /// Alone into an empty directory, in overlayfs's format.
-    Dir,
+    /// Alone into an empty directory, in overlayfs's format, over the
+    /// layers below (where its hard links may point).
+    Dir { lowers: Lowers<'a> },
 }
 
 pub(crate) trait Syscalls: Sync {
@@ -37,7 +38,7 @@ pub(crate) trait Syscalls: Sync {
         layer: &mut dyn Read,
         dir: &Path,
         into: UnpackInto,
-    ) -> Result<(), ExtractError>;
+    ) -> Result<ExtractStats, ExtractError>;
 
     /// Runs a RUN step, isolated as `spec` says; its exit code.
     fn run(&self, spec: &RunSpec) -> io::Result<i32>;
@@ -61,12 +62,11 @@ impl Syscalls for Host {
         layer: &mut dyn Read,
         dir: &Path,
         into: UnpackInto,
-    ) -> Result<(), ExtractError> {
+    ) -> Result<ExtractStats, ExtractError> {
         match into {
-            UnpackInto::Dir => extract::extract_layer_dir(dir, layer),
+            UnpackInto::Dir { lowers } => extract::extract_layer_dir(dir, layer, lowers),
             UnpackInto::Root { keep } => extract::extract_layer_keeping(dir, layer, keep),
         }
-        .map(drop)
     }
 
     fn run(&self, spec: &RunSpec) -> io::Result<i32> {

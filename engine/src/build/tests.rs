@@ -14,7 +14,7 @@ use super::{BuildOptions, Builder, Event, Snapshotter, Summary};
 use crate::exec::run::{Isolation, RunSpec};
 use crate::image::{BuiltImage, ImageFormat};
 use crate::layer::Compression;
-use crate::rootfs::extract::ExtractError;
+use crate::rootfs::extract::{ExtractError, ExtractStats};
 
 /// Runs a RUN by writing its last argument to `/ran` in the root.
 #[derive(Default)]
@@ -38,7 +38,7 @@ impl Syscalls for FakeKernel {
         layer: &mut dyn Read,
         dir: &Path,
         into: UnpackInto,
-    ) -> Result<(), ExtractError> {
+    ) -> Result<ExtractStats, ExtractError> {
         self.extracts.fetch_add(1, Ordering::Relaxed);
         Host.extract(layer, dir, into)
     }

@@ -18,7 +18,10 @@
 //! directory in overlayfs's own format, for stacking: a whiteout becomes a
 //! 0:0 character device and an opaque marker the `trusted.overlay.opaque`
 //! xattr. `trusted.overlay.*` xattrs in a layer are never applied: they
-//! would steer overlayfs.
+//! would steer overlayfs. A hard link there is resolved in the stack of
+//! this layer over the lower layers' directories, as overlayfs would show
+//! it (see `lower.rs`): to a file of this layer it stays a hard link, to
+//! one of a lower layer it becomes a copy ([`extract_layer_dir`]).
 //!
 //! What is refused (the whole layer fails) and what is skipped:
 //!
@@ -26,9 +29,9 @@
 //!   ([`ExtractError::PathOutsideRoot`], [`ExtractError::HardlinkOutsideRoot`]),
 //!   as Docker does: no well-formed layer contains one. Leading `/` and `./`
 //!   are stripped, and `..` that stays inside (`a/../b`) is cleaned lexically.
-//! * A hard link whose target does not exist in the root is refused
-//!   ([`ExtractError::HardlinkTargetMissing`]); it is never looked up on the
-//!   host. Whiteouts of `.`/`..` and malformed headers are refused too
+//! * A hard link whose target does not exist in the root (or in the stack
+//!   of layers) is refused ([`ExtractError::HardlinkTargetMissing`]); it is
+//!   never looked up on the host. Whiteouts of `.`/`..` and malformed headers are refused too
 //!   ([`ExtractError::InvalidEntry`]).
 //! * The root entry itself (`./`) is skipped (the root's own metadata
 //!   belongs to the caller), as are entry types with no filesystem meaning
@@ -57,6 +60,7 @@ use rustix::io::Errno;
 use tar::EntryType;
 
 mod fsops;
+mod lower;
 mod meta;
 
 use fsops::*;
@@ -71,6 +75,9 @@ pub struct ExtractStats {
     pub bytes: u64,
     /// Whiteout and opaque markers applied.
     pub whiteouts: u64,
+    /// Hard links into a lower layer written as copies
+    /// ([`extract_layer_dir`]): the directory depends on the layers below.
+    pub copied: u64,
 }
 
 /// Why a layer could not be applied. Paths are the entry's name as written
@@ -96,6 +103,10 @@ pub enum ExtractError {
     /// A hard link's target is not in the root (nor earlier in the layer).
     #[error("{path}: hard link target {target} does not exist in the root")]
     HardlinkTargetMissing { path: PathBuf, target: PathBuf },
+    /// A layer unpacked alone with [`Lowers::Unknown`] links to something
+    /// not in it, which may be in the layers below.
+    #[error("{path}: hard link target {target} is not in this layer; the layers below are needed")]
+    NeedsLowerLayers { path: PathBuf, target: PathBuf },
     /// The entry's header or name makes no sense.
     #[error("{path}: invalid entry: {reason}")]
     InvalidEntry { path: PathBuf, reason: String },
@@ -110,7 +121,7 @@ pub enum ExtractError {
 /// device nodes and `security.*` xattrs. Regular-file content is streamed.
 #[cfg(test)]
 pub fn extract_layer<R: Read>(root: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
-    extract(root, layer, Format::Apply, &[])
+    extract(root, layer, Format::Apply, &[], Lowers::Unknown)
 }
 
 /// [`extract_layer`] onto a root that holds things the layer must not touch:
@@ -120,15 +131,33 @@ pub fn extract_layer_keeping<R: Read>(
     layer: R,
     keep: &[PathBuf],
 ) -> Result<ExtractStats, ExtractError> {
-    extract(root, layer, Format::Apply, keep)
+    extract(root, layer, Format::Apply, keep, Lowers::Unknown)
+}
+
+/// The layers below one that [`extract_layer_dir`] unpacks alone, where
+/// its hard links may point.
+#[derive(Debug, Clone, Copy)]
+pub enum Lowers<'a> {
+    /// Not known yet: a hard link to something not in the layer fails with
+    /// [`ExtractError::NeedsLowerLayers`], so that the caller can unpack
+    /// the layers below first and try again.
+    Unknown,
+    /// The unpacked directories of the layers below, bottom first (none
+    /// for a first layer). They are only read.
+    Dirs(&'a [PathBuf]),
 }
 
 /// Unpacks one uncompressed layer tar stream into `dir`, an empty
-/// directory, as an overlayfs lower layer: whiteouts and opaque markers are
-/// recorded the way overlayfs reads them instead of being applied. A hard
-/// link must point into the same layer.
-pub fn extract_layer_dir<R: Read>(dir: &Path, layer: R) -> Result<ExtractStats, ExtractError> {
-    extract(dir, layer, Format::Overlay, &[])
+/// directory, as an overlayfs lower layer over `lowers`: whiteouts and
+/// opaque markers are recorded the way overlayfs reads them instead of
+/// being applied. A hard link to a file of this layer is a hard link; one
+/// to a file of a lower layer is a copy of it ([`ExtractStats::copied`]).
+pub fn extract_layer_dir<R: Read>(
+    dir: &Path,
+    layer: R,
+    lowers: Lowers<'_>,
+) -> Result<ExtractStats, ExtractError> {
+    extract(dir, layer, Format::Overlay, &[], lowers)
 }
 
 /// Unpacks a plain archive (`ADD archive.tar`) into `dir`, as Docker's
@@ -141,7 +170,13 @@ pub fn extract_archive<R: Read>(
     archive: R,
     owner: Option<(u32, u32)>,
 ) -> Result<ExtractStats, ExtractError> {
-    extract(dir, archive, Format::Archive { owner }, &[])
+    extract(
+        dir,
+        archive,
+        Format::Archive { owner },
+        &[],
+        Lowers::Unknown,
+    )
 }
 
 /// What whiteouts do.
@@ -160,18 +195,27 @@ fn extract<R: Read>(
     layer: R,
     format: Format,
     keep: &[PathBuf],
+    lowers: Lowers<'_>,
 ) -> Result<ExtractStats, ExtractError> {
-    let root_fd = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| ExtractError::Io {
-        path: root.to_owned(),
-        source: e.into(),
-    })?;
+    let open = |dir: &Path| {
+        rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ExtractError::Io {
+            path: dir.to_owned(),
+            source: e.into(),
+        })
+    };
+    let root_fd = open(root)?;
+    let lowers = match lowers {
+        Lowers::Unknown => None,
+        Lowers::Dirs(dirs) => Some(dirs.iter().map(|d| open(d)).collect::<Result<_, _>>()?),
+    };
     let mut extractor = Extractor {
         root: root_fd,
+        lowers,
         format,
         created: HashSet::new(),
         keep,
@@ -205,6 +249,9 @@ struct DirTime {
 struct Extractor<'k> {
     /// `O_PATH` descriptor of the root; everything is resolved from it.
     root: OwnedFd,
+    /// [`Format::Overlay`]: the lower layers' directories (`O_PATH`, bottom
+    /// first), `None` when not known.
+    lowers: Option<Vec<OwnedFd>>,
     format: Format,
     /// Objects this layer wrote (or, for directories, kept and updated).
     /// Opaque markers and whiteouts only remove what lower layers put there,
@@ -313,7 +360,9 @@ impl Extractor<'_> {
                 self.write_symlink(parent, &name, &target, &meta)
                     .map_err(io_err)?;
             }
-            Kind::Hardlink => self.write_hardlink(parent, &name, &raw, &entry)?,
+            Kind::Hardlink => {
+                self.stats.bytes += self.write_hardlink(parent, &name, &raw, &entry)?;
+            }
             Kind::Node(file_type) => {
                 let dev = match file_type {
                     FileType::Fifo => 0,
@@ -477,7 +526,9 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    /// Creates a device node or fifo (`dev` is 0 for fifos).
+    /// Creates a device node or fifo (`dev` is 0 for fifos). Real nodes
+    /// even in a layer dir: overlayfs shows a node only where a layer has
+    /// one; the state dir being 0700 keeps them from other users.
     fn write_node(
         &mut self,
         parent: BorrowedFd<'_>,
@@ -516,14 +567,15 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    /// Hard-links `name` to the entry's link target, resolved in the root.
+    /// Hard-links `name` to the entry's link target, resolved in the root;
+    /// returns the bytes written (those of a copy).
     fn write_hardlink<R: Read>(
         &mut self,
         parent: BorrowedFd<'_>,
         name: &OsStr,
         raw: &Path,
         entry: &tar::Entry<'_, R>,
-    ) -> Result<(), ExtractError> {
+    ) -> Result<u64, ExtractError> {
         let target_raw = entry
             .link_name_bytes()
             .map(|t| PathBuf::from(OsStr::from_bytes(&t)))
@@ -544,10 +596,30 @@ impl Extractor<'_> {
         let Some(target_name) = target_rel.file_name() else {
             return Err(invalid(raw, "hard link to the root directory"));
         };
-        let target_dir = match self.open_dir(target_rel.parent().unwrap_or(Path::new("")), false) {
-            Ok(dir) => dir,
-            Err(Errno::NOENT | Errno::NOTDIR) => return Err(missing()),
-            Err(e) => return Err(io_err(e)),
+        // The directory holding the target, and whether it is a lower
+        // layer's rather than this root.
+        let (target_dir, lower) = if self.format == Format::Overlay {
+            let mut stack: Vec<BorrowedFd<'_>> =
+                self.lowers.iter().flatten().map(|fd| fd.as_fd()).collect();
+            stack.push(self.root.as_fd());
+            let top = stack.len() - 1;
+            match lower::find_in_stack(&stack, &target_rel) {
+                Ok(Some((layer, dir))) => (dir, layer != top),
+                Ok(None) | Err(Errno::NOENT | Errno::NOTDIR) if self.lowers.is_none() => {
+                    return Err(ExtractError::NeedsLowerLayers {
+                        path: raw.to_owned(),
+                        target: target_raw.clone(),
+                    })
+                }
+                Ok(None) | Err(Errno::NOENT | Errno::NOTDIR) => return Err(missing()),
+                Err(e) => return Err(io_err(e)),
+            }
+        } else {
+            match self.open_dir(target_rel.parent().unwrap_or(Path::new("")), false) {
+                Ok(dir) => (dir, false),
+                Err(Errno::NOENT | Errno::NOTDIR) => return Err(missing()),
+                Err(e) => return Err(io_err(e)),
+            }
         };
         let target = match rustix::fs::statat(&target_dir, target_name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -556,6 +628,21 @@ impl Extractor<'_> {
         };
         if file_type(&target) == FileType::Directory {
             return Err(invalid(raw, "hard link to a directory"));
+        }
+        if lower {
+            // A copy, not a link: a hard link across layer directories
+            // would share the inode of a lower directory, which is cache
+            // state other stacks read and must never change (a chown,
+            // chmod or write here would reach it), and overlayfs breaks
+            // such links at copy-up anyway. It has the target's content
+            // and metadata, as the link would see them.
+            self.stats.copied += 1;
+            return self
+                .copy_from_lower(parent, name, &target_dir, target_name, &target)
+                .map_err(|e| ExtractError::Io {
+                    path: raw.to_owned(),
+                    source: e,
+                });
         }
         let id = file_id(&target);
         // Already that very file (e.g. a link to itself): removing it first
@@ -574,7 +661,48 @@ impl Extractor<'_> {
                 .map_err(io_err)?;
         }
         self.created.insert(id);
-        Ok(())
+        Ok(0)
+    }
+
+    /// Writes at `name` a copy of `target_name` in `dir`, a lower layer's
+    /// directory (`st` is its `lstat`); returns the bytes written.
+    fn copy_from_lower(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &OsStr,
+        dir: &OwnedFd,
+        target_name: &OsStr,
+        st: &Stat,
+    ) -> io::Result<u64> {
+        match file_type(st) {
+            FileType::RegularFile => {
+                // O_NONBLOCK: were it swapped for a fifo, opening must not hang.
+                let file = File::from(rustix::fs::openat(
+                    dir,
+                    target_name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?);
+                let st = rustix::fs::fstat(&file)?;
+                if file_type(&st) != FileType::RegularFile {
+                    return Err(io::Error::other("lower layer changed while being read"));
+                }
+                let meta = lower::lower_meta(&st, Some(&file))?;
+                self.write_file(parent, name, &meta, &mut &file)
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, target_name, Vec::new())?;
+                let meta = lower::lower_meta(st, None)?;
+                self.write_symlink(parent, name, target.as_bytes(), &meta)?;
+                Ok(0)
+            }
+            FileType::Directory => Err(io::Error::other("hard link to a directory")),
+            node => {
+                let meta = lower::lower_meta(st, None)?;
+                self.write_node(parent, name, node, st.st_rdev, &meta)?;
+                Ok(0)
+            }
+        }
     }
 
     /// Remembers the object just created at `name` as this layer's own.

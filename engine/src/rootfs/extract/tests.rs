@@ -184,7 +184,8 @@ fn unpacks_every_entry_type_with_metadata() {
         ExtractStats {
             entries: 17,
             bytes: 5 + 2 + 1 + 3 + 4 + 3 + 7,
-            whiteouts: 0
+            whiteouts: 0,
+            copied: 0
         }
     );
 
@@ -457,7 +458,7 @@ fn a_layer_alone_keeps_whiteouts_in_overlayfs_format() {
         .append_pax_extensions([("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..])])
         .unwrap();
     layer.file("steered", "x");
-    let stats = extract_layer_dir(dir, &layer.bytes()[..]).unwrap();
+    let stats = extract_layer_dir(dir, &layer.bytes()[..], Lowers::Dirs(&[])).unwrap();
     assert_eq!(stats.whiteouts, 3);
     let gone = lmeta(dir.join("etc/gone"));
     assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
@@ -767,4 +768,235 @@ fn parses_pax_times() {
     assert_eq!(t(""), None);
     assert_eq!(t("1.x"), None);
     assert_eq!(t("+1"), None);
+}
+
+/// Layer directories unpacked alone, each over the ones before it, as the
+/// overlay snapshotter makes them.
+struct Stack {
+    tmp: tempfile::TempDir,
+    dirs: Vec<PathBuf>,
+}
+
+impl Stack {
+    fn new() -> Stack {
+        Stack {
+            tmp: tempfile::tempdir().unwrap(),
+            dirs: Vec::new(),
+        }
+    }
+
+    /// Unpacks the next layer over the stack; on success it joins it.
+    fn push(&mut self, layer: Vec<u8>) -> Result<ExtractStats, ExtractError> {
+        let dir = self.tmp.path().join(format!("layer{}", self.dirs.len()));
+        fs::create_dir(&dir).unwrap();
+        let result = extract_layer_dir(&dir, &layer[..], Lowers::Dirs(&self.dirs));
+        match result {
+            Ok(_) => self.dirs.push(dir),
+            Err(_) => fs::remove_dir_all(&dir).unwrap(),
+        }
+        result
+    }
+
+    fn top(&self) -> &Path {
+        self.dirs.last().unwrap()
+    }
+}
+
+fn passwd_layer() -> Vec<u8> {
+    Layer::new()
+        .dir("etc/")
+        .entry(
+            EntryType::Regular,
+            "etc/passwd",
+            "",
+            0o640,
+            b"root:x:0:0",
+            owner(0, 42),
+        )
+        .bytes()
+}
+
+#[test]
+fn a_hard_link_into_a_lower_layer_is_a_copy_of_its_target() {
+    let mut stack = Stack::new();
+    stack.push(passwd_layer()).unwrap();
+    let link = Layer::new().hardlink("etc/passwd2", "etc/passwd").bytes();
+
+    // Alone, the layer says it needs the layers below, and leaves nothing.
+    let alone = stack.tmp.path().join("alone");
+    fs::create_dir(&alone).unwrap();
+    let r = extract_layer_dir(&alone, &link[..], Lowers::Unknown);
+    assert!(
+        matches!(r, Err(ExtractError::NeedsLowerLayers { .. })),
+        "{r:?}"
+    );
+
+    let stats = stack.push(link.clone()).unwrap();
+    assert_eq!((stats.entries, stats.copied, stats.bytes), (1, 1, 10));
+    let (lower, copy) = (
+        lmeta(stack.dirs[0].join("etc/passwd")),
+        lmeta(stack.top().join("etc/passwd2")),
+    );
+    assert_eq!(read(stack.top().join("etc/passwd2")), "root:x:0:0");
+    assert!(copy.is_file());
+    assert_eq!(
+        (copy.mode() & 0o7777, copy.uid(), copy.gid(), copy.mtime()),
+        (
+            lower.mode() & 0o7777,
+            lower.uid(),
+            lower.gid(),
+            lower.mtime()
+        )
+    );
+    // A copy: the shared lower directory is left as it was.
+    assert_ne!(copy.ino(), lower.ino());
+    assert_eq!(lower.nlink(), 1);
+    assert!(!exists(stack.top().join("etc/passwd")));
+
+    // The walk snapshotter's root gets the same file, as a link.
+    let root = stack.tmp.path().join("root");
+    fs::create_dir(&root).unwrap();
+    extract_layer(&root, &passwd_layer()[..]).unwrap();
+    extract_layer(&root, &link[..]).unwrap();
+    let walked = lmeta(root.join("etc/passwd2"));
+    assert_eq!(read(root.join("etc/passwd2")), "root:x:0:0");
+    assert_eq!(
+        (walked.mode() & 0o7777, walked.uid(), walked.gid()),
+        (copy.mode() & 0o7777, copy.uid(), copy.gid())
+    );
+}
+
+#[test]
+fn a_hard_link_within_its_layer_stays_a_link_and_wins_over_lower_layers() {
+    let mut stack = Stack::new();
+    stack.push(Layer::new().file("f", "lower").bytes()).unwrap();
+    let stats = stack
+        .push(Layer::new().file("f", "upper").hardlink("g", "f").bytes())
+        .unwrap();
+    assert_eq!(stats.copied, 0);
+    let top = stack.top();
+    assert_eq!(read(top.join("g")), "upper");
+    assert_eq!(lmeta(top.join("g")).ino(), lmeta(top.join("f")).ino());
+}
+
+#[test]
+fn the_top_most_lower_layer_with_the_target_is_copied() {
+    let mut stack = Stack::new();
+    stack.push(Layer::new().file("f", "old").bytes()).unwrap();
+    stack.push(Layer::new().file("f", "new").bytes()).unwrap();
+    stack.push(Layer::new().file("other", "x").bytes()).unwrap();
+    stack.push(Layer::new().hardlink("g", "f").bytes()).unwrap();
+    assert_eq!(read(stack.top().join("g")), "new");
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_above_hide_a_lower_target() {
+    let hidden = |layers: Vec<Vec<u8>>, link: Vec<u8>| {
+        let mut stack = Stack::new();
+        for layer in layers {
+            stack.push(layer).unwrap();
+        }
+        let r = stack.push(link);
+        assert!(
+            matches!(r, Err(ExtractError::HardlinkTargetMissing { .. })),
+            "{r:?}"
+        );
+    };
+    let link = || Layer::new().hardlink("etc/passwd2", "etc/passwd").bytes();
+    // Whited out by a layer in between.
+    hidden(
+        vec![
+            passwd_layer(),
+            Layer::new().file("etc/.wh.passwd", "").bytes(),
+        ],
+        link(),
+    );
+    // Its directory whited out.
+    hidden(
+        vec![passwd_layer(), Layer::new().file(".wh.etc", "").bytes()],
+        link(),
+    );
+    // Its directory made opaque.
+    hidden(
+        vec![
+            passwd_layer(),
+            Layer::new()
+                .file("etc/.wh..wh..opq", "")
+                .file("etc/group", "g")
+                .bytes(),
+        ],
+        link(),
+    );
+    // Its directory replaced by a file.
+    hidden(
+        vec![passwd_layer(), Layer::new().file("etc", "a file").bytes()],
+        link(),
+    );
+    // Whited out by the linking layer itself, before the link.
+    hidden(
+        vec![passwd_layer()],
+        Layer::new()
+            .file("etc/.wh.passwd", "")
+            .hardlink("etc/passwd2", "etc/passwd")
+            .bytes(),
+    );
+}
+
+#[test]
+fn lower_targets_are_found_through_symlinks_of_other_layers_inside_the_stack() {
+    let mut stack = Stack::new();
+    stack
+        .push(Layer::new().file("usr/lib/f", "lib").bytes())
+        .unwrap();
+    stack
+        .push(
+            Layer::new()
+                .symlink("lib", "/usr/lib")
+                .symlink("rel", "usr/../usr/lib")
+                .bytes(),
+        )
+        .unwrap();
+    stack
+        .push(
+            Layer::new()
+                .hardlink("a", "lib/f")
+                .hardlink("b", "rel/f")
+                .bytes(),
+        )
+        .unwrap();
+    assert_eq!(read(stack.top().join("a")), "lib");
+    assert_eq!(read(stack.top().join("b")), "lib");
+    // A link to a symlink copies the symlink, not what it points to.
+    stack
+        .push(Layer::new().hardlink("c", "lib").bytes())
+        .unwrap();
+    assert_eq!(
+        fs::read_link(stack.top().join("c")).unwrap(),
+        Path::new("/usr/lib")
+    );
+}
+
+#[test]
+fn lower_targets_never_resolve_outside_the_stack() {
+    let mut stack = Stack::new();
+    // A file next to the stack's directories, and one on the host.
+    fs::write(stack.tmp.path().join("secret"), "host").unwrap();
+    stack
+        .push(
+            Layer::new()
+                .symlink("up", "../../../..")
+                .symlink("abs", stack.tmp.path().to_str().unwrap())
+                .symlink("loop", "loop/x")
+                .bytes(),
+        )
+        .unwrap();
+    for target in ["up/secret", "abs/secret", "up/etc/passwd"] {
+        let r = stack.push(Layer::new().hardlink("x", target).bytes());
+        assert!(
+            matches!(r, Err(ExtractError::HardlinkTargetMissing { .. })),
+            "{target}: {r:?}"
+        );
+    }
+    let r = stack.push(Layer::new().hardlink("x", "loop/y").bytes());
+    assert!(matches!(r, Err(ExtractError::Io { .. })), "{r:?}");
 }
