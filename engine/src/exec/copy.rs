@@ -12,26 +12,28 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::context::{Filter, Ignore};
+use crate::excerpt::excerpt;
 use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("invalid pattern {pattern:?}: {source}")]
+    #[error("invalid pattern {:?}: {source}", excerpt(.pattern))]
     Pattern {
         pattern: String,
         #[source]
         source: glob::PatternError,
     },
-    #[error("no source files were specified: {0:?} matches nothing")]
+    #[error("no source files were specified: {:?} matches nothing", excerpt(.0))]
     NoMatch(String),
-    #[error("{0}: no such file or directory")]
+    #[error("{}: no such file or directory", excerpt(.0))]
     Missing(String),
-    #[error("{0}: no such file or directory (excluded by .dockerignore)")]
+    #[error("{}: no such file or directory (excluded by .dockerignore)", excerpt(.0))]
     Ignored(String),
     #[error("--exclude: {0}")]
     Exclude(#[source] crate::context::PatternError),
     #[error(
-        "when using {instruction} with more than one source file, the destination must be a directory and end with a /: {dest}"
+        "when using {instruction} with more than one source file, the destination must be a directory and end with a /: {}",
+        excerpt(.dest)
     )]
     DestNotDir {
         /// COPY or ADD.

@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use rustix::mount::{MountFlags, MountPropagationFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::excerpt::excerpt;
 use crate::exec::users::Identity;
 use crate::rootfs::{create_dir_all_in_root, resolve_in_root};
 
@@ -506,7 +507,7 @@ fn wait_command(mut cmd: Command, spec: &RunSpec) -> io::Result<i32> {
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            eprintln!("kiln: cannot run {:?}: {e}", spec.argv[0]);
+            eprintln!("kiln: cannot run {:?}: {e}", excerpt(&spec.argv[0]));
             return Ok(127);
         }
     };
