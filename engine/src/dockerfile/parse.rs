@@ -281,6 +281,7 @@ fn parse_name_value(
 /// Parses the syntax only: every instruction is split into keyword, flags
 /// and arguments, but not checked.
 pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
+    reject_nul(src)?;
     let mut directives = DirectiveParser::new();
     let mut instructions = Vec::new();
     let mut warnings = Vec::new();
@@ -378,6 +379,24 @@ pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
         instructions,
         warnings,
     })
+}
+
+/// Refuses a NUL byte anywhere: no instruction can use one (a command
+/// line cannot hold it), and printed raw it garbles the terminal. The
+/// message quotes its line escaped.
+fn reject_nul(src: &str) -> Result<(), FrontendError> {
+    let Some(at) = src.find('\0') else {
+        return Ok(());
+    };
+    let start = src[..at].rfind('\n').map_or(0, |n| n + 1);
+    let end = src[at..].find('\n').map_or(src.len(), |n| at + n);
+    let line = src[..at].matches('\n').count() + 1;
+    let column = src[start..at].chars().count() + 1;
+    let text = src[start..end].trim_end_matches('\r');
+    Err(FrontendError::new(
+        line,
+        format!("NUL byte at column {column}: {:?}", excerpt(text)),
+    ))
 }
 
 /// The warnings BuildKit gives about one instruction as it is parsed.

@@ -204,3 +204,49 @@ fn errors_quote_an_excerpt_of_huge_input_and_keep_their_line() {
         );
     }
 }
+
+#[test]
+fn a_nul_byte_is_refused_with_its_line_and_escaped() {
+    let e = parse("FROM alpine\nRUN echo a\0b\n").unwrap_err();
+    assert_eq!(
+        e,
+        FrontendError::new(2, r#"NUL byte at column 11: "RUN echo a\0b""#)
+    );
+    let e = parse("\0\0\0\nFROM alpine\n").unwrap_err();
+    assert_eq!(
+        e,
+        FrontendError::new(1, r#"NUL byte at column 1: "\0\0\0""#)
+    );
+    // In a heredoc body or a comment as much as in an instruction.
+    let e = parse("FROM a\nRUN <<EOF\nx\0\nEOF\n").unwrap_err();
+    assert_eq!(e.line, 3);
+    let e = parse("FROM a\r\n# \0\r\n").unwrap_err();
+    assert_eq!(
+        e,
+        FrontendError::new(2, r##"NUL byte at column 3: "# \0""##)
+    );
+    // A base image's ONBUILD trigger is refused the same way.
+    let e = parse_onbuild_trigger("RUN a\0", 4).unwrap_err();
+    assert_eq!(e.line, 4);
+    assert!(
+        e.message.contains(r#"NUL byte at column 6: "RUN a\0""#),
+        "{}",
+        e.message
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_nul_is_refused_at_its_line_and_never_printed_raw(
+        before in "[ -~\n]{0,60}",
+        after in "[ -~\n\0]{0,60}",
+    ) {
+        let src = format!("{before}\0{after}");
+        let e = parse(&src).unwrap_err();
+        prop_assert_eq!(e.line, before.matches('\n').count() + 1);
+        prop_assert!(e.message.starts_with("NUL byte at column "), "{}", e.message);
+        prop_assert!(!e.message.contains('\0'));
+    }
+}
