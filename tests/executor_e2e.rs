@@ -743,6 +743,113 @@ fn a_tampered_base_layer_fails_the_build_and_stays_out_of_the_store() {
     );
 }
 
+/// A base whose symlinks lead nowhere (or round in a loop) fails the step
+/// that needs the path, and the message names the link and its target,
+/// not just "No such file or directory".
+#[test]
+fn dangling_and_looping_symlinks_in_the_base_are_named() {
+    let link = |name: &str, target: &str| -> RawEntry { (name.into(), b'2', target.into(), b"") };
+    let missing = "which does not exist in the image";
+    let cases: Vec<(&str, RawEntry, &str, String)> = vec![
+        (
+            "COPY dest",
+            link("app", "/srv/missing"),
+            "COPY f /app/\n",
+            format!("Dockerfile:2: COPY failed: /app is a symlink to /srv/missing, {missing}"),
+        ),
+        (
+            "WORKDIR",
+            link("app", "/srv/missing"),
+            "WORKDIR /app/sub\n",
+            format!("Dockerfile:2: WORKDIR failed: /app is a symlink to /srv/missing, {missing}"),
+        ),
+        (
+            // The link is made by a step, after WORKDIR made the directory.
+            "RUN workdir",
+            link("unused", "/srv/missing"),
+            "WORKDIR /w\nRUN cd / && rmdir /w && ln -s /srv/missing /w\nRUN true\n",
+            format!("Dockerfile:4: RUN failed: /w is a symlink to /srv/missing, {missing}"),
+        ),
+        (
+            "RUN /proc",
+            link("proc", "/srv/missing"),
+            "RUN true\n",
+            format!("Dockerfile:2: RUN failed: /proc is a symlink to /srv/missing, {missing}"),
+        ),
+        (
+            "RUN /dev",
+            link("dev", "/dev"),
+            "RUN true\n",
+            "Dockerfile:2: RUN failed: /dev is a symlink to /dev: too many levels of symbolic links"
+                .to_string(),
+        ),
+    ];
+    for (name, entry, steps, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = layout_with_layer(dir.path(), &[entry]);
+        let ctx = Context::new(
+            &format!("FROM oci-layout://{}:latest\n{steps}", layout.display()),
+            &[("f", "f\n")],
+        );
+        let out = kiln_build(&ctx, &dir.path().join("state"), &["--no-push"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("error: ") && l.ends_with(&format!("/{expected}"))),
+            "{name}: expected {expected:?} in:\n{err}"
+        );
+    }
+}
+
+/// Errors quote at most an excerpt of what they are about: a 3 MB RUN line
+/// the kernel refuses to run, a 10,000-deep substitution, a NUL byte.
+#[test]
+fn errors_about_huge_or_binary_input_stay_short() {
+    let base = format!("FROM oci-layout://{}:latest\n", busybox_layout().display());
+    let build = |dockerfile: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::new(dockerfile, &[]);
+        let out = kiln_build(&ctx, &dir.path().join("state"), &["--no-push"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        stderr(&out)
+    };
+
+    // One word longer than the kernel takes (MAX_ARG_STRLEN is 128 KiB).
+    let script = format!("echo {}", "a".repeat(3 << 20));
+    let err = build(&format!("{base}RUN {script}\n"));
+    assert!(err.len() < 4096, "{} bytes of stderr", err.len());
+    assert!(err.contains("Argument list too long"), "{err}");
+    let cut = &script[..200];
+    assert!(
+        err.contains(&format!("--> 2: RUN {}…\n", &script[..196])),
+        "the progress line: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "/Dockerfile:2: RUN failed: [\"/bin/sh\", \"-c\", \"{cut}\"…] returned a non-zero code: 127"
+        )),
+        "{err}"
+    );
+
+    let deep = "${a:-".repeat(10_000) + "x" + &"}".repeat(10_000);
+    let err = build(&format!("{base}ENV A=1\nENV B={deep}\n"));
+    assert!(err.len() < 4096, "{} bytes of stderr", err.len());
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+    assert!(
+        line.contains("/Dockerfile:3: failed to process \"${a:-${a:-")
+            && line.ends_with("\"…: syntax error: substitutions nested too deeply"),
+        "{err}"
+    );
+
+    let err = build(&format!("{base}RUN echo a\0b\n"));
+    assert!(
+        err.contains(r#"/Dockerfile:2: NUL byte at column 11: "RUN echo a\0b""#),
+        "{err}"
+    );
+    assert!(!err.contains('\0'), "a raw NUL: {err:?}");
+}
+
 /// `--snapshot-mode`: redo and full see every change; time, as Kaniko's,
 /// sees only what moves an mtime, so a chmod alone is missed.
 #[test]

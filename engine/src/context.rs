@@ -11,6 +11,8 @@
 //! below it.
 use std::path::{Component, Path, PathBuf};
 
+use crate::excerpt::excerpt;
+
 /// The parsed `.dockerignore` rules; empty excludes nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ignore {
@@ -50,7 +52,7 @@ enum Token {
 pub enum PatternError {
     #[error("illegal exclusion pattern: \"!\"")]
     IllegalExclusion,
-    #[error("invalid pattern {0:?}")]
+    #[error("invalid pattern {:?}", excerpt(.0))]
     Invalid(String),
 }
 

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use kiln_cachestore::digest::Digest;
 
+use crate::excerpt::excerpt;
+
 /// Everything that can stop a build, each naming what it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -21,7 +23,7 @@ pub enum BuildError {
         #[source]
         failure: Box<StepFailure>,
     },
-    #[error("base image {reference}: {source}")]
+    #[error("base image {}: {source}", excerpt(.reference))]
     BaseImage {
         reference: String,
         // Boxed: a registry error is large, and this one adds a reference.
@@ -60,8 +62,18 @@ pub enum StepFailure {
     Mount(#[from] crate::exec::mounts::MountError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A RUN whose command exited non-zero (or was killed: 128 + signal).
+    #[error("{} returned a non-zero code: {code}", quote_argv(.argv))]
+    Exited { argv: Vec<String>, code: i32 },
     #[error("{0}")]
     Message(String),
+}
+
+/// A command as `["/bin/sh", "-c", "..."]`, each word cut by
+/// [`excerpt`]: a RUN line can be megabytes long.
+fn quote_argv(argv: &[String]) -> String {
+    let words: Vec<String> = argv.iter().map(|w| format!("{:?}", excerpt(w))).collect();
+    format!("[{}]", words.join(", "))
 }
 
 impl From<String> for StepFailure {
@@ -87,5 +99,44 @@ pub(crate) trait IoContext<T> {
 impl<T, E: Into<std::io::Error>> IoContext<T> for Result<T, E> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T, BuildError> {
         self.map_err(|e| BuildError::io(path, e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_quotes_an_excerpt_of_its_command() {
+        let script = format!("echo {}", "a".repeat(3 << 20));
+        let failure = StepFailure::Exited {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.clone()],
+            code: 127,
+        };
+        let e = BuildError::Step {
+            file: "Dockerfile".into(),
+            line: 2,
+            instruction: "RUN".into(),
+            failure: Box::new(failure),
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Dockerfile:2: RUN failed: [\"/bin/sh\", \"-c\", \"{}\"…] returned a non-zero code: 127",
+                &script[..200]
+            )
+        );
+    }
+
+    #[test]
+    fn a_short_command_is_quoted_whole() {
+        let failure = StepFailure::Exited {
+            argv: vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
+            code: 3,
+        };
+        assert_eq!(
+            failure.to_string(),
+            r#"["/bin/sh", "-c", "exit 3"] returned a non-zero code: 3"#
+        );
     }
 }

@@ -48,6 +48,7 @@ pub mod bench {
 mod build;
 mod context;
 mod error;
+mod excerpt;
 mod exec;
 mod host;
 mod image;

@@ -12,6 +12,7 @@ use crate::dockerfile::{
     expand_heredoc, parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile, FrontendError,
     HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph, Warning,
 };
+use crate::excerpt::excerpt;
 use crate::image::ImageConfig;
 use crate::source::classify::{self, Checksum};
 
@@ -549,7 +550,8 @@ impl StagePlanner<'_> {
             if let Some(checksum) = args.checksum.as_ref().filter(|_| git) {
                 if checksum.len() < 7 || !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
                     return Err(error(format!(
-                        "invalid --checksum {checksum:?} for a Git source: expected a commit id"
+                        "invalid --checksum {:?} for a Git source: expected a commit id",
+                        excerpt(checksum)
                     )));
                 }
             }
@@ -559,7 +561,8 @@ impl StagePlanner<'_> {
             if let Some(checksum) = args.checksum.as_ref().filter(|_| !git) {
                 if let Some(local) = args.sources.iter().find(|s| !classify::is_url(s)) {
                     return Err(error(format!(
-                        "checksum can't be specified for non-HTTP(S) sources: {local}"
+                        "checksum can't be specified for non-HTTP(S) sources: {}",
+                        excerpt(local)
                     )));
                 }
                 Checksum::parse(checksum).map_err(|e| error(e.to_string()))?;
@@ -572,7 +575,8 @@ impl StagePlanner<'_> {
         } else {
             if let Some(url) = args.sources.iter().find(|s| classify::is_url(s)) {
                 return Err(error(format!(
-                    "source can't be a URL for COPY: {url} (use ADD)"
+                    "source can't be a URL for COPY: {} (use ADD)",
+                    excerpt(url)
                 )));
             }
             None
@@ -608,7 +612,10 @@ impl StagePlanner<'_> {
             Some(mode) => Some(u32::from_str_radix(mode, 8).map_err(|_| {
                 FrontendError::new(
                     raw.line,
-                    format!("invalid --chmod {mode:?}: expected an octal mode"),
+                    format!(
+                        "invalid --chmod {:?}: expected an octal mode",
+                        excerpt(mode)
+                    ),
                 )
             })?),
         };

@@ -22,6 +22,7 @@ pub enum Event {
     },
     Step {
         line: usize,
+        /// The step as written, cut for a progress line.
         text: String,
     },
     Layer {

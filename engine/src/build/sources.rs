@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use super::{Builder, FetchedImage, StageResult};
 use crate::error::{BuildError, IoContext};
+use crate::excerpt::excerpt;
 use crate::exec::copy;
 use crate::key::{self, StepSources};
 use crate::plan::Step;
@@ -78,7 +79,10 @@ impl StepSources for StageSources<'_, '_> {
             Some(checksum) if !commit.starts_with(&checksum.to_ascii_lowercase()) => Err(b
                 .step_error(
                     step,
-                    format!("checksum mismatch: the ref is commit {commit}, not {checksum}"),
+                    format!(
+                        "checksum mismatch: the ref is commit {commit}, not {}",
+                        excerpt(checksum)
+                    ),
                 )),
             _ => Ok(commit),
         }

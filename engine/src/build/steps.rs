@@ -12,6 +12,7 @@ use super::cache::Hit;
 use super::events::Event;
 use super::{Builder, StageResult, HOSTNAME};
 use crate::error::{BuildError, IoContext, StepFailure};
+use crate::excerpt::excerpt;
 use crate::exec::copy::{self, CopyRequest, Source};
 use crate::exec::mounts::{self, MountInputs, SourceRoots};
 use crate::exec::run::{self, MountPoints, RunSpec};
@@ -74,7 +75,7 @@ impl Builder<'_> {
         for ((step, key), hit) in stage.steps.iter().zip(keys).zip(hits) {
             (self.on_event)(Event::Step {
                 line: step.line,
-                text: step.created_by.clone(),
+                text: excerpt(&step.created_by).to_string(),
             });
             let (layer, empty_layer) = match (key, hit, &root) {
                 (None, _, _) => (None, true),
@@ -312,7 +313,10 @@ impl Builder<'_> {
                 spec.mounts.cleanup()?;
                 match code? {
                     0 => rescan(root, &[PathBuf::new()]),
-                    code => Err(format!("{argv:?} returned a non-zero code: {code}").into()),
+                    code => Err(StepFailure::Exited {
+                        argv: argv.clone(),
+                        code,
+                    }),
                 }
             }
             Action::Copy {

@@ -7,6 +7,8 @@
 //! an empty line, any other comment) ends the search for good. Repeating a
 //! directive is an error.
 
+use crate::excerpt::excerpt;
+
 /// The escape character BuildKit uses unless `# escape=` says otherwise.
 pub const DEFAULT_ESCAPE: char = '\\';
 
@@ -17,7 +19,7 @@ const KNOWN: [&str; 3] = ["syntax", "escape", "check"];
 pub(crate) enum DirectiveError {
     #[error("only one {0} parser directive can be used")]
     Repeated(String),
-    #[error("invalid escape token '{0}' does not match ` or \\")]
+    #[error("invalid escape token '{}' does not match ` or \\", excerpt(.0))]
     InvalidEscape(String),
 }
 

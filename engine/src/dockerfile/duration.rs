@@ -3,17 +3,18 @@
 
 use std::time::Duration;
 
+use crate::excerpt::excerpt;
 /// A duration or interval that cannot be used; the texts are Go's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum DurationError {
-    #[error("time: invalid duration {0:?}")]
+    #[error("time: invalid duration {:?}", excerpt(.0))]
     Invalid(String),
-    #[error("time: missing unit in duration {0:?}")]
+    #[error("time: missing unit in duration {:?}", excerpt(.0))]
     MissingUnit(String),
-    #[error("time: unknown unit {unit:?} in duration {text:?}")]
+    #[error("time: unknown unit {:?} in duration {:?}", excerpt(.unit), excerpt(.text))]
     UnknownUnit { unit: String, text: String },
     /// A HEALTHCHECK interval below one millisecond.
-    #[error("Interval \"{flag}\" cannot be less than 1ms")]
+    #[error("Interval \"{}\" cannot be less than 1ms", excerpt(.flag))]
     BelowOneMillisecond { flag: String },
 }
 

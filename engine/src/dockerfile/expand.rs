@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 
 use super::error::FrontendError;
 use super::pattern::{self, PatternError};
+use crate::excerpt::excerpt;
 
 /// How deeply `${...}` may nest. BuildKit has no limit (Go stacks grow);
 /// ours keeps a hostile Dockerfile from overflowing the stack.
@@ -22,7 +23,7 @@ const MAX_NESTING: usize = 200;
 /// which instruction it was expanding and turns it into a
 /// [`FrontendError`] with [`ExpandError::at`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("failed to process {word:?}: {source}")]
+#[error("failed to process {:?}: {source}", excerpt(.word))]
 pub struct ExpandError {
     /// The word as written.
     pub(crate) word: String,
@@ -54,16 +55,16 @@ pub(crate) enum LexError {
     MissingSlash,
     #[error("syntax error: bad substitution")]
     BadSubstitution,
-    #[error("unsupported modifier ({0}) in substitution")]
+    #[error("unsupported modifier ({}) in substitution", excerpt(.0))]
     UnsupportedModifier(String),
     /// `${VAR?message}` / `${VAR:?message}` of an unset variable.
-    #[error("{name}: {}", .message.as_deref().unwrap_or("is not allowed to be unset"))]
+    #[error("{}: {}", excerpt(.name), excerpt(.message.as_deref().unwrap_or("is not allowed to be unset")))]
     Unset {
         name: String,
         message: Option<String>,
     },
     /// `${VAR:?message}` of an empty variable.
-    #[error("{name}: {}", .message.as_deref().unwrap_or("is not allowed to be empty"))]
+    #[error("{}: {}", excerpt(.name), excerpt(.message.as_deref().unwrap_or("is not allowed to be empty")))]
     Empty {
         name: String,
         message: Option<String>,

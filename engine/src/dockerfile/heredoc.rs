@@ -8,13 +8,14 @@
 //! (`<<"EOF"`, `<<'EOF'`, `<<E"O"F`) turns expansion off.
 
 use super::expand::{process, ExpandError, LexOptions};
+use crate::excerpt::excerpt;
 
 /// A heredoc opener that cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum HeredocError {
     #[error(transparent)]
     Lex(#[from] ExpandError),
-    #[error("internal lexing of heredoc produced inconsistent results: {0}")]
+    #[error("internal lexing of heredoc produced inconsistent results: {}", excerpt(.0))]
     Inconsistent(String),
 }
 

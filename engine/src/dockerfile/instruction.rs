@@ -20,6 +20,7 @@ use super::mount::{MountError, RunMount};
 use super::raw::RawInstruction;
 use super::suggest::suggest;
 use super::words::split_command;
+use crate::excerpt::excerpt;
 
 /// Every instruction keyword BuildKit knows.
 pub const KEYWORDS: [&str; 18] = [
@@ -47,29 +48,29 @@ pub const KEYWORDS: [&str; 18] = [
 /// as precisely why not). [`Instruction::from_raw`] locates it at its line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum InstructionError {
-    #[error("unknown instruction: {keyword}{}", did_you_mean(*.suggestion))]
+    #[error("unknown instruction: {}{}", excerpt(.keyword), did_you_mean(*.suggestion))]
     UnknownInstruction {
         keyword: String,
         suggestion: Option<&'static str>,
     },
-    #[error("unknown flag: --{name} ({keyword} takes no flags)")]
+    #[error("unknown flag: --{} ({keyword} takes no flags)", excerpt(.name))]
     NoFlags { keyword: String, name: String },
-    #[error("unknown flag: --{name} (did you mean --{suggestion}?)")]
+    #[error("unknown flag: --{} (did you mean --{suggestion}?)", excerpt(.name))]
     MisspelledFlag {
         name: String,
         suggestion: &'static str,
     },
-    #[error("unknown flag: --{name} ({keyword} accepts {})", flag_list(.accepted))]
+    #[error("unknown flag: --{} ({keyword} accepts {})", excerpt(.name), flag_list(.accepted))]
     UnknownFlag {
         keyword: String,
         name: String,
         accepted: Vec<&'static str>,
     },
-    #[error("Duplicate flag specified: {0}")]
+    #[error("Duplicate flag specified: {}", excerpt(.0))]
     DuplicateFlag(String),
-    #[error("Missing a value on flag: {0}")]
+    #[error("Missing a value on flag: {}", excerpt(.0))]
     MissingFlagValue(String),
-    #[error("Expecting boolean value for flag {name}, not: {value}")]
+    #[error("Expecting boolean value for flag {name}, not: {}", excerpt(.value))]
     NotBoolean { name: String, value: String },
     #[error("{0} requires exactly one argument")]
     NotExactlyOne(String),
@@ -88,12 +89,13 @@ pub(crate) enum InstructionError {
     #[error("FROM requires either one or three arguments")]
     FromArguments,
     #[error(
-        "invalid name for build stage: {0:?}, name can't start with a number or contain symbols"
+        "invalid name for build stage: {:?}, name can't start with a number or contain symbols",
+        excerpt(.0)
     )]
     StageName(String),
-    #[error("unsupported network mode {0:?}")]
+    #[error("unsupported network mode {:?}", excerpt(.0))]
     NetworkMode(String),
-    #[error("unsupported security mode {0:?}")]
+    #[error("unsupported security mode {:?}", excerpt(.0))]
     SecurityMode(String),
     #[error(transparent)]
     Mount(#[from] MountError),
@@ -109,13 +111,13 @@ pub(crate) enum InstructionError {
     OnbuildTrigger(String),
     #[error("HEALTHCHECK NONE takes no arguments")]
     HealthcheckNoneArguments,
-    #[error("Unknown type {0:?} in HEALTHCHECK (try CMD)")]
+    #[error("Unknown type {:?} in HEALTHCHECK (try CMD)", excerpt(.0))]
     HealthcheckType(String),
     #[error("Missing command after HEALTHCHECK CMD")]
     HealthcheckNoCommand,
     #[error(transparent)]
     Interval(#[from] DurationError),
-    #[error("strconv.ParseInt: parsing {0:?}: invalid syntax")]
+    #[error("strconv.ParseInt: parsing {:?}: invalid syntax", excerpt(.0))]
     Retries(String),
     #[error("--retries cannot be negative ({0})")]
     NegativeRetries(i64),

@@ -6,6 +6,7 @@
 //! stage graph has to be known before anything runs).
 
 use super::expand::ExpandError;
+use crate::excerpt::excerpt;
 
 /// Expands one mount option value with the stage's scope.
 pub type MountExpander<'a> = &'a dyn Fn(&str) -> Result<String, ExpandError>;
@@ -74,19 +75,19 @@ pub enum MountError {
     Csv(#[source] CsvError),
     #[error(transparent)]
     Expand(#[from] ExpandError),
-    #[error("invalid field '{0}' must be a key=value pair")]
+    #[error("invalid field '{}' must be a key=value pair", excerpt(.0))]
     NotKeyValue(String),
     #[error("'from' doesn't support variable expansion, define alias stage instead")]
     VariableInFrom,
-    #[error("unexpected key '{key}' in '{field}'")]
+    #[error("unexpected key '{}' in '{}'", excerpt(.key), excerpt(.field))]
     UnexpectedKey { key: String, field: String },
-    #[error("unsupported mount type {0:?}")]
+    #[error("unsupported mount type {:?}", excerpt(.0))]
     UnsupportedType(String),
-    #[error("invalid value for {key}: {value}")]
+    #[error("invalid value for {}: {}", excerpt(.key), excerpt(.value))]
     NotBoolean { key: String, value: String },
-    #[error("unsupported sharing value {0:?}")]
+    #[error("unsupported sharing value {:?}", excerpt(.0))]
     UnsupportedSharing(String),
-    #[error("invalid value {value} for {key}")]
+    #[error("invalid value {} for {key}", excerpt(.value))]
     InvalidValue { key: &'static str, value: String },
     #[error("{key} not allowed for {:?} type mounts", .kind.name())]
     FileInfoNotAllowed { key: &'static str, kind: MountType },

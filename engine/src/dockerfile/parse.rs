@@ -11,6 +11,7 @@ use super::raw::RawInstruction;
 use super::words::{
     is_space, parse_words, split_command, split_first_whitespace, split_whitespace_delimited,
 };
+use crate::excerpt::excerpt;
 
 /// A parsed Dockerfile.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -80,7 +81,9 @@ pub fn parse(src: &str) -> Result<Dockerfile, FrontendError> {
 /// of a stage built on that image, as BuildKit does. `line` is the line of
 /// the FROM that pulled the image, so errors point at it.
 pub fn parse_onbuild_trigger(trigger: &str, line: usize) -> Result<RawInstruction, FrontendError> {
-    let fail = |m: String| FrontendError::new(line, format!("ONBUILD trigger {trigger:?}: {m}"));
+    let fail = |m: String| {
+        FrontendError::new(line, format!("ONBUILD trigger {:?}: {m}", excerpt(trigger)))
+    };
     let df = parse_syntax(trigger).map_err(|e| fail(e.message))?;
     let [raw] = df.instructions.as_slice() else {
         return Err(fail("onbuild trigger should be a single expression".into()));
@@ -150,7 +153,7 @@ enum SyntaxError {
     Json(#[from] NotStringArray),
     #[error("{0} must have two arguments")]
     NoValue(String),
-    #[error("Syntax error - can't find = in {0:?}. Must be of the form: name=value")]
+    #[error("Syntax error - can't find = in {:?}. Must be of the form: name=value", excerpt(.0))]
     NoEquals(String),
 }
 
@@ -278,6 +281,7 @@ fn parse_name_value(
 /// Parses the syntax only: every instruction is split into keyword, flags
 /// and arguments, but not checked.
 pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
+    reject_nul(src)?;
     let mut directives = DirectiveParser::new();
     let mut instructions = Vec::new();
     let mut warnings = Vec::new();
@@ -321,7 +325,7 @@ pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
             warnings.push(Warning::lint(
                 n,
                 "NoEmptyContinuation",
-                format!("Empty continuation line found in: {}", line.trim()),
+                format!("Empty continuation line found in: {}", excerpt(line.trim())),
             ));
         }
 
@@ -343,7 +347,8 @@ pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
                         start,
                         format!(
                             "unterminated heredoc <<{}: no line \"{}\" ends it before the end of the file",
-                            doc.name, doc.name
+                            excerpt(&doc.name),
+                            excerpt(&doc.name)
                         ),
                     ));
                 }
@@ -374,6 +379,24 @@ pub(crate) fn parse_syntax(src: &str) -> Result<Dockerfile, FrontendError> {
         instructions,
         warnings,
     })
+}
+
+/// Refuses a NUL byte anywhere: no instruction can use one (a command
+/// line cannot hold it), and printed raw it garbles the terminal. The
+/// message quotes its line escaped.
+fn reject_nul(src: &str) -> Result<(), FrontendError> {
+    let Some(at) = src.find('\0') else {
+        return Ok(());
+    };
+    let start = src[..at].rfind('\n').map_or(0, |n| n + 1);
+    let end = src[at..].find('\n').map_or(src.len(), |n| at + n);
+    let line = src[..at].matches('\n').count() + 1;
+    let column = src[start..at].chars().count() + 1;
+    let text = src[start..end].trim_end_matches('\r');
+    Err(FrontendError::new(
+        line,
+        format!("NUL byte at column {column}: {:?}", excerpt(text)),
+    ))
 }
 
 /// The warnings BuildKit gives about one instruction as it is parsed.
@@ -412,7 +435,10 @@ fn node_warnings(node: &Node, line: usize, escape: char, heredocs: &[Heredoc]) -
                 out.push(Warning::lint(
                     line,
                     "FromAsCasing",
-                    format!("'{as_kw}' and '{written}' keywords' casing do not match"),
+                    format!(
+                        "'{as_kw}' and '{}' keywords' casing do not match",
+                        excerpt(written)
+                    ),
                 ));
             }
             let name = node.args[2].as_str();
@@ -420,7 +446,7 @@ fn node_warnings(node: &Node, line: usize, escape: char, heredocs: &[Heredoc]) -
                 out.push(Warning::lint(
                     line,
                     "StageNameCasing",
-                    format!("Stage name '{name}' should be lowercase"),
+                    format!("Stage name '{}' should be lowercase", excerpt(name)),
                 ));
             }
         }
@@ -473,7 +499,7 @@ fn ignored_flags(line: usize, what: &str, flags: &[String]) -> Warning {
         line,
         format!(
             "{what} ignores flags ({}), as BuildKit does",
-            flags.join(" ")
+            excerpt(&flags.join(" "))
         ),
     )
 }

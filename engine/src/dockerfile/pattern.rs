@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 
+use crate::excerpt::excerpt;
+
 /// The most (pattern token, value position) pairs one match may explore:
 /// far beyond any real `${VAR%pattern}`, low enough to bound memory.
 const MAX_STATES: usize = 4_000_000;
@@ -25,7 +27,7 @@ enum Token {
 /// A pattern that cannot be applied to a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum PatternError {
-    #[error("invalid pattern ({pattern}) in substitution: {source}")]
+    #[error("invalid pattern ({}) in substitution: {source}", excerpt(.pattern))]
     Invalid {
         pattern: String,
         #[source]

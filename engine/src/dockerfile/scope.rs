@@ -22,6 +22,7 @@ use super::directives::CheckConfig;
 use super::error::Warning;
 use super::expand::{expand_word, expand_words, ExpandError};
 use super::suggest::suggest;
+use crate::excerpt::excerpt;
 
 /// An OS/architecture pair, as `docker build --platform` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,7 +351,7 @@ impl Scope {
                 Warning::lint(
                     *line,
                     "UndefinedVar",
-                    format!("Usage of undefined variable '${name}'{hint}"),
+                    format!("Usage of undefined variable '${}'{hint}", excerpt(name)),
                 )
             })
             .collect()
@@ -426,8 +427,9 @@ pub fn unused_build_arg_warnings<'a>(
             Warning::new(
                 0,
                 format!(
-                    "build-arg {k:?} was not consumed: no ARG instruction declares it in the stages being built, \
-                     so RUN does not see it"
+                    "build-arg {:?} was not consumed: no ARG instruction declares it in the stages being built, \
+                     so RUN does not see it",
+                    excerpt(k)
                 ),
             )
         })

@@ -11,6 +11,7 @@ use super::mount::RunMount;
 use super::parse::Dockerfile;
 use super::raw::RawInstruction;
 use super::scope::{unused_build_arg_warnings, GlobalArgs, Platform};
+use crate::excerpt::excerpt;
 
 /// What a stage (or a `--from`) starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +173,7 @@ impl StageGraph {
             if base_resolved.is_empty() {
                 return Err(FrontendError::new(
                     from.line,
-                    format!("base name ({image}) should not be blank"),
+                    format!("base name ({}) should not be blank", excerpt(&image)),
                 ));
             }
             let platform = match platform {
@@ -194,14 +195,17 @@ impl StageGraph {
                     lint.push(Warning::lint(
                         from.line,
                         "ReservedStageName",
-                        format!("'{n}' is reserved and should not be used as a stage name"),
+                        format!(
+                            "'{}' is reserved and should not be used as a stage name",
+                            excerpt(n)
+                        ),
                     ));
                 }
                 if let Some(prev) = stages.iter().find(|s| s.name.as_ref() == Some(n)) {
                     lint.push(Warning::lint(
                         from.line,
                         "DuplicateStageName",
-                        format!("Duplicate stage name '{n}', stage names should be unique (first defined on line {})", prev.instructions[0].line),
+                        format!("Duplicate stage name '{}', stage names should be unique (first defined on line {})", excerpt(n), prev.instructions[0].line),
                     ));
                 }
             }
@@ -235,8 +239,10 @@ impl StageGraph {
                     notes.push(Warning::new(
                         s.instructions[0].line,
                         format!(
-                            "FROM {img} uses the image {img:?}, not the stage of that name defined later on line {}: \
+                            "FROM {} uses the image {:?}, not the stage of that name defined later on line {}: \
                              a FROM only sees stages above it",
+                            excerpt(img),
+                            excerpt(img),
                             later.instructions[0].line
                         ),
                     ));
@@ -301,7 +307,7 @@ impl StageGraph {
                 };
                 FrontendError::new(
                     0,
-                    format!("target stage {t:?} could not be found ({known})"),
+                    format!("target stage {:?} could not be found ({known})", excerpt(t)),
                 )
             })?,
         };
@@ -405,7 +411,7 @@ fn expand_global(
             lint.push(Warning::lint(
                 line,
                 "UndefinedArgInFrom",
-                format!("FROM argument '{name}' is not declared"),
+                format!("FROM argument '{}' is not declared", excerpt(&name)),
             ));
         }
     }
@@ -462,6 +468,7 @@ fn check_order(
     raw: &RawInstruction,
 ) -> Result<BaseRef, FrontendError> {
     let name = stages[referenced].display_name();
+    let (name, written) = (excerpt(&name), excerpt(written));
     if referenced == current {
         return Err(FrontendError::new(
             raw.line,

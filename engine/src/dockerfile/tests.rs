@@ -135,3 +135,118 @@ proptest! {
         prop_assert_eq!(expand_word(&word, '\\', &|_| None).unwrap(), word);
     }
 }
+
+/// The message a Dockerfile fails with, through parsing and stage
+/// resolution (where FROM is expanded).
+fn frontend_error(src: &str) -> FrontendError {
+    let df = match parse(src) {
+        Ok(df) => df,
+        Err(e) => return e,
+    };
+    StageGraph::resolve(&df, &BTreeMap::new(), None, &Platform::linux_amd64())
+        .expect_err("the Dockerfile should fail")
+}
+
+#[test]
+fn errors_quote_an_excerpt_of_huge_input_and_keep_their_line() {
+    let deep = "${a:-".repeat(10_000) + "x" + &"}".repeat(10_000);
+    let e = frontend_error(&format!("FROM {deep}\n"));
+    assert_eq!(e.line, 1);
+    let expected = format!(
+        "failed to process \"{}\"…: syntax error: substitutions nested too deeply",
+        &deep[..200]
+    );
+    assert_eq!(e.message, expected);
+
+    let long = "X".repeat(1_000_000);
+    let cases = [
+        (format!("FROM a\n{long} b\n"), 2, "unknown instruction: XXX"),
+        (
+            format!("FROM a\nRUN --network={long} true\n"),
+            2,
+            "unsupported network mode \"XXX",
+        ),
+        (
+            format!("FROM a\nRUN --{long} true\n"),
+            2,
+            "unknown flag: --XXX",
+        ),
+        (
+            format!("FROM a\nHEALTHCHECK --interval={long} CMD true\n"),
+            2,
+            "time: invalid duration \"XXX",
+        ),
+        (
+            format!("FROM a\nENV a=b {long}\n"),
+            2,
+            "can't find = in \"XXX",
+        ),
+        (
+            format!("FROM a AS 1{long}\n"),
+            1,
+            "invalid name for build stage",
+        ),
+        (format!("ARG A\nFROM ${{A:?{long}}}\n"), 2, "\"…: A: XXX"),
+        (
+            format!("FROM a\nRUN --mount=type={long} true\n"),
+            2,
+            "unsupported mount type \"XXX",
+        ),
+    ];
+    for (src, line, start) in cases {
+        let e = frontend_error(&src);
+        assert_eq!(e.line, line, "{}", e.message);
+        assert!(e.message.contains(start), "{}", e.message);
+        assert!(
+            e.message.chars().count() < 500 && e.message.contains('…'),
+            "not cut: {}…",
+            e.message.chars().take(600).collect::<String>()
+        );
+    }
+}
+
+#[test]
+fn a_nul_byte_is_refused_with_its_line_and_escaped() {
+    let e = parse("FROM alpine\nRUN echo a\0b\n").unwrap_err();
+    assert_eq!(
+        e,
+        FrontendError::new(2, r#"NUL byte at column 11: "RUN echo a\0b""#)
+    );
+    let e = parse("\0\0\0\nFROM alpine\n").unwrap_err();
+    assert_eq!(
+        e,
+        FrontendError::new(1, r#"NUL byte at column 1: "\0\0\0""#)
+    );
+    // In a heredoc body or a comment as much as in an instruction.
+    let e = parse("FROM a\nRUN <<EOF\nx\0\nEOF\n").unwrap_err();
+    assert_eq!(e.line, 3);
+    let e = parse("FROM a\r\n# \0\r\n").unwrap_err();
+    assert_eq!(
+        e,
+        FrontendError::new(2, r##"NUL byte at column 3: "# \0""##)
+    );
+    // A base image's ONBUILD trigger is refused the same way.
+    let e = parse_onbuild_trigger("RUN a\0", 4).unwrap_err();
+    assert_eq!(e.line, 4);
+    assert!(
+        e.message.contains(r#"NUL byte at column 6: "RUN a\0""#),
+        "{}",
+        e.message
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn any_nul_is_refused_at_its_line_and_never_printed_raw(
+        before in "[ -~\n]{0,60}",
+        after in "[ -~\n\0]{0,60}",
+    ) {
+        let src = format!("{before}\0{after}");
+        let e = parse(&src).unwrap_err();
+        prop_assert_eq!(e.line, before.matches('\n').count() + 1);
+        prop_assert!(e.message.starts_with("NUL byte at column "), "{}", e.message);
+        prop_assert!(!e.message.contains('\0'));
+    }
+}

@@ -6,6 +6,7 @@
 //! unpacks.
 use std::path::{Path, PathBuf};
 
+use crate::excerpt::excerpt;
 use crate::exec::copy::{self, CopyError, CopyRequest, Source};
 use crate::rootfs::relative_to_root;
 use crate::source::archive::{self, ArchiveError};
@@ -25,7 +26,7 @@ pub enum AddError {
     #[error(transparent)]
     Checksum(#[from] ChecksumError),
     /// A Git source, as written, and why it could not be fetched.
-    #[error("{spec}: {source}")]
+    #[error("{}: {source}", excerpt(.spec))]
     Git {
         spec: String,
         #[source]

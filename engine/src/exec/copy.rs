@@ -12,26 +12,30 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::context::{Filter, Ignore};
-use crate::rootfs::{clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root};
+use crate::excerpt::excerpt;
+use crate::rootfs::{
+    clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root, LinkError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("invalid pattern {pattern:?}: {source}")]
+    #[error("invalid pattern {:?}: {source}", excerpt(.pattern))]
     Pattern {
         pattern: String,
         #[source]
         source: glob::PatternError,
     },
-    #[error("no source files were specified: {0:?} matches nothing")]
+    #[error("no source files were specified: {:?} matches nothing", excerpt(.0))]
     NoMatch(String),
-    #[error("{0}: no such file or directory")]
+    #[error("{}: no such file or directory", excerpt(.0))]
     Missing(String),
-    #[error("{0}: no such file or directory (excluded by .dockerignore)")]
+    #[error("{}: no such file or directory (excluded by .dockerignore)", excerpt(.0))]
     Ignored(String),
     #[error("--exclude: {0}")]
     Exclude(#[source] crate::context::PatternError),
     #[error(
-        "when using {instruction} with more than one source file, the destination must be a directory and end with a /: {dest}"
+        "when using {instruction} with more than one source file, the destination must be a directory and end with a /: {}",
+        excerpt(.dest)
     )]
     DestNotDir {
         /// COPY or ADD.
@@ -47,13 +51,20 @@ pub enum CopyError {
         #[source]
         source: io::Error,
     },
+    /// The image's symlinks lead the destination nowhere; the message
+    /// names the link, so no path is added.
+    #[error(transparent)]
+    Link(LinkError),
 }
 
 impl CopyError {
     /// An I/O error about `path`.
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> CopyError {
         let path = path.into();
-        move |source| CopyError::Io { path, source }
+        move |source| match LinkError::take(source) {
+            Ok(link) => CopyError::Link(link),
+            Err(source) => CopyError::Io { path, source },
+        }
     }
 }
 
@@ -652,5 +663,19 @@ mod tests {
         run(&f, &["../../../../etc/hostname"], "/x").unwrap_err();
         run(&f, &["a.txt"], "/up/escaped").unwrap();
         assert!(f.root.join("escaped").is_file());
+    }
+
+    #[test]
+    fn a_dest_through_a_dangling_symlink_names_the_link() {
+        let f = fixture();
+        symlink("/srv/missing", f.root.join("app")).unwrap();
+        let err = run(&f, &["a.txt"], "/app/").unwrap_err();
+        assert!(matches!(err, CopyError::Link(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "/app is a symlink to /srv/missing, which does not exist in the image"
+        );
+        // Nothing was made outside the root or at the link's target.
+        assert!(!f.root.join("srv").exists());
     }
 }

@@ -7,6 +7,7 @@ use kiln_cachestore::state::{CacheMount, StateDir};
 
 use crate::context::Ignore;
 use crate::dockerfile::MountType;
+use crate::excerpt::excerpt;
 use crate::exec::copy::{self, CopyError, CopyRequest, Source};
 use crate::exec::run::{MountPoints, StepMount};
 use crate::plan::{CopyFrom, PlannedMount};
@@ -28,18 +29,18 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the cache mount for {id}")]
+    #[error("cannot create the cache mount for {}", excerpt(.id))]
     CacheCreate { id: String },
-    #[error("secret {id}: {}: {source}", path.display())]
+    #[error("secret {}: {}: {source}", excerpt(.id), path.display())]
     SecretFile {
         id: String,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("secret {id}: ${var} is not set")]
+    #[error("secret {}: ${} is not set", excerpt(.id), excerpt(.var))]
     SecretEnvUnset { id: String, var: String },
-    #[error("secret {id} is required: pass --secret id={id},src=FILE")]
+    #[error("secret {0} is required: pass --secret id={0},src=FILE", excerpt(.id))]
     SecretRequired { id: String },
     #[error("RUN --mount=type=ssh is not supported")]
     Ssh,

@@ -17,8 +17,9 @@ use std::process::{Command, Stdio};
 use rustix::mount::{MountFlags, MountPropagationFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::excerpt::excerpt;
 use crate::exec::users::Identity;
-use crate::rootfs::{create_dir_all_in_root, resolve_in_root};
+use crate::rootfs::{create_dir_all_in_root, explain_not_found, resolve_in_root};
 
 /// The hidden first argument that makes `kiln` act as the step runner.
 pub const STEP_RUNNER_ARG: &str = "__kiln-run-step";
@@ -150,10 +151,11 @@ impl MountPoints {
     /// Finds (or creates) every mount point inside the root.
     pub fn prepare(root: &Path, etc: &EtcFiles) -> io::Result<MountPoints> {
         let mut mp = MountPoints::default();
+        let explain = |dir: &'static str| move |e| explain_not_found(root, Path::new(dir), e);
         for (dir, slot) in [("/proc", 0), ("/dev", 1), ("/sys", 2)] {
             let path = resolve_in_root(root, Path::new(dir), true)?;
             if !path.exists() {
-                std::fs::create_dir(&path)?;
+                std::fs::create_dir(&path).map_err(explain(dir))?;
                 mp.created.push(path.clone());
             }
             match slot {
@@ -164,7 +166,7 @@ impl MountPoints {
         }
         let etc_dir = resolve_in_root(root, Path::new("/etc"), true)?;
         if !etc_dir.exists() {
-            std::fs::create_dir(&etc_dir)?;
+            std::fs::create_dir(&etc_dir).map_err(explain("/etc"))?;
             mp.created.push(etc_dir);
         }
         for (name, source) in [
@@ -177,7 +179,7 @@ impl MountPoints {
                 Ok(m) if m.is_file() => {}
                 Ok(_) => continue, // a directory or device there: leave it alone
                 Err(_) => {
-                    std::fs::write(&target, b"")?;
+                    std::fs::write(&target, b"").map_err(explain(name))?;
                     mp.created.push(target.clone());
                 }
             }
@@ -216,11 +218,11 @@ impl MountPoints {
                 )))
             }
             Err(_) if file => {
-                std::fs::write(&path, b"")?;
+                std::fs::write(&path, b"").map_err(|e| explain_not_found(root, target, e))?;
                 self.created.push(path.clone());
             }
             Err(_) => {
-                std::fs::create_dir(&path)?;
+                std::fs::create_dir(&path).map_err(|e| explain_not_found(root, target, e))?;
                 self.created.push(path.clone());
             }
         }
@@ -506,7 +508,7 @@ fn wait_command(mut cmd: Command, spec: &RunSpec) -> io::Result<i32> {
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            eprintln!("kiln: cannot run {:?}: {e}", spec.argv[0]);
+            eprintln!("kiln: cannot run {:?}: {e}", excerpt(&spec.argv[0]));
             return Ok(127);
         }
     };
@@ -614,4 +616,51 @@ pub fn run_env(env: &[(String, String)], identity: &Identity, hostname: &str) ->
         out.push(format!("HOSTNAME={hostname}"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn prepare_error(links: &[(&str, &str)]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let etc = EtcFiles::create(&dir.path().join("etc"), "kiln").unwrap();
+        for (link, target) in links {
+            symlink(target, root.join(link)).unwrap();
+        }
+        MountPoints::prepare(&root, &etc).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn mount_points_through_dangling_or_looping_links_are_named() {
+        assert_eq!(
+            prepare_error(&[("proc", "/srv/missing")]),
+            "/proc is a symlink to /srv/missing, which does not exist in the image"
+        );
+        assert_eq!(
+            prepare_error(&[("dev", "/dev")]),
+            "/dev is a symlink to /dev: too many levels of symbolic links"
+        );
+        assert_eq!(
+            prepare_error(&[("etc", "/srv/etc")]),
+            "/etc is a symlink to /srv/etc, which does not exist in the image"
+        );
+    }
+
+    #[test]
+    fn a_file_mount_point_through_a_dangling_link_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("run")).unwrap();
+        symlink("/srv/missing", dir.path().join("run/secret")).unwrap();
+        let e = MountPoints::default()
+            .mount_point(dir.path(), "/run/secret", true)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/run/secret is a symlink to /srv/missing, which does not exist in the image"
+        );
+    }
 }

@@ -2,14 +2,15 @@
 //! and /etc/group, read inside the root.
 use std::path::Path;
 
+use crate::excerpt::excerpt;
 use crate::rootfs::resolve_in_root;
 
 /// A name the image's /etc/passwd or /etc/group does not have.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UserError {
-    #[error("unable to find user {0}")]
+    #[error("unable to find user {}", excerpt(.0))]
     NoUser(String),
-    #[error("unable to find group {0}")]
+    #[error("unable to find group {}", excerpt(.0))]
     NoGroup(String),
 }
 

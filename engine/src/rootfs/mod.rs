@@ -28,10 +28,90 @@ pub(crate) fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A path inside the root that the image's symlinks make unusable. It
+/// travels inside an [`io::Error`] (see [`LinkError::into_io`]), so the
+/// callers of [`resolve_in_root`] and [`create_dir_all_in_root`] keep their
+/// signatures; its message says which link, where to, and what is wrong,
+/// where the bare OS error would say only "No such file or directory".
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{} is a symlink to {}, which does not exist in the image", link.display(), target.display())]
+    Dangling { link: PathBuf, target: PathBuf },
+    #[error("{} is a symlink to {}: too many levels of symbolic links", link.display(), target.display())]
+    Loop { link: PathBuf, target: PathBuf },
+}
+
+impl LinkError {
+    pub(crate) fn into_io(self) -> io::Error {
+        let kind = match self {
+            LinkError::Dangling { .. } => io::ErrorKind::NotFound,
+            LinkError::Loop { .. } => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+
+    /// The link error an I/O error carries, if any.
+    pub(crate) fn of(e: &io::Error) -> Option<&LinkError> {
+        e.get_ref()?.downcast_ref()
+    }
+
+    /// Takes the link error out of an I/O error, or gives the error back.
+    pub(crate) fn take(e: io::Error) -> Result<LinkError, io::Error> {
+        if LinkError::of(&e).is_none() {
+            return Err(e);
+        }
+        let inner = e.into_inner().expect("a link error is a custom error");
+        Ok(*inner.downcast().expect("checked to be a link error"))
+    }
+}
+
+/// Explains a "not found" met at `path` (inside the root, as the image
+/// spells it): when a symlink on the way points at something missing, the
+/// error names it. Any other error is returned as it is.
+pub(crate) fn explain_not_found(root: &Path, path: &Path, e: io::Error) -> io::Error {
+    if e.kind() != io::ErrorKind::NotFound || LinkError::of(&e).is_some() {
+        return e;
+    }
+    match dangling_link(root, path, 0) {
+        Some(link) => link.into_io(),
+        None => e,
+    }
+}
+
+/// The first symlink on `path` whose target does not exist, following a
+/// chain of links to its last (the one that dangles).
+fn dangling_link(root: &Path, path: &Path, depth: usize) -> Option<LinkError> {
+    if depth > 40 {
+        return None; // a loop: resolve_in_root says so itself
+    }
+    let mut prefix = PathBuf::from("/");
+    for c in components(&clean_relative(path)) {
+        prefix.push(c);
+        let host = resolve_in_root(root, &prefix, false).ok()?;
+        let meta = std::fs::symlink_metadata(&host).ok()?;
+        if !meta.file_type().is_symlink() {
+            continue;
+        }
+        let reached = resolve_in_root(root, &prefix, true).ok()?;
+        if std::fs::symlink_metadata(reached).is_ok() {
+            continue;
+        }
+        let target = std::fs::read_link(&host).ok()?;
+        // A relative target is relative to the link's directory.
+        let next = prefix.parent().unwrap_or(Path::new("/")).join(&target);
+        return dangling_link(root, &next, depth + 1).or(Some(LinkError::Dangling {
+            link: prefix,
+            target,
+        }));
+    }
+    None
+}
+
 /// Resolves `path` as a process chrooted at `root` would: symlinks (absolute
 /// or with `..`) are followed inside the root and can never leave it. The
 /// last component is followed only when `follow_final` is set. Missing
-/// components are fine: the rest is appended as written.
+/// components are fine: the rest is appended as written. A loop is a
+/// [`LinkError::Loop`].
 pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Result<PathBuf> {
     let mut resolved = PathBuf::new();
     let mut pending: VecDeque<OsString> = components(path).collect();
@@ -49,12 +129,14 @@ pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Resu
         match std::fs::symlink_metadata(root.join(&candidate)) {
             Ok(meta) if meta.file_type().is_symlink() => {
                 hops += 1;
-                if hops > 40 {
-                    return Err(io::Error::from_raw_os_error(
-                        rustix::io::Errno::LOOP.raw_os_error(),
-                    ));
-                }
                 let target = std::fs::read_link(root.join(&candidate))?;
+                if hops > 40 {
+                    return Err(LinkError::Loop {
+                        link: Path::new("/").join(candidate),
+                        target,
+                    }
+                    .into_io());
+                }
                 if target.is_absolute() {
                     resolved = PathBuf::new();
                 }
@@ -141,7 +223,7 @@ pub fn create_dir_all_in_root(root: &Path, dir: &Path) -> io::Result<(PathBuf, V
                 ))
             }
             Err(_) => {
-                std::fs::create_dir(&host)?;
+                std::fs::create_dir(&host).map_err(|e| explain_not_found(root, &current, e))?;
                 created.push(host);
             }
         }
@@ -352,6 +434,54 @@ mod tests {
         symlink("b", dir.path().join("a")).unwrap();
         symlink("a", dir.path().join("b")).unwrap();
         assert!(resolve_in_root(dir.path(), Path::new("a/x"), true).is_err());
+    }
+
+    #[test]
+    fn a_loop_names_the_link() {
+        let dir = tempfile::tempdir().unwrap();
+        symlink("/dev", dir.path().join("dev")).unwrap();
+        let e = resolve_in_root(dir.path(), Path::new("/dev"), true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/dev is a symlink to /dev: too many levels of symbolic links"
+        );
+    }
+
+    #[test]
+    fn creating_through_a_dangling_link_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        symlink("/srv/missing", root.join("app")).unwrap();
+        let e = create_dir_all_in_root(root, Path::new("/app/sub")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "/app is a symlink to /srv/missing, which does not exist in the image"
+        );
+        // A chain names its last link, the one that dangles; a relative
+        // target is shown as written.
+        std::fs::create_dir(root.join("srv")).unwrap();
+        symlink("../gone/x", root.join("srv/missing")).unwrap();
+        let e = create_dir_all_in_root(root, Path::new("/app")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/srv/missing is a symlink to ../gone/x, which does not exist in the image"
+        );
+        // Once the target's parent exists, the link leads somewhere.
+        std::fs::create_dir(root.join("gone")).unwrap();
+        let (made, _) = create_dir_all_in_root(root, Path::new("/app/sub")).unwrap();
+        assert_eq!(made, root.join("gone/x/sub"));
+    }
+
+    #[test]
+    fn other_errors_are_left_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = io::Error::from(io::ErrorKind::NotFound);
+        let e = explain_not_found(dir.path(), Path::new("/no/link/here"), e);
+        assert!(LinkError::of(&e).is_none());
+        let e = io::Error::from_raw_os_error(13);
+        let e = explain_not_found(dir.path(), Path::new("/x"), e);
+        assert_eq!(e.raw_os_error(), Some(13));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::excerpt::excerpt;
+
 /// The kinds of source an ADD takes (COPY takes only local ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
@@ -105,7 +107,7 @@ pub struct Checksum {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid --checksum {0:?}: expected sha256:<hex> (or sha384:, sha512:)")]
+#[error("invalid --checksum {:?}: expected sha256:<hex> (or sha384:, sha512:)", excerpt(.0))]
 pub struct ChecksumError(pub String);
 
 impl Checksum {

@@ -7,15 +7,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::excerpt::excerpt;
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     #[error("running git (install git for Git sources): {0}")]
     Spawn(#[source] std::io::Error),
     #[error("git {op} failed: {message}")]
     Failed { op: String, message: String },
-    #[error("git ls-remote: no ref {0} in the repository")]
+    #[error("git ls-remote: no ref {} in the repository", excerpt(.0))]
     NoSuchRef(String),
-    #[error("{reference} moved during the build: it was commit {expected}, now {found}")]
+    #[error("{} moved during the build: it was commit {expected}, now {found}", excerpt(.reference))]
     Moved {
         reference: String,
         expected: String,

@@ -9,28 +9,29 @@ use std::path::{Path, PathBuf};
 
 use sha2::Digest;
 
+use crate::excerpt::excerpt;
 use crate::source::classify::{Algorithm, Checksum};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
-    #[error("downloading {url}: {source}")]
+    #[error("downloading {}: {source}", excerpt(.url))]
     Http {
         url: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("downloading {url}: the server answered {status}")]
+    #[error("downloading {}: the server answered {status}", excerpt(.url))]
     Status {
         url: String,
         status: reqwest::StatusCode,
     },
-    #[error("checksum mismatch for {url}: expected {expected}, got {}:{actual}", expected.algorithm)]
+    #[error("checksum mismatch for {}: expected {expected}, got {}:{actual}", excerpt(.url), expected.algorithm)]
     Mismatch {
         url: String,
         expected: Checksum,
         actual: String,
     },
-    #[error("downloading {url}: the download thread panicked")]
+    #[error("downloading {}: the download thread panicked", excerpt(.url))]
     Panicked { url: String },
     /// The download's own runtime could not start.
     #[error(transparent)]
