@@ -1,5 +1,7 @@
 //! Command-line arguments. Flag names and meanings follow Kaniko's, so a
-//! Kaniko job moves to Kiln by changing the image and adding `build`.
+//! Kaniko job moves to Kiln by changing the image: its `args:` start with
+//! a flag, and Kiln then runs `build`.
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -16,6 +18,20 @@ pub struct Cli {
     pub verbosity: String,
     #[command(subcommand)]
     pub command: Commands,
+}
+
+/// `args` with `build` put first when they start with a flag (Kaniko's
+/// executor has no subcommands), except for `--help` and `--version`.
+pub fn with_default_command(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let starts_with_a_flag = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| a.starts_with('-') && !matches!(a, "-h" | "--help" | "-V" | "--version"));
+    if starts_with_a_flag {
+        args.insert(1, "build".into());
+    }
+    args
 }
 
 #[derive(Debug, Subcommand)]
@@ -347,4 +363,38 @@ pub struct PlanArgs {
 pub enum PlanFormat {
     Json,
     Text,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let args = std::iter::once("kiln")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        Cli::try_parse_from(with_default_command(args)).unwrap()
+    }
+
+    #[test]
+    fn kaniko_args_without_a_subcommand_build() {
+        let cli = parse(&[
+            "--verbosity=debug",
+            "--context=dir:///workspace",
+            "--destination=registry.example/app:1",
+            "--cache=true",
+        ]);
+        assert_eq!(cli.verbosity, "debug");
+        let Commands::Build(b) = cli.command else {
+            panic!("expected build");
+        };
+        assert_eq!(b.context, "dir:///workspace");
+        assert_eq!(b.destinations, ["registry.example/app:1"]);
+        assert!(matches!(
+            parse(&["plan", "--dockerfile", "D"]).command,
+            Commands::Plan(_)
+        ));
+        let help = with_default_command(["kiln", "--help"].map(OsString::from));
+        assert_eq!(help.len(), 2);
+    }
 }

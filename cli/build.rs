@@ -211,27 +211,17 @@ fn host_files<const N: usize>(
     Ok((host.to_string(), files.map(PathBuf::from)))
 }
 
-/// The isolation asked for, or the default for the caller: namespaces as
-/// root, rootless otherwise.
+/// The isolation asked for, checked, or the strongest this process may use
+/// (`kiln_engine::choose_isolation`), said once with the reason.
 fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
-    let root = kiln_engine::running_as_root();
-    let chosen = match (arg, root) {
-        (None, true) => Isolation::Namespaces,
-        (None | Some(IsolationArg::Rootless), false) => Isolation::Rootless,
-        // Already root: a user namespace would add nothing.
-        (Some(IsolationArg::Rootless), true) => {
-            eprintln!("==> already root: rootless isolation is namespaces isolation");
-            Isolation::Namespaces
-        }
-        (Some(IsolationArg::Namespaces), _) => Isolation::Namespaces,
-        (Some(IsolationArg::Chroot), _) => Isolation::Chroot,
-        (Some(IsolationArg::None), _) => Isolation::None,
-    };
-    let name = chosen.to_string();
-    if !root && chosen != Isolation::Rootless {
-        bail!("--isolation {name} needs root: as another user use --isolation rootless (the default then)");
-    }
-    if chosen == Isolation::None {
+    let asked = arg.map(|a| match a {
+        IsolationArg::Namespaces => Isolation::Namespaces,
+        IsolationArg::Rootless => Isolation::Rootless,
+        IsolationArg::Chroot => Isolation::Chroot,
+        IsolationArg::None => Isolation::None,
+    });
+    let chosen = kiln_engine::choose_isolation(asked, &kiln_engine::HostAbilities)?;
+    if chosen.isolation == Isolation::None {
         let Some(marker) = disposable_container() else {
             bail!("--isolation none replaces this machine's files with the image's: refused outside a container (no /.dockerenv, /run/.containerenv, $container or $KUBERNETES_SERVICE_HOST)");
         };
@@ -239,8 +229,8 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
             bail!("--isolation none replaces this machine's files with the image's: add --force to allow it in this container ({marker})");
         }
     }
-    eprintln!("==> RUN isolation: {name}");
-    Ok(chosen)
+    eprintln!("==> RUN isolation: {} ({})", chosen.isolation, chosen.why);
+    Ok(chosen.isolation)
 }
 
 /// Goes on as root of the user namespace `forked` made, or, in the parent

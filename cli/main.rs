@@ -20,7 +20,7 @@ fn main() {
     {
         std::process::exit(step_runner_main());
     }
-    let cli = args::Cli::parse();
+    let cli = args::Cli::parse_from(args::with_default_command(std::env::args_os()));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

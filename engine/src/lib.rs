@@ -15,6 +15,9 @@ pub use build::{
 };
 pub use context::Ignore;
 pub use error::{BuildError, StepFailure};
+pub use exec::isolation::{
+    choose as choose_isolation, Chosen, Host as HostAbilities, IsolationError,
+};
 pub use exec::run::Isolation;
 pub use layer::Compression;
 pub use rootfs::clean_relative;

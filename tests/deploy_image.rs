@@ -1,0 +1,223 @@
+//! Kiln's own image (`deploy/image.sh`, built by Kiln) where Kaniko ran: a
+//! container with the runtime's default capabilities and no privilege.
+//! podman with runc stands in for the pod runtime.
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use support::*;
+
+/// The OCI layout `deploy/image.sh` writes (tags `latest` and `debug`),
+/// built once per test binary with the kiln under test.
+fn image_layout() -> &'static Path {
+    static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        // podman names an `oci:` image after its path, which must then be
+        // a valid reference: no `.cache`-like components.
+        let dir = std::env::temp_dir().join(format!("kiln-image-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = run_ok(
+            Command::new(Path::new(REPO).join("deploy/image.sh"))
+                .args(["--kiln", KILN, "--oci-layout"])
+                .arg(&dir)
+                .arg("--cache-dir")
+                .arg(dir.with_extension("cache")),
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        // The shipped binary is stripped: Kaniko-sized, not 500 MB.
+        let stripped: u64 = said
+            .lines()
+            .find_map(|l| l.strip_prefix("stripped kiln: "))
+            .and_then(|l| l.strip_suffix(" bytes"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no binary size in: {said}"));
+        assert!(stripped < 30 << 20, "{said}");
+        dir
+    })
+}
+
+/// podman with its own storage, runc and cgroupfs, as the brief's pods.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        Podman {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(self.dir.path().join("root"))
+            .arg("--runroot")
+            .arg(self.dir.path().join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--runtime",
+                "runc",
+                "--cgroup-manager=cgroupfs",
+            ]);
+        cmd
+    }
+
+    /// Loads a tag of Kiln's image layout and returns its image id.
+    fn load_kiln(&self, tag: &str) -> String {
+        let out = run_ok(self.cmd().args([
+            "pull",
+            "-q",
+            &format!("oci:{}:{tag}", image_layout().display()),
+        ]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// `podman run` with default capabilities, no privilege, the host's
+    /// network (the test registry is on 127.0.0.1) and `extra` options.
+    fn run(&self, extra: &[&str], image: &str, args: &[&str]) -> Output {
+        self.cmd()
+            .args(["run", "--rm", "--network", "host"])
+            .args([
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(extra)
+            .arg(image)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn volume(host: &Path, at: &str) -> String {
+    format!("{}:{at}", host.display())
+}
+
+#[test]
+fn kaniko_args_build_and_push_in_an_unprivileged_container() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &format!(
+            "FROM {base} AS build\nRUN echo compiled > /out\n\
+             FROM {base}\nCOPY --from=build /out /app/out\nCOPY greeting /app/greeting\n\
+             RUN cat /app/out /app/greeting > /app/both\nCMD [\"cat\", \"/app/both\"]\n"
+        ),
+        &[("greeting", "hello from a pod\n")],
+    );
+    let podman = Podman::new();
+    let kiln = podman.load_kiln("latest");
+    let dest = registry.reference("app/pod:1");
+    let digest_dir = tempfile::tempdir().unwrap();
+    // A Kaniko container spec's args, unchanged: no `build` subcommand.
+    let built = podman.run(
+        &[
+            "-v",
+            &volume(ctx.path(), "/workspace"),
+            "-v",
+            &volume(digest_dir.path(), "/out"),
+        ],
+        &kiln,
+        &[
+            "--context=dir:///workspace",
+            "--dockerfile=/workspace/Dockerfile",
+            &format!("--destination={dest}"),
+            "--digest-file=/out/digest",
+            "--insecure",
+            "--insecure-pull",
+        ],
+    );
+    let log = stderr(&built);
+    assert!(built.status.success(), "{log}");
+    // Said once, with why: a pod has no CAP_SYS_ADMIN but CAP_SYS_CHROOT.
+    assert!(
+        log.contains("RUN isolation: chroot (mount and PID namespaces are refused"),
+        "{log}"
+    );
+
+    // skopeo reads it back under the digest Kiln wrote.
+    let inspected = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{dest}"),
+    ]));
+    let inspected: serde_json::Value = serde_json::from_slice(&inspected.stdout).unwrap();
+    let digest = std::fs::read_to_string(digest_dir.path().join("digest")).unwrap();
+    assert_eq!(inspected["Digest"], digest.as_str());
+
+    // podman runs what was built.
+    run_ok(
+        podman
+            .cmd()
+            .args(["pull", "-q", "--tls-verify=false", &dest]),
+    );
+    let ran = podman.run(&[], &dest, &[]);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "compiled\nhello from a pod\n"
+    );
+}
+
+#[test]
+fn a_container_builds_from_a_cache_another_one_warmed() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let podman = Podman::new();
+    let kiln = podman.load_kiln("latest");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_volume = volume(cache.path(), "/cache");
+    let warmed = podman.run(
+        &["-v", &cache_volume],
+        &kiln,
+        &[
+            "warm",
+            "--image",
+            &base,
+            "--cache-dir",
+            "/cache",
+            "--insecure-pull",
+        ],
+    );
+    assert!(warmed.status.success(), "{}", stderr(&warmed));
+
+    let ctx = Context::new(&format!("FROM {base}\nRUN echo warm > /w\n"), &[]);
+    let built = podman.run(
+        &["-v", &cache_volume, "-v", &volume(ctx.path(), "/workspace")],
+        &kiln,
+        &[
+            "--context=dir:///workspace",
+            "--cache-dir=/cache",
+            &format!("--destination={}", registry.reference("app/warm:1")),
+            "--insecure",
+            "--insecure-pull",
+        ],
+    );
+    let log = stderr(&built);
+    assert!(built.status.success(), "{log}");
+    assert!(log.contains("; 0 bytes pulled,"), "{log}");
+}
+
+#[test]
+fn the_debug_image_has_a_shell_for_ci_scripts() {
+    let podman = Podman::new();
+    let debug = podman.load_kiln("debug");
+    // As GitLab CI runs a `script:` in Kaniko's debug image.
+    let ran = podman.run(
+        &["--entrypoint", "/busybox/sh"],
+        &debug,
+        &[
+            "-c",
+            "kiln --version && test -f /etc/ssl/certs/ca-certificates.crt && echo ok",
+        ],
+    );
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let out = String::from_utf8_lossy(&ran.stdout);
+    assert!(out.starts_with("kiln ") && out.ends_with("ok\n"), "{out}");
+}
