@@ -9,8 +9,8 @@ use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions, StateDir};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::{
-    output, overlay_wanted, BuildOptions, Builder, Compression, Event, Forked, ImageFormat,
-    Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
+    output, overlay_wanted, BuildOptions, Builder, CacheResult, Compression, Event, Forked,
+    ImageFormat, Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
 };
 
 use crate::args::{
@@ -325,9 +325,16 @@ fn render(event: Event) {
             None => eprintln!("==> stage {index} from {base}"),
         },
         Event::Pulled { reference, digest } => eprintln!("    base {reference} @ {digest}"),
-        Event::Step { line, text } => eprintln!("--> {line}: {text}"),
+        Event::Step { line, text, .. } => eprintln!("--> {line}: {text}"),
         Event::Layer { digest, size } => eprintln!("    layer {digest} ({size} bytes)"),
-        Event::CacheHit { .. } => eprintln!("    cache hit"),
+        Event::StepDone(r) => {
+            if matches!(
+                r.cache,
+                Some(CacheResult::LocalHit | CacheResult::RemoteHit)
+            ) {
+                eprintln!("    cache hit")
+            }
+        }
         Event::Summary(s) => {
             eprintln!(
                 "==> {} steps from the cache, {} run, {} layers unpacked, {} hits from --cache-repo",

@@ -17,6 +17,8 @@ use crate::plan::{Action, StagePlan, Step};
 pub(crate) struct Hit {
     pub(crate) layer: Option<Layer>,
     pub(crate) created: u64,
+    /// Found in `--cache-repo` rather than the local index.
+    pub(crate) remote: bool,
 }
 
 impl Builder<'_> {
@@ -51,6 +53,7 @@ impl Builder<'_> {
                     layer => Ok(Some(Hit {
                         layer: layer.clone(),
                         created: entry.created,
+                        remote: false,
                     })),
                 }
             })
@@ -119,6 +122,7 @@ impl Builder<'_> {
             hits[i] = Some(Hit {
                 layer: entry.layer.clone(),
                 created: entry.created,
+                remote: true,
             });
             self.counters.remote_hit();
             fetched.push((key, entry));

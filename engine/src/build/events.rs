@@ -20,7 +20,10 @@ pub enum Event {
         reference: String,
         digest: Digest,
     },
+    /// A step starts: `index` counts the stage's steps from 0.
     Step {
+        stage: usize,
+        index: usize,
         line: usize,
         /// The step as written, cut for a progress line.
         text: String,
@@ -29,10 +32,39 @@ pub enum Event {
         digest: Digest,
         size: u64,
     },
-    CacheHit {
-        line: usize,
-    },
+    /// A step is done: how the cache served it, the layer it has (made or
+    /// cached), and where its time went.
+    StepDone(StepReport),
     Summary(Summary),
+}
+
+/// How the cache served a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Found in the local index.
+    LocalHit,
+    /// Found in `--cache-repo` (and now recorded locally).
+    RemoteHit,
+    /// Not found, or not looked up (`--cache=false`, uncached kinds): it ran.
+    Miss,
+}
+
+/// One step's outcome, for [`Event::StepDone`].
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub stage: usize,
+    pub index: usize,
+    pub line: usize,
+    /// The instruction as the image history records it.
+    pub text: String,
+    /// `None` for steps that change no files (ENV, LABEL…): they have no key.
+    pub cache: Option<CacheResult>,
+    /// The step's layer (digest, compressed size), made or from the cache.
+    pub layer: Option<(Digest, u64)>,
+    /// Wall time of the whole step.
+    pub duration: Duration,
+    /// The part of it spent in each phase (unpack, run, layers), when any.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// What a build did, for the summary line.
@@ -90,13 +122,36 @@ impl Counters {
         }
     }
 
+    /// The time spent in each phase so far, to diff around one step.
+    pub(crate) fn phases(&self) -> Vec<(&'static str, Duration)> {
+        self.phases.lock().expect("phase timer poisoned").clone()
+    }
+
     pub(crate) fn summary(&self) -> Summary {
         Summary {
-            phases: self.phases.lock().expect("phase timer poisoned").clone(),
+            phases: self.phases(),
             cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
             remote_hits: self.remote_hits.load(Ordering::Relaxed),
             layers_unpacked: self.unpacked.load(Ordering::Relaxed),
         }
     }
+}
+
+/// What each phase gained between two [`Counters::phases`] readings.
+pub(crate) fn phase_delta(
+    before: &[(&'static str, Duration)],
+    after: &[(&'static str, Duration)],
+) -> Vec<(&'static str, Duration)> {
+    after
+        .iter()
+        .filter_map(|(phase, total)| {
+            let earlier = before
+                .iter()
+                .find(|(p, _)| p == phase)
+                .map_or(Duration::ZERO, |(_, d)| *d);
+            let gained = total.saturating_sub(earlier);
+            (!gained.is_zero()).then_some((*phase, gained))
+        })
+        .collect()
 }

@@ -47,7 +47,7 @@ use syscalls::{Host, Syscalls};
 
 pub use crate::exec::mounts::SecretSource;
 pub use crate::image::ImageFormat;
-pub use events::{Event, Summary};
+pub use events::{CacheResult, Event, StepReport, Summary};
 pub use options::{overlay_wanted, BuildOptions, Snapshotter};
 
 /// Contents of these directories are never committed: they are mounted

@@ -9,7 +9,7 @@ use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::StepEntry;
 
 use super::cache::Hit;
-use super::events::Event;
+use super::events::{phase_delta, CacheResult, Event, StepReport};
 use super::{Builder, StageResult, HOSTNAME};
 use crate::error::{BuildError, IoContext, StepFailure};
 use crate::excerpt::excerpt;
@@ -72,16 +72,24 @@ impl Builder<'_> {
             .find(|(k, _)| k.is_some())
             .map(|(_, h)| h.as_ref().map_or(now, |h| h.created))
             .or(result.built);
-        for ((step, key), hit) in stage.steps.iter().zip(keys).zip(hits) {
+        for (index, ((step, key), hit)) in stage.steps.iter().zip(keys).zip(hits).enumerate() {
             (self.on_event)(Event::Step {
+                stage: stage.index,
+                index,
                 line: step.line,
                 text: excerpt(&step.created_by).to_string(),
             });
+            let (started, phases_before) = (Instant::now(), self.counters.phases());
+            let cache = match (key, hit) {
+                (None, _) => None,
+                (Some(_), Some(hit)) if hit.remote => Some(CacheResult::RemoteHit),
+                (Some(_), Some(_)) => Some(CacheResult::LocalHit),
+                (Some(_), None) => Some(CacheResult::Miss),
+            };
             let (layer, empty_layer) = match (key, hit, &root) {
                 (None, _, _) => (None, true),
                 (Some(_), Some(hit), _) => {
                     self.counters.hit();
-                    (self.on_event)(Event::CacheHit { line: step.line });
                     time = Some(hit.created);
                     let cached = &hit.layer;
                     match (&root, cached, &mut lowers, unpacked) {
@@ -141,6 +149,18 @@ impl Builder<'_> {
                 }
                 (Some(_), None, None) => unreachable!("a stage with a miss is on disk"),
             };
+            (self.on_event)(Event::StepDone(StepReport {
+                stage: stage.index,
+                index,
+                line: step.line,
+                text: step.created_by.clone(),
+                cache,
+                layer: layer
+                    .as_ref()
+                    .map(|l| (l.descriptor.digest.clone(), l.descriptor.size)),
+                duration: started.elapsed(),
+                phases: phase_delta(&phases_before, &self.counters.phases()),
+            }));
             result.layers.extend(layer);
             result
                 .config

@@ -10,7 +10,7 @@ use kiln_cachestore::state::StateDir;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions};
 
 use super::syscalls::{Host, Mount, Syscalls, UnpackInto};
-use super::{BuildOptions, Builder, Event, Snapshotter, Summary};
+use super::{BuildOptions, Builder, CacheResult, Event, Snapshotter, StepReport, Summary};
 use crate::exec::run::{Isolation, RunSpec};
 use crate::image::{BuiltImage, ImageFormat};
 use crate::layer::Compression;
@@ -118,14 +118,21 @@ impl Fixture {
 
     /// One build with `kernel`: its image and summary.
     async fn build(&self, kernel: &FakeKernel) -> (BuiltImage, Summary) {
+        let (image, summary, _) = self.build_reporting(kernel).await;
+        (image, summary)
+    }
+
+    /// One build with `kernel`: its image, summary and step reports.
+    async fn build_reporting(&self, kernel: &FakeKernel) -> (BuiltImage, Summary, Vec<StepReport>) {
         let store = BlobStore::open(&self.state_dir()).unwrap();
         let index = Index::open(&self.state_dir()).unwrap();
         let registry = RegistryClient::new(RegistryOptions::default());
         let summary = Mutex::new(None);
-        let on_event = |e: Event| {
-            if let Event::Summary(s) = e {
-                *summary.lock().unwrap() = Some(s);
-            }
+        let reports = Mutex::new(Vec::new());
+        let on_event = |e: Event| match e {
+            Event::Summary(s) => *summary.lock().unwrap() = Some(s),
+            Event::StepDone(r) => reports.lock().unwrap().push(r),
+            _ => {}
         };
         let builder = Builder::with_syscalls(
             &self.options,
@@ -140,7 +147,7 @@ impl Fixture {
         let image = builder.build().await.unwrap();
         drop(builder);
         let summary = summary.into_inner().unwrap().expect("a summary event");
-        (image, summary)
+        (image, summary, reports.into_inner().unwrap())
     }
 }
 
@@ -170,6 +177,41 @@ async fn a_rebuild_hits_every_step_and_unpacks_nothing() {
     assert_eq!((summary.cache_hits, summary.cache_misses), (4, 0));
     assert_eq!(summary.layers_unpacked, 0);
     assert_eq!(again.manifest.digest, image.manifest.digest);
+}
+
+#[tokio::test]
+async fn each_step_reports_its_cache_result_layer_and_time() {
+    let f = Fixture::new(TWO_STAGES);
+    let (image, _, cold) = f.build_reporting(&FakeKernel::default()).await;
+    let (_, _, warm) = f.build_reporting(&FakeKernel::default()).await;
+    for (reports, keyed) in [(&cold, CacheResult::Miss), (&warm, CacheResult::LocalHit)] {
+        let seen: Vec<(usize, usize, usize, Option<CacheResult>)> = reports
+            .iter()
+            .map(|r| (r.stage, r.index, r.line, r.cache))
+            .collect();
+        // Every step of both stages, in order; ENV has no key.
+        let expected = vec![
+            (0, 0, 2, Some(keyed)),
+            (0, 1, 3, Some(keyed)),
+            (0, 2, 4, Some(keyed)),
+            (1, 0, 6, Some(keyed)),
+            (1, 1, 7, None),
+        ];
+        assert_eq!(seen, expected);
+        assert!(reports[2].text.contains("make b"), "{}", reports[2].text);
+        // The final stage's COPY --from has the image's one layer, made or cached.
+        let layer = &image.layers[0].descriptor;
+        assert_eq!(reports[3].layer, Some((layer.digest.clone(), layer.size)));
+        assert_eq!(reports[4].layer, None);
+    }
+    // The RUN that ran spent time running and writing its layer.
+    let phases: Vec<&str> = cold[2].phases.iter().map(|(p, _)| *p).collect();
+    assert_eq!(phases, ["run", "layers"]);
+    assert!(cold[2].duration >= cold[2].phases.iter().map(|(_, d)| *d).sum());
+    assert!(
+        warm[2].phases.is_empty(),
+        "a hit on a stage not on disk does nothing"
+    );
 }
 
 #[tokio::test]
