@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod registry;
 pub mod remote;
 pub mod state;
+pub mod transfer;
 pub mod unpacked;
 pub mod warm;
 

@@ -21,6 +21,7 @@ use crate::blobs::{BlobStore, StoredBlob};
 use crate::digest::{self, Digest};
 use crate::error::{error_chain, CacheStoreError, IoContext, RegistryFailure, Result};
 use crate::manifest::{self, MediaType, Platform, ResolvedManifest};
+use crate::transfer::{Direction, OnTransfer, Reporter};
 
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
@@ -73,6 +74,8 @@ pub struct RegistryClient {
     /// Where each blob was pulled from: a push to another repository of
     /// the same registry mounts it from there instead of uploading it.
     origins: Mutex<HashMap<Digest, Reference>>,
+    /// Told of every blob transfer's progress ([`RegistryClient::with_progress`]).
+    on_transfer: Option<Arc<OnTransfer>>,
 }
 
 /// Whether the server at `registry` (`host:port`) is a TLS server: Docker
@@ -247,7 +250,14 @@ impl RegistryClient {
             pushed: AtomicU64::new(0),
             mounted: AtomicU64::new(0),
             origins: Mutex::new(HashMap::new()),
+            on_transfer: None,
         }
+    }
+
+    /// Reports every blob pull and push to `on` as its bytes move.
+    pub fn with_progress(mut self, on: Arc<OnTransfer>) -> Self {
+        self.on_transfer = Some(on);
+        self
     }
 
     /// Blobs pushed by cross-repository mount instead of upload.
@@ -669,12 +679,20 @@ impl RegistryClient {
             .pull_blob_stream(reference, digest.as_ref())
             .await
             .map_err(|e| registry_error(reference, "pull blob", e))?;
+        let reporter = Reporter::start(
+            self.on_transfer.clone(),
+            Direction::Pull,
+            digest,
+            stream.content_length,
+        );
         let mut writer = store.writer()?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| registry_error(reference, "pull blob", e))?;
             writer.write_all(&chunk).at(store.path(digest)?)?;
+            reporter.moved(chunk.len());
         }
         let stored = writer.commit(Some(digest))?;
+        reporter.finish();
         self.pulled.fetch_add(stored.size, Ordering::Relaxed);
         Ok(stored)
     }
@@ -734,13 +752,23 @@ impl RegistryClient {
         let path = store.path(digest)?;
         let file = tokio::fs::File::open(&path).await.at(&path)?;
         let size = file.metadata().await.at(&path)?.len();
+        let reporter = Arc::new(Reporter::start(
+            self.on_transfer.clone(),
+            Direction::Push,
+            digest,
+            Some(size),
+        ));
+        let counted = reporter.clone();
+        // Counted as the client reads the file, one MiB behind the wire at most.
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+            .inspect_ok(move |chunk| counted.moved(chunk.len()))
             .map_err(OciDistributionError::from);
         let client = self.client(reference).await?;
         client
             .push_blob_stream(reference, stream, digest.as_ref(), Some(size))
             .await
             .map_err(|e| registry_error(reference, "push blob", e))?;
+        reporter.finish();
         self.pushed.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }
