@@ -16,6 +16,13 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, global = true, default_value = "info")]
     pub verbosity: String,
+    /// How stderr lines look: text, color (text with ANSI colours) or json
+    /// (one object a line, RUN output included). Kaniko's flag.
+    #[arg(long, global = true, value_enum, default_value_t = crate::sink::LogFormat::Text)]
+    pub log_format: crate::sink::LogFormat,
+    /// Prefix text lines with the time (JSON lines always have it). Kaniko's flag.
+    #[arg(long, global = true, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub log_timestamp: bool,
     #[command(subcommand)]
     pub command: Commands,
 }
@@ -87,10 +94,6 @@ pub struct KanikoCompat {
     pub image_fs_extract_retry: Option<u32>,
     #[arg(long, hide = true, value_name = "DIR")]
     pub kaniko_dir: Option<PathBuf>,
-    #[arg(long, hide = true, value_name = "FORMAT")]
-    pub log_format: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
-    pub log_timestamp: Option<bool>,
     #[arg(long, hide = true)]
     pub push_ignore_immutable_tag_errors: bool,
     #[arg(long, hide = true)]

@@ -9,14 +9,16 @@ use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions, StateDir};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::{
-    output, overlay_wanted, BuildOptions, Builder, CacheResult, Compression, Event, Forked,
-    ImageFormat, Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
+    output, overlay_wanted, BuildOptions, Builder, Compression, Forked, ImageFormat, Isolation,
+    SecretSource, SnapshotMode, Snapshotter, UsernsError,
 };
 
 use crate::args::{
     BuildArgs, CompressionArg, FrontendArgs, ImageFormatArg, IsolationArg, RegistryArgs,
     SnapshotModeArg, SnapshotterArg,
 };
+use crate::report::{BuildLog, Finished};
+use crate::sink::{sink, LogFormat, Record};
 
 /// `KEY=VALUE` pairs; a bare `KEY` takes its value from the environment, as
 /// `docker build --build-arg` does.
@@ -229,7 +231,13 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
             bail!("--isolation none replaces this machine's files with the image's: add --force to allow it in this container ({marker})");
         }
     }
-    eprintln!("==> RUN isolation: {} ({})", chosen.isolation, chosen.why);
+    let name = chosen.isolation.to_string();
+    sink().log(
+        Record::info(format!("==> RUN isolation: {name} ({})", chosen.why))
+            .field("event", "isolation")
+            .field("isolation", name)
+            .field("reason", chosen.why.clone()),
+    );
     Ok(chosen.isolation)
 }
 
@@ -314,42 +322,6 @@ fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>> {
     Ok(out)
 }
 
-fn render(event: Event) {
-    match event {
-        Event::Warning { line, message } if line > 0 => {
-            eprintln!("warning: line {line}: {message}")
-        }
-        Event::Warning { message, .. } => eprintln!("warning: {message}"),
-        Event::Stage { index, name, base } => match name {
-            Some(name) => eprintln!("==> stage {index} ({name}) from {base}"),
-            None => eprintln!("==> stage {index} from {base}"),
-        },
-        Event::Pulled { reference, digest } => eprintln!("    base {reference} @ {digest}"),
-        Event::Step { line, text, .. } => eprintln!("--> {line}: {text}"),
-        Event::Layer { digest, size } => eprintln!("    layer {digest} ({size} bytes)"),
-        Event::StepDone(r) => {
-            if matches!(
-                r.cache,
-                Some(CacheResult::LocalHit | CacheResult::RemoteHit)
-            ) {
-                eprintln!("    cache hit")
-            }
-        }
-        Event::Summary(s) => {
-            eprintln!(
-                "==> {} steps from the cache, {} run, {} layers unpacked, {} hits from --cache-repo",
-                s.cache_hits, s.cache_misses, s.layers_unpacked, s.remote_hits
-            );
-            let phases: Vec<String> = s
-                .phases
-                .iter()
-                .map(|(phase, d)| format!("{phase} {:.3}s", d.as_secs_f64()))
-                .collect();
-            eprintln!("    time: {}", phases.join(", "));
-        }
-    }
-}
-
 pub fn run(a: BuildArgs) -> Result<()> {
     let started = Instant::now();
     let isolation = isolation(a.isolation, a.force)?;
@@ -369,6 +341,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
         && kiln_engine::enter_private_mount_namespace()
             .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))
             .is_ok();
+    // After the last fork: capturing starts a thread. Dropped (the real
+    // stdout and stderr back) before the summary, which is the last line.
+    let captured = match sink().format() {
+        LogFormat::Json => Some(crate::capture::capture_output().context("capturing RUN output")?),
+        LogFormat::Text | LogFormat::Color => None,
+    };
     if a.destinations.is_empty()
         && !a.no_push
         && a.tar_path.is_none()
@@ -473,13 +451,15 @@ pub fn run(a: BuildArgs) -> Result<()> {
             }
             registry.prepare(&pushed_to).await?;
         }
-        let builder = Builder::new(&options, &state, &store, &index, &registry, &render)?;
+        let log = BuildLog::default();
+        let on_event = |e| log.event(e);
+        let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?;
         let image = builder.build().await?;
         let outputs_started = Instant::now();
         let tags: Vec<String> = destinations.iter().map(|d| d.whole()).collect();
         if let Some(path) = &a.tar_path {
             output::write_docker_archive(&image, &tags, path, &store)?;
-            eprintln!("    wrote {}", path.display());
+            log_output("wrote", "tar", &path.display().to_string());
         }
         if let Some(path) = &a.oci_layout_path {
             let layout_tags: Vec<String> = match destinations.is_empty() {
@@ -490,12 +470,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
                     .collect(),
             };
             output::write_oci_layout(&image, &layout_tags, path, &store)?;
-            eprintln!("    wrote {}", path.display());
+            log_output("wrote", "oci-layout", &path.display().to_string());
         }
         if !a.no_push {
             for destination in &destinations {
                 output::push(&image, destination, &registry, &store).await?;
-                eprintln!("    pushed {}", destination.whole());
+                log_output("pushed", "destination", &destination.whole());
             }
         }
         if let Some(path) = &a.digest_file {
@@ -524,13 +504,26 @@ pub fn run(a: BuildArgs) -> Result<()> {
             }
         }
         let (pulled, pushed) = registry.bytes_transferred();
-        let mounted = registry.blobs_mounted();
-        eprintln!(
-            "==> {} built in {:.2}s (outputs {:.3}s; {pulled} bytes pulled, {pushed} pushed, {mounted} blobs mounted)",
-            image.manifest.digest,
-            started.elapsed().as_secs_f64(),
-            outputs_started.elapsed().as_secs_f64()
-        );
+        let finished = Finished {
+            digest: image.manifest.digest.to_string(),
+            elapsed: started.elapsed(),
+            outputs: outputs_started.elapsed(),
+            pulled,
+            pushed,
+            mounted: registry.blobs_mounted(),
+        };
+        drop(captured);
+        log.finish(&finished);
         anyhow::Ok(())
     })
+}
+
+/// `    wrote PATH` / `    pushed REF`: an output made.
+fn log_output(verb: &str, kind: &str, to: &str) {
+    sink().log(
+        Record::info(format!("    {verb} {to}"))
+            .field("event", "image-output")
+            .field("kind", kind)
+            .field("to", to),
+    );
 }

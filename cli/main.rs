@@ -3,8 +3,11 @@
 mod args;
 mod build;
 mod cache;
+mod capture;
 mod context;
 mod plan;
+mod report;
+mod sink;
 mod warm;
 
 use clap::Parser;
@@ -21,14 +24,7 @@ fn main() {
         std::process::exit(step_runner_main());
     }
     let cli = args::Cli::parse_from(args::with_default_command(std::env::args_os()));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.verbosity)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .without_time()
-        .init();
+    sink::init(cli.log_format, cli.log_timestamp, &cli.verbosity);
     let result = match cli.command {
         args::Commands::Build(a) => build::run(*a),
         args::Commands::Plan(a) => plan::run(a),
@@ -36,7 +32,7 @@ fn main() {
         args::Commands::Warm(a) => warm::run(*a),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", kiln_cachestore::error::error_chain(e.as_ref()));
+        sink::sink().error(&kiln_cachestore::error::error_chain(e.as_ref()));
         std::process::exit(1);
     }
 }
