@@ -435,7 +435,8 @@ pub fn run(a: BuildArgs) -> Result<()> {
             plain_http.push(r.resolve_registry().to_string());
         }
     }
-    let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?);
+    let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?)
+        .with_progress(crate::progress::observer());
     let at = || format!("--cache-dir {}", state.path().display());
     let store = BlobStore::open(&state).with_context(at)?;
     let index = Index::open(&state).with_context(at)?;

@@ -6,6 +6,7 @@ mod cache;
 mod capture;
 mod context;
 mod plan;
+mod progress;
 mod report;
 mod sink;
 mod warm;

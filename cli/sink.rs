@@ -3,7 +3,7 @@
 //! from the engine and the cache store, transfer progress, and, with
 //! `--log-format json`, RUN output. It renders each record as text (the
 //! lines Kiln always printed), coloured text, or one JSON object a line.
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -168,6 +168,9 @@ pub struct Sink {
     format: LogFormat,
     timestamp: bool,
     out: Mutex<Out>,
+    /// Progress bars, on a terminal and not with JSON: lines are printed
+    /// above them.
+    bars: Option<indicatif::MultiProgress>,
     /// Fields of the step now running, for the RUN output lines logged
     /// while it runs.
     step: Mutex<Map<String, Value>>,
@@ -179,7 +182,10 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 
 /// Sets the process's sink up; before this, [`sink`] is a plain text one.
 pub fn init(format: LogFormat, timestamp: bool, verbosity: &str) {
-    let _ = SINK.set(Sink::new(format, timestamp));
+    let bars = (format != LogFormat::Json && std::io::stderr().is_terminal()).then(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    });
+    let _ = SINK.set(Sink::new(format, timestamp, bars));
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(verbosity)
@@ -191,15 +197,16 @@ pub fn init(format: LogFormat, timestamp: bool, verbosity: &str) {
 }
 
 pub fn sink() -> &'static Sink {
-    SINK.get_or_init(|| Sink::new(LogFormat::Text, false))
+    SINK.get_or_init(|| Sink::new(LogFormat::Text, false, None))
 }
 
 impl Sink {
-    fn new(format: LogFormat, timestamp: bool) -> Sink {
+    fn new(format: LogFormat, timestamp: bool, bars: Option<indicatif::MultiProgress>) -> Sink {
         Sink {
             format,
             timestamp,
             out: Mutex::new(Out::Stderr),
+            bars,
             step: Mutex::new(Map::new()),
             capture: Mutex::new(None),
         }
@@ -207,6 +214,11 @@ impl Sink {
 
     pub fn format(&self) -> LogFormat {
         self.format
+    }
+
+    /// The progress bars, when they are shown.
+    pub fn bars(&self) -> Option<&indicatif::MultiProgress> {
+        self.bars.as_ref()
     }
 
     pub fn log(&self, record: Record) {
@@ -253,11 +265,17 @@ impl Sink {
         let Some(mut line) = line else { return };
         line.push('\n');
         let mut out = self.out.lock().expect("sink poisoned");
-        // Nowhere to report a failed write to stderr.
-        let _ = match &mut *out {
-            Out::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-            Out::Saved(file) => file.write_all(line.as_bytes()),
+        let mut write = || {
+            // Nowhere to report a failed write to stderr.
+            let _ = match &mut *out {
+                Out::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+                Out::Saved(file) => file.write_all(line.as_bytes()),
+            };
         };
+        match &self.bars {
+            Some(bars) => bars.suspend(write),
+            None => write(),
+        }
     }
 
     /// Sends lines to `saved` (the real stderr) instead of fd 2, or back to

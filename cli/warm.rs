@@ -45,7 +45,8 @@ pub fn run(a: WarmArgs) -> Result<()> {
     let at = || format!("--cache-dir {}", state.path().display());
     let store = BlobStore::open(&state).with_context(at)?;
     let index = Index::open(&state).with_context(at)?;
-    let registry = RegistryClient::new(registry_options(&a.registry, Vec::new())?);
+    let registry = RegistryClient::new(registry_options(&a.registry, Vec::new())?)
+        .with_progress(crate::progress::observer());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
