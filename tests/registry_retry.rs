@@ -147,6 +147,49 @@ fn retries_wait_as_long_as_retry_after_asks() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(2));
 }
 
+/// `Retry-After` as an HTTP-date (RFC 9110) waits until that time.
+#[test]
+fn retry_after_as_a_date_waits_until_then() {
+    let registry = Registry::start();
+    // Three seconds from now, at the header's one-second resolution.
+    let at = std::time::SystemTime::now() + std::time::Duration::from_secs(3);
+    let date = httpdate(at);
+    let answer: &'static [u8] = Box::leak(
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {date}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let proxy = flaky_proxy(registry.addr.clone(), 1, answer);
+    let started = std::time::Instant::now();
+    let out = build(&proxy, &["--push-retry", "1"], false);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("503") && !err.contains("retrying in 250ms"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "{err}"
+    );
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` for `at`.
+fn httpdate(at: std::time::SystemTime) -> String {
+    let out = run_ok(std::process::Command::new("date").env("LC_ALL", "C").args([
+        "-u",
+        "-d",
+        &format!(
+            "@{}",
+            at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        ),
+        "+%a, %d %b %Y %H:%M:%S GMT",
+    ]));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// A registry that cannot be reached fails the build after the retries of
 /// one request (the tag check), not of every request that would follow.
 #[test]
@@ -171,4 +214,89 @@ fn an_unreachable_registry_fails_after_one_round_of_retries() {
         "the cause is said: {err}"
     );
     assert_eq!(err.matches("retrying in").count(), 2, "{err}");
+}
+
+/// A pass-through proxy to `upstream` that counts the requests whose line
+/// holds `needle` (on every connection, kept alive or not).
+fn counting_proxy(upstream: String, needle: String) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let (Ok(mut client), Ok(mut server)) = (client, TcpStream::connect(&upstream)) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (needle, counted) = (needle.clone().into_bytes(), counted.clone());
+            std::thread::spawn(move || {
+                // Requests are small: a needle split across reads is kept
+                // whole by carrying the tail of the previous read.
+                let mut carry = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = c2.read(&mut buf) {
+                    if n == 0 || s2.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    carry.extend_from_slice(&buf[..n]);
+                    let hits = carry.windows(needle.len()).filter(|w| *w == needle).count();
+                    counted.fetch_add(hits, Ordering::SeqCst);
+                    let keep = carry.len().min(needle.len() - 1);
+                    carry.drain(..carry.len() - keep);
+                }
+                let _ = s2.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// A blob whose bytes do not match its digest is a permanent failure: with
+/// retries allowed it is fetched once, nothing is cached, and once the
+/// registry serves the right bytes the same state dir builds.
+#[test]
+fn a_wrong_blob_is_fetched_once_and_never_cached() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    let (_, manifest) = registry.get("/v2/base/busybox/manifests/latest");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stored = registry.blob_file(&layer);
+    let good = std::fs::read(&stored).unwrap();
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0xff;
+    std::fs::write(&stored, &tampered).unwrap();
+
+    let (proxy, fetched) = counting_proxy(registry.addr.clone(), format!("/blobs/{layer} "));
+    let ctx = Context::new(
+        &format!("FROM {proxy}/base/busybox:latest\nRUN true\n"),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let args = ["--no-push", "--image-download-retry", "3"];
+    let out = kiln_build(&ctx, state.path(), &args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("digest mismatch") && err.contains(&layer),
+        "{err}"
+    );
+    assert!(!err.contains("retrying"), "{err}");
+    assert_eq!(fetched.load(Ordering::SeqCst), 1, "{err}");
+    let hex = layer.strip_prefix("sha256:").unwrap();
+    assert!(!state.path().join("blobs/sha256").join(hex).exists());
+
+    std::fs::write(&stored, &good).unwrap();
+    let out = kiln_build(&ctx, state.path(), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fetched.load(Ordering::SeqCst), 2);
 }

@@ -687,7 +687,16 @@ impl RegistryClient {
         );
         let mut writer = store.writer()?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| registry_error(reference, "pull blob", e))?;
+            // A mismatch is permanent: the registry holds other bytes, so
+            // it fails here, unretried, as Kiln's own check would.
+            let chunk = chunk.map_err(|e| match verification_failure(&e) {
+                Some((expected, actual)) => CacheStoreError::DigestMismatch {
+                    what: format!("blob from {}", reference.whole()),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                },
+                None => registry_error(reference, "pull blob", e),
+            })?;
             writer.write_all(&chunk).at(store.path(digest)?)?;
             reporter.moved(chunk.len());
         }
@@ -802,6 +811,19 @@ impl RegistryClient {
             .await
             .map_err(|e| registry_error(reference, "push manifest", e))?;
         Ok(())
+    }
+}
+
+/// The digests of oci-client's end-of-stream check, when that is what failed.
+fn verification_failure(e: &std::io::Error) -> Option<(&str, &str)> {
+    match e
+        .get_ref()?
+        .downcast_ref::<oci_client::errors::DigestError>()?
+    {
+        oci_client::errors::DigestError::VerificationError { expected, actual } => {
+            Some((expected, actual))
+        }
+        _ => None,
     }
 }
 

@@ -120,6 +120,16 @@ impl Registry {
         format!("{}/{repo_tag}", self.addr)
     }
 
+    /// Where the registry keeps a blob's bytes (Distribution's filesystem
+    /// layout), for tests that tamper with what it serves.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self._dir.path().join(format!(
+            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
+    }
+
     /// Pushes the busybox fixture and returns its reference.
     pub fn push_busybox(&self) -> String {
         self.push_busybox_as("base/busybox:latest")

@@ -2275,15 +2275,20 @@ fn validate_registry_response(
     }
 }
 
-/// A `Retry-After` header given in seconds (RFC 9110); its HTTP-date form
-/// is not parsed and counts as absent.
+/// A `Retry-After` header (RFC 9110): delay-seconds, or an HTTP-date
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`) as the wait from now; a date already
+/// past means no wait.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    Some(
+        (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Returns an empty OCI Image Index, as used when no referrers exist.
