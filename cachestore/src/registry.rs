@@ -441,8 +441,15 @@ impl RegistryClient {
         Fut: std::future::Future<Output = Result<T>>,
     {
         let mut attempt = 0;
+        let mut resent = false;
         loop {
             let result = op().await;
+            if let Err(CacheStoreError::Registry { source, .. }) = &result {
+                if !resent && never_sent(source.as_ref()) {
+                    resent = true;
+                    continue;
+                }
+            }
             let Err(CacheStoreError::Registry {
                 failure: RegistryFailure::Transient,
                 registry,
@@ -812,6 +819,16 @@ impl RegistryClient {
             .map_err(|e| registry_error(reference, "push manifest", e))?;
         Ok(())
     }
+}
+
+/// Whether hyper gave up on a request before sending it: the pooled
+/// connection it picked was closed by the server just then. Sending it
+/// again is safe whatever the retry budget, so it is sent once more.
+fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+    })
 }
 
 /// The digests of oci-client's end-of-stream check, when that is what failed.
