@@ -14,6 +14,7 @@ use kiln_cachestore::manifest::{Descriptor, MediaType};
 
 use crate::error::{BuildError, IoContext};
 use crate::image::Layer;
+use crate::rootfs::owners;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -110,14 +111,24 @@ impl LayerWriter {
         let meta = std::fs::symlink_metadata(&host).at(&host)?;
         let ft = meta.file_type();
         let mut header = tar::Header::new_ustar();
-        header.set_mode(meta.mode() & 0o7777);
+        // Not root: the owner and mode the build meant are recorded, not
+        // applied (`rootfs/owners.rs`).
+        let recorded = owners::recorded();
+        let (uid, gid, mode) = match recorded {
+            false => (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            true => {
+                let stat = owners::get(&host, &meta);
+                (stat.uid, stat.gid, stat.mode)
+            }
+        };
+        header.set_mode(mode);
         header.set_mtime(self.fixed_mtime.unwrap_or(meta.mtime().max(0) as u64));
         header.set_size(0);
         let entry = Entry {
             name: tar_name(rel, ft.is_dir()),
             link: None,
-            ids: (meta.uid() as u64, meta.gid() as u64),
-            records: xattr_records(&host, &ft),
+            ids: (uid as u64, gid as u64),
+            records: xattr_records(&host, &ft, recorded),
         };
 
         if !ft.is_dir() && meta.nlink() > 1 {
@@ -257,12 +268,16 @@ struct Entry {
 }
 
 /// PAX records for a path's extended attributes, e.g. `security.capability`.
-fn xattr_records(host: &Path, ft: &std::fs::FileType) -> Vec<u8> {
+/// `recorded`: owners are recorded in an xattr, which is not content.
+fn xattr_records(host: &Path, ft: &std::fs::FileType, recorded: bool) -> Vec<u8> {
     let mut records = Vec::new();
     if ft.is_symlink() {
         return records;
     }
     for (name, value) in crate::rootfs::content_xattrs(host) {
+        if recorded && owners::is_override(&name) {
+            continue;
+        }
         let mut key = b"SCHILY.xattr.".to_vec();
         key.extend_from_slice(&name);
         records.extend(pax_record(&key, &value));
@@ -455,5 +470,110 @@ mod tests {
                 ("link".into(), Some(long_target), 0, 0),
             ]
         );
+    }
+
+    /// A tar entry: type, name, link, mode, owner.
+    fn entry(
+        tar: &mut tar::Builder<Vec<u8>>,
+        kind: tar::EntryType,
+        name: &str,
+        link: &str,
+        mode: u32,
+        (uid, gid): (u64, u64),
+    ) {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_path(name).unwrap();
+        if !link.is_empty() {
+            h.set_link_name(link).unwrap();
+        }
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_size(0);
+        if kind == tar::EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        tar.append(&h, io::empty()).unwrap();
+    }
+
+    #[test]
+    fn not_root_owners_and_modes_go_from_the_layer_through_disk_into_the_next_layer() {
+        use std::os::unix::fs::PermissionsExt;
+        use tar::EntryType::{Char, Directory, Regular, Symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&StateDir::open(dir.path().join("state")).unwrap()).unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let mut base = tar::Builder::new(Vec::new());
+        entry(&mut base, Directory, "ro", "", 0o555, (0, 0));
+        entry(&mut base, Regular, "ro/f", "", 0o4750, (1234, 2345));
+        entry(&mut base, Char, "null", "", 0o666, (0, 0));
+        entry(&mut base, Symlink, "l", "ro/f", 0o777, (7, 7));
+        let base = base.into_inner().unwrap();
+        owners::tests::as_unprivileged(|| {
+            crate::rootfs::extract::extract_layer(&root, base.as_slice()).unwrap();
+            // The process keeps what it needs on disk; the rest is recorded.
+            let mode = |p: &str| {
+                std::fs::symlink_metadata(root.join(p))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o7777
+            };
+            assert_eq!((mode("ro"), mode("ro/f")), (0o755, 0o750));
+            // A device node needs root: skipped, as base layers are never
+            // written again.
+            assert!(!root.join("null").exists());
+            // Written into the read-only (in the image) directory later.
+            std::fs::write(root.join("ro/new"), "x").unwrap();
+            std::fs::set_permissions(root.join("ro/new"), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+
+            let mut w = LayerWriter::new(&store, Compression::Gzip { level: 1 }, Some(0)).unwrap();
+            for p in ["ro", "ro/f", "ro/new", "l"] {
+                w.add(&root, Path::new(p)).unwrap();
+            }
+            let layer = w.finish().unwrap();
+            let mut raw = Vec::new();
+            open_layer(&store, &layer.descriptor.digest)
+                .unwrap()
+                .read_to_end(&mut raw)
+                .unwrap();
+            let read: Vec<(String, u64, u64, u32, bool)> = tar::Archive::new(raw.as_slice())
+                .entries()
+                .unwrap()
+                .map(|e| {
+                    let mut e = e.unwrap();
+                    let h = e.header().clone();
+                    let xattr = e
+                        .pax_extensions()
+                        .unwrap()
+                        .into_iter()
+                        .flatten()
+                        .any(|x| x.unwrap().key().unwrap().contains("override_stat"));
+                    (
+                        e.path().unwrap().display().to_string(),
+                        h.uid().unwrap(),
+                        h.gid().unwrap(),
+                        h.mode().unwrap(),
+                        xattr,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                read,
+                [
+                    ("ro/".to_string(), 0, 0, 0o555, false),
+                    ("ro/f".into(), 1234, 2345, 0o4750, false),
+                    // Nothing recorded: 0:0 with the mode on disk.
+                    ("ro/new".into(), 0, 0, 0o644, false),
+                    // A symlink cannot carry the record: 0:0.
+                    ("l".into(), 0, 0, 0o777, false),
+                ]
+            );
+        });
     }
 }

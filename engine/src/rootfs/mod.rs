@@ -2,6 +2,7 @@
 //! extraction of untrusted layers, and snapshots of what a step changed.
 pub mod extract;
 pub mod overlay;
+pub mod owners;
 pub mod snapshot;
 
 use std::collections::VecDeque;

@@ -125,6 +125,9 @@ pub struct Snapshot {
     entries: HashMap<PathBuf, EntryMeta>,
     recorded: Recorded,
     mode: SnapshotMode,
+    /// Not root: owners and modes are read from `owners`' xattr. Taken
+    /// once, as the walk runs on a thread pool.
+    owners_recorded: bool,
 }
 
 impl Snapshot {
@@ -134,6 +137,7 @@ impl Snapshot {
             entries: HashMap::new(),
             recorded,
             mode,
+            owners_recorded: super::owners::recorded(),
         };
         snapshot.rescan(root, &[PathBuf::new()])?;
         Ok(snapshot)
@@ -283,10 +287,19 @@ impl Snapshot {
                 SnapshotMode::Redo => racy,
                 SnapshotMode::Time => false,
             };
+        // Not root: the owner and mode the build meant, as the layer
+        // writer reads them (`owners.rs`); the file type is on disk.
+        let (mode, uid, gid) = match self.owners_recorded {
+            false => (meta.mode(), meta.uid(), meta.gid()),
+            true => {
+                let stat = super::owners::get(&host(), meta);
+                ((meta.mode() & !0o7777) | stat.mode, stat.uid, stat.gid)
+            }
+        };
         EntryMeta {
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
+            mode,
+            uid,
+            gid,
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),

@@ -115,6 +115,15 @@ impl Meta {
         })
     }
 
+    /// The owner and mode, for [`owners::set`].
+    pub(super) fn stat(&self) -> owners::Stat {
+        owners::Stat {
+            uid: self.uid.as_raw(),
+            gid: self.gid.as_raw(),
+            mode: self.mode.as_raw_mode(),
+        }
+    }
+
     pub(super) fn timestamps(&self) -> Timestamps {
         Timestamps {
             last_access: self.atime.unwrap_or(self.mtime),

@@ -59,6 +59,8 @@ use rustix::fs::{
 use rustix::io::Errno;
 use tar::EntryType;
 
+use super::owners;
+
 mod fsops;
 mod lower;
 mod meta;
@@ -227,6 +229,7 @@ fn extract<R: Read>(
             .collect(),
         dir_times: Vec::new(),
         stats: ExtractStats::default(),
+        recorded: owners::recorded(),
     };
     let mut archive = tar::Archive::new(layer);
     for entry in archive.entries().map_err(ExtractError::Tar)? {
@@ -266,6 +269,9 @@ struct Extractor<'k> {
     protected: HashSet<FileId>,
     dir_times: Vec<DirTime>,
     stats: ExtractStats,
+    /// Not root: owners (and modes disk cannot keep) are recorded in an
+    /// xattr, device nodes skipped (`rootfs/owners.rs`).
+    recorded: bool,
 }
 
 /// What an entry's name says about whiteouts.
@@ -463,9 +469,18 @@ impl Extractor<'_> {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?);
-        rustix::fs::fchown(&dir, Some(meta.uid), Some(meta.gid))?;
-        rustix::fs::fchmod(&dir, meta.mode)?;
-        meta.set_xattrs(|n, v| rustix::fs::fsetxattr(&dir, n, v, XattrFlags::empty()))?;
+        match self.recorded {
+            false => {
+                rustix::fs::fchown(&dir, Some(meta.uid), Some(meta.gid))?;
+                rustix::fs::fchmod(&dir, meta.mode)?;
+                meta.set_xattrs(|n, v| rustix::fs::fsetxattr(&dir, n, v, XattrFlags::empty()))?;
+            }
+            true => {
+                // The layer's own override, if any, gives way to the header's.
+                meta.set_xattrs(|n, v| rustix::fs::fsetxattr(&dir, n, v, XattrFlags::empty()))?;
+                owners::set(&dir, meta.stat(), true)?;
+            }
+        }
         let id = file_id(&rustix::fs::fstat(&dir)?);
         self.created.insert(id);
         self.dir_times.push(DirTime {
@@ -494,9 +509,17 @@ impl Extractor<'_> {
         let bytes = io::copy(content, &mut file)?;
         // chown clears setuid/setgid and file capabilities, so mode then
         // xattrs (security.capability) come after it.
-        rustix::fs::fchown(&file, Some(meta.uid), Some(meta.gid))?;
-        rustix::fs::fchmod(&file, meta.mode)?;
-        meta.set_xattrs(|n, v| rustix::fs::fsetxattr(&file, n, v, XattrFlags::empty()))?;
+        match self.recorded {
+            false => {
+                rustix::fs::fchown(&file, Some(meta.uid), Some(meta.gid))?;
+                rustix::fs::fchmod(&file, meta.mode)?;
+                meta.set_xattrs(|n, v| rustix::fs::fsetxattr(&file, n, v, XattrFlags::empty()))?;
+            }
+            true => {
+                meta.set_xattrs(|n, v| rustix::fs::fsetxattr(&file, n, v, XattrFlags::empty()))?;
+                owners::set(&file, meta.stat(), false)?;
+            }
+        }
         rustix::fs::futimens(&file, &meta.timestamps())?;
         self.created.insert(file_id(&rustix::fs::fstat(&file)?));
         Ok(bytes)
@@ -512,13 +535,20 @@ impl Extractor<'_> {
         clear_slot(parent, name, false)?;
         // The target is only data: it is never resolved here.
         rustix::fs::symlinkat(target, parent, name)?;
-        rustix::fs::chownat(
-            parent,
-            name,
-            Some(meta.uid),
-            Some(meta.gid),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        match self.recorded {
+            false => rustix::fs::chownat(
+                parent,
+                name,
+                Some(meta.uid),
+                Some(meta.gid),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?,
+            // A symlink cannot carry a user xattr: 0:0 if it is ever
+            // written into a layer again.
+            true => {
+                tracing::debug!(name = %name.to_string_lossy(), uid = meta.uid.as_raw(), gid = meta.gid.as_raw(), "a symlink's owner is not kept by a build that is not root")
+            }
+        }
         rustix::fs::utimensat(parent, name, &meta.timestamps(), AtFlags::SYMLINK_NOFOLLOW)?;
         if !meta.xattrs.is_empty() {
             tracing::debug!(name = %name.to_string_lossy(), "skipping xattrs on a symlink");
@@ -539,6 +569,23 @@ impl Extractor<'_> {
         meta: &Meta,
     ) -> io::Result<()> {
         clear_slot(parent, name, false)?;
+        if self.recorded {
+            // Only root may make device nodes. Base layers are reused as
+            // they are, never written again, so nothing is lost from them.
+            if file_type != FileType::Fifo {
+                tracing::debug!(name = %name.to_string_lossy(), "skipping a device node: not root");
+                return Ok(());
+            }
+            rustix::fs::mknodat(parent, name, file_type, Mode::from_raw_mode(0o600), dev)?;
+            rustix::fs::chmodat(
+                parent,
+                name,
+                meta.mode & Mode::from_raw_mode(0o777),
+                AtFlags::empty(),
+            )?;
+            rustix::fs::utimensat(parent, name, &meta.timestamps(), AtFlags::SYMLINK_NOFOLLOW)?;
+            return self.record(parent, name);
+        }
         rustix::fs::mknodat(parent, name, file_type, Mode::from_raw_mode(0o600), dev)?;
         rustix::fs::chownat(
             parent,
