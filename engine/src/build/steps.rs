@@ -20,9 +20,9 @@ use crate::exec::users;
 use crate::image::{History, ImageConfig, Layer};
 use crate::layer::LayerWriter;
 use crate::plan::{Action, CopyFrom, Network, StagePlan, Step};
-use crate::rootfs::overlay;
 use crate::rootfs::snapshot::{Changes, Snapshot};
 use crate::rootfs::{create_dir_all_in_root, relative_to_root};
+use crate::rootfs::{overlay, owners};
 
 impl Builder<'_> {
     fn history(&self, created_by: &str, empty_layer: bool, secs: Option<u64>) -> History {
@@ -258,7 +258,11 @@ impl Builder<'_> {
                 for path in paths {
                     let (_, created) = create_dir_all_in_root(root, Path::new(path))?;
                     for dir in &created {
-                        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+                        match owners::recorded() {
+                            false => std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?,
+                            // Not root: recorded (`rootfs/owners.rs`).
+                            true => owners::set_owner(dir, (uid, gid))?,
+                        }
                     }
                     touched.extend(created.first().map(|d| relative_to_root(root, d)));
                 }

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::context::{Filter, Ignore};
 use crate::excerpt::excerpt;
+use crate::rootfs::owners;
 use crate::rootfs::{
     clean_relative, create_dir_all_in_root, relative_to_root, resolve_in_root, LinkError,
 };
@@ -238,8 +239,13 @@ pub fn create_dirs_owned(
     (uid, gid): (u32, u32),
 ) -> Result<(PathBuf, Vec<PathBuf>), CopyError> {
     let (host_dir, created) = create_dir_all_in_root(root, dir).map_err(CopyError::io(dir))?;
+    let recorded = owners::recorded();
     for d in &created {
-        lchown(d, Some(uid), Some(gid)).map_err(CopyError::io(d))?;
+        match recorded {
+            false => lchown(d, Some(uid), Some(gid)),
+            true => owners::set_owner(d, (uid, gid)),
+        }
+        .map_err(CopyError::io(d))?;
     }
     Ok((host_dir, created))
 }
@@ -285,6 +291,8 @@ fn copy_sources<E: From<CopyError>>(
         chmod: req.chmod,
         filter,
         excludes: excludes.as_ref(),
+        recorded: owners::recorded(),
+        in_root,
     };
     let dest = Path::new(req.dest);
     let mut touched = Vec::new();
@@ -339,8 +347,7 @@ fn copy_sources<E: From<CopyError>>(
                 let from = src_root.join(&pivot).join(sub);
                 match fs::symlink_metadata(&from) {
                     Ok(m) if m.is_dir() && !sub.as_os_str().is_empty() => {
-                        fs::set_permissions(d, fs::Permissions::from_mode(m.mode() & 0o7777))
-                            .map_err(CopyError::io(d))?
+                        set_mode(d, m.mode() & 0o7777, copier.recorded).map_err(CopyError::io(d))?
                     }
                     _ => {}
                 }
@@ -349,8 +356,11 @@ fn copy_sources<E: From<CopyError>>(
         let host_target = if meta.is_dir() {
             if created.last() == Some(&host_dir) {
                 // Only a directory the copy made takes the source's mode.
-                fs::set_permissions(&host_dir, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                    .map_err(CopyError::io(&host_dir))?;
+                let mode = match copier.recorded && in_root {
+                    true => owners::get(&src, &meta).mode,
+                    false => meta.mode() & 0o7777,
+                };
+                set_mode(&host_dir, mode, copier.recorded).map_err(CopyError::io(&host_dir))?;
             }
             copier
                 .copy_contents(&src, &src, &host_dir)
@@ -378,6 +388,12 @@ struct Copier<'a> {
     filter: Option<Filter<'a>>,
     /// `--exclude`, matched relative to the directory source being copied.
     excludes: Option<&'a Ignore>,
+    /// Not root: owners are recorded, not applied (`rootfs/owners.rs`).
+    /// Taken once: the copy runs on a thread pool.
+    recorded: bool,
+    /// The sources are in a root (`COPY --from`), where owners recorded
+    /// this way are read back.
+    in_root: bool,
 }
 
 impl Copier<'_> {
@@ -386,7 +402,7 @@ impl Copier<'_> {
     /// patterns are relative to.
     fn copy_dir(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
-        self.make_dir(dest, &meta)?;
+        self.make_dir(src, dest, &meta)?;
         self.copy_contents(top, src, dest)
     }
 
@@ -428,10 +444,10 @@ impl Copier<'_> {
             // Devices, fifos and sockets in a context are not copied.
             return Ok(());
         }
-        self.apply_metadata(dest, &meta, ours)
+        self.apply_metadata(src, dest, &meta, ours)
     }
 
-    fn make_dir(&self, dest: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    fn make_dir(&self, src: &Path, dest: &Path, meta: &fs::Metadata) -> io::Result<()> {
         match fs::symlink_metadata(dest) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
@@ -440,14 +456,23 @@ impl Copier<'_> {
             }
             Err(_) => fs::create_dir(dest)?,
         }
-        self.apply_metadata(dest, meta, false)
+        self.apply_metadata(src, dest, meta, false)
     }
 
     /// Gives `dest` its owner, mode and mtime. `made`: a file or link this
     /// process just made (so owned by it, a file with its source's mode),
     /// for which calls that would change nothing are skipped: a COPY of
     /// many small files is mostly such calls.
-    fn apply_metadata(&self, dest: &Path, src_meta: &fs::Metadata, made: bool) -> io::Result<()> {
+    fn apply_metadata(
+        &self,
+        src: &Path,
+        dest: &Path,
+        src_meta: &fs::Metadata,
+        made: bool,
+    ) -> io::Result<()> {
+        if self.recorded {
+            return self.record_metadata(src, dest, src_meta);
+        }
         let (uid, gid) = self.chown.unwrap_or((src_meta.uid(), src_meta.gid()));
         let chowned = !made || (uid, gid) != self.owner;
         if chowned {
@@ -461,17 +486,51 @@ impl Copier<'_> {
             let mode = self.chmod.unwrap_or(src_meta.mode() & 0o7777);
             fs::set_permissions(dest, fs::Permissions::from_mode(mode))?;
         }
-        let mtime = filetime_of(src_meta);
-        rustix::fs::utimensat(
-            rustix::fs::CWD,
-            dest,
-            &rustix::fs::Timestamps {
-                last_access: mtime,
-                last_modification: mtime,
+        set_mtime(dest, src_meta)
+    }
+
+    /// [`Copier::apply_metadata`] in a process that is not root: the owner
+    /// and mode are recorded (`rootfs/owners.rs`), read from the source's
+    /// record when it is in a root; a symlink's owner is not kept.
+    fn record_metadata(&self, src: &Path, dest: &Path, src_meta: &fs::Metadata) -> io::Result<()> {
+        let source = match self.in_root {
+            true => owners::get(src, src_meta),
+            false => owners::Stat {
+                uid: src_meta.uid(),
+                gid: src_meta.gid(),
+                mode: src_meta.mode() & 0o7777,
             },
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        )?;
-        Ok(())
+        };
+        let (uid, gid) = self.chown.unwrap_or((source.uid, source.gid));
+        if src_meta.file_type().is_symlink() {
+            return owners::set_owner(dest, (uid, gid));
+        }
+        let mode = self.chmod.unwrap_or(source.mode);
+        owners::set(dest, owners::Stat { uid, gid, mode }, src_meta.is_dir())?;
+        set_mtime(dest, src_meta)
+    }
+}
+
+/// Gives `dest` the mtime (and atime) of the source `meta` describes.
+fn set_mtime(dest: &Path, src_meta: &fs::Metadata) -> io::Result<()> {
+    let mtime = filetime_of(src_meta);
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        dest,
+        &rustix::fs::Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
+
+/// Sets `path`'s mode, or records it when the process is not root.
+fn set_mode(path: &Path, mode: u32, recorded: bool) -> io::Result<()> {
+    match recorded {
+        false => fs::set_permissions(path, fs::Permissions::from_mode(mode)),
+        true => owners::set_mode(path, mode),
     }
 }
 
