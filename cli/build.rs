@@ -214,8 +214,9 @@ fn host_files<const N: usize>(
 }
 
 /// The isolation asked for, checked, or the strongest this process may use
-/// (`kiln_engine::choose_isolation`), said once with the reason.
-fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
+/// (`kiln_engine::choose_isolation`), said once with the reason; with why
+/// no RUN can be isolated, when none can.
+fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<(Isolation, Option<String>)> {
     let asked = arg.map(|a| match a {
         IsolationArg::Namespaces => Isolation::Namespaces,
         IsolationArg::Rootless => Isolation::Rootless,
@@ -231,14 +232,17 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<Isolation> {
             bail!("--isolation none replaces this machine's files with the image's: add --force to allow it in this container ({marker})");
         }
     }
-    let name = chosen.isolation.to_string();
+    let name = match chosen.run_unavailable {
+        Some(_) => "none available".to_string(),
+        None => chosen.isolation.to_string(),
+    };
     sink().log(
         Record::info(format!("==> RUN isolation: {name} ({})", chosen.why))
             .field("event", "isolation")
             .field("isolation", name)
             .field("reason", chosen.why.clone()),
     );
-    Ok(chosen.isolation)
+    Ok((chosen.isolation, chosen.run_unavailable))
 }
 
 /// Goes on as root of the user namespace `forked` made, or, in the parent
@@ -324,10 +328,11 @@ fn parse_secrets(specs: &[String]) -> Result<BTreeMap<String, SecretSource>> {
 
 pub fn run(a: BuildArgs) -> Result<()> {
     let started = Instant::now();
-    let isolation = isolation(a.isolation, a.force)?;
+    let (isolation, run_unavailable) = isolation(a.isolation, a.force)?;
     // While the process has one thread: the build goes on in the child,
-    // as root of its own user namespace.
-    if isolation == Isolation::Rootless {
+    // as root of its own user namespace (unless none can be had: it goes
+    // on unprivileged then).
+    if isolation == Isolation::Rootless && run_unavailable.is_none() {
         enter_user_namespace(kiln_engine::become_root())?;
     }
     // While the process has one thread, and only where the overlay
@@ -413,6 +418,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         cache_repo_push: !a.no_push_cache,
         skip_tls_verify_pull: a.registry.skip_tls_verify_pull,
         isolation,
+        run_unavailable,
         snapshotter,
         own_mount_namespace,
         image_format: match a.image_format {

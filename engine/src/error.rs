@@ -65,6 +65,9 @@ pub enum StepFailure {
     /// A RUN whose command exited non-zero (or was killed: 128 + signal).
     #[error("{} returned a non-zero code: {code}", quote_argv(.argv))]
     Exited { argv: Vec<String>, code: i32 },
+    /// A RUN that must run where no isolation can be set up.
+    #[error("this RUN must run, and no RUN isolation is available here: {why}. To run it, give the user subordinate ids (/etc/subuid and /etc/subgid) and install newuidmap and newgidmap (the uidmap package), run the pod with a user namespace of its own (hostUsers: false), or run Kiln as root in the container. A build whose steps that run have no RUN needs none of these")]
+    NoIsolation { why: String },
     #[error("{0}")]
     Message(String),
 }

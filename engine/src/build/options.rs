@@ -51,6 +51,11 @@ pub struct BuildOptions {
     pub own_mount_namespace: bool,
     /// How RUN steps are isolated (`--isolation`).
     pub isolation: Isolation,
+    /// Why no RUN can be isolated, when none can: the process is not root
+    /// and cannot set up a user namespace. The build goes on, owners
+    /// recorded rather than applied (`rootfs/owners.rs`), and a RUN that
+    /// must run fails with this.
+    pub run_unavailable: Option<String>,
     /// The remote cache tier (`--cache-repo`), `registry/repository`.
     pub cache_repo: Option<String>,
     /// Push new entries to the remote tier (not with `--no-push-cache`).

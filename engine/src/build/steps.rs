@@ -277,6 +277,9 @@ impl Builder<'_> {
                 mounts: planned,
                 network,
             } => {
+                if let Some(why) = &self.options.run_unavailable {
+                    return Err(StepFailure::NoIsolation { why: why.clone() });
+                }
                 let isolation = self.options.isolation;
                 if matches!(isolation, run::Isolation::Chroot | run::Isolation::None)
                     && (!planned.is_empty() || *network == Network::None)

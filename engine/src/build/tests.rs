@@ -100,6 +100,7 @@ impl Fixture {
             snapshotter: Snapshotter::Walk,
             own_mount_namespace: false,
             isolation: Isolation::Namespaces,
+            run_unavailable: None,
             cache_repo: None,
             cache_repo_push: false,
             skip_tls_verify_pull: false,

@@ -16,6 +16,9 @@ pub trait Abilities {
     fn unshare_mount_pid(&self) -> io::Result<()>;
     /// Whether the process has `CAP_SYS_CHROOT`.
     fn can_chroot(&self) -> bool;
+    /// What a user namespace (rootless isolation) needs and this machine
+    /// lacks, if anything: subordinate ids, `newuidmap`.
+    fn user_namespace_missing(&self) -> Option<String>;
 }
 
 /// The isolation chosen, and why, said once at the start of a build.
@@ -23,6 +26,10 @@ pub trait Abilities {
 pub struct Chosen {
     pub isolation: Isolation,
     pub why: String,
+    /// No RUN can be isolated, and why: not root, and no user namespace
+    /// by default. The build goes on unprivileged (a RUN that must run
+    /// fails); `isolation` is then the one asking for would have given.
+    pub run_unavailable: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,14 +56,26 @@ pub fn choose(asked: Option<Isolation>, host: &dyn Abilities) -> Result<Chosen, 
         Ok(Chosen {
             isolation,
             why: why.to_string(),
+            run_unavailable: None,
         })
     };
     if !host.is_root() {
         return match asked {
-            None => chosen(
-                Isolation::Rootless,
-                "not root: a user namespace (the default)",
-            ),
+            // Nothing the build does without RUN needs a privilege: it goes
+            // on unprivileged, and fails only at a RUN that must run.
+            None => match host.user_namespace_missing() {
+                Some(missing) => Ok(Chosen {
+                    isolation: Isolation::Rootless,
+                    why: format!(
+                        "not root, and no user namespace: {missing}; a RUN that must run will fail"
+                    ),
+                    run_unavailable: Some(format!("not root, and no user namespace ({missing})")),
+                }),
+                None => chosen(
+                    Isolation::Rootless,
+                    "not root: a user namespace (the default)",
+                ),
+            },
             Some(Isolation::Rootless) => chosen(Isolation::Rootless, "asked for"),
             Some(other) => Err(IsolationError::NeedsRoot(other)),
         };
@@ -136,6 +155,10 @@ impl Abilities for Host {
                 .contains(rustix::thread::CapabilitySet::SYS_CHROOT)
         })
     }
+
+    fn user_namespace_missing(&self) -> Option<String> {
+        super::userns::missing_prerequisite().map(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +169,7 @@ mod tests {
         root: bool,
         namespaces: bool,
         chroot: bool,
+        subids: bool,
     }
 
     impl Abilities for Fake {
@@ -161,27 +185,41 @@ mod tests {
         fn can_chroot(&self) -> bool {
             self.chroot
         }
+        fn user_namespace_missing(&self) -> Option<String> {
+            (!self.subids).then(|| "no subordinate ids".to_string())
+        }
     }
 
     const MACHINE: Fake = Fake {
         root: true,
         namespaces: true,
         chroot: true,
+        subids: true,
     };
     const POD: Fake = Fake {
         root: true,
         namespaces: false,
         chroot: true,
+        subids: true,
     };
     const NO_CAPS: Fake = Fake {
         root: true,
         namespaces: false,
         chroot: false,
+        subids: true,
     };
     const USER: Fake = Fake {
         root: false,
         namespaces: false,
         chroot: false,
+        subids: true,
+    };
+
+    const POD_USER: Fake = Fake {
+        root: false,
+        namespaces: false,
+        chroot: false,
+        subids: false,
     };
 
     fn default_on(host: &Fake) -> Result<Isolation, IsolationError> {
@@ -198,6 +236,25 @@ mod tests {
             e.contains("CAP_SYS_CHROOT") && e.contains("--isolation none --force"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_user_without_subordinate_ids_builds_unprivileged_unless_rootless_is_asked_for() {
+        let chosen = choose(None, &POD_USER).unwrap();
+        assert_eq!(
+            chosen.run_unavailable.as_deref(),
+            Some("not root, and no user namespace (no subordinate ids)")
+        );
+        assert!(choose(None, &USER).unwrap().run_unavailable.is_none());
+        let asked = choose(Some(Isolation::Rootless), &POD_USER).unwrap();
+        assert_eq!(asked.run_unavailable, None);
+        for root in [MACHINE, POD] {
+            let host = Fake {
+                subids: false,
+                ..root
+            };
+            assert_eq!(choose(None, &host).unwrap().run_unavailable, None);
+        }
     }
 
     #[test]

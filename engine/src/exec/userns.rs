@@ -27,6 +27,8 @@ pub enum UsernsError {
         uid: u32,
         file: String,
     },
+    #[error("{tool} is not on PATH (the uidmap package)")]
+    NoMapTool { tool: &'static str },
     #[error("{tool} failed ({detail}); is the uidmap package installed?")]
     MapTool { tool: &'static str, detail: String },
     #[error("entering a user namespace: {0}")]
@@ -70,19 +72,7 @@ pub fn subordinate_range(content: &str, user: &str, id: u32) -> Option<IdRange> 
 pub fn become_root() -> Result<Forked, UsernsError> {
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
-    // By name, as newuidmap looks the caller up.
-    let user = users::name_of(Path::new("/"), uid).unwrap_or_else(|| uid.to_string());
-    let range = |file: &str| {
-        std::fs::read_to_string(file)
-            .ok()
-            .and_then(|content| subordinate_range(&content, &user, uid))
-            .ok_or_else(|| UsernsError::NoSubordinateIds {
-                user: user.clone(),
-                uid,
-                file: file.to_string(),
-            })
-    };
-    let (uids, gids) = (range("/etc/subuid")?, range("/etc/subgid")?);
+    let (uids, gids) = subordinate_ranges(uid)?;
 
     let (mut parent_end, mut child_end) = UnixStream::pair()?;
     // SAFETY: the process is single-threaded (documented precondition), so
@@ -124,6 +114,49 @@ pub fn become_root() -> Result<Forked, UsernsError> {
     parent_end.write_all(&[u8::from(mapped.is_ok())])?;
     let code = wait(pid)?;
     mapped.map(|()| Forked::Parent(code))
+}
+
+/// What a user namespace needs that this machine lacks, checked without
+/// setting one up: subordinate ids for the caller, and `newuidmap` and
+/// `newgidmap` on `PATH`. A namespace may still fail for other reasons
+/// (the kernel or a seccomp profile refusing it), which are not missing
+/// parts of a machine but a refusal, and fail the build.
+pub fn missing_prerequisite() -> Option<UsernsError> {
+    let uid = rustix::process::getuid().as_raw();
+    if let Err(e) = subordinate_ranges(uid) {
+        return Some(e);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["newuidmap", "newgidmap"]
+        .into_iter()
+        .find(|tool| !on_path(&path, tool))
+        .map(|tool| UsernsError::NoMapTool { tool })
+}
+
+/// Whether an executable `name` is in one of `path`'s directories.
+fn on_path(path: &std::ffi::OsStr, name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path).any(|dir| {
+        std::fs::metadata(dir.join(name))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// The caller's subordinate uids and gids.
+fn subordinate_ranges(uid: u32) -> Result<(IdRange, IdRange), UsernsError> {
+    // By name, as newuidmap looks the caller up.
+    let user = users::name_of(Path::new("/"), uid).unwrap_or_else(|| uid.to_string());
+    let range = |file: &str| {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|content| subordinate_range(&content, &user, uid))
+            .ok_or_else(|| UsernsError::NoSubordinateIds {
+                user: user.clone(),
+                uid,
+                file: file.to_string(),
+            })
+    };
+    Ok((range("/etc/subuid")?, range("/etc/subgid")?))
 }
 
 /// `newuidmap PID 0 OWN 1 1 START COUNT` (or newgidmap).
