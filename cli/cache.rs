@@ -32,11 +32,10 @@ pub fn run(a: CacheArgs) -> Result<()> {
     if matches!(a.command, CacheCommand::Gc { .. } | CacheCommand::Prune)
         && !kiln_engine::running_as_root()
     {
-        use kiln_engine::{become_root, UsernsError};
-        // No subordinate ids: no rootless build can have left anything.
-        match become_root() {
-            Err(UsernsError::NoSubordinateIds { .. }) => {}
-            forked => crate::build::enter_user_namespace(forked)?,
+        // No subordinate ids or no newuidmap: no rootless build can have
+        // left anything, and an unprivileged one left only the caller's.
+        if kiln_engine::user_namespace_missing().is_none() {
+            crate::build::enter_user_namespace(kiln_engine::become_root())?;
         }
     }
     let state = open_state_dir(a.cache_dir.as_deref())?;
