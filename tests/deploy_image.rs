@@ -221,3 +221,70 @@ fn the_debug_image_has_a_shell_for_ci_scripts() {
     let out = String::from_utf8_lossy(&ran.stdout);
     assert!(out.starts_with("kiln ") && out.ends_with("ok\n"), "{out}");
 }
+
+#[test]
+fn uid_1000_without_capabilities_builds_without_run_and_fails_clearly_at_a_run() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &NO_RUN_DOCKERFILE.replace("{BASE}", &base),
+        &[("f", "f\n"), ("g", "g\n")],
+    );
+    // The context as a volume uid 1000 can read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ctx.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let podman = Podman::new();
+    let kiln = podman.load_kiln("latest");
+    let workspace = volume(ctx.path(), "/workspace");
+    // A pod with runAsUser: 1000, all capabilities dropped and
+    // allowPrivilegeEscalation: false; HOME comes from the image's passwd.
+    let restricted = [
+        "--user",
+        "1000",
+        "--cap-drop=all",
+        "--security-opt",
+        "no-new-privileges",
+        "-v",
+        &workspace,
+    ];
+    let build = |dest: &str| {
+        podman.run(
+            &restricted,
+            &kiln,
+            &[
+                "--context=dir:///workspace",
+                &format!("--destination={}", registry.reference(dest)),
+                "--insecure",
+                "--insecure-pull",
+            ],
+        )
+    };
+    let built = build("app/restricted:1");
+    let log = stderr(&built);
+    assert!(built.status.success(), "{log}");
+    assert!(
+        log.contains("==> RUN isolation: none available (not root, and no user namespace: rootless isolation needs subordinate ids for user kiln (uid 1000)"),
+        "{log}"
+    );
+    assert_no_run_layers(&registry.reference("app/restricted:1"));
+
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        NO_RUN_DOCKERFILE.replace("{BASE}", &base).replace(
+            "WORKDIR /app/w\n",
+            "WORKDIR /app/w\nRUN echo hi > /app/hi\n",
+        ),
+    )
+    .unwrap();
+    let failed = build("app/restricted:2");
+    let log = stderr(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{log}");
+    for said in [
+        "Dockerfile:5: RUN failed: this RUN must run, and no RUN isolation is available here",
+        "newuidmap",
+        "hostUsers: false",
+        "as root in the container",
+    ] {
+        assert!(log.contains(said), "{said:?} not in {log}");
+    }
+}

@@ -298,8 +298,9 @@ fn rootless_mode_needs_subordinate_ids_and_others_need_root() {
     std::fs::create_dir(&ctx).unwrap();
     std::fs::write(ctx.join("Dockerfile"), "FROM scratch\n").unwrap();
     for (isolation, expected) in [
+        // By default such a user builds unprivileged (tested below).
         (
-            None,
+            Some("rootless"),
             "subordinate ids for user nobody (uid 65534) in /etc/subuid",
         ),
         (Some("namespaces"), "--isolation namespaces needs root"),
@@ -464,4 +465,80 @@ RUN id > /tmp/id-seen
         layout_digest(&reference),
         layout_digest(&out.join("layout"))
     );
+}
+
+#[test]
+fn a_user_without_subordinate_ids_builds_without_run_and_fails_clearly_at_a_run() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    // nobody has no /etc/subuid range.
+    let ws = user_workspace(65534, 65534);
+    let ctx = ws.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("f"), "f\n").unwrap();
+    std::fs::write(ctx.join("g"), "g\n").unwrap();
+    let build = |dockerfile: &str, dest: &str| {
+        std::fs::write(ctx.join("Dockerfile"), dockerfile.replace("{BASE}", &base)).unwrap();
+        let mut cmd = as_user(65534, 65534, ws.path());
+        cmd.arg(ws.path().join("kiln"))
+            .args(["build", "--context"])
+            .arg(&ctx)
+            .arg("--cache-dir")
+            .arg(ws.path().join("state"))
+            .args(["--insecure", "--insecure-pull", "--destination"])
+            .arg(registry.reference(dest));
+        cmd.output().unwrap()
+    };
+    let out = build(NO_RUN_DOCKERFILE, "app/nonroot:1");
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("==> RUN isolation: none available (not root, and no user namespace: rootless isolation needs subordinate ids for user nobody"),
+        "{log}"
+    );
+    assert_no_run_layers(&registry.reference("app/nonroot:1"));
+    let config = skopeo_config(&registry.reference("app/nonroot:1"));
+    assert_eq!(
+        config["config"]["Cmd"],
+        serde_json::json!(["cat", "/app/f"])
+    );
+
+    // The state dir serves a second build: all cached, the same image.
+    let again = build(NO_RUN_DOCKERFILE, "app/nonroot:2");
+    let log = stderr(&again);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("0 run"), "{log}");
+    assert_eq!(skopeo_config(&registry.reference("app/nonroot:2")), config);
+
+    // A RUN that must run fails at its line, saying what would make it work.
+    let with_run = NO_RUN_DOCKERFILE.replace(
+        "WORKDIR /app/w\n",
+        "WORKDIR /app/w\nRUN echo hi > /app/hi\n",
+    );
+    let failed = build(&with_run, "app/nonroot:3");
+    let log = stderr(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{log}");
+    for said in [
+        "Dockerfile:5: RUN failed: this RUN must run, and no RUN isolation is available here",
+        "subordinate ids",
+        "newuidmap",
+        "hostUsers: false",
+        "as root in the container",
+    ] {
+        assert!(log.contains(said), "{said:?} not in {log}");
+    }
+    // Nothing it could not remove is left behind in the state dir.
+    let builds = ws.path().join("state/builds");
+    let left: Vec<_> = std::fs::read_dir(&builds)
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    // The user's own `kiln cache prune` needs no user namespace either.
+    let mut prune = as_user(65534, 65534, ws.path());
+    prune
+        .arg(ws.path().join("kiln"))
+        .args(["cache", "prune", "--cache-dir"])
+        .arg(ws.path().join("state"));
+    let out = prune.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
 }

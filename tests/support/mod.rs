@@ -377,3 +377,67 @@ fn content_digest(bytes: &[u8]) -> String {
     bytes.hash(&mut h);
     format!("{:016x}-{}", h.finish(), bytes.len())
 }
+
+/// The entries of an image's layers added above its base, as pulled from
+/// the registry: `(path, uid, gid, mode)` from the tar headers (PAX
+/// records included), layer after layer.
+pub fn pushed_layer_headers(reference: &str, base_layers: usize) -> Vec<(String, u64, u64, u32)> {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{reference}"),
+        &format!("oci:{}:img", layout.display()),
+    ]));
+    let manifest = layout_manifest(&layout);
+    let mut out = Vec::new();
+    for layer in manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(base_layers)
+    {
+        let file = std::fs::File::open(layout_blob(&layout, &layer["digest"])).unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let h = entry.header();
+            out.push((
+                entry.path().unwrap().display().to_string(),
+                h.uid().unwrap(),
+                h.gid().unwrap(),
+                h.mode().unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+/// A Dockerfile a user that is not root builds with no privilege at all
+/// (`{BASE}` to replace): owners and modes go into tar headers.
+pub const NO_RUN_DOCKERFILE: &str = "FROM {BASE}
+COPY --chown=1234:2345 f /app/f
+COPY --chmod=0750 g /app/g
+WORKDIR /app/w
+CMD [\"cat\", \"/app/f\"]
+";
+
+/// What a build of [`NO_RUN_DOCKERFILE`] must have put in its layers, as a `tar -tv`
+/// would show them: the directory COPY --chown made is the owner's.
+pub fn assert_no_run_layers(reference: &str) {
+    let headers = pushed_layer_headers(reference, 1);
+    assert_eq!(
+        headers,
+        [
+            ("app/".to_string(), 1234, 2345, 0o755),
+            ("app/f".into(), 1234, 2345, 0o644),
+            ("app/".into(), 1234, 2345, 0o755),
+            ("app/g".into(), 0, 0, 0o750),
+            ("app/".into(), 1234, 2345, 0o755),
+            ("app/w/".into(), 0, 0, 0o755),
+        ],
+        "{headers:?}"
+    );
+}
