@@ -226,9 +226,11 @@ where
             .build()
             .map_err(std::sync::Arc::new)
     });
+    // Taken here: the pool's threads are not the caller's.
+    let recorded = owners::recorded();
     pool.as_ref()
         .map_err(|e| CopyError::Pool(e.clone()))?
-        .install(|| copy_sources(req, root, &divert))
+        .install(|| copy_sources(req, root, &divert, recorded))
 }
 
 /// Makes `dir` inside `root` with its missing parents, each new one owned
@@ -236,10 +238,19 @@ where
 pub fn create_dirs_owned(
     root: &Path,
     dir: &Path,
+    owner: (u32, u32),
+) -> Result<(PathBuf, Vec<PathBuf>), CopyError> {
+    make_dirs(root, dir, owner, owners::recorded())
+}
+
+/// [`create_dirs_owned`], the owner recorded when `recorded`.
+fn make_dirs(
+    root: &Path,
+    dir: &Path,
     (uid, gid): (u32, u32),
+    recorded: bool,
 ) -> Result<(PathBuf, Vec<PathBuf>), CopyError> {
     let (host_dir, created) = create_dir_all_in_root(root, dir).map_err(CopyError::io(dir))?;
-    let recorded = owners::recorded();
     for d in &created {
         match recorded {
             false => lchown(d, Some(uid), Some(gid)),
@@ -254,6 +265,7 @@ fn copy_sources<E: From<CopyError>>(
     req: &CopyRequest,
     root: &Path,
     divert: &impl Fn(&Path) -> Result<Option<PathBuf>, E>,
+    recorded: bool,
 ) -> Result<Vec<PathBuf>, E> {
     let (src_root, in_root) = match req.source {
         Source::Context(p) => (p, false),
@@ -291,7 +303,7 @@ fn copy_sources<E: From<CopyError>>(
         chmod: req.chmod,
         filter,
         excludes: excludes.as_ref(),
-        recorded: owners::recorded(),
+        recorded,
         in_root,
     };
     let dest = Path::new(req.dest);
@@ -334,7 +346,7 @@ fn copy_sources<E: From<CopyError>>(
             false => target.parent().unwrap_or(Path::new("/")),
         };
         // Directories a COPY creates belong to the --chown owner (or root).
-        let (host_dir, created) = create_dirs_owned(root, dir, copier.chown.unwrap_or((0, 0)))?;
+        let (host_dir, created) = make_dirs(root, dir, copier.chown.unwrap_or((0, 0)), recorded)?;
         if req.parents {
             // The parents it made under dest take their source dirs' modes.
             let pivot: PathBuf = rel
@@ -736,5 +748,83 @@ mod tests {
         );
         // Nothing was made outside the root or at the link's target.
         assert!(!f.root.join("srv").exists());
+    }
+
+    #[test]
+    fn not_root_owners_and_modes_are_recorded_and_read_back_from_a_root() {
+        use crate::rootfs::owners::{self, tests::as_unprivileged, Stat};
+        let f = fixture();
+        let stat = |p: &str| {
+            let path = f.root.join(p);
+            owners::get(&path, &fs::symlink_metadata(&path).unwrap())
+        };
+        let copy_as = |source, sources: &[&str], dest: &str, chown, chmod| {
+            let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+            as_unprivileged(|| {
+                copy(
+                    &CopyRequest {
+                        source,
+                        sources: &sources,
+                        dest,
+                        chown,
+                        chmod,
+                        ignore: None,
+                        excludes: &[],
+                        parents: false,
+                    },
+                    &f.root,
+                )
+            })
+            .unwrap()
+        };
+        copy_as(
+            Source::Context(&f.ctx),
+            &["src"],
+            "/app/",
+            Some((1234, 2345)),
+            None,
+        );
+        let owned = |mode| Stat {
+            uid: 1234,
+            gid: 2345,
+            mode,
+        };
+        // The directory the copy made, and what it copied, are the owner's.
+        assert_eq!(stat("app"), owned(0o755));
+        assert_eq!(stat("app/sub/x"), owned(0o750));
+        // A symlink cannot carry the record: 0:0 in the image.
+        assert!(fs::symlink_metadata(f.root.join("app/link"))
+            .unwrap()
+            .is_symlink());
+        assert_eq!(stat("app/link").uid, 0);
+        copy_as(
+            Source::Context(&f.ctx),
+            &["a.txt"],
+            "/ro",
+            None,
+            Some(0o4500),
+        );
+        assert_eq!(
+            stat("ro"),
+            Stat {
+                uid: 0,
+                gid: 0,
+                mode: 0o4500
+            }
+        );
+        // The file stays readable and writable for this process.
+        assert_eq!(
+            fs::metadata(f.root.join("ro")).unwrap().mode() & 0o7777,
+            0o700
+        );
+        // COPY --from: the source root's records are read back.
+        copy_as(
+            Source::Root(&f.root),
+            &["/app/sub/x"],
+            "/copied",
+            None,
+            None,
+        );
+        assert_eq!(stat("copied"), owned(0o750));
     }
 }
