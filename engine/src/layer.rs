@@ -76,6 +76,9 @@ pub struct LayerWriter {
     hardlinks: HashMap<(u64, u64), PathBuf>,
     /// With `--reproducible`, every mtime is this.
     fixed_mtime: Option<u64>,
+    /// Not root: the owner and mode the build meant are recorded, not
+    /// applied (`rootfs/owners.rs`). Taken once, not per entry.
+    recorded: bool,
 }
 
 impl LayerWriter {
@@ -101,6 +104,7 @@ impl LayerWriter {
             compression,
             hardlinks: HashMap::new(),
             fixed_mtime,
+            recorded: owners::recorded(),
         })
     }
 
@@ -111,9 +115,7 @@ impl LayerWriter {
         let meta = std::fs::symlink_metadata(&host).at(&host)?;
         let ft = meta.file_type();
         let mut header = tar::Header::new_ustar();
-        // Not root: the owner and mode the build meant are recorded, not
-        // applied (`rootfs/owners.rs`).
-        let recorded = owners::recorded();
+        let recorded = self.recorded;
         let (uid, gid, mode) = match recorded {
             false => (meta.uid(), meta.gid(), meta.mode() & 0o7777),
             true => {
@@ -347,6 +349,16 @@ mod tests {
     use super::*;
     use kiln_cachestore::StateDir;
 
+    /// A written layer's tar, uncompressed.
+    fn uncompressed(store: &BlobStore, layer: &Layer) -> Vec<u8> {
+        let mut raw = Vec::new();
+        open_layer(store, &layer.descriptor.digest)
+            .unwrap()
+            .read_to_end(&mut raw)
+            .unwrap();
+        raw
+    }
+
     #[test]
     fn pax_record_length_counts_itself() {
         let r = pax_record(b"SCHILY.xattr.user.a", b"b");
@@ -382,11 +394,7 @@ mod tests {
             let layer = w.finish().unwrap();
             assert_eq!(layer.descriptor.media_type, compression.media_type());
 
-            let mut raw = Vec::new();
-            open_layer(&store, &layer.descriptor.digest)
-                .unwrap()
-                .read_to_end(&mut raw)
-                .unwrap();
+            let raw = uncompressed(&store, &layer);
             assert_eq!(kiln_cachestore::digest::sha256(&raw), layer.diff_id);
             let mut archive = tar::Archive::new(raw.as_slice());
             let entries: Vec<(String, tar::EntryType)> = archive
@@ -430,11 +438,7 @@ mod tests {
             w.add(&root, Path::new(p)).unwrap();
         }
         let layer = w.finish().unwrap();
-        let mut raw = Vec::new();
-        open_layer(&store, &layer.descriptor.digest)
-            .unwrap()
-            .read_to_end(&mut raw)
-            .unwrap();
+        let raw = uncompressed(&store, &layer);
         // Raw: PAX headers and ustar entries, no GNU long-name members.
         let kinds: Vec<tar::EntryType> = tar::Archive::new(raw.as_slice())
             .entries()
@@ -537,11 +541,7 @@ mod tests {
                 w.add(&root, Path::new(p)).unwrap();
             }
             let layer = w.finish().unwrap();
-            let mut raw = Vec::new();
-            open_layer(&store, &layer.descriptor.digest)
-                .unwrap()
-                .read_to_end(&mut raw)
-                .unwrap();
+            let raw = uncompressed(&store, &layer);
             let read: Vec<(String, u64, u64, u32, bool)> = tar::Archive::new(raw.as_slice())
                 .entries()
                 .unwrap()

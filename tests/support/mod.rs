@@ -280,6 +280,12 @@ pub fn layout_top_layer(layout: &Path) -> (serde_json::Value, PathBuf) {
 /// Copies an image from the registry into an OCI layout and unpacks it.
 pub fn pull_and_unpack(reference: &str, into: &Path) -> PathBuf {
     let layout = into.join("layout");
+    pull_to_layout(reference, &layout);
+    umoci_unpack(&layout, "img", into)
+}
+
+/// Copies an image from the registry into an OCI layout, tagged `img`.
+pub fn pull_to_layout(reference: &str, layout: &Path) {
     run_ok(Command::new("skopeo").args([
         "copy",
         "--quiet",
@@ -287,7 +293,6 @@ pub fn pull_and_unpack(reference: &str, into: &Path) -> PathBuf {
         &format!("docker://{reference}"),
         &format!("oci:{}:img", layout.display()),
     ]));
-    umoci_unpack(&layout, "img", into)
 }
 
 /// One entry of an unpacked root, without times: what two builders must
@@ -384,13 +389,7 @@ fn content_digest(bytes: &[u8]) -> String {
 pub fn pushed_layer_headers(reference: &str, base_layers: usize) -> Vec<(String, u64, u64, u32)> {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("layout");
-    run_ok(Command::new("skopeo").args([
-        "copy",
-        "--quiet",
-        "--src-tls-verify=false",
-        &format!("docker://{reference}"),
-        &format!("oci:{}:img", layout.display()),
-    ]));
+    pull_to_layout(reference, &layout);
     let manifest = layout_manifest(&layout);
     let mut out = Vec::new();
     for layer in manifest["layers"]

@@ -255,14 +255,11 @@ impl Builder<'_> {
                     None => (0, 0),
                 };
                 let mut touched = Vec::new();
+                let recorded = owners::recorded();
                 for path in paths {
                     let (_, created) = create_dir_all_in_root(root, Path::new(path))?;
                     for dir in &created {
-                        match owners::recorded() {
-                            false => std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?,
-                            // Not root: recorded (`rootfs/owners.rs`).
-                            true => owners::set_owner(dir, (uid, gid))?,
-                        }
+                        owners::chown(dir, (uid, gid), recorded)?;
                     }
                     touched.extend(created.first().map(|d| relative_to_root(root, d)));
                 }

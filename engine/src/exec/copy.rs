@@ -252,11 +252,7 @@ fn make_dirs(
 ) -> Result<(PathBuf, Vec<PathBuf>), CopyError> {
     let (host_dir, created) = create_dir_all_in_root(root, dir).map_err(CopyError::io(dir))?;
     for d in &created {
-        match recorded {
-            false => lchown(d, Some(uid), Some(gid)),
-            true => owners::set_owner(d, (uid, gid)),
-        }
-        .map_err(CopyError::io(d))?;
+        owners::chown(d, (uid, gid), recorded).map_err(CopyError::io(d))?;
     }
     Ok((host_dir, created))
 }

@@ -169,6 +169,15 @@ pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     set(path, stat, meta.is_dir())
 }
 
+/// Gives `path` (never followed) its owner: applied, or recorded when
+/// `recorded` ([`recorded`], taken by the caller once for many paths).
+pub fn chown(path: &Path, owner: (u32, u32), recorded: bool) -> io::Result<()> {
+    match recorded {
+        false => std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)),
+        true => set_owner(path, owner),
+    }
+}
+
 /// Changes only the owner of `path`, keeping its mode; a symlink or other
 /// entry that cannot carry the xattr stays 0:0 (see the module's doc).
 pub fn set_owner(path: &Path, (uid, gid): (u32, u32)) -> io::Result<()> {
