@@ -34,8 +34,59 @@ fn image_layout() -> &'static Path {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no binary size in: {said}"));
         assert!(stripped < 30 << 20, "{said}");
+        readme_sizes_hold(&said);
         dir
     })
+}
+
+/// The bytes `deploy/image.sh` reported after `prefix` (`N bytes`).
+fn reported(said: &str, prefix: &str) -> f64 {
+    said.lines()
+        .find_map(|l| l.strip_prefix(prefix)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in: {said}"))
+}
+
+/// The number of MB written just before `unit` in `text`.
+fn mb_before(text: &str, unit: &str) -> f64 {
+    let at = text
+        .find(unit)
+        .unwrap_or_else(|| panic!("no {unit:?} in: {text}"));
+    text[..at].rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// The README's image table says what `deploy/image.sh` measures now
+/// (within 10%: the binary grows a little with every change).
+fn readme_sizes_hold(said: &str) {
+    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).unwrap();
+    let row = |tag: &str| {
+        readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `REPO:{tag}`")))
+            .unwrap_or_else(|| panic!("no README row for {tag}"))
+            .to_string()
+    };
+    let latest = row("latest");
+    let checks = [
+        (
+            mb_before(&latest, " MB instead of"),
+            reported(said, "stripped kiln: "),
+        ),
+        (
+            mb_before(&latest, " MB compressed"),
+            reported(said, "image latest: "),
+        ),
+        (
+            mb_before(&row("debug"), " MB compressed"),
+            reported(said, "image debug: "),
+        ),
+    ];
+    for (stated, measured) in checks {
+        let measured = measured / 1e6;
+        assert!(
+            (stated - measured).abs() <= measured * 0.1,
+            "README says {stated} MB, deploy/image.sh measures {measured:.1} MB: update the README"
+        );
+    }
 }
 
 /// podman with its own storage, runc and cgroupfs, as the brief's pods.
