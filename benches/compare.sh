@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Kiln vs buildah on the same Dockerfiles, the same machine and one local
-# registry: build + push wall time, medians of N alternating runs.
+# Kiln vs buildah and BuildKit on the same Dockerfiles, the same machine and
+# one local registry: build + push wall time, medians of N alternating runs.
 #
 #   benches/compare.sh [--runs N] [--kiln PATH] [--only WORKLOAD[,WORKLOAD]]
-#                      [--scenarios SCENARIO[,SCENARIO]] [--debian] [--out FILE]
-#                      [--readme FILE] [--keep]
+#                      [--scenarios SCENARIO[,SCENARIO]] [--peers PEER[,PEER]]
+#                      [--debian] [--out FILE] [--readme FILE] [--keep]
 #
 # The report (a table of medians with every run's time, and the issue's
 # targets checked against it) goes to stdout and to --out (default
@@ -22,6 +22,9 @@
 #             build: a builder stage takes a C source and a static binary
 #             compiled on the host (minbase has no gcc), the slim final
 #             stage copies the result
+#   apt       (--debian) the same base; the build stage really installs
+#             gcc and libc6-dev with apt-get (from the Debian mirror) and
+#             compiles; the final stage copies the one binary
 # Scenarios:
 #   cold      empty caches: fresh kiln --cache-dir, fresh buildah --root
 #   nochange  rebuild with warm caches, nothing changed
@@ -30,12 +33,21 @@
 #             (kiln --cache-repo; buildah --cache-from/--cache-to)
 #   touch1    bigroot only: the last RUN re-runs in a 100k-file root
 #
-# buildah runs in its fastest local setup: --storage-driver overlay
-# --isolation chroot --layers, then `buildah push`. Timings are wall clock
-# of the build command plus, for buildah, the push command.
+# Peers (--peers, default both):
+#   buildah   its fastest local setup: --storage-driver overlay --isolation
+#             chroot --layers, then `buildah push`; remote cache with
+#             --cache-to/--cache-from
+#   buildkit  Docker Engine's builder (Debian's docker.io): a dockerd of its
+#             own on a private socket, leaving the host's network alone
+#             (--iptables=false --bridge=none), DOCKER_BUILDKIT=1 `docker
+#             build --network=host` then `docker push`; cold = `docker
+#             builder prune -af` + `docker image prune -af` (the base too);
+#             remote cache = BUILDKIT_INLINE_CACHE=1, then --cache-from
+# Timings are wall clock of the build command plus the peer's push command.
 #
-# Needs: docker-registry (Distribution), skopeo, buildah, busybox-static,
-# and a release build of kiln ($CARGO_TARGET_DIR/release/kiln).
+# Needs: docker-registry (Distribution), skopeo, buildah, docker.io
+# (dockerd, docker), busybox-static, and a release build of kiln
+# ($CARGO_TARGET_DIR/release/kiln).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -49,6 +61,7 @@ scenarios=all
 out=$here/results/latest.md
 readme=
 keep=0
+peers=buildah,buildkit
 given=
 [ $# -eq 0 ] || given=$(printf ' %q' "$@")
 while [ $# -gt 0 ]; do
@@ -60,14 +73,25 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --readme) readme=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    --debian) only+=,debian; shift ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    --peers) peers=$2; shift 2 ;;
+    --debian) only+=,debian,apt; shift ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 [ -x "$kiln" ] || { echo "compare.sh: no kiln binary at $kiln (cargo build --release, or --kiln PATH)" >&2; exit 1; }
-for tool in docker-registry skopeo buildah; do
-  command -v "$tool" >/dev/null || { echo "compare.sh: $tool is not installed" >&2; exit 1; }
+# peer NAME: whether --peers asks for it.
+peer() { [[ ",$peers," == *",$1,"* ]]; }
+for p in ${peers//,/ }; do
+  case $p in buildah|buildkit) ;; *) echo "compare.sh: --peers: unknown peer $p (buildah, buildkit)" >&2; exit 2 ;; esac
+done
+# Debian's client matches Debian's daemon; a newer docker on PATH may not.
+docker_bin=$(command -v /usr/bin/docker || command -v docker || true)
+tools="docker-registry skopeo"
+peer buildah && tools+=" buildah"
+peer buildkit && tools+=" dockerd $docker_bin"
+for tool in $tools; do
+  command -v "$tool" >/dev/null || { echo "compare.sh: $tool is not installed (apt-get install docker-registry skopeo buildah docker.io)" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "compare.sh: run as root (buildah overlay storage, kiln RUN isolation)" >&2; exit 1; }
 if [ -n "$readme" ]; then
@@ -79,8 +103,10 @@ fi
 
 work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 reg_pid=
+dockerd_pid=
 cleanup() {
   if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
+  if [ -n "$dockerd_pid" ]; then kill "$dockerd_pid" 2>/dev/null || true; wait "$dockerd_pid" 2>/dev/null || true; fi
   # buildah's overlay driver may leave mounts under its roots.
   { findmnt -rn -o TARGET | grep "^$work/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   if [ "$keep" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
@@ -103,7 +129,9 @@ base=$reg/base/busybox:latest
 # A minbase bookworm root, debootstrapped once and kept in ~/.cache/kiln-bench,
 # packed as a one-layer OCI image (sorted, numeric owners, epoch mtimes) and
 # pushed as base/debian:bookworm.
+# Called in $(…), so the "once" is a file: both Debian workloads share it.
 debian_base() {
+  [ ! -s "$work/debian.ref" ] || { cat "$work/debian.ref"; return; }
   local cache=${XDG_CACHE_HOME:-$HOME/.cache}/kiln-bench
   local rootfs=$cache/bookworm-minbase
   if [ ! -d "$rootfs" ]; then
@@ -135,26 +163,42 @@ debian_base() {
   printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$manifest"'","size":'"$manifest_size"',"annotations":{"org.opencontainers.image.ref.name":"bookworm"}}]}' >"$oci/index.json"
   rm -rf "$d"
   skopeo copy --quiet --dest-tls-verify=false "oci:$oci:bookworm" "docker://$reg/base/debian:bookworm"
-  echo "$reg/base/debian:bookworm"
+  echo "$reg/base/debian:bookworm" | tee "$work/debian.ref"
 }
 
 # --- buildah storage driver -------------------------------------------------
 driver=overlay
+peer buildah || driver=none
 probe=$work/probe
-if ! buildah --storage-driver overlay --root "$probe/root" --runroot "$probe/run" \
+if peer buildah && ! buildah --storage-driver overlay --root "$probe/root" --runroot "$probe/run" \
      from --tls-verify=false --name probe "$base" >"$log/probe.log" 2>&1 \
    || ! buildah --storage-driver overlay --root "$probe/root" --runroot "$probe/run" \
      run --isolation chroot probe true >>"$log/probe.log" 2>&1; then
   driver=vfs
 fi
-buildah --storage-driver "$driver" --root "$probe/root" --runroot "$probe/run" rm -a >/dev/null 2>&1 || true
-buildah --storage-driver "$driver" --root "$probe/root" --runroot "$probe/run" rmi -a -f >/dev/null 2>&1 || true
+if peer buildah; then
+  buildah --storage-driver "$driver" --root "$probe/root" --runroot "$probe/run" rm -a >/dev/null 2>&1 || true
+  buildah --storage-driver "$driver" --root "$probe/root" --runroot "$probe/run" rmi -a -f >/dev/null 2>&1 || true
+fi
 { findmnt -rn -o TARGET | grep "^$probe/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 rm -rf "$probe"
 
 # buildah's --cache-from/--cache-to (1.27+).
 buildah_remote=0
-buildah bud --help 2>/dev/null | grep -q -- '--cache-from' && buildah_remote=1
+peer buildah && buildah bud --help 2>/dev/null | grep -q -- '--cache-from' && buildah_remote=1
+
+# --- BuildKit: a dockerd of its own ---------------------------------------------
+bk=$work/bk
+dk() { DOCKER_HOST="unix://$bk/docker.sock" DOCKER_BUILDKIT=1 "$docker_bin" "$@"; }
+if peer buildkit; then
+  mkdir -p "$bk"
+  dockerd --data-root "$bk/docker" --exec-root "$bk/exec" --pidfile "$bk/dockerd.pid" -H "unix://$bk/docker.sock" \
+    --iptables=false --ip-forward=false --ip-masq=false --bridge=none --storage-driver overlay2 \
+    --insecure-registry "$reg" >"$log/dockerd.log" 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 120); do dk version >/dev/null 2>&1 && break; sleep 0.5; done
+  dk version >/dev/null 2>&1 || { echo "compare.sh: dockerd did not start:" >&2; tail -20 "$log/dockerd.log" >&2; exit 1; }
+fi
 
 # --- workloads ----------------------------------------------------------------
 ctx=$work/ctx
@@ -227,12 +271,28 @@ USER app
 CMD ["/usr/local/bin/hello"]
 DOCKERFILE
 }
+mk_apt() {
+  local d=$ctx/apt debian
+  debian=$(debian_base)
+  mkdir -p "$d"
+  printf '%s\n' '#include <stdio.h>' 'int main(void) { puts("hello from kiln-bench apt"); return 0; }' >"$d/hello.c"
+  cat >"$d/Dockerfile" <<DOCKERFILE
+FROM $debian AS build
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY hello.c /src/
+RUN mkdir -p /out && gcc -O2 -o /out/hello hello.c && /out/hello
+FROM $debian
+COPY --from=build /out/hello /usr/local/bin/hello
+CMD ["/usr/local/bin/hello"]
+DOCKERFILE
+}
 # The file scenario `onefile` changes.
 change_file() {
   case $1 in
     anchor6) echo "change $2" >>"$ctx/anchor6/app/src1.txt" ;;
     monorepo) echo "change $2" >>"$ctx/monorepo/src/pkg00/faaa" ;;
-    debian) echo "/* change $2 */" >>"$ctx/debian/hello.c" ;;
+    debian|apt) echo "/* change $2 */" >>"$ctx/$1/hello.c" ;;
   esac
 }
 
@@ -254,6 +314,7 @@ kiln_run() {
 }
 # buildah_run WL ROOT TAG LOGNAME [extra bud args...] -> prints seconds
 buildah_run() {
+  peer buildah || return 0
   local wl=$1 root=$2 tag=$3 name=$4; shift 4
   local b=(buildah --storage-driver "$driver" --root "$root/root" --runroot "$root/run")
   local t0 t1
@@ -269,7 +330,29 @@ buildah_run() {
   t1=$(now)
   elapsed "$t0" "$t1"
 }
+# buildkit_run WL TAG LOGNAME [extra build args...] -> prints seconds
+buildkit_run() {
+  peer buildkit || return 0
+  local wl=$1 tag=$2 name=$3; shift 3
+  local t0 t1
+  t0=$(now)
+  if ! dk build --network=host "$@" -t "$reg/buildkit/$wl:$tag" "$ctx/$wl" >"$log/$name.out" 2>"$log/$name.err"; then
+    echo "compare.sh: docker build failed ($name):" >&2; tail -20 "$log/$name.err" >&2; exit 1
+  fi
+  if ! dk push "$reg/buildkit/$wl:$tag" >>"$log/$name.out" 2>>"$log/$name.err"; then
+    echo "compare.sh: docker push failed ($name):" >&2; tail -20 "$log/$name.err" >&2; exit 1
+  fi
+  t1=$(now)
+  elapsed "$t0" "$t1"
+}
+# BuildKit's cold state: no build cache, no images, the base included.
+drop_buildkit() {
+  peer buildkit || return 0
+  dk builder prune -af >/dev/null 2>&1 || true
+  dk image prune -af >/dev/null 2>&1 || true
+}
 drop_buildah() {
+  peer buildah || return 0
   local root=$1
   buildah --storage-driver "$driver" --root "$root/root" --runroot "$root/run" rm -a >/dev/null 2>&1 || true
   { findmnt -rn -o TARGET | grep "^$root/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
@@ -279,24 +362,30 @@ median() { tr ' ' '\n' | { grep -v '^$' || true; } | sort -g | awk '{ v[NR] = $1
 
 rows=()
 phases=()
-# Kiln's seconds, ratio and step time (its run phase) per "WL SCENARIO",
-# for the targets.
-declare -A kiln_median ratios exact step_median
-# record WL SCENARIO "kiln times" "buildah times" [note]
+# Per "WL SCENARIO": Kiln's median, the ratio cells, and the unrounded
+# quotients the targets compare (0.254 is not within 0.25), against
+# buildah, BuildKit and the faster of the two.
+declare -A kiln_median ratio_b ratio_x exact step_median
+# ratio K P -> "0.42×" (or n/a); quotient K P -> 6 decimals (or n/a)
+ratio() { awk -v k="$1" -v p="$2" 'BEGIN { if (k == "n/a" || p == "n/a") print "n/a"; else printf "%.2f×", k / p }'; }
+quotient() { awk -v k="$1" -v p="$2" 'BEGIN { if (k == "n/a" || p == "n/a") print "n/a"; else printf "%.6f", k / p }'; }
+# record WL SCENARIO "kiln times" "buildah times" "buildkit times" [note]
 record() {
-  local km bm ratio raw
+  local km bm xm fm raw
   km=$(echo "$3" | median)
   bm=$(echo "$4" | median)
-  if [ "$km" = n/a ] || [ "$bm" = n/a ]; then ratio=n/a
-  else ratio=$(awk -v k="$km" -v b="$bm" 'BEGIN { printf "%.2f×", k / b }'); fi
+  xm=$(echo "$5" | median)
+  fm=$(printf '%s\n' "$bm" "$xm" | { grep -v n/a || true; } | sort -g | head -1)
   kiln_median["$1 $2"]=$km
-  ratios["$1 $2"]=$ratio
-  # Unrounded, for the targets: 0.254 is not within 0.25.
-  exact["$1 $2"]=$(awk -v k="$km" -v b="$bm" 'BEGIN { if (b == "n/a" || k == "n/a") print "n/a"; else printf "%.6f", k / b }')
-  raw="kiln:$3; buildah:${4:- none}"
-  rows+=("| $1 | $2 | $km | $bm | $ratio | $raw${5:+; $5} |")
-  printf '  %-9s %-9s kiln %-7s buildah %-7s ratio %s  [kiln: %s] [buildah: %s]\n' \
-    "$1" "$2" "$km" "$bm" "$ratio" "$3" "$4" >&2
+  ratio_b["$1 $2"]=$(ratio "$km" "$bm")
+  ratio_x["$1 $2"]=$(ratio "$km" "$xm")
+  exact["$1 $2 buildah"]=$(quotient "$km" "$bm")
+  exact["$1 $2 buildkit"]=$(quotient "$km" "$xm")
+  exact["$1 $2 faster"]=$(quotient "$km" "${fm:-n/a}")
+  raw="kiln:$3; buildah:${4:- none}; buildkit:${5:- none}"
+  rows+=("| $1 | $2 | $km | $bm | $xm | ${ratio_b["$1 $2"]} | ${ratio_x["$1 $2"]} | $raw${6:+; $6} |")
+  printf '  %-9s %-9s kiln %-7s buildah %-7s buildkit %-7s  [kiln: %s] [buildah: %s] [buildkit: %s]\n' \
+    "$1" "$2" "$km" "$bm" "$xm" "$3" "$4" "$5" >&2
 }
 # The kiln summary's phase line of a run's log, e.g. "resolve 0.010s, lookup 0.004s".
 kiln_phases() {
@@ -307,46 +396,61 @@ kiln_phases() {
 }
 
 # --- scenarios ----------------------------------------------------------------
-# cold: a fresh kiln state and a fresh buildah root per run, a new tag per run.
+# cold: a fresh kiln state, a fresh buildah root and an emptied dockerd per
+# run, a new tag per run.
 sc_cold() {
-  local wl=$1 kt="" bt="" i s
+  local wl=$1 kt="" bt="" xt="" i s
   for i in $(seq "$runs"); do
     s=$(kiln_run "$wl" "$work/k-cold-$wl-$i" "cold$i" "$wl-cold-kiln-$i"); kt+=" $s"
     rm -rf "$work/k-cold-$wl-$i"
     s=$(buildah_run "$wl" "$work/b-cold-$wl-$i" "cold$i" "$wl-cold-buildah-$i"); bt+=" $s"
     drop_buildah "$work/b-cold-$wl-$i"
+    drop_buildkit
+    s=$(buildkit_run "$wl" "cold$i" "$wl-cold-buildkit-$i"); xt+=" $s"
   done
-  record "$wl" cold "$kt" "$bt"
+  record "$wl" cold "$kt" "$bt" "$xt"
 }
 # warm: one build each into persistent state, used by nochange and onefile.
 warm() {
   local wl=$1
   kiln_run "$wl" "$work/k-warm-$wl" warm "$wl-warm-kiln" >/dev/null
   buildah_run "$wl" "$work/b-warm-$wl" warm "$wl-warm-buildah" >/dev/null
+  drop_buildkit
+  buildkit_run "$wl" warm "$wl-warm-buildkit" >/dev/null
 }
 sc_nochange() {
-  local wl=$1 kt="" bt="" i s
+  local wl=$1 kt="" bt="" xt="" i s
   for i in $(seq "$runs"); do
     s=$(kiln_run "$wl" "$work/k-warm-$wl" nochange "$wl-nochange-kiln-$i"); kt+=" $s"
     s=$(buildah_run "$wl" "$work/b-warm-$wl" nochange "$wl-nochange-buildah-$i"); bt+=" $s"
+    s=$(buildkit_run "$wl" nochange "$wl-nochange-buildkit-$i"); xt+=" $s"
   done
-  record "$wl" nochange "$kt" "$bt"
+  record "$wl" nochange "$kt" "$bt" "$xt"
   phases+=("| $wl | $(kiln_phases "$wl-nochange-kiln-$(( (runs + 1) / 2 ))") |")
 }
-# onefile: each run changes the file first; both builders see the same change.
+# onefile: each run changes the file first; every builder sees the same change.
 sc_onefile() {
-  local wl=$1 kt="" bt="" i s
+  local wl=$1 kt="" bt="" xt="" i s
   for i in $(seq "$runs"); do
     change_file "$wl" "$i"
     s=$(kiln_run "$wl" "$work/k-warm-$wl" onefile "$wl-onefile-kiln-$i"); kt+=" $s"
     s=$(buildah_run "$wl" "$work/b-warm-$wl" onefile "$wl-onefile-buildah-$i"); bt+=" $s"
+    s=$(buildkit_run "$wl" onefile "$wl-onefile-buildkit-$i"); xt+=" $s"
   done
-  record "$wl" onefile "$kt" "$bt"
+  record "$wl" onefile "$kt" "$bt" "$xt"
 }
+# The bytes a kiln run's summary says it pulled.
+kiln_pulled() { { grep -o '[0-9]* bytes pulled' "$log/$1.err" || echo '? bytes'; } | tail -1 | cut -d' ' -f1; }
+# The compressed size of an image's layers in the registry.
+layer_bytes() {
+  skopeo inspect --raw --tls-verify=false "docker://$1" |
+    python3 -c 'import json, sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))'
+}
+declare -A pulled final_layers
 # remote: a previous build filled the remote cache; each run starts from
 # empty local state (a "new machine").
 sc_remote() {
-  local wl=$1 kt="" bt="" i s note=""
+  local wl=$1 kt="" bt="" xt="" i s note=""
   kiln_run "$wl" "$work/k-seed-$wl" seed "$wl-remote-seed-kiln" --cache-repo "$reg/kiln/cache-$wl" >/dev/null
   rm -rf "$work/k-seed-$wl"
   if [ "$buildah_remote" = 1 ]; then
@@ -354,6 +458,8 @@ sc_remote() {
       --cache-to "$reg/buildah/cache-$wl" --cache-from "$reg/buildah/cache-$wl" >/dev/null
     drop_buildah "$work/b-seed-$wl"
   fi
+  drop_buildkit
+  buildkit_run "$wl" seed "$wl-remote-seed-buildkit" --build-arg BUILDKIT_INLINE_CACHE=1 >/dev/null
   for i in $(seq "$runs"); do
     s=$(kiln_run "$wl" "$work/k-remote-$wl-$i" "remote$i" "$wl-remote-kiln-$i" --cache-repo "$reg/kiln/cache-$wl"); kt+=" $s"
     rm -rf "$work/k-remote-$wl-$i"
@@ -362,39 +468,48 @@ sc_remote() {
         --cache-from "$reg/buildah/cache-$wl"); bt+=" $s"
       drop_buildah "$work/b-remote-$wl-$i"
     fi
+    drop_buildkit
+    s=$(buildkit_run "$wl" "remote$i" "$wl-remote-buildkit-$i" --cache-from "$reg/buildkit/$wl:seed"); xt+=" $s"
   done
-  [ "$buildah_remote" = 1 ] || note="buildah $(buildah --version | awk '{print $3}') has no --cache-from"
-  # Did the runs really hit the remote cache?
+  peer buildah && [ "$buildah_remote" = 0 ] && note="buildah $(buildah --version | awk '{print $3}') has no --cache-from"
+  # Did the runs really hit the remote cache, and what did Kiln pull?
   local hits
   hits=$(grep -ho '[0-9]* hits from --cache-repo' "$log/$wl-remote-kiln-1.err" | head -1 || true)
-  note="${note:+$note; }kiln run 1: ${hits:-?}"
+  pulled["$wl"]=$(kiln_pulled "$wl-remote-kiln-1")
+  final_layers["$wl"]=$(layer_bytes "$reg/kiln/$wl:remote1")
+  note="${note:+$note; }kiln run 1: ${hits:-?}, ${pulled[$wl]} bytes pulled (the image's layers: ${final_layers[$wl]} bytes)"
   if [ "$buildah_remote" = 1 ]; then
     note+="; buildah run 1: $(grep -ci 'Using cache' "$log/$wl-remote-buildah-1.out" || true) 'Using cache' lines"
   fi
-  record "$wl" remote "$kt" "$bt" "$note"
+  if peer buildkit; then
+    note+="; buildkit run 1: $(grep -c 'CACHED' "$log/$wl-remote-buildkit-1.err" || true) CACHED steps"
+  fi
+  record "$wl" remote "$kt" "$bt" "$xt" "$note"
 }
 # touch1: only the last RUN changes (a build arg it alone reads).
 sc_touch1() {
-  local wl=$1 kt="" bt="" i s
+  local wl=$1 kt="" bt="" xt="" i s
   for i in $(seq "$runs"); do
     s=$(kiln_run "$wl" "$work/k-warm-$wl" touch1 "$wl-touch1-kiln-$i" --build-arg "TOUCH=$i"); kt+=" $s"
     s=$(buildah_run "$wl" "$work/b-warm-$wl" touch1 "$wl-touch1-buildah-$i" --build-arg "TOUCH=$i"); bt+=" $s"
+    s=$(buildkit_run "$wl" touch1 "$wl-touch1-buildkit-$i" --build-arg "TOUCH=$i"); xt+=" $s"
   done
   step_median["$wl touch1"]=$(for i in $(seq "$runs"); do
     { grep -m1 '^ *time:' "$log/$wl-touch1-kiln-$i.err" || true; } | { grep -o 'run [0-9.]*' || true; } | cut -d' ' -f2
   done | median)
-  record "$wl" touch1 "$kt" "$bt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
+  record "$wl" touch1 "$kt" "$bt" "$xt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
 }
 
-# target_row SCENARIO LIMIT TEXT: met or missed by every workload that ran
-# SCENARIO, by its Kiln/buildah ratio.
+# target_row SCENARIO PEER LIMIT TEXT: met or missed by every workload that
+# ran SCENARIO, by its Kiln/PEER ratio (PEER: buildah, buildkit, or faster,
+# the faster of the two in that row).
 target_row() {
-  local sc=$1 limit=$2 text=$3 key v list="" worst=0
-  for key in "${!ratios[@]}"; do
+  local sc=$1 peer=$2 limit=$3 text=$4 key v list="" worst=0
+  for key in "${!kiln_median[@]}"; do
     [ "${key#* }" = "$sc" ] || continue
-    v=${exact[$key]}
+    v=${exact[$key $peer]}
     [ "$v" = n/a ] && continue
-    list+="${list:+, }${key% *} ${ratios[$key]}"
+    list+="${list:+, }${key% *} $(awk -v v="$v" 'BEGIN { printf "%.2f×", v }')"
     worst=$(awk -v a="$worst" -v b="$v" 'BEGIN { print (b > a ? b : a) }')
   done
   [ -n "$list" ] || return 0
@@ -413,14 +528,14 @@ for wl in "${wls[@]}"; do
   "mk_$wl"
   case $wl in
     anchor5) want cold && sc_cold "$wl"; warm "$wl"; want nochange && sc_nochange "$wl"; want remote && sc_remote "$wl" ;;
-    anchor6|monorepo|debian)
+    anchor6|monorepo|debian|apt)
       want cold && sc_cold "$wl"; warm "$wl"; want nochange && sc_nochange "$wl"
       want onefile && sc_onefile "$wl"; want remote && sc_remote "$wl" ;;
     bigroot) warm "$wl"; want touch1 && sc_touch1 "$wl" ;;
     *) echo "compare.sh: unknown workload $wl" >&2; exit 2 ;;
   esac
-  # Free the warm buildah roots as we go (bigroot's is large).
-  drop_buildah "$work/b-warm-$wl"; rm -rf "$work/k-warm-$wl"
+  # Free the warm states as we go (bigroot's are large).
+  drop_buildah "$work/b-warm-$wl"; rm -rf "$work/k-warm-$wl"; drop_buildkit
 done
 
 # --- report -------------------------------------------------------------------
@@ -428,36 +543,50 @@ commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null | head -1)
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 {
-  echo "## Kiln vs buildah: build + push, medians of $runs alternating runs"
+  echo "## Kiln vs buildah and BuildKit: build + push, medians of $runs alternating runs"
   echo
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- machine: $(nproc) CPUs ($cpu), kernel $(uname -r), $(awk '/MemTotal/ {printf "%.0f GB RAM", $2/1048576}' /proc/meminfo)"
   echo "- kiln: commit $commit${dirty:+ (with uncommitted changes)}; $("$kiln" --version 2>/dev/null || echo kiln), binary $kiln_src built $kiln_built"
-  echo "- buildah: $(buildah --version | awk '{print $3}'), --storage-driver $driver --isolation chroot --layers, then buildah push$( [ "$driver" = vfs ] && echo ' (overlay was not usable here: vfs)')"
+  if peer buildah; then
+    echo "- buildah: $(buildah --version | awk '{print $3}'), --storage-driver $driver --isolation chroot --layers, then buildah push$( [ "$driver" = vfs ] && echo ' (overlay was not usable here: vfs)')"
+  fi
+  if peer buildkit; then
+    echo "- BuildKit: Docker Engine $(dk version --format '{{.Server.Version}}' 2>/dev/null) (dockerd of its own, overlay2), DOCKER_BUILDKIT=1 docker build --network=host, then docker push"
+  fi
   echo "- load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the numbers)"
   echo "- registry: Distribution $(docker-registry --version 2>/dev/null | awk '{print $3}') on 127.0.0.1, plain HTTP; base: the busybox fixture"
   echo "- rerun: \`benches/compare.sh$given\` (as root, after \`cargo build --release\`)"
   echo
-  echo "| workload | scenario | Kiln (s) | buildah (s) | Kiln/buildah | notes |"
-  echo "|---|---|---|---|---|---|"
+  echo "| workload | scenario | Kiln (s) | buildah (s) | BuildKit (s) | Kiln/buildah | Kiln/BuildKit | notes |"
+  echo "|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
   echo
   echo "Workloads: anchor5 = RUN + 4 metadata steps; anchor6 = RUN creating 2000 files, rm, chmod, COPY, WORKDIR, CMD;"
   echo "monorepo = COPY of a 50k-file context + a RUN; debian (with --debian) = a debootstrap minbase bookworm base,"
   echo "a builder stage (COPY of a C source and a host-built static binary, RUN) and a final stage (RUN useradd,"
-  echo "COPY --from=build, USER); bigroot = a RUN creating 100k files, then a RUN (touch1) that"
+  echo "COPY --from=build, USER); apt (with --debian) = the same base, a build stage that runs apt-get install gcc"
+  echo "libc6-dev and compiles, a final stage that copies the binary; bigroot = a RUN creating 100k files, then a RUN (touch1) that"
   echo "writes one file and is the only step to re-run (a build arg). Scenarios: cold = empty local state;"
   echo "nochange = warm rebuild; onefile = one file the COPY reads changed; remote = empty local state, warm remote"
-  echo "cache (kiln --cache-repo, buildah --cache-from)."
+  echo "cache (kiln --cache-repo, buildah --cache-from, BuildKit BUILDKIT_INLINE_CACHE=1 then --cache-from)."
   echo
-  echo "Against the issue's targets (Kiln/buildah medians of this run; the worst workload decides):"
+  echo "Against the issue's targets (Kiln/peer medians of this run; the worst workload decides):"
   echo
   echo "| target | result |"
   echo "|---|---|"
-  target_row nochange 0.25 "no-change rebuild ≤ 0.25×"
-  target_row onefile 0.5 "one-file-change rebuild ≤ 0.5×"
-  target_row remote 0.5 "remote-cache rebuild ≤ 0.5× buildah --cache-from"
-  target_row cold 0.8 "cold build ≤ 0.8×"
+  target_row cold buildkit 1.0 "cold build ≤ 1.0× BuildKit"
+  target_row cold buildah 0.6 "cold build ≤ 0.6× buildah"
+  target_row onefile faster 0.25 "one-file-change rebuild ≤ 0.25× the faster peer"
+  target_row nochange buildah 0.1 "no-change rebuild ≤ 0.1× buildah"
+  target_row nochange buildkit 0.25 "no-change rebuild ≤ 0.25× BuildKit"
+  target_row remote faster 0.5 "remote-cache rebuild ≤ 0.5× the faster peer"
+  if [ -n "${kiln_median[anchor6 nochange]:-}" ]; then
+    echo "| anchor6 no-change rebuild ≤ 0.020 s with the push | $(awk -v k="${kiln_median[anchor6 nochange]}" 'BEGIN { print (k <= 0.020 ? "met" : "**missed**") }'): ${kiln_median[anchor6 nochange]} s |"
+  fi
+  if [ -n "${pulled[apt]:-}" ]; then
+    echo "| apt remote-cache rebuild pulls at most the final image's layers | $(awk -v p="${pulled[apt]}" -v f="${final_layers[apt]}" 'BEGIN { print (p <= f ? "met" : "**missed**") }'): ${pulled[apt]} bytes pulled, the final image's layers ${final_layers[apt]} bytes |"
+  fi
   if [ -n "${step_median[bigroot touch1]:-}" ]; then
     echo "| a RUN touching one file in a 100k-file root: the step, snapshot included, ≤ 0.3 s | $(awk -v s="${step_median[bigroot touch1]}" 'BEGIN { print (s <= 0.3 ? "met" : "**missed**") }'): ${step_median[bigroot touch1]} s (Kiln's run phase, median; the walk snapshotter's rescan alone is a micro-bench) |"
   fi
