@@ -721,6 +721,19 @@ impl RegistryClient {
             .map_err(|e| registry_error(reference, "check blob", e))
     }
 
+    /// Whether `reference` already points at the manifest `digest`, by a
+    /// HEAD request. Any failure reads as "no": the caller then pushes,
+    /// which reports the real error.
+    pub async fn has_manifest(&self, reference: &Reference, digest: &Digest) -> bool {
+        let Ok(client) = self.client(reference).await else {
+            return false;
+        };
+        client
+            .fetch_manifest_digest(reference, &RegistryAuth::Anonymous)
+            .await
+            .is_ok_and(|found| found == digest.as_ref())
+    }
+
     /// Uploads a stored blob as a stream, skipping it when the registry has it.
     pub async fn push_blob(
         &self,

@@ -29,6 +29,15 @@ pub async fn push(
     registry: &RegistryClient,
     store: &BlobStore,
 ) -> Result<(), BuildError> {
+    // A registry stores a manifest only once it has every blob it names, so
+    // a destination already at this manifest (a no-change rebuild) needs
+    // one HEAD instead of a HEAD per blob and a PUT.
+    if registry
+        .has_manifest(destination, &image.manifest.digest)
+        .await
+    {
+        return Ok(());
+    }
     for digest in image.blob_digests() {
         registry.push_blob(destination, &digest, store).await?;
     }
