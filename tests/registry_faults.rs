@@ -1,0 +1,232 @@
+//! Pulls through a fault-injecting proxy in front of the real registry: a
+//! token service that fails (issue 16). The proxy serves one request per connection and logs
+//! each one with the time it came in.
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// What the proxy does with one request.
+enum Action {
+    /// Forwards it to the registry.
+    Pass,
+    /// Answers this (status line and headers, then the body) itself.
+    Answer(String),
+}
+
+type Rule = Arc<dyn Fn(&str) -> Action + Send + Sync>;
+
+/// Requests seen, with when they came in: `(time, request head)`.
+type Log = Arc<Mutex<Vec<(Instant, String)>>>;
+
+struct Proxy {
+    addr: String,
+    log: Log,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` that asks `rule` what to do with each request.
+    fn start(upstream: String, rule: Rule) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let log: Log = Arc::default();
+        let logged = log.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let (upstream, rule, log) = (upstream.clone(), rule.clone(), logged.clone());
+                std::thread::spawn(move || serve(client, &upstream, rule.as_ref(), &log));
+            }
+        });
+        Proxy { addr, log }
+    }
+
+    /// When the requests whose head holds `needle` came in.
+    fn times(&self, needle: &str) -> Vec<Instant> {
+        self.requests(needle).into_iter().map(|(t, _)| t).collect()
+    }
+
+    fn requests(&self, needle: &str) -> Vec<(Instant, String)> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(_, h)| h.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The head of an HTTP message (up to the blank line); pulls carry no body.
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).ok()
+}
+
+/// The head with `Connection: close`, so that each exchange has its own
+/// connection and the proxy sees every request.
+fn closing(head: &str) -> String {
+    let mut lines: Vec<&str> = head
+        .trim_end()
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.push("Connection: close");
+    format!("{}\r\n\r\n", lines.join("\r\n"))
+}
+
+fn serve(
+    mut client: TcpStream,
+    upstream: &str,
+    rule: &(dyn Fn(&str) -> Action + Send + Sync),
+    log: &Log,
+) {
+    let Some(head) = read_head(&mut client) else {
+        return;
+    };
+    log.lock().unwrap().push((Instant::now(), head.clone()));
+    let limit = match rule(&head) {
+        Action::Answer(answer) => {
+            let _ = client.write_all(answer.as_bytes());
+            return;
+        }
+        Action::Pass => usize::MAX,
+    };
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    if server.write_all(closing(&head).as_bytes()).is_err() {
+        return;
+    }
+    let Some(answer) = read_head(&mut server) else {
+        return;
+    };
+    if client.write_all(closing(&answer).as_bytes()).is_err() {
+        return;
+    }
+    let _ = std::io::copy(&mut server.take(limit as u64), &mut client);
+}
+
+fn answer(status: &str, headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// `kiln build` of `FROM <proxy>/base/busybox` with these flags.
+fn pull_through(proxy: &Proxy, extra: &[&str]) -> std::process::Output {
+    let ctx = Context::new(
+        &format!("FROM {}/base/busybox:latest\nRUN true\n", proxy.addr),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut args = vec!["--no-push"];
+    args.extend_from_slice(extra);
+    kiln_build(&ctx, state.path(), &args)
+}
+
+/// A registry that sends clients to a token service (as Docker Hub does):
+/// the proxy answers the `/v2/` ping with a Bearer challenge whose realm is
+/// its own `/token`, answered by `token`; the registry behind it needs no
+/// token, so what is checked is how Kiln deals with the token service.
+fn token_proxy(
+    registry: &Registry,
+    token: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> (Proxy, String) {
+    let addr = Arc::new(Mutex::new(String::new()));
+    let realm = addr.clone();
+    let asked = AtomicUsize::new(0);
+    let rule: Rule = Arc::new(move |head: &str| {
+        if head.starts_with("GET /v2/ ") {
+            let realm = realm.lock().unwrap();
+            Action::Answer(answer(
+                "401 Unauthorized",
+                &format!("WWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"kiln-test\"\r\n"),
+                "{}",
+            ))
+        } else if head.starts_with("GET /token") {
+            Action::Answer(token(asked.fetch_add(1, Ordering::SeqCst)))
+        } else {
+            Action::Pass
+        }
+    });
+    let proxy = Proxy::start(registry.addr.clone(), rule);
+    *addr.lock().unwrap() = proxy.addr.clone();
+    let service = format!("token service http://{}/token", proxy.addr);
+    (proxy, service)
+}
+
+const TOKEN: &str = "{\"token\": \"kiln-test-token\"}";
+
+#[test]
+fn a_token_service_that_fails_is_an_error_naming_it() {
+    let registry = Registry::start();
+    registry.push_busybox();
+
+    // Down for good: the build fails, naming the service and its answer,
+    // not with the 401 an anonymous request would get.
+    let (proxy, service) =
+        token_proxy(&registry, |_| answer("503 Service Unavailable", "", "down"));
+    let out = pull_through(&proxy, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{service}: answered 503 Service Unavailable: down"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("Not authorized"), "{err}");
+    assert!(
+        proxy.requests("/manifests/").is_empty(),
+        "no anonymous request: {err}"
+    );
+
+    // Refusing (401) is permanent, whatever the retries.
+    let (proxy, service) = token_proxy(&registry, |_| answer("401 Unauthorized", "", "no"));
+    let out = pull_through(&proxy, &["--image-download-retry", "3"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{service}: answered 401 Unauthorized")),
+        "{err}"
+    );
+    // Never retried: asked once by the tag check, once by the pull that
+    // follows a failed check.
+    assert!(!err.contains("retrying"), "{err}");
+    assert_eq!(proxy.requests("GET /token").len(), 2, "{err}");
+
+    // A 429 is retried after its Retry-After; the token is then used.
+    let (proxy, service) = token_proxy(&registry, |n| match n {
+        0 => answer("429 Too Many Requests", "Retry-After: 1\r\n", "slow down"),
+        _ => answer("200 OK", "Content-Type: application/json\r\n", TOKEN),
+    });
+    let out = pull_through(&proxy, &["--image-download-retry", "2"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&service) && err.contains("retrying in 1s"),
+        "{err}"
+    );
+    let tokens = proxy.times("GET /token");
+    assert!(
+        tokens.len() >= 2 && tokens[1] - tokens[0] >= Duration::from_secs(1),
+        "{err}"
+    );
+    let manifests = proxy.requests("/manifests/");
+    assert!(!manifests.is_empty(), "{err}");
+    for (_, head) in manifests {
+        assert!(head.contains("Bearer kiln-test-token"), "{head}");
+    }
+}
