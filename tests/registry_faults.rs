@@ -1,5 +1,7 @@
 //! Pulls through a fault-injecting proxy in front of the real registry: a
-//! token service that fails (issue 16). The proxy serves one request per connection and logs
+//! blob cut off mid-stream, a 429 whose `Retry-After` (seconds or an
+//! HTTP-date) the proxy checks was waited out, and a token service that
+//! fails (issue 16). The proxy serves one request per connection and logs
 //! each one with the time it came in.
 mod support;
 
@@ -15,6 +17,9 @@ use support::*;
 enum Action {
     /// Forwards it to the registry.
     Pass,
+    /// Forwards it, but passes on only this many bytes of the answer's
+    /// body, then closes.
+    Cut(usize),
     /// Answers this (status line and headers, then the body) itself.
     Answer(String),
 }
@@ -101,6 +106,7 @@ fn serve(
             return;
         }
         Action::Pass => usize::MAX,
+        Action::Cut(n) => n,
     };
     let Ok(mut server) = TcpStream::connect(upstream) else {
         return;
@@ -134,6 +140,96 @@ fn pull_through(proxy: &Proxy, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["--no-push"];
     args.extend_from_slice(extra);
     kiln_build(&ctx, state.path(), &args)
+}
+
+/// The first request whose head holds `needle` gets `action`; the rest pass.
+fn first(needle: String, action: impl Fn() -> Action + Send + Sync + 'static) -> Rule {
+    let seen = AtomicUsize::new(0);
+    Arc::new(move |head: &str| {
+        if head.contains(&needle) && seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            action()
+        } else {
+            Action::Pass
+        }
+    })
+}
+
+#[test]
+fn a_blob_cut_off_mid_stream_is_pulled_again() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    let (_, manifest) = registry.get("/v2/base/busybox/manifests/latest");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let layer = format!(
+        "GET /v2/base/busybox/blobs/{} ",
+        manifest["layers"][0]["digest"].as_str().unwrap()
+    );
+    let cut = || first(layer.clone(), || Action::Cut(4096));
+
+    let proxy = Proxy::start(registry.addr.clone(), cut());
+    let out = pull_through(&proxy, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("pull blob"), "{err}");
+
+    let proxy = Proxy::start(registry.addr.clone(), cut());
+    let out = pull_through(&proxy, &["--image-download-retry", "2"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("pull blob failed") && err.contains("retrying"),
+        "{err}"
+    );
+    // Once cut, once whole.
+    assert_eq!(proxy.requests(&layer).len(), 2, "{err}");
+}
+
+/// A 429 on the manifest with `Retry-After` as seconds, then as an
+/// HTTP-date: the proxy sees the next try no sooner than asked.
+#[test]
+fn retry_after_in_both_forms_is_waited_out() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    // Made when the 429 is sent: at the header's one-second resolution,
+    // 3 s ahead is 2 s at least.
+    let date = || httpdate(std::time::SystemTime::now() + Duration::from_secs(3));
+    type Value = fn() -> String;
+    for (form, value, at_least) in [
+        ("seconds", (|| "2".to_string()) as Value, 2),
+        ("HTTP-date", date as Value, 2),
+    ] {
+        let rule = first("GET /v2/base/busybox/manifests/".into(), move || {
+            let header = format!("Retry-After: {}\r\n", value());
+            Action::Answer(answer("429 Too Many Requests", &header, ""))
+        });
+        let proxy = Proxy::start(registry.addr.clone(), rule);
+        let out = pull_through(&proxy, &["--image-download-retry", "1"]);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{form}: {err}");
+        assert!(
+            err.contains("429") && !err.contains("retrying in 250ms"),
+            "{form}: {err}"
+        );
+        let times = proxy.times("GET /v2/base/busybox/manifests/");
+        assert!(times.len() >= 2, "{form}: {err}");
+        let waited = times[1] - times[0];
+        assert!(
+            waited >= Duration::from_secs(at_least),
+            "{form}: the retry came after {waited:?}: {err}"
+        );
+    }
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` for `at`.
+fn httpdate(at: std::time::SystemTime) -> String {
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let out = run_ok(std::process::Command::new("date").env("LC_ALL", "C").args([
+        "-u",
+        "-d",
+        &format!("@{secs}"),
+        "+%a, %d %b %Y %H:%M:%S GMT",
+    ]));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// A registry that sends clients to a token service (as Docker Hub does):
