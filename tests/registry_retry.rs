@@ -15,8 +15,8 @@ const UNAVAILABLE: &[u8] =
 
 /// A TCP proxy to `upstream` whose first `failures` connections fail: even
 /// ones with `answer`, odd ones closed without an answer. The proxy answers
-/// the `/v2/` ping that starts a session itself, and closes: it is only a
-/// probe for auth, whose failure is not an error. Returns its address.
+/// the `/v2/` ping that starts a session itself, and closes, so that the
+/// failures land on the requests themselves. Returns its address.
 fn flaky_proxy(upstream: String, failures: usize, answer: &'static [u8]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
