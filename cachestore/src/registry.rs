@@ -220,6 +220,10 @@ fn registry_error<E: std::error::Error + Send + Sync + 'static>(
         Some(OciDistributionError::ServerError {
             code, retry_after, ..
         }) if *code == 429 || *code >= 500 => (Transient, *retry_after),
+        // A token service that did not answer, or asked to come back.
+        Some(OciDistributionError::TokenServiceError {
+            code, retry_after, ..
+        }) if code.is_none_or(|c| c == 429 || c >= 500) => (Transient, *retry_after),
         Some(e @ OciDistributionError::RequestError(_)) if tls_failure(e) => (Permanent, None),
         Some(OciDistributionError::RequestError(_) | OciDistributionError::IoError(_)) => {
             (Transient, None)

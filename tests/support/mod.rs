@@ -3,6 +3,8 @@
 //! read back what Kiln produced.
 #![allow(dead_code)]
 
+pub mod layers;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -250,3 +250,91 @@ proptest! {
         prop_assert!(!e.message.contains('\0'));
     }
 }
+
+/// A line an attacker writes: an instruction, then one unit (NUL bytes
+/// among its characters, or the start of a substitution) repeated up to
+/// tens of thousands of times.
+fn oversized_line() -> impl Strategy<Value = String> {
+    (
+        prop_oneof![
+            Just("RUN "),
+            Just("ENV A="),
+            Just("COPY "),
+            Just("LABEL a="),
+            Just("ARG A="),
+            Just("WORKDIR "),
+            Just(""),
+        ],
+        prop_oneof![
+            3 => "[ -~\0]{1,8}",
+            1 => Just("${a:-".to_string()),
+            1 => Just("$a".to_string()),
+            1 => Just("\\\n".to_string()),
+        ],
+        1usize..40_000,
+        "[ -~\0}]{0,16}",
+    )
+        .prop_map(|(head, unit, n, tail)| format!("{head}{}{tail}", unit.repeat(n)))
+}
+
+/// What an error says about such input: short, and no raw NUL.
+fn assert_short(message: &str) -> Result<(), TestCaseError> {
+    prop_assert!(message.len() < 2048, "{} bytes", message.len());
+    prop_assert!(!message.contains('\0'), "a raw NUL: {message:?}");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn nul_and_oversized_dockerfiles_fail_briefly(lines in proptest::collection::vec(oversized_line(), 1..4)) {
+        let src = format!("FROM scratch\n{}\n", lines.join("\n"));
+        match parse(&src) {
+            Err(e) => assert_short(&e.message)?,
+            Ok(df) => {
+                prop_assert!(!src.contains('\0'), "a NUL byte was accepted");
+                let args = BTreeMap::new();
+                match StageGraph::resolve(&df, &args, None, &Platform::linux_amd64()) {
+                    Err(e) => assert_short(&e.message)?,
+                    Ok(graph) => {
+                        for raw in graph.stages.iter().flat_map(|s| &s.instructions) {
+                            match Instruction::from_raw(raw, df.escape) {
+                                Err(e) => assert_short(&e.message)?,
+                                Ok(i) => {
+                                    if let Err(e) = i.expanded(df.escape, &|_| Some("v".into())) {
+                                        assert_short(&e.to_string())?;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nul_and_oversized_words_expand_or_fail_briefly(
+        unit in prop_oneof![
+            3 => "[ -~\0]{1,6}",
+            1 => Just("${a:-".to_string()),
+            1 => Just("${unset:?".to_string()),
+            1 => Just("$a".to_string()),
+        ],
+        n in 1usize..20_000,
+        tail in "[ -~\0}]{0,8}",
+        escape in prop_oneof![Just('\\'), Just('`')],
+    ) {
+        let word = format!("{}{tail}", unit.repeat(n));
+        let lookup = |name: &str| (name != "unset").then(|| "v\0v".to_string());
+        let results = [
+            expand_word(&word, escape, &lookup).err(),
+            expand_words(&word, escape, &lookup).err(),
+            expand_heredoc(&word, &lookup).err(),
+        ];
+        for e in results.into_iter().flatten() {
+            assert_short(&e.to_string())?;
+        }
+    }
+}

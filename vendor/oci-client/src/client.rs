@@ -442,19 +442,25 @@ impl Client {
     }
 
     /// Checks if we got a token, if we don't - create it and store it in cache.
+    /// A token service that fails is an error (Kiln): going on without a
+    /// token would only end in a 401 that hides why.
     async fn get_auth_token(
         &self,
         reference: &Reference,
         op: RegistryOperation,
-    ) -> Option<RegistryTokenType> {
+    ) -> Result<Option<RegistryTokenType>> {
         let registry = reference.resolve_registry();
-        let auth = self.auth_store.read().await.get(registry)?.clone();
+        let Some(auth) = self.auth_store.read().await.get(registry).cloned() else {
+            return Ok(None);
+        };
         match self.tokens.get(reference, op).await {
-            Some(token) => Some(token),
+            Some(token) => Ok(Some(token)),
             None => {
-                let token = self._auth(reference, &auth, op).await.ok()??;
+                let Some(token) = self._auth(reference, &auth, op).await? else {
+                    return Ok(None);
+                };
                 self.tokens.insert(reference, op, token.clone()).await;
-                Some(token)
+                Ok(Some(token))
             }
         }
     }
@@ -902,27 +908,49 @@ impl Client {
         // server for auth. This particular workflow is for read-only public auth.
         debug!(?realm, ?service, ?scope, "Making authentication call");
 
+        // Every failure from here on names the token service (Kiln).
+        let failed = |code: Option<u16>, reason: String, retry_after, source| {
+            OciDistributionError::TokenServiceError {
+                realm: realm.to_string(),
+                code,
+                reason,
+                retry_after,
+                source,
+            }
+        };
         let auth_res = self
             .client
             .get(realm)
             .query(&query)
             .apply_authentication(authentication)
             .send()
-            .await?;
+            .await
+            .map_err(|e| failed(None, "request failed".into(), None, Some(e)))?;
 
-        match auth_res.status() {
+        let status = auth_res.status();
+        let waited = retry_after(auth_res.headers());
+        let text = auth_res
+            .text()
+            .await
+            .map_err(|e| failed(Some(status.as_u16()), "reading the answer".into(), None, Some(e)))?;
+        match status {
             reqwest::StatusCode::OK => {
-                let text = auth_res.text().await?;
                 debug!("Received response from auth request");
-                let token: RegistryToken = serde_json::from_str(&text)
-                    .map_err(|e| OciDistributionError::RegistryTokenDecodeError(e.to_string()))?;
+                let token: RegistryToken = serde_json::from_str(&text).map_err(|e| {
+                    failed(Some(200), format!("failed to decode the token: {e}"), None, None)
+                })?;
                 debug!("Successfully authorized for image '{:?}'", image);
                 Ok(Some(RegistryTokenType::Bearer(token)))
             }
             _ => {
-                let reason = auth_res.text().await?;
-                debug!("Failed to authenticate for image '{:?}': {}", image, reason);
-                Err(OciDistributionError::AuthenticationFailure(reason))
+                debug!("Failed to authenticate for image '{:?}': {}", image, text);
+                let body: String = text.trim().chars().take(200).collect();
+                Err(failed(
+                    Some(status.as_u16()),
+                    format!("answered {status}: {body}"),
+                    waited,
+                    None,
+                ))
             }
         }
     }
@@ -2469,7 +2497,7 @@ impl<'a> RequestBuilderWrapper<'a> {
         }
 
         let mut headers = HeaderMap::new();
-        if let Some(token) = self.client.get_auth_token(image, op).await {
+        if let Some(token) = self.client.get_auth_token(image, op).await? {
             match token {
                 RegistryTokenType::Bearer(token) => {
                     debug!("Using bearer token authentication.");

@@ -84,6 +84,22 @@ pub enum OciDistributionError {
         /// How long the server asked the client to wait (`Retry-After`)
         retry_after: Option<std::time::Duration>,
     },
+    /// The token service a registry's `WWW-Authenticate` challenge names
+    /// failed: no answer, an error status, or a token that does not decode.
+    #[error("token service {realm}: {reason}")]
+    TokenServiceError {
+        /// The service's URL (the challenge's realm)
+        realm: String,
+        /// Its HTTP status, `None` when it did not answer
+        code: Option<u16>,
+        /// What went wrong
+        reason: String,
+        /// How long the service asked the client to wait (`Retry-After`)
+        retry_after: Option<std::time::Duration>,
+        /// The transport error, when it did not answer
+        #[source]
+        source: Option<reqwest::Error>,
+    },
     /// The [OCI distribution spec](https://github.com/opencontainers/distribution-spec/blob/main/spec.md)
     /// is not respected by the remote registry
     #[error("OCI distribution spec violation: {0}")]

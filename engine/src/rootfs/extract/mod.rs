@@ -786,4 +786,6 @@ impl Extractor<'_> {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

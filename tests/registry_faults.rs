@@ -1,0 +1,328 @@
+//! Pulls through a fault-injecting proxy in front of the real registry: a
+//! blob cut off mid-stream, a 429 whose `Retry-After` (seconds or an
+//! HTTP-date) the proxy checks was waited out, and a token service that
+//! fails (issue 16). The proxy serves one request per connection and logs
+//! each one with the time it came in.
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// What the proxy does with one request.
+enum Action {
+    /// Forwards it to the registry.
+    Pass,
+    /// Forwards it, but passes on only this many bytes of the answer's
+    /// body, then closes.
+    Cut(usize),
+    /// Answers this (status line and headers, then the body) itself.
+    Answer(String),
+}
+
+type Rule = Arc<dyn Fn(&str) -> Action + Send + Sync>;
+
+/// Requests seen, with when they came in: `(time, request head)`.
+type Log = Arc<Mutex<Vec<(Instant, String)>>>;
+
+struct Proxy {
+    addr: String,
+    log: Log,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` that asks `rule` what to do with each request.
+    fn start(upstream: String, rule: Rule) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let log: Log = Arc::default();
+        let logged = log.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let (upstream, rule, log) = (upstream.clone(), rule.clone(), logged.clone());
+                std::thread::spawn(move || serve(client, &upstream, rule.as_ref(), &log));
+            }
+        });
+        Proxy { addr, log }
+    }
+
+    /// When the requests whose head holds `needle` came in.
+    fn times(&self, needle: &str) -> Vec<Instant> {
+        self.requests(needle).into_iter().map(|(t, _)| t).collect()
+    }
+
+    fn requests(&self, needle: &str) -> Vec<(Instant, String)> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(_, h)| h.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The head of an HTTP message (up to the blank line); pulls carry no body.
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).ok()
+}
+
+/// The head with `Connection: close`, so that each exchange has its own
+/// connection and the proxy sees every request.
+fn closing(head: &str) -> String {
+    let mut lines: Vec<&str> = head
+        .trim_end()
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.push("Connection: close");
+    format!("{}\r\n\r\n", lines.join("\r\n"))
+}
+
+fn serve(
+    mut client: TcpStream,
+    upstream: &str,
+    rule: &(dyn Fn(&str) -> Action + Send + Sync),
+    log: &Log,
+) {
+    let Some(head) = read_head(&mut client) else {
+        return;
+    };
+    log.lock().unwrap().push((Instant::now(), head.clone()));
+    let limit = match rule(&head) {
+        Action::Answer(answer) => {
+            let _ = client.write_all(answer.as_bytes());
+            return;
+        }
+        Action::Pass => usize::MAX,
+        Action::Cut(n) => n,
+    };
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    if server.write_all(closing(&head).as_bytes()).is_err() {
+        return;
+    }
+    let Some(answer) = read_head(&mut server) else {
+        return;
+    };
+    if client.write_all(closing(&answer).as_bytes()).is_err() {
+        return;
+    }
+    let _ = std::io::copy(&mut server.take(limit as u64), &mut client);
+}
+
+fn answer(status: &str, headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// `kiln build` of `FROM <proxy>/base/busybox` with these flags.
+fn pull_through(proxy: &Proxy, extra: &[&str]) -> std::process::Output {
+    let ctx = Context::new(
+        &format!("FROM {}/base/busybox:latest\nRUN true\n", proxy.addr),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut args = vec!["--no-push"];
+    args.extend_from_slice(extra);
+    kiln_build(&ctx, state.path(), &args)
+}
+
+/// The first request whose head holds `needle` gets `action`; the rest pass.
+fn first(needle: String, action: impl Fn() -> Action + Send + Sync + 'static) -> Rule {
+    let seen = AtomicUsize::new(0);
+    Arc::new(move |head: &str| {
+        if head.contains(&needle) && seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            action()
+        } else {
+            Action::Pass
+        }
+    })
+}
+
+#[test]
+fn a_blob_cut_off_mid_stream_is_pulled_again() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    let (_, manifest) = registry.get("/v2/base/busybox/manifests/latest");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let layer = format!(
+        "GET /v2/base/busybox/blobs/{} ",
+        manifest["layers"][0]["digest"].as_str().unwrap()
+    );
+    let cut = || first(layer.clone(), || Action::Cut(4096));
+
+    let proxy = Proxy::start(registry.addr.clone(), cut());
+    let out = pull_through(&proxy, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("pull blob"), "{err}");
+
+    let proxy = Proxy::start(registry.addr.clone(), cut());
+    let out = pull_through(&proxy, &["--image-download-retry", "2"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("pull blob failed") && err.contains("retrying"),
+        "{err}"
+    );
+    // Once cut, once whole.
+    assert_eq!(proxy.requests(&layer).len(), 2, "{err}");
+}
+
+/// A 429 on the manifest with `Retry-After` as seconds, then as an
+/// HTTP-date: the proxy sees the next try no sooner than asked.
+#[test]
+fn retry_after_in_both_forms_is_waited_out() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    // Made when the 429 is sent: at the header's one-second resolution,
+    // 3 s ahead is 2 s at least.
+    let date = || httpdate(std::time::SystemTime::now() + Duration::from_secs(3));
+    type Value = fn() -> String;
+    for (form, value, at_least) in [
+        ("seconds", (|| "2".to_string()) as Value, 2),
+        ("HTTP-date", date as Value, 2),
+    ] {
+        let rule = first("GET /v2/base/busybox/manifests/".into(), move || {
+            let header = format!("Retry-After: {}\r\n", value());
+            Action::Answer(answer("429 Too Many Requests", &header, ""))
+        });
+        let proxy = Proxy::start(registry.addr.clone(), rule);
+        let out = pull_through(&proxy, &["--image-download-retry", "1"]);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{form}: {err}");
+        assert!(
+            err.contains("429") && !err.contains("retrying in 250ms"),
+            "{form}: {err}"
+        );
+        let times = proxy.times("GET /v2/base/busybox/manifests/");
+        assert!(times.len() >= 2, "{form}: {err}");
+        let waited = times[1] - times[0];
+        assert!(
+            waited >= Duration::from_secs(at_least),
+            "{form}: the retry came after {waited:?}: {err}"
+        );
+    }
+}
+
+/// `Sun, 06 Nov 1994 08:49:37 GMT` for `at`.
+fn httpdate(at: std::time::SystemTime) -> String {
+    let secs = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let out = run_ok(std::process::Command::new("date").env("LC_ALL", "C").args([
+        "-u",
+        "-d",
+        &format!("@{secs}"),
+        "+%a, %d %b %Y %H:%M:%S GMT",
+    ]));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A registry that sends clients to a token service (as Docker Hub does):
+/// the proxy answers the `/v2/` ping with a Bearer challenge whose realm is
+/// its own `/token`, answered by `token`; the registry behind it needs no
+/// token, so what is checked is how Kiln deals with the token service.
+fn token_proxy(
+    registry: &Registry,
+    token: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> (Proxy, String) {
+    let addr = Arc::new(Mutex::new(String::new()));
+    let realm = addr.clone();
+    let asked = AtomicUsize::new(0);
+    let rule: Rule = Arc::new(move |head: &str| {
+        if head.starts_with("GET /v2/ ") {
+            let realm = realm.lock().unwrap();
+            Action::Answer(answer(
+                "401 Unauthorized",
+                &format!("WWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"kiln-test\"\r\n"),
+                "{}",
+            ))
+        } else if head.starts_with("GET /token") {
+            Action::Answer(token(asked.fetch_add(1, Ordering::SeqCst)))
+        } else {
+            Action::Pass
+        }
+    });
+    let proxy = Proxy::start(registry.addr.clone(), rule);
+    *addr.lock().unwrap() = proxy.addr.clone();
+    let service = format!("token service http://{}/token", proxy.addr);
+    (proxy, service)
+}
+
+const TOKEN: &str = "{\"token\": \"kiln-test-token\"}";
+
+#[test]
+fn a_token_service_that_fails_is_an_error_naming_it() {
+    let registry = Registry::start();
+    registry.push_busybox();
+
+    // Down for good: the build fails, naming the service and its answer,
+    // not with the 401 an anonymous request would get.
+    let (proxy, service) =
+        token_proxy(&registry, |_| answer("503 Service Unavailable", "", "down"));
+    let out = pull_through(&proxy, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{service}: answered 503 Service Unavailable: down"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("Not authorized"), "{err}");
+    assert!(
+        proxy.requests("/manifests/").is_empty(),
+        "no anonymous request: {err}"
+    );
+
+    // Refusing (401) is permanent, whatever the retries.
+    let (proxy, service) = token_proxy(&registry, |_| answer("401 Unauthorized", "", "no"));
+    let out = pull_through(&proxy, &["--image-download-retry", "3"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{service}: answered 401 Unauthorized")),
+        "{err}"
+    );
+    // Never retried: asked once by the tag check, once by the pull that
+    // follows a failed check.
+    assert!(!err.contains("retrying"), "{err}");
+    assert_eq!(proxy.requests("GET /token").len(), 2, "{err}");
+
+    // A 429 is retried after its Retry-After; the token is then used.
+    let (proxy, service) = token_proxy(&registry, |n| match n {
+        0 => answer("429 Too Many Requests", "Retry-After: 1\r\n", "slow down"),
+        _ => answer("200 OK", "Content-Type: application/json\r\n", TOKEN),
+    });
+    let out = pull_through(&proxy, &["--image-download-retry", "2"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&service) && err.contains("retrying in 1s"),
+        "{err}"
+    );
+    let tokens = proxy.times("GET /token");
+    assert!(
+        tokens.len() >= 2 && tokens[1] - tokens[0] >= Duration::from_secs(1),
+        "{err}"
+    );
+    let manifests = proxy.requests("/manifests/");
+    assert!(!manifests.is_empty(), "{err}");
+    for (_, head) in manifests {
+        assert!(head.contains("Bearer kiln-test-token"), "{head}");
+    }
+}
