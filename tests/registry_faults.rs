@@ -1,7 +1,8 @@
 //! Pulls through a fault-injecting proxy in front of the real registry: a
 //! blob cut off mid-stream, a 429 whose `Retry-After` (seconds or an
 //! HTTP-date) the proxy checks was waited out, and a token service that
-//! fails (issue 16). The proxy serves one request per connection and logs
+//! fails (issue 16); and a no-change rebuild's push, which must cost one
+//! HEAD (issue 17). The proxy serves one request per connection and logs
 //! each one with the time it came in.
 mod support;
 
@@ -325,4 +326,36 @@ fn a_token_service_that_fails_is_an_error_naming_it() {
     for (_, head) in manifests {
         assert!(head.contains("Bearer kiln-test-token"), "{head}");
     }
+}
+
+#[test]
+fn a_no_change_push_is_one_manifest_head() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(&format!("FROM {base}\nRUN echo hi >/hi\nENV A=1\n"), &[]);
+    let state = tempfile::tempdir().unwrap();
+    let direct = registry.reference("kiln/app:1");
+    let first = kiln_build(&ctx, state.path(), &["--destination", &direct]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    // The same image, to the same repository and tag, through the proxy.
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    let via_proxy = format!("{}/kiln/app:1", proxy.addr);
+    let again = kiln_build(&ctx, state.path(), &["--destination", &via_proxy]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let seen: Vec<String> = proxy.requests("").into_iter().map(|(_, h)| h).collect();
+    let heads: Vec<&String> = seen
+        .iter()
+        .filter(|h| h.starts_with("HEAD /v2/kiln/app/manifests/1 "))
+        .collect();
+    assert_eq!(heads.len(), 1, "{seen:#?}");
+    assert!(
+        seen.iter()
+            .all(|h| h.starts_with("HEAD /v2/kiln/app/manifests/1 ") || h.starts_with("GET /v2/ ")),
+        "more than the manifest HEAD: {seen:#?}"
+    );
+    // The check is not blind: a tag the registry lacks is pushed in full.
+    let elsewhere = registry.reference("kiln/app:2");
+    let third = kiln_build(&ctx, state.path(), &["--destination", &elsewhere]);
+    assert!(third.status.success(), "{}", stderr(&third));
+    assert_eq!(skopeo_config(&elsewhere)["config"]["Env"][1], "A=1");
 }
