@@ -435,8 +435,15 @@ impl<'a> Builder<'a> {
                 // Put on disk what this stage reads: its base, its hits and
                 // its COPY sources, their blobs first.
                 self.ensure_blobs(&mut result.layers, true).await?;
-                for layer in hits.iter_mut().flatten().filter_map(|h| h.layer.as_mut()) {
-                    self.ensure_blobs(std::slice::from_mut(layer), true).await?;
+                let mut hit_layers: Vec<Layer> = hits
+                    .iter()
+                    .flatten()
+                    .filter_map(|h| h.layer.clone())
+                    .collect();
+                self.ensure_blobs(&mut hit_layers, true).await?;
+                let hit_slots = hits.iter_mut().flatten().filter_map(|h| h.layer.as_mut());
+                for (slot, layer) in hit_slots.zip(hit_layers) {
+                    *slot = layer;
                 }
                 let root = blocking(|| {
                     self.roots
