@@ -70,7 +70,7 @@ impl Write for Encoder {
 /// Where the tar goes: compressed into a blob, or only measured (a lazy
 /// layer, whose blob is made later from the same files).
 enum Out {
-    Blob(Encoder),
+    Blob(Box<Encoder>),
     Measured,
 }
 
@@ -120,7 +120,11 @@ impl LayerWriter {
                 zstd::Encoder::new(blob, level).map_err(|e| BuildError::io("zstd", e))?,
             ),
         };
-        Ok(Self::with(Out::Blob(encoder), compression, fixed_mtime))
+        Ok(Self::with(
+            Out::Blob(Box::new(encoder)),
+            compression,
+            fixed_mtime,
+        ))
     }
 
     /// A writer that stores nothing: [`LayerWriter::finish`] gives the

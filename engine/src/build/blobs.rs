@@ -42,7 +42,7 @@ pub(super) enum BlobSource {
     /// A base image's layer, from the registry the reference names.
     Base(String),
     /// A `--cache-repo` hit's layer: the entry's key and the entry.
-    Remote(String, StepEntry),
+    Remote(String, Box<StepEntry>),
     /// A lazy layer: its recipe blob, and the keys of the index entries
     /// that hold it, which get the blob once it is made.
     Lazy { recipe: Digest, keys: Vec<String> },

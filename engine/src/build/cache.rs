@@ -136,7 +136,7 @@ impl Builder<'_> {
         let mut fetched = Vec::new();
         for (i, key, entry) in found.into_iter().flatten() {
             if let Some(layer) = &entry.layer {
-                let source = BlobSource::Remote(key.clone(), entry.clone());
+                let source = BlobSource::Remote(key.clone(), Box::new(entry.clone()));
                 self.pending.add(&layer.descriptor.digest, source);
             }
             hits[i] = Some(Hit {
