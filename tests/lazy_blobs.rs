@@ -10,10 +10,12 @@ use std::process::{Command, Output};
 
 use support::*;
 
-/// A build stage with a deterministic multi-MB layer, and a slim final
-/// stage that copies one small file out of it.
+/// A build stage with a deterministic multi-MB layer (over a layer it
+/// deletes from: whiteouts, and a directory replaced whole), and a slim
+/// final stage that copies one small file out of it.
 const TWO_STAGES: &str = "FROM {BASE} AS build
-RUN seq 1 400000 > /big && echo small > /small
+RUN mkdir -p /d/e && echo x > /d/f && echo z > /d/e/z
+RUN rm /d/f && rm -rf /d/e && mkdir /d/e && echo y > /d/e/g && seq 1 400000 > /big && echo small > /small
 FROM {BASE}
 COPY --from=build /small /small
 ";
@@ -86,14 +88,14 @@ fn a_stage_no_output_needs_is_never_compressed_until_one_does() {
     let state = tempfile::tempdir().unwrap();
     let state = state.path();
 
-    // The slim image is pushed; the build stage's layer is lazy.
+    // The slim image is pushed; the build stage's layers are lazy.
     build(
         &ctx,
         state,
         &["--destination", &registry.reference("app:slim")],
     );
     let ls = kiln_cache(state, &["ls"]);
-    assert_eq!(ls.matches("(lazy)").count(), 1, "{ls}");
+    assert_eq!(ls.matches("(lazy)").count(), 2, "{ls}");
 
     // What a build that pushes the stage from the start makes (eagerly).
     let eager_state = tempfile::tempdir().unwrap();
@@ -116,7 +118,7 @@ fn a_stage_no_output_needs_is_never_compressed_until_one_does() {
     // is its only copy.
     kiln_cache(state, &["verify"]);
     kiln_cache(state, &["gc", "--max-size", "0"]);
-    assert_eq!(kiln_cache(state, &["ls"]).matches("(lazy)").count(), 1);
+    assert_eq!(kiln_cache(state, &["ls"]).matches("(lazy)").count(), 2);
 
     // Pushing the stage: every step hits, and the blob is made then, the
     // very one the eager build made.
@@ -154,6 +156,14 @@ fn a_stage_no_output_needs_is_never_compressed_until_one_does() {
         let blob = layout_blob(&layout, &layer["digest"]);
         assert_eq!(&gunzipped_sha256(&blob), diff_id.as_str().unwrap());
     }
+    let unpacked = tempfile::tempdir().unwrap();
+    let rootfs = umoci_unpack(&layout, "img", unpacked.path());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("d/e/g")).unwrap(),
+        "y\n"
+    );
+    assert!(!rootfs.join("d/f").exists() && !rootfs.join("d/e/z").exists());
+    assert_eq!(std::fs::read(rootfs.join("big")).unwrap().len(), 2_688_895);
 
     // The entry now names the blob: the next push of the stage is a plain
     // hit with the same digest, and verify stays clean.

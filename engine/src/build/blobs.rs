@@ -202,7 +202,8 @@ pub(super) fn lazy_usable(
 
 impl Builder<'_> {
     /// Writes the layer of `names` from `root`: compressed into the store,
-    /// or with `lazy` only measured, its recipe stored (returned).
+    /// or with `lazy` only measured, its recipe stored (returned; the
+    /// caller registers the lazy layer with its entry's key).
     pub(super) fn write_names_layer(
         &self,
         root: &Path,
@@ -220,13 +221,6 @@ impl Builder<'_> {
         let layer = writer.finish()?;
         let recipe = Recipe { fixed_mtime, names }.encode();
         let recipe = self.store.put(&recipe)?.digest;
-        self.pending.add(
-            &layer.descriptor.digest,
-            BlobSource::Lazy {
-                recipe: recipe.clone(),
-                keys: Vec::new(),
-            },
-        );
         Ok((layer, Some(recipe)))
     }
 

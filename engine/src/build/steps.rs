@@ -136,14 +136,15 @@ impl Builder<'_> {
                             }
                         }
                     };
+                    let cacheable = self.cacheable(step);
+                    if let (Some(layer), Some(recipe)) = (&layer, &recipe) {
+                        let keys = cacheable.then(|| key.clone()).into_iter().collect();
+                        let recipe = recipe.clone();
+                        self.pending
+                            .add(&layer.descriptor.digest, BlobSource::Lazy { recipe, keys });
+                    }
                     // (Never with --single-snapshot: no per-step layer.)
-                    if self.cacheable(step) {
-                        if let (Some(layer), Some(recipe)) = (&layer, &recipe) {
-                            let keys = vec![key.clone()];
-                            let recipe = recipe.clone();
-                            self.pending
-                                .add(&layer.descriptor.digest, BlobSource::Lazy { recipe, keys });
-                        }
+                    if cacheable {
                         entries.push((
                             key.clone(),
                             StepEntry {
