@@ -211,14 +211,15 @@ impl Builder<'_> {
         lazy: bool,
     ) -> Result<(Layer, Option<Digest>), BuildError> {
         let fixed_mtime = self.options.fixed_time;
-        if !lazy {
-            let mut writer = LayerWriter::new(self.store, self.options.compression, fixed_mtime)?;
-            write_names(&mut writer, root, &names)?;
-            return Ok((writer.finish()?, None));
-        }
-        let mut writer = LayerWriter::measure(fixed_mtime);
+        let mut writer = match lazy {
+            true => LayerWriter::measure(fixed_mtime),
+            false => LayerWriter::new(self.store, self.options.compression, fixed_mtime)?,
+        };
         write_names(&mut writer, root, &names)?;
         let layer = writer.finish()?;
+        if !lazy {
+            return Ok((layer, None));
+        }
         let recipe = Recipe { fixed_mtime, names }.encode();
         let recipe = self.store.put(&recipe)?.digest;
         Ok((layer, Some(recipe)))
