@@ -54,9 +54,15 @@ pub fn run(a: CacheArgs) -> Result<()> {
             let now = kiln_cachestore::index::now_secs();
             for (key, entry) in index.all_steps()? {
                 let age = Duration::from_secs(now.saturating_sub(entry.created));
-                let layer = match &entry.layer {
-                    Some(l) => format!("{} {}", l.descriptor.digest, human(l.descriptor.size)),
-                    None => "(no layer)".into(),
+                let layer = match (&entry.layer, &entry.lazy) {
+                    // No blob yet: the tar's digest and size.
+                    (Some(l), Some(_)) => {
+                        format!("{} {} (lazy)", l.diff_id, human(l.descriptor.size))
+                    }
+                    (Some(l), None) => {
+                        format!("{} {}", l.descriptor.digest, human(l.descriptor.size))
+                    }
+                    (None, _) => "(no layer)".into(),
                 };
                 println!("{key} {layer} {} old", humantime::format_duration(age));
             }
@@ -86,7 +92,7 @@ pub fn run(a: CacheArgs) -> Result<()> {
             }
         }
         CacheCommand::Verify => {
-            let r = gc::verify(&store, &index)?;
+            let r = gc::verify(&state, &store, &index)?;
             println!(
                 "checked {} blobs: {} corrupt removed, {} entries without a blob dropped, {} stale temp files removed",
                 r.blobs_checked, r.bad_blobs_removed, r.entries_without_blobs, r.temp_files_removed

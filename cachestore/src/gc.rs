@@ -86,14 +86,6 @@ pub fn gc(
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
     (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state)?;
-    // Unpacked layers are left alone while a build may be stacking them.
-    let unpacked = match report.live_builds {
-        0 => Some(UnpackedLayers::open(state)?),
-        _ => None,
-    };
-    if let Some(unpacked) = &unpacked {
-        report.unpacked_removed = unpacked.gc(older_than)?;
-    }
     let entries = index.all_steps()?;
     let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     // An entry lives `older_than` past its last use (its creation if unused).
@@ -108,6 +100,16 @@ pub fn gc(
     report.entries_removed = expired.len();
     index.remove_steps(&expired.into_iter().map(|((k, _), _)| k).collect::<Vec<_>>())?;
     let referenced = referenced(&kept);
+    // Unpacked layers are left alone while a build may be stacking them;
+    // a live lazy entry's directory is its layer's only copy.
+    let lazy: HashSet<&Digest> = kept.iter().filter_map(|(_, e)| e.lazy_diff_id()).collect();
+    let unpacked = match report.live_builds {
+        0 => Some(UnpackedLayers::open(state)?),
+        _ => None,
+    };
+    if let Some(unpacked) = &unpacked {
+        report.unpacked_removed = unpacked.gc(older_than, &lazy)?;
+    }
 
     let all = blobs(store)?;
     let mut total: u64 = all.iter().map(|b| b.1).sum();
@@ -130,17 +132,21 @@ pub fn gc(
     }
     // What the blobs leave of the budget is the unpacked layers'.
     if let (Some(max), Some(unpacked)) = (max_size, &unpacked) {
-        let (removed, freed) = unpacked.shrink_to(max.saturating_sub(total))?;
+        let (removed, freed) = unpacked.shrink_to(max.saturating_sub(total), &lazy)?;
         report.unpacked_removed += removed;
         report.bytes_freed += freed;
     }
     Ok(report)
 }
 
+/// The blobs entries need: their layers', and lazy layers' recipes.
 fn referenced(entries: &[(String, StepEntry)]) -> HashSet<Digest> {
     entries
         .iter()
-        .filter_map(|(_, e)| e.layer.as_ref().map(|l| l.descriptor.digest.clone()))
+        .flat_map(|(_, e)| {
+            let layer = e.layer.as_ref().map(|l| l.descriptor.digest.clone());
+            layer.into_iter().chain(e.lazy.clone())
+        })
         .collect()
 }
 
@@ -169,8 +175,10 @@ fn remove_abandoned_builds(state: &StateDir) -> Result<(usize, usize)> {
 
 /// Re-hashes every blob (a bad one is removed, so it is fetched or built
 /// again instead of served), drops entries whose layer is gone, and clears
-/// temp files no writer holds.
-pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
+/// temp files no writer holds. A lazy entry's layer is there when its
+/// recipe blob and its unpacked directory are (the directory's files are
+/// checked against the diff_id when the blob is made from them).
+pub fn verify(state: &StateDir, store: &BlobStore, index: &Index) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     for (digest, _, _) in blobs(store)? {
         report.blobs_checked += 1;
@@ -178,12 +186,18 @@ pub fn verify(store: &BlobStore, index: &Index) -> Result<VerifyReport> {
             report.bad_blobs_removed += 1;
         }
     }
+    let unpacked = state.unpacked();
     let mut orphans = Vec::new();
     for (key, entry) in index.all_steps()? {
-        if let Some(layer) = &entry.layer {
-            if !store.contains(&layer.descriptor.digest)? {
-                orphans.push(key);
+        let there = match (&entry.layer, &entry.lazy) {
+            (None, _) => true,
+            (Some(layer), None) => store.contains(&layer.descriptor.digest)?,
+            (Some(layer), Some(recipe)) => {
+                store.contains(recipe)? && unpacked.join(digest::hex(&layer.diff_id)?).is_dir()
             }
+        };
+        if !there {
+            orphans.push(key);
         }
     }
     report.entries_without_blobs = orphans.len();
@@ -226,7 +240,7 @@ pub fn prune(state: &StateDir, store: &BlobStore, index: &Index) -> Result<GcRep
         report.blobs_removed += 1;
         report.bytes_freed += size;
     }
-    report.unpacked_removed = UnpackedLayers::open(state)?.gc(Duration::ZERO)?;
+    report.unpacked_removed = UnpackedLayers::open(state)?.gc(Duration::ZERO, &HashSet::new())?;
     let mounts = state.mounts();
     if mounts.exists() {
         fs::remove_dir_all(&mounts).at(&mounts)?;
@@ -256,7 +270,60 @@ mod tests {
                 diff_id: digest.clone(),
             }),
             created,
+            lazy: None,
         }
+    }
+
+    /// A lazy entry: its recipe blob, and its layer's unpacked directory.
+    fn lazy_entry(state: &StateDir, store: &BlobStore, diff_id: &Digest) -> StepEntry {
+        let recipe = store.put(diff_id.as_ref().as_bytes()).unwrap().digest;
+        age(store, &recipe);
+        let dir = state.unpacked().join(digest::hex(diff_id).unwrap());
+        fs::create_dir_all(&dir).unwrap();
+        fs::File::open(&dir)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(10 * 86400))
+            .unwrap();
+        StepEntry {
+            layer: Some(Layer {
+                descriptor: Descriptor::new(MediaType::ImageLayer, diff_id.clone(), 1),
+                diff_id: diff_id.clone(),
+            }),
+            created: now_secs() - 5,
+            lazy: Some(recipe),
+        }
+    }
+
+    #[test]
+    fn a_live_lazy_entry_keeps_its_recipe_and_unpacked_dir_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let store = BlobStore::open(&state).unwrap();
+        let index = Index::open(&state).unwrap();
+        let (live, gone) = (digest::sha256(b"live"), digest::sha256(b"gone"));
+        let entry = lazy_entry(&state, &store, &live);
+        let orphan = lazy_entry(&state, &store, &gone);
+        index
+            .put_steps(&[("l".into(), entry.clone()), ("o".into(), orphan)])
+            .unwrap();
+        // The unpacked dir of `o` is gone: verify drops that entry alone.
+        fs::remove_dir(state.unpacked().join(digest::hex(&gone).unwrap())).unwrap();
+        let report = verify(&state, &store, &index).unwrap();
+        assert_eq!(report.entries_without_blobs, 1);
+        assert_eq!(
+            index.all_steps().unwrap(),
+            [("l".to_string(), entry.clone())]
+        );
+        // Old unpacked dirs go, but not the live lazy one; its recipe stays.
+        let report = gc(&state, &store, &index, Duration::from_secs(86400), Some(0)).unwrap();
+        assert_eq!(report.entries_removed, 0);
+        assert!(state.unpacked().join(digest::hex(&live).unwrap()).is_dir());
+        assert!(store.contains(entry.lazy.as_ref().unwrap()).unwrap());
+        assert!(verify(&state, &store, &index).unwrap().clean());
+        // Once the entry expires, both go.
+        let report = gc(&state, &store, &index, Duration::from_secs(1), None).unwrap();
+        assert_eq!((report.entries_removed, report.unpacked_removed), (1, 1));
+        assert!(!store.contains(entry.lazy.as_ref().unwrap()).unwrap());
     }
 
     #[test]
@@ -307,13 +374,13 @@ mod tests {
                 ("b".into(), entry_for(&bad, now)),
             ])
             .unwrap();
-        let report = verify(&store, &index).unwrap();
+        let report = verify(&state, &store, &index).unwrap();
         assert!(!report.clean());
         assert_eq!(
             (report.bad_blobs_removed, report.entries_without_blobs),
             (1, 1)
         );
-        assert!(verify(&store, &index).unwrap().clean());
+        assert!(verify(&state, &store, &index).unwrap().clean());
         assert_eq!(index.all_steps().unwrap().len(), 1);
     }
 

@@ -46,6 +46,15 @@ pub struct StepEntry {
     pub layer: Option<Layer>,
     /// Seconds since the epoch; entries older than the TTL are misses.
     pub created: u64,
+    /// A lazy layer: its compressed blob was never made, because nothing
+    /// needed it. `layer`'s descriptor is then its uncompressed tar (the
+    /// digest is the diff_id), which is not stored either: the files are
+    /// kept in the layer's unpacked directory (`unpacked/<diff_id>`), and
+    /// this blob in the store is the recipe (`kiln_engine`'s
+    /// `build::blobs`) that writes the same tar from them. An older Kiln
+    /// finds no blob for the descriptor and takes the entry as a miss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<crate::digest::Digest>,
 }
 
 impl StepEntry {
@@ -53,7 +62,16 @@ impl StepEntry {
         StepEntry {
             layer,
             created: now_secs(),
+            lazy: None,
         }
+    }
+
+    /// The diff_id of a lazy entry's layer, whose unpacked directory is
+    /// the only copy of its files.
+    pub fn lazy_diff_id(&self) -> Option<&crate::digest::Digest> {
+        self.lazy
+            .as_ref()
+            .and(self.layer.as_ref().map(|l| &l.diff_id))
     }
 
     pub fn expired(&self, ttl: Duration) -> bool {

@@ -10,6 +10,7 @@
 //! property of its content alone, so a layer is only ever found under one
 //! of the two names, and every other layer is still shared by all images
 //! that have it, whatever their base.
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -109,13 +110,21 @@ impl UnpackedLayers {
     }
 
     /// The directories here and when each was last used, clearing what an
-    /// interrupted removal left.
-    fn entries(&self) -> Result<Vec<(PathBuf, SystemTime)>> {
+    /// interrupted removal left; those of the layers in `keep` are left out.
+    fn entries(&self, keep: &HashSet<&Digest>) -> Result<Vec<(PathBuf, SystemTime)>> {
+        let kept: HashSet<String> = keep
+            .iter()
+            .map(|d| digest::hex(d).map(str::to_string))
+            .collect::<Result<_>>()?;
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).at(&self.dir)? {
             let entry = entry.at(&self.dir)?;
-            if entry.file_name().to_string_lossy().starts_with(REMOVING) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(REMOVING) {
                 fs::remove_dir_all(entry.path()).at(entry.path())?;
+                continue;
+            }
+            if kept.contains(&name) {
                 continue;
             }
             let used = entry
@@ -136,11 +145,12 @@ impl UnpackedLayers {
     }
 
     /// Removes the directories not used for `older_than` (all of them with
-    /// zero). Only call it while no build runs: a build's mounts read them.
-    /// Returns how many went.
-    pub fn gc(&self, older_than: Duration) -> Result<usize> {
+    /// zero), but those of the layers in `keep` (the only copy of a lazy
+    /// layer). Only call it while no build runs: a build's mounts read
+    /// them. Returns how many went.
+    pub fn gc(&self, older_than: Duration, keep: &HashSet<&Digest>) -> Result<usize> {
         let mut removed = 0;
-        for (dir, used) in self.entries()? {
+        for (dir, used) in self.entries(keep)? {
             if used.elapsed().is_ok_and(|age| age >= older_than) {
                 self.remove(&dir)?;
                 removed += 1;
@@ -150,11 +160,20 @@ impl UnpackedLayers {
     }
 
     /// Removes the least recently used directories until the rest take at
-    /// most `budget` bytes on disk. Only while no build runs, as
-    /// [`UnpackedLayers::gc`]. Returns how many went and the bytes freed.
-    pub fn shrink_to(&self, budget: u64) -> Result<(usize, u64)> {
+    /// most `budget` bytes on disk, sparing `keep` as [`UnpackedLayers::gc`]
+    /// does (they still count). Only while no build runs. Returns how many
+    /// went and the bytes freed.
+    pub fn shrink_to(&self, budget: u64, keep: &HashSet<&Digest>) -> Result<(usize, u64)> {
+        let mut kept = 0;
+        for diff_id in keep {
+            let dir = self.path(diff_id)?;
+            if dir.is_dir() {
+                kept += disk_usage(&dir).at(&dir)?;
+            }
+        }
+        let budget = budget.saturating_sub(kept);
         let mut dirs: Vec<(PathBuf, SystemTime, u64)> = self
-            .entries()?
+            .entries(keep)?
             .into_iter()
             .map(|(dir, used)| {
                 let size = disk_usage(&dir).at(&dir)?;
@@ -214,6 +233,31 @@ mod tests {
         digest::sha256(b"a layer")
     }
 
+    fn none() -> HashSet<&'static Digest> {
+        HashSet::new()
+    }
+
+    #[test]
+    fn kept_layers_survive_gc_and_count_against_the_budget() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let layers = UnpackedLayers::open(&state).unwrap();
+        let ids: Vec<Digest> = (0..2).map(|i: u8| digest::sha256(&[i])).collect();
+        for (i, id) in ids.iter().enumerate() {
+            let made = state.path().join(format!("made{i}"));
+            fs::create_dir(&made).unwrap();
+            fs::write(made.join("data"), vec![b'x'; 64 * 1024]).unwrap();
+            layers.insert(id, &made).unwrap();
+        }
+        let keep: HashSet<&Digest> = [&ids[0]].into();
+        let one = disk_usage(&layers.path(&ids[0]).unwrap()).unwrap();
+        // The kept layer takes the whole budget: the other goes.
+        assert_eq!(layers.shrink_to(one, &keep).unwrap().0, 1);
+        assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
+        assert!(layers.get(&ids[0]).unwrap().is_some());
+        assert_eq!(layers.gc(Duration::ZERO, &none()).unwrap(), 1);
+    }
+
     #[test]
     fn insert_get_and_gc() {
         let tmp = tempfile::tempdir().unwrap();
@@ -233,9 +277,9 @@ mod tests {
         assert_eq!(layers.count().unwrap(), 1);
         let sha512 = format!("sha512:{}", "0".repeat(128));
         assert!(layers.get(&sha512.parse().unwrap()).is_err());
-        assert_eq!(layers.gc(Duration::from_secs(3600)).unwrap(), 0);
-        assert_eq!(layers.shrink_to(u64::MAX).unwrap().0, 0);
-        assert_eq!(layers.gc(Duration::ZERO).unwrap(), 1);
+        assert_eq!(layers.gc(Duration::from_secs(3600), &none()).unwrap(), 0);
+        assert_eq!(layers.shrink_to(u64::MAX, &none()).unwrap().0, 0);
+        assert_eq!(layers.gc(Duration::ZERO, &none()).unwrap(), 1);
         assert_eq!(layers.get(&id()).unwrap(), None);
     }
 
@@ -292,11 +336,11 @@ mod tests {
                 .unwrap();
         }
         let one = disk_usage(&layers.path(&ids[0]).unwrap()).unwrap();
-        let (removed, freed) = layers.shrink_to(2 * one).unwrap();
+        let (removed, freed) = layers.shrink_to(2 * one, &none()).unwrap();
         assert_eq!((removed, freed), (1, one));
         assert!(layers.get(&ids[1]).unwrap().is_none());
         assert!(layers.get(&ids[0]).unwrap().is_some() && layers.get(&ids[2]).unwrap().is_some());
-        assert_eq!(layers.shrink_to(0).unwrap().0, 2);
+        assert_eq!(layers.shrink_to(0, &none()).unwrap().0, 2);
         assert_eq!(layers.count().unwrap(), 0);
     }
 }

@@ -67,10 +67,33 @@ impl Write for Encoder {
     }
 }
 
+/// Where the tar goes: compressed into a blob, or only measured (a lazy
+/// layer, whose blob is made later from the same files).
+enum Out {
+    Blob(Box<Encoder>),
+    Measured,
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::Blob(e) => e.write(buf),
+            Out::Measured => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Out::Blob(e) => e.flush(),
+            Out::Measured => Ok(()),
+        }
+    }
+}
+
 /// Writes one layer from files of a root, in the order they are added
 /// (callers add parents before children, sorted).
 pub struct LayerWriter {
-    tar: tar::Builder<HashingWriter<Encoder>>,
+    tar: tar::Builder<HashingWriter<Out>>,
     compression: Compression,
     /// First path written for each (dev, inode), so later names become links.
     hardlinks: HashMap<(u64, u64), PathBuf>,
@@ -97,15 +120,30 @@ impl LayerWriter {
                 zstd::Encoder::new(blob, level).map_err(|e| BuildError::io("zstd", e))?,
             ),
         };
-        let mut tar = tar::Builder::new(HashingWriter::new(encoder));
+        Ok(Self::with(
+            Out::Blob(Box::new(encoder)),
+            compression,
+            fixed_mtime,
+        ))
+    }
+
+    /// A writer that stores nothing: [`LayerWriter::finish`] gives the
+    /// layer as its uncompressed tar would be (digest and diff_id alike),
+    /// at the cost of tar and sha256 alone.
+    pub fn measure(fixed_mtime: Option<u64>) -> Self {
+        Self::with(Out::Measured, Compression::default(), fixed_mtime)
+    }
+
+    fn with(out: Out, compression: Compression, fixed_mtime: Option<u64>) -> Self {
+        let mut tar = tar::Builder::new(HashingWriter::new(out));
         tar.mode(tar::HeaderMode::Complete);
-        Ok(Self {
+        Self {
             tar,
             compression,
             hardlinks: HashMap::new(),
             fixed_mtime,
             recorded: owners::recorded(),
-        })
+        }
     }
 
     /// Adds the entry at `rel` (relative to `root`) as it is on disk now,
@@ -251,11 +289,17 @@ impl LayerWriter {
             .tar
             .into_inner()
             .map_err(|e| BuildError::io("layer", e))?;
-        let (encoder, diff_id, _) = hashing.finish();
-        let blob = encoder.finish().map_err(|e| BuildError::io("layer", e))?;
-        let stored = blob.commit(None)?;
+        let (out, diff_id, size) = hashing.finish();
+        let descriptor = match out {
+            Out::Measured => Descriptor::new(MediaType::ImageLayer, diff_id.clone(), size),
+            Out::Blob(encoder) => {
+                let blob = encoder.finish().map_err(|e| BuildError::io("layer", e))?;
+                let stored = blob.commit(None)?;
+                Descriptor::new(self.compression.media_type(), stored.digest, stored.size)
+            }
+        };
         Ok(Layer {
-            descriptor: Descriptor::new(self.compression.media_type(), stored.digest, stored.size),
+            descriptor,
             diff_id,
         })
     }
@@ -419,6 +463,29 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn a_measured_layer_is_the_uncompressed_tar_of_the_written_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&StateDir::open(dir.path().join("state")).unwrap()).unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), vec![7u8; 100_000]).unwrap();
+        let write = |mut w: LayerWriter| {
+            w.add(&root, Path::new("d")).unwrap();
+            w.add(&root, Path::new("d/f")).unwrap();
+            w.whiteout(Path::new("d/gone")).unwrap();
+            w.finish().unwrap()
+        };
+        let measured = write(LayerWriter::measure(None));
+        assert!(!store.contains(&measured.descriptor.digest).unwrap());
+        let written = write(LayerWriter::new(&store, Compression::default(), None).unwrap());
+        let raw = uncompressed(&store, &written);
+        assert_eq!(measured.diff_id, written.diff_id);
+        assert_eq!(measured.descriptor.digest, written.diff_id);
+        assert_eq!(measured.descriptor.size, raw.len() as u64);
+        assert_eq!(measured.descriptor.media_type, MediaType::ImageLayer);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use kiln_cachestore::manifest::Descriptor;
 use kiln_cachestore::StepEntry;
 
+use super::blobs::{lazy_usable, BlobSource};
 use super::Builder;
 use crate::error::{BuildError, IoContext};
 use crate::image::Layer;
@@ -23,7 +24,8 @@ pub(crate) struct Hit {
 
 impl Builder<'_> {
     /// Looks every key up at once. A hit is an entry within the TTL whose
-    /// layer blob is in the store; `Some(None)` is a hit that made no layer.
+    /// layer blob is in the store, or whose lazy layer can still be made
+    /// (`blobs.rs`); `Some(None)` is a hit that made no layer.
     pub(super) fn lookup(
         &self,
         stage: &StagePlan,
@@ -48,8 +50,21 @@ impl Builder<'_> {
                 if entry.expired(self.options.cache_ttl) {
                     return Ok(None);
                 }
+                let usable = match (&entry.layer, &entry.lazy) {
+                    (Some(l), Some(recipe)) => {
+                        let usable = lazy_usable(&self.state, self.store, entry)?;
+                        if usable {
+                            let (recipe, keys) = (recipe.clone(), vec![k.clone().expect("found")]);
+                            self.pending
+                                .add(&l.descriptor.digest, BlobSource::Lazy { recipe, keys });
+                        }
+                        usable
+                    }
+                    (Some(l), None) => self.store_has(&l.descriptor)?,
+                    (None, _) => true,
+                };
                 match &entry.layer {
-                    Some(l) if !self.store_has(&l.descriptor)? => Ok(None),
+                    _ if !usable => Ok(None),
                     layer => Ok(Some(Hit {
                         layer: layer.clone(),
                         created: entry.created,
@@ -89,8 +104,9 @@ impl Builder<'_> {
     }
 
     /// Asks the remote tier, all at once, for every key the local tier
-    /// missed. A remote hit's layer is fetched into the store and the entry
-    /// recorded locally, so the next build finds it here.
+    /// missed. A remote hit's entry is recorded locally; its layer is
+    /// fetched only when the build needs it (`blobs.rs`), and a later build
+    /// finds it here once it is in the store.
     pub(super) async fn lookup_remote(
         &self,
         stage: &StagePlan,
@@ -110,15 +126,19 @@ impl Builder<'_> {
         let store = self.store;
         let found = futures_util::future::try_join_all(missing.iter().map(|(i, key)| async move {
             let entry = match remote.get(key, store).await? {
-                Some(e) if !e.expired(self.options.cache_ttl) => e,
+                // Never published lazy; one that is has no blob to give.
+                Some(e) if !e.expired(self.options.cache_ttl) && e.lazy.is_none() => e,
                 _ => return Ok::<_, BuildError>(None),
             };
-            remote.fetch_layer(key, &entry, store).await?;
             Ok(Some((*i, (*key).clone(), entry)))
         }))
         .await?;
         let mut fetched = Vec::new();
         for (i, key, entry) in found.into_iter().flatten() {
+            if let Some(layer) = &entry.layer {
+                let source = BlobSource::Remote(key.clone(), Box::new(entry.clone()));
+                self.pending.add(&layer.descriptor.digest, source);
+            }
             hits[i] = Some(Hit {
                 layer: entry.layer.clone(),
                 created: entry.created,

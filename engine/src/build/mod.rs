@@ -7,11 +7,13 @@
 //! - `roots.rs`: how a stage's root is made (plain tree, overlay mount
 //!   point, or the host's `/`) and the trees `COPY --from` reads;
 //! - `cache.rs`: which steps use the cache, local and remote lookups, publish;
+//! - `blobs.rs`: layer blobs pulled, fetched or made only when needed;
 //! - `sources.rs`: what the steps read, identified for their keys
 //!   (the keys themselves are `crate::key`);
 //! - `steps.rs`: running a stage's steps and writing their layers;
 //! - `syscalls.rs`: mounting, unpacking and running, behind a trait;
 //! - `options.rs`, `events.rs`: what the caller asks and is told.
+mod blobs;
 mod cache;
 mod events;
 mod options;
@@ -103,6 +105,8 @@ pub struct Builder<'a> {
     resolved: Mutex<Resolved>,
     /// The paths a layer may hold, for both snapshotters.
     recorded: Recorded,
+    /// Where the layer blobs the store lacks come from.
+    pending: blobs::Pending,
     /// This build's scratch space under the state dir, locked while the
     /// build runs (`kiln cache gc` spares it) and removed on drop, after
     /// everything above that points into it.
@@ -180,6 +184,7 @@ impl<'a> Builder<'a> {
             state: state.clone(),
             resolved: Default::default(),
             recorded: Recorded::new(SKIP_CONTENTS, &ignored),
+            pending: Default::default(),
             work,
         })
     }
@@ -338,7 +343,8 @@ impl<'a> Builder<'a> {
     /// them all up. A stage whose steps all hit is never put on disk: its
     /// image is the base's layers plus the cached ones. Otherwise its root
     /// is made (see `roots.rs`) and the steps from there run, a later hit
-    /// unpacking its layer instead.
+    /// unpacking its layer instead. Blobs are pulled, fetched or made only
+    /// for what is unpacked and for the target's image (`blobs.rs`).
     ///
     /// Unpacking and running steps block; on a multi-thread runtime the
     /// worker hands its other tasks off first ([`blocking`]).
@@ -349,6 +355,9 @@ impl<'a> Builder<'a> {
         let mut results: HashMap<usize, StageResult> = HashMap::new();
         let mut images: HashMap<String, FetchedImage> = HashMap::new();
         let last_use = plan.last_uses();
+        let in_image = in_target_image(&plan);
+        // Filling `--cache-repo` needs every new layer's blob.
+        let remote_push = self.remote.is_some() && self.options.cache_repo_push;
         let platform = self.options.platform.to_string();
         // Keys that hit, recorded once at the end as used, for `kiln cache gc`.
         let mut used: Vec<String> = Vec::new();
@@ -386,8 +395,12 @@ impl<'a> Builder<'a> {
                 Base::Image(reference) => {
                     let m = &manifests[reference];
                     let config = self.image_config(m, reference)?;
-                    // Blobs are needed for the outputs, even when nothing unpacks them.
-                    self.pull_layers(reference, m).await?;
+                    if !reference.starts_with("oci-layout://") {
+                        for layer in &m.manifest.layers {
+                            let source = blobs::BlobSource::Base(reference.clone());
+                            self.pending.add(&layer.digest, source);
+                        }
+                    }
                     StageResult {
                         on_disk: None,
                         layers: Self::image_layers(m, &config),
@@ -407,7 +420,7 @@ impl<'a> Builder<'a> {
             let keys =
                 blocking(|| key::step_keys(&stage.steps, &result.last_key, &platform, &sources))?;
             let hits = self.lookup(stage, &keys)?;
-            let hits = self.lookup_remote(stage, &keys, hits).await?;
+            let mut hits = self.lookup_remote(stage, &keys, hits).await?;
             used.extend(
                 keys.iter()
                     .zip(&hits)
@@ -419,7 +432,19 @@ impl<'a> Builder<'a> {
                 .zip(&hits)
                 .all(|(k, h)| k.is_none() || h.is_some());
             if !fully_cached {
-                // Put on disk what this stage reads: its base and its COPY sources.
+                // Put on disk what this stage reads: its base, its hits and
+                // its COPY sources, their blobs first.
+                self.ensure_blobs(&mut result.layers, true).await?;
+                let mut hit_layers: Vec<Layer> = hits
+                    .iter()
+                    .flatten()
+                    .filter_map(|h| h.layer.clone())
+                    .collect();
+                self.ensure_blobs(&mut hit_layers, true).await?;
+                let hit_slots = hits.iter_mut().flatten().filter_map(|h| h.layer.as_mut());
+                for (slot, layer) in hit_slots.zip(hit_layers) {
+                    *slot = layer;
+                }
                 let root = blocking(|| {
                     self.roots
                         .stage_root(stage, &result.layers, &mut results, &last_use)
@@ -430,6 +455,7 @@ impl<'a> Builder<'a> {
                         CopyFrom::Stage(i) => {
                             let source = results.get_mut(i).expect("source stage built");
                             if source.on_disk.is_none() {
+                                self.ensure_blobs(&mut source.layers, true).await?;
                                 let dir = self.work.path().join(format!("stage-{i}"));
                                 let tree =
                                     blocking(|| self.roots.materialize(&source.layers, dir))?;
@@ -463,7 +489,9 @@ impl<'a> Builder<'a> {
                     .filter_map(|(r, i)| i.on_disk.as_ref().map(|d| (r.clone(), d.dir.clone())))
                     .collect(),
             };
-            let entries = blocking(|| self.run_steps(stage, &mut result, &keys, &hits, &reads))?;
+            let lazy = !remote_push && !in_image.contains(&stage.index);
+            let entries =
+                blocking(|| self.run_steps(stage, &mut result, &keys, &hits, &reads, lazy))?;
             self.publish(&entries).await?;
             // Free the roots nobody reads any more.
             let done: Vec<usize> = results
@@ -479,10 +507,11 @@ impl<'a> Builder<'a> {
             results.insert(stage.index, result);
         }
         self.index.touch_steps(&used)?;
-        (self.on_event)(Event::Summary(self.counters.summary()));
-        let target = results
+        let mut target = results
             .remove(&plan.target)
             .ok_or_else(|| BuildError::Invalid("the target stage was not built".into()))?;
+        self.ensure_blobs(&mut target.layers, false).await?;
+        (self.on_event)(Event::Summary(self.counters.summary()));
         let created = self.created(target.built);
         image::assemble(
             self.store,
@@ -504,6 +533,24 @@ impl<'a> Builder<'a> {
         humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs))
             .to_string()
     }
+}
+
+/// The target stage and the stages it is built `FROM`: their layers are
+/// the image's.
+fn in_target_image(plan: &Plan) -> std::collections::HashSet<usize> {
+    let mut chain = std::collections::HashSet::new();
+    let mut at = Some(plan.target);
+    while let Some(i) = at.filter(|i| chain.insert(*i)) {
+        at = plan
+            .stages
+            .iter()
+            .find(|s| s.index == i)
+            .and_then(|s| match s.base {
+                Base::Stage(parent) => Some(parent),
+                _ => None,
+            });
+    }
+    chain
 }
 
 /// Runs blocking work (keying, unpacking, running steps) from the async

@@ -1,13 +1,14 @@
 //! Running a stage's steps: hits contribute their cached layers, misses
 //! run (on a walked root, or on an overlay with the overlay snapshotter)
 //! and their changes are written as layers.
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use kiln_cachestore::digest::Digest;
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::StepEntry;
 
+use super::blobs::{layer_names, BlobSource};
 use super::cache::Hit;
 use super::events::{phase_delta, CacheResult, Event, StepReport};
 use super::{Builder, StageResult, HOSTNAME};
@@ -18,7 +19,6 @@ use crate::exec::mounts::{self, MountInputs, SourceRoots};
 use crate::exec::run::{self, MountPoints, RunSpec};
 use crate::exec::users;
 use crate::image::{History, ImageConfig, Layer};
-use crate::layer::LayerWriter;
 use crate::plan::{Action, CopyFrom, Network, StagePlan, Step};
 use crate::rootfs::snapshot::{Changes, Snapshot};
 use crate::rootfs::{create_dir_all_in_root, relative_to_root};
@@ -36,7 +36,8 @@ impl Builder<'_> {
     }
 
     /// Walks the stage's steps: hits contribute their cached layer (unpacked
-    /// when the root is on disk), misses run and are recorded.
+    /// when the root is on disk), misses run and are recorded. With `lazy`,
+    /// the layers the overlay snapshotter writes are lazy (`blobs.rs`).
     pub(super) fn run_steps(
         &self,
         stage: &StagePlan,
@@ -44,6 +45,7 @@ impl Builder<'_> {
         keys: &[Option<String>],
         hits: &[Option<Hit>],
         reads: &SourceRoots,
+        lazy: bool,
     ) -> Result<Vec<(String, StepEntry)>, BuildError> {
         let opts = self.options;
         let root = result.on_disk.as_ref().map(|d| d.dir.clone());
@@ -109,9 +111,9 @@ impl Builder<'_> {
                 (Some(key), _, Some(root)) => {
                     self.counters.miss();
                     time = Some(now);
-                    let layer = match (&mut lowers, unpacked) {
+                    let (layer, recipe) = match (&mut lowers, unpacked) {
                         (Some(lowers), Some(unpacked)) => {
-                            self.run_stacked(step, root, lowers, unpacked, reads)?
+                            self.run_stacked(step, root, lowers, unpacked, reads, lazy)?
                         }
                         _ => {
                             let start = Instant::now();
@@ -129,18 +131,26 @@ impl Builder<'_> {
                                 .map_err(|message| self.step_error(step, message))?;
                             self.counters.timed("run", start);
                             match changes.is_empty() || opts.single_snapshot {
-                                true => None,
-                                false => Some(self.write_layer(root, &changes)?),
+                                true => (None, None),
+                                false => (Some(self.write_layer(root, &changes)?), None),
                             }
                         }
                     };
+                    let cacheable = self.cacheable(step);
+                    if let (Some(layer), Some(recipe)) = (&layer, &recipe) {
+                        let keys = cacheable.then(|| key.clone()).into_iter().collect();
+                        let recipe = recipe.clone();
+                        self.pending
+                            .add(&layer.descriptor.digest, BlobSource::Lazy { recipe, keys });
+                    }
                     // (Never with --single-snapshot: no per-step layer.)
-                    if self.cacheable(step) {
+                    if cacheable {
                         entries.push((
                             key.clone(),
                             StepEntry {
                                 layer: layer.clone(),
                                 created: now,
+                                lazy: recipe,
                             },
                         ));
                     }
@@ -198,7 +208,8 @@ impl Builder<'_> {
 
     /// Runs a step with the overlay snapshotter: on a fresh upper dir over
     /// `lowers`, mounted at `root`. The upper dir becomes the step's layer
-    /// and, pushed onto `lowers`, what the next step runs on.
+    /// and, pushed onto `lowers`, what the next step runs on. With `lazy`
+    /// the layer is only measured, and its recipe returned (`blobs.rs`).
     fn run_stacked(
         &self,
         step: &Step,
@@ -206,7 +217,8 @@ impl Builder<'_> {
         lowers: &mut Vec<PathBuf>,
         unpacked: &UnpackedLayers,
         reads: &SourceRoots,
-    ) -> Result<Option<Layer>, BuildError> {
+        lazy: bool,
+    ) -> Result<(Option<Layer>, Option<Digest>), BuildError> {
         let start = Instant::now();
         let scratch = tempfile::Builder::new()
             .prefix("step-")
@@ -224,11 +236,11 @@ impl Builder<'_> {
         let changes = overlay::settle_upper(&upper, lowers, &self.recorded, since).at(&upper)?;
         self.counters.timed("run", start);
         if changes.is_empty() {
-            return Ok(None);
+            return Ok((None, None));
         }
-        let layer = self.write_layer(&upper, &changes)?;
+        let (layer, recipe) = self.write_layer_as(&upper, &changes, lazy)?;
         lowers.push(unpacked.insert(&layer.diff_id, &upper)?);
-        Ok(Some(layer))
+        Ok((Some(layer), recipe))
     }
 
     /// Runs one step and returns what it changed in the root (nothing
@@ -414,43 +426,27 @@ impl Builder<'_> {
         }
     }
 
-    /// Writes the changes as a layer: changed paths with their parent
-    /// directories (so a layer alone restores their metadata), then
-    /// whiteouts for what was deleted.
+    /// Writes the changes as a compressed layer.
     fn write_layer(&self, root: &Path, changes: &Changes) -> Result<Layer, BuildError> {
+        self.write_layer_as(root, changes, false)
+            .map(|(layer, _)| layer)
+    }
+
+    /// Writes the changes as a layer (see [`layer_names`]), compressed or,
+    /// with `lazy`, measured with its recipe.
+    fn write_layer_as(
+        &self,
+        root: &Path,
+        changes: &Changes,
+        lazy: bool,
+    ) -> Result<(Layer, Option<Digest>), BuildError> {
         let start = Instant::now();
-        // One stream sorted by name, parents first: entries, and whiteouts
-        // (`None`: an entry; `Some(path)`: the whiteout of path).
-        let mut names: BTreeMap<PathBuf, Option<&Path>> = BTreeMap::new();
-        for p in changes.upserts.iter().chain(&changes.deletes) {
-            for parent in p.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()) {
-                names.insert(parent.to_path_buf(), None);
-            }
-        }
-        names.extend(changes.upserts.iter().map(|p| (p.clone(), None)));
-        names.extend(
-            changes
-                .deletes
-                .iter()
-                .map(|p| (crate::layer::whiteout_name(p), Some(p.as_path()))),
-        );
-        let mut writer = LayerWriter::new(
-            self.store,
-            self.options.compression,
-            self.options.fixed_time,
-        )?;
-        for (name, whiteout) in &names {
-            match whiteout {
-                None => writer.add(root, name)?,
-                Some(deleted) => writer.whiteout(deleted)?,
-            }
-        }
-        let layer = writer.finish()?;
+        let (layer, recipe) = self.write_names_layer(root, layer_names(changes), lazy)?;
         self.counters.timed("layers", start);
         (self.on_event)(Event::Layer {
             digest: layer.descriptor.digest.clone(),
             size: layer.descriptor.size,
         });
-        Ok(layer)
+        Ok((layer, recipe))
     }
 }
