@@ -6,6 +6,7 @@
 //! - a snapshot rescan after a one-file change in a 100k-file root (the
 //!   walk snapshotter, `rootfs::snapshot::Snapshot`);
 //! - layer writing (`layer::LayerWriter`), tar + gzip and tar + zstd, MB/s;
+//!   and of 256 MiB with one compression thread against one per core;
 //! - cache keys for a 50-step Dockerfile (parse, resolve, plan, keys);
 //! - index lookups (`Index::get_steps`) of 50 keys.
 //!
@@ -160,6 +161,75 @@ fn layer_writing(c: &mut Criterion) {
     g.finish();
 }
 
+/// 256 MiB of mixed data (three parts words and numbers, one part noise
+/// that does not compress) in 64 files of 4 MiB, written as one layer with
+/// one compression thread and with one per core. The layer's digest must
+/// be the same with both (checked before measuring).
+fn parallel_layer_writing(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let words = ["alpha", "beta", "gamma", "delta", "kiln", "layer", "\n"];
+    let rels: Vec<PathBuf> = (0..64)
+        .map(|f| {
+            let rel = PathBuf::from(format!("file{f:02}"));
+            let mut buf = Vec::with_capacity(4 << 20);
+            while buf.len() < 4 << 20 {
+                let r = next();
+                match f % 4 {
+                    3 => buf.extend_from_slice(&r.to_le_bytes()),
+                    _ => {
+                        buf.extend_from_slice(words[(r % 7) as usize].as_bytes());
+                        buf.extend_from_slice(format!(" {} ", r % 10_000).as_bytes());
+                    }
+                }
+            }
+            buf.truncate(4 << 20);
+            fs::write(root.join(&rel), buf).unwrap();
+            rel
+        })
+        .collect();
+    let store = BlobStore::open(&StateDir::open(tmp.path().join("state")).unwrap()).unwrap();
+    let write = |compression| {
+        let mut w = LayerWriter::new(&store, compression, Some(0)).unwrap();
+        for rel in &rels {
+            w.add(&root, rel).unwrap();
+        }
+        w.finish().unwrap()
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let mut g = c.benchmark_group("layer_write_256MiB_threads");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(256 << 20));
+    for (name, compression) in [
+        ("gzip_6", Compression::Gzip { level: 6 }),
+        ("zstd_3", Compression::Zstd { level: 3 }),
+    ] {
+        let mut digests = Vec::new();
+        for threads in [1, cores] {
+            kiln_engine::set_compression_threads(threads);
+            digests.push(write(compression).descriptor.digest);
+            g.bench_function(format!("{name}/{threads}"), |b| {
+                b.iter(|| black_box(write(compression)))
+            });
+        }
+        assert!(
+            digests.windows(2).all(|d| d[0] == d[1]),
+            "{name}: the thread count changed the bytes: {digests:?}"
+        );
+    }
+    kiln_engine::set_compression_threads(0);
+    g.finish();
+}
+
 fn cache_keys(c: &mut Criterion) {
     // 50 steps: RUNs with args and env, COPYs and metadata, as a real file.
     let mut text = String::from("ARG BASE=busybox\nFROM ${BASE} AS build\nARG V=1\n");
@@ -249,6 +319,7 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = context_hashing, snapshot_rescan, layer_writing, cache_keys, index_lookups
+    targets = context_hashing, snapshot_rescan, layer_writing, parallel_layer_writing, cache_keys,
+        index_lookups
 }
 criterion_main!(benches);

@@ -389,6 +389,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
         .iter()
         .map(|p| kiln_engine::clean_relative(p))
         .collect();
+    if let Some(threads) = a.compression_threads {
+        kiln_engine::set_compression_threads(threads.into());
+    }
     let options = BuildOptions {
         dockerfile_name,
         dockerfile,

@@ -429,3 +429,65 @@ fn kaniko_flags_are_accepted() {
         stderr(&out)
     );
 }
+
+/// Layers are compressed on every core in blocks of fixed size, so the
+/// thread count must not change a byte: `--reproducible` gives one digest
+/// with 1, 2 and 8 threads, for gzip and zstd, and Go's readers (skopeo,
+/// umoci) read the blocks back.
+#[test]
+fn compression_threads_do_not_change_the_reproducible_digest() {
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    // About 11 MB: many gzip blocks and a few zstd frames.
+    let ctx = Context::new(&format!("FROM {base}\nRUN seq 1 1500000 > /numbers\n"), &[]);
+    let out_dir = tempfile::tempdir().unwrap();
+    for compression in ["gzip", "zstd"] {
+        let build = |threads: &str| {
+            let name = format!("{compression}-{threads}");
+            let layout = out_dir.path().join(format!("layout-{name}"));
+            let digest_file = out_dir.path().join(format!("digest-{name}"));
+            let out = kiln_build(
+                &ctx,
+                &out_dir.path().join(format!("state-{name}")),
+                &[
+                    "--no-push",
+                    "--reproducible",
+                    "--compression",
+                    compression,
+                    "--compression-threads",
+                    threads,
+                    "--oci-layout-path",
+                    layout.to_str().unwrap(),
+                    "--digest-file",
+                    digest_file.to_str().unwrap(),
+                ],
+            );
+            assert!(out.status.success(), "{}", stderr(&out));
+            (std::fs::read_to_string(digest_file).unwrap(), layout)
+        };
+        let (one, layout) = build("1");
+        for threads in ["2", "8"] {
+            assert_eq!(build(threads).0, one, "{compression}, {threads} threads");
+        }
+        // zstd goes through skopeo's decoder into gzip, which umoci reads.
+        let readable = match compression {
+            "gzip" => layout,
+            _ => {
+                let gzipped = out_dir.path().join("gzipped");
+                run_ok(Command::new("skopeo").args([
+                    "copy",
+                    "--quiet",
+                    "--dest-compress",
+                    "--dest-compress-format",
+                    "gzip",
+                    &format!("oci:{}:latest", layout.display()),
+                    &format!("oci:{}:latest", gzipped.display()),
+                ]));
+                gzipped
+            }
+        };
+        let rootfs = umoci_unpack(&readable, "latest", &out_dir.path().join(compression));
+        let numbers = std::fs::read_to_string(rootfs.join("numbers")).unwrap();
+        assert_eq!(numbers.len(), 10_888_896, "{compression}");
+        assert!(numbers.ends_with("1499999\n1500000\n"), "{compression}");
+    }
+}

@@ -1,6 +1,7 @@
-//! Layer blobs: a streaming tar writer over gzip or zstd, computing the
-//! diff_id (uncompressed) and the digest (compressed) in the same pass, and
-//! the matching reader that decompresses any layer.
+//! Layer blobs: a streaming tar writer over gzip or zstd (compressed in
+//! parallel blocks, `compress.rs`), computing the diff_id (uncompressed) and
+//! the digest (compressed) in the same pass, and the matching reader that
+//! decompresses any layer.
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -15,6 +16,9 @@ use kiln_cachestore::manifest::{Descriptor, MediaType};
 use crate::error::{BuildError, IoContext};
 use crate::image::Layer;
 use crate::rootfs::owners;
+
+pub mod compress;
+use compress::ParallelEncoder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -37,40 +41,10 @@ impl Default for Compression {
     }
 }
 
-enum Encoder {
-    Gzip(flate2::write::GzEncoder<BlobWriter>),
-    Zstd(zstd::Encoder<'static, BlobWriter>),
-}
-
-impl Encoder {
-    fn finish(self) -> io::Result<BlobWriter> {
-        match self {
-            Encoder::Gzip(e) => e.finish(),
-            Encoder::Zstd(e) => e.finish(),
-        }
-    }
-}
-
-impl Write for Encoder {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Encoder::Gzip(e) => e.write(buf),
-            Encoder::Zstd(e) => e.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Encoder::Gzip(e) => e.flush(),
-            Encoder::Zstd(e) => e.flush(),
-        }
-    }
-}
-
 /// Where the tar goes: compressed into a blob, or only measured (a lazy
 /// layer, whose blob is made later from the same files).
 enum Out {
-    Blob(Box<Encoder>),
+    Blob(Box<ParallelEncoder<BlobWriter>>),
     Measured,
 }
 
@@ -110,16 +84,7 @@ impl LayerWriter {
         compression: Compression,
         fixed_mtime: Option<u64>,
     ) -> Result<Self, BuildError> {
-        let blob = store.writer()?;
-        let encoder = match compression {
-            Compression::Gzip { level } => Encoder::Gzip(flate2::write::GzEncoder::new(
-                blob,
-                flate2::Compression::new(level),
-            )),
-            Compression::Zstd { level } => Encoder::Zstd(
-                zstd::Encoder::new(blob, level).map_err(|e| BuildError::io("zstd", e))?,
-            ),
-        };
+        let encoder = ParallelEncoder::new(store.writer()?, compression, compress::threads());
         Ok(Self::with(
             Out::Blob(Box::new(encoder)),
             compression,

@@ -20,6 +20,7 @@ pub use exec::isolation::{
     choose as choose_isolation, Chosen, Host as HostAbilities, IsolationError,
 };
 pub use exec::run::Isolation;
+pub use layer::compress::set_threads as set_compression_threads;
 pub use layer::Compression;
 pub use rootfs::clean_relative;
 pub use rootfs::snapshot::SnapshotMode;
