@@ -10,6 +10,7 @@
 //! property of its content alone, so a layer is only ever found under one
 //! of the two names, and every other layer is still shared by all images
 //! that have it, whatever their base.
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -108,14 +109,20 @@ impl UnpackedLayers {
         }
     }
 
-    /// The directories here and when each was last used, clearing what an
-    /// interrupted removal left.
-    fn entries(&self) -> Result<Vec<(PathBuf, SystemTime)>> {
+    /// The directories here and when each was last used, but those of the
+    /// layers in `keep` (alone or stacked), clearing what an interrupted
+    /// removal left.
+    fn entries(&self, keep: &HashSet<Digest>) -> Result<Vec<(PathBuf, SystemTime)>> {
+        let kept: HashSet<&str> = keep.iter().filter_map(|d| digest::hex(d).ok()).collect();
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir).at(&self.dir)? {
             let entry = entry.at(&self.dir)?;
-            if entry.file_name().to_string_lossy().starts_with(REMOVING) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(REMOVING) {
                 fs::remove_dir_all(entry.path()).at(entry.path())?;
+                continue;
+            }
+            if name.split('-').next().is_some_and(|hex| kept.contains(hex)) {
                 continue;
             }
             let used = entry
@@ -136,11 +143,11 @@ impl UnpackedLayers {
     }
 
     /// Removes the directories not used for `older_than` (all of them with
-    /// zero). Only call it while no build runs: a build's mounts read them.
-    /// Returns how many went.
-    pub fn gc(&self, older_than: Duration) -> Result<usize> {
+    /// zero), but those of the layers in `keep`. Only call it while no
+    /// build runs: a build's mounts read them. Returns how many went.
+    pub fn gc(&self, older_than: Duration, keep: &HashSet<Digest>) -> Result<usize> {
         let mut removed = 0;
-        for (dir, used) in self.entries()? {
+        for (dir, used) in self.entries(keep)? {
             if used.elapsed().is_ok_and(|age| age >= older_than) {
                 self.remove(&dir)?;
                 removed += 1;
@@ -149,12 +156,13 @@ impl UnpackedLayers {
         Ok(removed)
     }
 
-    /// Removes the least recently used directories until the rest take at
-    /// most `budget` bytes on disk. Only while no build runs, as
-    /// [`UnpackedLayers::gc`]. Returns how many went and the bytes freed.
-    pub fn shrink_to(&self, budget: u64) -> Result<(usize, u64)> {
+    /// Removes the least recently used directories, but those of the layers
+    /// in `keep`, until the rest take at most `budget` bytes on disk. Only
+    /// while no build runs, as [`UnpackedLayers::gc`]. Returns how many
+    /// went and the bytes freed.
+    pub fn shrink_to(&self, budget: u64, keep: &HashSet<Digest>) -> Result<(usize, u64)> {
         let mut dirs: Vec<(PathBuf, SystemTime, u64)> = self
-            .entries()?
+            .entries(keep)?
             .into_iter()
             .map(|(dir, used)| {
                 let size = disk_usage(&dir).at(&dir)?;
@@ -233,9 +241,14 @@ mod tests {
         assert_eq!(layers.count().unwrap(), 1);
         let sha512 = format!("sha512:{}", "0".repeat(128));
         assert!(layers.get(&sha512.parse().unwrap()).is_err());
-        assert_eq!(layers.gc(Duration::from_secs(3600)).unwrap(), 0);
-        assert_eq!(layers.shrink_to(u64::MAX).unwrap().0, 0);
-        assert_eq!(layers.gc(Duration::ZERO).unwrap(), 1);
+        let none = HashSet::new();
+        assert_eq!(layers.gc(Duration::from_secs(3600), &none).unwrap(), 0);
+        assert_eq!(layers.shrink_to(u64::MAX, &none).unwrap().0, 0);
+        // A layer to keep (a warm base's) stays, however old or big.
+        let keep = HashSet::from([id()]);
+        assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
+        assert_eq!(layers.shrink_to(0, &keep).unwrap().0, 0);
+        assert_eq!(layers.gc(Duration::ZERO, &none).unwrap(), 1);
         assert_eq!(layers.get(&id()).unwrap(), None);
     }
 
@@ -258,6 +271,9 @@ mod tests {
         assert_eq!(layers.get(&id()).unwrap(), None);
         assert_eq!(layers.get_stacked(&id(), &[&a, &b]).unwrap(), None);
         assert_eq!(layers.count().unwrap(), 2);
+        // Keeping a layer keeps it on every stack.
+        let keep = HashSet::from([id()]);
+        assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
         let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
         assert!(layers.get_stacked(&id(), &[&a, &sha512]).is_err());
     }
@@ -292,11 +308,12 @@ mod tests {
                 .unwrap();
         }
         let one = disk_usage(&layers.path(&ids[0]).unwrap()).unwrap();
-        let (removed, freed) = layers.shrink_to(2 * one).unwrap();
+        let none = HashSet::new();
+        let (removed, freed) = layers.shrink_to(2 * one, &none).unwrap();
         assert_eq!((removed, freed), (1, one));
         assert!(layers.get(&ids[1]).unwrap().is_none());
         assert!(layers.get(&ids[0]).unwrap().is_some() && layers.get(&ids[2]).unwrap().is_some());
-        assert_eq!(layers.shrink_to(0).unwrap().0, 2);
+        assert_eq!(layers.shrink_to(0, &none).unwrap().0, 2);
         assert_eq!(layers.count().unwrap(), 0);
     }
 }
