@@ -70,6 +70,11 @@ pub struct WarmArgs {
     /// Re-verify stored blobs and fetch again those that do not match.
     #[arg(long)]
     pub force: bool,
+    /// Also unpack each image's layers for the overlay snapshotter, where
+    /// builds here use it, so the first build unpacks nothing (on by
+    /// default; `--unpack=false` only fetches).
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub unpack: bool,
     /// Pull over plain HTTP.
     #[arg(long)]
     pub insecure_pull: bool,

@@ -75,17 +75,15 @@ fn ci_templates_carry_what_their_systems_require_and_only_kiln_flags() {
             .arg(deploy()),
     );
     let flags = String::from_utf8_lossy(&out.stdout).into_owned();
-    let help = |sub: &str| {
-        String::from_utf8_lossy(&run_ok(Command::new(KILN).args([sub, "--help"])).stdout)
+    let help = |sub: &[&str]| {
+        String::from_utf8_lossy(&run_ok(Command::new(KILN).args(sub).arg("--help")).stdout)
             .into_owned()
     };
-    let (build, warm) = (help("build"), help("warm"));
+    let helps = [help(&["build"]), help(&["warm"]), help(&["cache", "gc"])];
     for flag in flags.lines() {
         assert!(
-            [&build, &warm]
-                .iter()
-                .any(|h| h.contains(&format!("{flag} "))),
-            "{flag} is not a flag of kiln build or kiln warm"
+            helps.iter().any(|h| h.contains(&format!("{flag} "))),
+            "{flag} is not a flag of kiln build, kiln warm or kiln cache gc"
         );
     }
     assert!(flags.lines().any(|f| f == "--digest-file"), "{flags}");

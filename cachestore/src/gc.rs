@@ -76,7 +76,8 @@ pub fn stats(store: &BlobStore, index: &Index) -> Result<Stats> {
 /// given), then the work dirs of builds that are gone. Unpacked layers
 /// not used for `older_than` go too, when no build is running, and with
 /// `max_size` the least recently used until blobs and unpacked layers
-/// together fit.
+/// together fit. What a base warmed within `older_than` names (its config,
+/// its layers and their unpacked directories) stays.
 pub fn gc(
     state: &StateDir,
     store: &BlobStore,
@@ -86,6 +87,7 @@ pub fn gc(
 ) -> Result<GcReport> {
     let mut report = GcReport::default();
     (report.build_dirs_removed, report.live_builds) = remove_abandoned_builds(state)?;
+    let (warm_blobs, warm_diff_ids) = kept_warm(store, index, older_than)?;
     let entries = index.all_steps()?;
     let keys: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     // An entry lives `older_than` past its last use (its creation if unused).
@@ -99,16 +101,19 @@ pub fn gc(
     let kept: Vec<(String, StepEntry)> = kept.into_iter().map(|(entry, _)| entry).collect();
     report.entries_removed = expired.len();
     index.remove_steps(&expired.into_iter().map(|((k, _), _)| k).collect::<Vec<_>>())?;
-    let referenced = referenced(&kept);
+    let mut referenced = referenced(&kept);
+    referenced.extend(warm_blobs);
     // Unpacked layers are left alone while a build may be stacking them;
-    // a live lazy entry's directory is its layer's only copy.
-    let lazy: HashSet<&Digest> = kept.iter().filter_map(|(_, e)| e.lazy_diff_id()).collect();
+    // a live lazy entry's directory is its layer's only copy, and a warm
+    // base's are what the warmer made ready.
+    let mut spared: HashSet<&Digest> = kept.iter().filter_map(|(_, e)| e.lazy_diff_id()).collect();
+    spared.extend(&warm_diff_ids);
     let unpacked = match report.live_builds {
         0 => Some(UnpackedLayers::open(state)?),
         _ => None,
     };
     if let Some(unpacked) = &unpacked {
-        report.unpacked_removed = unpacked.gc(older_than, &lazy)?;
+        report.unpacked_removed = unpacked.gc(older_than, &spared)?;
     }
 
     let all = blobs(store)?;
@@ -132,7 +137,7 @@ pub fn gc(
     }
     // What the blobs leave of the budget is the unpacked layers'.
     if let (Some(max), Some(unpacked)) = (max_size, &unpacked) {
-        let (removed, freed) = unpacked.shrink_to(max.saturating_sub(total), &lazy)?;
+        let (removed, freed) = unpacked.shrink_to(max.saturating_sub(total), &spared)?;
         report.unpacked_removed += removed;
         report.bytes_freed += freed;
     }
@@ -148,6 +153,36 @@ fn referenced(entries: &[(String, StepEntry)]) -> HashSet<Digest> {
             layer.into_iter().chain(e.lazy.clone())
         })
         .collect()
+}
+
+/// What the bases `kiln warm` warmed within `older_than` name: their
+/// configs' and layers' blobs, and their layers' diff_ids (the unpacked
+/// directories). A base's config that is not stored names no diff_id.
+fn kept_warm(
+    store: &BlobStore,
+    index: &Index,
+    older_than: Duration,
+) -> Result<(HashSet<Digest>, HashSet<Digest>)> {
+    let (mut blobs, mut diff_ids) = (HashSet::new(), HashSet::new());
+    for (_, base) in index.all_bases()? {
+        let cold = |warmed: u64| warmed.saturating_add(older_than.as_secs()) < now_secs();
+        if base.warmed.is_none_or(cold) {
+            continue;
+        }
+        let m = &base.manifest.manifest;
+        blobs.insert(m.config.digest.clone());
+        blobs.extend(m.layers.iter().map(|l| l.digest.clone()));
+        let Ok(config) = store.read(&m.config.digest) else {
+            continue;
+        };
+        let config: serde_json::Value = serde_json::from_slice(&config).unwrap_or_default();
+        let listed = config["rootfs"]["diff_ids"]
+            .as_array()
+            .into_iter()
+            .flatten();
+        diff_ids.extend(listed.filter_map(|d| digest::parse(d.as_str()?).ok()));
+    }
+    Ok((blobs, diff_ids))
 }
 
 /// A build holds its work dir's lock while it runs ([`StateDir::new_build`]);

@@ -38,6 +38,11 @@ pub struct BaseEntry {
     pub manifest: crate::manifest::ResolvedManifest,
     /// Seconds since the epoch.
     pub checked: u64,
+    /// When `kiln warm` last warmed it (seconds since the epoch): `kiln
+    /// cache gc` keeps the blobs and unpacked layers of a base warmed
+    /// within its `--older-than`. `None`: only builds resolved it.
+    #[serde(default)]
+    pub warmed: Option<u64>,
 }
 
 /// What a step produced: its layer (none when it changed no file) and when.
@@ -254,7 +259,18 @@ impl Index {
     /// Every entry, for listing, GC and verification.
     pub fn all_steps(&self) -> Result<Vec<(String, StepEntry)>> {
         let mut out = Vec::new();
-        self.each_step(|key, value| {
+        self.each(STEPS, |key, value| {
+            if let Ok(entry) = serde_json::from_slice(value) {
+                out.push((String::from_utf8_lossy(key).into_owned(), entry));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Every base-image entry, for GC.
+    pub fn all_bases(&self) -> Result<Vec<(String, BaseEntry)>> {
+        let mut out = Vec::new();
+        self.each(BASES, |key, value| {
             if let Ok(entry) = serde_json::from_slice(value) {
                 out.push((String::from_utf8_lossy(key).into_owned(), entry));
             }
@@ -265,20 +281,20 @@ impl Index {
     /// How many step entries there are, without decoding them.
     pub fn step_count(&self) -> Result<usize> {
         let mut count = 0;
-        self.each_step(|_, _| count += 1)?;
+        self.each(STEPS, |_, _| count += 1)?;
         Ok(count)
     }
 
-    /// Calls `f` with every step entry's key and value, in key order.
-    fn each_step(&self, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
+    /// Calls `f` with every key and value of a family, in key order (a
+    /// family an older Kiln did not create has none).
+    fn each(&self, family: &str, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
         if !self.path.join("CURRENT").exists() {
             return Ok(());
         }
         let read = self.open_read()?;
-        let cf = read
-            .db
-            .cf_handle(STEPS)
-            .ok_or_else(|| self.error("no steps column family"))?;
+        let Some(cf) = read.db.cf_handle(family) else {
+            return Ok(());
+        };
         for item in read.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(|e| self.error(e))?;
             f(&key, &value);

@@ -109,8 +109,9 @@ impl UnpackedLayers {
         }
     }
 
-    /// The directories here and when each was last used, clearing what an
-    /// interrupted removal left; those of the layers in `keep` are left out.
+    /// The directories here and when each was last used, but those of the
+    /// layers in `keep` (alone or stacked), clearing what an interrupted
+    /// removal left.
     fn entries(&self, keep: &HashSet<&Digest>) -> Result<Vec<(PathBuf, SystemTime)>> {
         let kept: HashSet<String> = keep
             .iter()
@@ -124,7 +125,7 @@ impl UnpackedLayers {
                 fs::remove_dir_all(entry.path()).at(entry.path())?;
                 continue;
             }
-            if kept.contains(&name) {
+            if name.split('-').next().is_some_and(|hex| kept.contains(hex)) {
                 continue;
             }
             let used = entry
@@ -279,6 +280,10 @@ mod tests {
         assert!(layers.get(&sha512.parse().unwrap()).is_err());
         assert_eq!(layers.gc(Duration::from_secs(3600), &none()).unwrap(), 0);
         assert_eq!(layers.shrink_to(u64::MAX, &none()).unwrap().0, 0);
+        // A layer to keep (a warm base's) stays, however old.
+        let kept_id = id();
+        let keep = HashSet::from([&kept_id]);
+        assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
         assert_eq!(layers.gc(Duration::ZERO, &none()).unwrap(), 1);
         assert_eq!(layers.get(&id()).unwrap(), None);
     }
@@ -302,6 +307,9 @@ mod tests {
         assert_eq!(layers.get(&id()).unwrap(), None);
         assert_eq!(layers.get_stacked(&id(), &[&a, &b]).unwrap(), None);
         assert_eq!(layers.count().unwrap(), 2);
+        // Keeping a layer keeps it on every stack.
+        let keep = HashSet::from([id()]);
+        assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
         let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
         assert!(layers.get_stacked(&id(), &[&a, &sha512]).is_err());
     }

@@ -1,7 +1,9 @@
 //! The base-image cache: `kiln warm` pulls images (manifest, config and
 //! every layer) into the store ahead of builds, so CI nodes start warm, and
 //! builds resolve a base's tag with one HEAD request, reusing the stored
-//! manifest while the tag still points where it did.
+//! manifest while the tag still points where it did. Warming again
+//! re-resolves each tag, so a tag that moved is fetched anew, and marks
+//! the entry warm, which `kiln cache gc` honours.
 use std::path::Path;
 use std::time::Duration;
 
@@ -41,23 +43,55 @@ pub async fn resolve_base(
     platform: &Platform,
     ttl: Duration,
 ) -> Result<ResolvedManifest> {
+    resolve(registry, store, index, reference, platform, ttl, false).await
+}
+
+/// [`resolve_base`]; `warming` records the entry as warmed now, which a
+/// build's resolving keeps as it was.
+async fn resolve(
+    registry: &RegistryClient,
+    store: &BlobStore,
+    index: &Index,
+    reference: &Reference,
+    platform: &Platform,
+    ttl: Duration,
+    warming: bool,
+) -> Result<ResolvedManifest> {
     let key = base_key(reference, platform);
-    let cached = index.get_base(&key)?.filter(|e| {
+    let previous = index.get_base(&key)?;
+    let warmed = match warming {
+        true => Some(now_secs()),
+        false => previous.as_ref().and_then(|e| e.warmed),
+    };
+    let cached = previous.filter(|e| {
         store
             .contains(&e.manifest.manifest.config.digest)
             .unwrap_or(false)
     });
     let head = registry.manifest_digest(reference).await;
-    match (&cached, &head) {
+    match (cached, &head) {
         (Some(entry), Ok(digest)) if *digest == entry.top_digest => {
-            return Ok(entry.manifest.clone());
+            if warming {
+                let manifest = entry.manifest.clone();
+                let checked = now_secs();
+                index.put_base(
+                    &key,
+                    &BaseEntry {
+                        checked,
+                        warmed,
+                        ..entry
+                    },
+                )?;
+                return Ok(manifest);
+            }
+            return Ok(entry.manifest);
         }
         (Some(entry), Err(e)) if entry.checked.saturating_add(ttl.as_secs()) >= now_secs() => {
             tracing::warn!(
                 "{}: {e}; using the base image checked before",
                 reference.whole()
             );
-            return Ok(entry.manifest.clone());
+            return Ok(entry.manifest);
         }
         _ => {}
     }
@@ -77,6 +111,7 @@ pub async fn resolve_base(
             top_digest,
             manifest: manifest.clone(),
             checked: now_secs(),
+            warmed,
         },
     )?;
     Ok(manifest)
@@ -104,7 +139,7 @@ pub async fn warm(
         });
     }
     let r = parse_reference(reference)?;
-    let manifest = resolve_base(registry, store, index, &r, platform, Duration::ZERO).await?;
+    let manifest = resolve(registry, store, index, &r, platform, Duration::ZERO, true).await?;
     let digests: Vec<&Digest> = manifest.manifest.layers.iter().map(|l| &l.digest).collect();
     let mut missing = Vec::new();
     for digest in digests {

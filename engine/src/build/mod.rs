@@ -12,6 +12,8 @@
 //!   (the keys themselves are `crate::key`);
 //! - `steps.rs`: running a stage's steps and writing their layers;
 //! - `syscalls.rs`: mounting, unpacking and running, behind a trait;
+//! - `unpack.rs`: layers unpacked for the overlay snapshotter, by a build
+//!   or ahead of builds (`kiln warm`);
 //! - `options.rs`, `events.rs`: what the caller asks and is told.
 mod blobs;
 mod cache;
@@ -23,6 +25,7 @@ mod steps;
 mod syscalls;
 #[cfg(test)]
 mod tests;
+mod unpack;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +54,7 @@ pub use crate::exec::mounts::SecretSource;
 pub use crate::image::ImageFormat;
 pub use events::{CacheResult, Event, StepReport, Summary};
 pub use options::{overlay_wanted, BuildOptions, Snapshotter};
+pub use unpack::{BaseUnpacked, BaseUnpacker};
 
 /// Contents of these directories are never committed: they are mounted
 /// during RUN.

@@ -4,11 +4,9 @@
 //! (`--isolation none`), and the read-only trees `COPY --from` reads.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use kiln_cachestore::digest::Digest;
 use kiln_cachestore::state::StateDir;
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::BlobStore;
@@ -16,12 +14,12 @@ use kiln_cachestore::BlobStore;
 use super::events::{Counters, Event};
 use super::options::{overlay_wanted, BuildOptions, Snapshotter};
 use super::syscalls::{Mount, Syscalls, UnpackInto};
+use super::unpack::{probe_overlay, Unpacker};
 use super::StageResult;
 use crate::error::{BuildError, IoContext};
 use crate::exec::run::Isolation;
 use crate::image::Layer;
 use crate::plan::{Base, StagePlan};
-use crate::rootfs::extract::{ExtractError, ExtractStats, Lowers};
 
 /// The root every stage is built in with `--isolation none`.
 pub(crate) const HOST_ROOT: &str = "/";
@@ -86,7 +84,7 @@ impl RootChoice {
 
 pub(crate) struct Roots<'a> {
     sys: &'a dyn Syscalls,
-    store: &'a BlobStore,
+    unpacker: Unpacker<'a>,
     options: &'a BuildOptions,
     on_event: &'a (dyn Fn(Event) + Sync),
     counters: Arc<Counters>,
@@ -119,7 +117,11 @@ impl<'a> Roots<'a> {
         std::fs::create_dir(&empty).at(&empty)?;
         Ok(Roots {
             sys,
-            store,
+            unpacker: Unpacker {
+                sys,
+                store,
+                work: work.to_path_buf(),
+            },
             options,
             on_event,
             counters,
@@ -187,19 +189,7 @@ impl<'a> Roots<'a> {
         if !options.own_mount_namespace {
             return Err("Kiln has no mount namespace of its own (not root?)".into());
         }
-        let probe = self.work.join("probe");
-        let dirs = ["upper", "work", "merged"].map(|d| probe.join(d));
-        for dir in &dirs {
-            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        }
-        self.sys
-            .mount_overlay(
-                std::slice::from_ref(&self.empty),
-                Some((&dirs[0], &dirs[1])),
-                &dirs[2],
-            )
-            .map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_dir_all(&probe);
+        probe_overlay(self.sys, &self.work, &self.empty)?;
         Ok(true)
     }
 
@@ -321,7 +311,7 @@ impl<'a> Roots<'a> {
         let start = Instant::now();
         std::fs::create_dir_all(root).at(root)?;
         for layer in layers {
-            self.unpack_layer(layer, root, self.kept(root))?;
+            self.unpacker.unpack_layer(layer, root, self.kept(root))?;
         }
         self.counters.extracted(layers.len());
         self.counters.timed("unpack", start);
@@ -332,7 +322,7 @@ impl<'a> Roots<'a> {
     /// after a miss, with the walk snapshotter).
     pub(crate) fn unpack_onto(&self, layer: &Layer, root: &Path) -> Result<(), BuildError> {
         let start = Instant::now();
-        self.unpack_layer(layer, root, self.kept(root))?;
+        self.unpacker.unpack_layer(layer, root, self.kept(root))?;
         self.counters.extracted(1);
         self.counters.timed("unpack", start);
         Ok(())
@@ -349,117 +339,20 @@ impl<'a> Roots<'a> {
             .map(|mut dirs| dirs.remove(0))
     }
 
-    /// The unpacked directories of `layers` (bottom first); the missing
-    /// ones are unpacked in parallel, each alone. A layer with a hard link
-    /// into the layers below needs their directories, so it is unpacked
-    /// again after them, bottom up, and kept for that stack only (see
-    /// `kiln_cachestore::unpacked`).
+    /// The unpacked directories of `layers` (bottom first), unpacking the
+    /// missing ones (see [`Unpacker::layer_dirs`]).
     pub(crate) fn layer_dirs(
         &self,
         unpacked: &UnpackedLayers,
         layers: &[Layer],
     ) -> Result<Vec<PathBuf>, BuildError> {
-        use rayon::prelude::*;
         let start = Instant::now();
-        let extracted = AtomicUsize::new(0);
-        let below = |i: usize| -> Vec<&Digest> { layers[..i].iter().map(|l| &l.diff_id).collect() };
-        let alone = layers
-            .par_iter()
-            .enumerate()
-            .map(|(i, layer)| {
-                if let Some(dir) = unpacked.get(&layer.diff_id)? {
-                    return Ok(Some(dir));
-                }
-                if let Some(dir) = unpacked.get_stacked(&layer.diff_id, &below(i))? {
-                    return Ok(Some(dir));
-                }
-                let made = self.scratch_dir()?;
-                match self.unpack_layer(
-                    layer,
-                    made.path(),
-                    UnpackInto::Dir {
-                        lowers: Lowers::Unknown,
-                    },
-                )? {
-                    Some(_) => {
-                        extracted.fetch_add(1, Ordering::Relaxed);
-                        Ok(Some(unpacked.insert(&layer.diff_id, &made.keep())?))
-                    }
-                    None => Ok(None),
-                }
-            })
-            .collect::<Result<Vec<_>, BuildError>>()?;
-        let mut dirs = Vec::with_capacity(layers.len());
-        for (i, (layer, dir)) in layers.iter().zip(alone).enumerate() {
-            let dir = match dir {
-                Some(dir) => dir,
-                None => {
-                    let made = self.scratch_dir()?;
-                    let into = UnpackInto::Dir {
-                        lowers: Lowers::Dirs(&dirs),
-                    };
-                    let stats = self
-                        .unpack_layer(layer, made.path(), into)?
-                        .expect("the layers below are given");
-                    extracted.fetch_add(1, Ordering::Relaxed);
-                    match stats.copied {
-                        0 => unpacked.insert(&layer.diff_id, &made.keep())?,
-                        _ => unpacked.insert_stacked(&layer.diff_id, &below(i), &made.keep())?,
-                    }
-                }
-            };
-            dirs.push(dir);
-        }
-        let extracted = extracted.into_inner();
+        let (dirs, extracted) = self.unpacker.layer_dirs(unpacked, layers)?;
         if extracted > 0 {
             self.counters.extracted(extracted);
             self.counters.timed("unpack", start);
         }
         Ok(dirs)
-    }
-
-    /// An empty directory in the work dir to unpack a layer into, removed
-    /// unless kept.
-    fn scratch_dir(&self) -> Result<tempfile::TempDir, BuildError> {
-        tempfile::Builder::new()
-            .prefix("unpack-")
-            .tempdir_in(&self.work)
-            .at(&self.work)
-    }
-
-    /// Unpacks one stored layer, checking its diff_id. `None`: a layer
-    /// unpacked alone with [`Lowers::Unknown`] links into the layers below.
-    fn unpack_layer(
-        &self,
-        layer: &Layer,
-        root: &Path,
-        into: UnpackInto,
-    ) -> Result<Option<ExtractStats>, BuildError> {
-        let reader = crate::layer::open_layer(self.store, &layer.descriptor.digest)?;
-        let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
-        let stats = match self.sys.extract(&mut hashing, root, into) {
-            Ok(stats) => stats,
-            Err(ExtractError::NeedsLowerLayers { .. }) => return Ok(None),
-            Err(e) => {
-                return Err(BuildError::Layer {
-                    layer: layer.descriptor.digest.clone(),
-                    message: e.to_string(),
-                })
-            }
-        };
-        let diff_id = hashing
-            .finish()
-            .map_err(|e| BuildError::io(layer.descriptor.digest.to_string(), e))?;
-        if diff_id != layer.diff_id {
-            return Err(BuildError::Layer {
-                layer: layer.descriptor.digest.clone(),
-                message: format!(
-                    "diff_id mismatch: config says {}, content is {diff_id}",
-                    layer.diff_id
-                ),
-            });
-        }
-        Ok(Some(stats))
     }
 }
 

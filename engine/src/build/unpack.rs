@@ -1,0 +1,225 @@
+//! Layers unpacked into the state dir's unpacked layers, for the overlay
+//! snapshotter to stack: what a build does the first time it needs a
+//! layer, and what `kiln warm` does ahead of builds ([`BaseUnpacker`]).
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_cachestore::digest::Digest;
+use kiln_cachestore::manifest::ResolvedManifest;
+use kiln_cachestore::state::{BuildDir, StateDir};
+use kiln_cachestore::unpacked::UnpackedLayers;
+use kiln_cachestore::BlobStore;
+
+use super::syscalls::{Host, Syscalls, UnpackInto};
+use crate::error::{BuildError, IoContext};
+use crate::image::{ImageConfig, Layer};
+use crate::rootfs::extract::{ExtractError, ExtractStats, Lowers};
+
+/// Unpacks stored layers, with scratch space in a build's work dir.
+pub(crate) struct Unpacker<'a> {
+    pub(crate) sys: &'a dyn Syscalls,
+    pub(crate) store: &'a BlobStore,
+    pub(crate) work: PathBuf,
+}
+
+impl Unpacker<'_> {
+    /// The unpacked directories of `layers` (bottom first), and how many
+    /// were unpacked now: the missing
+    /// ones are unpacked in parallel, each alone. A layer with a hard link
+    /// into the layers below needs their directories, so it is unpacked
+    /// again after them, bottom up, and kept for that stack only (see
+    /// `kiln_cachestore::unpacked`).
+    pub(crate) fn layer_dirs(
+        &self,
+        unpacked: &UnpackedLayers,
+        layers: &[Layer],
+    ) -> Result<(Vec<PathBuf>, usize), BuildError> {
+        use rayon::prelude::*;
+        let extracted = AtomicUsize::new(0);
+        let below = |i: usize| -> Vec<&Digest> { layers[..i].iter().map(|l| &l.diff_id).collect() };
+        let alone = layers
+            .par_iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                if let Some(dir) = unpacked.get(&layer.diff_id)? {
+                    return Ok(Some(dir));
+                }
+                if let Some(dir) = unpacked.get_stacked(&layer.diff_id, &below(i))? {
+                    return Ok(Some(dir));
+                }
+                let made = self.scratch_dir()?;
+                match self.unpack_layer(
+                    layer,
+                    made.path(),
+                    UnpackInto::Dir {
+                        lowers: Lowers::Unknown,
+                    },
+                )? {
+                    Some(_) => {
+                        extracted.fetch_add(1, Ordering::Relaxed);
+                        Ok(Some(unpacked.insert(&layer.diff_id, &made.keep())?))
+                    }
+                    None => Ok(None),
+                }
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
+        let mut dirs = Vec::with_capacity(layers.len());
+        for (i, (layer, dir)) in layers.iter().zip(alone).enumerate() {
+            let dir = match dir {
+                Some(dir) => dir,
+                None => {
+                    let made = self.scratch_dir()?;
+                    let into = UnpackInto::Dir {
+                        lowers: Lowers::Dirs(&dirs),
+                    };
+                    let stats = self
+                        .unpack_layer(layer, made.path(), into)?
+                        .expect("the layers below are given");
+                    extracted.fetch_add(1, Ordering::Relaxed);
+                    match stats.copied {
+                        0 => unpacked.insert(&layer.diff_id, &made.keep())?,
+                        _ => unpacked.insert_stacked(&layer.diff_id, &below(i), &made.keep())?,
+                    }
+                }
+            };
+            dirs.push(dir);
+        }
+        Ok((dirs, extracted.into_inner()))
+    }
+
+    /// An empty directory in the work dir to unpack a layer into, removed
+    /// unless kept.
+    fn scratch_dir(&self) -> Result<tempfile::TempDir, BuildError> {
+        tempfile::Builder::new()
+            .prefix("unpack-")
+            .tempdir_in(&self.work)
+            .at(&self.work)
+    }
+
+    /// Unpacks one stored layer, checking its diff_id. `None`: a layer
+    /// unpacked alone with [`Lowers::Unknown`] links into the layers below.
+    pub(crate) fn unpack_layer(
+        &self,
+        layer: &Layer,
+        root: &Path,
+        into: UnpackInto,
+    ) -> Result<Option<ExtractStats>, BuildError> {
+        let reader = crate::layer::open_layer(self.store, &layer.descriptor.digest)?;
+        let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
+        let stats = match self.sys.extract(&mut hashing, root, into) {
+            Ok(stats) => stats,
+            Err(ExtractError::NeedsLowerLayers { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(BuildError::Layer {
+                    layer: layer.descriptor.digest.clone(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let diff_id = hashing
+            .finish()
+            .map_err(|e| BuildError::io(layer.descriptor.digest.to_string(), e))?;
+        if diff_id != layer.diff_id {
+            return Err(BuildError::Layer {
+                layer: layer.descriptor.digest.clone(),
+                message: format!(
+                    "diff_id mismatch: config says {}, content is {diff_id}",
+                    layer.diff_id
+                ),
+            });
+        }
+        Ok(Some(stats))
+    }
+}
+
+/// Whether an overlay can be mounted here: tried once, on scratch dirs in
+/// `work`, over `empty`.
+pub(crate) fn probe_overlay(sys: &dyn Syscalls, work: &Path, empty: &Path) -> Result<(), String> {
+    let probe = work.join("probe");
+    let dirs = ["upper", "work", "merged"].map(|d| probe.join(d));
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    // Unmounted as soon as it is made.
+    sys.mount_overlay(&[empty.to_path_buf()], Some((&dirs[0], &dirs[1])), &dirs[2])
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&probe);
+    Ok(())
+}
+
+/// What [`BaseUnpacker::unpack`] did for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseUnpacked {
+    /// The image's layers.
+    pub layers: usize,
+    /// Of those, the ones unpacked now (the rest were unpacked already).
+    pub unpacked: usize,
+    pub duration: Duration,
+}
+
+/// `kiln warm`'s unpacking: an image's layers put in the state dir's
+/// unpacked layers, as the overlay snapshotter's first build on the node
+/// would unpack them, so that build unpacks nothing. Safe while builds run
+/// on the same state dir: each layer is made in a scratch dir and renamed
+/// into place (the first one there stays), and the scratch space is a
+/// locked build dir, so `kiln cache gc` leaves unpacked layers alone
+/// meanwhile.
+pub struct BaseUnpacker<'a> {
+    store: &'a BlobStore,
+    unpacked: UnpackedLayers,
+    // Dropped last: the unpacker's scratch dirs live in it.
+    work: BuildDir,
+}
+
+impl<'a> BaseUnpacker<'a> {
+    /// Fails with the reason when overlayfs cannot be mounted here (the
+    /// overlay snapshotter would not run, so unpacking would be wasted).
+    /// The process must be in a mount namespace of its own
+    /// ([`crate::enter_private_mount_namespace`]).
+    pub fn open(state: &StateDir, store: &'a BlobStore) -> Result<Self, BuildError> {
+        let work = state.new_build()?;
+        let empty = work.path().join("empty");
+        std::fs::create_dir(&empty).at(&empty)?;
+        probe_overlay(&Host, work.path(), &empty).map_err(|why| {
+            BuildError::Invalid(format!("overlayfs cannot be mounted here: {why}"))
+        })?;
+        Ok(BaseUnpacker {
+            store,
+            unpacked: UnpackedLayers::open(state)?,
+            work,
+        })
+    }
+
+    /// Unpacks the layers of `image` (in the store, config and layers)
+    /// that are not unpacked yet.
+    pub fn unpack(&self, image: &ResolvedManifest) -> Result<BaseUnpacked, BuildError> {
+        let start = Instant::now();
+        let bytes = self.store.read(&image.manifest.config.digest)?;
+        let config: ImageConfig =
+            serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
+                layer: image.manifest.config.digest.clone(),
+                message: format!("invalid image config: {e}"),
+            })?;
+        if config.rootfs.diff_ids.len() != image.manifest.layers.len() {
+            return Err(BuildError::Invalid(format!(
+                "{}: the config lists {} diff_ids for {} layers",
+                image.digest,
+                config.rootfs.diff_ids.len(),
+                image.manifest.layers.len()
+            )));
+        }
+        let layers = super::Builder::image_layers(image, &config);
+        let unpacker = Unpacker {
+            sys: &Host,
+            store: self.store,
+            work: self.work.path().to_path_buf(),
+        };
+        let (_, unpacked) = unpacker.layer_dirs(&self.unpacked, &layers)?;
+        Ok(BaseUnpacked {
+            layers: layers.len(),
+            unpacked,
+            duration: start.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! `kiln warm` end to end, with the real registry and binary: a warmed
+//! node's first build pulls and unpacks nothing, every `FROM` (those a
+//! `--build-arg` selects too) is warmed, warming again follows a tag that
+//! moved, and `kiln cache gc` keeps what a warm entry names.
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use support::*;
+
+/// `kiln warm` on `state`; its stdout, after checking it succeeded.
+fn warm(state: &Path, args: &[&str]) -> String {
+    let out = Command::new(KILN)
+        .arg("warm")
+        .arg("--cache-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The number before `what` on the warm line of `image` (`layers
+/// fetched`, `layers unpacked`).
+fn count(stdout: &str, image: &str, what: &str) -> usize {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{image} @ ")))
+        .unwrap_or_else(|| panic!("no line for {image} in:\n{stdout}"));
+    let (_, parts) = line.split_once(": ").unwrap();
+    let part = parts
+        .split(", ")
+        .find(|p| p.contains(what))
+        .unwrap_or_else(|| panic!("no {what:?} in {line}"));
+    part.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// Builds `ctx` on `state` and pushes it to `destination`, with JSON logs;
+/// the summary record.
+fn build_summary(ctx: &Context, state: &Path, destination: &str) -> Value {
+    let out = kiln_build(
+        ctx,
+        state,
+        &["--log-format", "json", "--destination", destination],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let last = err.lines().last().expect("a summary");
+    let summary: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    summary
+}
+
+fn unpacked_dirs(state: &Path) -> usize {
+    std::fs::read_dir(state.join("unpacked")).unwrap().count()
+}
+
+/// The first build after `kiln warm` pulls 0 bytes and unpacks no layer;
+/// with `--unpack=false` it has to unpack the base itself.
+#[test]
+fn a_warmed_node_builds_without_pulling_or_unpacking() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(&format!("FROM {base}\nCOPY f /f\n"), &[("f", "one\n")]);
+    let dockerfile = ctx.path().join("Dockerfile");
+    let dockerfile = dockerfile.to_str().unwrap();
+
+    let state = tempfile::tempdir().unwrap();
+    let first = warm(state.path(), &["--dockerfile", dockerfile]);
+    assert_eq!(count(&first, &base, "layers fetched"), 1, "{first}");
+    assert_eq!(count(&first, &base, "layers unpacked"), 1, "{first}");
+    assert_eq!(unpacked_dirs(state.path()), 1);
+    // Once: warming again neither fetches nor unpacks.
+    let again = warm(state.path(), &["--dockerfile", dockerfile]);
+    assert_eq!(count(&again, &base, "layers fetched"), 0, "{again}");
+    assert_eq!(count(&again, &base, "layers unpacked"), 0, "{again}");
+
+    let summary = build_summary(&ctx, state.path(), &registry.reference("app/warm:1"));
+    assert_eq!(summary["layers_unpacked"], 0, "{summary}");
+    assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+    assert_eq!(summary["cache_misses"], 1, "{summary}");
+    assert!(summary["phases_ms"].get("unpack").is_none(), "{summary}");
+
+    // Fetched only: the build unpacks the base.
+    let cold = tempfile::tempdir().unwrap();
+    let fetched = warm(cold.path(), &["--dockerfile", dockerfile, "--unpack=false"]);
+    assert_eq!(count(&fetched, &base, "layers fetched"), 1, "{fetched}");
+    assert!(!fetched.contains("unpacked"), "{fetched}");
+    assert_eq!(unpacked_dirs(cold.path()), 0);
+    let summary = build_summary(&ctx, cold.path(), &registry.reference("app/warm:2"));
+    assert_eq!(summary["layers_unpacked"], 1, "{summary}");
+    assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+    assert!(summary["phases_ms"]["unpack"].is_f64(), "{summary}");
+}
+
+/// Every stage's `FROM` is warmed, as the `--build-arg`s given select it.
+#[test]
+fn warm_follows_build_args_to_every_stage() {
+    let registry = Registry::start();
+    let tools = registry.push_busybox_as("base/tools-special:1");
+    let runtime = registry.push_busybox_as("base/runtime:1");
+    let dockerfile = format!(
+        "ARG FLAVOUR=plain\nFROM {}/base/tools-${{FLAVOUR}}:1 AS tools\nFROM {runtime}\nCOPY --from=tools /bin/busybox /bb\n",
+        registry.addr
+    );
+    let ctx = Context::new(&dockerfile, &[]);
+    let dockerfile = ctx.path().join("Dockerfile");
+    let dockerfile = dockerfile.to_str().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = warm(
+        state.path(),
+        &["--dockerfile", dockerfile, "--build-arg", "FLAVOUR=special"],
+    );
+    for image in [&tools, &runtime] {
+        assert!(out.contains(&format!("{image} @ sha256:")), "{out}");
+    }
+    // Without the argument, the default names an image that is not there.
+    let failed = Command::new(KILN)
+        .arg("warm")
+        .arg("--cache-dir")
+        .arg(state.path())
+        .args(["--dockerfile", dockerfile])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    assert!(
+        stderr(&failed).contains("base/tools-plain:1"),
+        "{}",
+        stderr(&failed)
+    );
+}
+
+/// Sets the mtime of everything directly in `dir` to `ago` in the past.
+fn age_entries(dir: &Path, ago: Duration) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::File::open(&path)
+            .unwrap()
+            .set_modified(SystemTime::now() - ago)
+            .unwrap();
+    }
+}
+
+fn gc(state: &Path, older_than: &str) -> String {
+    let out = run_ok(
+        Command::new(KILN)
+            .args(["cache", "gc", "--older-than", older_than, "--cache-dir"])
+            .arg(state),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Warming again after the tag moved fetches and unpacks the new layers,
+/// and the next build pulls and unpacks nothing. GC keeps the blobs and
+/// unpacked layers the warm entry names, however old, and lets go of
+/// what the tag no longer names, and of all of it once the entry was not
+/// warmed within `--older-than`.
+#[test]
+fn warming_follows_a_moved_tag_and_gc_keeps_what_is_warm() {
+    let registry = Registry::start();
+    let base = registry.push_busybox_as("base/moving:1");
+    let state = tempfile::tempdir().unwrap();
+    let first = warm(state.path(), &["--image", &base]);
+    assert_eq!(count(&first, &base, "layers unpacked"), 1, "{first}");
+
+    // Elsewhere, an image built on the base is pushed as the base's tag.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let moved = Context::new(&format!("FROM {base}\nCOPY g /g\n"), &[("g", "moved\n")]);
+    build_summary(&moved, elsewhere.path(), &base);
+
+    let again = warm(state.path(), &["--image", &base]);
+    assert_eq!(count(&again, &base, "layers fetched"), 1, "{again}");
+    assert_eq!(count(&again, &base, "layers unpacked"), 1, "{again}");
+    assert!(again.contains(", 2 layers"), "{again}");
+    assert_eq!(unpacked_dirs(state.path()), 2);
+    let ctx = Context::new(&format!("FROM {base}\nCOPY f /f\n"), &[("f", "app\n")]);
+    let summary = build_summary(&ctx, state.path(), &registry.reference("app/moved:1"));
+    assert_eq!(summary["layers_unpacked"], 0, "{summary}");
+    assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+
+    // Everything old, but the build's entries (younger than --older-than):
+    // the base's blobs and unpacked layers are kept, as the warm entry
+    // names them; the old base's config, which nothing names, goes.
+    let named = |reference: &str| -> Vec<String> {
+        let out = run_ok(Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ]));
+        let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let layers = m["layers"].as_array().unwrap().iter();
+        std::iter::once(&m["config"])
+            .chain(layers)
+            .map(|d| d["digest"].as_str().unwrap()["sha256:".len()..].to_string())
+            .collect()
+    };
+    let warm_blobs = named(&base);
+    let old_config = layout_manifest(busybox_layout())["config"]["digest"]
+        .as_str()
+        .unwrap()["sha256:".len()..]
+        .to_string();
+    let blobs = state.path().join("blobs/sha256");
+    assert!(blobs.join(&old_config).exists());
+    let unpacked_before = unpacked_dirs(state.path());
+    let long_ago = Duration::from_secs(3 * 3600);
+    age_entries(&blobs, long_ago);
+    age_entries(&state.path().join("unpacked"), long_ago);
+    let collected = gc(state.path(), "1h");
+    assert!(!blobs.join(&old_config).exists(), "{collected}");
+    for blob in &warm_blobs {
+        assert!(blobs.join(blob).exists(), "{blob}: {collected}");
+    }
+    // The two base layers' (the build's own COPY layer, if the overlay
+    // snapshotter kept it unpacked, is not warm).
+    assert_eq!(unpacked_dirs(state.path()), 2, "{collected}");
+    let removed = format!(", {} unpacked layers", unpacked_before - 2);
+    assert!(collected.contains(&removed), "{collected}");
+
+    // Not warmed within --older-than: the base's blobs and layers go too.
+    std::thread::sleep(Duration::from_millis(2100));
+    let expired = gc(state.path(), "1s");
+    assert_eq!(unpacked_dirs(state.path()), 0, "{expired}");
+    for blob in &warm_blobs {
+        assert!(!blobs.join(blob).exists(), "{blob}: {expired}");
+    }
+}
