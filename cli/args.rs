@@ -291,8 +291,24 @@ pub struct BuildArgs {
     #[command(flatten)]
     pub kaniko: KanikoCompat,
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
-    #[arg(long, value_name = "PLATFORM")]
+    #[arg(long, value_name = "PLATFORM", conflicts_with = "platforms")]
     pub custom_platform: Option<String>,
+    /// Platforms to build for, `os/arch[/variant]`, comma-separated or
+    /// repeated: one build makes an image per platform and outputs an image
+    /// index of them (with one platform, a plain image, as
+    /// --custom-platform). RUN for another architecture runs under QEMU.
+    #[arg(long = "platform", value_name = "PLATFORM,...", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+    /// An OCI annotation, `KEY=VALUE`, on the image manifest(s)
+    /// (`manifest:KEY=VALUE`, the default) or the index (`index:KEY=VALUE`).
+    /// Repeatable.
+    #[arg(long = "annotation", value_name = "[manifest:|index:]KEY=VALUE")]
+    pub annotations: Vec<String>,
+    /// Write the build's result as JSON to this file: buildx's keys
+    /// (`containerimage.digest`, `containerimage.descriptor`, `image.name`)
+    /// and Kiln's summary (`kiln.build`).
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
     /// How RUN changes are found: walk (compare the whole root), overlay
     /// (run on an overlay and take its upper dir), or auto (overlay where
     /// overlayfs can be mounted, else walk).
