@@ -343,3 +343,96 @@ RUN echo $TARGETPLATFORM > /target && uname -m > /arch
         assert_eq!(read("hello"), "hi\n");
     }
 }
+
+/// Two single-platform builds (as two native Jobs would push them) to two
+/// repositories, then `kiln index create` into a third: the index lists
+/// both manifests, unchanged, and the blobs were mounted, not uploaded.
+#[test]
+fn index_create_assembles_separately_pushed_images() {
+    require_arm64_emulation();
+    let registry = Registry::start();
+    let base = registry.push_busybox_index_as("base/multi:latest");
+    let ctx = Context::new(&format!("FROM {base}\nRUN uname -m > /arch\n"), &[]);
+    let mut digests = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let state = tempfile::tempdir().unwrap();
+        let digest_file = state.path().join("digest");
+        let dest = registry.reference(&format!("app/{arch}:v1"));
+        let out = kiln_build(
+            &ctx,
+            &state.path().join("state"),
+            &[
+                "--custom-platform",
+                &format!("linux/{arch}"),
+                "--destination",
+                &dest,
+                "--digest-file",
+                digest_file.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        digests.push((
+            arch.to_string(),
+            std::fs::read_to_string(digest_file).unwrap(),
+        ));
+    }
+    let state = tempfile::tempdir().unwrap();
+    let digest_file = state.path().join("digest");
+    let dest = registry.reference("app/multi:v1");
+    let out = Command::new(KILN)
+        .args(["index", "create", "--cache-dir"])
+        .arg(state.path().join("state"))
+        .args(["--destination", &dest, "--digest-file"])
+        .arg(&digest_file)
+        .args(["--annotation", "org.opencontainers.image.version=1"])
+        .arg(registry.reference("app/amd64:v1"))
+        .arg(registry.reference(&format!("app/arm64@{}", digests[1].1)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stderr(&out);
+    assert!(
+        log.contains(" pulled, 0 pushed"),
+        "blobs are mounted: {log}"
+    );
+    assert!(!log.contains(" 0 blobs mounted"), "{log}");
+
+    let raw = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{dest}"),
+    ]))
+    .stdout;
+    let index: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(index_platforms(&index), digests);
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.version"],
+        "1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&digest_file).unwrap(),
+        sha256_of(&raw)
+    );
+    let unpacked = tempfile::tempdir().unwrap();
+    for (arch, uname) in [("amd64", "x86_64\n"), ("arm64", "aarch64\n")] {
+        let root = unpack_arch(&format!("docker://{dest}"), arch, unpacked.path());
+        assert_eq!(std::fs::read_to_string(root.join("arch")).unwrap(), uname);
+    }
+
+    // Two images of one platform make no index.
+    let out = Command::new(KILN)
+        .args(["index", "create", "--cache-dir"])
+        .arg(state.path().join("state"))
+        .args(["--destination", &registry.reference("app/bad:v1")])
+        .arg(registry.reference("app/amd64:v1"))
+        .arg(registry.reference(&format!("app/amd64@{}", digests[0].1)))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("both linux/amd64"),
+        "{}",
+        stderr(&out)
+    );
+}
