@@ -51,6 +51,51 @@ pub enum Commands {
     Cache(CacheArgs),
     /// Pull base images into the cache ahead of builds.
     Warm(Box<WarmArgs>),
+    /// Make image indexes (multi-platform images) from images in registries.
+    Index(IndexArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    #[command(subcommand)]
+    pub command: IndexCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Push an index of single-platform images already in registries (one
+    /// per architecture, built by separate jobs): the daemonless
+    /// `docker manifest create` + `push`.
+    Create(Box<IndexCreateArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct IndexCreateArgs {
+    /// Where to push the index. Repeatable.
+    #[arg(short = 'd', long = "destination", value_name = "REF", required = true)]
+    pub destinations: Vec<String>,
+    /// The images, one per platform (each one's platform is read from its
+    /// config): `REF[:tag]` or `REF@sha256:...`.
+    #[arg(value_name = "SRC", required = true)]
+    pub sources: Vec<String>,
+    /// An OCI annotation on the index, `KEY=VALUE` (or `index:KEY=VALUE`). Repeatable.
+    #[arg(long = "annotation", value_name = "KEY=VALUE")]
+    pub annotations: Vec<String>,
+    /// Write the index's digest to this file.
+    #[arg(long, value_name = "FILE")]
+    pub digest_file: Option<PathBuf>,
+    /// Kiln's state directory (as for `kiln build`): blobs that must be
+    /// copied between registries pass through its store.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Push to destination registries over plain HTTP.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Read the sources over plain HTTP.
+    #[arg(long)]
+    pub insecure_pull: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -300,8 +345,24 @@ pub struct BuildArgs {
     #[command(flatten)]
     pub kaniko: KanikoCompat,
     /// The platform to build for, `os/arch[/variant]` (default: the host's).
-    #[arg(long, value_name = "PLATFORM")]
+    #[arg(long, value_name = "PLATFORM", conflicts_with = "platforms")]
     pub custom_platform: Option<String>,
+    /// Platforms to build for, `os/arch[/variant]`, comma-separated or
+    /// repeated: one build makes an image per platform and outputs an image
+    /// index of them (with one platform, a plain image, as
+    /// --custom-platform). RUN for another architecture runs under QEMU.
+    #[arg(long = "platform", value_name = "PLATFORM,...", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+    /// An OCI annotation, `KEY=VALUE`, on the image manifest(s)
+    /// (`manifest:KEY=VALUE`, the default) or the index (`index:KEY=VALUE`).
+    /// Repeatable.
+    #[arg(long = "annotation", value_name = "[manifest:|index:]KEY=VALUE")]
+    pub annotations: Vec<String>,
+    /// Write the build's result as JSON to this file: buildx's keys
+    /// (`containerimage.digest`, `containerimage.descriptor`, `image.name`)
+    /// and Kiln's summary (`kiln.build`).
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
     /// How RUN changes are found: walk (compare the whole root), overlay
     /// (run on an overlay and take its upper dir), or auto (overlay where
     /// overlayfs can be mounted, else walk).

@@ -9,8 +9,8 @@ use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions, StateDir};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::{
-    output, overlay_wanted, BuildOptions, Builder, Compression, Forked, ImageFormat, Isolation,
-    SecretSource, SnapshotMode, Snapshotter, UsernsError,
+    output, overlay_wanted, BuildOptions, Builder, Compression, Event, Forked, ImageFormat,
+    Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
 };
 
 use crate::args::{
@@ -91,11 +91,16 @@ pub fn open_state_dir(cache_dir: Option<&Path>) -> Result<StateDir> {
     StateDir::open(path).context("--cache-dir")
 }
 
+/// `--custom-platform`'s (or one `--platform`'s) `os/arch[/variant]`,
+/// the host's without one.
 pub fn parse_platform(spec: Option<&str>) -> Result<Platform> {
     let Some(spec) = spec else {
         return Ok(Platform::host());
     };
     let parts: Vec<&str> = spec.split('/').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("platform {spec:?}: expected os/arch[/variant]");
+    }
     match parts.as_slice() {
         [os, arch] => Ok(Platform {
             os: os.to_string(),
@@ -107,7 +112,7 @@ pub fn parse_platform(spec: Option<&str>) -> Result<Platform> {
             architecture: arch.to_string(),
             variant: Some(variant.to_string()),
         }),
-        _ => bail!("--custom-platform {spec:?}: expected os/arch[/variant]"),
+        _ => bail!("platform {spec:?}: expected os/arch[/variant]"),
     }
 }
 
@@ -377,6 +382,8 @@ pub fn run(a: BuildArgs) -> Result<()> {
         scratch.path(),
     )?;
     let (dockerfile_name, dockerfile) = read_dockerfile(&a.frontend, Some(&context))?;
+    let platforms = crate::platforms::parse(&a.platforms, a.custom_platform.as_deref())?;
+    let annotations = crate::platforms::annotations(&a.annotations, platforms.len())?;
     // Found as read_dockerfile finds it: `<Dockerfile>.dockerignore` beside
     // it wins over the context's `.dockerignore`, as in BuildKit.
     let dockerfile_path = match &a.frontend.dockerfile {
@@ -399,7 +406,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         dockerignore,
         build_args: parse_pairs("--build-arg", &a.frontend.build_args)?,
         target: a.frontend.target.clone(),
-        platform: parse_platform(a.custom_platform.as_deref())?,
+        platform: platforms[0].clone(),
         compression: compression(&a)?,
         fixed_time: fixed_time(a.reproducible)?,
         labels: parse_pairs("--label", &a.labels)?,
@@ -462,13 +469,37 @@ pub fn run(a: BuildArgs) -> Result<()> {
             registry.prepare(&pushed_to).await?;
         }
         let log = BuildLog::default();
-        let on_event = |e| log.event(e);
-        let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?;
-        let image = builder.build().await?;
+        let summaries = std::sync::Mutex::new(Vec::new());
+        let on_event = |e: Event| {
+            if let Event::Summary(s) = &e {
+                summaries
+                    .lock()
+                    .expect("summaries poisoned")
+                    .push(s.clone());
+            }
+            log.event(e)
+        };
+        // One platform after the other: a stage every platform shares
+        // (`FROM --platform=$BUILDPLATFORM` with no TARGET* args) is built
+        // by the first and found in the cache by the rest.
+        let mut images = Vec::new();
+        for platform in &platforms {
+            if platforms.len() > 1 {
+                crate::platforms::log_platform(platform);
+            }
+            let options = BuildOptions {
+                platform: platform.clone(),
+                ..options.clone()
+            };
+            let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?;
+            let image = builder.build().await?;
+            images.push(output::annotate(&store, image, &annotations.manifest)?);
+        }
+        let built = crate::platforms::combine(&store, images, &annotations)?;
         let outputs_started = Instant::now();
         let tags: Vec<String> = destinations.iter().map(|d| d.whole()).collect();
         if let Some(path) = &a.tar_path {
-            output::write_docker_archive(&image, &tags, path, &store)?;
+            output::write_docker_archive(&built, &tags, path, &store)?;
             log_output("wrote", "tar", &path.display().to_string());
         }
         if let Some(path) = &a.oci_layout_path {
@@ -479,27 +510,28 @@ pub fn run(a: BuildArgs) -> Result<()> {
                     .map(|d| d.tag().unwrap_or("latest").to_string())
                     .collect(),
             };
-            output::write_oci_layout(&image, &layout_tags, path, &store)?;
+            output::write_oci_layout(&built, &layout_tags, path, &store)?;
             log_output("wrote", "oci-layout", &path.display().to_string());
         }
         if !a.no_push {
             for destination in &destinations {
-                output::push(&image, destination, &registry, &store).await?;
+                output::push(&built, destination, &registry, &store).await?;
                 log_output("pushed", "destination", &destination.whole());
             }
         }
         if let Some(path) = &a.digest_file {
-            output::write_digest_file(&image, path)?;
+            output::write_digest_file(&built, path)?;
         }
         // Kaniko's formats: `repo@digest` and `repo:tag@digest`, a line each.
+        let digest = &built.descriptor().digest;
         let named = |with_tag: bool| -> String {
             destinations
                 .iter()
                 .map(|d| {
                     let name = format!("{}/{}", d.registry(), d.repository());
                     match (with_tag, d.tag()) {
-                        (true, Some(tag)) => format!("{name}:{tag}@{}\n", image.manifest.digest),
-                        _ => format!("{name}@{}\n", image.manifest.digest),
+                        (true, Some(tag)) => format!("{name}:{tag}@{digest}\n"),
+                        _ => format!("{name}@{digest}\n"),
                     }
                 })
                 .collect()
@@ -515,13 +547,17 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
         let (pulled, pushed) = registry.bytes_transferred();
         let finished = Finished {
-            digest: image.manifest.digest.to_string(),
+            digest: digest.to_string(),
             elapsed: started.elapsed(),
             outputs: outputs_started.elapsed(),
             pulled,
             pushed,
             mounted: registry.blobs_mounted(),
         };
+        if let Some(path) = &a.metadata_file {
+            let summaries = summaries.lock().expect("summaries poisoned");
+            crate::metadata::write(path, &built, &tags, &platforms, &summaries, &finished)?;
+        }
         drop(captured);
         log.finish(&finished);
         anyhow::Ok(())

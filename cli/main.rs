@@ -5,7 +5,10 @@ mod build;
 mod cache;
 mod capture;
 mod context;
+mod index;
+mod metadata;
 mod plan;
+mod platforms;
 mod progress;
 mod report;
 mod sink;
@@ -31,6 +34,7 @@ fn main() {
         args::Commands::Plan(a) => plan::run(a),
         args::Commands::Cache(a) => cache::run(a),
         args::Commands::Warm(a) => warm::run(*a),
+        args::Commands::Index(a) => index::run(a),
     };
     if let Err(e) = result {
         sink::sink().error(&kiln_cachestore::error::error_chain(e.as_ref()));

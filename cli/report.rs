@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::sink::{sink, Level, LogFormat, Record};
 
 /// Milliseconds, fractional: a cache hit takes well under one.
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1e6
 }
 
@@ -80,10 +80,22 @@ impl BuildLog {
                     line => r.field("line", line),
                 }
             }
-            Event::Stage { index, name, base } => {
+            Event::Stage {
+                index,
+                name,
+                base,
+                platform,
+                emulated,
+            } => {
+                let how = match emulated {
+                    true => "emulated",
+                    false => "native",
+                };
                 let text = match &name {
-                    Some(name) => format!("==> stage {index} ({name}) from {base}"),
-                    None => format!("==> stage {index} from {base}"),
+                    Some(name) => {
+                        format!("==> stage {index} ({name}) from {base} for {platform} ({how})")
+                    }
+                    None => format!("==> stage {index} from {base} for {platform} ({how})"),
                 };
                 self.stages
                     .lock()
@@ -94,6 +106,8 @@ impl BuildLog {
                     .field("stage", index)
                     .field("stage_name", name)
                     .field("base", base)
+                    .field("platform", platform)
+                    .field("emulated", emulated)
             }
             Event::Pulled { reference, digest } => {
                 Record::info(format!("    base {reference} @ {digest}"))

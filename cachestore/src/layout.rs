@@ -11,7 +11,10 @@ use crate::manifest::{
     self, canonical_json, Descriptor, ImageIndex, MediaType, Parsed, Platform, ResolvedManifest,
 };
 
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The annotation that names (tags) an entry of a layout's `index.json`.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The `oci-layout` file's content.
+pub const LAYOUT_MARKER: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 fn layout_error(path: &Path, cause: impl Into<Cause>) -> CacheStoreError {
     CacheStoreError::Layout {
@@ -125,7 +128,7 @@ pub fn write(
         }
     }
     let marker = layout.join("oci-layout");
-    fs::write(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#).at(&marker)?;
+    fs::write(&marker, LAYOUT_MARKER).at(&marker)?;
 
     let mut index = if layout.join("index.json").exists() {
         read_index(layout)?
@@ -134,6 +137,7 @@ pub fn write(
             schema_version: 2,
             media_type: Some(MediaType::ImageIndex),
             manifests: Vec::new(),
+            annotations: None,
         }
     };
     for tag in tags {

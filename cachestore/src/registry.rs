@@ -806,6 +806,39 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Makes `digest` from `from` exist at `to`: nothing when it is there,
+    /// a cross-repository mount when both are on one registry and it
+    /// allows one, else a pull into the store and an upload.
+    pub async fn copy_blob(
+        &self,
+        from: &Reference,
+        to: &Reference,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<()> {
+        // Recorded first: the push below then tries the mount itself.
+        self.origins
+            .lock()
+            .expect("blob origins poisoned")
+            .insert(digest.clone(), from.clone());
+        if from.resolve_registry() == to.resolve_registry() {
+            if self.blob_exists(to, digest).await? {
+                return Ok(());
+            }
+            let client = self.client(to).await?;
+            if from.repository() != to.repository()
+                && client.mount_blob(to, from, digest.as_ref()).await.is_ok()
+            {
+                self.mounted.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        } else if self.blob_exists(to, digest).await? {
+            return Ok(());
+        }
+        self.pull_blob(from, digest, store).await?;
+        self.push_blob(to, digest, store).await
+    }
+
     /// Pushes exact manifest bytes (so the digest is what we computed).
     pub async fn push_manifest(
         &self,

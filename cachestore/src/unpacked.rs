@@ -308,7 +308,8 @@ mod tests {
         assert_eq!(layers.get_stacked(&id(), &[&a, &b]).unwrap(), None);
         assert_eq!(layers.count().unwrap(), 2);
         // Keeping a layer keeps it on every stack.
-        let keep = HashSet::from([id()]);
+        let kept_id = id();
+        let keep = HashSet::from([&kept_id]);
         assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
         let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
         assert!(layers.get_stacked(&id(), &[&a, &sha512]).is_err());

@@ -61,6 +61,8 @@ pub enum StepFailure {
     #[error(transparent)]
     Mount(#[from] crate::exec::mounts::MountError),
     #[error(transparent)]
+    Emulation(#[from] crate::exec::emulation::EmulationError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// A RUN whose command exited non-zero (or was killed: 128 + signal).
     #[error("{} returned a non-zero code: {code}", quote_argv(.argv))]

@@ -9,8 +9,9 @@ use serde_json::{Map, Value};
 
 use kiln_cachestore::digest::Digest;
 pub use kiln_cachestore::manifest::Layer;
-use kiln_cachestore::manifest::{self, Descriptor, ImageManifest, MediaType};
+use kiln_cachestore::manifest::{self, Descriptor, ImageIndex, ImageManifest, MediaType};
 use kiln_cachestore::BlobStore;
+use kiln_cachestore::Platform;
 
 use crate::error::BuildError;
 
@@ -139,6 +140,117 @@ pub struct BuiltImage {
     pub manifest: Descriptor,
     pub config: Descriptor,
     pub layers: Vec<Layer>,
+}
+
+/// What a build made: one image, or an index of one image per platform
+/// (`--platform P1,P2`).
+#[derive(Debug, Clone)]
+pub enum Built {
+    Image(BuiltImage),
+    Index(BuiltIndex),
+}
+
+/// An image index and the images it lists, all in the store.
+#[derive(Debug, Clone)]
+pub struct BuiltIndex {
+    pub index: Descriptor,
+    pub images: Vec<BuiltImage>,
+}
+
+impl Built {
+    /// What a destination's tag points at: the manifest or the index.
+    pub fn descriptor(&self) -> &Descriptor {
+        match self {
+            Built::Image(image) => &image.manifest,
+            Built::Index(index) => &index.index,
+        }
+    }
+
+    /// Every image, one per platform.
+    pub fn images(&self) -> &[BuiltImage] {
+        match self {
+            Built::Image(image) => std::slice::from_ref(image),
+            Built::Index(index) => &index.images,
+        }
+    }
+}
+
+/// Annotations for `--annotation`: on each image manifest, on the index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Annotations {
+    pub manifest: BTreeMap<String, String>,
+    pub index: BTreeMap<String, String>,
+}
+
+/// Adds `annotations` to the image's manifest: a new manifest (and digest)
+/// in the store. Docker schema 2 has no annotations.
+pub fn annotate(
+    store: &BlobStore,
+    image: BuiltImage,
+    annotations: &BTreeMap<String, String>,
+) -> Result<BuiltImage, BuildError> {
+    if annotations.is_empty() {
+        return Ok(image);
+    }
+    if image.manifest.media_type != MediaType::ImageManifest {
+        return Err(BuildError::Invalid(
+            "--annotation: Docker manifests have no annotations (use --image-format oci)".into(),
+        ));
+    }
+    let mut manifest: ImageManifest = serde_json::from_slice(&store.read(&image.manifest.digest)?)
+        .map_err(|e| BuildError::Invalid(format!("manifest {}: {e}", image.manifest.digest)))?;
+    manifest
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .extend(annotations.clone());
+    Ok(BuiltImage {
+        manifest: store.put_json(image.manifest.media_type.clone(), &manifest)?,
+        ..image
+    })
+}
+
+/// Writes the index of `images` (each with the platform its config names)
+/// into the store: an OCI index, or a Docker manifest list for Docker
+/// manifests.
+pub fn assemble_index(
+    store: &BlobStore,
+    images: Vec<BuiltImage>,
+    annotations: &BTreeMap<String, String>,
+) -> Result<BuiltIndex, BuildError> {
+    let docker = images
+        .iter()
+        .any(|i| i.manifest.media_type != MediaType::ImageManifest);
+    if docker && !annotations.is_empty() {
+        return Err(BuildError::Invalid(
+            "--annotation index:…: a Docker manifest list has no annotations (use --image-format oci)".into(),
+        ));
+    }
+    let mut manifests = Vec::new();
+    for image in &images {
+        let config: ImageConfig = serde_json::from_slice(&store.read(&image.config.digest)?)
+            .map_err(|e| BuildError::Invalid(format!("config {}: {e}", image.config.digest)))?;
+        let mut entry = image.manifest.clone();
+        entry.platform = Some(Platform {
+            architecture: config.architecture,
+            os: config.os,
+            variant: config.variant,
+        });
+        manifests.push(entry);
+    }
+    let media_type = match docker {
+        true => manifest::docker(manifest::DOCKER_LIST),
+        false => MediaType::ImageIndex,
+    };
+    let index = ImageIndex {
+        schema_version: 2,
+        media_type: Some(media_type.clone()),
+        manifests,
+        annotations: (!annotations.is_empty()).then(|| annotations.clone()),
+    };
+    Ok(BuiltIndex {
+        index: store.put_json(media_type, &index)?,
+        images,
+    })
 }
 
 /// Writes an image's config and manifest into the store: `config` with

@@ -26,7 +26,7 @@ pub use rootfs::clean_relative;
 pub use rootfs::snapshot::SnapshotMode;
 
 // Outputs: registry push, docker-archive, OCI layout, digest file.
-pub use image::BuiltImage;
+pub use image::{Built, BuiltImage};
 pub mod output;
 
 // Remote build contexts (`tar://`, git), fetched by the CLI.

@@ -1,15 +1,17 @@
 //! Build outputs: registry pushes, a docker-archive tarball, an OCI layout,
-//! and digest files.
+//! and digest files. Each takes what the build made ([`Built`]): one image,
+//! or an index of one image per platform.
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use kiln_cachestore::digest::{self, Digest};
-use kiln_cachestore::manifest::canonical_json;
+use kiln_cachestore::manifest::{canonical_json, ImageIndex, MediaType};
 use kiln_cachestore::{layout, BlobStore, Reference, RegistryClient};
 
 use crate::error::{BuildError, IoContext};
-pub use crate::image::BuiltImage;
+pub use crate::image::{annotate, assemble_index, Annotations, Built, BuiltImage, BuiltIndex};
 
 impl BuiltImage {
     fn blob_digests(&self) -> Vec<Digest> {
@@ -21,11 +23,30 @@ impl BuiltImage {
     }
 }
 
-/// Pushes the image to one destination: blobs first (skipping those the
-/// registry has), the manifest last, so a failed push leaves no image.
-pub async fn push(
+impl Built {
+    /// Every blob the tag's manifest reaches, but that manifest itself:
+    /// layers and configs, and for an index each image's manifest.
+    fn blob_digests(&self) -> Vec<Digest> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for image in self.images() {
+            let manifest = matches!(self, Built::Index(_)).then(|| image.manifest.digest.clone());
+            for d in image.blob_digests().into_iter().chain(manifest) {
+                if seen.insert(d.clone()) {
+                    out.push(d);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Pushes one image: blobs first (skipping those the registry has), the
+/// manifest last, to `destination`'s tag or, in an index, by its digest.
+async fn push_image(
     image: &BuiltImage,
     destination: &Reference,
+    by_digest: bool,
     registry: &RegistryClient,
     store: &BlobStore,
 ) -> Result<(), BuildError> {
@@ -42,60 +63,170 @@ pub async fn push(
         registry.push_blob(destination, &digest, store).await?;
     }
     let bytes = store.read(&image.manifest.digest)?;
+    let to = match by_digest {
+        true => destination.clone_with_digest(image.manifest.digest.to_string()),
+        false => destination.clone(),
+    };
     registry
-        .push_manifest(destination, bytes, &image.manifest.media_type)
+        .push_manifest(&to, bytes, &image.manifest.media_type)
         .await?;
     Ok(())
+}
+
+/// Pushes what was built to one destination, the tag last, so a failed
+/// push leaves no image (or index) under it.
+pub async fn push(
+    built: &Built,
+    destination: &Reference,
+    registry: &RegistryClient,
+    store: &BlobStore,
+) -> Result<(), BuildError> {
+    match built {
+        Built::Image(image) => push_image(image, destination, false, registry, store).await,
+        Built::Index(index) => {
+            for image in &index.images {
+                push_image(image, destination, true, registry, store).await?;
+            }
+            let bytes = store.read(&index.index.digest)?;
+            registry
+                .push_manifest(destination, bytes, &index.index.media_type)
+                .await?;
+            Ok(())
+        }
+    }
 }
 
 /// Writes a docker-archive tarball (`docker save` format) that `podman
 /// load` and `skopeo copy docker-archive:` read. Layers are stored
 /// compressed, as go-containerregistry's tarballs do.
+///
+/// An index is written as `docker save` (Docker 25) writes one: an OCI
+/// layout (`oci-layout`, `index.json`, `blobs/`) that `skopeo copy
+/// oci-archive:` reads, plus a `manifest.json` with an entry per image for
+/// docker-archive readers, its tags on the first.
 pub fn write_docker_archive(
-    image: &BuiltImage,
+    built: &Built,
     tags: &[String],
     path: &Path,
     store: &BlobStore,
 ) -> Result<(), BuildError> {
-    let config_name = format!("{}.json", digest::hex(&image.config.digest)?);
-    let layer_names = image
-        .layers
-        .iter()
-        .map(|l| Ok(format!("{}.tar.gz", digest::hex(&l.descriptor.digest)?)))
-        .collect::<Result<Vec<String>, BuildError>>()?;
-    let manifest = serde_json::json!([{
-        "Config": config_name,
-        "RepoTags": tags,
-        "Layers": layer_names,
-    }]);
     let file = File::create(path).at(path)?;
-    let mut tar = tar::Builder::new(BufWriter::new(file));
-    let mut add = |name: &str, size: u64, data: &mut dyn std::io::Read| {
+    let mut tar = Tar {
+        tar: tar::Builder::new(BufWriter::new(file)),
+        path,
+    };
+    let manifest = match built {
+        Built::Image(image) => {
+            let config_name = format!("{}.json", digest::hex(&image.config.digest)?);
+            let layer_names = image
+                .layers
+                .iter()
+                .map(|l| Ok(format!("{}.tar.gz", digest::hex(&l.descriptor.digest)?)))
+                .collect::<Result<Vec<String>, BuildError>>()?;
+            tar.bytes(&config_name, &store.read(&image.config.digest)?)?;
+            for (layer, name) in image.layers.iter().zip(&layer_names) {
+                tar.blob(name, &layer.descriptor.digest, store)?;
+            }
+            serde_json::json!([{
+                "Config": config_name,
+                "RepoTags": tags,
+                "Layers": layer_names,
+            }])
+        }
+        Built::Index(index) => {
+            let blob_name = |d: &Digest| Ok(format!("blobs/sha256/{}", digest::hex(d)?));
+            for d in built
+                .blob_digests()
+                .iter()
+                .chain(std::iter::once(&index.index.digest))
+            {
+                tar.blob(&blob_name(d)?, d, store)?;
+            }
+            tar.bytes("oci-layout", layout::LAYOUT_MARKER)?;
+            let mut entry = index.index.clone();
+            if let Some(tag) = tags.first() {
+                entry.annotations = Some(
+                    [
+                        ("io.containerd.image.name".to_string(), tag.clone()),
+                        (layout::REF_NAME.to_string(), tag_of(tag).to_string()),
+                    ]
+                    .into(),
+                );
+            }
+            let oci_index = ImageIndex {
+                schema_version: 2,
+                media_type: Some(MediaType::ImageIndex),
+                manifests: vec![entry],
+                annotations: None,
+            };
+            tar.bytes("index.json", &canonical_json(&oci_index))?;
+            let entries = index
+                .images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| {
+                    let layers = image
+                        .layers
+                        .iter()
+                        .map(|l| blob_name(&l.descriptor.digest))
+                        .collect::<Result<Vec<_>, BuildError>>()?;
+                    Ok(serde_json::json!({
+                        "Config": blob_name(&image.config.digest)?,
+                        "RepoTags": if i == 0 { tags.to_vec() } else { Vec::new() },
+                        "Layers": layers,
+                    }))
+                })
+                .collect::<Result<Vec<_>, BuildError>>()?;
+            serde_json::Value::Array(entries)
+        }
+    };
+    tar.bytes("manifest.json", &canonical_json(&manifest))?;
+    let mut out = tar.tar.into_inner().at(path)?;
+    out.flush().at(path)
+}
+
+/// A tarball being written, whose errors name its path.
+struct Tar<'a> {
+    tar: tar::Builder<BufWriter<File>>,
+    path: &'a Path,
+}
+
+impl Tar<'_> {
+    fn entry(
+        &mut self,
+        name: &str,
+        size: u64,
+        data: &mut dyn std::io::Read,
+    ) -> Result<(), BuildError> {
         let mut header = tar::Header::new_gnu();
         header.set_size(size);
         header.set_mode(0o644);
         header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut header, name, data).at(path)
-    };
-    let config = store.read(&image.config.digest)?;
-    add(&config_name, config.len() as u64, &mut config.as_slice())?;
-    for (layer, name) in image.layers.iter().zip(&layer_names) {
-        let mut blob = store.open_blob(&layer.descriptor.digest)?;
-        add(name, layer.descriptor.size, &mut blob)?;
+        self.tar.append_data(&mut header, name, data).at(self.path)
     }
-    let manifest = canonical_json(&manifest);
-    add(
-        "manifest.json",
-        manifest.len() as u64,
-        &mut manifest.as_slice(),
-    )?;
-    let mut out = tar.into_inner().at(path)?;
-    out.flush().at(path)
+
+    fn bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), BuildError> {
+        self.entry(name, bytes.len() as u64, &mut &bytes[..])
+    }
+
+    fn blob(&mut self, name: &str, digest: &Digest, store: &BlobStore) -> Result<(), BuildError> {
+        let size = store.size(digest)?;
+        self.entry(name, size, &mut store.open_blob(digest)?)
+    }
 }
 
-/// Adds the image to an OCI layout under each tag.
+/// The tag of `registry/repo:tag`, `latest` without one.
+fn tag_of(reference: &str) -> &str {
+    match reference.rsplit_once(':') {
+        Some((_, tag)) if !tag.contains('/') => tag,
+        _ => "latest",
+    }
+}
+
+/// Adds what was built to an OCI layout under each tag: the manifest, or
+/// the index with every image's manifest.
 pub fn write_oci_layout(
-    image: &BuiltImage,
+    built: &Built,
     tags: &[String],
     path: &Path,
     store: &BlobStore,
@@ -103,12 +234,13 @@ pub fn write_oci_layout(
     Ok(layout::write(
         path,
         store,
-        &image.manifest,
-        &image.blob_digests(),
+        built.descriptor(),
+        &built.blob_digests(),
         tags,
     )?)
 }
 
-pub fn write_digest_file(image: &BuiltImage, path: &Path) -> Result<(), BuildError> {
-    std::fs::write(path, image.manifest.digest.as_ref()).at(path)
+/// The digest a destination's tag points at: the manifest's, or the index's.
+pub fn write_digest_file(built: &Built, path: &Path) -> Result<(), BuildError> {
+    std::fs::write(path, built.descriptor().digest.as_ref()).at(path)
 }

@@ -39,6 +39,10 @@ pub struct StagePlan {
     pub base: Base,
     /// The FROM argument after expansion, for messages.
     pub base_display: String,
+    /// What the stage builds for: its `FROM --platform`, else its parent
+    /// stage's, else the build's. Its base is resolved and its steps keyed
+    /// and run for it.
+    pub platform: Platform,
     pub steps: Vec<Step>,
     /// The config the stage ends with (rootfs and history are the builder's).
     pub config: ImageConfig,
@@ -180,12 +184,17 @@ impl StagePlan {
     }
 }
 
-/// Plans the needed stages of `graph`. `base_configs` holds the config of
-/// every base image a needed stage starts from, by expanded reference.
+/// A base image as a stage uses it: its expanded reference, and the
+/// platform its manifest is chosen for.
+pub type BaseKey = (String, Platform);
+
+/// Plans the needed stages of `graph` for the target `platform`.
+/// `base_configs` holds the config of every base image a needed stage
+/// starts from ([`StagePlan::platform`] says which of an index's images).
 pub fn plan(
     df: &Dockerfile,
     graph: &StageGraph,
-    base_configs: &HashMap<String, ImageConfig>,
+    base_configs: &HashMap<BaseKey, ImageConfig>,
     platform: &Platform,
     labels: &BTreeMap<String, String>,
 ) -> Result<Plan, FrontendError> {
@@ -194,19 +203,23 @@ pub fn plan(
     let mut scopes: HashMap<usize, Scope> = HashMap::new();
     let mut warnings = graph.warnings.clone();
     for stage in &graph.stages {
+        let stage_platform = stage_platform(graph, stage.index, platform);
         let (base, mut config) = match &stage.base_ref {
             BaseRef::Scratch => (
                 Base::Scratch,
                 ImageConfig {
-                    architecture: platform.architecture.clone(),
-                    os: platform.os.clone(),
-                    variant: platform.variant.clone(),
+                    architecture: stage_platform.architecture.clone(),
+                    os: stage_platform.os.clone(),
+                    variant: stage_platform.variant.clone(),
                     ..Default::default()
                 },
             ),
             BaseRef::Image(r) => (
                 Base::Image(r.clone()),
-                base_configs.get(r).cloned().unwrap_or_default(),
+                base_configs
+                    .get(&(r.clone(), stage_platform.clone()))
+                    .cloned()
+                    .unwrap_or_default(),
             ),
             BaseRef::Stage(i) => (
                 Base::Stage(*i),
@@ -263,6 +276,7 @@ pub fn plan(
             needed: stage.needed,
             base,
             base_display: stage.base_resolved.clone(),
+            platform: stage_platform,
             steps: planner.steps,
             config: planner.config,
         });
@@ -272,6 +286,21 @@ pub fn plan(
         target: graph.target,
         warnings,
     })
+}
+
+/// [`StageGraph::stage_platform`] in the registry's terms.
+pub fn stage_platform(graph: &StageGraph, index: usize, target: &Platform) -> Platform {
+    let target = crate::dockerfile::Platform {
+        os: target.os.clone(),
+        architecture: target.architecture.clone(),
+        variant: target.variant.clone(),
+    };
+    let p = graph.stage_platform(index, &target);
+    Platform {
+        os: p.os,
+        architecture: p.architecture,
+        variant: p.variant,
+    }
 }
 
 struct StagePlanner<'a> {

@@ -442,3 +442,73 @@ pub fn assert_no_run_layers(reference: &str) {
         "{headers:?}"
     );
 }
+
+/// The two-platform busybox base (linux/amd64 + linux/arm64) as an OCI
+/// layout whose `latest` is an image index, built once per test process.
+pub fn busybox_index_layout() -> &'static Path {
+    static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("busybox-index-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        run_ok(Command::new(Path::new(REPO).join("fixtures/busybox-index.sh")).arg(&dir));
+        dir
+    })
+}
+
+impl Registry {
+    /// Pushes the two-platform busybox index as `repo_tag`; its reference.
+    pub fn push_busybox_index_as(&self, repo_tag: &str) -> String {
+        let reference = self.reference(repo_tag);
+        run_ok(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--all",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:latest", busybox_index_layout().display()),
+            &format!("docker://{reference}"),
+        ]));
+        reference
+    }
+}
+
+/// `skopeo inspect --raw` of a transport reference (`docker://…`,
+/// `oci:…`, `oci-archive:…`), parsed.
+pub fn skopeo_raw(transport_ref: &str) -> serde_json::Value {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        transport_ref,
+    ]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The `sha256:` digest of bytes, by sha256sum.
+pub fn sha256_of(bytes: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    format!("sha256:{}", text.split_whitespace().next().unwrap())
+}
+
+/// Panics, saying what to do, unless QEMU can run arm64 binaries in a
+/// root (binfmt_misc with the F flag): the emulated tests fail rather than
+/// pass without it.
+pub fn require_arm64_emulation() {
+    let path = Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64");
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        text.starts_with("enabled")
+            && text
+                .lines()
+                .any(|l| l.starts_with("flags:") && l.contains('F')),
+        "{} is not enabled with the F flag: install qemu-user-static and binfmt-support, mount binfmt_misc, then update-binfmts --enable qemu-aarch64 (.ci/run does)",
+        path.display()
+    );
+}

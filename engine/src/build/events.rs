@@ -15,6 +15,10 @@ pub enum Event {
         index: usize,
         name: Option<String>,
         base: String,
+        /// What it builds for (`os/arch[/variant]`), and whether that is
+        /// not this machine's: its RUNs then run under QEMU.
+        platform: String,
+        emulated: bool,
     },
     Pulled {
         reference: String,

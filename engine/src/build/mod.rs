@@ -40,11 +40,12 @@ use kiln_cachestore::{layout, registry, BlobStore, Index, Platform, RegistryClie
 use crate::dockerfile::{self, Dockerfile, StageGraph};
 use crate::error::{BuildError, IoContext, StepFailure};
 use crate::exec::add::Resolved;
+use crate::exec::emulation;
 use crate::exec::mounts::SourceRoots;
 use crate::exec::run::{EtcFiles, Isolation};
 use crate::image::{self, BuiltImage, ImageConfig, Layer};
 use crate::key;
-use crate::plan::{self, Base, CopyFrom, Plan, Step};
+use crate::plan::{self, Action, Base, BaseKey, CopyFrom, Plan, Step};
 use crate::rootfs::{clean_relative, Recorded};
 use events::Counters;
 use roots::{OnDisk, Roots};
@@ -214,7 +215,7 @@ impl<'a> Builder<'a> {
     /// and plans every step.
     pub async fn resolve(
         &self,
-    ) -> Result<(Dockerfile, Plan, HashMap<String, ResolvedManifest>), BuildError> {
+    ) -> Result<(Dockerfile, Plan, HashMap<BaseKey, ResolvedManifest>), BuildError> {
         let opts = self.options;
         let df = dockerfile::parse(&opts.dockerfile).map_err(|e| self.dockerfile_error(e))?;
         let graph = StageGraph::resolve(
@@ -228,12 +229,17 @@ impl<'a> Builder<'a> {
         let mut configs = HashMap::new();
         for stage in graph.stages.iter().filter(|s| s.needed) {
             if let dockerfile::BaseRef::Image(reference) = &stage.base_ref {
-                if manifests.contains_key(reference) {
+                // Each stage's base for the stage's platform: a build for
+                // arm64 takes the arm64 image of an index, and a
+                // `FROM --platform=$BUILDPLATFORM` stage the host's.
+                let platform = plan::stage_platform(&graph, stage.index, &opts.platform);
+                let key = (reference.clone(), platform);
+                if manifests.contains_key(&key) {
                     continue;
                 }
-                let (m, config) = self.fetch_image(reference).await?;
-                configs.insert(reference.clone(), config);
-                manifests.insert(reference.clone(), m);
+                let (m, config) = self.fetch_image(reference, &key.1).await?;
+                configs.insert(key.clone(), config);
+                manifests.insert(key, m);
             }
         }
         let plan = plan::plan(&df, &graph, &configs, &opts.platform, &opts.labels)
@@ -252,12 +258,12 @@ impl<'a> Builder<'a> {
     async fn fetch_image(
         &self,
         reference: &str,
+        platform: &Platform,
     ) -> Result<(ResolvedManifest, ImageConfig), BuildError> {
         let base_error = |source| BuildError::BaseImage {
             reference: reference.to_string(),
             source: Box::new(source),
         };
-        let platform = &self.options.platform;
         let m = if let Some(spec) = reference.strip_prefix("oci-layout://") {
             let (path, tag) = layout::split_layout_reference(spec);
             layout::import(Path::new(path), tag, platform, self.store).map_err(base_error)?
@@ -362,7 +368,6 @@ impl<'a> Builder<'a> {
         let in_image = in_target_image(&plan);
         // Filling `--cache-repo` needs every new layer's blob.
         let remote_push = self.remote.is_some() && self.options.cache_repo_push;
-        let platform = self.options.platform.to_string();
         // Keys that hit, recorded once at the end as used, for `kiln cache gc`.
         let mut used: Vec<String> = Vec::new();
         // Every image a step reads, up front: with `--isolation none` the
@@ -376,17 +381,20 @@ impl<'a> Builder<'a> {
         for from in reads {
             if let CopyFrom::Image(reference) = from {
                 if !images.contains_key(reference) {
-                    let (m, config) = self.fetch_image(reference).await?;
+                    let (m, config) = self.fetch_image(reference, &self.options.platform).await?;
                     let on_disk = None;
                     images.insert(reference.clone(), FetchedImage { m, config, on_disk });
                 }
             }
         }
         for stage in plan.stages.iter().filter(|s| s.needed) {
+            let emulated = !emulation::native(&stage.platform);
             (self.on_event)(Event::Stage {
                 index: stage.index,
                 name: stage.name.clone(),
                 base: stage.base_display.clone(),
+                platform: stage.platform.to_string(),
+                emulated,
             });
             let mut result = match &stage.base {
                 Base::Scratch => StageResult {
@@ -397,7 +405,7 @@ impl<'a> Builder<'a> {
                     built: None,
                 },
                 Base::Image(reference) => {
-                    let m = &manifests[reference];
+                    let m = &manifests[&(reference.clone(), stage.platform.clone())];
                     let config = self.image_config(m, reference)?;
                     if !reference.starts_with("oci-layout://") {
                         for layer in &m.manifest.layers {
@@ -421,6 +429,9 @@ impl<'a> Builder<'a> {
                 stages: &results,
                 images: &images,
             };
+            // The stage's platform is in every key: two platforms share an
+            // entry only where a stage builds for the same one.
+            let platform = stage.platform.to_string();
             let keys =
                 blocking(|| key::step_keys(&stage.steps, &result.last_key, &platform, &sources))?;
             let hits = self.lookup(stage, &keys)?;
@@ -436,6 +447,16 @@ impl<'a> Builder<'a> {
                 .zip(&hits)
                 .all(|(k, h)| k.is_none() || h.is_some());
             if !fully_cached {
+                // A RUN that will run for another architecture needs QEMU
+                // registered so that it works inside the root.
+                let runs =
+                    stage.steps.iter().zip(&hits).find(|(step, hit)| {
+                        hit.is_none() && matches!(step.action, Action::Run { .. })
+                    });
+                if let (true, Some((step, _))) = (emulated, runs) {
+                    emulation::check(&stage.platform, Path::new(emulation::BINFMT_MISC))
+                        .map_err(|e| self.step_error(step, e))?;
+                }
                 // Put on disk what this stage reads: its base, its hits and
                 // its COPY sources, their blobs first.
                 self.ensure_blobs(&mut result.layers, true).await?;

@@ -60,6 +60,19 @@ impl Platform {
         }
     }
 
+    /// Parses `os/arch[/variant]`, as `--platform` takes it.
+    pub fn parse(spec: &str) -> Option<Self> {
+        let parts: Vec<&str> = spec.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        match parts.as_slice() {
+            [os, arch] => Some(Platform::new(os, arch, None)),
+            [os, arch, variant] => Some(Platform::new(os, arch, Some(variant))),
+            _ => None,
+        }
+    }
+
     /// `os/arch[/variant]`.
     pub fn format(&self) -> String {
         match &self.variant {
@@ -122,18 +135,20 @@ pub struct GlobalArgs {
 }
 
 impl GlobalArgs {
-    /// The platform args (overridable with `--build-arg`), before any ARG.
-    pub fn new(platform: &Platform, build_args: &BTreeMap<String, String>) -> Self {
-        let variant = platform.variant.clone().unwrap_or_default();
+    /// The platform args (overridable with `--build-arg`), before any ARG:
+    /// `TARGET*` name `target`, the platform being built for, and `BUILD*`
+    /// name `build`, the one Kiln runs on.
+    pub fn new(target: &Platform, build: &Platform, build_args: &BTreeMap<String, String>) -> Self {
+        let variant = |p: &Platform| p.variant.clone().unwrap_or_default();
         let defaults = [
-            ("BUILDPLATFORM", platform.format()),
-            ("BUILDOS", platform.os.clone()),
-            ("BUILDARCH", platform.architecture.clone()),
-            ("BUILDVARIANT", variant.clone()),
-            ("TARGETPLATFORM", platform.format()),
-            ("TARGETOS", platform.os.clone()),
-            ("TARGETARCH", platform.architecture.clone()),
-            ("TARGETVARIANT", variant),
+            ("BUILDPLATFORM", build.format()),
+            ("BUILDOS", build.os.clone()),
+            ("BUILDARCH", build.architecture.clone()),
+            ("BUILDVARIANT", variant(build)),
+            ("TARGETPLATFORM", target.format()),
+            ("TARGETOS", target.os.clone()),
+            ("TARGETARCH", target.architecture.clone()),
+            ("TARGETVARIANT", variant(target)),
         ];
         let mut values = Vec::new();
         for (k, v) in defaults {
@@ -448,7 +463,11 @@ mod tests {
     }
 
     fn global(build: &[(&str, &str)]) -> GlobalArgs {
-        GlobalArgs::new(&Platform::linux_amd64(), &args(build))
+        GlobalArgs::new(
+            &Platform::linux_amd64(),
+            &Platform::linux_amd64(),
+            &args(build),
+        )
     }
 
     #[test]
@@ -459,11 +478,15 @@ mod tests {
         assert_eq!(g.lookup("TARGETVARIANT").as_deref(), Some(""));
         let g = GlobalArgs::new(
             &Platform::new("linux", "arm", Some("v7")),
+            &Platform::linux_amd64(),
             &args(&[("TARGETOS", "freebsd")]),
         );
         assert_eq!(g.lookup("TARGETPLATFORM").as_deref(), Some("linux/arm/v7"));
         assert_eq!(g.lookup("TARGETVARIANT").as_deref(), Some("v7"));
         assert_eq!(g.lookup("TARGETOS").as_deref(), Some("freebsd"));
+        // BUILD* stay the builder's own platform.
+        assert_eq!(g.lookup("BUILDPLATFORM").as_deref(), Some("linux/amd64"));
+        assert_eq!(g.lookup("BUILDVARIANT").as_deref(), Some(""));
     }
 
     #[test]
@@ -638,6 +661,21 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert!(w[0].message.contains("\"UNUSED\" was not consumed"));
         assert_eq!(w[0].line, 0);
+    }
+
+    #[test]
+    fn platforms_parse_as_flags_write_them() {
+        assert_eq!(
+            Platform::parse("linux/arm/v7"),
+            Some(Platform::new("linux", "arm", Some("v7")))
+        );
+        assert_eq!(
+            Platform::parse("linux/arm64").unwrap().format(),
+            "linux/arm64"
+        );
+        for bad in ["arm64", "linux/", "/arm64", "a/b/c/d", ""] {
+            assert_eq!(Platform::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -82,8 +82,8 @@ pub fn stage_report_text(graph: &StageGraph, df: &Dockerfile) -> String {
                 .map_or("(unnamed)".to_string(), |n| format!("\"{n}\"")),
             base,
             s.platform
-                .as_deref()
-                .map(|p| format!(" for {p}"))
+                .as_ref()
+                .map(|p| format!(" for {}", p.format()))
                 .unwrap_or_default(),
             status.join(", ")
         ));

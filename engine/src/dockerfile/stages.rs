@@ -58,7 +58,7 @@ pub struct Stage {
     pub base_resolved: String,
     pub base_ref: BaseRef,
     /// `FROM --platform=...` after global ARG expansion.
-    pub platform: Option<String>,
+    pub platform: Option<Platform>,
     /// Whether the target needs this stage.
     pub needed: bool,
     /// The FROM and every `COPY --from` / `RUN --mount=from=`, in order.
@@ -107,6 +107,17 @@ pub struct StageGraph {
 }
 
 impl StageGraph {
+    /// The platform stage `index` builds for: its `FROM --platform`, else
+    /// its parent stage's, else `target`, the build's.
+    pub fn stage_platform(&self, index: usize, target: &Platform) -> Platform {
+        let stage = &self.stages[index];
+        match (&stage.platform, &stage.base_ref) {
+            (Some(p), _) => p.clone(),
+            (None, BaseRef::Stage(parent)) => self.stage_platform(*parent, target),
+            (None, _) => target.clone(),
+        }
+    }
+
     /// Splits `df` into stages, expands every FROM with the global ARGs,
     /// resolves `FROM <stage>`, `COPY --from` and `RUN --mount=from=`, and
     /// marks the stages `target` (default: the last stage) needs.
@@ -125,7 +136,8 @@ impl StageGraph {
     ) -> Result<StageGraph, FrontendError> {
         let check = df.check_config();
         let mut lint = Vec::new();
-        let mut global_args = GlobalArgs::new(platform, build_args);
+        // The builder runs natively: BUILDPLATFORM is the host's.
+        let mut global_args = GlobalArgs::new(platform, &Platform::host(), build_args);
 
         // Split into the global part and stages.
         let first_from = df.instructions.iter().position(|i| i.keyword == "FROM");
@@ -177,13 +189,18 @@ impl StageGraph {
                 ));
             }
             let platform = match platform {
-                Some(p) => Some(expand_global(
-                    &global_args,
-                    &p,
-                    df.escape,
-                    from.line,
-                    &mut lint,
-                )?),
+                Some(p) => {
+                    let spec = expand_global(&global_args, &p, df.escape, from.line, &mut lint)?;
+                    Some(Platform::parse(&spec).ok_or_else(|| {
+                        FrontendError::new(
+                            from.line,
+                            format!(
+                                "FROM --platform={}: expected os/arch[/variant]",
+                                excerpt(&spec)
+                            ),
+                        )
+                    })?)
+                }
                 None => None,
             };
             let base_ref = match find_stage(&stages, &base_resolved) {
@@ -602,7 +619,22 @@ COPY --from=nginx:alpine /etc/nginx /etc/nginx
         assert!(g.warnings.is_empty(), "{:?}", g.warnings);
         let g = ok("ARG BASE=alpine\nARG TAG\nFROM ${BASE}:${TAG:-3.19}\nFROM --platform=$BUILDPLATFORM $BASE");
         assert_eq!(g.stages[0].base_resolved, "alpine:3.19");
-        assert_eq!(g.stages[1].platform.as_deref(), Some("linux/amd64"));
+        let host = Platform::host();
+        assert_eq!(g.stages[1].platform.as_ref(), Some(&host));
+        let arm = Platform::new("linux", "arm64", None);
+        assert_eq!(g.stage_platform(1, &arm), host);
+        assert_eq!(g.stage_platform(0, &arm), arm);
+        let g = ok("FROM --platform=linux/s390x alpine AS a\nFROM a\nFROM alpine");
+        let s390x = Platform::new("linux", "s390x", None);
+        assert_eq!(
+            g.stage_platform(1, &arm),
+            s390x,
+            "inherited from its parent"
+        );
+        assert_eq!(g.stage_platform(2, &arm), arm);
+        let e = graph("FROM --platform=arm64 alpine", &[], None).unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("expected os/arch"), "{}", e.message);
     }
 
     #[test]
