@@ -81,8 +81,10 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
     let registry = Registry::start();
     registry.push_busybox();
 
+    // Three failures: the destination's manifest HEAD (whose failure only
+    // means "push it"), then the blob's HEAD and its one retry.
     let out = build(
-        &flaky_proxy(registry.addr.clone(), 2, UNAVAILABLE),
+        &flaky_proxy(registry.addr.clone(), 3, UNAVAILABLE),
         &[],
         false,
     );
@@ -96,7 +98,7 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
         "{err}"
     );
 
-    let proxy = flaky_proxy(registry.addr.clone(), 2, UNAVAILABLE);
+    let proxy = flaky_proxy(registry.addr.clone(), 3, UNAVAILABLE);
     let out = build(&proxy, &["--push-retry", "3"], false);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("retrying"), "{}", stderr(&out));
