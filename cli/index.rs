@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 
 use kiln_cachestore::digest::Digest;
-use kiln_cachestore::manifest::{self, Descriptor, ImageIndex, MediaType, Parsed};
+use kiln_cachestore::manifest::{self, Descriptor, ImageIndex, Parsed};
 use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Platform, Reference, RegistryClient, ResolvedManifest};
 
@@ -117,14 +117,8 @@ fn create(a: IndexCreateArgs) -> Result<()> {
         if docker && !annotations.is_empty() {
             bail!("--annotation: the sources are Docker images, whose manifest list has no annotations");
         }
-        let media_type = match docker {
-            true => manifest::docker(manifest::DOCKER_LIST),
-            false => MediaType::ImageIndex,
-        };
-        let index = ImageIndex {
-            schema_version: 2,
-            media_type: Some(media_type.clone()),
-            manifests: sources
+        let index = ImageIndex::of(
+            sources
                 .iter()
                 .map(|s| Descriptor {
                     platform: Some(s.platform.clone()),
@@ -135,8 +129,10 @@ fn create(a: IndexCreateArgs) -> Result<()> {
                     )
                 })
                 .collect(),
-            annotations: (!annotations.is_empty()).then_some(annotations),
-        };
+            docker,
+            annotations,
+        );
+        let media_type = index.media_type();
         let index_bytes = manifest::canonical_json(&index);
         let digest = kiln_cachestore::digest::sha256(&index_bytes);
         for destination in &destinations {

@@ -133,6 +133,32 @@ pub struct ImageIndex {
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 
+impl ImageIndex {
+    /// The index of `manifests`: a Docker manifest list when `docker` (the
+    /// images are Docker's), else an OCI index, with `annotations` if any.
+    pub fn of(
+        manifests: Vec<Descriptor>,
+        docker: bool,
+        annotations: std::collections::BTreeMap<String, String>,
+    ) -> ImageIndex {
+        let media_type = match docker {
+            true => self::docker(DOCKER_LIST),
+            false => MediaType::ImageIndex,
+        };
+        ImageIndex {
+            schema_version: 2,
+            media_type: Some(media_type),
+            manifests,
+            annotations: (!annotations.is_empty()).then_some(annotations),
+        }
+    }
+
+    /// The media type it declares (an OCI index when it names none).
+    pub fn media_type(&self) -> MediaType {
+        self.media_type.clone().unwrap_or(MediaType::ImageIndex)
+    }
+}
+
 /// A layer as a manifest lists it, with the diff_id its config lists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {

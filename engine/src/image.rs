@@ -237,18 +237,9 @@ pub fn assemble_index(
         });
         manifests.push(entry);
     }
-    let media_type = match docker {
-        true => manifest::docker(manifest::DOCKER_LIST),
-        false => MediaType::ImageIndex,
-    };
-    let index = ImageIndex {
-        schema_version: 2,
-        media_type: Some(media_type.clone()),
-        manifests,
-        annotations: (!annotations.is_empty()).then(|| annotations.clone()),
-    };
+    let index = ImageIndex::of(manifests, docker, annotations.clone());
     Ok(BuiltIndex {
-        index: store.put_json(media_type, &index)?,
+        index: store.put_json(index.media_type(), &index)?,
         images,
     })
 }
