@@ -7,8 +7,16 @@
 //! the moment they take under the same lock held exclusively, which others
 //! wait on instead of failing. (A read-only open alongside a writer can
 //! find the files its MANIFEST names already compacted away.)
-use std::fs::File;
+//!
+//! A read-only open is kept for the next read, as long as no writer has
+//! been since: writers count their writes in the lock file, and a reader
+//! that finds the count (and the index dir's mtime) as it was reuses the
+//! database it opened, under the shared lock again. Opening is most of
+//! what a lookup costs, and a no-change build looks up several times.
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rocksdb::{Options, WriteBatch, DB};
@@ -94,12 +102,34 @@ pub fn now_secs() -> u64 {
 pub struct Index {
     path: PathBuf,
     lock: PathBuf,
+    /// The last read-only open, shared by the clones.
+    reader: Arc<Mutex<Option<Reader>>>,
 }
 
-/// A read-only open of the index; the database closes before the lock
-/// is let go (fields drop in order).
+/// A read-only open of the index and the writes it has seen.
+struct Reader {
+    db: Arc<DB>,
+    stamp: Stamp,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").field("stamp", &self.stamp).finish()
+    }
+}
+
+/// What tells that a writer has been: the writes counted in the lock file
+/// and the index dir's mtime (every read-write open makes a log file
+/// there, so writers that do not count, older Kilns, change it too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    writes: u64,
+    modified: Option<SystemTime>,
+}
+
+/// A read-only open of the index; the lock is let go after the reads.
 struct ReadOnly {
-    db: DB,
+    db: Arc<DB>,
     _lock: File,
 }
 
@@ -108,6 +138,7 @@ impl Index {
         Ok(Index {
             path: state.index(),
             lock: state.index_lock(),
+            reader: Arc::default(),
         })
     }
 
@@ -132,9 +163,21 @@ impl Index {
         opts
     }
 
+    /// The lock file, opened for reading and counting writes (never
+    /// truncated: it holds the count).
+    fn lock_file(&self) -> Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.lock)
+            .at(&self.lock)
+    }
+
     /// The lock writers (and `clear`) hold alone.
     fn exclusive_lock(&self) -> Result<File> {
-        let lock = File::create(&self.lock).at(&self.lock)?;
+        let lock = self.lock_file()?;
         lock.lock().at(&self.lock)?;
         Ok(lock)
     }
@@ -142,16 +185,52 @@ impl Index {
     /// Readers share the lock writers hold alone: a read-only open must not
     /// meet a writer deleting the files its MANIFEST names (compaction).
     fn shared_lock(&self) -> Result<File> {
-        let lock = File::create(&self.lock).at(&self.lock)?;
+        let lock = self.lock_file()?;
         lock.lock_shared().at(&self.lock)?;
         Ok(lock)
     }
 
-    /// Opens the database read-only under the shared lock. Every family
-    /// this Kiln writes is asked for; an index an older Kiln made, without
-    /// some of them, is opened with the ones it has.
+    /// The writes counted in the (locked) lock file; none when it is new.
+    fn writes(&self, mut lock: &File) -> Result<u64> {
+        let mut count = [0u8; 8];
+        lock.seek(SeekFrom::Start(0)).at(&self.lock)?;
+        match lock.read_exact(&mut count) {
+            Ok(()) => Ok(u64::from_le_bytes(count)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+            Err(e) => Err(e).at(&self.lock),
+        }
+    }
+
+    /// Counts a write, under the exclusive lock.
+    fn count_write(&self, mut lock: &File) -> Result<()> {
+        // This process's read-only open is stale now, counted or not.
+        *self.reader.lock().expect("index reader poisoned") = None;
+        let writes = self.writes(lock)?.wrapping_add(1);
+        lock.seek(SeekFrom::Start(0)).at(&self.lock)?;
+        lock.write_all(&writes.to_le_bytes()).at(&self.lock)
+    }
+
+    /// Opens the database read-only under the shared lock, or reuses the
+    /// last open when no writer has been since. Every family this Kiln
+    /// writes is asked for; an index an older Kiln made, without some of
+    /// them, is opened with the ones it has.
     fn open_read(&self) -> Result<ReadOnly> {
         let lock = self.shared_lock()?;
+        let stamp = Stamp {
+            writes: self.writes(&lock)?,
+            modified: std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .ok(),
+        };
+        let mut reader = self.reader.lock().expect("index reader poisoned");
+        if let Some(cached) = reader.as_ref().filter(|r| r.stamp == stamp) {
+            return Ok(ReadOnly {
+                db: cached.db.clone(),
+                _lock: lock,
+            });
+        }
+        // The stale one first: two opens at once cost memory for nothing.
+        *reader = None;
         let opts = Self::options(false);
         let db = match DB::open_cf_for_read_only(&opts, &self.path, FAMILIES, false) {
             Ok(db) => db,
@@ -161,6 +240,11 @@ impl Index {
                     .map_err(|e| self.error(e))?
             }
         };
+        let db = Arc::new(db);
+        *reader = Some(Reader {
+            db: db.clone(),
+            stamp,
+        });
         Ok(ReadOnly { db, _lock: lock })
     }
 
@@ -320,10 +404,10 @@ impl Index {
     /// Empties the index, every family (`kiln cache prune`): under the
     /// writers' lock, which also keeps readers out.
     pub fn clear(&self) -> Result<()> {
-        let _lock = self.exclusive_lock()?;
+        let lock = self.exclusive_lock()?;
         match std::fs::remove_dir_all(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&self.path),
-            _ => Ok(()),
+            _ => self.count_write(&lock),
         }
     }
 
@@ -374,6 +458,7 @@ impl Index {
         db.write(batch).map_err(|e| self.error(e))?;
         // Dropping the database before the lock lets the next writer in.
         drop(db);
+        self.count_write(&lock)?;
         drop(lock);
         Ok(())
     }

@@ -354,6 +354,18 @@ impl TryFrom<ClientConfig> for Client {
             if let Some(pem) = &config.client_identity {
                 client_builder = client_builder.identity(reqwest::Identity::from_pem(pem)?);
             }
+            // With the default TLS settings, the system's roots are loaded on
+            // the first handshake, not now: most clients of a local registry
+            // never make one.
+            #[cfg(feature = "rustls-tls")]
+            if !config.accept_invalid_certificates
+                && config.tls_certs_only.is_empty()
+                && config.extra_root_certificates.is_empty()
+                && config.client_identity.is_none()
+            {
+                client_builder =
+                    client_builder.tls_backend_preconfigured(crate::lazy_tls::client_config());
+            }
         }
 
         if let Some(timeout) = config.read_timeout {

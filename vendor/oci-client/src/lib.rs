@@ -9,6 +9,8 @@ pub mod client;
 pub mod config;
 pub(crate) mod digest;
 pub mod errors;
+#[cfg(all(feature = "rustls-tls", not(target_arch = "wasm32")))]
+mod lazy_tls;
 pub mod manifest;
 pub mod secrets;
 pub mod token_cache;
