@@ -114,7 +114,9 @@ struct Reader {
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reader").field("stamp", &self.stamp).finish()
+        f.debug_struct("Reader")
+            .field("stamp", &self.stamp)
+            .finish()
     }
 }
 
@@ -493,6 +495,32 @@ mod tests {
             index.get_steps(&keys).unwrap(),
             vec![Some(a), Some(b), None]
         );
+    }
+
+    #[test]
+    fn a_kept_read_only_open_sees_another_writers_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        // Two opens stand for two builds (processes) on one state dir.
+        let (reader, writer) = (Index::open(&state).unwrap(), Index::open(&state).unwrap());
+        let keys = ["a".to_string(), "b".to_string()];
+        let a = StepEntry::new(Some(layer(1)));
+        writer.put_steps(&[("a".into(), a.clone())]).unwrap();
+        assert_eq!(
+            reader.get_steps(&keys).unwrap(),
+            vec![Some(a.clone()), None]
+        );
+        let kept = reader.reader.lock().unwrap().as_ref().unwrap().db.clone();
+        // Kept while nobody writes...
+        reader.get_steps(&keys).unwrap();
+        let again = reader.reader.lock().unwrap().as_ref().unwrap().db.clone();
+        assert!(Arc::ptr_eq(&kept, &again));
+        // ...and opened again once someone has.
+        let b = StepEntry::new(None);
+        writer.put_steps(&[("b".into(), b.clone())]).unwrap();
+        assert_eq!(reader.get_steps(&keys).unwrap(), vec![Some(a), Some(b)]);
+        writer.clear().unwrap();
+        assert_eq!(reader.get_steps(&keys).unwrap(), vec![None, None]);
     }
 
     #[test]
