@@ -139,6 +139,7 @@ impl StateDir {
             .prefix("build-")
             .tempdir_in(&builds)
             .at(&builds)?;
+        spread_subdirs(dir.path());
         let lock_path = dir.path().join(BUILD_LOCK);
         let lock = File::create(&lock_path).at(&lock_path)?;
         lock.lock().at(&lock_path)?;
@@ -161,6 +162,23 @@ impl StateDir {
             .prefix("context-")
             .tempdir_in(&self.root)
             .at(&self.root)
+    }
+}
+
+/// Marks `dir` a top of directory hierarchies (ext4's `FS_TOPDIR_FL`),
+/// so that ext4 places each directory made in it (a layer unpacked, a
+/// RUN's upper dir) in a block group of its own choosing rather than next
+/// to its parent. Next to its parent lie the inodes of the previous
+/// build's work dir: a filesystem without a journal will not reuse an
+/// inode freed within the last 30 seconds, and checks every such inode
+/// on each allocation, which made unpacking a base image after removing
+/// a state dir 5 times slower per run. A hint: other filesystems ignore
+/// it or refuse it, and nothing depends on it.
+fn spread_subdirs(dir: &Path) {
+    use rustix::fs::{ioctl_getflags, ioctl_setflags, IFlags};
+    let Ok(file) = File::open(dir) else { return };
+    if let Ok(flags) = ioctl_getflags(&file) {
+        let _ = ioctl_setflags(&file, flags | IFlags::TOPDIR);
     }
 }
 
