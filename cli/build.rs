@@ -475,7 +475,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }),
     };
     // The subject's name: the first destination's, as BuildKit names it.
-    let subject_name = destinations.first().map_or("_".to_string(), |d| d.whole());
+    let subject_name = destinations.first().map(|d| d.whole());
     let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?)
         .with_progress(crate::progress::observer());
     let at = || format!("--cache-dir {}", state.path().display());
@@ -528,7 +528,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
                 let recorded = std::mem::take(&mut *recorder.lock().expect("recorder poisoned"));
                 let statement = provenance::statement(
                     mode,
-                    &subject_name,
+                    subject_name.as_deref(),
                     &image.manifest.digest,
                     &platform.to_string(),
                     &invocation,

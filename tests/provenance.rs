@@ -230,6 +230,14 @@ fn max_provenance_per_platform_pushed_with_no_secret_in_it() {
             statement["subject"][0]["digest"]["sha256"],
             image.trim_start_matches("sha256:")
         );
+        assert_eq!(
+            statement["subject"][0]["name"],
+            format!(
+                "pkg:docker/{}/app/prov@v1?platform={}",
+                registry.addr,
+                platform.replace('/', "%2F")
+            )
+        );
         let p = &statement["predicate"];
         assert_eq!(
             p["invocation"]["environment"]["platform"],

@@ -83,11 +83,11 @@ impl Recorder {
     }
 }
 
-/// The statement about one image manifest (`subject`, named `name`), built
-/// for `platform`.
+/// The statement about one image manifest (`subject`, named after the
+/// image's first destination `name`, if any), built for `platform`.
 pub fn statement(
     mode: Mode,
-    name: &str,
+    name: Option<&str>,
     subject: &Digest,
     platform: &str,
     invocation: &Invocation,
@@ -122,7 +122,10 @@ pub fn statement(
         kind: STATEMENT_TYPE,
         predicate_type: PREDICATE_TYPE,
         subject: vec![Subject {
-            name: format!("{}?platform={}", purl(name), platform.replace('/', "%2F")),
+            // An image with no name is `_`, as in-toto tools name one.
+            name: name.map_or("_".to_string(), |name| {
+                format!("{}?platform={}", purl(name), platform.replace('/', "%2F"))
+            }),
             digest: digest_set(subject)?,
         }],
         predicate: Predicate {
@@ -392,7 +395,7 @@ mod tests {
         let json = |mode| {
             let s = statement(
                 mode,
-                "reg/app:v1",
+                Some("reg/app:v1"),
                 &d('a'),
                 "linux/arm64",
                 &invocation,
