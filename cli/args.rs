@@ -363,6 +363,12 @@ pub struct BuildArgs {
     /// and Kiln's summary (`kiln.build`).
     #[arg(long, value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
+    /// Attach SLSA provenance (an in-toto statement) to each image, as
+    /// BuildKit does: min (builder, build args, Dockerfile digest, git
+    /// commit, base image digests) or max (and every step). The output is
+    /// then an index, even for one platform. Build args appear in it.
+    #[arg(long, value_enum, value_name = "min|max")]
+    pub provenance: Option<ProvenanceArg>,
     /// How RUN changes are found: walk (compare the whole root), overlay
     /// (run on an overlay and take its upper dir), or auto (overlay where
     /// overlayfs can be mounted, else walk).
@@ -401,6 +407,12 @@ pub enum SnapshotterArg {
     Auto,
     Walk,
     Overlay,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProvenanceArg {
+    Min,
+    Max,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -9,13 +9,13 @@ use kiln_cachestore::registry::parse_reference;
 use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOptions, StateDir};
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::{
-    output, overlay_wanted, BuildOptions, Builder, Compression, Event, Forked, ImageFormat,
-    Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
+    output, overlay_wanted, provenance, BuildOptions, Builder, Compression, Event, Forked,
+    ImageFormat, Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
 };
 
 use crate::args::{
-    BuildArgs, CompressionArg, FrontendArgs, ImageFormatArg, IsolationArg, RegistryArgs,
-    SnapshotModeArg, SnapshotterArg,
+    BuildArgs, CompressionArg, FrontendArgs, ImageFormatArg, IsolationArg, ProvenanceArg,
+    RegistryArgs, SnapshotModeArg, SnapshotterArg,
 };
 use crate::report::{BuildLog, Finished};
 use crate::sink::{sink, LogFormat, Record};
@@ -375,15 +375,24 @@ pub fn run(a: BuildArgs) -> Result<()> {
     // A fetched context (tar, git) lives as long as the build.
     let scratch = state.new_context_dir().context("--cache-dir")?;
     let git = crate::context::GitOptions::parse(&a.git)?;
-    let context = crate::context::resolve(
+    let provenance = a.provenance.map(|p| match p {
+        ProvenanceArg::Min => provenance::Mode::Min,
+        ProvenanceArg::Max => provenance::Mode::Max,
+    });
+    if provenance.is_some() && matches!(a.image_format, ImageFormatArg::Docker) {
+        bail!("--provenance: attestations need OCI manifests; --image-format docker has none (use --image-format oci)");
+    }
+    let (context, commit) = crate::context::resolve(
         &a.context,
         a.context_sub_path.as_deref(),
         &git,
         scratch.path(),
+        provenance.is_some(),
     )?;
     let (dockerfile_name, dockerfile) = read_dockerfile(&a.frontend, Some(&context))?;
     let platforms = crate::platforms::parse(&a.platforms, a.custom_platform.as_deref())?;
-    let annotations = crate::platforms::annotations(&a.annotations, platforms.len())?;
+    let annotations =
+        crate::platforms::annotations(&a.annotations, platforms.len() > 1 || provenance.is_some())?;
     // Found as read_dockerfile finds it: `<Dockerfile>.dockerignore` beside
     // it wins over the context's `.dockerignore`, as in BuildKit.
     let dockerfile_path = match &a.frontend.dockerfile {
@@ -451,6 +460,22 @@ pub fn run(a: BuildArgs) -> Result<()> {
             plain_http.push(r.resolve_registry().to_string());
         }
     }
+    let invocation = provenance::Invocation {
+        // Inside the context, its path there (as in BuildKit), not this
+        // machine's.
+        dockerfile_name: dockerfile_path
+            .strip_prefix(&options.context)
+            .map_or(options.dockerfile_name.clone(), |p| p.display().to_string()),
+        dockerfile_digest: kiln_cachestore::digest::sha256(options.dockerfile.as_bytes()),
+        build_args: options.build_args.clone(),
+        target: options.target.clone(),
+        git: commit.map(|commit| provenance::GitContext {
+            url: a.context.clone(),
+            commit,
+        }),
+    };
+    // The subject's name: the first destination's, as BuildKit names it.
+    let subject_name = destinations.first().map(|d| d.whole());
     let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?)
         .with_progress(crate::progress::observer());
     let at = || format!("--cache-dir {}", state.path().display());
@@ -470,7 +495,11 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
         let log = BuildLog::default();
         let summaries = std::sync::Mutex::new(Vec::new());
+        let recorder = std::sync::Mutex::new(provenance::Recorder::default());
         let on_event = |e: Event| {
+            if provenance.is_some() {
+                recorder.lock().expect("recorder poisoned").event(&e);
+            }
             if let Event::Summary(s) = &e {
                 summaries
                     .lock()
@@ -483,6 +512,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         // (`FROM --platform=$BUILDPLATFORM` with no TARGET* args) is built
         // by the first and found in the cache by the rest.
         let mut images = Vec::new();
+        let mut attestations = Vec::new();
         for platform in &platforms {
             if platforms.len() > 1 {
                 crate::platforms::log_platform(platform);
@@ -493,9 +523,22 @@ pub fn run(a: BuildArgs) -> Result<()> {
             };
             let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?;
             let image = builder.build().await?;
-            images.push(output::annotate(&store, image, &annotations.manifest)?);
+            let image = output::annotate(&store, image, &annotations.manifest)?;
+            if let Some(mode) = provenance {
+                let recorded = std::mem::take(&mut *recorder.lock().expect("recorder poisoned"));
+                let statement = provenance::statement(
+                    mode,
+                    subject_name.as_deref(),
+                    &image.manifest.digest,
+                    &platform.to_string(),
+                    &invocation,
+                    &recorded,
+                )?;
+                attestations.push(output::attestation(&store, &image, &statement)?);
+            }
+            images.push(image);
         }
-        let built = crate::platforms::combine(&store, images, &annotations)?;
+        let built = crate::platforms::combine(&store, images, attestations, &annotations)?;
         let outputs_started = Instant::now();
         let tags: Vec<String> = destinations.iter().map(|d| d.whole()).collect();
         if let Some(path) = &a.tar_path {

@@ -44,19 +44,25 @@ impl GitOptions {
     }
 }
 
-/// Resolves `spec` to a local directory, fetching into `scratch` when needed.
+/// Resolves `spec` to a local directory, fetching into `scratch` when
+/// needed. With `pin`, a git context is fetched at the commit its ref
+/// names now, which is returned (for `--provenance`).
 pub fn resolve(
     spec: &str,
     sub_path: Option<&Path>,
     git: &GitOptions,
     scratch: &Path,
-) -> Result<PathBuf> {
+    pin: bool,
+) -> Result<(PathBuf, Option<String>)> {
+    let mut commit = None;
     let dir = if let Some(path) = spec.strip_prefix("tar://") {
         untar(path, scratch)?
     } else if spec == "-" {
         untar("stdin", scratch)?
     } else if is_git(spec) {
-        clone(spec, git, scratch)?
+        let (dir, pinned) = clone(spec, git, scratch, pin)?;
+        commit = pinned;
+        dir
     } else if let Some(scheme) = ["s3://", "gs://", "azblob://", "https://", "http://"]
         .iter()
         .find(|s| spec.starts_with(**s))
@@ -83,7 +89,7 @@ pub fn resolve(
     if !dir.is_dir() {
         bail!("--context {spec}: {} is not a directory", dir.display());
     }
-    Ok(dir)
+    Ok((dir, commit))
 }
 
 fn is_git(spec: &str) -> bool {
@@ -121,19 +127,31 @@ fn untar(path: &str, scratch: &Path) -> Result<PathBuf> {
 
 /// `URL[#ref[:subdir]]`: a shallow clone of `ref` (or `--git branch=`),
 /// then `subdir`; as BuildKit, the `.git` dir is not part of the context.
-fn clone(spec: &str, options: &GitOptions, scratch: &Path) -> Result<PathBuf> {
+/// With `pin`, of the commit the ref names now (`git ls-remote`), returned.
+fn clone(
+    spec: &str,
+    options: &GitOptions,
+    scratch: &Path,
+    pin: bool,
+) -> Result<(PathBuf, Option<String>)> {
     let mut source = GitSource::parse(spec);
     if source.reference.is_none() {
         source.reference = options.branch.clone();
     }
-    source
+    let at = || format!("--context {spec}");
+    let commit = match pin {
+        true => Some(source.resolve().with_context(at)?),
+        false => None,
+    };
+    let dir = source
         .fetch(
             &scratch.join("git"),
             false,
             options.recurse_submodules,
-            None,
+            commit.as_deref(),
         )
-        .with_context(|| format!("--context {spec}"))
+        .with_context(at)?;
+    Ok((dir, commit))
 }
 
 #[cfg(test)]
@@ -153,6 +171,7 @@ mod tests {
             None,
             &GitOptions::default(),
             scratch.path(),
+            false,
         )
         .unwrap_err();
         assert!(err.to_string().contains("tar://"), "{err}");
@@ -161,6 +180,7 @@ mod tests {
             None,
             &GitOptions::default(),
             scratch.path(),
+            false,
         )
         .unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
@@ -169,6 +189,7 @@ mod tests {
             Some(Path::new("../..")),
             &GitOptions::default(),
             scratch.path(),
+            false,
         )
         .unwrap_err();
         assert!(err.to_string().contains("--context-sub-path"), "{err}");

@@ -73,7 +73,7 @@ fn create(a: IndexCreateArgs) -> Result<()> {
                 false => format!("index:{s}"),
             })
             .collect::<Vec<_>>(),
-        a.sources.len().max(2),
+        true,
     )?
     .index;
     let plain_http = match a.insecure {

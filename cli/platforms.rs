@@ -26,8 +26,9 @@ pub fn parse(platforms: &[String], custom: Option<&str>) -> Result<Vec<Platform>
 }
 
 /// `--annotation [manifest:|index:]KEY=VALUE`, as buildx takes it (no
-/// prefix: the manifest). `index:` needs an index: two platforms or more.
-pub fn annotations(specs: &[String], platforms: usize) -> Result<Annotations> {
+/// prefix: the manifest). `index:` needs an index (`makes_index`: two
+/// platforms or more, or `--provenance`).
+pub fn annotations(specs: &[String], makes_index: bool) -> Result<Annotations> {
     let mut out = Annotations::default();
     for spec in specs {
         let (map, pair) = match spec.split_once(':') {
@@ -42,21 +43,28 @@ pub fn annotations(specs: &[String], platforms: usize) -> Result<Annotations> {
             _ => bail!("--annotation {spec:?}: expected [manifest:|index:]KEY=VALUE"),
         }
     }
-    if !out.index.is_empty() && platforms < 2 {
-        bail!("--annotation index:…: a single-platform build makes no index (give --platform with two platforms or more, or use manifest:)");
+    if !out.index.is_empty() && !makes_index {
+        bail!("--annotation index:…: a single-platform build makes no index (give --platform with two platforms or more, --provenance, or use manifest:)");
     }
     Ok(out)
 }
 
-/// One image stays an image; several become an index.
+/// One image stays an image; several, or any with attestations, become an
+/// index.
 pub fn combine(
     store: &BlobStore,
     mut images: Vec<BuiltImage>,
+    attestations: Vec<BuiltImage>,
     annotations: &Annotations,
 ) -> Result<Built> {
-    Ok(match images.len() {
-        1 => Built::Image(images.remove(0)),
-        _ => Built::Index(output::assemble_index(store, images, &annotations.index)?),
+    Ok(match (images.len(), attestations.is_empty()) {
+        (1, true) => Built::Image(images.remove(0)),
+        _ => Built::Index(output::assemble_index(
+            store,
+            images,
+            attestations,
+            &annotations.index,
+        )?),
     })
 }
 
@@ -104,14 +112,14 @@ mod tests {
                 "index:c=3".into(),
                 "org.x:y=z".into(),
             ],
-            2,
+            true,
         )
         .unwrap();
         assert_eq!(a.manifest.len(), 3);
         assert_eq!(a.manifest["org.x:y"], "z");
         assert_eq!(a.index["c"], "3");
-        assert!(annotations(&["index:c=3".into()], 1).is_err());
-        assert!(annotations(&["novalue".into()], 1).is_err());
-        assert!(annotations(&["index:=v".into()], 2).is_err());
+        assert!(annotations(&["index:c=3".into()], false).is_err());
+        assert!(annotations(&["novalue".into()], false).is_err());
+        assert!(annotations(&["index:=v".into()], true).is_err());
     }
 }

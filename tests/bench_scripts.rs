@@ -344,3 +344,23 @@ fn children_and_self(line: &str) -> Option<(&str, f64, f64)> {
     let (_, symbol) = line.split_once("] ")?;
     Some((symbol.trim(), children, own))
 }
+
+/// `benches/platforms.sh`, one run: a row per `--platform` it compares,
+/// each with a median that is one of its runs.
+#[test]
+fn platforms_sh_compares_a_two_platform_rebuild_with_each_alone() {
+    require_arm64_emulation();
+    let out = run_ok(
+        Command::new(Path::new(REPO).join("benches/platforms.sh"))
+            .args(["--runs", "1", "--kiln", KILN]),
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    for platform in ["linux/amd64,linux/arm64", "linux/amd64", "linux/arm64"] {
+        let row = report
+            .lines()
+            .find(|l| l.starts_with(&format!("| {platform} |")))
+            .unwrap_or_else(|| panic!("no {platform} row in {report}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[3], cells[4], "{row}");
+    }
+}

@@ -4,9 +4,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
+use support::podman::Podman;
 use support::*;
 
 /// The OCI layout `deploy/image.sh` writes (tags `latest` and `debug`),
@@ -89,61 +90,9 @@ fn readme_sizes_hold(said: &str) {
     }
 }
 
-/// podman with its own storage, runc and cgroupfs, as the brief's pods.
-struct Podman {
-    dir: tempfile::TempDir,
-}
-
-impl Podman {
-    fn new() -> Podman {
-        Podman {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new("podman");
-        cmd.arg("--root")
-            .arg(self.dir.path().join("root"))
-            .arg("--runroot")
-            .arg(self.dir.path().join("run"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--runtime",
-                "runc",
-                "--cgroup-manager=cgroupfs",
-            ]);
-        cmd
-    }
-
-    /// Loads a tag of Kiln's image layout and returns its image id.
-    fn load_kiln(&self, tag: &str) -> String {
-        let out = run_ok(self.cmd().args([
-            "pull",
-            "-q",
-            &format!("oci:{}:{tag}", image_layout().display()),
-        ]));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// `podman run` with default capabilities, no privilege, the host's
-    /// network (the test registry is on 127.0.0.1) and `extra` options.
-    fn run(&self, extra: &[&str], image: &str, args: &[&str]) -> Output {
-        self.cmd()
-            .args(["run", "--rm", "--network", "host"])
-            .args([
-                "--ulimit",
-                "nofile=1024:1024",
-                "--ulimit",
-                "nproc=1024:1024",
-            ])
-            .args(extra)
-            .arg(image)
-            .args(args)
-            .output()
-            .unwrap()
-    }
+/// Loads a tag of Kiln's image layout into `podman`; its image id.
+fn load_kiln(podman: &Podman, tag: &str) -> String {
+    podman.pull(&format!("oci:{}:{tag}", image_layout().display()))
 }
 
 fn volume(host: &Path, at: &str) -> String {
@@ -163,7 +112,7 @@ fn kaniko_args_build_and_push_in_an_unprivileged_container() {
         &[("greeting", "hello from a pod\n")],
     );
     let podman = Podman::new();
-    let kiln = podman.load_kiln("latest");
+    let kiln = load_kiln(&podman, "latest");
     let dest = registry.reference("app/pod:1");
     let digest_dir = tempfile::tempdir().unwrap();
     // A Kaniko container spec's args, unchanged: no `build` subcommand.
@@ -221,7 +170,7 @@ fn a_container_builds_from_a_cache_another_one_warmed() {
     let registry = Registry::start();
     let base = registry.push_busybox();
     let podman = Podman::new();
-    let kiln = podman.load_kiln("latest");
+    let kiln = load_kiln(&podman, "latest");
     let cache = tempfile::tempdir().unwrap();
     let cache_volume = volume(cache.path(), "/cache");
     let warmed = podman.run(
@@ -258,7 +207,7 @@ fn a_container_builds_from_a_cache_another_one_warmed() {
 #[test]
 fn the_debug_image_has_a_shell_for_ci_scripts() {
     let podman = Podman::new();
-    let debug = podman.load_kiln("debug");
+    let debug = load_kiln(&podman, "debug");
     // As GitLab CI runs a `script:` in Kaniko's debug image.
     let ran = podman.run(
         &["--entrypoint", "/busybox/sh"],
@@ -285,7 +234,7 @@ fn uid_1000_without_capabilities_builds_without_run_and_fails_clearly_at_a_run()
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(ctx.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let podman = Podman::new();
-    let kiln = podman.load_kiln("latest");
+    let kiln = load_kiln(&podman, "latest");
     let workspace = volume(ctx.path(), "/workspace");
     // A pod with runAsUser: 1000, all capabilities dropped and
     // allowPrivilegeEscalation: false; HOME comes from the image's passwd.

@@ -63,8 +63,15 @@ kiln_flags([line for line in script if line.lstrip().startswith("kiln")])
 
 for path in sorted((deploy / "kubernetes").glob("*.yaml")):
     for doc in yaml.safe_load_all(path.read_text()):
-        for c in doc["spec"]["template"]["spec"]["containers"]:
+        pod = doc["spec"]["template"]["spec"]
+        for c in pod["containers"]:
             kiln_flags(c.get("args", []))
+        # A Job for one architecture builds for the nodes it is pinned to.
+        arch = pod.get("nodeSelector", {}).get("kubernetes.io/arch")
+        custom = [a for c in pod["containers"] for a in c.get("args", [])
+                  if a.startswith("--custom-platform=")]
+        need(not custom or custom == [f"--custom-platform=linux/{arch}"],
+             f"{path.name}: {doc['metadata']['name']} builds {custom} on {arch} nodes")
 
 if errors:
     sys.exit("\n".join(errors))

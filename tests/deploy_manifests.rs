@@ -79,12 +79,20 @@ fn ci_templates_carry_what_their_systems_require_and_only_kiln_flags() {
         String::from_utf8_lossy(&run_ok(Command::new(KILN).args(sub).arg("--help")).stdout)
             .into_owned()
     };
-    let helps = [help(&["build"]), help(&["warm"]), help(&["cache", "gc"])];
+    let helps = [
+        help(&["build"]),
+        help(&["warm"]),
+        help(&["cache", "gc"]),
+        help(&["index", "create"]),
+    ];
     for flag in flags.lines() {
         assert!(
             helps.iter().any(|h| h.contains(&format!("{flag} "))),
-            "{flag} is not a flag of kiln build, kiln warm or kiln cache gc"
+            "{flag} is not a flag of kiln build, kiln warm, kiln cache gc or kiln index create"
         );
     }
-    assert!(flags.lines().any(|f| f == "--digest-file"), "{flags}");
+    // The multi-arch examples: one emulated Job, native Jobs per arch.
+    for flag in ["--digest-file", "--platform", "--custom-platform"] {
+        assert!(flags.lines().any(|f| f == flag), "{flag}: {flags}");
+    }
 }

@@ -436,3 +436,121 @@ fn index_create_assembles_separately_pushed_images() {
         stderr(&out)
     );
 }
+
+/// podman pulls each platform's image of a two-platform build from the
+/// index and runs it, the arm64 one under QEMU.
+#[test]
+fn podman_runs_both_platform_images_the_arm64_one_emulated() {
+    require_arm64_emulation();
+    let registry = Registry::start();
+    let base = registry.push_busybox_index_as("base/multi:latest");
+    let ctx = Context::new(
+        &format!("FROM {base}\nRUN uname -m > /arch\nCMD [\"cat\", \"/arch\"]\n"),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/run:v1");
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--platform", PLATFORMS, "--destination", &dest],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let podman = support::podman::Podman::new();
+    for (platform, uname) in [("linux/amd64", "x86_64\n"), ("linux/arm64", "aarch64\n")] {
+        // `uname -m` at run time: the image's own architecture, emulated
+        // or not; /arch was written by the build's RUN.
+        let ran = podman.run(
+            &[
+                "--platform",
+                platform,
+                "--pull=always",
+                "--tls-verify=false",
+            ],
+            &dest,
+            &["sh", "-c", "uname -m && cat /arch"],
+        );
+        assert!(ran.status.success(), "{platform}: {}", stderr(&ran));
+        assert_eq!(
+            String::from_utf8_lossy(&ran.stdout),
+            format!("{uname}{uname}"),
+            "{platform}"
+        );
+    }
+}
+
+/// `--image-format docker` with two platforms: a Docker manifest list of
+/// Docker schema 2 manifests, as skopeo reads them back.
+#[test]
+fn two_platforms_in_docker_format_make_a_manifest_list() {
+    let registry = Registry::start();
+    let base = registry.push_busybox_index_as("base/multi:latest");
+    let ctx = Context::new(
+        &format!("FROM {base}\nCOPY hello /hello\n"),
+        &[("hello", "hi\n")],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let digest_file = state.path().join("digest");
+    let dest = registry.reference("app/docker:v1");
+    let out = kiln_build(
+        &ctx,
+        &state.path().join("state"),
+        &[
+            "--platform",
+            PLATFORMS,
+            "--image-format",
+            "docker",
+            "--destination",
+            &dest,
+            "--digest-file",
+            digest_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let raw = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{dest}"),
+    ]))
+    .stdout;
+    assert_eq!(
+        std::fs::read_to_string(&digest_file).unwrap(),
+        sha256_of(&raw)
+    );
+    let list: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(
+        list["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    let platforms = index_platforms(&list);
+    let archs: Vec<&str> = platforms.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(archs, ["amd64", "arm64"]);
+    for entry in list["manifests"].as_array().unwrap() {
+        assert_eq!(
+            entry["mediaType"],
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        let reference =
+            registry.reference(&format!("app/docker@{}", entry["digest"].as_str().unwrap()));
+        let manifest = skopeo_raw(&format!("docker://{reference}"));
+        assert_eq!(
+            manifest["mediaType"],
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert_eq!(
+            manifest["config"]["mediaType"],
+            "application/vnd.docker.container.image.v1+json"
+        );
+        for layer in manifest["layers"].as_array().unwrap() {
+            assert_eq!(
+                layer["mediaType"],
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            );
+        }
+        assert_eq!(
+            skopeo_config(&reference)["architecture"],
+            entry["platform"]["architecture"]
+        );
+    }
+}

@@ -3,60 +3,14 @@
 //! credential helper. Failures are clear and never show the secret.
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use support::pki::*;
 use support::*;
 
 const USER: &str = "kiln";
 const PASSWORD: &str = "pa55-kiln-word";
-
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, a server certificate for 127.0.0.1 and a client certificate,
-    /// made with openssl.
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let sh = format!(
-            "set -e; cd {d}
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=kiln-test-ca 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
-openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=kiln-ci 2>/dev/null
-printf 'extendedKeyUsage=clientAuth\n' > client.ext
-openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext 2>/dev/null
-mkdir certs && cp ca.pem certs/ca.crt
-htpasswd -Bbn {USER} {PASSWORD} > htpasswd",
-            d = d.display()
-        );
-        run_ok(Command::new("sh").arg("-c").arg(sh));
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-fn docker_config(json: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), json).unwrap();
-    dir
-}
-
-fn base64(s: &str) -> String {
-    let out = run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("printf %s '{s}' | base64 -w0")),
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// skopeo reads the pushed image back, trusting (and showing) what
 /// `cert_dir` holds: `ca.crt`, and `client.cert`/`client.key` for mTLS.
@@ -107,7 +61,7 @@ fn build_and_push(
 
 #[test]
 fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
-    let pki = Pki::new();
+    let pki = Pki::new(USER, PASSWORD);
     let registry = Registry::start_secure(&Security {
         cert: &pki.path("server.pem"),
         key: &pki.path("server.key"),
@@ -245,7 +199,7 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
 /// pulled from with it.
 #[test]
 fn mutual_tls_with_a_client_certificate() {
-    let pki = Pki::new();
+    let pki = Pki::new(USER, PASSWORD);
     let registry = Registry::start_secure(&Security {
         cert: &pki.path("server.pem"),
         key: &pki.path("server.key"),

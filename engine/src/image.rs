@@ -14,6 +14,7 @@ use kiln_cachestore::BlobStore;
 use kiln_cachestore::Platform;
 
 use crate::error::BuildError;
+use crate::provenance;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImageConfig {
@@ -155,6 +156,8 @@ pub enum Built {
 pub struct BuiltIndex {
     pub index: Descriptor,
     pub images: Vec<BuiltImage>,
+    /// `--provenance`: an attestation manifest per image, listed after them.
+    pub attestations: Vec<BuiltImage>,
 }
 
 impl Built {
@@ -209,12 +212,87 @@ pub fn annotate(
     })
 }
 
+/// Writes the attestation manifest of `image` into the store, as BuildKit
+/// attaches one: `statement` (an in-toto statement) its one layer, for
+/// platform `unknown/unknown`, annotated with the image manifest it is
+/// about, so that platform selection skips it and attestation readers
+/// find it.
+pub fn attestation<T: Serialize>(
+    store: &BlobStore,
+    image: &BuiltImage,
+    statement: &T,
+) -> Result<BuiltImage, BuildError> {
+    if image.manifest.media_type != MediaType::ImageManifest {
+        return Err(BuildError::Invalid(
+            "--provenance: attestations need OCI manifests (use --image-format oci)".into(),
+        ));
+    }
+    let stored = store.put(&manifest::canonical_json(statement))?;
+    let mut layer = Descriptor::new(
+        MediaType::Other(provenance::MEDIA_TYPE.into()),
+        stored.digest.clone(),
+        stored.size,
+    );
+    layer.annotations = Some(
+        [(
+            provenance::PREDICATE_ANNOTATION.to_string(),
+            provenance::PREDICATE_TYPE.to_string(),
+        )]
+        .into(),
+    );
+    let config = ImageConfig {
+        architecture: "unknown".into(),
+        os: "unknown".into(),
+        rootfs: RootFs {
+            diff_ids: vec![stored.digest.clone()],
+            ..RootFs::default()
+        },
+        ..ImageConfig::default()
+    };
+    let config = store.put_json(MediaType::ImageConfig, &config)?;
+    let manifest = ImageManifest {
+        schema_version: 2,
+        media_type: Some(MediaType::ImageManifest),
+        config: config.clone(),
+        layers: vec![layer.clone()],
+        annotations: None,
+    };
+    let mut descriptor = store.put_json(MediaType::ImageManifest, &manifest)?;
+    descriptor.platform = Some(Platform {
+        architecture: "unknown".into(),
+        os: "unknown".into(),
+        variant: None,
+    });
+    descriptor.annotations = Some(
+        [
+            (
+                "vnd.docker.reference.digest".to_string(),
+                image.manifest.digest.to_string(),
+            ),
+            (
+                "vnd.docker.reference.type".to_string(),
+                "attestation-manifest".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    Ok(BuiltImage {
+        manifest: descriptor,
+        config,
+        layers: vec![Layer {
+            descriptor: layer,
+            diff_id: stored.digest,
+        }],
+    })
+}
+
 /// Writes the index of `images` (each with the platform its config names)
-/// into the store: an OCI index, or a Docker manifest list for Docker
-/// manifests.
+/// and their `attestations` into the store: an OCI index, or a Docker
+/// manifest list for Docker manifests.
 pub fn assemble_index(
     store: &BlobStore,
     images: Vec<BuiltImage>,
+    attestations: Vec<BuiltImage>,
     annotations: &BTreeMap<String, String>,
 ) -> Result<BuiltIndex, BuildError> {
     let docker = images
@@ -237,10 +315,12 @@ pub fn assemble_index(
         });
         manifests.push(entry);
     }
+    manifests.extend(attestations.iter().map(|a| a.manifest.clone()));
     let index = ImageIndex::of(manifests, docker, annotations.clone());
     Ok(BuiltIndex {
         index: store.put_json(index.media_type(), &index)?,
         images,
+        attestations,
     })
 }
 

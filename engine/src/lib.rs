@@ -28,6 +28,8 @@ pub use rootfs::snapshot::SnapshotMode;
 // Outputs: registry push, docker-archive, OCI layout, digest file.
 pub use image::{Built, BuiltImage};
 pub mod output;
+// `--provenance`: the in-toto SLSA statement attached to each image.
+pub mod provenance;
 
 // Remote build contexts (`tar://`, git), fetched by the CLI.
 pub use source::archive;

@@ -11,7 +11,9 @@ use kiln_cachestore::manifest::{canonical_json, ImageIndex, MediaType};
 use kiln_cachestore::{layout, BlobStore, Reference, RegistryClient};
 
 use crate::error::{BuildError, IoContext};
-pub use crate::image::{annotate, assemble_index, Annotations, Built, BuiltImage, BuiltIndex};
+pub use crate::image::{
+    annotate, assemble_index, attestation, Annotations, Built, BuiltImage, BuiltIndex,
+};
 
 impl BuiltImage {
     fn blob_digests(&self) -> Vec<Digest> {
@@ -25,11 +27,16 @@ impl BuiltImage {
 
 impl Built {
     /// Every blob the tag's manifest reaches, but that manifest itself:
-    /// layers and configs, and for an index each image's manifest.
+    /// layers and configs, and for an index each image's (and
+    /// attestation's) manifest.
     fn blob_digests(&self) -> Vec<Digest> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for image in self.images() {
+        let attestations = match self {
+            Built::Image(_) => &[][..],
+            Built::Index(index) => &index.attestations,
+        };
+        for image in self.images().iter().chain(attestations) {
             let manifest = matches!(self, Built::Index(_)).then(|| image.manifest.digest.clone());
             for d in image.blob_digests().into_iter().chain(manifest) {
                 if seen.insert(d.clone()) {
@@ -84,7 +91,7 @@ pub async fn push(
     match built {
         Built::Image(image) => push_image(image, destination, false, registry, store).await,
         Built::Index(index) => {
-            for image in &index.images {
+            for image in index.images.iter().chain(&index.attestations) {
                 push_image(image, destination, true, registry, store).await?;
             }
             let bytes = store.read(&index.index.digest)?;

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod layers;
+pub mod pki;
+pub mod podman;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
