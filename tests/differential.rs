@@ -406,6 +406,13 @@ const VIEW_CASES: &[(&str, &str, Option<u64>)] = &[
         "COPY --from={BUSYBOX} /bin/busybox /usr/local/bin/bb\nCOPY --from={BUSYBOX} /etc /srv/app/etc/\n",
         Some(1),
     ),
+    // The final stage on a slim base unpacks nothing: only the build
+    // stage's three layers are.
+    (
+        "copy-from-stage-into-slim",
+        "RUN echo built > /built\nFROM {BUSYBOX}\nCOPY --from=0 /built /usr/local/bin/built\n",
+        Some(3),
+    ),
     // Falls back: ADD, and a RUN after steps built on the view.
     (
         "then-run",
@@ -416,14 +423,16 @@ const VIEW_CASES: &[(&str, &str, Option<u64>)] = &[
 
 /// Builds `ctx` with `--copy-view view`, reproducibly, into a fresh
 /// state; the manifest and the build's summary record.
-fn build_view_case(ctx: &Context, work: &Path, view: &str) -> (Value, Value) {
-    let layout = work.join(format!("layout-{view}"));
-    let state = work.join(format!("state-{view}"));
+fn build_view_case(ctx: &Context, work: &Path, view: &str, snapshotter: &str) -> (Value, Value) {
+    let layout = work.join(format!("layout-{view}-{snapshotter}"));
+    let state = work.join(format!("state-{view}-{snapshotter}"));
     let out = kiln_build(
         ctx,
         &state,
         &[
             "--reproducible",
+            "--snapshotter",
+            snapshotter,
             "--copy-view",
             view,
             "--log-format",
@@ -463,12 +472,21 @@ fn copy_view_gives_the_unpacked_roots_layers() {
         let mode = std::os::unix::fs::PermissionsExt::from_mode(0o750);
         std::fs::set_permissions(ctx.path().join("dir/a"), mode).unwrap();
         let work = tempfile::tempdir().unwrap();
-        let (meta, meta_summary) = build_view_case(&ctx, work.path(), "meta");
-        let (root, root_summary) = build_view_case(&ctx, work.path(), "root");
-        assert_eq!(meta, root, "{name}: the view's image differs");
-        assert!(root_summary["layers_unpacked"].as_u64().unwrap() > 0, "{name}: {root_summary}");
+        let (meta, meta_summary) = build_view_case(&ctx, work.path(), "meta", "auto");
+        for snapshotter in ["walk", "overlay"] {
+            let (root, summary) = build_view_case(&ctx, work.path(), "root", snapshotter);
+            assert_eq!(
+                meta, root,
+                "{name}: the view's image differs ({snapshotter})"
+            );
+            let unpacked = summary["layers_unpacked"].as_u64().unwrap();
+            assert!(unpacked > 0, "{name}: {summary}");
+        }
         if let Some(unpacks) = unpacks {
-            assert_eq!(meta_summary["layers_unpacked"], *unpacks, "{name}: {meta_summary}");
+            assert_eq!(
+                meta_summary["layers_unpacked"], *unpacks,
+                "{name}: {meta_summary}"
+            );
         }
     }
 }

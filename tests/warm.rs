@@ -108,7 +108,10 @@ fn a_warmed_node_builds_without_pulling_or_unpacking() {
     );
     let summary = build_summary(&ctx, cold.path(), &registry.reference("app/warm:3"));
     assert_eq!(summary["bytes_pulled"], 0, "{summary}");
-    assert!(summary["layers_unpacked"].as_u64().unwrap() >= 1, "{summary}");
+    assert!(
+        summary["layers_unpacked"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
     assert!(summary["phases_ms"]["unpack"].is_f64(), "{summary}");
 }
 

@@ -248,7 +248,9 @@ impl Index {
     }
 
     pub fn put_view(&self, diff_id: &str, table: &[u8]) -> Result<()> {
-        self.write(VIEWS, |cf, batch| batch.put_cf(cf, diff_id.as_bytes(), table))
+        self.write(VIEWS, |cf, batch| {
+            batch.put_cf(cf, diff_id.as_bytes(), table)
+        })
     }
 
     /// Stat-cache lookups: opaque values by opaque keys.

@@ -527,9 +527,9 @@ impl<'a> Builder<'a> {
             // it, then the layers the steps before added.
             let at_start = result.layers.len();
             let mut make_root = |layers: &[Layer]| {
-                let root = self
-                    .roots
-                    .stage_root(stage, &layers[..at_start], &mut results, &last_use)?;
+                let root =
+                    self.roots
+                        .stage_root(stage, &layers[..at_start], &mut results, &last_use)?;
                 if self.roots.unpacked()?.is_none() {
                     for layer in &layers[at_start..] {
                         self.roots.unpack_onto(layer, &root.dir)?;

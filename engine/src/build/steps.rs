@@ -11,6 +11,7 @@ use kiln_cachestore::StepEntry;
 use super::blobs::{layer_names, BlobSource};
 use super::cache::Hit;
 use super::events::{phase_delta, CacheResult, Event, StepReport};
+use super::roots::OnDisk;
 use super::{Builder, StageResult, HOSTNAME};
 use crate::error::{BuildError, IoContext, StepFailure};
 use crate::excerpt::excerpt;
@@ -20,7 +21,6 @@ use crate::exec::run::{self, MountPoints, RunSpec};
 use crate::exec::users;
 use crate::image::{History, ImageConfig, Layer};
 use crate::plan::{Action, CopyFrom, Network, StagePlan, Step};
-use super::roots::OnDisk;
 use crate::rootfs::meta_view::{LayerTable, MetaView};
 use crate::rootfs::snapshot::{Changes, Snapshot};
 use crate::rootfs::{create_dir_all_in_root, relative_to_root};
@@ -581,10 +581,12 @@ impl Builder<'_> {
         let layer = self.write_layer(root, &changes)?;
         match self.layer_table(&layer) {
             Some(table) => view.push(&table),
-            None => return Err(BuildError::Invalid(format!(
-                "the layer just written ({}) cannot be read back",
-                layer.diff_id
-            ))),
+            None => {
+                return Err(BuildError::Invalid(format!(
+                    "the layer just written ({}) cannot be read back",
+                    layer.diff_id
+                )))
+            }
         }
         Ok(Some(Some(layer)))
     }

@@ -132,7 +132,9 @@ impl LayerTable {
                 tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
                 tar::EntryType::Symlink => Kind::Symlink,
                 tar::EntryType::Link => {
-                    let target = link.as_deref().and_then(|l| clean(l.as_os_str().as_bytes()));
+                    let target = link
+                        .as_deref()
+                        .and_then(|l| clean(l.as_os_str().as_bytes()));
                     match target {
                         Some(target) => records.push(Record::Link(path, target)),
                         None => return Err(Unservable::Entry(path, "hard link")),
@@ -231,8 +233,8 @@ impl MetaView {
             };
             let at = self.resolve_parent(path);
             self.make_parents(&at);
-            let merge = meta.kind == Kind::Dir
-                && self.paths.get(&at).is_some_and(|m| m.kind == Kind::Dir);
+            let merge =
+                meta.kind == Kind::Dir && self.paths.get(&at).is_some_and(|m| m.kind == Kind::Dir);
             if !merge {
                 self.remove_tree(&at);
             }
