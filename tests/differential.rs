@@ -413,7 +413,7 @@ const VIEW_CASES: &[(&str, &str, Option<u64>)] = &[
         "RUN echo built > /built\nFROM {BUSYBOX}\nCOPY --from=0 /built /usr/local/bin/built\n",
         Some(3),
     ),
-    // Falls back: ADD, and a RUN after steps built on the view.
+    // Built on the root: a stage with ADD and a RUN to run.
     (
         "then-run",
         "COPY f /usr/local/bin/f\nADD f /srv/added\nRUN echo ran > /usr/local/bin/ran\nCOPY f /opt/odd/after\n",

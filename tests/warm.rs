@@ -100,8 +100,7 @@ fn a_warmed_node_builds_without_pulling_or_unpacking() {
     assert!(summary["phases_ms"]["view"].is_f64(), "{summary}");
     assert_eq!(unpacked_dirs(cold.path()), 0);
 
-    // A RUN needs the root: the build unpacks the base itself, once, after
-    // the COPY before it was built on the view.
+    // A stage with a RUN to run needs its root: the build unpacks the base.
     let ctx = Context::new(
         &format!("FROM {base}\nCOPY g /g\nRUN cat /g\n"),
         &[("g", "two\n")],

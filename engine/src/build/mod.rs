@@ -470,12 +470,19 @@ impl<'a> Builder<'a> {
                 for (slot, layer) in hit_slots.zip(hit_layers) {
                     *slot = layer;
                 }
-                // A stage whose first miss the metadata view may serve is
-                // put on disk only when a step needs it (`run_steps`).
-                let mut first_miss = stage.steps.iter().zip(&keys).zip(&hits);
-                let first_miss = first_miss.find(|((_, k), h)| k.is_some() && h.is_none());
+                // A stage whose misses the metadata view may all serve is
+                // put on disk only if one turns out to need it (`run_steps`);
+                // one with a RUN to run is unpacked now, as its COPY layers
+                // would otherwise be written, then unpacked.
                 let deferred = self.view_allowed()
-                    && first_miss.is_some_and(|((step, _), _)| steps::view_serves(step));
+                    && stage
+                        .steps
+                        .iter()
+                        .zip(&keys)
+                        .zip(&hits)
+                        .all(|((step, k), h)| {
+                            k.is_none() || h.is_some() || steps::view_serves(step)
+                        });
                 if !deferred {
                     let root = blocking(|| {
                         self.roots
