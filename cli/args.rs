@@ -329,6 +329,11 @@ pub struct BuildArgs {
     /// One layer per stage instead of one per step.
     #[arg(long)]
     pub single_snapshot: bool,
+    /// How COPY and WORKDIR steps before a stage's first RUN are built:
+    /// `meta` from the metadata of the layers below (nothing unpacked),
+    /// `root` on the unpacked root. The layers are the same; for tests.
+    #[arg(long, value_enum, default_value_t = CopyViewArg::Meta, hide = true)]
+    pub copy_view: CopyViewArg,
     /// Write `<destination>@<digest>` for each destination to this file.
     #[arg(long, value_name = "FILE")]
     pub image_name_with_digest_file: Option<PathBuf>,
@@ -393,6 +398,12 @@ pub struct BuildArgs {
     /// `id=ID,env=VAR` (a bare `id=ID` reads $ID). Repeatable.
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]
     pub secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CopyViewArg {
+    Meta,
+    Root,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

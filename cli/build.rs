@@ -431,6 +431,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
             _ => Vec::new(),
         },
         single_snapshot: a.single_snapshot,
+        copy_view: a.copy_view == crate::args::CopyViewArg::Meta,
         cache: a.cache,
         cache_ttl: a.cache_ttl.into(),
         cache_repo: a.cache_repo.clone(),

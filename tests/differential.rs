@@ -353,3 +353,140 @@ cases!(
     devices_and_large_ids,
     copy_dest_merge,
 );
+
+/// A base for the metadata-view cases: a symlinked directory
+/// (`/usr/local/bin` → `/usr/bin`), a link to a directory elsewhere,
+/// directories with odd modes and owners, a user and group of its own,
+/// and an upper layer of whiteouts and a directory made again (opaque).
+const VIEW_BASE: &str = r#"FROM {BUSYBOX}
+RUN mkdir -p /usr/bin /usr/local /opt/odd /opt/sticky /srv/app/sub /srv/gonedir \
+ && ln -s /usr/bin /usr/local/bin && ln -s ../srv/app /opt/applink \
+ && chmod 0705 /opt/odd && chown 123:456 /opt/odd && chmod 1777 /opt/sticky \
+ && echo old > /srv/app/sub/old && echo gone > /srv/gone && echo x > /srv/gonedir/x \
+ && echo 'app:x:1234:2345::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:2345:' >> /etc/group
+RUN rm -rf /srv/gone /srv/gonedir /srv/app/sub && mkdir /srv/app/sub && echo new > /srv/app/sub/new
+"#;
+
+/// COPY-only stages built on the metadata view and on the unpacked root:
+/// `(name, Dockerfile after FROM, the layers the view's build unpacks when
+/// it serves every step: none, or the image a COPY --from reads)`.
+const VIEW_CASES: &[(&str, &str, Option<u64>)] = &[
+    (
+        "symlinked-dests",
+        "COPY f /usr/local/bin/tool\nCOPY f /usr/local/bin/\nCOPY dir/ /opt/applink/sub/\nCOPY dir /usr/local/bin/d/\n",
+        Some(0),
+    ),
+    (
+        "over-whiteouts",
+        "COPY f /srv/gone\nCOPY dir /srv/gonedir/\nCOPY f /srv/app/sub/\nCOPY dir /srv/app/sub/\n",
+        Some(0),
+    ),
+    (
+        "chown-chmod",
+        "COPY --chown=app:app f /opt/odd/\nCOPY --chown=1:2 --chmod=0600 dir /new/deep/\nCOPY --chown=app dir /opt/sticky/\nCOPY --chmod=4755 f /usr/local/bin/suid\n",
+        Some(0),
+    ),
+    (
+        "parents-exclude",
+        "COPY --parents dir/a/*.txt /opt/odd/\nCOPY --exclude=*.log dir /srv/app/\nCOPY --parents ./dir/./a /usr/local/bin/\n",
+        Some(0),
+    ),
+    (
+        "existing-odd-dirs",
+        "COPY dir /opt/odd\nCOPY f /opt/sticky/f\nCOPY dir /opt\nCOPY f /\nCOPY dir /\n",
+        Some(0),
+    ),
+    (
+        "workdir",
+        "WORKDIR /opt/odd/w\nCOPY f .\nWORKDIR /usr/local/bin/x\nCOPY f ./y/\nUSER app\nWORKDIR /home/app/z\n",
+        Some(0),
+    ),
+    (
+        "copy-from-image",
+        "COPY --from={BUSYBOX} /bin/busybox /usr/local/bin/bb\nCOPY --from={BUSYBOX} /etc /srv/app/etc/\n",
+        Some(1),
+    ),
+    // The final stage on a slim base unpacks nothing: only the build
+    // stage's three layers are.
+    (
+        "copy-from-stage-into-slim",
+        "RUN echo built > /built\nFROM {BUSYBOX}\nCOPY --from=0 /built /usr/local/bin/built\n",
+        Some(3),
+    ),
+    // Built on the root: a stage with ADD and a RUN to run.
+    (
+        "then-run",
+        "COPY f /usr/local/bin/f\nADD f /srv/added\nRUN echo ran > /usr/local/bin/ran\nCOPY f /opt/odd/after\n",
+        None,
+    ),
+];
+
+/// Builds `ctx` with `--copy-view view`, reproducibly, into a fresh
+/// state; the manifest and the build's summary record.
+fn build_view_case(ctx: &Context, work: &Path, view: &str, snapshotter: &str) -> (Value, Value) {
+    let layout = work.join(format!("layout-{view}-{snapshotter}"));
+    let state = work.join(format!("state-{view}-{snapshotter}"));
+    let out = kiln_build(
+        ctx,
+        &state,
+        &[
+            "--reproducible",
+            "--snapshotter",
+            snapshotter,
+            "--copy-view",
+            view,
+            "--log-format",
+            "json",
+            "--oci-layout-path",
+            layout.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "--copy-view {view}:\n{err}");
+    let summary: Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["event"], "summary", "{summary}");
+    (layout_manifest(&layout), summary)
+}
+
+/// Every COPY-only case gives the same layers (and image) whether its
+/// steps are built on the metadata view or on the unpacked root; those
+/// the view serves unpack nothing.
+#[test]
+fn copy_view_gives_the_unpacked_roots_layers() {
+    let registry = Registry::start();
+    let busybox = registry.push_busybox();
+    let base = registry.reference("base/view:1");
+    let ctx = Context::new(&VIEW_BASE.replace("{BUSYBOX}", &busybox), &[]);
+    let state = tempfile::tempdir().unwrap();
+    let out = kiln_build(&ctx, state.path(), &["--destination", &base]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let files = [
+        ("f", "file\n"),
+        ("dir/a/one.txt", "1\n"),
+        ("dir/a/two.log", "2\n"),
+        ("dir/b/three.txt", "3\n"),
+    ];
+    for (name, steps, unpacks) in VIEW_CASES {
+        let dockerfile = format!("FROM {base}\n{}", steps.replace("{BUSYBOX}", &busybox));
+        let ctx = Context::new(&dockerfile, &files);
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o750);
+        std::fs::set_permissions(ctx.path().join("dir/a"), mode).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let (meta, meta_summary) = build_view_case(&ctx, work.path(), "meta", "auto");
+        for snapshotter in ["walk", "overlay"] {
+            let (root, summary) = build_view_case(&ctx, work.path(), "root", snapshotter);
+            assert_eq!(
+                meta, root,
+                "{name}: the view's image differs ({snapshotter})"
+            );
+            let unpacked = summary["layers_unpacked"].as_u64().unwrap();
+            assert!(unpacked > 0, "{name}: {summary}");
+        }
+        if let Some(unpacks) = unpacks {
+            assert_eq!(
+                meta_summary["layers_unpacked"], *unpacks,
+                "{name}: {meta_summary}"
+            );
+        }
+    }
+}

@@ -85,15 +85,32 @@ fn a_warmed_node_builds_without_pulling_or_unpacking() {
     assert_eq!(summary["cache_misses"], 1, "{summary}");
     assert!(summary["phases_ms"].get("unpack").is_none(), "{summary}");
 
-    // Fetched only: the build unpacks the base.
+    // Fetched only: the COPY is built on the metadata view of the base,
+    // read from its blob, so nothing is unpacked either.
     let cold = tempfile::tempdir().unwrap();
     let fetched = warm(cold.path(), &["--dockerfile", dockerfile, "--unpack=false"]);
     assert_eq!(count(&fetched, &base, "layers fetched"), 1, "{fetched}");
     assert!(!fetched.contains("unpacked"), "{fetched}");
     assert_eq!(unpacked_dirs(cold.path()), 0);
     let summary = build_summary(&ctx, cold.path(), &registry.reference("app/warm:2"));
-    assert_eq!(summary["layers_unpacked"], 1, "{summary}");
+    assert_eq!(summary["layers_unpacked"], 0, "{summary}");
     assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+    assert_eq!(summary["cache_misses"], 1, "{summary}");
+    assert!(summary["phases_ms"].get("unpack").is_none(), "{summary}");
+    assert!(summary["phases_ms"]["view"].is_f64(), "{summary}");
+    assert_eq!(unpacked_dirs(cold.path()), 0);
+
+    // A stage with a RUN to run needs its root: the build unpacks the base.
+    let ctx = Context::new(
+        &format!("FROM {base}\nCOPY g /g\nRUN cat /g\n"),
+        &[("g", "two\n")],
+    );
+    let summary = build_summary(&ctx, cold.path(), &registry.reference("app/warm:3"));
+    assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+    assert!(
+        summary["layers_unpacked"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
     assert!(summary["phases_ms"]["unpack"].is_f64(), "{summary}");
 }
 

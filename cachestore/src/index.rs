@@ -36,7 +36,10 @@ const BASES: &str = "bases";
 /// When each step entry was last used (a hit), for GC: an old entry that
 /// builds keep hitting is kept.
 const USED: &str = "used";
-const FAMILIES: &[&str] = &[STEPS, STATS, BASES, USED];
+/// Layers' metadata tables (what each path is, not its content), by
+/// diff_id: COPY-only steps are built from them without unpacking.
+const VIEWS: &str = "views";
+const FAMILIES: &[&str] = &[STEPS, STATS, BASES, USED, VIEWS];
 
 /// A base image as last resolved: the digest its reference pointed at
 /// (an index's, for multi-platform images) and the platform's manifest.
@@ -323,6 +326,17 @@ impl Index {
             .into_iter()
             .map(|v| v.and_then(|b| Some(u64::from_le_bytes(b.try_into().ok()?))))
             .collect())
+    }
+
+    /// A layer's metadata table (opaque bytes), by diff_id.
+    pub fn get_view(&self, diff_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.get_raw(VIEWS, &[diff_id.as_bytes()])?.remove(0))
+    }
+
+    pub fn put_view(&self, diff_id: &str, table: &[u8]) -> Result<()> {
+        self.write(VIEWS, |cf, batch| {
+            batch.put_cf(cf, diff_id.as_bytes(), table)
+        })
     }
 
     /// Stat-cache lookups: opaque values by opaque keys.

@@ -470,11 +470,26 @@ impl<'a> Builder<'a> {
                 for (slot, layer) in hit_slots.zip(hit_layers) {
                     *slot = layer;
                 }
-                let root = blocking(|| {
-                    self.roots
-                        .stage_root(stage, &result.layers, &mut results, &last_use)
-                })?;
-                result.on_disk = Some(root);
+                // A stage whose misses the metadata view may all serve is
+                // put on disk only if one turns out to need it (`run_steps`);
+                // one with a RUN to run is unpacked now, as its COPY layers
+                // would otherwise be written, then unpacked.
+                let deferred = self.view_allowed()
+                    && stage
+                        .steps
+                        .iter()
+                        .zip(&keys)
+                        .zip(&hits)
+                        .all(|((step, k), h)| {
+                            k.is_none() || h.is_some() || steps::view_serves(step)
+                        });
+                if !deferred {
+                    let root = blocking(|| {
+                        self.roots
+                            .stage_root(stage, &result.layers, &mut results, &last_use)
+                    })?;
+                    result.on_disk = Some(root);
+                }
                 for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
                     match from {
                         CopyFrom::Stage(i) => {
@@ -515,8 +530,31 @@ impl<'a> Builder<'a> {
                     .collect(),
             };
             let lazy = !remote_push && !in_image.contains(&stage.index);
-            let entries =
-                blocking(|| self.run_steps(stage, &mut result, &keys, &hits, &reads, lazy))?;
+            // The stage's root, made late: its base as `stage_root` makes
+            // it, then the layers the steps before added.
+            let at_start = result.layers.len();
+            let mut make_root = |layers: &[Layer]| {
+                let root =
+                    self.roots
+                        .stage_root(stage, &layers[..at_start], &mut results, &last_use)?;
+                if self.roots.unpacked()?.is_none() {
+                    for layer in &layers[at_start..] {
+                        self.roots.unpack_onto(layer, &root.dir)?;
+                    }
+                }
+                Ok(root)
+            };
+            let entries = blocking(|| {
+                self.run_steps(
+                    stage,
+                    &mut result,
+                    &keys,
+                    &hits,
+                    &reads,
+                    lazy,
+                    &mut make_root,
+                )
+            })?;
             self.publish(&entries).await?;
             // Free the roots nobody reads any more.
             let done: Vec<usize> = results
@@ -545,6 +583,13 @@ impl<'a> Builder<'a> {
             target.layers,
             created,
         )
+    }
+
+    /// Whether COPY and WORKDIR misses may be built on the metadata view:
+    /// asked for, with a layer per step, on a root of Kiln's own.
+    fn view_allowed(&self) -> bool {
+        let o = self.options;
+        o.copy_view && !o.single_snapshot && o.isolation != Isolation::None
     }
 
     /// A timestamp for the image: `--reproducible`'s fixed time, else

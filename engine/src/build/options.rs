@@ -36,6 +36,10 @@ pub struct BuildOptions {
     pub host_files: Vec<PathBuf>,
     /// One layer per stage instead of one per step.
     pub single_snapshot: bool,
+    /// COPY and WORKDIR steps may be built on the metadata view of the
+    /// layers below, without unpacking them (`--copy-view meta`, the
+    /// default); `false` always builds them on an unpacked root.
+    pub copy_view: bool,
     /// Use and fill the local cache (`--cache`).
     pub cache: bool,
     /// Entries older than this are misses (`--cache-ttl`).

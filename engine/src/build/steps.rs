@@ -11,6 +11,7 @@ use kiln_cachestore::StepEntry;
 use super::blobs::{layer_names, BlobSource};
 use super::cache::Hit;
 use super::events::{phase_delta, CacheResult, Event, StepReport};
+use super::roots::OnDisk;
 use super::{Builder, StageResult, HOSTNAME};
 use crate::error::{BuildError, IoContext, StepFailure};
 use crate::excerpt::excerpt;
@@ -20,9 +21,28 @@ use crate::exec::run::{self, MountPoints, RunSpec};
 use crate::exec::users;
 use crate::image::{History, ImageConfig, Layer};
 use crate::plan::{Action, CopyFrom, Network, StagePlan, Step};
+use crate::rootfs::meta_view::{LayerTable, MetaView};
 use crate::rootfs::snapshot::{Changes, Snapshot};
 use crate::rootfs::{create_dir_all_in_root, relative_to_root};
 use crate::rootfs::{overlay, owners};
+
+/// Whether the metadata view may serve `step` (it falls back to the root
+/// when what the step reaches is beyond it).
+pub(super) fn view_serves(step: &Step) -> bool {
+    view_dests(step).is_some()
+}
+
+/// Where a step the metadata view can serve writes (absolute paths in the
+/// image); `None` for a step that needs the whole root.
+fn view_dests(step: &Step) -> Option<Vec<PathBuf>> {
+    match &step.action {
+        Action::Mkdir { paths, .. } => Some(paths.iter().map(PathBuf::from).collect()),
+        Action::Copy {
+            dest, add: None, ..
+        } => Some(vec![PathBuf::from(dest)]),
+        _ => None,
+    }
+}
 
 impl Builder<'_> {
     fn history(&self, created_by: &str, empty_layer: bool, secs: Option<u64>) -> History {
@@ -38,6 +58,12 @@ impl Builder<'_> {
     /// Walks the stage's steps: hits contribute their cached layer (unpacked
     /// when the root is on disk), misses run and are recorded. With `lazy`,
     /// the layers the overlay snapshotter writes are lazy (`blobs.rs`).
+    ///
+    /// A stage not on disk builds its COPY and WORKDIR misses on the
+    /// metadata view of its layers ([`MetaView`]); the first miss the view
+    /// cannot serve puts the stage on disk with `make_root` (given the
+    /// layers so far) and the steps from there run on it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn run_steps(
         &self,
         stage: &StagePlan,
@@ -46,12 +72,13 @@ impl Builder<'_> {
         hits: &[Option<Hit>],
         reads: &SourceRoots,
         lazy: bool,
+        make_root: &mut dyn FnMut(&[Layer]) -> Result<OnDisk, BuildError>,
     ) -> Result<Vec<(String, StepEntry)>, BuildError> {
         let opts = self.options;
-        let root = result.on_disk.as_ref().map(|d| d.dir.clone());
+        let mut root = result.on_disk.as_ref().map(|d| d.dir.clone());
         // With the overlay snapshotter, the layers the next step runs on
         // (bottom first); no snapshot of the root is ever taken.
-        let unpacked = match root {
+        let mut unpacked = match root {
             Some(_) => self.roots.unpacked()?,
             None => None,
         };
@@ -59,6 +86,9 @@ impl Builder<'_> {
             Some(unpacked) => Some(self.roots.layer_dirs(unpacked, &result.layers)?),
             None => None,
         };
+        // The metadata view of the layers so far, made at the first miss
+        // of a stage not on disk; `Some(None)`: it cannot serve this stage.
+        let mut view: Option<Option<MetaView>> = None;
         // Taken lazily, right before the first step that runs.
         let mut snapshot: Option<Snapshot> = None;
         // --single-snapshot: one layer for the whole stage, against its base.
@@ -82,6 +112,29 @@ impl Builder<'_> {
                 text: excerpt(&step.created_by).to_string(),
             });
             let (started, phases_before) = (Instant::now(), self.counters.phases());
+            // A miss with no root: built on the view, or the root is made.
+            let mut served = None;
+            if let (Some(_), None, None) = (key, hit, &root) {
+                if view.is_none() && self.view_allowed() && view_serves(step) {
+                    view = Some(self.meta_view(&result.layers)?);
+                }
+                let on_view = view.as_mut().and_then(Option::as_mut);
+                served = match on_view {
+                    Some(view) => self.run_on_view(step, view, reads)?,
+                    None => None,
+                };
+                if served.is_none() {
+                    let on_disk = make_root(&result.layers)?;
+                    root = Some(on_disk.dir.clone());
+                    result.on_disk = Some(on_disk);
+                    unpacked = self.roots.unpacked()?;
+                    lowers = match unpacked {
+                        Some(unpacked) => Some(self.roots.layer_dirs(unpacked, &result.layers)?),
+                        None => None,
+                    };
+                    view = Some(None);
+                }
+            }
             let cache = match (key, hit) {
                 (None, _) => None,
                 (Some(_), Some(hit)) if hit.remote => Some(CacheResult::RemoteHit),
@@ -90,10 +143,34 @@ impl Builder<'_> {
             };
             let (layer, empty_layer) = match (key, hit, &root) {
                 (None, _, _) => (None, true),
+                (Some(key), None, _) if served.is_some() => {
+                    self.counters.miss();
+                    time = Some(now);
+                    let layer = served.flatten();
+                    if self.cacheable(step) {
+                        entries.push((
+                            key.clone(),
+                            StepEntry {
+                                layer: layer.clone(),
+                                created: now,
+                                lazy: None,
+                            },
+                        ));
+                    }
+                    let empty = layer.is_none();
+                    (layer, empty)
+                }
                 (Some(_), Some(hit), _) => {
                     self.counters.hit();
                     time = Some(hit.created);
                     let cached = &hit.layer;
+                    // A view in use takes the hit's layer too.
+                    if let (Some(inner @ Some(_)), Some(layer)) = (&mut view, cached) {
+                        match self.layer_table(layer) {
+                            Some(table) => inner.as_mut().expect("in use").push(&table),
+                            None => *inner = None,
+                        }
+                    }
                     match (&root, cached, &mut lowers, unpacked) {
                         (Some(_), Some(layer), Some(lowers), Some(unpacked)) => {
                             lowers.push(self.roots.layer_dir(unpacked, layer)?);
@@ -424,6 +501,94 @@ impl Builder<'_> {
                 rescan(root, &touched)
             }
         }
+    }
+
+    /// The metadata view of `layers` (`None`: one of them cannot be read
+    /// for it, and the stage is built on disk).
+    fn meta_view(&self, layers: &[Layer]) -> Result<Option<MetaView>, BuildError> {
+        let start = Instant::now();
+        let mut view = MetaView::default();
+        for layer in layers {
+            match self.layer_table(layer) {
+                Some(table) => view.push(&table),
+                None => return Ok(None),
+            }
+        }
+        self.counters.timed("view", start);
+        Ok(Some(view))
+    }
+
+    /// A layer's metadata table: from the index, or read from its blob
+    /// once and kept there. `None` when the blob cannot be read for it.
+    fn layer_table(&self, layer: &Layer) -> Option<LayerTable> {
+        let key = layer.diff_id.to_string();
+        if let Some(table) = self.index.get_view(&key).ok().flatten() {
+            if let Some(table) = LayerTable::from_bytes(&table) {
+                return Some(table);
+            }
+        }
+        let read = crate::layer::open_layer(self.store, &layer.descriptor.digest)
+            .map_err(|e| e.to_string())
+            .and_then(|r| LayerTable::read(r).map_err(|e| e.to_string()));
+        match read {
+            Ok(table) => {
+                // A cache only: a failed write costs a read next time.
+                let _ = self.index.put_view(&key, &table.to_bytes());
+                Some(table)
+            }
+            Err(why) => {
+                tracing::debug!(layer = %layer.diff_id, %why, "no metadata view");
+                None
+            }
+        }
+    }
+
+    /// Builds a COPY or WORKDIR miss on a sparse root that `view` puts on
+    /// disk, snapshotted as a full root would be: its layer (`None` for no
+    /// change), which the view then takes. `Ok(None)`: the view cannot
+    /// serve the step, and nothing was written.
+    fn run_on_view(
+        &self,
+        step: &Step,
+        view: &mut MetaView,
+        reads: &SourceRoots,
+    ) -> Result<Option<Option<Layer>>, BuildError> {
+        let Some(dests) = view_dests(step) else {
+            return Ok(None);
+        };
+        let work = self.roots.work();
+        let scratch = tempfile::Builder::new()
+            .prefix("view-")
+            .tempdir_in(work)
+            .at(work)?;
+        let root = scratch.path();
+        let start = Instant::now();
+        if let Err(why) = view.materialize(root, &dests) {
+            tracing::debug!(step = %step.created_by, %why, "built on an unpacked root");
+            return Ok(None);
+        }
+        let mut snapshot =
+            Snapshot::scan(root, self.options.snapshot_mode, self.recorded.clone()).at(root)?;
+        self.counters.timed("view", start);
+        let start = Instant::now();
+        let changes = self
+            .run_step(step, root, Some(&mut snapshot), reads)
+            .map_err(|message| self.step_error(step, message))?;
+        self.counters.timed("run", start);
+        if changes.is_empty() {
+            return Ok(Some(None));
+        }
+        let layer = self.write_layer(root, &changes)?;
+        match self.layer_table(&layer) {
+            Some(table) => view.push(&table),
+            None => {
+                return Err(BuildError::Invalid(format!(
+                    "the layer just written ({}) cannot be read back",
+                    layer.diff_id
+                )))
+            }
+        }
+        Ok(Some(Some(layer)))
     }
 
     /// Writes the changes as a compressed layer.

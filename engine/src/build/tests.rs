@@ -92,6 +92,7 @@ impl Fixture {
             ignore_paths: Vec::new(),
             host_files: Vec::new(),
             single_snapshot: false,
+            copy_view: true,
             cache: true,
             cache_ttl: std::time::Duration::from_secs(3600),
             cache_run_layers: true,

@@ -1,6 +1,7 @@
 //! A build's root filesystems: safe path resolution inside a root,
 //! extraction of untrusted layers, and snapshots of what a step changed.
 pub mod extract;
+pub mod meta_view;
 pub mod overlay;
 pub mod owners;
 pub mod snapshot;

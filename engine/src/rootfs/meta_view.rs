@@ -1,0 +1,564 @@
+//! A metadata view of a stack of layers: what each path is (type, mode,
+//! owner, mtime, link target), read from the layers' tar headers without
+//! unpacking them, whiteouts and opaque markers applied as the extractor
+//! applies them. A COPY-only step is built on a sparse root that the view
+//! puts on disk: only the paths the step can reach (its destinations with
+//! their parents, what symlinks there lead to, and the image's
+//! /etc/passwd and /etc/group), with the image's metadata, regular files
+//! empty. The step then runs and is snapshotted there as on a full root,
+//! so its layer is the one the unpacked path writes.
+//!
+//! Each layer's table is read once and cached in the index by diff_id.
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::owners;
+
+/// Files whose content the view keeps: USER, WORKDIR and `--chown` names
+/// are resolved against them.
+const KEPT_CONTENT: &[&str] = &["etc/passwd", "etc/group"];
+/// Larger kept files are left out: the step then falls back.
+const KEPT_MAX: u64 = 1 << 20;
+const MAX_SYMLINK_HOPS: u32 = 40;
+
+/// What the view cannot put on disk faithfully; the step is built on an
+/// unpacked root instead.
+#[derive(Debug, thiserror::Error)]
+pub enum Unservable {
+    #[error("reading the layer's headers: {0}")]
+    Tar(#[from] io::Error),
+    #[error("{0}: a {1} the metadata view does not reproduce")]
+    Entry(PathBuf, &'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Kind {
+    Dir,
+    File,
+    Symlink,
+    /// Devices, fifos, and files with xattrs or content the view lacks.
+    Unsupported,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Meta {
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    /// A symlink's target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link: Option<PathBuf>,
+    /// [`KEPT_CONTENT`] files' content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content: Option<Vec<u8>>,
+}
+
+/// One record of a layer's tar, in the layer's order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Record {
+    Entry(PathBuf, Meta),
+    /// A hard link to an earlier path.
+    Link(PathBuf, PathBuf),
+    Whiteout(PathBuf),
+    Opaque(PathBuf),
+}
+
+/// A layer's records, as cached in the index.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LayerTable {
+    records: Vec<Record>,
+}
+
+impl LayerTable {
+    /// Reads the headers of an uncompressed layer tar (content is skipped,
+    /// except [`KEPT_CONTENT`]'s).
+    pub fn read(layer: impl Read) -> Result<LayerTable, Unservable> {
+        let mut archive = tar::Archive::new(layer);
+        let mut records = Vec::new();
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let Some(path) = clean(&entry.path_bytes()) else {
+                return Err(Unservable::Entry(
+                    PathBuf::from(OsStr::from_bytes(&entry.path_bytes())),
+                    "path",
+                ));
+            };
+            if path.as_os_str().is_empty() {
+                continue; // the root's own entry
+            }
+            let name = path.file_name().unwrap_or_default().as_bytes().to_vec();
+            let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
+            if name == b".wh..wh..opq" {
+                records.push(Record::Opaque(parent));
+                continue;
+            }
+            if name.starts_with(b".wh..wh.") {
+                continue; // AUFS metadata, skipped by the extractor too
+            }
+            if let Some(hidden) = name.strip_prefix(b".wh.") {
+                records.push(Record::Whiteout(parent.join(OsStr::from_bytes(hidden))));
+                continue;
+            }
+            let header = entry.header().clone();
+            let (mut uid, mut gid) = (header.uid()? as u32, header.gid()? as u32);
+            let mut mtime = header.mtime()? as i64;
+            let mut xattrs = false;
+            if let Some(pax) = entry.pax_extensions()? {
+                for ext in pax.flatten() {
+                    let value = ext.value().unwrap_or_default();
+                    match ext.key_bytes() {
+                        b"uid" => uid = value.parse().unwrap_or(uid),
+                        b"gid" => gid = value.parse().unwrap_or(gid),
+                        b"mtime" => {
+                            let secs = value.split('.').next().unwrap_or_default();
+                            mtime = secs.parse().unwrap_or(mtime);
+                        }
+                        k if k.starts_with(b"SCHILY.xattr.") => xattrs = true,
+                        _ => {}
+                    }
+                }
+            }
+            let link = entry.link_name()?.map(|l| l.into_owned());
+            let kind = match header.entry_type() {
+                _ if xattrs => Kind::Unsupported,
+                tar::EntryType::Directory => Kind::Dir,
+                tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
+                tar::EntryType::Symlink => Kind::Symlink,
+                tar::EntryType::Link => {
+                    let target = link
+                        .as_deref()
+                        .and_then(|l| clean(l.as_os_str().as_bytes()));
+                    match target {
+                        Some(target) => records.push(Record::Link(path, target)),
+                        None => return Err(Unservable::Entry(path, "hard link")),
+                    }
+                    continue;
+                }
+                t if t.is_pax_global_extensions() || t.is_gnu_longname() => continue,
+                _ => Kind::Unsupported,
+            };
+            let mut content = None;
+            if kind == Kind::File && KEPT_CONTENT.iter().any(|k| path == Path::new(k)) {
+                if entry.size() > KEPT_MAX {
+                    return Err(Unservable::Entry(path, "large user database"));
+                }
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes)?;
+                content = Some(bytes);
+            }
+            let meta = Meta {
+                kind,
+                mode: header.mode()? & 0o7777,
+                uid,
+                gid,
+                mtime,
+                link: (kind == Kind::Symlink).then_some(link).flatten(),
+                content,
+            };
+            records.push(Record::Entry(path, meta));
+        }
+        Ok(LayerTable { records })
+    }
+
+    /// The table as stored in the index: JSON, zstd-compressed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("a table serializes");
+        zstd::encode_all(&json[..], 3).expect("compressing in memory")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<LayerTable> {
+        let json = zstd::decode_all(bytes).ok()?;
+        serde_json::from_slice(&json).ok()
+    }
+}
+
+/// A tar name as the extractor takes it: relative, `.` and leading `/`
+/// dropped; `None` when `..` climbs above the root.
+fn clean(name: &[u8]) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in Path::new(OsStr::from_bytes(name)).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir if !out.pop() => return None,
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+/// The merged view of a stack of layers.
+#[derive(Debug, Default, Clone)]
+pub struct MetaView {
+    paths: BTreeMap<PathBuf, Meta>,
+}
+
+impl MetaView {
+    /// Applies one more layer over the view, as the extractor applies it:
+    /// whiteouts and opaque markers remove only what lower layers had.
+    pub fn push(&mut self, table: &LayerTable) {
+        for record in &table.records {
+            match record {
+                Record::Whiteout(path) => {
+                    let at = self.resolve_parent(path);
+                    self.remove_tree(&at);
+                }
+                Record::Opaque(dir) => {
+                    let at = self.resolve(dir, true);
+                    if self.paths.get(&at).is_some_and(|m| m.kind == Kind::Dir) {
+                        self.remove_children(&at);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for record in &table.records {
+            let (path, meta) = match record {
+                Record::Entry(path, meta) => (path, meta.clone()),
+                Record::Link(path, target) => {
+                    let target = self.resolve_parent(target);
+                    match self.paths.get(&target) {
+                        Some(meta) => (path, meta.clone()),
+                        // The extractor refuses it; so does the view.
+                        None => (path, unsupported()),
+                    }
+                }
+                _ => continue,
+            };
+            let at = self.resolve_parent(path);
+            self.make_parents(&at);
+            let merge =
+                meta.kind == Kind::Dir && self.paths.get(&at).is_some_and(|m| m.kind == Kind::Dir);
+            if !merge {
+                self.remove_tree(&at);
+            }
+            self.paths.insert(at, meta);
+        }
+    }
+
+    /// Missing parents are made as the extractor makes them: 0755, 0:0.
+    fn make_parents(&mut self, path: &Path) {
+        for parent in path.ancestors().skip(1) {
+            if parent.as_os_str().is_empty() {
+                break;
+            }
+            match self.paths.get(parent) {
+                Some(m) if m.kind == Kind::Dir => {}
+                // A non-directory parent: the extractor fails; so does the view.
+                Some(_) => {
+                    self.paths.insert(parent.to_path_buf(), unsupported());
+                }
+                None => {
+                    let dir = Meta {
+                        kind: Kind::Dir,
+                        mode: 0o755,
+                        uid: 0,
+                        gid: 0,
+                        mtime: 0,
+                        link: None,
+                        content: None,
+                    };
+                    self.paths.insert(parent.to_path_buf(), dir);
+                }
+            }
+        }
+    }
+
+    fn remove_tree(&mut self, path: &Path) {
+        self.paths.remove(path);
+        self.remove_children(path);
+    }
+
+    fn remove_children(&mut self, dir: &Path) {
+        let children: Vec<PathBuf> = self.children(dir).map(|(p, _)| p.clone()).collect();
+        for child in children {
+            self.paths.remove(&child);
+        }
+    }
+
+    /// Every path under `dir` (not `dir` itself).
+    fn children<'a>(&'a self, dir: &'a Path) -> impl Iterator<Item = (&'a PathBuf, &'a Meta)> {
+        use std::ops::Bound;
+        self.paths
+            .range::<Path, _>((Bound::Excluded(dir), Bound::Unbounded))
+            .take_while(move |(p, _)| p.starts_with(dir))
+            .filter(move |(p, _)| p.as_path() != dir)
+    }
+
+    /// `path` with the links of its parents followed inside the image.
+    fn resolve_parent(&self, path: &Path) -> PathBuf {
+        self.resolve(path, false)
+    }
+
+    /// `path` resolved as [`super::resolve_in_root`] resolves it on an
+    /// unpacked root: symlinks followed inside the image, the last one
+    /// only with `follow_final`. Relative to the root.
+    fn resolve(&self, path: &Path, follow_final: bool) -> PathBuf {
+        self.walk(path, follow_final, &mut |_| {})
+    }
+
+    /// [`Self::resolve`], calling `seen` with each path of the image it
+    /// looks at on the way.
+    fn walk(&self, path: &Path, follow_final: bool, seen: &mut dyn FnMut(&Path)) -> PathBuf {
+        let mut resolved = PathBuf::new();
+        let mut pending: std::collections::VecDeque<std::ffi::OsString> = components(path);
+        let mut hops = 0;
+        while let Some(name) = pending.pop_front() {
+            if name == ".." {
+                resolved.pop();
+                continue;
+            }
+            let candidate = resolved.join(&name);
+            seen(&candidate);
+            if pending.is_empty() && !follow_final {
+                return candidate;
+            }
+            match self.paths.get(&candidate) {
+                Some(m) if m.kind == Kind::Symlink && hops < MAX_SYMLINK_HOPS => {
+                    hops += 1;
+                    let target = m.link.clone().unwrap_or_default();
+                    if target.is_absolute() {
+                        resolved = PathBuf::new();
+                    }
+                    for (i, c) in components(&target).into_iter().enumerate() {
+                        pending.insert(i, c);
+                    }
+                }
+                _ => resolved = candidate,
+            }
+        }
+        resolved
+    }
+
+    /// Puts on `root` (an empty directory) what a step writing at `dests`
+    /// (absolute paths in the image) can reach: each destination's path
+    /// with the links on it, the whole tree under it when it is a
+    /// directory, what links in there lead to, and the user databases.
+    /// Fails, before the step runs, on what it cannot reproduce.
+    pub fn materialize(&self, root: &Path, dests: &[PathBuf]) -> Result<(), Unservable> {
+        let mut wanted: Vec<PathBuf> = Vec::new();
+        let mut queue: Vec<PathBuf> = dests.to_vec();
+        queue.extend(KEPT_CONTENT.iter().map(PathBuf::from));
+        let mut done = HashSet::new();
+        while let Some(dest) = queue.pop() {
+            if !done.insert(dest.clone()) {
+                continue;
+            }
+            let end = self.walk(&dest, true, &mut |p| wanted.push(p.to_path_buf()));
+            let is_dir = self.paths.get(&end).is_some_and(|m| m.kind == Kind::Dir);
+            if !is_dir && !end.as_os_str().is_empty() {
+                continue;
+            }
+            for (path, meta) in self.children(&end) {
+                wanted.push(path.clone());
+                if meta.kind == Kind::Symlink {
+                    // Where a link in the tree leads, relative to its directory.
+                    let parent = path.parent().unwrap_or(Path::new(""));
+                    let target = meta.link.clone().unwrap_or_default();
+                    queue.push(Path::new("/").join(parent).join(target));
+                }
+            }
+        }
+        // Every wanted path with its parents, parents first.
+        let mut all: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+        for path in wanted {
+            for p in path.ancestors() {
+                if p.as_os_str().is_empty() || !all.insert(p.to_path_buf()) {
+                    break;
+                }
+            }
+        }
+        let recorded = owners::recorded();
+        let mut made = Vec::new();
+        for path in &all {
+            let Some(meta) = self.paths.get(path) else {
+                continue; // not in the image
+            };
+            make(root, path, meta, recorded)?;
+            made.push((path, meta));
+        }
+        // Times last, children first: writing into a directory changes it.
+        for (path, meta) in made.iter().rev() {
+            set_mtime(&root.join(path), meta.mtime).map_err(|e| io_at(root, path, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn unsupported() -> Meta {
+    Meta {
+        kind: Kind::Unsupported,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        link: None,
+        content: None,
+    }
+}
+
+fn components(path: &Path) -> std::collections::VecDeque<std::ffi::OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn io_at(root: &Path, path: &Path, e: io::Error) -> Unservable {
+    Unservable::Tar(io::Error::new(
+        e.kind(),
+        format!("{}: {e}", root.join(path).display()),
+    ))
+}
+
+/// Makes one entry of the sparse root with the image's metadata.
+fn make(root: &Path, path: &Path, meta: &Meta, recorded: bool) -> Result<(), Unservable> {
+    let host = root.join(path);
+    let io = |e| io_at(root, path, e);
+    match meta.kind {
+        Kind::Dir => std::fs::create_dir(&host).map_err(io)?,
+        Kind::File => {
+            std::fs::write(&host, meta.content.as_deref().unwrap_or_default()).map_err(io)?
+        }
+        Kind::Symlink => {
+            let target = meta.link.as_deref().unwrap_or(Path::new(""));
+            std::os::unix::fs::symlink(target, &host).map_err(io)?;
+            if !recorded {
+                std::os::unix::fs::lchown(&host, Some(meta.uid), Some(meta.gid)).map_err(io)?;
+            }
+            return Ok(());
+        }
+        Kind::Unsupported => return Err(Unservable::Entry(path.to_path_buf(), "special file")),
+    }
+    let is_dir = meta.kind == Kind::Dir;
+    match recorded {
+        true => {
+            let stat = owners::Stat {
+                uid: meta.uid,
+                gid: meta.gid,
+                mode: meta.mode,
+            };
+            owners::set(host.as_path(), stat, is_dir).map_err(io)?
+        }
+        false => {
+            std::os::unix::fs::lchown(&host, Some(meta.uid), Some(meta.gid)).map_err(io)?;
+            let perms = std::os::unix::fs::PermissionsExt::from_mode(meta.mode);
+            std::fs::set_permissions(&host, perms).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mtime(host: &Path, secs: i64) -> io::Result<()> {
+    let at = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        host,
+        &rustix::fs::Timestamps {
+            last_access: at,
+            last_modification: at,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar(entries: &[(&str, tar::EntryType, u32, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, mode, link) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            h.set_mode(*mode);
+            h.set_size(0);
+            h.set_mtime(1000);
+            h.set_uid(0);
+            h.set_gid(0);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            b.append_data(&mut h, name, io::empty()).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn view(layers: &[Vec<u8>]) -> MetaView {
+        let mut v = MetaView::default();
+        for l in layers {
+            v.push(&LayerTable::read(&l[..]).unwrap());
+        }
+        v
+    }
+
+    #[test]
+    fn whiteouts_opaque_dirs_and_links_merge_as_the_extractor_applies_them() {
+        use tar::EntryType::*;
+        let v = view(&[
+            tar(&[
+                ("usr/bin/", Directory, 0o755, ""),
+                ("usr/bin/a", Regular, 0o755, ""),
+                ("usr/local/", Directory, 0o700, ""),
+                ("usr/local/bin", Symlink, 0o777, "/usr/bin"),
+                ("opt/x/", Directory, 0o755, ""),
+                ("opt/x/old", Regular, 0o644, ""),
+                ("gone", Regular, 0o644, ""),
+            ]),
+            tar(&[
+                ("usr/local/bin/b", Regular, 0o750, ""),
+                (".wh.gone", Regular, 0, ""),
+                ("opt/x/new", Regular, 0o600, ""),
+                ("opt/x/.wh..wh..opq", Regular, 0, ""),
+            ]),
+        ]);
+        // Written through the link, into /usr/bin.
+        assert_eq!(v.paths[Path::new("usr/bin/b")].mode, 0o750);
+        assert!(!v.paths.contains_key(Path::new("gone")));
+        assert!(!v.paths.contains_key(Path::new("opt/x/old")));
+        assert!(v.paths.contains_key(Path::new("opt/x/new")));
+        assert_eq!(
+            v.resolve(Path::new("/usr/local/bin/c"), true),
+            Path::new("usr/bin/c")
+        );
+    }
+
+    #[test]
+    fn materializing_puts_the_reachable_paths_on_disk_with_their_metadata() {
+        use std::os::unix::fs::MetadataExt;
+        use tar::EntryType::*;
+        let v = view(&[tar(&[
+            ("usr/bin/", Directory, 0o751, ""),
+            ("usr/bin/a", Regular, 0o755, ""),
+            ("usr/local/bin", Symlink, 0o777, "../bin"),
+            ("srv/", Directory, 0o700, ""),
+            ("srv/unrelated", Regular, 0o644, ""),
+        ])]);
+        let dir = tempfile::tempdir().unwrap();
+        v.materialize(dir.path(), &[PathBuf::from("/usr/local/bin/")])
+            .unwrap();
+        let root = dir.path();
+        assert_eq!(
+            std::fs::read_link(root.join("usr/local/bin")).unwrap(),
+            Path::new("../bin")
+        );
+        let bin = std::fs::metadata(root.join("usr/bin")).unwrap();
+        assert_eq!(bin.mode() & 0o7777, 0o751);
+        assert_eq!(bin.mtime(), 1000);
+        assert!(root.join("usr/bin/a").exists());
+        assert!(!root.join("srv").exists());
+    }
+}
