@@ -84,7 +84,12 @@ fn the_engine_exposes_only_its_api() {
     let public: Vec<&str> = lib.lines().filter(|l| l.starts_with("pub mod ")).collect();
     assert_eq!(
         public,
-        ["pub mod dockerfile;", "pub mod output;", "pub mod bench {"]
+        [
+            "pub mod dockerfile;",
+            "pub mod output;",
+            "pub mod provenance;",
+            "pub mod bench {"
+        ]
     );
     assert!(
         lib.contains("#[doc(hidden)]\npub mod bench"),
