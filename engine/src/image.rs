@@ -176,6 +176,16 @@ impl Built {
             Built::Index(index) => &index.images,
         }
     }
+
+    /// Every manifest the tag's manifest reaches: the images, then their
+    /// attestations (`--provenance`).
+    pub fn manifests(&self) -> impl Iterator<Item = &BuiltImage> {
+        let attestations = match self {
+            Built::Image(_) => &[][..],
+            Built::Index(index) => &index.attestations,
+        };
+        self.images().iter().chain(attestations)
+    }
 }
 
 /// Annotations for `--annotation`: on each image manifest, on the index.

@@ -32,11 +32,7 @@ impl Built {
     fn blob_digests(&self) -> Vec<Digest> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        let attestations = match self {
-            Built::Image(_) => &[][..],
-            Built::Index(index) => &index.attestations,
-        };
-        for image in self.images().iter().chain(attestations) {
+        for image in self.manifests() {
             let manifest = matches!(self, Built::Index(_)).then(|| image.manifest.digest.clone());
             for d in image.blob_digests().into_iter().chain(manifest) {
                 if seen.insert(d.clone()) {
@@ -91,7 +87,7 @@ pub async fn push(
     match built {
         Built::Image(image) => push_image(image, destination, false, registry, store).await,
         Built::Index(index) => {
-            for image in index.images.iter().chain(&index.attestations) {
+            for image in built.manifests() {
                 push_image(image, destination, true, registry, store).await?;
             }
             let bytes = store.read(&index.index.digest)?;

@@ -78,13 +78,9 @@ impl Builder<'_> {
         let mut root = result.on_disk.as_ref().map(|d| d.dir.clone());
         // With the overlay snapshotter, the layers the next step runs on
         // (bottom first); no snapshot of the root is ever taken.
-        let mut unpacked = match root {
-            Some(_) => self.roots.unpacked()?,
-            None => None,
-        };
-        let mut lowers = match unpacked {
-            Some(unpacked) => Some(self.roots.layer_dirs(unpacked, &result.layers)?),
-            None => None,
+        let (mut unpacked, mut lowers) = match root {
+            Some(_) => self.overlay_lowers(&result.layers)?,
+            None => (None, None),
         };
         // The metadata view of the layers so far, made at the first miss
         // of a stage not on disk; `Some(None)`: it cannot serve this stage.
@@ -127,11 +123,7 @@ impl Builder<'_> {
                     let on_disk = make_root(&result.layers)?;
                     root = Some(on_disk.dir.clone());
                     result.on_disk = Some(on_disk);
-                    unpacked = self.roots.unpacked()?;
-                    lowers = match unpacked {
-                        Some(unpacked) => Some(self.roots.layer_dirs(unpacked, &result.layers)?),
-                        None => None,
-                    };
+                    (unpacked, lowers) = self.overlay_lowers(&result.layers)?;
                     view = Some(None);
                 }
             }
@@ -501,6 +493,20 @@ impl Builder<'_> {
                 rescan(root, &touched)
             }
         }
+    }
+
+    /// With the overlay snapshotter, its unpacked layers and the dirs of
+    /// `layers` in it (bottom first), which the next step runs on.
+    fn overlay_lowers(
+        &self,
+        layers: &[Layer],
+    ) -> Result<(Option<&UnpackedLayers>, Option<Vec<PathBuf>>), BuildError> {
+        let unpacked = self.roots.unpacked()?;
+        let lowers = match unpacked {
+            Some(unpacked) => Some(self.roots.layer_dirs(unpacked, layers)?),
+            None => None,
+        };
+        Ok((unpacked, lowers))
     }
 
     /// The metadata view of `layers` (`None`: one of them cannot be read

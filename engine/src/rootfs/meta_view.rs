@@ -17,7 +17,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::owners;
+use super::{components, owners};
 
 /// Files whose content the view keeps: USER, WORKDIR and `--chown` names
 /// are resolved against them.
@@ -307,7 +307,8 @@ impl MetaView {
     /// looks at on the way.
     fn walk(&self, path: &Path, follow_final: bool, seen: &mut dyn FnMut(&Path)) -> PathBuf {
         let mut resolved = PathBuf::new();
-        let mut pending: std::collections::VecDeque<std::ffi::OsString> = components(path);
+        let mut pending: std::collections::VecDeque<std::ffi::OsString> =
+            components(path).collect();
         let mut hops = 0;
         while let Some(name) = pending.pop_front() {
             if name == ".." {
@@ -326,7 +327,7 @@ impl MetaView {
                     if target.is_absolute() {
                         resolved = PathBuf::new();
                     }
-                    for (i, c) in components(&target).into_iter().enumerate() {
+                    for (i, c) in components(&target).enumerate() {
                         pending.insert(i, c);
                     }
                 }
@@ -401,16 +402,6 @@ fn unsupported() -> Meta {
         link: None,
         content: None,
     }
-}
-
-fn components(path: &Path) -> std::collections::VecDeque<std::ffi::OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect()
 }
 
 fn io_at(root: &Path, path: &Path, e: io::Error) -> Unservable {

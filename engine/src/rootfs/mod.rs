@@ -154,7 +154,7 @@ pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Resu
 
 /// The normal components of `path`, with `..` kept (resolved by the caller)
 /// and `/` and `.` dropped.
-fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
+pub(crate) fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
     path.components().filter_map(|c| match c {
         Component::Normal(n) => Some(n.to_os_string()),
         Component::ParentDir => Some("..".into()),
