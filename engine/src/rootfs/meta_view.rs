@@ -17,14 +17,13 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{components, owners};
+use super::{clean_relative, owners};
 
 /// Files whose content the view keeps: USER, WORKDIR and `--chown` names
 /// are resolved against them.
 const KEPT_CONTENT: &[&str] = &["etc/passwd", "etc/group"];
 /// Larger kept files are left out: the step then falls back.
 const KEPT_MAX: u64 = 1 << 20;
-const MAX_SYMLINK_HOPS: u32 = 40;
 
 /// What the view cannot put on disk faithfully; the step is built on an
 /// unpacked root instead.
@@ -197,6 +196,8 @@ fn clean(name: &[u8]) -> Option<PathBuf> {
 #[derive(Debug, Default, Clone)]
 pub struct MetaView {
     paths: BTreeMap<PathBuf, Meta>,
+    /// A path whose symlinks loop, met applying a layer.
+    looped: Option<PathBuf>,
 }
 
 impl MetaView {
@@ -292,49 +293,43 @@ impl MetaView {
     }
 
     /// `path` with the links of its parents followed inside the image.
-    fn resolve_parent(&self, path: &Path) -> PathBuf {
+    fn resolve_parent(&mut self, path: &Path) -> PathBuf {
         self.resolve(path, false)
     }
 
     /// `path` resolved as [`super::resolve_in_root`] resolves it on an
-    /// unpacked root: symlinks followed inside the image, the last one
-    /// only with `follow_final`. Relative to the root.
-    fn resolve(&self, path: &Path, follow_final: bool) -> PathBuf {
-        self.walk(path, follow_final, &mut |_| {})
-    }
-
-    /// [`Self::resolve`], calling `seen` with each path of the image it
-    /// looks at on the way.
-    fn walk(&self, path: &Path, follow_final: bool, seen: &mut dyn FnMut(&Path)) -> PathBuf {
-        let mut resolved = PathBuf::new();
-        let mut pending: std::collections::VecDeque<std::ffi::OsString> =
-            components(path).collect();
-        let mut hops = 0;
-        while let Some(name) = pending.pop_front() {
-            if name == ".." {
-                resolved.pop();
-                continue;
-            }
-            let candidate = resolved.join(&name);
-            seen(&candidate);
-            if pending.is_empty() && !follow_final {
-                return candidate;
-            }
-            match self.paths.get(&candidate) {
-                Some(m) if m.kind == Kind::Symlink && hops < MAX_SYMLINK_HOPS => {
-                    hops += 1;
-                    let target = m.link.clone().unwrap_or_default();
-                    if target.is_absolute() {
-                        resolved = PathBuf::new();
-                    }
-                    for (i, c) in components(&target).enumerate() {
-                        pending.insert(i, c);
-                    }
-                }
-                _ => resolved = candidate,
+    /// unpacked root. A symlink loop, which the extractor refuses, leaves
+    /// the view unable to serve (see [`Self::materialize`]).
+    fn resolve(&mut self, path: &Path, follow_final: bool) -> PathBuf {
+        match self.walk(path, follow_final, &mut |_| {}) {
+            Ok(resolved) => resolved,
+            Err(_) => {
+                self.looped.get_or_insert_with(|| path.to_path_buf());
+                clean_relative(path)
             }
         }
-        resolved
+    }
+
+    /// Resolves `path` in the view, calling `seen` with each path of the
+    /// image it looks at on the way.
+    fn walk(
+        &self,
+        path: &Path,
+        follow_final: bool,
+        seen: &mut dyn FnMut(&Path),
+    ) -> io::Result<PathBuf> {
+        let resolved = super::resolve_links(path, follow_final, |candidate| {
+            seen(candidate);
+            Ok(self
+                .paths
+                .get(candidate)
+                .filter(|m| m.kind == Kind::Symlink)
+                .map(|m| m.link.clone().unwrap_or_default()))
+        })?;
+        if !follow_final && !resolved.as_os_str().is_empty() {
+            seen(&resolved); // the last component, not asked of `link`
+        }
+        Ok(resolved)
     }
 
     /// Puts on `root` (an empty directory) what a step writing at `dests`
@@ -343,6 +338,9 @@ impl MetaView {
     /// directory, what links in there lead to, and the user databases.
     /// Fails, before the step runs, on what it cannot reproduce.
     pub fn materialize(&self, root: &Path, dests: &[PathBuf]) -> Result<(), Unservable> {
+        if let Some(path) = &self.looped {
+            return Err(Unservable::Entry(path.clone(), "symlink loop"));
+        }
         let mut wanted: Vec<PathBuf> = Vec::new();
         let mut queue: Vec<PathBuf> = dests.to_vec();
         queue.extend(KEPT_CONTENT.iter().map(PathBuf::from));
@@ -351,7 +349,9 @@ impl MetaView {
             if !done.insert(dest.clone()) {
                 continue;
             }
-            let end = self.walk(&dest, true, &mut |p| wanted.push(p.to_path_buf()));
+            let end = self
+                .walk(&dest, true, &mut |p| wanted.push(p.to_path_buf()))
+                .map_err(|_| Unservable::Entry(dest.clone(), "symlink loop"))?;
             let is_dir = self.paths.get(&end).is_some_and(|m| m.kind == Kind::Dir);
             if !is_dir && !end.as_os_str().is_empty() {
                 continue;
@@ -499,7 +499,7 @@ mod tests {
     #[test]
     fn whiteouts_opaque_dirs_and_links_merge_as_the_extractor_applies_them() {
         use tar::EntryType::*;
-        let v = view(&[
+        let mut v = view(&[
             tar(&[
                 ("usr/bin/", Directory, 0o755, ""),
                 ("usr/bin/a", Regular, 0o755, ""),
@@ -551,5 +551,20 @@ mod tests {
         assert_eq!(bin.mtime(), 1000);
         assert!(root.join("usr/bin/a").exists());
         assert!(!root.join("srv").exists());
+    }
+
+    #[test]
+    fn a_symlink_loop_leaves_the_view_unable_to_serve_as_the_extractor_refuses_it() {
+        use tar::EntryType::*;
+        let links = tar(&[("a", Symlink, 0o777, "b"), ("b", Symlink, 0o777, "a")]);
+        let dir = tempfile::tempdir().unwrap();
+        // Reaching the loop while materializing.
+        let v = view(std::slice::from_ref(&links));
+        let e = v.materialize(dir.path(), &[PathBuf::from("/a/x")]);
+        assert!(matches!(e, Err(Unservable::Entry(p, "symlink loop")) if p == Path::new("/a/x")));
+        // Writing through it in a later layer.
+        let v = view(&[links, tar(&[("a/x", Regular, 0o644, "")])]);
+        let e = v.materialize(dir.path(), &[PathBuf::from("/srv/")]);
+        assert!(matches!(e, Err(Unservable::Entry(_, "symlink loop"))));
     }
 }

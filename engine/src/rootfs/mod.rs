@@ -83,7 +83,7 @@ pub(crate) fn explain_not_found(root: &Path, path: &Path, e: io::Error) -> io::E
 /// The first symlink on `path` whose target does not exist, following a
 /// chain of links to its last (the one that dangles).
 fn dangling_link(root: &Path, path: &Path, depth: usize) -> Option<LinkError> {
-    if depth > 40 {
+    if depth > MAX_SYMLINK_HOPS as usize {
         return None; // a loop: resolve_in_root says so itself
     }
     let mut prefix = PathBuf::from("/");
@@ -115,6 +115,25 @@ fn dangling_link(root: &Path, path: &Path, depth: usize) -> Option<LinkError> {
 /// components are fine: the rest is appended as written. A loop is a
 /// [`LinkError::Loop`].
 pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Result<PathBuf> {
+    let resolved = resolve_links(path, follow_final, |candidate| {
+        let at = root.join(candidate);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => std::fs::read_link(&at).map(Some),
+            _ => Ok(None),
+        }
+    })?;
+    Ok(root.join(resolved))
+}
+
+/// The resolution both a root on disk and the metadata view of one use:
+/// `link` tells whether a path (relative to the root) is a symlink and
+/// where to; it is asked of every component on the way, but the last
+/// when `follow_final` is unset. Returns the path relative to the root.
+pub(crate) fn resolve_links(
+    path: &Path,
+    follow_final: bool,
+    mut link: impl FnMut(&Path) -> io::Result<Option<PathBuf>>,
+) -> io::Result<PathBuf> {
     let mut resolved = PathBuf::new();
     let mut pending: VecDeque<OsString> = components(path).collect();
     let mut hops = 0;
@@ -125,14 +144,12 @@ pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Resu
         }
         let candidate = resolved.join(&name);
         if pending.is_empty() && !follow_final {
-            resolved = candidate;
-            break;
+            return Ok(candidate);
         }
-        match std::fs::symlink_metadata(root.join(&candidate)) {
-            Ok(meta) if meta.file_type().is_symlink() => {
+        match link(&candidate)? {
+            Some(target) => {
                 hops += 1;
-                let target = std::fs::read_link(root.join(&candidate))?;
-                if hops > 40 {
+                if hops > MAX_SYMLINK_HOPS {
                     return Err(LinkError::Loop {
                         link: Path::new("/").join(candidate),
                         target,
@@ -146,11 +163,14 @@ pub fn resolve_in_root(root: &Path, path: &Path, follow_final: bool) -> io::Resu
                     pending.insert(i, c);
                 }
             }
-            _ => resolved = candidate,
+            None => resolved = candidate,
         }
     }
-    Ok(root.join(resolved))
+    Ok(resolved)
 }
+
+/// The kernel's limit on symlink hops in one resolution.
+const MAX_SYMLINK_HOPS: u32 = 40;
 
 /// The normal components of `path`, with `..` kept (resolved by the caller)
 /// and `/` and `.` dropped.
