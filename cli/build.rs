@@ -379,8 +379,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
         ProvenanceArg::Min => provenance::Mode::Min,
         ProvenanceArg::Max => provenance::Mode::Max,
     });
-    if provenance.is_some() && matches!(a.image_format, ImageFormatArg::Docker) {
-        bail!("--provenance: attestations need OCI manifests; --image-format docker has none (use --image-format oci)");
+    let image_format = match a.image_format {
+        ImageFormatArg::Oci => ImageFormat::Oci,
+        ImageFormatArg::Docker => ImageFormat::Docker,
+    };
+    if provenance.is_some() {
+        image_format.check_attestable()?; // before anything is built
     }
     let (context, commit) = crate::context::resolve(
         &a.context,
@@ -441,10 +445,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         run_unavailable,
         snapshotter,
         own_mount_namespace,
-        image_format: match a.image_format {
-            ImageFormatArg::Oci => ImageFormat::Oci,
-            ImageFormatArg::Docker => ImageFormat::Docker,
-        },
+        image_format,
         cache_run_layers: a.cache_run_layers,
         cache_copy_layers: a.cache_copy_layers,
         secrets: parse_secrets(&a.secrets)?,

@@ -135,6 +135,19 @@ pub enum ImageFormat {
     Docker,
 }
 
+impl ImageFormat {
+    /// Attestations need OCI manifests: a Docker manifest list cannot mark
+    /// a manifest as one.
+    pub fn check_attestable(self) -> Result<(), BuildError> {
+        match self {
+            ImageFormat::Oci => Ok(()),
+            ImageFormat::Docker => Err(BuildError::Invalid(
+                "--provenance: attestations need OCI manifests; --image-format docker has none (use --image-format oci)".into(),
+            )),
+        }
+    }
+}
+
 /// A finished image: its blobs are in the store.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
@@ -232,11 +245,11 @@ pub fn attestation<T: Serialize>(
     image: &BuiltImage,
     statement: &T,
 ) -> Result<BuiltImage, BuildError> {
-    if image.manifest.media_type != MediaType::ImageManifest {
-        return Err(BuildError::Invalid(
-            "--provenance: attestations need OCI manifests (use --image-format oci)".into(),
-        ));
+    match image.manifest.media_type {
+        MediaType::ImageManifest => ImageFormat::Oci,
+        _ => ImageFormat::Docker,
     }
+    .check_attestable()?;
     let stored = store.put(&manifest::canonical_json(statement))?;
     let mut layer = Descriptor::new(
         MediaType::Other(provenance::MEDIA_TYPE.into()),
