@@ -111,12 +111,7 @@ fn assert_absent(haystack: &[u8], needle: &str, what: &str) {
 fn max_provenance_per_platform_pushed_with_no_secret_in_it() {
     require_arm64_emulation();
     let pki = Pki::new(USER, PASSWORD);
-    let registry = Registry::start_secure(&Security {
-        cert: &pki.path("server.pem"),
-        key: &pki.path("server.key"),
-        htpasswd: &pki.path("htpasswd"),
-        client_ca: None,
-    });
+    let registry = pki.start_registry(false);
     let read = Reader {
         pki: &pki,
         registry: &registry,

@@ -62,12 +62,7 @@ fn build_and_push(
 #[test]
 fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
     let pki = Pki::new(USER, PASSWORD);
-    let registry = Registry::start_secure(&Security {
-        cert: &pki.path("server.pem"),
-        key: &pki.path("server.key"),
-        htpasswd: &pki.path("htpasswd"),
-        client_ca: None,
-    });
+    let registry = pki.start_registry(false);
     let host = registry.addr.clone();
     let cert_dir = pki.path("certs");
     run_ok(Command::new("skopeo").args([
@@ -200,12 +195,7 @@ fn tls_and_basic_auth_with_config_json_and_credential_helpers() {
 #[test]
 fn mutual_tls_with_a_client_certificate() {
     let pki = Pki::new(USER, PASSWORD);
-    let registry = Registry::start_secure(&Security {
-        cert: &pki.path("server.pem"),
-        key: &pki.path("server.key"),
-        htpasswd: &pki.path("htpasswd"),
-        client_ca: Some(&pki.path("ca.pem")),
-    });
+    let registry = pki.start_registry(true);
     let host = registry.addr.clone();
     let good = docker_config(&format!(
         r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::run_ok;
+use super::{run_ok, Registry, Security};
 
 /// TLS material and users for a private registry, in a temp dir.
 pub struct Pki {
@@ -35,6 +35,19 @@ htpasswd -Bbn {user} {password} > htpasswd",
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A registry serving TLS with this server certificate and requiring
+    /// this htpasswd user, and with `client_certs` a client certificate
+    /// from this CA too.
+    pub fn start_registry(&self, client_certs: bool) -> Registry {
+        let ca = self.path("ca.pem");
+        Registry::start_secure(&Security {
+            cert: &self.path("server.pem"),
+            key: &self.path("server.key"),
+            htpasswd: &self.path("htpasswd"),
+            client_ca: client_certs.then_some(ca.as_path()),
+        })
     }
 }
 
