@@ -126,45 +126,8 @@ push_busybox "$work"
 base=$reg/base/busybox:latest
 
 # --- optional Debian base -------------------------------------------------------
-# A minbase bookworm root, debootstrapped once and kept in ~/.cache/kiln-bench,
-# packed as a one-layer OCI image (sorted, numeric owners, epoch mtimes) and
-# pushed as base/debian:bookworm.
-# Called in $(…), so the "once" is a file: both Debian workloads share it.
-debian_base() {
-  [ ! -s "$work/debian.ref" ] || { cat "$work/debian.ref"; return; }
-  local cache=${XDG_CACHE_HOME:-$HOME/.cache}/kiln-bench
-  local rootfs=$cache/bookworm-minbase
-  if [ ! -d "$rootfs" ]; then
-    command -v debootstrap >/dev/null || apt-get install -y debootstrap >&2
-    rm -rf "$rootfs.tmp"
-    echo "compare.sh: debootstrap --variant=minbase bookworm (once, into $rootfs)" >&2
-    debootstrap --variant=minbase bookworm "$rootfs.tmp" http://deb.debian.org/debian >"$log/debootstrap.log" 2>&1
-    rm -rf "$rootfs.tmp"/var/cache/apt/archives/*.deb "$rootfs.tmp"/var/lib/apt/lists/*
-    mv "$rootfs.tmp" "$rootfs"
-  fi
-  local oci=$work/debian d=$work/debian-work
-  mkdir -p "$oci/blobs/sha256" "$d"
-  tar -C "$rootfs" --sort=name --mtime=@0 --numeric-owner --format=pax --pax-option=delete=atime,delete=ctime \
-    --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' -cf "$d/layer.tar" .
-  gzip -n -6 <"$d/layer.tar" >"$d/layer.tar.gz"
-  local diff_id layer layer_size config config_size manifest manifest_size arch
-  arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
-  diff_id=$(sha256sum "$d/layer.tar" | cut -d' ' -f1)
-  layer=$(sha256sum "$d/layer.tar.gz" | cut -d' ' -f1)
-  layer_size=$(stat -c %s "$d/layer.tar.gz")
-  cp "$d/layer.tar.gz" "$oci/blobs/sha256/$layer"
-  printf '%s' '{"architecture":"'"$arch"'","config":{"Cmd":["bash"],"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},"created":"1970-01-01T00:00:00Z","history":[{"created":"1970-01-01T00:00:00Z","created_by":"debootstrap --variant=minbase bookworm"}],"os":"linux","rootfs":{"diff_ids":["sha256:'"$diff_id"'"],"type":"layers"}}' >"$d/config.json"
-  config=$(sha256sum "$d/config.json" | cut -d' ' -f1); config_size=$(stat -c %s "$d/config.json")
-  cp "$d/config.json" "$oci/blobs/sha256/$config"
-  printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config"'","size":'"$config_size"'},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$layer"'","size":'"$layer_size"'}]}' >"$d/manifest.json"
-  manifest=$(sha256sum "$d/manifest.json" | cut -d' ' -f1); manifest_size=$(stat -c %s "$d/manifest.json")
-  cp "$d/manifest.json" "$oci/blobs/sha256/$manifest"
-  printf '%s' '{"imageLayoutVersion":"1.0.0"}' >"$oci/oci-layout"
-  printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$manifest"'","size":'"$manifest_size"',"annotations":{"org.opencontainers.image.ref.name":"bookworm"}}]}' >"$oci/index.json"
-  rm -rf "$d"
-  skopeo copy --quiet --dest-tls-verify=false "oci:$oci:bookworm" "docker://$reg/base/debian:bookworm"
-  echo "$reg/base/debian:bookworm" | tee "$work/debian.ref"
-}
+# benches/lib.sh's push_debian, shared with warm.sh.
+debian_base() { push_debian "$work" "$log"; }
 
 # --- buildah storage driver -------------------------------------------------
 driver=overlay

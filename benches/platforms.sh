@@ -62,8 +62,10 @@ for c in "${configs[@]}"; do cold[$c]=$(build "$c"); done
 for _ in $(seq "$runs"); do
   for c in "${configs[@]}"; do times[$c]+=" $(build "$c")"; done
 done
-echo "| --platform | cold build (s) | no-change rebuild + push, median (s) | runs (s) |"
-echo "|---|---|---|---|"
+echo "| --platform | cold build (s) | no-change rebuild + push, median (s) | runs (s) | median per platform (s) |"
+echo "|---|---|---|---|---|"
 for c in "${configs[@]}"; do
-  echo "| $c | ${cold[$c]} | $(echo "${times[$c]}" | median) |${times[$c]} |"
+  m=$(echo "${times[$c]}" | median)
+  n=$(echo "$c" | tr ',' '\n' | wc -l)
+  echo "| $c | ${cold[$c]} | $m |${times[$c]} | $(awk -v m="$m" -v n="$n" 'BEGIN { printf "%.3f", m / n }') |"
 done

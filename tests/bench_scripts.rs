@@ -364,3 +364,123 @@ fn platforms_sh_compares_a_two_platform_rebuild_with_each_alone() {
         assert_eq!(cells[3], cells[4], "{row}");
     }
 }
+
+/// The cells of every table row of `report` with `n` cells, but the
+/// header's (whose first cell is `header`).
+fn table(report: &str, n: usize, header: &str) -> Vec<Vec<String>> {
+    report
+        .lines()
+        .filter(|l| l.starts_with("| "))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|cells| cells.len() == n && cells[0] != header)
+        .collect()
+}
+
+/// Checks a `benches/warm.sh` report: each scenario's median is its runs'
+/// and every verdict follows from the numbers in the table. Returns the
+/// (scenario, median) rows.
+fn check_warm(report: &str) -> Vec<(String, f64)> {
+    let rows = table(report, 6, "scenario");
+    let names = [
+        "no-change rebuild",
+        "first build after kiln warm",
+        "cold build, no warm",
+        "app: ",
+    ];
+    assert_eq!(rows.len(), names.len(), "{report}");
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r[0].starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in {report}"))
+    };
+    let mut medians = Vec::new();
+    for name in names {
+        let r = row(name);
+        let mut runs: Vec<f64> = r[2]
+            .split_whitespace()
+            .map(|w| w.parse().unwrap_or_else(|_| panic!("{w:?} in {r:?}")))
+            .collect();
+        assert!(!runs.is_empty(), "{r:?}");
+        assert_eq!(format!("{:.3}", median(&mut runs)), r[1], "{r:?}");
+        for count in &r[3..] {
+            count.parse::<u64>().unwrap_or_else(|_| panic!("{r:?}"));
+        }
+        medians.push((name.to_string(), r[1].parse().unwrap()));
+    }
+    let targets = table(report, 2, "target");
+    assert_eq!(targets.len(), 3, "{report}");
+    for t in &targets {
+        let (said, detail) = t[1].split_once(": ").unwrap();
+        let expected = if t[0].starts_with("first build after kiln warm ≤ 1.5×") {
+            let (n, w) = (medians[0].1, medians[1].1);
+            assert_eq!(detail, format!("{:.2}×", w / n), "{t:?}");
+            verdict(w <= 1.5 * n)
+        } else if t[0].starts_with("cold build without warm: unpack 0") {
+            let cold = row("cold build, no warm");
+            assert_eq!(
+                detail,
+                format!("{} layers, {} ms", cold[3], cold[4]),
+                "{t:?}"
+            );
+            verdict(cold[3] == "0" && cold[4] == "0")
+        } else if t[0].starts_with("app final stage unpacks nothing") {
+            // "F layers, B bytes (the whole build W layers, --target build S)"
+            let n: Vec<u64> = detail
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            let [final_stage, _, whole, stage] = n[..] else {
+                panic!("four numbers in {t:?}");
+            };
+            assert_eq!(final_stage, whole - stage, "{t:?}");
+            let app = row("app: ");
+            assert!(whole <= app[3].parse().unwrap(), "{t:?} {app:?}");
+            verdict(final_stage == 0)
+        } else {
+            panic!("a target this test cannot check: {t:?}");
+        };
+        assert_eq!(said, expected, "{t:?}");
+    }
+    medians
+}
+
+/// `benches/warm.sh`, one quick run on the busybox base: four scenario
+/// rows and three targets whose verdicts follow from the numbers.
+#[test]
+fn warm_sh_measures_the_warmed_first_build_against_a_rebuild() {
+    let out = run_ok(
+        Command::new(Path::new(REPO).join("benches/warm.sh"))
+            .args(["--runs", "1", "--base", "busybox", "--kiln", KILN]),
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let medians = check_warm(&report);
+    assert!(medians.iter().all(|(_, m)| *m > 0.0), "{report}");
+}
+
+/// The warm table in the README is a warm.sh report: its verdicts follow
+/// from its numbers, and a flipped one is caught.
+#[test]
+fn the_readme_warm_table_follows_from_its_runs() {
+    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).unwrap();
+    let start = readme
+        .find("<!-- warm.sh: begin -->")
+        .expect("begin marker");
+    let end = readme.find("<!-- warm.sh: end -->").expect("end marker");
+    let block = &readme[start..end];
+    check_warm(block);
+    let line = block
+        .lines()
+        .find(|l| l.contains("| met: ") || l.contains("| **missed**: "))
+        .expect("a target row");
+    let flipped = match line.contains("| met: ") {
+        true => line.replace("| met: ", "| **missed**: "),
+        false => line.replace("| **missed**: ", "| met: "),
+    };
+    let forged = block.replace(line, &flipped);
+    assert!(std::panic::catch_unwind(|| check_warm(&forged)).is_err());
+}

@@ -554,3 +554,48 @@ fn two_platforms_in_docker_format_make_a_manifest_list() {
         );
     }
 }
+
+/// A no-change rebuild of two platforms asks the destination one thing:
+/// the tag is already this index (one HEAD), so neither image manifest
+/// nor any blob is checked or pushed again. No RUN: no QEMU needed.
+#[test]
+fn a_no_change_two_platform_rebuild_makes_one_manifest_request() {
+    let registry = Registry::start_logged();
+    let base = registry.push_busybox_index_as("base/multi:latest");
+    let ctx = Context::new(
+        &format!("FROM {base}\nCOPY hello /hello\n"),
+        &[("hello", "hi\n")],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("app/rebuilt:v1");
+    let args = ["--platform", PLATFORMS, "--destination", &dest];
+    let first = kiln_build(&ctx, state.path(), &args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let before = registry.requests().len();
+    let again = kiln_build(&ctx, state.path(), &args);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let to_app: Vec<String> = registry.requests()[before..]
+        .iter()
+        .filter(|r| r.contains("/v2/app/rebuilt/"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        to_app,
+        ["HEAD /v2/app/rebuilt/manifests/v1 HTTP/1.1"],
+        "{}",
+        stderr(&again)
+    );
+    // The index is what the tag names, both platforms in it.
+    let raw = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{dest}"),
+    ]));
+    let index: Value = serde_json::from_slice(&raw.stdout).unwrap();
+    let arches: Vec<String> = index_platforms(&index)
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(arches, ["amd64", "arm64"]);
+}

@@ -53,23 +53,21 @@ async fn push_image(
     registry: &RegistryClient,
     store: &BlobStore,
 ) -> Result<(), BuildError> {
+    let to = match by_digest {
+        true => destination.clone_with_digest(image.manifest.digest.to_string()),
+        false => destination.clone(),
+    };
     // A registry stores a manifest only once it has every blob it names, so
     // a destination already at this manifest (a no-change rebuild) needs
-    // one HEAD instead of a HEAD per blob and a PUT.
-    if registry
-        .has_manifest(destination, &image.manifest.digest)
-        .await
-    {
+    // one HEAD instead of a HEAD per blob and a PUT. In an index the image
+    // is asked for by digest: the tag names the index.
+    if registry.has_manifest(&to, &image.manifest.digest).await {
         return Ok(());
     }
     for digest in image.blob_digests() {
         registry.push_blob(destination, &digest, store).await?;
     }
     let bytes = store.read(&image.manifest.digest)?;
-    let to = match by_digest {
-        true => destination.clone_with_digest(image.manifest.digest.to_string()),
-        false => destination.clone(),
-    };
     registry
         .push_manifest(&to, bytes, &image.manifest.media_type)
         .await?;
@@ -87,6 +85,14 @@ pub async fn push(
     match built {
         Built::Image(image) => push_image(image, destination, false, registry, store).await,
         Built::Index(index) => {
+            // A tag already at this index has every manifest it lists: one
+            // HEAD for a no-change rebuild, not one per image and a PUT.
+            if registry
+                .has_manifest(destination, &index.index.digest)
+                .await
+            {
+                return Ok(());
+            }
             for image in built.manifests() {
                 push_image(image, destination, true, registry, store).await?;
             }

@@ -22,6 +22,8 @@ pub struct Registry {
     child: Child,
     pub addr: String,
     _dir: tempfile::TempDir,
+    /// Where the access log goes ([`Registry::start_logged`]).
+    access_log: Option<PathBuf>,
 }
 
 /// TLS and basic auth for [`Registry::start_secure`].
@@ -35,16 +37,22 @@ pub struct Security<'a> {
 
 impl Registry {
     pub fn start() -> Registry {
-        Registry::start_with(None)
+        Registry::start_with(None, false)
+    }
+
+    /// A registry that logs every request it serves, for
+    /// [`Registry::requests`].
+    pub fn start_logged() -> Registry {
+        Registry::start_with(None, true)
     }
 
     /// A registry serving HTTPS with `cert`/`key` and requiring the users
     /// in `htpasswd`.
     pub fn start_secure(security: &Security) -> Registry {
-        Registry::start_with(Some(security))
+        Registry::start_with(Some(security), false)
     }
 
-    fn start_with(security: Option<&Security>) -> Registry {
+    fn start_with(security: Option<&Security>, logged: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         // Ask the kernel for a free port, then hand it to the registry.
         let port = TcpListener::bind("127.0.0.1:0")
@@ -57,7 +65,8 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}",
+                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: {}\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}",
+                !logged,
                 dir.path().join("data").display(),
                 security.map_or(String::new(), |s| format!(
                     "  tls:\n    certificate: {}\n    key: {}\n{}auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
@@ -72,10 +81,16 @@ impl Registry {
             ),
         )
         .unwrap();
+        // The access log goes to stdout, one combined-format line per request.
+        let access_log = logged.then(|| dir.path().join("access.log"));
+        let stdout = match &access_log {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::null(),
+        };
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .expect("docker-registry is installed (apt-get install docker-registry)");
@@ -83,6 +98,7 @@ impl Registry {
             child,
             addr,
             _dir: dir,
+            access_log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         // Over TLS, a plain request gets a 400 answer: up is up.
@@ -118,6 +134,17 @@ impl Registry {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         (status, body)
+    }
+
+    /// The request lines (`HEAD /v2/app/manifests/v1 HTTP/1.1`) served so
+    /// far, of a registry from [`Registry::start_logged`].
+    pub fn requests(&self) -> Vec<String> {
+        let path = self.access_log.as_ref().expect("Registry::start_logged");
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter_map(|l| Some(l.split('"').nth(1)?.to_string()))
+            .collect()
     }
 
     pub fn reference(&self, repo_tag: &str) -> String {
