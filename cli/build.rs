@@ -10,7 +10,7 @@ use kiln_cachestore::{BlobStore, Index, Platform, RegistryClient, RegistryOption
 use kiln_engine::dockerfile::{self, Dockerfile, StageGraph};
 use kiln_engine::{
     output, overlay_wanted, provenance, BuildOptions, Builder, Compression, Event, Forked,
-    ImageFormat, Isolation, SecretSource, SnapshotMode, Snapshotter, UsernsError,
+    ImageFormat, Isolation, SecretSource, SnapshotMode, Snapshotter, Uploads, UsernsError,
 };
 
 use crate::args::{
@@ -510,6 +510,14 @@ pub fn run(a: BuildArgs) -> Result<()> {
             }
             log.event(e)
         };
+        // New layers go to the destinations, and entries to --cache-repo,
+        // while the build goes on; pushing waits for them before any
+        // manifest.
+        let pushed_to = match a.no_push {
+            true => Vec::new(),
+            false => destinations.clone(),
+        };
+        let uploads = Uploads::new(&registry, &store, pushed_to);
         // One platform after the other: a stage every platform shares
         // (`FROM --platform=$BUILDPLATFORM` with no TARGET* args) is built
         // by the first and found in the cache by the rest.
@@ -523,8 +531,17 @@ pub fn run(a: BuildArgs) -> Result<()> {
                 platform: platform.clone(),
                 ..options.clone()
             };
-            let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?;
-            let image = builder.build().await?;
+            let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?
+                .with_uploads(&uploads);
+            let image = match builder.build().await {
+                Ok(image) => image,
+                Err(e) => {
+                    // The --cache-repo entries of the steps that were built
+                    // are still written, as they were stage by stage.
+                    let _ = uploads.finish().await;
+                    return Err(e.into());
+                }
+            };
             let image = output::annotate(&store, image, &annotations.manifest)?;
             if let Some(mode) = provenance {
                 let recorded = std::mem::take(&mut *recorder.lock().expect("recorder poisoned"));
@@ -560,10 +577,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
         if !a.no_push {
             for destination in &destinations {
-                output::push(&built, destination, &registry, &store).await?;
+                output::push(&built, destination, &registry, &store, &uploads).await?;
                 log_output("pushed", "destination", &destination.whole());
             }
         }
+        // The end: --cache-repo entries are all written (with --no-push too).
+        uploads.finish().await?;
         if let Some(path) = &a.digest_file {
             output::write_digest_file(&built, path)?;
         }

@@ -1,9 +1,11 @@
 //! Pulls through a fault-injecting proxy in front of the real registry: a
 //! blob cut off mid-stream, a 429 whose `Retry-After` (seconds or an
 //! HTTP-date) the proxy checks was waited out, and a token service that
-//! fails (issue 16); and a no-change rebuild's push, which must cost one
-//! HEAD (issue 17). The proxy serves one request per connection and logs
-//! each one with the time it came in.
+//! fails (issue 16); a no-change rebuild's push, which must cost one
+//! HEAD, and pushes through it: a layer uploaded while later steps run,
+//! and an upload that fails (issue 17). The proxy serves one request per
+//! connection and logs each one with the time it came in, and each answer
+//! it passed on once passed.
 mod support;
 
 use std::io::{Read, Write};
@@ -33,6 +35,9 @@ type Log = Arc<Mutex<Vec<(Instant, String)>>>;
 struct Proxy {
     addr: String,
     log: Log,
+    /// Forwarded requests whose answer was passed on whole:
+    /// `(time, "request line -> status line")`.
+    answered: Log,
 }
 
 impl Proxy {
@@ -40,16 +45,20 @@ impl Proxy {
     fn start(upstream: String, rule: Rule) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let log: Log = Arc::default();
-        let logged = log.clone();
+        let (log, answered): (Log, Log) = (Arc::default(), Arc::default());
+        let logs = (log.clone(), answered.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                let (upstream, rule, log) = (upstream.clone(), rule.clone(), logged.clone());
-                std::thread::spawn(move || serve(client, &upstream, rule.as_ref(), &log));
+                let (upstream, rule, logs) = (upstream.clone(), rule.clone(), logs.clone());
+                std::thread::spawn(move || serve(client, &upstream, rule.as_ref(), &logs));
             }
         });
-        Proxy { addr, log }
+        Proxy {
+            addr,
+            log,
+            answered,
+        }
     }
 
     /// When the requests whose head holds `needle` came in.
@@ -58,10 +67,26 @@ impl Proxy {
     }
 
     fn requests(&self, needle: &str) -> Vec<(Instant, String)> {
-        let log = self.log.lock().unwrap();
-        log.iter()
-            .filter(|(_, h)| h.contains(needle))
-            .cloned()
+        matching(&self.log, needle)
+    }
+}
+
+/// The entries of `log` that hold `needle`.
+fn matching(log: &Log, needle: &str) -> Vec<(Instant, String)> {
+    let log = log.lock().unwrap();
+    log.iter()
+        .filter(|(_, h)| h.contains(needle))
+        .cloned()
+        .collect()
+}
+
+impl Proxy {
+    /// The forwarded exchanges (`request line -> status line`) holding
+    /// `needle` whose answer was passed on whole.
+    fn answered(&self, needle: &str) -> Vec<String> {
+        matching(&self.answered, needle)
+            .into_iter()
+            .map(|(_, e)| e)
             .collect()
     }
 }
@@ -91,11 +116,21 @@ fn closing(head: &str) -> String {
     format!("{}\r\n\r\n", lines.join("\r\n"))
 }
 
+/// Whether a request head announces a body (an upload).
+fn has_body(head: &str) -> bool {
+    head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:")
+            || l.strip_prefix("content-length:")
+                .is_some_and(|n| n.trim() != "0")
+    })
+}
+
 fn serve(
     mut client: TcpStream,
     upstream: &str,
     rule: &(dyn Fn(&str) -> Action + Send + Sync),
-    log: &Log,
+    (log, answered): &(Log, Log),
 ) {
     let Some(head) = read_head(&mut client) else {
         return;
@@ -103,6 +138,18 @@ fn serve(
     log.lock().unwrap().push((Instant::now(), head.clone()));
     let limit = match rule(&head) {
         Action::Answer(answer) => {
+            // An upload's body is read first, so the client reads the answer.
+            let length = head.lines().find_map(|l| {
+                let l = l.to_ascii_lowercase();
+                l.strip_prefix("content-length:")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            });
+            let _ = std::io::copy(
+                &mut (&client).take(length.unwrap_or(0)),
+                &mut std::io::sink(),
+            );
             let _ = client.write_all(answer.as_bytes());
             return;
         }
@@ -115,13 +162,27 @@ fn serve(
     if server.write_all(closing(&head).as_bytes()).is_err() {
         return;
     }
+    // An upload's body goes on to the registry while its answer is awaited.
+    if has_body(&head) {
+        let (Ok(mut from), Ok(mut to)) = (client.try_clone(), server.try_clone()) else {
+            return;
+        };
+        std::thread::spawn(move || std::io::copy(&mut from, &mut to));
+    }
     let Some(answer) = read_head(&mut server) else {
         return;
     };
     if client.write_all(closing(&answer).as_bytes()).is_err() {
         return;
     }
-    let _ = std::io::copy(&mut server.take(limit as u64), &mut client);
+    let copied = std::io::copy(&mut server.take(limit as u64), &mut client);
+    if copied.is_ok() {
+        let first = |text: &str| text.lines().next().unwrap_or_default().to_string();
+        let exchange = format!("{} -> {}", first(&head), first(&answer));
+        answered.lock().unwrap().push((Instant::now(), exchange));
+    }
+    // Closed for the body copy's clone too.
+    let _ = client.shutdown(std::net::Shutdown::Both);
 }
 
 fn answer(status: &str, headers: &str, body: &str) -> String {
@@ -358,4 +419,129 @@ fn a_no_change_push_is_one_manifest_head() {
     let third = kiln_build(&ctx, state.path(), &["--destination", &elsewhere]);
     assert!(third.status.success(), "{}", stderr(&third));
     assert_eq!(skopeo_config(&elsewhere)["config"]["Env"][1], "A=1");
+}
+
+/// A gate for a RUN to wait at: a plain HTTP server on 127.0.0.1 that
+/// answers 200 once `open` says so, 404 before. RUN shares the host's
+/// network, so `wget` reaches it.
+fn gate(open: impl Fn() -> bool + Send + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            if read_head(&mut client).is_none() {
+                continue;
+            }
+            let status = match open() {
+                true => "200 OK",
+                false => "404 Not Found",
+            };
+            let _ = client.write_all(answer(status, "", "").as_bytes());
+        }
+    });
+    addr
+}
+
+/// A step's 20 MB layer is in the destination before the build's last
+/// step ends: that step waits (up to a minute) at a gate that opens only
+/// once the proxy has passed on the registry's answer to a blob upload.
+/// Uploading only after the last step, the build would fail there.
+#[test]
+fn a_layer_is_uploaded_while_later_steps_run() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    let uploads = "PUT /v2/kiln/app/blobs/uploads/";
+    let answered = proxy.answered.clone();
+    let gate = gate(move || {
+        matching(&answered, uploads)
+            .iter()
+            .any(|(_, e)| e.contains(" -> HTTP/1.1 201"))
+    });
+    let ctx = Context::new(
+        &format!(
+            "FROM {base}\n\
+             RUN head -c 20000000 /dev/urandom >/big\n\
+             RUN for i in $(seq 300); do wget -q -O /dev/null http://{gate}/ && exit 0; sleep 0.2; done; exit 1\n"
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/app:1", proxy.addr);
+    let out = kiln_build(&ctx, state.path(), &["--destination", &destination]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    // The upload the gate saw was the big layer's, and the image is whole.
+    let (_, manifest) = registry.get("/v2/kiln/app/manifests/1");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    let big = layers
+        .iter()
+        .find(|l| l["size"].as_u64().unwrap() > 19_000_000)
+        .unwrap_or_else(|| panic!("no big layer: {manifest}"));
+    let hex = big["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap();
+    let done = proxy.answered(uploads);
+    assert!(
+        done.iter()
+            .any(|e| e.contains(hex) && e.contains(" -> HTTP/1.1 201")),
+        "{done:#?}"
+    );
+    // Not uploaded twice: the push at the end knew it was there.
+    let big_puts = proxy.requests(uploads);
+    assert_eq!(
+        big_puts.iter().filter(|(_, h)| h.contains(hex)).count(),
+        1,
+        "{big_puts:#?}"
+    );
+    let diff_ids = &skopeo_config(&registry.reference("kiln/app:1"))["rootfs"]["diff_ids"];
+    assert_eq!(diff_ids.as_array().unwrap().len(), layers.len());
+}
+
+/// Every blob upload to the destination fails (500, beyond the retries):
+/// the build fails naming the layer and where it went, and no manifest
+/// or tag is pushed.
+#[test]
+fn a_failed_background_upload_fails_the_build_and_pushes_no_manifest() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let rule: Rule = Arc::new(|head: &str| {
+        if head.starts_with("PUT /v2/kiln/app/blobs/uploads/") {
+            Action::Answer(answer("500 Internal Server Error", "", "broken"))
+        } else {
+            Action::Pass
+        }
+    });
+    let proxy = Proxy::start(registry.addr.clone(), rule);
+    let ctx = Context::new(
+        &format!("FROM {base}\nRUN head -c 100000 /dev/urandom >/big\nRUN sleep 1\n"),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/app:1", proxy.addr);
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--destination", &destination, "--push-retry", "1"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let repo = format!("{}/kiln/app", proxy.addr);
+    assert!(
+        err.contains("upload of layer sha256:") && err.contains(&format!(" to {repo} failed")),
+        "{err}"
+    );
+    assert!(err.contains("500"), "{err}");
+    assert!(
+        proxy
+            .requests("/manifests/")
+            .iter()
+            .all(|(_, h)| !h.starts_with("PUT")),
+        "{err}"
+    );
+    assert_eq!(registry.get("/v2/kiln/app/manifests/1").0, 404, "{err}");
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::{StreamExt, TryStreamExt};
 use std::path::PathBuf;
@@ -54,8 +54,16 @@ pub struct RegistryOptions {
 /// retried after this, rather than a CI job sleeping for hours.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
-/// One `oci-client` per registry host, because the protocol choice is per host.
+/// One `oci-client` per registry host, because the protocol choice is per
+/// host. Cheap to clone: clones share the clients, counters and blob
+/// origins, so background uploads can own one.
+#[derive(Clone)]
 pub struct RegistryClient {
+    inner: Arc<Shared>,
+}
+
+/// What the clones of one [`RegistryClient`] share.
+struct Shared {
     options: RegistryOptions,
     /// Registries allowed plain HTTP after start (`--insecure-pull` bases).
     plain_http: Mutex<Vec<String>>,
@@ -75,7 +83,7 @@ pub struct RegistryClient {
     /// the same registry mounts it from there instead of uploading it.
     origins: Mutex<HashMap<Digest, Reference>>,
     /// Told of every blob transfer's progress ([`RegistryClient::with_progress`]).
-    on_transfer: Option<Arc<OnTransfer>>,
+    on_transfer: OnceLock<Arc<OnTransfer>>,
 }
 
 /// Whether the server at `registry` (`host:port`) is a TLS server: Docker
@@ -244,7 +252,7 @@ fn registry_error<E: std::error::Error + Send + Sync + 'static>(
 
 impl RegistryClient {
     pub fn new(options: RegistryOptions) -> Self {
-        Self {
+        let shared = Shared {
             options,
             plain_http: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
@@ -254,33 +262,38 @@ impl RegistryClient {
             pushed: AtomicU64::new(0),
             mounted: AtomicU64::new(0),
             origins: Mutex::new(HashMap::new()),
-            on_transfer: None,
+            on_transfer: OnceLock::new(),
+        };
+        Self {
+            inner: Arc::new(shared),
         }
     }
 
-    /// Reports every blob pull and push to `on` as its bytes move.
-    pub fn with_progress(mut self, on: Arc<OnTransfer>) -> Self {
-        self.on_transfer = Some(on);
+    /// Reports every blob pull and push to `on` as its bytes move (made
+    /// with the client: an observer already set stays).
+    pub fn with_progress(self, on: Arc<OnTransfer>) -> Self {
+        let _ = self.inner.on_transfer.set(on);
         self
     }
 
     /// Blobs pushed by cross-repository mount instead of upload.
     pub fn blobs_mounted(&self) -> u64 {
-        self.mounted.load(Ordering::Relaxed)
+        self.inner.mounted.load(Ordering::Relaxed)
     }
 
     /// Blob bytes (pulled, pushed) so far; blobs skipped cost nothing.
     pub fn bytes_transferred(&self) -> (u64, u64) {
         (
-            self.pulled.load(Ordering::Relaxed),
-            self.pushed.load(Ordering::Relaxed),
+            self.inner.pulled.load(Ordering::Relaxed),
+            self.inner.pushed.load(Ordering::Relaxed),
         )
     }
 
     /// Accepts any certificate from `registry`; only affects clients made
     /// later.
     pub fn allow_invalid_certificates(&self, registry: &str) {
-        self.invalid_certs_ok
+        self.inner
+            .invalid_certs_ok
             .lock()
             .expect("certificate list poisoned")
             .push(registry.to_string());
@@ -299,7 +312,8 @@ impl RegistryClient {
 
     /// Allows plain HTTP to `registry`; only affects clients made later.
     pub fn allow_plain_http(&self, registry: &str) {
-        self.plain_http
+        self.inner
+            .plain_http
             .lock()
             .expect("plain-http list poisoned")
             .push(registry.to_string());
@@ -320,6 +334,7 @@ impl RegistryClient {
     async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {
         let registry = reference.resolve_registry().to_string();
         let existing = self
+            .inner
             .clients
             .lock()
             .expect("registry client map poisoned")
@@ -332,19 +347,22 @@ impl RegistryClient {
         // for that registry (a CA or a skip-verify for it), or a skip-verify
         // flag covers it and it turns out to speak TLS.
         let skip_verify_here = self
+            .inner
             .options
             .skip_tls_verify_registries
             .iter()
             .any(|h| names(h, &registry));
-        let invalid_certs_ok = self.options.skip_tls_verify
+        let invalid_certs_ok = self.inner.options.skip_tls_verify
             || skip_verify_here
             || self
+                .inner
                 .invalid_certs_ok
                 .lock()
                 .expect("certificate list poisoned")
                 .contains(&registry);
         let identity = self.client_identity(&registry)?;
         let tls_configured = self
+            .inner
             .options
             .ca_certificates
             .iter()
@@ -360,8 +378,9 @@ impl RegistryClient {
                     .unwrap_or(false)
             });
         let plain = loopback_plain
-            || self.options.plain_http.contains(&registry)
+            || self.inner.options.plain_http.contains(&registry)
             || self
+                .inner
                 .plain_http
                 .lock()
                 .expect("plain-http list poisoned")
@@ -387,12 +406,13 @@ impl RegistryClient {
             source: e.into(),
         })?;
         let client = Arc::new(client);
-        let auth = match &self.options.docker_config {
+        let auth = match &self.inner.options.docker_config {
             Some(path) => auth::credentials_in(path, &registry)?,
             None => auth::credentials_for(&registry)?,
         };
         client.store_auth_if_needed(&registry, &auth).await;
         Ok(self
+            .inner
             .clients
             .lock()
             .expect("registry client map poisoned")
@@ -403,7 +423,8 @@ impl RegistryClient {
 
     /// `--registry-certificate host=ca.pem`: extra roots for that host.
     fn root_certificates(&self, registry: &str) -> Result<Vec<Certificate>> {
-        self.options
+        self.inner
+            .options
             .ca_certificates
             .iter()
             .filter(|(host, _)| names(host, registry))
@@ -420,6 +441,7 @@ impl RegistryClient {
     /// for that host, as one PEM bundle.
     fn client_identity(&self, registry: &str) -> Result<Option<Vec<u8>>> {
         let Some((_, cert, key)) = self
+            .inner
             .options
             .client_certificates
             .iter()
@@ -466,7 +488,7 @@ impl RegistryClient {
                 return result;
             };
             {
-                let mut exhausted = self.exhausted.lock().expect("retry record poisoned");
+                let mut exhausted = self.inner.exhausted.lock().expect("retry record poisoned");
                 let spent = exhausted.get(registry).copied();
                 if attempt == retries || (attempt == 0 && spent >= Some(retries)) {
                     exhausted.insert(registry.clone(), attempt.max(spent.unwrap_or(0)));
@@ -493,7 +515,7 @@ impl RegistryClient {
         platform: &Platform,
     ) -> Result<ResolvedManifest> {
         self.via_sources(reference, |r| async move {
-            self.retrying(self.options.pull_retries, || {
+            self.retrying(self.inner.options.pull_retries, || {
                 self.pull_manifest_once(&r, platform)
             })
             .await
@@ -507,6 +529,7 @@ impl RegistryClient {
     pub fn pull_sources(&self, reference: &Reference) -> Vec<Reference> {
         let registry = crate::auth::normalize(reference.registry());
         let mut out: Vec<Reference> = self
+            .inner
             .options
             .mirrors
             .iter()
@@ -528,7 +551,7 @@ impl RegistryClient {
                 }
             })
             .collect();
-        if out.is_empty() || self.options.mirror_fallback {
+        if out.is_empty() || self.inner.options.mirror_fallback {
             out.push(reference.clone());
         }
         out
@@ -599,7 +622,7 @@ impl RegistryClient {
         reference: &Reference,
         accepted: &[&str],
     ) -> Result<Option<Vec<u8>>> {
-        self.retrying(self.options.pull_retries, || {
+        self.retrying(self.inner.options.pull_retries, || {
             self.pull_manifest_if_exists_once(reference, accepted)
         })
         .await
@@ -640,7 +663,7 @@ impl RegistryClient {
     /// The digest `reference` points at now, by a HEAD request.
     pub async fn manifest_digest(&self, reference: &Reference) -> Result<Digest> {
         self.via_sources(reference, |r| async move {
-            self.retrying(self.options.pull_retries, || async {
+            self.retrying(self.inner.options.pull_retries, || async {
                 let client = self.client(&r).await?;
                 let digest = client
                     .fetch_manifest_digest(&r, &RegistryAuth::Anonymous)
@@ -661,7 +684,7 @@ impl RegistryClient {
         store: &BlobStore,
     ) -> Result<StoredBlob> {
         self.via_sources(reference, |r| async move {
-            self.retrying(self.options.pull_retries, || {
+            self.retrying(self.inner.options.pull_retries, || {
                 self.pull_blob_once(&r, digest, store)
             })
             .await
@@ -675,7 +698,8 @@ impl RegistryClient {
         digest: &Digest,
         store: &BlobStore,
     ) -> Result<StoredBlob> {
-        self.origins
+        self.inner
+            .origins
             .lock()
             .expect("blob origins poisoned")
             .insert(digest.clone(), reference.clone());
@@ -691,7 +715,7 @@ impl RegistryClient {
             .await
             .map_err(|e| registry_error(reference, "pull blob", e))?;
         let reporter = Reporter::start(
-            self.on_transfer.clone(),
+            self.inner.on_transfer.get().cloned(),
             Direction::Pull,
             digest,
             stream.content_length,
@@ -713,7 +737,7 @@ impl RegistryClient {
         }
         let stored = writer.commit(Some(digest))?;
         reporter.finish();
-        self.pulled.fetch_add(stored.size, Ordering::Relaxed);
+        self.inner.pulled.fetch_add(stored.size, Ordering::Relaxed);
         Ok(stored)
     }
 
@@ -745,7 +769,7 @@ impl RegistryClient {
         digest: &Digest,
         store: &BlobStore,
     ) -> Result<()> {
-        self.retrying(self.options.push_retries, || {
+        self.retrying(self.inner.options.push_retries, || {
             self.push_blob_once(reference, digest, store)
         })
         .await
@@ -761,6 +785,7 @@ impl RegistryClient {
             return Ok(());
         }
         let origin = self
+            .inner
             .origins
             .lock()
             .expect("blob origins poisoned")
@@ -778,7 +803,7 @@ impl RegistryClient {
                 .await
                 .is_ok()
             {
-                self.mounted.fetch_add(1, Ordering::Relaxed);
+                self.inner.mounted.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -786,7 +811,7 @@ impl RegistryClient {
         let file = tokio::fs::File::open(&path).await.at(&path)?;
         let size = file.metadata().await.at(&path)?.len();
         let reporter = Arc::new(Reporter::start(
-            self.on_transfer.clone(),
+            self.inner.on_transfer.get().cloned(),
             Direction::Push,
             digest,
             Some(size),
@@ -802,7 +827,7 @@ impl RegistryClient {
             .await
             .map_err(|e| registry_error(reference, "push blob", e))?;
         reporter.finish();
-        self.pushed.fetch_add(size, Ordering::Relaxed);
+        self.inner.pushed.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }
 
@@ -817,7 +842,8 @@ impl RegistryClient {
         store: &BlobStore,
     ) -> Result<()> {
         // Recorded first: the push below then tries the mount itself.
-        self.origins
+        self.inner
+            .origins
             .lock()
             .expect("blob origins poisoned")
             .insert(digest.clone(), from.clone());
@@ -829,7 +855,7 @@ impl RegistryClient {
             if from.repository() != to.repository()
                 && client.mount_blob(to, from, digest.as_ref()).await.is_ok()
             {
-                self.mounted.fetch_add(1, Ordering::Relaxed);
+                self.inner.mounted.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         } else if self.blob_exists(to, digest).await? {
@@ -846,7 +872,7 @@ impl RegistryClient {
         bytes: Vec<u8>,
         media_type: &MediaType,
     ) -> Result<()> {
-        self.retrying(self.options.push_retries, || {
+        self.retrying(self.inner.options.push_retries, || {
             self.push_manifest_once(reference, bytes.clone(), media_type)
         })
         .await

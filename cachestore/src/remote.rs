@@ -15,15 +15,18 @@ use crate::registry::{parse_reference, RegistryClient};
 /// The config media type of a cache entry's manifest.
 pub const STEP_ENTRY: &str = "application/vnd.kiln.cache.step.v1+json";
 
-pub struct RemoteCache<'a> {
-    registry: &'a RegistryClient,
+/// Owns a clone of the registry client, so an entry can be written by a
+/// background task.
+#[derive(Clone)]
+pub struct RemoteCache {
+    registry: RegistryClient,
     repo: Reference,
 }
 
-impl<'a> RemoteCache<'a> {
+impl RemoteCache {
     /// `repo` is `registry/repository`, without a tag, as Kaniko's
     /// `--cache-repo`.
-    pub fn new(registry: &'a RegistryClient, repo: &str) -> Result<Self> {
+    pub fn new(registry: &RegistryClient, repo: &str) -> Result<Self> {
         let invalid = |rule: &'static str| CacheStoreError::InvalidReference {
             reference: repo.to_string(),
             source: rule.into(),
@@ -39,7 +42,15 @@ impl<'a> RemoteCache<'a> {
             ));
         }
         let repo = parse_reference(repo)?;
-        Ok(RemoteCache { registry, repo })
+        Ok(RemoteCache {
+            registry: registry.clone(),
+            repo,
+        })
+    }
+
+    /// The repository entries go to: where their layer blobs are uploaded.
+    pub fn repo(&self) -> &Reference {
+        &self.repo
     }
 
     fn tagged(&self, key: &str) -> Reference {
@@ -100,15 +111,21 @@ impl<'a> RemoteCache<'a> {
 
     /// Uploads an entry: the layer, the entry as config, then the manifest.
     pub async fn put(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
-        let r = self.tagged(key);
-        let config = store.put_json(MediaType::Other(STEP_ENTRY.into()), entry)?;
-        let mut layers = Vec::new();
         if let Some(layer) = &entry.layer {
             self.registry
-                .push_blob(&r, &layer.descriptor.digest, store)
+                .push_blob(&self.repo, &layer.descriptor.digest, store)
                 .await?;
-            layers.push(layer.descriptor.clone());
         }
+        self.put_entry(key, entry, store).await
+    }
+
+    /// Uploads an entry whose layer blob [`RemoteCache::repo`] already has
+    /// (uploaded by the caller, as a build does while it goes on): the
+    /// entry as config, then the manifest.
+    pub async fn put_entry(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
+        let r = self.tagged(key);
+        let config = store.put_json(MediaType::Other(STEP_ENTRY.into()), entry)?;
+        let layers = entry.layer.iter().map(|l| l.descriptor.clone()).collect();
         self.registry.push_blob(&r, &config.digest, store).await?;
         let m = ImageManifest {
             schema_version: 2,

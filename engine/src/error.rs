@@ -32,6 +32,14 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Store(#[from] kiln_cachestore::CacheStoreError),
+    /// A background upload (`uploads.rs`): what it was, and why it failed.
+    /// Shared: every waiter on the upload sees the one error.
+    #[error("upload of {what} failed: {source}")]
+    Upload {
+        what: String,
+        #[source]
+        source: std::sync::Arc<kiln_cachestore::CacheStoreError>,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

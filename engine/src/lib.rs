@@ -25,9 +25,11 @@ pub use layer::Compression;
 pub use rootfs::clean_relative;
 pub use rootfs::snapshot::SnapshotMode;
 
-// Outputs: registry push, docker-archive, OCI layout, digest file.
+// Outputs: registry push, docker-archive, OCI layout, digest file; the
+// uploads that push a build's new layers while it goes on.
 pub use image::{Built, BuiltImage};
 pub mod output;
+pub use uploads::Uploads;
 // `--provenance`: the in-toto SLSA statement attached to each image.
 pub mod provenance;
 
@@ -66,3 +68,4 @@ mod layer;
 mod plan;
 mod rootfs;
 mod source;
+mod uploads;

@@ -14,6 +14,7 @@ use crate::error::{BuildError, IoContext};
 pub use crate::image::{
     annotate, assemble_index, attestation, Annotations, Built, BuiltImage, BuiltIndex,
 };
+use crate::uploads::Uploads;
 
 impl BuiltImage {
     fn blob_digests(&self) -> Vec<Digest> {
@@ -44,14 +45,16 @@ impl Built {
     }
 }
 
-/// Pushes one image: blobs first (skipping those the registry has), the
-/// manifest last, to `destination`'s tag or, in an index, by its digest.
+/// Pushes one image: blobs first (skipping those `uploads` sent during
+/// the build and those the registry has), the manifest last, to
+/// `destination`'s tag or, in an index, by its digest.
 async fn push_image(
     image: &BuiltImage,
     destination: &Reference,
     by_digest: bool,
     registry: &RegistryClient,
     store: &BlobStore,
+    uploads: &Uploads,
 ) -> Result<(), BuildError> {
     let to = match by_digest {
         true => destination.clone_with_digest(image.manifest.digest.to_string()),
@@ -65,7 +68,9 @@ async fn push_image(
         return Ok(());
     }
     for digest in image.blob_digests() {
-        registry.push_blob(destination, &digest, store).await?;
+        if !uploads.uploaded(destination, &digest) {
+            registry.push_blob(destination, &digest, store).await?;
+        }
     }
     let bytes = store.read(&image.manifest.digest)?;
     registry
@@ -75,15 +80,21 @@ async fn push_image(
 }
 
 /// Pushes what was built to one destination, the tag last, so a failed
-/// push leaves no image (or index) under it.
+/// push leaves no image (or index) under it. The build's background
+/// uploads are waited for first: a failed one fails the push before any
+/// manifest goes out.
 pub async fn push(
     built: &Built,
     destination: &Reference,
     registry: &RegistryClient,
     store: &BlobStore,
+    uploads: &Uploads,
 ) -> Result<(), BuildError> {
+    uploads.finish().await?;
     match built {
-        Built::Image(image) => push_image(image, destination, false, registry, store).await,
+        Built::Image(image) => {
+            push_image(image, destination, false, registry, store, uploads).await
+        }
         Built::Index(index) => {
             // A tag already at this index has every manifest it lists: one
             // HEAD for a no-change rebuild, not one per image and a PUT.
@@ -94,7 +105,7 @@ pub async fn push(
                 return Ok(());
             }
             for image in built.manifests() {
-                push_image(image, destination, true, registry, store).await?;
+                push_image(image, destination, true, registry, store, uploads).await?;
             }
             let bytes = store.read(&index.index.digest)?;
             registry

@@ -14,6 +14,10 @@
 //!   directory, compressed, checked against the diff_id, and recorded in
 //!   the index in place of the lazy layer.
 //!
+//! A layer blob this build writes for the target's image, or for
+//! `--cache-repo`, starts uploading there as soon as it is in the store
+//! ([`NewLayers`], `crate::uploads`), while the next steps run.
+//!
 //! With the walk snapshotter every layer is compressed when written: the
 //! root is changed by the steps after it, so no directory keeps a layer's
 //! files, and keeping its uncompressed tar instead would store more bytes
@@ -22,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -74,6 +79,29 @@ impl Pending {
     fn get(&self, digest: &Digest) -> Option<BlobSource> {
         let sources = self.sources.lock().expect("pending blobs poisoned");
         sources.get(digest).cloned()
+    }
+}
+
+/// Where the layer blobs this build writes go as soon as they are written:
+/// to the destinations when the stage being built is in the target's
+/// image, and to `--cache-repo` (when filling it) when the step being run
+/// is cached. Base layers and hits are not new: the outputs push those
+/// the destination lacks.
+#[derive(Default)]
+pub(super) struct NewLayers {
+    in_image: AtomicBool,
+    cached_step: AtomicBool,
+}
+
+impl NewLayers {
+    /// A stage starts: whether the target's image holds its layers.
+    pub(super) fn stage(&self, in_image: bool) {
+        self.in_image.store(in_image, Ordering::Relaxed);
+    }
+
+    /// A step starts: whether its result goes to the cache.
+    pub(super) fn step(&self, cached: bool) {
+        self.cached_step.store(cached, Ordering::Relaxed);
     }
 }
 
@@ -218,11 +246,30 @@ impl Builder<'_> {
         write_names(&mut writer, root, &names)?;
         let layer = writer.finish()?;
         if !lazy {
+            self.upload_new(&layer);
             return Ok((layer, None));
         }
         let recipe = Recipe { fixed_mtime, names }.encode();
         let recipe = self.store.put(&recipe)?.digest;
         Ok((layer, Some(recipe)))
+    }
+
+    /// Starts uploading a layer blob just written where it goes
+    /// ([`NewLayers`]); the build goes on meanwhile.
+    fn upload_new(&self, layer: &Layer) {
+        let digest = &layer.descriptor.digest;
+        if self.new_layers.in_image.load(Ordering::Relaxed) {
+            self.uploads.layer(digest);
+        }
+        let filling = self
+            .remote
+            .as_ref()
+            .filter(|_| self.options.cache_repo_push);
+        if let Some(remote) =
+            filling.filter(|_| self.new_layers.cached_step.load(Ordering::Relaxed))
+        {
+            self.uploads.blob(remote.repo(), digest);
+        }
     }
 
     /// Makes sure the store holds the blobs of `layers`: pulled, fetched

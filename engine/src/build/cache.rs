@@ -151,21 +151,19 @@ impl Builder<'_> {
         Ok(hits)
     }
 
-    /// Uploads a stage's new entries to the remote tier.
-    pub(super) async fn publish(&self, entries: &[(String, StepEntry)]) -> Result<(), BuildError> {
+    /// Uploads a stage's new entries to the remote tier, in the
+    /// background: each once its layer, uploaded since it was written, is
+    /// there (`crate::uploads`).
+    pub(super) fn publish(&self, entries: &[(String, StepEntry)]) {
         let Some(remote) = self
             .remote
             .as_ref()
             .filter(|_| self.options.cache_repo_push)
         else {
-            return Ok(());
+            return;
         };
-        futures_util::future::try_join_all(
-            entries
-                .iter()
-                .map(|(key, entry)| async move { remote.put(key, entry, self.store).await }),
-        )
-        .await?;
-        Ok(())
+        for (key, entry) in entries {
+            self.uploads.entry(remote, key, entry);
+        }
     }
 }

@@ -7,7 +7,8 @@
 //! - `roots.rs`: how a stage's root is made (plain tree, overlay mount
 //!   point, or the host's `/`) and the trees `COPY --from` reads;
 //! - `cache.rs`: which steps use the cache, local and remote lookups, publish;
-//! - `blobs.rs`: layer blobs pulled, fetched or made only when needed;
+//! - `blobs.rs`: layer blobs pulled, fetched or made only when needed,
+//!   and new ones uploaded as soon as written (`crate::uploads`);
 //! - `sources.rs`: what the steps read, identified for their keys
 //!   (the keys themselves are `crate::key`);
 //! - `steps.rs`: running a stage's steps and writing their layers;
@@ -47,6 +48,7 @@ use crate::image::{self, BuiltImage, ImageConfig, Layer};
 use crate::key;
 use crate::plan::{self, Action, Base, BaseKey, CopyFrom, Plan, Step};
 use crate::rootfs::{clean_relative, Recorded};
+use crate::uploads::Uploads;
 use events::Counters;
 use roots::{OnDisk, Roots};
 use syscalls::{Host, Syscalls};
@@ -102,7 +104,7 @@ pub struct Builder<'a> {
     counters: Arc<Counters>,
     roots: Roots<'a>,
     /// The remote tier, when `--cache-repo` is given and caching is on.
-    remote: Option<RemoteCache<'a>>,
+    remote: Option<RemoteCache>,
     etc: EtcFiles,
     state: StateDir,
     /// ADD's remote sources as keying found them (downloads, commits), so
@@ -112,6 +114,13 @@ pub struct Builder<'a> {
     recorded: Recorded,
     /// Where the layer blobs the store lacks come from.
     pending: blobs::Pending,
+    /// Where the layer blobs this build writes are uploaded, at once.
+    new_layers: blobs::NewLayers,
+    /// The uploads under way: the caller's ([`Builder::with_uploads`]),
+    /// which it waits for, or the builder's own, which it waits for at the
+    /// end (`--cache-repo` entries only: it knows no destination).
+    uploads: Uploads,
+    own_uploads: bool,
     /// This build's scratch space under the state dir, locked while the
     /// build runs (`kiln cache gc` spares it) and removed on drop, after
     /// everything above that points into it.
@@ -190,8 +199,20 @@ impl<'a> Builder<'a> {
             resolved: Default::default(),
             recorded: Recorded::new(SKIP_CONTENTS, &ignored),
             pending: Default::default(),
+            new_layers: Default::default(),
+            uploads: Uploads::new(registry, store, Vec::new()),
+            own_uploads: true,
             work,
         })
+    }
+
+    /// Uploads new layers and `--cache-repo` entries through `uploads`,
+    /// which the caller waits for ([`Uploads::finish`]) before it pushes a
+    /// manifest, instead of at the end of [`Builder::build`].
+    pub fn with_uploads(mut self, uploads: &Uploads) -> Self {
+        self.uploads = uploads.clone();
+        self.own_uploads = false;
+        self
     }
 
     fn dockerfile_error(&self, e: dockerfile::FrontendError) -> BuildError {
@@ -388,6 +409,8 @@ impl<'a> Builder<'a> {
             }
         }
         for stage in plan.stages.iter().filter(|s| s.needed) {
+            // A failed upload stops the build here, not at the end.
+            self.uploads.failed()?;
             let emulated = !emulation::native(&stage.platform);
             (self.on_event)(Event::Stage {
                 index: stage.index,
@@ -544,6 +567,7 @@ impl<'a> Builder<'a> {
                 }
                 Ok(root)
             };
+            self.new_layers.stage(in_image.contains(&stage.index));
             let entries = blocking(|| {
                 self.run_steps(
                     stage,
@@ -555,7 +579,7 @@ impl<'a> Builder<'a> {
                     &mut make_root,
                 )
             })?;
-            self.publish(&entries).await?;
+            self.publish(&entries);
             // Free the roots nobody reads any more.
             let done: Vec<usize> = results
                 .keys()
@@ -574,6 +598,9 @@ impl<'a> Builder<'a> {
             .remove(&plan.target)
             .ok_or_else(|| BuildError::Invalid("the target stage was not built".into()))?;
         self.ensure_blobs(&mut target.layers, false).await?;
+        if self.own_uploads {
+            self.uploads.finish().await?;
+        }
         (self.on_event)(Event::Summary(self.counters.summary()));
         let created = self.created(target.built);
         image::assemble(

@@ -108,6 +108,7 @@ impl Builder<'_> {
                 text: excerpt(&step.created_by).to_string(),
             });
             let (started, phases_before) = (Instant::now(), self.counters.phases());
+            self.new_layers.step(self.cacheable(step));
             // A miss with no root: built on the view, or the root is made.
             let mut served = None;
             if let (Some(_), None, None) = (key, hit, &root) {
