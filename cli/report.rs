@@ -147,8 +147,12 @@ impl BuildLog {
                     *self.summary.lock().expect("build log poisoned") = Some(summary);
                     return;
                 }
+                let reused = match summary.files_reused {
+                    0 => String::new(),
+                    n => format!(", {n} files reused by COPY"),
+                };
                 sink.info(format!(
-                    "==> {} steps from the cache, {} run, {} layers unpacked, {} hits from --cache-repo",
+                    "==> {} steps from the cache, {} run, {} layers unpacked, {} hits from --cache-repo{reused}",
                     summary.cache_hits, summary.cache_misses, summary.layers_unpacked, summary.remote_hits
                 ));
                 let phases: Vec<String> = summary
@@ -227,6 +231,7 @@ impl BuildLog {
                 .field("cache_misses", s.cache_misses)
                 .field("remote_hits", s.remote_hits)
                 .field("layers_unpacked", s.layers_unpacked)
+                .field("files_reused", s.files_reused)
                 .field("phases_ms", phases_ms(&phases));
         }
         sink().log(record);

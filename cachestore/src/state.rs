@@ -5,6 +5,7 @@
 //! blobs/          the blob store (BlobStore)
 //! index/          the cache index, RocksDB (Index), locked through index.lock
 //! unpacked/       layers unpacked for the overlay snapshotter (UnpackedLayers)
+//! made-by/        which unpacked layer a COPY last made, by its reuse key (UnpackedLayers)
 //! mounts/         RUN --mount=type=cache directories, each with a .lock beside it
 //! builds/build-*  running builds' work dirs, each holding builds/build-*/lock
 //! context-*       contexts fetched for a build (tar, git), for its length
@@ -28,6 +29,7 @@ const BLOBS: &str = "blobs";
 const INDEX: &str = "index";
 const INDEX_LOCK: &str = "index.lock";
 const UNPACKED: &str = "unpacked";
+const MADE_BY: &str = "made-by";
 const MOUNTS: &str = "mounts";
 const BUILDS: &str = "builds";
 /// Held by a build for as long as it runs, in its work dir.
@@ -76,6 +78,7 @@ impl StateDir {
         for dir in [
             state.blobs(),
             state.unpacked(),
+            state.made_by(),
             state.mounts(),
             state.builds(),
         ] {
@@ -106,6 +109,12 @@ impl StateDir {
     /// The overlay snapshotter's unpacked layers.
     pub fn unpacked(&self) -> PathBuf {
         self.root.join(UNPACKED)
+    }
+
+    /// Records of the layer a step made last, by the step's reuse key: a
+    /// file per key holding the layer's diff_id.
+    pub fn made_by(&self) -> PathBuf {
+        self.root.join(MADE_BY)
     }
 
     /// `RUN --mount=type=cache` directories, kept across builds.
@@ -230,6 +239,7 @@ mod tests {
         for dir in [
             state.blobs(),
             state.unpacked(),
+            state.made_by(),
             state.mounts(),
             state.builds(),
         ] {

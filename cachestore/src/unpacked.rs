@@ -10,6 +10,11 @@
 //! property of its content alone, so a layer is only ever found under one
 //! of the two names, and every other layer is still shared by all images
 //! that have it, whatever their base.
+//!
+//! A step may ask which layer the previous run of the same step made
+//! (`made-by/<reuse key>`, holding a diff_id): a COPY links the files it
+//! would write unchanged from that layer's directory. A record whose
+//! directory is gone (gc, prune) or that cannot be read is no record.
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,13 +28,77 @@ const REMOVING: &str = ".removing-";
 
 pub struct UnpackedLayers {
     dir: PathBuf,
+    /// Which layer a step made last, by the step's reuse key.
+    made_by: PathBuf,
 }
 
 impl UnpackedLayers {
     pub fn open(state: &StateDir) -> Result<Self> {
-        let dir = state.unpacked();
-        fs::create_dir_all(&dir).at(&dir)?;
-        Ok(Self { dir })
+        let (dir, made_by) = (state.unpacked(), state.made_by());
+        for dir in [&dir, &made_by] {
+            fs::create_dir_all(dir).at(dir)?;
+        }
+        Ok(Self { dir, made_by })
+    }
+
+    /// The record of a reuse key: a file name, so only hex digits.
+    fn made_by_path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty() || key.len() > 128 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(crate::CacheStoreError::Malformed {
+                what: format!("reuse key {key:?}"),
+                source: "not a hex digest".into(),
+            });
+        }
+        Ok(self.made_by.join(key))
+    }
+
+    /// Records that the step whose reuse key is `key` made the layer
+    /// `diff_id` (its directory here), in place of what it made before.
+    pub fn record_made_by(&self, key: &str, diff_id: &Digest) -> Result<()> {
+        let path = self.made_by_path(key)?;
+        digest::hex(diff_id)?;
+        let tmp = tempfile::NamedTempFile::new_in(&self.made_by).at(&self.made_by)?;
+        fs::write(tmp.path(), diff_id.to_string()).at(tmp.path())?;
+        tmp.persist(&path).map_err(|e| e.error).at(&path)?;
+        Ok(())
+    }
+
+    /// The directory of the layer the step whose reuse key is `key` made
+    /// last, if the record and the directory are both here.
+    pub fn made_by(&self, key: &str) -> Result<Option<PathBuf>> {
+        let path = self.made_by_path(key)?;
+        let recorded = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at(path),
+        };
+        // A torn or foreign record only costs the reuse.
+        match digest::parse(recorded.trim()) {
+            Ok(diff_id) if digest::hex(&diff_id).is_ok() => self.get(&diff_id),
+            _ => {
+                tracing::debug!(record = %path.display(), "unreadable made-by record");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes the made-by records whose layer directory is gone.
+    fn prune_made_by(&self) -> Result<()> {
+        for entry in fs::read_dir(&self.made_by).at(&self.made_by)? {
+            let path = entry.at(&self.made_by)?.path();
+            let live = fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| digest::parse(text.trim()).ok())
+                .and_then(|diff_id| self.path(&diff_id).ok())
+                .is_some_and(|dir| dir.is_dir());
+            if !live {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(path),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     fn path(&self, diff_id: &Digest) -> Result<PathBuf> {
@@ -157,6 +226,7 @@ impl UnpackedLayers {
                 removed += 1;
             }
         }
+        self.prune_made_by()?;
         Ok(removed)
     }
 
@@ -193,6 +263,7 @@ impl UnpackedLayers {
             removed += 1;
             freed += size;
         }
+        self.prune_made_by()?;
         Ok((removed, freed))
     }
 }
@@ -313,6 +384,42 @@ mod tests {
         assert_eq!(layers.gc(Duration::ZERO, &keep).unwrap(), 0);
         let sha512: Digest = format!("sha512:{}", "0".repeat(128)).parse().unwrap();
         assert!(layers.get_stacked(&id(), &[&a, &sha512]).is_err());
+    }
+
+    #[test]
+    fn made_by_records_name_a_layer_while_its_directory_is_here() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let layers = UnpackedLayers::open(&state).unwrap();
+        let key = "ab".repeat(32);
+        assert_eq!(layers.made_by(&key).unwrap(), None);
+        // Not a file name: refused, never joined to the path.
+        assert!(layers.made_by("../x").is_err());
+        assert!(layers.record_made_by("", &id()).is_err());
+        // Recorded before its directory is here: no reuse yet.
+        layers.record_made_by(&key, &id()).unwrap();
+        assert_eq!(layers.made_by(&key).unwrap(), None);
+        let made = state.path().join("made");
+        fs::create_dir(&made).unwrap();
+        let dir = layers.insert(&id(), &made).unwrap();
+        assert_eq!(layers.made_by(&key).unwrap(), Some(dir));
+        // A later record replaces it.
+        let other = digest::sha256(b"other");
+        layers.record_made_by(&key, &other).unwrap();
+        assert_eq!(layers.made_by(&key).unwrap(), None);
+        // A torn record is no record.
+        fs::write(state.made_by().join(&key), "sha256:12").unwrap();
+        assert_eq!(layers.made_by(&key).unwrap(), None);
+        // gc drops the records of layers no longer here, and keeps the rest.
+        layers.record_made_by(&key, &id()).unwrap();
+        let gone = "cd".repeat(32);
+        layers.record_made_by(&gone, &other).unwrap();
+        assert_eq!(layers.gc(Duration::from_secs(3600), &none()).unwrap(), 0);
+        assert!(state.made_by().join(&key).exists());
+        assert!(!state.made_by().join(&gone).exists());
+        assert_eq!(layers.gc(Duration::ZERO, &none()).unwrap(), 1);
+        assert!(!state.made_by().join(&key).exists());
+        assert_eq!(layers.made_by(&key).unwrap(), None);
     }
 
     #[test]

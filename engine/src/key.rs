@@ -181,6 +181,54 @@ pub fn step_key(step: &Step, inputs: &KeyInputs) -> Option<String> {
     Some(h.finish())
 }
 
+/// The key of "the same COPY on the same parent": a COPY from the context
+/// keyed as [`step_key`] does, without the content of its sources. The
+/// previous run of a COPY under this key made the layer whose unchanged
+/// files the next run may link instead of copying (`exec/copy.rs`). `None`
+/// for every other step: only a context's files are hashed one by one.
+pub fn reuse_key(step: &Step, parent: &str, platform: &str) -> Option<String> {
+    if !matches!(
+        step.action,
+        Action::Copy {
+            from: CopyFrom::Context,
+            add: None,
+            ..
+        }
+    ) {
+        return None;
+    }
+    let without_content = KeyInputs {
+        parent,
+        platform,
+        source_identity: "",
+        sources_digest: "",
+    };
+    let mut h = KeyHasher::new("copy-reuse");
+    h.field("step", step_key(step, &without_content)?.as_bytes());
+    Some(h.finish())
+}
+
+/// [`reuse_key`] of every step, chained as `keys` were from `parent`.
+pub(crate) fn reuse_keys(
+    steps: &[Step],
+    keys: &[Option<String>],
+    parent: &str,
+    platform: &str,
+) -> Vec<Option<String>> {
+    let mut parent = parent;
+    steps
+        .iter()
+        .zip(keys)
+        .map(|(step, key)| {
+            let reuse = reuse_key(step, parent, platform);
+            if let Some(key) = key {
+                parent = key;
+            }
+            reuse
+        })
+        .collect()
+}
+
 /// What keying a stage's steps asks of the build: the identity of what
 /// they read.
 pub(crate) trait StepSources {
@@ -781,6 +829,49 @@ mod tests {
             step_key(&url(Some(&sum)), &inputs("p")),
             step_key(&url(Some(&other)), &inputs("p"))
         );
+    }
+
+    #[test]
+    fn a_reuse_key_leaves_out_the_content_and_nothing_else() {
+        fn with<'a>(digest: &'a str, parent: &'a str) -> KeyInputs<'a> {
+            KeyInputs {
+                sources_digest: digest,
+                ..inputs(parent)
+            }
+        }
+        let step = copy_step(&["a"], None);
+        // Another content: another key, the same reuse key.
+        assert_ne!(
+            step_key(&step, &with("1", "p")),
+            step_key(&step, &with("2", "p"))
+        );
+        let reuse = reuse_key(&step, "p", "linux/amd64").unwrap();
+        assert_ne!(Some(&reuse), step_key(&step, &with("", "p")).as_ref());
+        // The parent, the platform and the instruction count.
+        assert_ne!(Some(&reuse), reuse_key(&step, "q", "linux/amd64").as_ref());
+        assert_ne!(Some(&reuse), reuse_key(&step, "p", "linux/arm64").as_ref());
+        let mut elsewhere = copy_step(&["a"], None);
+        if let Action::Copy { dest, .. } = &mut elsewhere.action {
+            *dest = "/e/".into();
+        }
+        assert_ne!(
+            Some(&reuse),
+            reuse_key(&elsewhere, "p", "linux/amd64").as_ref()
+        );
+        // Only a plain COPY from the context has one.
+        assert!(reuse_key(&copy_step(&["a"], Some(AddSpec::default())), "p", "x").is_none());
+        assert!(reuse_key(&run(&[]), "p", "x").is_none());
+        let mut from_stage = copy_step(&["a"], None);
+        if let Action::Copy { from, .. } = &mut from_stage.action {
+            *from = CopyFrom::Stage(0);
+        }
+        assert!(reuse_key(&from_stage, "p", "x").is_none());
+        // Chained through the keys, as the keys are.
+        let steps = [run(&[]), copy_step(&["a"], None)];
+        let keys = [Some("k0".to_string()), Some("k1".to_string())];
+        let chained = reuse_keys(&steps, &keys, "p", "linux/amd64");
+        assert_eq!(chained[0], None);
+        assert_eq!(chained[1], reuse_key(&steps[1], "k0", "linux/amd64"));
     }
 
     #[test]

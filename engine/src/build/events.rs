@@ -82,6 +82,9 @@ pub struct Summary {
     pub layers_unpacked: usize,
     /// Of the hits, those found in the remote tier (`--cache-repo`).
     pub remote_hits: usize,
+    /// Files COPY steps linked from the layer the previous run of the same
+    /// COPY made, rather than copied (`exec::copy::Reuse`).
+    pub files_reused: usize,
     /// Wall time per phase: resolve (Dockerfile, base manifests), lookup
     /// (keys, local and remote), unpack, run (steps and their snapshots),
     /// layers (tar + compress), in the order they first ran.
@@ -95,6 +98,7 @@ pub(crate) struct Counters {
     remote_hits: AtomicUsize,
     misses: AtomicUsize,
     unpacked: AtomicUsize,
+    reused: AtomicUsize,
     /// Wall time per phase, in the order phases first ran.
     phases: std::sync::Mutex<Vec<(&'static str, Duration)>>,
 }
@@ -114,6 +118,10 @@ impl Counters {
 
     pub(crate) fn extracted(&self, layers: usize) {
         self.unpacked.fetch_add(layers, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reused(&self, files: usize) {
+        self.reused.fetch_add(files, Ordering::Relaxed);
     }
 
     /// Adds the time since `start` to `phase`.
@@ -138,6 +146,7 @@ impl Counters {
             cache_misses: self.misses.load(Ordering::Relaxed),
             remote_hits: self.remote_hits.load(Ordering::Relaxed),
             layers_unpacked: self.unpacked.load(Ordering::Relaxed),
+            files_reused: self.reused.load(Ordering::Relaxed),
         }
     }
 }

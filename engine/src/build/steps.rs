@@ -90,6 +90,12 @@ impl Builder<'_> {
         // --single-snapshot: one layer for the whole stage, against its base.
         let mut base_state: Option<Snapshot> = None;
         let mut entries = Vec::new();
+        let reuse_keys = crate::key::reuse_keys(
+            &stage.steps,
+            keys,
+            &result.last_key,
+            &stage.platform.to_string(),
+        );
         // Metadata steps take the time of the keyed step before them (the
         // first keyed step's, at the start), so a fully cached stage gets
         // the history, and the image, it had.
@@ -183,7 +189,8 @@ impl Builder<'_> {
                     time = Some(now);
                     let (layer, recipe) = match (&mut lowers, unpacked) {
                         (Some(lowers), Some(unpacked)) => {
-                            self.run_stacked(step, root, lowers, unpacked, reads, lazy)?
+                            let reuse_key = reuse_keys[index].as_deref();
+                            self.run_stacked(step, root, lowers, unpacked, reads, lazy, reuse_key)?
                         }
                         _ => {
                             let start = Instant::now();
@@ -197,7 +204,7 @@ impl Builder<'_> {
                                 snapshot = Some(scanned);
                             }
                             let changes = self
-                                .run_step(step, root, snapshot.as_mut(), reads)
+                                .run_step(step, root, snapshot.as_mut(), reads, None)
                                 .map_err(|message| self.step_error(step, message))?;
                             self.counters.timed("run", start);
                             match changes.is_empty() || opts.single_snapshot {
@@ -280,6 +287,10 @@ impl Builder<'_> {
     /// `lowers`, mounted at `root`. The upper dir becomes the step's layer
     /// and, pushed onto `lowers`, what the next step runs on. With `lazy`
     /// the layer is only measured, and its recipe returned (`blobs.rs`).
+    /// A COPY with a `reuse_key` links the files it would write unchanged
+    /// from the layer the previous run under that key made, if still here
+    /// (`copy::Reuse`), and records its own layer for the next run.
+    #[allow(clippy::too_many_arguments)]
     fn run_stacked(
         &self,
         step: &Step,
@@ -288,6 +299,7 @@ impl Builder<'_> {
         unpacked: &UnpackedLayers,
         reads: &SourceRoots,
         lazy: bool,
+        reuse_key: Option<&str>,
     ) -> Result<(Option<Layer>, Option<Digest>), BuildError> {
         let start = Instant::now();
         let scratch = tempfile::Builder::new()
@@ -298,11 +310,26 @@ impl Builder<'_> {
         for dir in [&upper, &work] {
             std::fs::create_dir(dir).at(dir)?;
         }
+        // A record that cannot be read only costs the reuse.
+        let previous = reuse_key.and_then(|key| {
+            unpacked
+                .made_by(key)
+                .inspect_err(|e| tracing::warn!(error = %e, "the layer a COPY made before"))
+                .ok()
+                .flatten()
+        });
+        let reuse = previous.map(|dir| copy::Reuse::new(dir, root.to_path_buf()));
         let since = std::time::SystemTime::now();
         let mounted = self.roots.mount_step(lowers, (&upper, &work), root)?;
-        let ran = self.run_step(step, root, None, reads);
+        let ran = self.run_step(step, root, None, reads, reuse.as_ref());
         drop(mounted);
         ran.map_err(|message| self.step_error(step, message))?;
+        if let Some(reuse) = &reuse {
+            let linked = reuse
+                .link_into(&upper)
+                .map_err(|e| self.step_error(step, e))?;
+            self.counters.reused(linked);
+        }
         let changes = overlay::settle_upper(&upper, lowers, &self.recorded, since).at(&upper)?;
         self.counters.timed("run", start);
         if changes.is_empty() {
@@ -310,6 +337,12 @@ impl Builder<'_> {
         }
         let (layer, recipe) = self.write_layer_as(&upper, &changes, lazy)?;
         lowers.push(unpacked.insert(&layer.diff_id, &upper)?);
+        if let Some(key) = reuse_key {
+            // Only the next run's speed depends on it.
+            if let Err(e) = unpacked.record_made_by(key, &layer.diff_id) {
+                tracing::warn!(error = %e, "recording the layer a COPY made");
+            }
+        }
         Ok((Some(layer), recipe))
     }
 
@@ -321,6 +354,7 @@ impl Builder<'_> {
         root: &Path,
         snapshot: Option<&mut Snapshot>,
         reads: &SourceRoots,
+        reuse: Option<&copy::Reuse>,
     ) -> Result<Changes, StepFailure> {
         let rescan = |root: &Path, touched: &[PathBuf]| match snapshot {
             Some(snapshot) => snapshot.rescan(root, touched).map_err(StepFailure::from),
@@ -477,9 +511,10 @@ impl Builder<'_> {
                     excludes,
                     parents: *parents,
                 };
-                let touched = match add {
-                    None => copy::copy(&request, root)?,
-                    Some(spec) => crate::exec::add::add(
+                let touched = match (add, reuse) {
+                    (None, Some(reuse)) => copy::copy_reusing(&request, root, reuse)?,
+                    (None, None) => copy::copy(&request, root)?,
+                    (Some(spec), _) => crate::exec::add::add(
                         &crate::exec::add::AddRequest {
                             copy: request,
                             keep_git_dir: spec.keep_git_dir,
@@ -579,7 +614,7 @@ impl Builder<'_> {
         self.counters.timed("view", start);
         let start = Instant::now();
         let changes = self
-            .run_step(step, root, Some(&mut snapshot), reads)
+            .run_step(step, root, Some(&mut snapshot), reads, None)
             .map_err(|message| self.step_error(step, message))?;
         self.counters.timed("run", start);
         if changes.is_empty() {

@@ -3,11 +3,14 @@
 //! for destinations, ownership and modes. Every destination path is
 //! resolved inside the root. What `.dockerignore` excludes is invisible to
 //! a copy from the context. A copy knows nothing of archives: ADD diverts
-//! the files it extracts ([`copy_diverting`]).
+//! the files it extracts ([`copy_diverting`]). A copy may link, rather than
+//! copy, the files the previous run of the same COPY made ([`Reuse`]).
+use std::collections::HashSet;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -202,6 +205,35 @@ pub fn copy(req: &CopyRequest, root: &Path) -> Result<Vec<PathBuf>, CopyError> {
     copy_diverting(req, root, |_| Ok(None))
 }
 
+/// [`copy`], leaving to `reuse` the files the layer it names already holds
+/// as the copy would write them. Only a copy from the context reuses, of a
+/// single source (no path is then written twice), by a process that
+/// applies owners rather than records them.
+pub fn copy_reusing(
+    req: &CopyRequest,
+    root: &Path,
+    reuse: &Reuse,
+) -> Result<Vec<PathBuf>, CopyError> {
+    let recorded = owners::recorded();
+    writers()?.install(|| copy_sources(req, root, &|_| Ok(None), recorded, Some(reuse)))
+}
+
+/// The threads every copy of the build writes files with. Creating files
+/// waits on the filesystem more than it computes: on ext4 here, 8 writers
+/// create files 2.7x faster than one, on 2 cores.
+fn writers() -> Result<&'static rayon::ThreadPool, CopyError> {
+    type Pool = Result<rayon::ThreadPool, std::sync::Arc<rayon::ThreadPoolBuildError>>;
+    static WRITERS: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    let pool = WRITERS.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(8)
+            .thread_name(|i| format!("kiln-copy-{i}"))
+            .build()
+            .map_err(std::sync::Arc::new)
+    });
+    pool.as_ref().map_err(|e| CopyError::Pool(e.clone()))
+}
+
 /// [`copy`], offering each selected regular file to `divert` first: it may
 /// write the file into the root its own way and return the top-level path
 /// it wrote (ADD extracts an archive into the destination), or return
@@ -214,23 +246,161 @@ pub fn copy_diverting<E>(
 where
     E: From<CopyError> + Send,
 {
-    // Creating files waits on the filesystem more than it computes: on
-    // ext4 here, 8 writers create files 2.7x faster than one, on 2 cores.
-    // One pool for every COPY of the build.
-    type Pool = Result<rayon::ThreadPool, std::sync::Arc<rayon::ThreadPoolBuildError>>;
-    static WRITERS: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
-    let pool = WRITERS.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(8)
-            .thread_name(|i| format!("kiln-copy-{i}"))
-            .build()
-            .map_err(std::sync::Arc::new)
-    });
     // Taken here: the pool's threads are not the caller's.
     let recorded = owners::recorded();
-    pool.as_ref()
-        .map_err(|e| CopyError::Pool(e.clone()))?
-        .install(|| copy_sources(req, root, &divert, recorded))
+    writers()?.install(|| copy_sources(req, root, &divert, recorded, None))
+}
+
+/// What the previous run of the same COPY made (on the same parent, with
+/// the overlay snapshotter): its layer's directory, an overlayfs lower
+/// that nothing writes (`kiln_cachestore::unpacked`). A regular file the
+/// copy would write exactly as that layer holds it (content, mode, owner,
+/// mtime; the layer's file has no xattrs) is not written into the root:
+/// once the step's overlay is unmounted, [`Reuse::link_into`] links the
+/// layer's file into the step's upper dir instead. The inode the two
+/// layers then share is never written either: the upper dir becomes a
+/// layer directory in turn, and a later step that changes the file copies
+/// it up. What the new copy does not write is simply not there.
+pub struct Reuse {
+    /// The previous layer's directory.
+    previous: PathBuf,
+    /// Where the step's root is mounted: a path the copy writes there is
+    /// the same path in `previous`.
+    root: PathBuf,
+    /// The files left out of the root: each one's path relative to the
+    /// root, and the previous layer's file.
+    deferred: Mutex<Vec<(PathBuf, PathBuf)>>,
+    /// The inodes deferred (device, inode): each is linked once at most,
+    /// so no two names of the new layer share one (its tar would hold a
+    /// hard link the copy never made).
+    taken: Mutex<HashSet<(u64, u64)>>,
+}
+
+impl Reuse {
+    /// `previous`: the previous layer's directory; `root`: where the
+    /// step's root is mounted.
+    pub fn new(previous: PathBuf, root: PathBuf) -> Reuse {
+        Reuse {
+            previous,
+            root,
+            deferred: Mutex::default(),
+            taken: Mutex::default(),
+        }
+    }
+
+    /// The previous layer's directory at `host_dir` (a directory in the
+    /// root), when each part of its path there is a real directory: a
+    /// symlink in a cached layer is never followed.
+    fn dir_for(&self, host_dir: &Path) -> Option<PathBuf> {
+        let rel = host_dir.strip_prefix(&self.root).ok()?;
+        let mut dir = self.previous.clone();
+        for part in rel.components() {
+            let Component::Normal(name) = part else {
+                return None;
+            };
+            dir.push(name);
+            if !fs::symlink_metadata(&dir).ok()?.is_dir() {
+                return None;
+            }
+        }
+        Some(dir)
+    }
+
+    /// Whether the regular file `src` (`meta`), copied to `dest` in the
+    /// root with the owner and mode `want`, would be the previous layer's
+    /// file `previous`: then it is deferred, and the copy leaves it.
+    fn defer(
+        &self,
+        src: &Path,
+        meta: &fs::Metadata,
+        want: owners::Stat,
+        dest: &Path,
+        previous: &Path,
+    ) -> io::Result<bool> {
+        let Ok(prev) = fs::symlink_metadata(previous) else {
+            return Ok(false);
+        };
+        let same = prev.is_file()
+            && prev.len() == meta.len()
+            && (prev.uid(), prev.gid(), prev.mode() & 0o7777) == (want.uid, want.gid, want.mode)
+            && (prev.mtime(), prev.mtime_nsec()) == (meta.mtime(), meta.mtime_nsec());
+        if !same || has_xattrs(previous) {
+            return Ok(false);
+        }
+        // Something there already (from a lower layer) is replaced as usual.
+        match fs::symlink_metadata(dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(false),
+        }
+        let Ok(rel) = dest.strip_prefix(&self.root) else {
+            return Ok(false);
+        };
+        if !same_content(src, previous, meta.len())? {
+            return Ok(false);
+        }
+        if !lock(&self.taken).insert((prev.dev(), prev.ino())) {
+            return Ok(false);
+        }
+        lock(&self.deferred).push((rel.to_path_buf(), previous.to_path_buf()));
+        Ok(true)
+    }
+
+    /// Links the deferred files into `upper`, the step's upper dir, once
+    /// its overlay is unmounted (overlayfs forbids changing it while
+    /// mounted); returns how many. Their directories are there: the copy
+    /// made them, or set their metadata, through the overlay.
+    pub fn link_into(&self, upper: &Path) -> Result<usize, CopyError> {
+        let deferred = std::mem::take(&mut *lock(&self.deferred));
+        writers()?.install(|| {
+            deferred.par_iter().try_for_each(|(rel, previous)| {
+                let dest = upper.join(rel);
+                fs::hard_link(previous, &dest).map_err(CopyError::io(dest))
+            })
+        })?;
+        Ok(deferred.len())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether a file has extended attributes (or they cannot be listed).
+fn has_xattrs(path: &Path) -> bool {
+    !matches!(
+        rustix::fs::llistxattr(path, &mut [0u8; 0][..]),
+        Ok(0) | Err(rustix::io::Errno::NOTSUP)
+    )
+}
+
+/// Whether the first `len` bytes of two files (of that size) are the same.
+fn same_content(a: &Path, b: &Path, len: u64) -> io::Result<bool> {
+    let (mut a, mut b) = (fs::File::open(a)?.take(len), fs::File::open(b)?.take(len));
+    let (mut x, mut y) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
+    loop {
+        let n = read_full(&mut a, &mut x)?;
+        if read_full(&mut b, &mut y)? != n || x[..n] != y[..n] {
+            return Ok(false);
+        }
+        if n < x.len() {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the end.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Makes `dir` inside `root` with its missing parents, each new one owned
@@ -262,6 +432,7 @@ fn copy_sources<E: From<CopyError>>(
     root: &Path,
     divert: &impl Fn(&Path) -> Result<Option<PathBuf>, E>,
     recorded: bool,
+    reuse: Option<&Reuse>,
 ) -> Result<Vec<PathBuf>, E> {
     let (src_root, in_root) = match req.source {
         Source::Context(p) => (p, false),
@@ -301,6 +472,8 @@ fn copy_sources<E: From<CopyError>>(
         excludes: excludes.as_ref(),
         recorded,
         in_root,
+        // See `copy_reusing`.
+        reuse: reuse.filter(|_| !in_root && !recorded && sources.len() == 1),
     };
     let dest = Path::new(req.dest);
     let mut touched = Vec::new();
@@ -361,8 +534,10 @@ fn copy_sources<E: From<CopyError>>(
                 }
             }
         }
+        // The receiving directory is in the step's upper dir when made now.
+        let made = created.last() == Some(&host_dir);
         let host_target = if meta.is_dir() {
-            if created.last() == Some(&host_dir) {
+            if made {
                 // Only a directory the copy made takes the source's mode.
                 let mode = match copier.recorded && in_root {
                     true => owners::get(&src, &meta).mode,
@@ -371,13 +546,14 @@ fn copy_sources<E: From<CopyError>>(
                 set_mode(&host_dir, mode, copier.recorded).map_err(CopyError::io(&host_dir))?;
             }
             copier
-                .copy_contents(&src, &src, &host_dir)
+                .copy_contents(&src, &src, &host_dir, copier.reused_dir(&host_dir, made))
                 .map_err(CopyError::io(&src))?;
             host_dir
         } else {
             let host_target = host_dir.join(target.file_name().unwrap_or_default());
+            let previous = copier.reused_dir(&host_dir, made);
             copier
-                .copy_entry(&src, &src, &host_target, false)
+                .copy_entry(&src, &src, &host_target, false, previous.as_deref())
                 .map_err(CopyError::io(&src))?;
             host_target
         };
@@ -402,6 +578,8 @@ struct Copier<'a> {
     /// The sources are in a root (`COPY --from`), where owners recorded
     /// this way are read back.
     in_root: bool,
+    /// Files the previous run of this COPY made, to link rather than copy.
+    reuse: Option<&'a Reuse>,
 }
 
 impl Copier<'_> {
@@ -411,7 +589,19 @@ impl Copier<'_> {
     fn copy_dir(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         self.make_dir(src, dest, &meta)?;
-        self.copy_contents(top, src, dest)
+        // Its metadata was just set through the overlay: it is in the
+        // step's upper dir, where reused files are linked.
+        self.copy_contents(top, src, dest, self.reused_dir(dest, true))
+    }
+
+    /// With [`Reuse`], the previous layer's directory at `dest`, when the
+    /// files the copy leaves in `dest` can be linked there afterwards:
+    /// `in_upper`, the copy made `dest` or set its metadata (an untouched
+    /// directory of a lower layer is not in the step's upper dir).
+    fn reused_dir(&self, dest: &Path, in_upper: bool) -> Option<PathBuf> {
+        self.reuse
+            .filter(|_| in_upper)
+            .and_then(|reuse| reuse.dir_for(dest))
     }
 
     /// Copies the entries of `src` into the existing directory `dest`, a
@@ -419,7 +609,14 @@ impl Copier<'_> {
     /// `dest/name` is inside the root too; a symlink there is replaced,
     /// never followed. Entries are copied in parallel: each has a name of
     /// its own, and file creation mostly waits on the filesystem.
-    fn copy_contents(&self, top: &Path, src: &Path, dest: &Path) -> io::Result<()> {
+    /// `previous`: the previous layer's `dest`, with [`Reuse`].
+    fn copy_contents(
+        &self,
+        top: &Path,
+        src: &Path,
+        dest: &Path,
+        previous: Option<PathBuf>,
+    ) -> io::Result<()> {
         let entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
         // In a setgid directory new entries take its group, not ours.
         let ours = fs::metadata(dest)?.mode() & 0o2000 == 0;
@@ -432,16 +629,35 @@ impl Copier<'_> {
             {
                 return Ok(());
             }
-            self.copy_entry(top, &path, &dest.join(entry.file_name()), ours)
+            let previous = previous.as_deref();
+            self.copy_entry(top, &path, &dest.join(entry.file_name()), ours, previous)
         })
     }
 
-    /// `ours`: what this process creates in dest's directory is owned by it.
-    fn copy_entry(&self, top: &Path, src: &Path, dest: &Path, ours: bool) -> io::Result<()> {
+    /// `ours`: what this process creates in dest's directory is owned by
+    /// it. `previous`: the previous layer's directory at dest's, to reuse
+    /// a file from.
+    fn copy_entry(
+        &self,
+        top: &Path,
+        src: &Path,
+        dest: &Path,
+        ours: bool,
+        previous: Option<&Path>,
+    ) -> io::Result<()> {
         let meta = fs::symlink_metadata(src)?;
         let ft = meta.file_type();
         if ft.is_dir() {
             return self.copy_dir(top, src, dest);
+        }
+        if let (Some(reuse), Some(previous), true) = (self.reuse, previous, ft.is_file()) {
+            let (uid, gid) = self.chown.unwrap_or((meta.uid(), meta.gid()));
+            let mode = self.chmod.unwrap_or(meta.mode() & 0o7777);
+            let want = owners::Stat { uid, gid, mode };
+            let name = dest.file_name().unwrap_or_default();
+            if reuse.defer(src, &meta, want, dest, &previous.join(name))? {
+                return Ok(());
+            }
         }
         remove_non_dir_or_dir(dest)?;
         if ft.is_symlink() {
