@@ -83,8 +83,10 @@ pub struct Summary {
     /// Of the hits, those found in the remote tier (`--cache-repo`).
     pub remote_hits: usize,
     /// Wall time per phase: resolve (Dockerfile, base manifests), lookup
-    /// (keys, local and remote), unpack, run (steps and their snapshots),
-    /// layers (tar + compress), in the order they first ran.
+    /// (keys, local and remote), pull (layer blobs fetched), unpack, run
+    /// (steps and their snapshots), layers (tar + compress), in the order
+    /// they first ran. Base layers unpack while the later ones are pulled,
+    /// so those two phases overlap.
     pub phases: Vec<(&'static str, Duration)>,
 }
 
