@@ -3,17 +3,20 @@
 //! HTTP-date) the proxy checks was waited out, and a token service that
 //! fails (issue 16); a no-change rebuild's push, which must cost one
 //! HEAD, and pushes through it: a layer uploaded while later steps run,
-//! and an upload that fails (issue 17). The proxy serves one request per
-//! connection and logs each one with the time it came in, and each answer
-//! it passed on once passed.
+//! and an upload that fails (issue 17); and base layers that unpack while
+//! a later layer still downloads (issue 17). The proxy serves one request
+//! per connection and logs each one with the time it came in, and each
+//! answer it passed on once passed.
 mod support;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use support::layers::{layout_with_layers, Entry, RawLayer};
 use support::*;
 
 /// What the proxy does with one request.
@@ -25,7 +28,13 @@ enum Action {
     Cut(usize),
     /// Answers this (status line and headers, then the body) itself.
     Answer(String),
+    /// Forwards it once this says so (asked every 20 ms, for [`HOLD_MAX`]
+    /// at most; then it is forwarded anyway).
+    Hold(Arc<dyn Fn() -> bool + Send + Sync>),
 }
+
+/// How long [`Action::Hold`] waits at most.
+const HOLD_MAX: Duration = Duration::from_secs(30);
 
 type Rule = Arc<dyn Fn(&str) -> Action + Send + Sync>;
 
@@ -155,6 +164,13 @@ fn serve(
         }
         Action::Pass => usize::MAX,
         Action::Cut(n) => n,
+        Action::Hold(release) => {
+            let start = Instant::now();
+            while !release() && start.elapsed() < HOLD_MAX {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            usize::MAX
+        }
     };
     let Ok(mut server) = TcpStream::connect(upstream) else {
         return;
@@ -544,4 +560,76 @@ fn a_failed_background_upload_fails_the_build_and_pushes_no_manifest() {
         "{err}"
     );
     assert_eq!(registry.get("/v2/kiln/app/manifests/1").0, 404, "{err}");
+}
+
+/// Whether a file named `name` is anywhere under `dir`.
+fn holds_file(dir: &Path, name: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let kind = e.file_type();
+        e.file_name() == name || (kind.is_ok_and(|k| k.is_dir()) && holds_file(&e.path(), name))
+    })
+}
+
+/// Base layers stream: a layer unpacks as soon as its own blob is in,
+/// while a later layer's blob still downloads, with both snapshotters.
+/// The proxy holds the top layer's blob back until the file of the layer
+/// below it shows up unpacked under the build's state dir. A build that
+/// unpacks only once every blob is in never shows it: the proxy gives up
+/// waiting after 30 s, and the test fails.
+#[test]
+fn a_layer_unpacks_while_a_later_one_still_downloads() {
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let below = RawLayer::of(&[Entry::file("streamed-below", b"below\n")]);
+    let held = RawLayer::of(&[Entry::file("streamed-held", b"held\n")]);
+    let layout = layout_with_layers(dir.path(), &[below, held.clone()]);
+    run_ok(std::process::Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", layout.display()),
+        &format!("docker://{}", registry.reference("base/two:latest")),
+    ]));
+    let needle = format!(
+        "GET /v2/base/two/blobs/{} ",
+        kiln_cachestore::digest::sha256(&held.gz)
+    );
+    for snapshotter in ["overlay", "walk"] {
+        let state = tempfile::tempdir().unwrap();
+        let released = Arc::new(AtomicBool::new(false));
+        let (root, seen) = (state.path().to_path_buf(), released.clone());
+        let release: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || {
+            let there = holds_file(&root, "streamed-below");
+            seen.fetch_or(there, Ordering::SeqCst);
+            there
+        });
+        let wanted = needle.clone();
+        let rule: Rule = Arc::new(move |head: &str| match head.contains(&wanted) {
+            true => Action::Hold(release.clone()),
+            false => Action::Pass,
+        });
+        let proxy = Proxy::start(registry.addr.clone(), rule);
+        let ctx = Context::new(
+            &format!(
+                "FROM {}/base/two:latest\nRUN test -f /streamed-below && test -f /streamed-held\n",
+                proxy.addr
+            ),
+            &[],
+        );
+        let out = kiln_build(
+            &ctx,
+            state.path(),
+            &["--no-push", "--snapshotter", snapshotter],
+        );
+        let err = stderr(&out);
+        assert!(out.status.success(), "{snapshotter}: {err}");
+        assert_eq!(proxy.requests(&needle).len(), 1, "{snapshotter}: {err}");
+        assert!(
+            released.load(Ordering::SeqCst),
+            "{snapshotter}: the layer below was not unpacked while the top one downloaded"
+        );
+    }
 }

@@ -195,8 +195,8 @@ fn counting_proxy(upstream: String, needle: String) -> (String, Arc<AtomicUsize>
 }
 
 /// A blob whose bytes do not match its digest is a permanent failure: with
-/// retries allowed it is fetched once, nothing is cached, and once the
-/// registry serves the right bytes the same state dir builds.
+/// retries allowed it is fetched once, nothing is cached or unpacked, and
+/// once the registry serves the right bytes the same state dir builds.
 #[test]
 fn a_wrong_blob_is_fetched_once_and_never_cached() {
     let registry = Registry::start();
@@ -232,6 +232,10 @@ fn a_wrong_blob_is_fetched_once_and_never_cached() {
     assert_eq!(fetched.load(Ordering::SeqCst), 1, "{err}");
     let hex = layer.strip_prefix("sha256:").unwrap();
     assert!(!state.path().join("blobs/sha256").join(hex).exists());
+    // Layers unpack as their blobs arrive, and this one never did.
+    if let Ok(mut unpacked) = std::fs::read_dir(state.path().join("unpacked")) {
+        assert!(unpacked.next().is_none(), "{err}");
+    }
 
     std::fs::write(&stored, &good).unwrap();
     let out = kiln_build(&ctx, state.path(), &args);

@@ -35,6 +35,7 @@ use kiln_cachestore::registry;
 use kiln_cachestore::state::StateDir;
 use kiln_cachestore::{BlobStore, StepEntry};
 
+use super::unpack::Arrivals;
 use super::{blocking, Builder};
 use crate::error::BuildError;
 use crate::image::Layer;
@@ -281,6 +282,17 @@ impl Builder<'_> {
         layers: &mut [Layer],
         for_unpack: bool,
     ) -> Result<(), BuildError> {
+        let fetches = self.missing_blobs(layers, for_unpack)?;
+        self.fetch_blobs(&fetches, None).await
+    }
+
+    /// The blobs of `layers` to fetch for [`Self::ensure_blobs`], with
+    /// where from; lazy layers are made now instead.
+    pub(super) fn missing_blobs(
+        &self,
+        layers: &mut [Layer],
+        for_unpack: bool,
+    ) -> Result<Vec<(Digest, BlobSource)>, BuildError> {
         let unpacked = match for_unpack {
             true => self.roots.unpacked()?,
             false => None,
@@ -313,6 +325,20 @@ impl Builder<'_> {
                 None => {}
             }
         }
+        Ok(fetches)
+    }
+
+    /// Fetches blobs concurrently into the store, marking each in
+    /// `arrivals` (when given) as it is stored.
+    pub(super) async fn fetch_blobs(
+        &self,
+        fetches: &[(Digest, BlobSource)],
+        arrivals: Option<&Arrivals>,
+    ) -> Result<(), BuildError> {
+        if fetches.is_empty() {
+            return Ok(());
+        }
+        let start = Instant::now();
         let fetches = fetches.iter().map(|(digest, source)| async move {
             match source {
                 BlobSource::Base(reference) => {
@@ -329,12 +355,72 @@ impl Builder<'_> {
                     let remote = self.remote.as_ref().expect("a remote hit has a remote");
                     remote.fetch_layer(key, entry, self.store).await?;
                 }
-                BlobSource::Lazy { .. } => unreachable!("made above"),
+                BlobSource::Lazy { .. } => unreachable!("made by missing_blobs"),
+            }
+            if let Some(arrivals) = arrivals {
+                arrivals.arrived(digest);
             }
             Ok::<_, BuildError>(())
         });
-        futures_util::future::try_join_all(fetches).await?;
-        Ok(())
+        let fetched = futures_util::future::try_join_all(fetches).await;
+        self.counters.timed("pull", start);
+        fetched.map(drop)
+    }
+
+    /// Fetches `fetches` while `unpack` runs (blocking): each layer it
+    /// unpacks waits only for its own blob ([`Arrivals`]). With the overlay
+    /// snapshotter every layer goes to its own directory, so a layer
+    /// unpacks as soon as its blob is stored, beside others (as many as
+    /// the cores, `Unpacker::layer_dirs`); with the walk snapshotter the
+    /// layers apply in order, while the later ones still download.
+    ///
+    /// A layer's blob is stored whole, its digest checked, before it
+    /// unpacks: teeing the body into the extractor would start a big
+    /// layer sooner, but a retried download, or a digest that fails at
+    /// the end, would have to undo an extraction, which over the walk
+    /// snapshotter's root cannot be done. Across layers the overlap is
+    /// real, and no unverified byte is ever extracted.
+    ///
+    /// The fetches run on a thread of their own, driving the runtime
+    /// through its handle, while this thread unpacks. That needs a
+    /// multi-thread runtime (the CLI's): on a current-thread one, nothing
+    /// would poll the connections while the unpack blocks, so there the
+    /// blobs are all fetched first.
+    pub(super) async fn fetch_while<T>(
+        &self,
+        fetches: Vec<(Digest, BlobSource)>,
+        unpack: impl FnOnce() -> Result<T, BuildError>,
+    ) -> Result<T, BuildError> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let handle = Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+        let Some(handle) = handle.filter(|_| !fetches.is_empty()) else {
+            self.fetch_blobs(&fetches, None).await?;
+            return blocking(unpack);
+        };
+        let arrivals = self.roots.arrivals();
+        arrivals.expect(fetches.iter().map(|(d, _)| d));
+        let (fetched, unpacked) = blocking(|| {
+            std::thread::scope(|s| {
+                let fetcher = s.spawn(|| {
+                    let fetched = handle.block_on(self.fetch_blobs(&fetches, Some(arrivals)));
+                    // Whatever did not come now never will: unpacks
+                    // waiting for it stop.
+                    arrivals.stopped();
+                    fetched
+                });
+                let unpacked = unpack();
+                (fetcher.join(), unpacked)
+            })
+        });
+        arrivals.clear();
+        // A failed fetch first: it says why an unpack had nothing to read.
+        match fetched {
+            Ok(fetched) => fetched?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        unpacked
     }
 
     fn made(&self, digest: &Digest) -> Option<Layer> {

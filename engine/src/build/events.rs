@@ -86,8 +86,10 @@ pub struct Summary {
     /// COPY made, rather than copied (`exec::copy::Reuse`).
     pub files_reused: usize,
     /// Wall time per phase: resolve (Dockerfile, base manifests), lookup
-    /// (keys, local and remote), unpack, run (steps and their snapshots),
-    /// layers (tar + compress), in the order they first ran.
+    /// (keys, local and remote), pull (layer blobs fetched), unpack, run
+    /// (steps and their snapshots), layers (tar + compress), in the order
+    /// they first ran. Base layers unpack while the later ones are pulled,
+    /// so those two phases overlap.
     pub phases: Vec<(&'static str, Duration)>,
 }
 

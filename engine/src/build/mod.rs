@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, UNIX_EPOCH};
 
+use kiln_cachestore::digest::Digest;
 use kiln_cachestore::manifest::ResolvedManifest;
 use kiln_cachestore::remote::RemoteCache;
 use kiln_cachestore::state::{BuildDir, StateDir};
@@ -347,25 +348,18 @@ impl<'a> Builder<'a> {
             .collect()
     }
 
-    /// Makes sure an image's layer blobs are in the store (concurrently;
-    /// blobs already there cost nothing).
-    async fn pull_layers(&self, reference: &str, m: &ResolvedManifest) -> Result<(), BuildError> {
+    /// An image's layer blobs, to fetch from its registry (blobs already
+    /// stored cost nothing; an `oci-layout://` image has them all).
+    fn image_fetches(reference: &str, m: &ResolvedManifest) -> Vec<(Digest, blobs::BlobSource)> {
         if reference.starts_with("oci-layout://") {
-            return Ok(()); // imported with the manifest
+            return Vec::new(); // imported with the manifest
         }
-        let r = registry::parse_reference(reference)?;
-        let pulls = m
-            .manifest
+        let source = blobs::BlobSource::Base(reference.to_string());
+        m.manifest
             .layers
             .iter()
-            .map(|l| self.registry.pull_blob(&r, &l.digest, self.store));
-        futures_util::future::try_join_all(pulls)
-            .await
-            .map_err(|source| BuildError::BaseImage {
-                reference: reference.to_string(),
-                source: Box::new(source),
-            })?;
-        Ok(())
+            .map(|l| (l.digest.clone(), source.clone()))
+            .collect()
     }
 
     /// Builds every needed stage and assembles the target's image.
@@ -481,8 +475,9 @@ impl<'a> Builder<'a> {
                         .map_err(|e| self.step_error(step, e))?;
                 }
                 // Put on disk what this stage reads: its base, its hits and
-                // its COPY sources, their blobs first.
-                self.ensure_blobs(&mut result.layers, true).await?;
+                // its COPY sources, their blobs first (the base's while its
+                // root is made, below).
+                let base_fetches = self.missing_blobs(&mut result.layers, true)?;
                 let mut hit_layers: Vec<Layer> = hits
                     .iter()
                     .flatten()
@@ -506,11 +501,25 @@ impl<'a> Builder<'a> {
                         .all(|((step, k), h)| {
                             k.is_none() || h.is_some() || steps::view_serves(step)
                         });
-                if !deferred {
-                    let root = blocking(|| {
-                        self.roots
-                            .stage_root(stage, &result.layers, &mut results, &last_use)
-                    })?;
+                if deferred {
+                    // The metadata view reads the base's blobs.
+                    self.fetch_blobs(&base_fetches, None).await?;
+                } else {
+                    // Each base layer unpacks as soon as its blob is in:
+                    // onto the root, or with the overlay snapshotter into
+                    // its own directory, which the steps then stack.
+                    let layers = &result.layers;
+                    let root = self
+                        .fetch_while(base_fetches, || {
+                            let root =
+                                self.roots
+                                    .stage_root(stage, layers, &mut results, &last_use)?;
+                            if let Some(unpacked) = self.roots.unpacked()? {
+                                self.roots.layer_dirs(unpacked, layers)?;
+                            }
+                            Ok(root)
+                        })
+                        .await?;
                     result.on_disk = Some(root);
                 }
                 for from in stage.steps.iter().flat_map(|s| s.action.reads()) {
@@ -532,9 +541,11 @@ impl<'a> Builder<'a> {
                                     .work
                                     .path()
                                     .join(format!("image-{}", image.m.digest.digest()));
-                                self.pull_layers(reference, &image.m).await?;
+                                let fetches = Self::image_fetches(reference, &image.m);
                                 let layers = Self::image_layers(&image.m, &image.config);
-                                let tree = blocking(|| self.roots.materialize(&layers, dir))?;
+                                let tree = self
+                                    .fetch_while(fetches, || self.roots.materialize(&layers, dir))
+                                    .await?;
                                 image.on_disk = Some(tree);
                             }
                         }

@@ -14,7 +14,7 @@ use kiln_cachestore::BlobStore;
 use super::events::{Counters, Event};
 use super::options::{overlay_wanted, BuildOptions, Snapshotter};
 use super::syscalls::{Mount, Syscalls, UnpackInto};
-use super::unpack::{probe_overlay, Unpacker};
+use super::unpack::{probe_overlay, Arrivals, Unpacker};
 use super::StageResult;
 use crate::error::{BuildError, IoContext};
 use crate::exec::run::Isolation;
@@ -121,6 +121,7 @@ impl<'a> Roots<'a> {
                 sys,
                 store,
                 work: work.to_path_buf(),
+                arrivals: Arrivals::default(),
             },
             options,
             on_event,
@@ -139,6 +140,11 @@ impl<'a> Roots<'a> {
 
     pub(crate) fn work(&self) -> &Path {
         &self.work
+    }
+
+    /// The blobs being fetched while layers unpack.
+    pub(crate) fn arrivals(&self) -> &Arrivals {
+        &self.unpacker.arrivals
     }
 
     /// Where a stage that runs steps is built.

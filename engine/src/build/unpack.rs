@@ -1,8 +1,12 @@
 //! Layers unpacked into the state dir's unpacked layers, for the overlay
 //! snapshotter to stack: what a build does the first time it needs a
-//! layer, and what `kiln warm` does ahead of builds ([`BaseUnpacker`]).
+//! layer, and what `kiln warm` does ahead of builds ([`BaseUnpacker`]);
+//! and the blobs still on their way that an unpack waits for
+//! ([`Arrivals`]).
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kiln_cachestore::digest::Digest;
@@ -16,11 +20,74 @@ use crate::error::{BuildError, IoContext};
 use crate::image::{ImageConfig, Layer};
 use crate::rootfs::extract::{ExtractError, ExtractStats, Lowers};
 
+/// Layer blobs being fetched while layers are unpacked, so that a layer
+/// is unpacked as soon as its own blob is stored, not once the last one
+/// is: the fetches mark each blob arrived, and an unpack waits here for
+/// the blob it reads. A blob unpacks only once stored, i.e. once its
+/// digest has been checked, so no byte of an untrusted blob that fails
+/// its digest is ever extracted.
+#[derive(Default)]
+pub(crate) struct Arrivals {
+    /// The blobs expected, and whether their fetching stopped without them.
+    coming: Mutex<HashMap<Digest, bool>>,
+    changed: Condvar,
+}
+
+impl Arrivals {
+    /// The blobs about to be fetched.
+    pub(crate) fn expect<'d>(&self, digests: impl IntoIterator<Item = &'d Digest>) {
+        let mut coming = self.coming.lock().expect("arrivals poisoned");
+        coming.extend(digests.into_iter().map(|d| (d.clone(), false)));
+    }
+
+    /// A blob is in the store.
+    pub(crate) fn arrived(&self, digest: &Digest) {
+        self.coming
+            .lock()
+            .expect("arrivals poisoned")
+            .remove(digest);
+        self.changed.notify_all();
+    }
+
+    /// Fetching has stopped: the blobs still expected never come.
+    pub(crate) fn stopped(&self) {
+        let mut coming = self.coming.lock().expect("arrivals poisoned");
+        coming.values_mut().for_each(|failed| *failed = true);
+        self.changed.notify_all();
+    }
+
+    /// Forgets the blobs that never came (their fetch's error is reported).
+    pub(crate) fn clear(&self) {
+        self.coming.lock().expect("arrivals poisoned").clear();
+    }
+
+    /// Waits until the blob is in the store, if it is on its way; fails if
+    /// its fetching stopped without it.
+    pub(crate) fn wait(&self, digest: &Digest) -> Result<(), BuildError> {
+        let mut coming = self.coming.lock().expect("arrivals poisoned");
+        loop {
+            let failed = coming.get(digest).copied();
+            match failed {
+                None => return Ok(()),
+                Some(true) => {
+                    return Err(BuildError::Layer {
+                        layer: digest.clone(),
+                        message: "its blob could not be fetched".into(),
+                    })
+                }
+                Some(false) => coming = self.changed.wait(coming).expect("arrivals poisoned"),
+            }
+        }
+    }
+}
+
 /// Unpacks stored layers, with scratch space in a build's work dir.
 pub(crate) struct Unpacker<'a> {
     pub(crate) sys: &'a dyn Syscalls,
     pub(crate) store: &'a BlobStore,
     pub(crate) work: PathBuf,
+    /// The blobs still being fetched, which an unpack waits for.
+    pub(crate) arrivals: Arrivals,
 }
 
 impl Unpacker<'_> {
@@ -105,6 +172,7 @@ impl Unpacker<'_> {
         root: &Path,
         into: UnpackInto,
     ) -> Result<Option<ExtractStats>, BuildError> {
+        self.arrivals.wait(&layer.descriptor.digest)?;
         let reader = crate::layer::open_layer(self.store, &layer.descriptor.digest)?;
         let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
         let stats = match self.sys.extract(&mut hashing, root, into) {
@@ -214,6 +282,7 @@ impl<'a> BaseUnpacker<'a> {
             sys: &Host,
             store: self.store,
             work: self.work.path().to_path_buf(),
+            arrivals: Arrivals::default(),
         };
         let (_, unpacked) = unpacker.layer_dirs(&self.unpacked, &layers)?;
         Ok(BaseUnpacked {
@@ -221,5 +290,33 @@ impl<'a> BaseUnpacker<'a> {
             unpacked,
             duration: start.elapsed(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_cachestore::digest::sha256;
+
+    #[test]
+    fn an_unpack_waits_for_its_blob_only() {
+        let arrivals = Arrivals::default();
+        let (a, b) = (sha256(b"a"), sha256(b"b"));
+        arrivals.expect([&a, &b]);
+        // Not on its way: no wait.
+        arrivals.wait(&sha256(b"c")).unwrap();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| arrivals.wait(&a));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!waiter.is_finished());
+            arrivals.arrived(&a);
+            waiter.join().unwrap().unwrap();
+            let waiter = s.spawn(|| arrivals.wait(&b));
+            arrivals.stopped();
+            let err = waiter.join().unwrap().unwrap_err().to_string();
+            assert!(err.contains(&b.to_string()), "{err}");
+        });
+        arrivals.clear();
+        arrivals.wait(&b).unwrap();
     }
 }
