@@ -1,6 +1,19 @@
 # Shared by the bench scripts (sourced, not run): a local Distribution
 # registry with the busybox fixture pushed to it.
 
+# make_workdir NAME: sets `work` to a fresh /var/tmp/kiln-NAME.* dir, removed
+# on exit (kept, and said so, when the caller set keep=1) after the registry
+# start_registry started is stopped.
+make_workdir() {
+  work=$(mktemp -d "/var/tmp/kiln-$1.XXXXXX")
+  reg_pid=
+  trap remove_workdir EXIT
+}
+remove_workdir() {
+  if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
+  if [ "${keep:-0}" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+
 # start_registry WORK LOG: serves WORK/registry on a free loopback port;
 # sets `reg` (host:port) and `reg_pid` (for the caller's cleanup). Fails
 # when the registry does not answer.

@@ -28,13 +28,7 @@ while [ $# -gt 0 ]; do
 done
 [ -x "$kiln" ] || { echo "platforms.sh: no kiln binary at $kiln (cargo build --release, or --kiln PATH)" >&2; exit 1; }
 
-work=$(mktemp -d /var/tmp/kiln-platforms.XXXXXX)
-reg_pid=
-cleanup() {
-  if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_workdir platforms
 start_registry "$work" "$work/registry.log"
 "$repo/fixtures/busybox-index.sh" "$work/base" >/dev/null
 skopeo copy --quiet --all --dest-tls-verify=false "oci:$work/base:latest" "docker://$reg/base/multi:latest"

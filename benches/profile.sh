@@ -32,13 +32,7 @@ while [ $# -gt 0 ]; do
 done
 command -v perf >/dev/null || { echo "profile.sh: perf is not installed" >&2; exit 1; }
 
-work=$(mktemp -d /var/tmp/kiln-profile.XXXXXX)
-reg_pid=
-cleanup() {
-  if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
-  if [ "$keep" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
+make_workdir profile
 cp "$kiln" "$work/kiln"
 
 start_registry "$work" /dev/null

@@ -42,13 +42,7 @@ for tool in docker-registry skopeo jq gcc; do
   command -v "$tool" >/dev/null || { echo "warm.sh: $tool is not installed" >&2; exit 1; }
 done
 
-work=$(mktemp -d /var/tmp/kiln-warm.XXXXXX)
-reg_pid=
-cleanup() {
-  if [ -n "$reg_pid" ]; then kill "$reg_pid" 2>/dev/null || true; wait "$reg_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+make_workdir warm
 log=$work/log
 mkdir -p "$log"
 start_registry "$work" "$log/registry.log"
