@@ -227,6 +227,7 @@ impl BuildLog {
                 .field("cache_misses", s.cache_misses)
                 .field("remote_hits", s.remote_hits)
                 .field("layers_unpacked", s.layers_unpacked)
+                .field("view_tables_read", s.view_tables_read)
                 .field("phases_ms", phases_ms(&phases));
         }
         sink().log(record);

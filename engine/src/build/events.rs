@@ -80,6 +80,10 @@ pub struct Summary {
     pub cache_misses: usize,
     /// Layers unpacked onto a root (0 for a fully cached build).
     pub layers_unpacked: usize,
+    /// Metadata tables of the layers a view was built on (bases, cache
+    /// hits) read from their blobs: 0 when the index had them all, as
+    /// `kiln warm` leaves it. Layers the build writes are not counted.
+    pub view_tables_read: usize,
     /// Of the hits, those found in the remote tier (`--cache-repo`).
     pub remote_hits: usize,
     /// Wall time per phase: resolve (Dockerfile, base manifests), lookup
@@ -95,6 +99,7 @@ pub(crate) struct Counters {
     remote_hits: AtomicUsize,
     misses: AtomicUsize,
     unpacked: AtomicUsize,
+    tables_read: AtomicUsize,
     /// Wall time per phase, in the order phases first ran.
     phases: std::sync::Mutex<Vec<(&'static str, Duration)>>,
 }
@@ -114,6 +119,10 @@ impl Counters {
 
     pub(crate) fn extracted(&self, layers: usize) {
         self.unpacked.fetch_add(layers, Ordering::Relaxed);
+    }
+
+    pub(crate) fn table_read(&self) {
+        self.tables_read.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds the time since `start` to `phase`.
@@ -138,6 +147,7 @@ impl Counters {
             cache_misses: self.misses.load(Ordering::Relaxed),
             remote_hits: self.remote_hits.load(Ordering::Relaxed),
             layers_unpacked: self.unpacked.load(Ordering::Relaxed),
+            view_tables_read: self.tables_read.load(Ordering::Relaxed),
         }
     }
 }
