@@ -232,6 +232,7 @@ impl BuildLog {
                 .field("remote_hits", s.remote_hits)
                 .field("layers_unpacked", s.layers_unpacked)
                 .field("files_reused", s.files_reused)
+                .field("view_tables_read", s.view_tables_read)
                 .field("phases_ms", phases_ms(&phases));
         }
         sink().log(record);

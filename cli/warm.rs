@@ -107,6 +107,15 @@ pub fn run(a: WarmArgs) -> Result<()> {
             w.fetched_bytes,
             start.elapsed().as_secs_f64()
         );
+        // Before unpacking: the view serves COPY-only stages whether or
+        // not the base is unpacked.
+        let tables = kiln_engine::store_layer_tables(&store, &index, &w.manifest)
+            .with_context(|| format!("making the layer tables of {image}"))?;
+        line += &format!(
+            ", {} layer tables made in {:.2}s",
+            tables.made,
+            tables.duration.as_secs_f64()
+        );
         if let Some(unpacker) = &unpacker {
             let u = unpacker
                 .unpack(&w.manifest)

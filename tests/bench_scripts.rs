@@ -248,7 +248,10 @@ fn a_verdict_the_ratios_do_not_give_is_caught() {
 
 /// Flips the first verdict in `block` (met <-> missed) and asserts that
 /// `check` rejects the result.
-fn assert_a_flipped_verdict_is_caught(block: &str, check: impl Fn(&str) + std::panic::RefUnwindSafe) {
+fn assert_a_flipped_verdict_is_caught(
+    block: &str,
+    check: impl Fn(&str) + std::panic::RefUnwindSafe,
+) {
     let line = block
         .lines()
         .find(|l| l.contains("| met: ") || l.contains("| **missed**: "))

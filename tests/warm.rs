@@ -73,23 +73,28 @@ fn a_warmed_node_builds_without_pulling_or_unpacking() {
     let first = warm(state.path(), &["--dockerfile", dockerfile]);
     assert_eq!(count(&first, &base, "layers fetched"), 1, "{first}");
     assert_eq!(count(&first, &base, "layers unpacked"), 1, "{first}");
+    assert_eq!(count(&first, &base, "layer tables made"), 1, "{first}");
     assert_eq!(unpacked_dirs(state.path()), 1);
     // Once: warming again neither fetches nor unpacks.
     let again = warm(state.path(), &["--dockerfile", dockerfile]);
     assert_eq!(count(&again, &base, "layers fetched"), 0, "{again}");
     assert_eq!(count(&again, &base, "layers unpacked"), 0, "{again}");
+    assert_eq!(count(&again, &base, "layer tables made"), 0, "{again}");
 
     let summary = build_summary(&ctx, state.path(), &registry.reference("app/warm:1"));
     assert_eq!(summary["layers_unpacked"], 0, "{summary}");
     assert_eq!(summary["bytes_pulled"], 0, "{summary}");
     assert_eq!(summary["cache_misses"], 1, "{summary}");
     assert!(summary["phases_ms"].get("unpack").is_none(), "{summary}");
+    // Warm stored the base's metadata table: the build read no blob for it.
+    assert_eq!(summary["view_tables_read"], 0, "{summary}");
 
     // Fetched only: the COPY is built on the metadata view of the base,
-    // read from its blob, so nothing is unpacked either.
+    // whose table warm stored too, so nothing is unpacked or read either.
     let cold = tempfile::tempdir().unwrap();
     let fetched = warm(cold.path(), &["--dockerfile", dockerfile, "--unpack=false"]);
     assert_eq!(count(&fetched, &base, "layers fetched"), 1, "{fetched}");
+    assert_eq!(count(&fetched, &base, "layer tables made"), 1, "{fetched}");
     assert!(!fetched.contains("unpacked"), "{fetched}");
     assert_eq!(unpacked_dirs(cold.path()), 0);
     let summary = build_summary(&ctx, cold.path(), &registry.reference("app/warm:2"));
@@ -98,6 +103,7 @@ fn a_warmed_node_builds_without_pulling_or_unpacking() {
     assert_eq!(summary["cache_misses"], 1, "{summary}");
     assert!(summary["phases_ms"].get("unpack").is_none(), "{summary}");
     assert!(summary["phases_ms"]["view"].is_f64(), "{summary}");
+    assert_eq!(summary["view_tables_read"], 0, "{summary}");
     assert_eq!(unpacked_dirs(cold.path()), 0);
 
     // A stage with a RUN to run needs its root: the build unpacks the base.

@@ -11,8 +11,8 @@ pub mod dockerfile;
 
 // Building.
 pub use build::{
-    overlay_wanted, BaseUnpacked, BaseUnpacker, BuildOptions, Builder, CacheResult, Event,
-    ImageFormat, SecretSource, Snapshotter, StepReport, Summary,
+    overlay_wanted, store_layer_tables, BaseUnpacked, BaseUnpacker, BuildOptions, Builder,
+    CacheResult, Event, ImageFormat, SecretSource, Snapshotter, StepReport, Summary, TablesStored,
 };
 pub use context::Ignore;
 pub use error::{BuildError, StepFailure};

@@ -80,6 +80,10 @@ pub struct Summary {
     pub cache_misses: usize,
     /// Layers unpacked onto a root (0 for a fully cached build).
     pub layers_unpacked: usize,
+    /// Metadata tables of the layers a view was built on (bases, cache
+    /// hits) read from their blobs: 0 when the index had them all, as
+    /// `kiln warm` leaves it. Layers the build writes are not counted.
+    pub view_tables_read: usize,
     /// Of the hits, those found in the remote tier (`--cache-repo`).
     pub remote_hits: usize,
     /// Files COPY steps linked from the layer the previous run of the same
@@ -101,6 +105,7 @@ pub(crate) struct Counters {
     misses: AtomicUsize,
     unpacked: AtomicUsize,
     reused: AtomicUsize,
+    tables_read: AtomicUsize,
     /// Wall time per phase, in the order phases first ran.
     phases: std::sync::Mutex<Vec<(&'static str, Duration)>>,
 }
@@ -126,6 +131,10 @@ impl Counters {
         self.reused.fetch_add(files, Ordering::Relaxed);
     }
 
+    pub(crate) fn table_read(&self) {
+        self.tables_read.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Adds the time since `start` to `phase`.
     pub(crate) fn timed(&self, phase: &'static str, start: Instant) {
         let elapsed = start.elapsed();
@@ -149,6 +158,7 @@ impl Counters {
             remote_hits: self.remote_hits.load(Ordering::Relaxed),
             layers_unpacked: self.unpacked.load(Ordering::Relaxed),
             files_reused: self.reused.load(Ordering::Relaxed),
+            view_tables_read: self.tables_read.load(Ordering::Relaxed),
         }
     }
 }

@@ -24,6 +24,7 @@ mod roots;
 mod sources;
 mod steps;
 mod syscalls;
+mod tables;
 #[cfg(test)]
 mod tests;
 mod unpack;
@@ -58,6 +59,7 @@ pub use crate::exec::mounts::SecretSource;
 pub use crate::image::ImageFormat;
 pub use events::{CacheResult, Event, StepReport, Summary};
 pub use options::{overlay_wanted, BuildOptions, Snapshotter};
+pub use tables::{store_layer_tables, TablesStored};
 pub use unpack::{BaseUnpacked, BaseUnpacker};
 
 /// Contents of these directories are never committed: they are mounted

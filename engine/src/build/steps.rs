@@ -560,23 +560,17 @@ impl Builder<'_> {
         Ok(Some(view))
     }
 
-    /// A layer's metadata table: from the index, or read from its blob
-    /// once and kept there. `None` when the blob cannot be read for it.
+    /// The metadata table of a layer below the step (base or cache hit;
+    /// see [`super::tables::layer_table`]), counted when it had to be
+    /// read from the blob. `None` when the blob
+    /// cannot be read for it.
     fn layer_table(&self, layer: &Layer) -> Option<LayerTable> {
-        let key = layer.diff_id.to_string();
-        if let Some(table) = self.index.get_view(&key).ok().flatten() {
-            if let Some(table) = LayerTable::from_bytes(&table) {
-                return Some(table);
-            }
-        }
-        let read = crate::layer::open_layer(self.store, &layer.descriptor.digest)
-            .map_err(|e| e.to_string())
-            .and_then(|r| LayerTable::read(r).map_err(|e| e.to_string()));
-        match read {
-            Ok(table) => {
-                // A cache only: a failed write costs a read next time.
-                let _ = self.index.put_view(&key, &table.to_bytes());
-                Some(table)
+        match super::tables::layer_table(self.store, self.index, layer) {
+            Ok(found) => {
+                if found.read {
+                    self.counters.table_read();
+                }
+                Some(found.table)
             }
             Err(why) => {
                 tracing::debug!(layer = %layer.diff_id, %why, "no metadata view");
@@ -621,11 +615,13 @@ impl Builder<'_> {
             return Ok(Some(None));
         }
         let layer = self.write_layer(root, &changes)?;
-        match self.layer_table(&layer) {
-            Some(table) => view.push(&table),
-            None => {
+        // Read back, and not counted: the layers below are what warm
+        // could have made tables for.
+        match super::tables::layer_table(self.store, self.index, &layer) {
+            Ok(found) => view.push(&found.table),
+            Err(why) => {
                 return Err(BuildError::Invalid(format!(
-                    "the layer just written ({}) cannot be read back",
+                    "the layer just written ({}) cannot be read back: {why}",
                     layer.diff_id
                 )))
             }

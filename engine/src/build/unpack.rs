@@ -263,21 +263,7 @@ impl<'a> BaseUnpacker<'a> {
     /// that are not unpacked yet.
     pub fn unpack(&self, image: &ResolvedManifest) -> Result<BaseUnpacked, BuildError> {
         let start = Instant::now();
-        let bytes = self.store.read(&image.manifest.config.digest)?;
-        let config: ImageConfig =
-            serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
-                layer: image.manifest.config.digest.clone(),
-                message: format!("invalid image config: {e}"),
-            })?;
-        if config.rootfs.diff_ids.len() != image.manifest.layers.len() {
-            return Err(BuildError::Invalid(format!(
-                "{}: the config lists {} diff_ids for {} layers",
-                image.digest,
-                config.rootfs.diff_ids.len(),
-                image.manifest.layers.len()
-            )));
-        }
-        let layers = super::Builder::image_layers(image, &config);
+        let layers = image_layers(self.store, image)?;
         let unpacker = Unpacker {
             sys: &Host,
             store: self.store,
@@ -291,6 +277,27 @@ impl<'a> BaseUnpacker<'a> {
             duration: start.elapsed(),
         })
     }
+}
+
+/// The layers of `image` (its config in the store), each with its diff_id.
+pub(super) fn image_layers(
+    store: &BlobStore,
+    image: &ResolvedManifest,
+) -> Result<Vec<Layer>, BuildError> {
+    let bytes = store.read(&image.manifest.config.digest)?;
+    let config: ImageConfig = serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
+        layer: image.manifest.config.digest.clone(),
+        message: format!("invalid image config: {e}"),
+    })?;
+    if config.rootfs.diff_ids.len() != image.manifest.layers.len() {
+        return Err(BuildError::Invalid(format!(
+            "{}: the config lists {} diff_ids for {} layers",
+            image.digest,
+            config.rootfs.diff_ids.len(),
+            image.manifest.layers.len()
+        )));
+    }
+    Ok(super::Builder::image_layers(image, &config))
 }
 
 #[cfg(test)]

@@ -1,0 +1,77 @@
+//! Layers' metadata tables (what a COPY-only stage is built on, see
+//! [`crate::rootfs::meta_view`]), kept per layer in the index by diff_id:
+//! looked up for a build, or made ahead by `kiln warm` so a warmed node's
+//! first build reads no layer blob for them.
+
+use std::time::{Duration, Instant};
+
+use kiln_cachestore::manifest::ResolvedManifest;
+use kiln_cachestore::{BlobStore, Index};
+
+use crate::error::BuildError;
+use crate::image::Layer;
+use crate::rootfs::meta_view::LayerTable;
+
+/// A layer's table and whether it had to be read from the layer's blob
+/// (it was not in the index, and is now).
+pub(crate) struct Found {
+    pub table: LayerTable,
+    pub read: bool,
+}
+
+/// `layer`'s metadata table: from the index, or read from its blob once
+/// and kept there. `Err` (why) when the blob cannot be read for it.
+pub(crate) fn layer_table(
+    store: &BlobStore,
+    index: &Index,
+    layer: &Layer,
+) -> Result<Found, String> {
+    let key = layer.diff_id.to_string();
+    if let Some(table) = index.get_view(&key).ok().flatten() {
+        if let Some(table) = LayerTable::from_bytes(&table) {
+            return Ok(Found { table, read: false });
+        }
+    }
+    let table = crate::layer::open_layer(store, &layer.descriptor.digest)
+        .map_err(|e| e.to_string())
+        .and_then(|r| LayerTable::read(r).map_err(|e| e.to_string()))?;
+    // A cache only: a failed write costs a read next time.
+    let _ = index.put_view(&key, &table.to_bytes());
+    Ok(Found { table, read: true })
+}
+
+/// What [`store_layer_tables`] did for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TablesStored {
+    /// The image's layers.
+    pub layers: usize,
+    /// Of those, the ones whose table was read from the blob now (the
+    /// rest were in the index already).
+    pub made: usize,
+    pub duration: Duration,
+}
+
+/// `kiln warm`'s part of the metadata view: the table of each layer of
+/// `image` (config and layers in the store) put in the index, unless it
+/// is there already. A layer whose blob cannot be read for a table (the
+/// build will not use the view on it either) is not an error.
+pub fn store_layer_tables(
+    store: &BlobStore,
+    index: &Index,
+    image: &ResolvedManifest,
+) -> Result<TablesStored, BuildError> {
+    let start = Instant::now();
+    let layers = super::unpack::image_layers(store, image)?;
+    let mut made = 0;
+    for layer in &layers {
+        match layer_table(store, index, layer) {
+            Ok(found) => made += usize::from(found.read),
+            Err(why) => tracing::debug!(layer = %layer.diff_id, %why, "no metadata table"),
+        }
+    }
+    Ok(TablesStored {
+        layers: layers.len(),
+        made,
+        duration: start.elapsed(),
+    })
+}
