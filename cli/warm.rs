@@ -126,7 +126,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
                 u.duration.as_secs_f64()
             );
         }
-        println!("{line}, {} layers", w.manifest.manifest.layers.len());
+        println!("{line} (of {} layers)", w.manifest.manifest.layers.len());
     }
     Ok(())
 }
