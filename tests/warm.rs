@@ -198,7 +198,7 @@ fn warming_follows_a_moved_tag_and_gc_keeps_what_is_warm() {
     let again = warm(state.path(), &["--image", &base]);
     assert_eq!(count(&again, &base, "layers fetched"), 1, "{again}");
     assert_eq!(count(&again, &base, "layers unpacked"), 1, "{again}");
-    assert!(again.contains(", 2 layers"), "{again}");
+    assert!(again.contains("(of 2 layers)"), "{again}");
     assert_eq!(unpacked_dirs(state.path()), 2);
     let ctx = Context::new(&format!("FROM {base}\nCOPY f /f\n"), &[("f", "app\n")]);
     let summary = build_summary(&ctx, state.path(), &registry.reference("app/moved:1"));
