@@ -309,32 +309,12 @@ impl<'a> Builder<'a> {
             .await
             .map_err(base_error)?
         };
-        let config = self.image_config(&m, reference)?;
-        if config.rootfs.diff_ids.len() != m.manifest.layers.len() {
-            return Err(BuildError::Invalid(format!(
-                "{reference}: the config lists {} diff_ids for {} layers",
-                config.rootfs.diff_ids.len(),
-                m.manifest.layers.len()
-            )));
-        }
+        let config = image_config(self.store, &m, reference)?;
         (self.on_event)(Event::Pulled {
             reference: reference.to_string(),
             digest: m.digest.clone(),
         });
         Ok((m, config))
-    }
-
-    /// The config of a resolved image, from the store.
-    fn image_config(
-        &self,
-        m: &ResolvedManifest,
-        reference: &str,
-    ) -> Result<ImageConfig, BuildError> {
-        let bytes = self.store.read(&m.manifest.config.digest)?;
-        serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
-            layer: m.manifest.config.digest.clone(),
-            message: format!("invalid image config of {reference}: {e}"),
-        })
     }
 
     /// The layers of a fetched image, with their diff_ids.
@@ -425,7 +405,7 @@ impl<'a> Builder<'a> {
                 },
                 Base::Image(reference) => {
                     let m = &manifests[&(reference.clone(), stage.platform.clone())];
-                    let config = self.image_config(m, reference)?;
+                    let config = image_config(self.store, m, reference)?;
                     if !reference.starts_with("oci-layout://") {
                         for layer in &m.manifest.layers {
                             let source = blobs::BlobSource::Base(reference.clone());
@@ -643,6 +623,28 @@ impl<'a> Builder<'a> {
         humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(secs))
             .to_string()
     }
+}
+
+/// The config of a resolved image, from the store, checked to list a
+/// diff_id per layer; `what` names the image in errors.
+fn image_config(
+    store: &BlobStore,
+    m: &ResolvedManifest,
+    what: &str,
+) -> Result<ImageConfig, BuildError> {
+    let bytes = store.read(&m.manifest.config.digest)?;
+    let config: ImageConfig = serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
+        layer: m.manifest.config.digest.clone(),
+        message: format!("invalid image config of {what}: {e}"),
+    })?;
+    if config.rootfs.diff_ids.len() != m.manifest.layers.len() {
+        return Err(BuildError::Invalid(format!(
+            "{what}: the config lists {} diff_ids for {} layers",
+            config.rootfs.diff_ids.len(),
+            m.manifest.layers.len()
+        )));
+    }
+    Ok(config)
 }
 
 /// The target stage and the stages it is built `FROM`: their layers are

@@ -17,7 +17,7 @@ use kiln_cachestore::BlobStore;
 
 use super::syscalls::{Host, Syscalls, UnpackInto};
 use crate::error::{BuildError, IoContext};
-use crate::image::{ImageConfig, Layer};
+use crate::image::Layer;
 use crate::rootfs::extract::{ExtractError, ExtractStats, Lowers};
 
 /// Layer blobs being fetched while layers are unpacked, so that a layer
@@ -284,19 +284,7 @@ pub(super) fn image_layers(
     store: &BlobStore,
     image: &ResolvedManifest,
 ) -> Result<Vec<Layer>, BuildError> {
-    let bytes = store.read(&image.manifest.config.digest)?;
-    let config: ImageConfig = serde_json::from_slice(&bytes).map_err(|e| BuildError::Layer {
-        layer: image.manifest.config.digest.clone(),
-        message: format!("invalid image config: {e}"),
-    })?;
-    if config.rootfs.diff_ids.len() != image.manifest.layers.len() {
-        return Err(BuildError::Invalid(format!(
-            "{}: the config lists {} diff_ids for {} layers",
-            image.digest,
-            config.rootfs.diff_ids.len(),
-            image.manifest.layers.len()
-        )));
-    }
+    let config = super::image_config(store, image, image.digest.as_ref())?;
     Ok(super::Builder::image_layers(image, &config))
 }
 
