@@ -350,6 +350,16 @@ record() {
   printf '  %-9s %-9s kiln %-7s buildah %-7s buildkit %-7s  [kiln: %s] [buildah: %s] [buildkit: %s]\n' \
     "$1" "$2" "$km" "$bm" "$xm" "$3" "$4" "$5" >&2
 }
+# median_run "t1 t2 t3": the number (from 1) of the run whose time is the
+# median (the lower middle one for an even count), so its phases go with it.
+median_run() {
+  echo "$1" | tr ' ' '\n' | { grep -v '^$' || true; } | awk '{ print $1, NR }' | sort -g |
+    awk '{ r[NR] = $2 } END { print r[int((NR + 1) / 2)] }'
+}
+# phases_row WL SCENARIO "kiln times": the phase table's row of the median run.
+phases_row() {
+  phases+=("| $1 | $2 | $(kiln_phases "$1-$2-kiln-$(median_run "$3")") |")
+}
 # The kiln summary's phase line of a run's log, e.g. "resolve 0.010s, lookup 0.004s".
 kiln_phases() {
   local line total
@@ -372,6 +382,7 @@ sc_cold() {
     s=$(buildkit_run "$wl" "cold$i" "$wl-cold-buildkit-$i"); xt+=" $s"
   done
   record "$wl" cold "$kt" "$bt" "$xt"
+  phases_row "$wl" cold "$kt"
 }
 # warm: one build each into persistent state, used by nochange and onefile.
 warm() {
@@ -389,7 +400,7 @@ sc_nochange() {
     s=$(buildkit_run "$wl" nochange "$wl-nochange-buildkit-$i"); xt+=" $s"
   done
   record "$wl" nochange "$kt" "$bt" "$xt"
-  phases+=("| $wl | $(kiln_phases "$wl-nochange-kiln-$(( (runs + 1) / 2 ))") |")
+  phases_row "$wl" nochange "$kt"
 }
 # onefile: each run changes the file first; every builder sees the same change.
 sc_onefile() {
@@ -401,6 +412,7 @@ sc_onefile() {
     s=$(buildkit_run "$wl" onefile "$wl-onefile-buildkit-$i"); xt+=" $s"
   done
   record "$wl" onefile "$kt" "$bt" "$xt"
+  phases_row "$wl" onefile "$kt"
 }
 # The bytes a kiln run's summary says it pulled.
 kiln_pulled() { { grep -o '[0-9]* bytes pulled' "$log/$1.err" || echo '? bytes'; } | tail -1 | cut -d' ' -f1; }
@@ -409,7 +421,23 @@ layer_bytes() {
   skopeo inspect --raw --tls-verify=false "docker://$1" |
     python3 -c 'import json, sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))'
 }
-declare -A pulled final_layers
+# other_layer_bytes STATE IMAGE: the bytes of the layer blobs (gzip, zstd or
+# plain tar) in a kiln state dir's store that are not layers of IMAGE, i.e. the
+# layers a remote-cache build pulled (or made) that the image does not need.
+other_layer_bytes() {
+  skopeo inspect --raw --tls-verify=false "docker://$2" | python3 -c '
+import json, os, sys
+wanted = {l["digest"].split(":")[1] for l in json.load(sys.stdin)["layers"]}
+store, other = sys.argv[1], 0
+for name in os.listdir(store):
+    with open(os.path.join(store, name), "rb") as f:
+        head = f.read(262)
+    layer = head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd" or head[257:262] == b"ustar"
+    if layer and name not in wanted:
+        other += os.path.getsize(os.path.join(store, name))
+print(other)' "$1/blobs/sha256"
+}
+declare -A pulled final_layers other_layers
 # remote: a previous build filled the remote cache; each run starts from
 # empty local state (a "new machine").
 sc_remote() {
@@ -425,6 +453,7 @@ sc_remote() {
   buildkit_run "$wl" seed "$wl-remote-seed-buildkit" --build-arg BUILDKIT_INLINE_CACHE=1 >/dev/null
   for i in $(seq "$runs"); do
     s=$(kiln_run "$wl" "$work/k-remote-$wl-$i" "remote$i" "$wl-remote-kiln-$i" --cache-repo "$reg/kiln/cache-$wl"); kt+=" $s"
+    [ "$i" != 1 ] || other_layers["$wl"]=$(other_layer_bytes "$work/k-remote-$wl-$i" "$reg/kiln/$wl:remote1")
     rm -rf "$work/k-remote-$wl-$i"
     if [ "$buildah_remote" = 1 ]; then
       s=$(buildah_run "$wl" "$work/b-remote-$wl-$i" "remote$i" "$wl-remote-buildah-$i" \
@@ -440,7 +469,7 @@ sc_remote() {
   hits=$(grep -ho '[0-9]* hits from --cache-repo' "$log/$wl-remote-kiln-1.err" | head -1 || true)
   pulled["$wl"]=$(kiln_pulled "$wl-remote-kiln-1")
   final_layers["$wl"]=$(layer_bytes "$reg/kiln/$wl:remote1")
-  note="${note:+$note; }kiln run 1: ${hits:-?}, ${pulled[$wl]} bytes pulled (the image's layers: ${final_layers[$wl]} bytes)"
+  note="${note:+$note; }kiln run 1: ${hits:-?}, ${pulled[$wl]} bytes pulled (the image's layers: ${final_layers[$wl]} bytes; other layers held: ${other_layers[$wl]} bytes)"
   if [ "$buildah_remote" = 1 ]; then
     note+="; buildah run 1: $(grep -ci 'Using cache' "$log/$wl-remote-buildah-1.out" || true) 'Using cache' lines"
   fi
@@ -460,7 +489,7 @@ sc_touch1() {
   step_median["$wl touch1"]=$(for i in $(seq "$runs"); do
     { grep -m1 '^ *time:' "$log/$wl-touch1-kiln-$i.err" || true; } | { grep -o 'run [0-9.]*' || true; } | cut -d' ' -f2
   done | median)
-  record "$wl" touch1 "$kt" "$bt" "$xt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(( (runs + 1) / 2 ))")"
+  record "$wl" touch1 "$kt" "$bt" "$xt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(median_run "$kt")")"
 }
 
 # target_row SCENARIO PEER LIMIT TEXT: met or missed by every workload that
@@ -548,7 +577,9 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo "| anchor6 no-change rebuild ≤ 0.020 s with the push | $(awk -v k="${kiln_median[anchor6 nochange]}" 'BEGIN { print (k <= 0.020 ? "met" : "**missed**") }'): ${kiln_median[anchor6 nochange]} s |"
   fi
   if [ -n "${pulled[apt]:-}" ]; then
-    echo "| apt remote-cache rebuild pulls at most the final image's layers | $(awk -v p="${pulled[apt]}" -v f="${final_layers[apt]}" 'BEGIN { print (p <= f ? "met" : "**missed**") }'): ${pulled[apt]} bytes pulled, the final image's layers ${final_layers[apt]} bytes |"
+    # Configs are pulled too (Kiln reads them to build the image); the
+    # target is about layers: none but the final image's may be pulled.
+    echo "| apt remote-cache rebuild pulls no layer but the final image's | $(awk -v o="${other_layers[apt]}" 'BEGIN { print (o == 0 ? "met" : "**missed**") }'): other layers held ${other_layers[apt]} bytes; ${pulled[apt]} bytes pulled in all, the final image's layers ${final_layers[apt]} bytes |"
   fi
   if [ -n "${step_median[bigroot touch1]:-}" ]; then
     echo "| a RUN touching one file in a 100k-file root: the step, snapshot included, ≤ 0.3 s | $(awk -v s="${step_median[bigroot touch1]}" 'BEGIN { print (s <= 0.3 ? "met" : "**missed**") }'): ${step_median[bigroot touch1]} s (Kiln's run phase, median; the walk snapshotter's rescan alone is a micro-bench) |"
@@ -558,10 +589,10 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
   fi
   if [ "${#phases[@]}" -gt 0 ]; then
     echo
-    echo "Kiln's own phase times in the no-change rebuild (its build summary, median run):"
+    echo "Kiln's own phase times (its build summary, the median run of each scenario):"
     echo
-    echo "| workload | phases |"
-    echo "|---|---|"
+    echo "| workload | scenario | phases |"
+    echo "|---|---|---|"
     printf '%s\n' "${phases[@]}"
   fi
 } >"$work/report.md"
