@@ -194,7 +194,8 @@ fn check_targets(report: &str) -> usize {
                 .unwrap_or_else(|| panic!("no {workload} nochange row for {line}"));
             assert_eq!(detail, format!("{:.3} s", row.kiln), "{line}");
             verdict(row.kiln <= limit)
-        } else if target.starts_with("apt remote-cache rebuild pulls no layer but the final image's")
+        } else if target
+            .starts_with("apt remote-cache rebuild pulls no layer but the final image's")
         {
             // "other layers held O bytes; P bytes pulled in all, the final
             // image's layers F bytes": met when no other layer was pulled.
