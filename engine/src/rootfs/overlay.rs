@@ -99,12 +99,19 @@ pub fn mount(
         }
         _ => MountFlags::RDONLY,
     };
-    // index=on keeps hard links whole across copy-up; older kernels or
-    // filesystems without file handles refuse it.
-    let mut attempts = vec![options.clone()];
-    if upper.is_some() {
-        attempts.insert(0, options + ",index=on");
-    }
+    // index=on keeps hard links whole across copy-up. volatile skips the
+    // syncs: unmounting a writable overlay otherwise syncs the whole
+    // filesystem under the upper dir (0.1 s and more after a build wrote),
+    // and a step's own fsyncs (dpkg's, per file) wait for the disk. An
+    // upper dir is a cache, like an extracted layer, which is not synced
+    // either; buildah mounts its build containers volatile too. Older
+    // kernels (volatile: 5.10) or filesystems without file handles (index)
+    // refuse them, so each is dropped in turn.
+    let extras: &[&str] = match upper {
+        Some(_) => &[",index=on,volatile", ",index=on", ",volatile", ""],
+        None => &[""],
+    };
+    let attempts = extras.iter().map(|extra| format!("{options}{extra}"));
     let mut last = None;
     for options in attempts {
         let options = std::ffi::CString::new(options).map_err(io::Error::other)?;
