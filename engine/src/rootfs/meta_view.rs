@@ -193,9 +193,56 @@ fn clean(name: &[u8]) -> Option<PathBuf> {
 }
 
 /// The merged view of a stack of layers.
+/// The view's paths, keyed by their bytes: comparing bytes is far cheaper
+/// than comparing `Path`s component by component, and a base's table puts
+/// tens of thousands of them in the map, each looked up several times.
+#[derive(Debug, Default, Clone)]
+struct Paths(BTreeMap<Vec<u8>, Meta>);
+
+impl Paths {
+    fn get(&self, path: &Path) -> Option<&Meta> {
+        self.0.get(path.as_os_str().as_bytes())
+    }
+
+    fn insert(&mut self, path: &Path, meta: Meta) {
+        self.0.insert(path.as_os_str().as_bytes().to_vec(), meta);
+    }
+
+    fn remove(&mut self, path: &Path) {
+        self.0.remove(path.as_os_str().as_bytes());
+    }
+
+    /// Every path under `dir` (not `dir` itself): in byte order, the keys
+    /// from `dir/` up to `dir0` (`0` follows `/`), or all below the root.
+    fn children<'a>(&'a self, dir: &Path) -> impl Iterator<Item = (&'a Path, &'a Meta)> {
+        use std::ops::Bound;
+        let dir = dir.as_os_str().as_bytes();
+        let range = match dir.is_empty() {
+            true => (Bound::Unbounded, Bound::Unbounded),
+            false => {
+                let (mut from, mut to) = (dir.to_vec(), dir.to_vec());
+                from.push(b'/');
+                to.push(b'0');
+                (Bound::Included(from), Bound::Excluded(to))
+            }
+        };
+        self.0
+            .range(range)
+            .map(|(k, m)| (Path::new(OsStr::from_bytes(k)), m))
+    }
+}
+
+#[cfg(test)]
+impl std::ops::Index<&Path> for Paths {
+    type Output = Meta;
+    fn index(&self, path: &Path) -> &Meta {
+        self.get(path).expect("a path in the view")
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct MetaView {
-    paths: BTreeMap<PathBuf, Meta>,
+    paths: Paths,
     /// A path whose symlinks loop, met applying a layer.
     looped: Option<PathBuf>,
 }
@@ -239,7 +286,7 @@ impl MetaView {
             if !merge {
                 self.remove_tree(&at);
             }
-            self.paths.insert(at, meta);
+            self.paths.insert(&at, meta);
         }
     }
 
@@ -250,10 +297,11 @@ impl MetaView {
                 break;
             }
             match self.paths.get(parent) {
-                Some(m) if m.kind == Kind::Dir => {}
+                // Whatever holds a directory holds its parents too.
+                Some(m) if m.kind == Kind::Dir => break,
                 // A non-directory parent: the extractor fails; so does the view.
                 Some(_) => {
-                    self.paths.insert(parent.to_path_buf(), unsupported());
+                    self.paths.insert(parent, unsupported());
                 }
                 None => {
                     let dir = Meta {
@@ -265,7 +313,7 @@ impl MetaView {
                         link: None,
                         content: None,
                     };
-                    self.paths.insert(parent.to_path_buf(), dir);
+                    self.paths.insert(parent, dir);
                 }
             }
         }
@@ -277,19 +325,14 @@ impl MetaView {
     }
 
     fn remove_children(&mut self, dir: &Path) {
-        let children: Vec<PathBuf> = self.children(dir).map(|(p, _)| p.clone()).collect();
+        let children: Vec<PathBuf> = self
+            .paths
+            .children(dir)
+            .map(|(p, _)| p.to_path_buf())
+            .collect();
         for child in children {
             self.paths.remove(&child);
         }
-    }
-
-    /// Every path under `dir` (not `dir` itself).
-    fn children<'a>(&'a self, dir: &'a Path) -> impl Iterator<Item = (&'a PathBuf, &'a Meta)> {
-        use std::ops::Bound;
-        self.paths
-            .range::<Path, _>((Bound::Excluded(dir), Bound::Unbounded))
-            .take_while(move |(p, _)| p.starts_with(dir))
-            .filter(move |(p, _)| p.as_path() != dir)
     }
 
     /// `path` with the links of its parents followed inside the image.
@@ -356,8 +399,8 @@ impl MetaView {
             if !is_dir && !end.as_os_str().is_empty() {
                 continue;
             }
-            for (path, meta) in self.children(&end) {
-                wanted.push(path.clone());
+            for (path, meta) in self.paths.children(&end) {
+                wanted.push(path.to_path_buf());
                 if meta.kind == Kind::Symlink {
                     // Where a link in the tree leads, relative to its directory.
                     let parent = path.parent().unwrap_or(Path::new(""));
@@ -518,9 +561,9 @@ mod tests {
         ]);
         // Written through the link, into /usr/bin.
         assert_eq!(v.paths[Path::new("usr/bin/b")].mode, 0o750);
-        assert!(!v.paths.contains_key(Path::new("gone")));
-        assert!(!v.paths.contains_key(Path::new("opt/x/old")));
-        assert!(v.paths.contains_key(Path::new("opt/x/new")));
+        assert!(v.paths.get(Path::new("gone")).is_none());
+        assert!(v.paths.get(Path::new("opt/x/old")).is_none());
+        assert!(v.paths.get(Path::new("opt/x/new")).is_some());
         assert_eq!(
             v.resolve(Path::new("/usr/local/bin/c"), true),
             Path::new("usr/bin/c")
