@@ -431,9 +431,8 @@ mod tests {
             .put_steps(&[(key.clone(), entry_for(&digest, now_secs()))])
             .unwrap();
         index.touch_steps(std::slice::from_ref(&key)).unwrap();
-        index
-            .put_stats(&[(b"stat".to_vec(), b"hash".to_vec())])
-            .unwrap();
+        index.put_stats(vec![(b"stat".to_vec(), b"hash".to_vec())]);
+        index.flush().unwrap();
         let live = dir.path().join("builds/build-live");
         fs::create_dir_all(&live).unwrap();
         fs::write(live.join("lock"), b"").unwrap();

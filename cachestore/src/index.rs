@@ -13,6 +13,12 @@
 //! that finds the count (and the index dir's mtime) as it was reuses the
 //! database it opened, under the shared lock again. Opening is most of
 //! what a lookup costs, and a no-change build looks up several times.
+//!
+//! Opening for writing costs more (a new log, the OPTIONS file, syncs), so
+//! the entries that only save time (the stat cache, layer tables) wait for
+//! the next write of step entries, or for [`Index::flush`], and go in its
+//! batch; until then this process reads them from memory.
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
@@ -107,7 +113,13 @@ pub struct Index {
     lock: PathBuf,
     /// The last read-only open, shared by the clones.
     reader: Arc<Mutex<Option<Reader>>>,
+    /// Stat-cache and layer-table entries not written yet, shared by the
+    /// clones.
+    pending: Arc<Mutex<Pending>>,
 }
+
+/// Entries waiting for the next write, by family, then key.
+type Pending = HashMap<&'static str, HashMap<Vec<u8>, Vec<u8>>>;
 
 /// A read-only open of the index and the writes it has seen.
 struct Reader {
@@ -144,6 +156,7 @@ impl Index {
             path: state.index(),
             lock: state.index_lock(),
             reader: Arc::default(),
+            pending: Arc::default(),
         })
     }
 
@@ -257,6 +270,20 @@ impl Index {
     /// number of builds read together. A family an older Kiln did not
     /// create reads as empty.
     fn get_raw(&self, family: &str, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut found = self.get_stored(family, keys)?;
+        let pending = self.pending.lock().expect("index pending poisoned");
+        if let Some(pending) = pending.get(family) {
+            for (key, slot) in keys.iter().zip(&mut found) {
+                if let Some(value) = pending.get(*key) {
+                    *slot = Some(value.clone());
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`Self::get_raw`] from the database alone.
+    fn get_stored(&self, family: &str, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
         if keys.is_empty() || !self.path.join("CURRENT").exists() {
             return Ok(vec![None; keys.len()]);
         }
@@ -333,10 +360,9 @@ impl Index {
         Ok(self.get_raw(VIEWS, &[diff_id.as_bytes()])?.remove(0))
     }
 
-    pub fn put_view(&self, diff_id: &str, table: &[u8]) -> Result<()> {
-        self.write(VIEWS, |cf, batch| {
-            batch.put_cf(cf, diff_id.as_bytes(), table)
-        })
+    /// Written with the next write or [`Self::flush`].
+    pub fn put_view(&self, diff_id: &str, table: &[u8]) {
+        self.defer(VIEWS, [(diff_id.as_bytes().to_vec(), table.to_vec())]);
     }
 
     /// Stat-cache lookups: opaque values by opaque keys.
@@ -345,15 +371,28 @@ impl Index {
         self.get_raw(STATS, &raw)
     }
 
-    pub fn put_stats(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
-        if entries.is_empty() {
+    /// Written with the next write or [`Self::flush`].
+    pub fn put_stats(&self, entries: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.defer(STATS, entries);
+    }
+
+    fn defer(&self, family: &'static str, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) {
+        let mut pending = self.pending.lock().expect("index pending poisoned");
+        pending.entry(family).or_default().extend(entries);
+    }
+
+    /// Writes the stat-cache and layer-table entries still waiting (see
+    /// the module's doc), if any.
+    pub fn flush(&self) -> Result<()> {
+        if self
+            .pending
+            .lock()
+            .expect("index pending poisoned")
+            .is_empty()
+        {
             return Ok(());
         }
-        self.write(STATS, |cf, batch| {
-            for (key, value) in entries {
-                batch.put_cf(cf, key, value);
-            }
-        })
+        self.write_families(&[], |_, _| {})
     }
 
     /// Every entry, for listing, GC and verification.
@@ -421,6 +460,7 @@ impl Index {
     /// writers' lock, which also keeps readers out.
     pub fn clear(&self) -> Result<()> {
         let lock = self.exclusive_lock()?;
+        self.pending.lock().expect("index pending poisoned").clear();
         match std::fs::remove_dir_all(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&self.path),
             _ => self.count_write(&lock),
@@ -471,6 +511,16 @@ impl Index {
             .collect::<Result<Vec<_>>>()?;
         let mut batch = WriteBatch::default();
         fill(&cfs, &mut batch);
+        // Taken now: if the write fails, they cost only time.
+        let pending = std::mem::take(&mut *self.pending.lock().expect("index pending poisoned"));
+        for (family, entries) in &pending {
+            let cf = db
+                .cf_handle(family)
+                .ok_or_else(|| self.error(format!("no {family} column family")))?;
+            for (key, value) in entries {
+                batch.put_cf(cf, key, value);
+            }
+        }
         db.write(batch).map_err(|e| self.error(e))?;
         // Dropping the database before the lock lets the next writer in.
         drop(db);
@@ -602,14 +652,44 @@ mod tests {
         let index = Index::open(&state).unwrap();
         let keys = vec![b"a".to_vec(), b"b".to_vec()];
         assert_eq!(index.get_stats(&keys).unwrap(), vec![None, None]);
-        index
-            .put_stats(&[(b"a".to_vec(), b"hash".to_vec())])
-            .unwrap();
+        index.put_stats(vec![(b"a".to_vec(), b"hash".to_vec())]);
         assert_eq!(
             index.get_stats(&keys).unwrap(),
             vec![Some(b"hash".to_vec()), None]
         );
         assert_eq!(index.get_steps(&["a".into()]).unwrap(), vec![None]);
+    }
+
+    /// Stat-cache and table entries wait for the next write (here of step
+    /// entries) or a flush: this process reads them at once, another only
+    /// once written, and clearing the index drops them too.
+    #[test]
+    fn cache_entries_go_with_the_next_write_or_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let (index, other) = (Index::open(&state).unwrap(), Index::open(&state).unwrap());
+        let a = vec![b"a".to_vec()];
+        index.put_stats(vec![(a[0].clone(), b"hash".to_vec())]);
+        index.put_view("sha256:t", b"table");
+        assert_eq!(index.get_stats(&a).unwrap(), [Some(b"hash".to_vec())]);
+        assert_eq!(index.get_view("sha256:t").unwrap().unwrap(), b"table");
+        assert_eq!(other.get_stats(&a).unwrap(), [None]);
+        index
+            .put_steps(&[("k".into(), StepEntry::new(None))])
+            .unwrap();
+        assert_eq!(other.get_stats(&a).unwrap(), [Some(b"hash".to_vec())]);
+        assert_eq!(other.get_view("sha256:t").unwrap().unwrap(), b"table");
+
+        let b = vec![b"b".to_vec()];
+        index.put_stats(vec![(b[0].clone(), b"hash b".to_vec())]);
+        assert_eq!(other.get_stats(&b).unwrap(), [None]);
+        index.flush().unwrap();
+        assert_eq!(other.get_stats(&b).unwrap(), [Some(b"hash b".to_vec())]);
+
+        index.put_stats(vec![(b"c".to_vec(), b"hash c".to_vec())]);
+        index.clear().unwrap();
+        index.flush().unwrap();
+        assert_eq!(other.get_stats(&[b"c".to_vec()]).unwrap(), [None]);
     }
 
     #[test]

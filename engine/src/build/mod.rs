@@ -355,7 +355,18 @@ impl<'a> Builder<'a> {
     ///
     /// Unpacking and running steps block; on a multi-thread runtime the
     /// worker hands its other tasks off first ([`blocking`]).
+    ///
+    /// The index's waiting cache entries are written at the end, failed
+    /// or not (most go with the stages' step entries before that).
     pub async fn build(&self) -> Result<BuiltImage, BuildError> {
+        let built = self.build_stages().await;
+        let flushed = self.index.flush();
+        let built = built?;
+        flushed?;
+        Ok(built)
+    }
+
+    async fn build_stages(&self) -> Result<BuiltImage, BuildError> {
         let start = Instant::now();
         let (_df, plan, manifests) = self.resolve().await?;
         self.counters.timed("resolve", start);

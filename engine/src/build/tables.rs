@@ -35,8 +35,7 @@ pub(crate) fn layer_table(
     let table = crate::layer::open_layer(store, &layer.descriptor.digest)
         .map_err(|e| e.to_string())
         .and_then(|r| LayerTable::read(r).map_err(|e| e.to_string()))?;
-    // A cache only: a failed write costs a read next time.
-    let _ = index.put_view(&key, &table.to_bytes());
+    index.put_view(&key, &table.to_bytes());
     Ok(Found { table, read: true })
 }
 
@@ -69,6 +68,7 @@ pub fn store_layer_tables(
             Err(why) => tracing::debug!(layer = %layer.diff_id, %why, "no metadata table"),
         }
     }
+    index.flush()?;
     Ok(TablesStored {
         layers: layers.len(),
         made,
