@@ -440,12 +440,36 @@ pub fn hash_sources_cached(
     let started = std::time::SystemTime::now();
     let mut entries = Vec::new();
     for (i, top) in sources.iter().enumerate() {
-        collect(top, &format!("{i}"), filter, &mut entries)?;
+        let is_dir = fs::symlink_metadata(top)?.is_dir();
+        collect(top, is_dir, &format!("{i}"), filter, &mut entries)?;
     }
     let metas: Vec<fs::Metadata> = entries
         .par_iter()
         .map(|(host, _)| fs::symlink_metadata(host))
         .collect::<io::Result<_>>()?;
+    let cutoff = started
+        .checked_sub(RACY)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let at = |secs: i64, nanos: i64| {
+        std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
+    };
+    let settled: Vec<bool> = metas
+        .iter()
+        .map(|m| at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec())) < cutoff)
+        .collect();
+    // An unchanged walk is answered by one lookup, not one per file.
+    let tree = stats.map(|_| tree_identity(&entries, &metas, with_owner));
+    if let (Some(index), Some(tree)) = (stats, &tree) {
+        let known = index
+            .get_stats(std::slice::from_ref(tree))
+            .map_err(io::Error::other)?
+            .remove(0)
+            .and_then(|v| String::from_utf8(v).ok());
+        if let Some(hash) = known {
+            return Ok(hash);
+        }
+    }
     let identities: Vec<Option<Vec<u8>>> = entries
         .iter()
         .zip(&metas)
@@ -473,28 +497,16 @@ pub fn hash_sources_cached(
         .zip(cached.into_par_iter())
         .map(|(((host, rel), meta), cached)| describe(&host, rel, meta, cached, with_owner))
         .collect::<io::Result<_>>()?;
-    if let Some(index) = stats {
-        let cutoff = started
-            .checked_sub(RACY)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .unwrap_or_default();
-        let at = |secs: i64, nanos: i64| {
-            std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
-        };
-        let fresh: Vec<(Vec<u8>, Vec<u8>)> = identities
-            .into_iter()
-            .zip(&metas)
-            .zip(&hashed)
-            .zip(was_cached)
-            .filter_map(|(((id, m), e), was_cached)| {
-                let newest = at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec()));
-                let settled = newest < cutoff;
-                let id = id.filter(|_| settled && !was_cached)?;
-                Some((id, e.content.clone().into_bytes()))
-            })
-            .collect();
-        index.put_stats(&fresh).map_err(io::Error::other)?;
-    }
+    let mut fresh: Vec<(Vec<u8>, Vec<u8>)> = identities
+        .into_iter()
+        .zip(&settled)
+        .zip(&hashed)
+        .zip(was_cached)
+        .filter_map(|(((id, settled), e), was_cached)| {
+            let id = id.filter(|_| *settled && !was_cached)?;
+            Some((id, e.content.clone().into_bytes()))
+        })
+        .collect();
     let mut h = KeyHasher::new("sources");
     for e in &hashed {
         h.field("path", e.rel.as_bytes())
@@ -505,30 +517,68 @@ pub fn hash_sources_cached(
             h.field("owner", format!("{uid}:{gid}").as_bytes());
         }
     }
-    Ok(h.finish())
+    let hash = h.finish();
+    if let (Some(index), Some(tree)) = (stats, tree) {
+        if settled.iter().all(|s| *s) {
+            fresh.push((tree, hash.clone().into_bytes()));
+        }
+        index.put_stats(fresh);
+    }
+    Ok(hash)
+}
+
+/// The stat-cache key of a whole walk: every entry's key path and identity,
+/// owner and mode included, since they enter the hash. `tree-v1` names the
+/// scheme, as the value is the hash itself, not a file's content.
+fn tree_identity(
+    entries: &[(PathBuf, String)],
+    metas: &[fs::Metadata],
+    with_owner: bool,
+) -> Vec<u8> {
+    let mut h = blake3::Hasher::new();
+    h.update(&[u8::from(with_owner)]);
+    for ((host, rel), m) in entries.iter().zip(metas) {
+        for part in [host.as_os_str().as_encoded_bytes(), rel.as_bytes()] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let (mode, uid, gid) = (m.mode().into(), m.uid().into(), m.gid().into());
+        for n in [m.dev(), m.ino(), m.size(), mode, uid, gid] {
+            h.update(&n.to_le_bytes());
+        }
+        for n in [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()] {
+            h.update(&n.to_le_bytes());
+        }
+    }
+    let mut key = b"tree-v1\0".to_vec();
+    key.extend_from_slice(h.finalize().as_bytes());
+    key
 }
 
 /// Every path below `host` (itself included), sorted, with its key path.
+/// Directories are told by their entries' types, so the walk stats nothing:
+/// the caller stats every entry at once, in parallel.
 fn collect(
     host: &Path,
+    is_dir: bool,
     rel: &str,
     filter: Option<Filter>,
     out: &mut Vec<(PathBuf, String)>,
 ) -> io::Result<()> {
     out.push((host.to_path_buf(), rel.to_string()));
-    let meta = fs::symlink_metadata(host)?;
-    if meta.is_dir() {
-        let mut names: Vec<_> = fs::read_dir(host)?
-            .map(|e| e.map(|e| e.file_name()))
+    if is_dir {
+        let mut children: Vec<_> = fs::read_dir(host)?
+            .map(|e| e.and_then(|e| Ok((e.file_name(), e.file_type()?.is_dir()))))
             .collect::<io::Result<_>>()?;
-        names.sort();
-        for name in names {
+        children.sort();
+        for (name, is_dir) in children {
             let child = host.join(&name);
             if filter.is_some_and(|f| !f.shows(&child)) {
                 continue;
             }
             collect(
                 &child,
+                is_dir,
                 &format!("{rel}/{}", name.to_string_lossy()),
                 filter,
                 out,
@@ -617,9 +667,7 @@ mod tests {
         assert!(stored[0].is_some(), "a settled file is remembered");
         assert!(stored[1].is_none(), "a racy file is not");
         // A remembered hash is used instead of reading the file ...
-        index
-            .put_stats(&[(id(&old), b"remembered".to_vec())])
-            .unwrap();
+        index.put_stats(vec![(id(&old), b"remembered".to_vec())]);
         assert_ne!(
             hash_sources_cached(sources, false, None, Some(&index)).unwrap(),
             plain
@@ -631,6 +679,50 @@ mod tests {
             hash_sources_cached(sources, false, None, Some(&index)).unwrap(),
             plain
         );
+    }
+
+    #[test]
+    fn a_settled_unchanged_walk_is_one_lookup_and_any_change_is_seen() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let index = Index::open(&StateDir::open(state.path()).unwrap()).unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("sub/a"), "a").unwrap();
+        std::os::unix::fs::symlink("sub/a", src.join("link")).unwrap();
+        std::thread::sleep(RACY + std::time::Duration::from_millis(100));
+        let sources = std::slice::from_ref(&src);
+        let cached = || hash_sources_cached(sources, false, None, Some(&index)).unwrap();
+        let plain = hash_sources(sources, false).unwrap();
+        assert_eq!(cached(), plain);
+        // The walk's entry answers before any file's: a wrong file entry
+        // goes unread while nothing changed.
+        let a = src.join("sub/a");
+        let id = stat_identity(&a, &fs::symlink_metadata(&a).unwrap());
+        let right = index
+            .get_stats(std::slice::from_ref(&id))
+            .unwrap()
+            .remove(0);
+        index.put_stats(vec![(id.clone(), b"wrong".to_vec())]);
+        assert_eq!(cached(), plain);
+        index.put_stats(vec![(id, right.unwrap())]);
+        // Any change to the walk misses it: a directory's mode, a new file,
+        // a link replaced.
+        let mut seen = vec![plain];
+        let check = |seen: &mut Vec<String>| {
+            let now = hash_sources(sources, false).unwrap();
+            assert_eq!(cached(), now);
+            assert!(!seen.contains(&now));
+            seen.push(now);
+        };
+        fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o700)).unwrap();
+        check(&mut seen);
+        fs::write(src.join("b"), "b").unwrap();
+        check(&mut seen);
+        fs::remove_file(src.join("link")).unwrap();
+        std::os::unix::fs::symlink("b", src.join("link")).unwrap();
+        check(&mut seen);
     }
 
     fn run(env: &[(&str, &str)]) -> Step {
