@@ -7,6 +7,8 @@
 //!   walk snapshotter, `rootfs::snapshot::Snapshot`);
 //! - layer writing (`layer::LayerWriter`), tar + gzip and tar + zstd, MB/s;
 //!   and of 256 MiB with one compression thread against one per core;
+//! - layer reading (`layer::open_layer`) of those 256 MiB, gzip and zstd,
+//!   decompression alone and with the diff_id's sha256;
 //! - cache keys for a 50-step Dockerfile (parse, resolve, plan, keys);
 //! - index lookups (`Index::get_steps`) of 50 keys.
 //!
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
+use kiln_cachestore::digest::HashingReader;
 use kiln_cachestore::{BlobStore, Index, Platform, StateDir, StepEntry};
 use kiln_engine::bench::{self as key, KeyInputs, LayerWriter, Recorded, Snapshot};
 use kiln_engine::dockerfile::{self, StageGraph};
@@ -162,13 +165,10 @@ fn layer_writing(c: &mut Criterion) {
 }
 
 /// 256 MiB of mixed data (three parts words and numbers, one part noise
-/// that does not compress) in 64 files of 4 MiB, written as one layer with
-/// one compression thread and with one per core. The layer's digest must
-/// be the same with both (checked before measuring).
-fn parallel_layer_writing(c: &mut Criterion) {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    fs::create_dir_all(&root).unwrap();
+/// that does not compress) in 64 files of 4 MiB under `root`, by their
+/// relative paths.
+fn mixed_256mib(root: &Path) -> Vec<PathBuf> {
+    fs::create_dir_all(root).unwrap();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
         x ^= x << 13;
@@ -177,7 +177,7 @@ fn parallel_layer_writing(c: &mut Criterion) {
         x
     };
     let words = ["alpha", "beta", "gamma", "delta", "kiln", "layer", "\n"];
-    let rels: Vec<PathBuf> = (0..64)
+    (0..64)
         .map(|f| {
             let rel = PathBuf::from(format!("file{f:02}"));
             let mut buf = Vec::with_capacity(4 << 20);
@@ -195,7 +195,16 @@ fn parallel_layer_writing(c: &mut Criterion) {
             fs::write(root.join(&rel), buf).unwrap();
             rel
         })
-        .collect();
+        .collect()
+}
+
+/// [`mixed_256mib`] written as one layer with one compression thread and
+/// with one per core. The layer's digest must be the same with both
+/// (checked before measuring).
+fn parallel_layer_writing(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let rels = mixed_256mib(&root);
     let store = BlobStore::open(&StateDir::open(tmp.path().join("state")).unwrap()).unwrap();
     let write = |compression| {
         let mut w = LayerWriter::new(&store, compression, Some(0)).unwrap();
@@ -227,6 +236,44 @@ fn parallel_layer_writing(c: &mut Criterion) {
         );
     }
     kiln_engine::set_compression_threads(0);
+    g.finish();
+}
+
+/// Reading [`mixed_256mib`] back as a base layer is read when it is
+/// unpacked: decompressed, and the tar hashed for its diff_id; once
+/// decompression alone, once with the hash, to tell their costs apart.
+fn layer_reading(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let rels = mixed_256mib(&root);
+    let store = BlobStore::open(&StateDir::open(tmp.path().join("state")).unwrap()).unwrap();
+    let mut g = c.benchmark_group("layer_read_256MiB");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(256 << 20));
+    for (name, compression) in [
+        ("gzip_6", Compression::Gzip { level: 6 }),
+        ("zstd_3", Compression::Zstd { level: 3 }),
+    ] {
+        let mut w = LayerWriter::new(&store, compression, Some(0)).unwrap();
+        for rel in &rels {
+            w.add(&root, rel).unwrap();
+        }
+        let layer = w.finish().unwrap();
+        let digest = &layer.descriptor.digest;
+        g.bench_function(format!("{name}/decompress"), |b| {
+            b.iter(|| {
+                let mut r = key::open_layer(&store, digest).unwrap();
+                black_box(std::io::copy(&mut r, &mut std::io::sink()).unwrap())
+            })
+        });
+        g.bench_function(format!("{name}/decompress+sha256"), |b| {
+            b.iter(|| {
+                let r = HashingReader::new(key::open_layer(&store, digest).unwrap());
+                let diff_id = r.finish().unwrap();
+                assert_eq!(diff_id, layer.diff_id);
+            })
+        });
+    }
     g.finish();
 }
 
@@ -319,7 +366,7 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    targets = context_hashing, snapshot_rescan, layer_writing, parallel_layer_writing, cache_keys,
-        index_lookups
+    targets = context_hashing, snapshot_rescan, layer_writing, parallel_layer_writing, layer_reading,
+        cache_keys, index_lookups
 }
 criterion_main!(benches);

@@ -50,7 +50,7 @@ pub use rootfs::overlay::enter_private_mount_namespace;
 #[doc(hidden)]
 pub mod bench {
     pub use crate::key::{hash_sources, hash_sources_cached, step_key, KeyHasher, KeyInputs};
-    pub use crate::layer::LayerWriter;
+    pub use crate::layer::{open_layer, LayerWriter};
     pub use crate::plan::plan;
     pub use crate::rootfs::snapshot::Snapshot;
     pub use crate::rootfs::Recorded;
