@@ -15,9 +15,9 @@
 //! what a lookup costs, and a no-change build looks up several times.
 //!
 //! Opening for writing costs more (a new log, the OPTIONS file, syncs), so
-//! the entries that only save time (the stat cache, layer tables) wait for
-//! the next write of step entries, or for [`Index::flush`], and go in its
-//! batch; until then this process reads them from memory.
+//! a build's entries (its stages' steps, the stat cache, layer tables) wait
+//! for the next write, or for [`Index::flush`] at the build's end, and go
+//! in one batch; until then this process reads them from memory.
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -113,7 +113,7 @@ pub struct Index {
     lock: PathBuf,
     /// The last read-only open, shared by the clones.
     reader: Arc<Mutex<Option<Reader>>>,
-    /// Stat-cache and layer-table entries not written yet, shared by the
+    /// Entries not written yet (see the module's doc), shared by the
     /// clones.
     pending: Arc<Mutex<Pending>>,
 }
@@ -377,12 +377,14 @@ impl Index {
     }
 
     fn defer(&self, family: &'static str, entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) {
-        let mut pending = self.pending.lock().expect("index pending poisoned");
-        pending.entry(family).or_default().extend(entries);
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_some() {
+            let mut pending = self.pending.lock().expect("index pending poisoned");
+            pending.entry(family).or_default().extend(entries);
+        }
     }
 
-    /// Writes the stat-cache and layer-table entries still waiting (see
-    /// the module's doc), if any.
+    /// Writes the entries still waiting (see the module's doc), if any.
     pub fn flush(&self) -> Result<()> {
         if self
             .pending
@@ -472,15 +474,22 @@ impl Index {
         if entries.is_empty() {
             return Ok(());
         }
+        self.defer_steps(entries)?;
+        self.flush()
+    }
+
+    /// Records entries with the next write or [`Self::flush`]: a build's
+    /// stages, at its end, in one read-write open.
+    pub fn defer_steps(&self, entries: &[(String, StepEntry)]) -> Result<()> {
         let values = entries
             .iter()
-            .map(|(k, e)| Ok((k, serde_json::to_vec(e).map_err(|e| self.error(e))?)))
+            .map(|(k, e)| {
+                let value = serde_json::to_vec(e).map_err(|e| self.error(e))?;
+                Ok((k.as_bytes().to_vec(), value))
+            })
             .collect::<Result<Vec<_>>>()?;
-        self.write(STEPS, |cf, batch| {
-            for (key, value) in &values {
-                batch.put_cf(cf, key.as_bytes(), value);
-            }
-        })
+        self.defer(STEPS, values);
+        Ok(())
     }
 
     /// Opens the database read-write under the writers' lock, applies one

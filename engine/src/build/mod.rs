@@ -356,8 +356,8 @@ impl<'a> Builder<'a> {
     /// Unpacking and running steps block; on a multi-thread runtime the
     /// worker hands its other tasks off first ([`blocking`]).
     ///
-    /// The index's waiting cache entries are written at the end, failed
-    /// or not (most go with the stages' step entries before that).
+    /// The stages' index entries are written at the end, in one batch,
+    /// failed or not.
     pub async fn build(&self) -> Result<BuiltImage, BuildError> {
         let built = self.build_stages().await;
         let flushed = self.index.flush();

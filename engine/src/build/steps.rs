@@ -273,7 +273,7 @@ impl Builder<'_> {
         if let Some(last) = keys.iter().flatten().last() {
             result.last_key = last.clone();
         }
-        self.index.put_steps(&entries)?;
+        self.index.defer_steps(&entries)?;
         // The plan computed the stage's final config; keep the layers' history.
         let history = std::mem::take(&mut result.config.history);
         result.config = ImageConfig {
