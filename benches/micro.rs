@@ -26,7 +26,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
 use kiln_cachestore::digest::HashingReader;
-use kiln_cachestore::{BlobStore, Index, Platform, StateDir, StepEntry};
+use kiln_cachestore::{BlobStore, Index, Layer, Platform, StateDir, StepEntry};
 use kiln_engine::bench::{self as key, KeyInputs, LayerWriter, Recorded, Snapshot};
 use kiln_engine::dockerfile::{self, StageGraph};
 use kiln_engine::{Compression, SnapshotMode};
@@ -198,6 +198,20 @@ fn mixed_256mib(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `rels` under `root` written as one layer, with fixed mtimes.
+fn write_layer(
+    store: &BlobStore,
+    root: &Path,
+    rels: &[PathBuf],
+    compression: Compression,
+) -> Layer {
+    let mut w = LayerWriter::new(store, compression, Some(0)).unwrap();
+    for rel in rels {
+        w.add(root, rel).unwrap();
+    }
+    w.finish().unwrap()
+}
+
 /// [`mixed_256mib`] written as one layer with one compression thread and
 /// with one per core. The layer's digest must be the same with both
 /// (checked before measuring).
@@ -206,13 +220,7 @@ fn parallel_layer_writing(c: &mut Criterion) {
     let root = tmp.path().join("root");
     let rels = mixed_256mib(&root);
     let store = BlobStore::open(&StateDir::open(tmp.path().join("state")).unwrap()).unwrap();
-    let write = |compression| {
-        let mut w = LayerWriter::new(&store, compression, Some(0)).unwrap();
-        for rel in &rels {
-            w.add(&root, rel).unwrap();
-        }
-        w.finish().unwrap()
-    };
+    let write = |compression| write_layer(&store, &root, &rels, compression);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let mut g = c.benchmark_group("layer_write_256MiB_threads");
@@ -254,11 +262,7 @@ fn layer_reading(c: &mut Criterion) {
         ("gzip_6", Compression::Gzip { level: 6 }),
         ("zstd_3", Compression::Zstd { level: 3 }),
     ] {
-        let mut w = LayerWriter::new(&store, compression, Some(0)).unwrap();
-        for rel in &rels {
-            w.add(&root, rel).unwrap();
-        }
-        let layer = w.finish().unwrap();
+        let layer = write_layer(&store, &root, &rels, compression);
         let digest = &layer.descriptor.digest;
         g.bench_function(format!("{name}/decompress"), |b| {
             b.iter(|| {

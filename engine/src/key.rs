@@ -447,17 +447,6 @@ pub fn hash_sources_cached(
         .par_iter()
         .map(|(host, _)| fs::symlink_metadata(host))
         .collect::<io::Result<_>>()?;
-    let cutoff = started
-        .checked_sub(RACY)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .unwrap_or_default();
-    let at = |secs: i64, nanos: i64| {
-        std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
-    };
-    let settled: Vec<bool> = metas
-        .iter()
-        .map(|m| at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec())) < cutoff)
-        .collect();
     // An unchanged walk is answered by one lookup, not one per file.
     let tree = stats.map(|_| tree_identity(&entries, &metas, with_owner));
     if let (Some(index), Some(tree)) = (stats, &tree) {
@@ -497,16 +486,6 @@ pub fn hash_sources_cached(
         .zip(cached.into_par_iter())
         .map(|(((host, rel), meta), cached)| describe(&host, rel, meta, cached, with_owner))
         .collect::<io::Result<_>>()?;
-    let mut fresh: Vec<(Vec<u8>, Vec<u8>)> = identities
-        .into_iter()
-        .zip(&settled)
-        .zip(&hashed)
-        .zip(was_cached)
-        .filter_map(|(((id, settled), e), was_cached)| {
-            let id = id.filter(|_| *settled && !was_cached)?;
-            Some((id, e.content.clone().into_bytes()))
-        })
-        .collect();
     let mut h = KeyHasher::new("sources");
     for e in &hashed {
         h.field("path", e.rel.as_bytes())
@@ -519,6 +498,27 @@ pub fn hash_sources_cached(
     }
     let hash = h.finish();
     if let (Some(index), Some(tree)) = (stats, tree) {
+        let cutoff = started
+            .checked_sub(RACY)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let at = |secs: i64, nanos: i64| {
+            std::time::Duration::new(secs.max(0) as u64, nanos.clamp(0, 999_999_999) as u32)
+        };
+        let settled: Vec<bool> = metas
+            .iter()
+            .map(|m| at(m.mtime(), m.mtime_nsec()).max(at(m.ctime(), m.ctime_nsec())) < cutoff)
+            .collect();
+        let mut fresh: Vec<(Vec<u8>, Vec<u8>)> = identities
+            .into_iter()
+            .zip(&settled)
+            .zip(&hashed)
+            .zip(was_cached)
+            .filter_map(|(((id, settled), e), was_cached)| {
+                let id = id.filter(|_| *settled && !was_cached)?;
+                Some((id, e.content.clone().into_bytes()))
+            })
+            .collect();
         if settled.iter().all(|s| *s) {
             fresh.push((tree, hash.clone().into_bytes()));
         }

@@ -192,7 +192,6 @@ fn clean(name: &[u8]) -> Option<PathBuf> {
     Some(out)
 }
 
-/// The merged view of a stack of layers.
 /// The view's paths, keyed by their bytes: comparing bytes is far cheaper
 /// than comparing `Path`s component by component, and a base's table puts
 /// tens of thousands of them in the map, each looked up several times.
@@ -240,6 +239,7 @@ impl std::ops::Index<&Path> for Paths {
     }
 }
 
+/// The merged view of a stack of layers.
 #[derive(Debug, Default, Clone)]
 pub struct MetaView {
     paths: Paths,
