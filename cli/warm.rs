@@ -69,7 +69,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     let index = Index::open(&state).with_context(at)?;
     let unpacker = match unavailable {
         None => None,
-        Some(None) => match BaseUnpacker::open(&state, &store) {
+        Some(None) => match BaseUnpacker::open(&state, &store, &index) {
             Ok(unpacker) => Some(unpacker),
             Err(e) => {
                 println!("not unpacking: the overlay snapshotter cannot run here ({e})");
@@ -107,15 +107,10 @@ pub fn run(a: WarmArgs) -> Result<()> {
             w.fetched_bytes,
             start.elapsed().as_secs_f64()
         );
-        // Before unpacking: the view serves COPY-only stages whether or
-        // not the base is unpacked.
-        let tables = kiln_engine::store_layer_tables(&store, &index, &w.manifest)
-            .with_context(|| format!("making the layer tables of {image}"))?;
-        line += &format!(
-            ", {} layer tables made in {:.2}s",
-            tables.made,
-            tables.duration.as_secs_f64()
-        );
+        // Unpacking makes the tables of the layers it unpacks on the way;
+        // the rest (not unpacking, or unpacked already) are made here: the
+        // view serves COPY-only stages whether or not the base is unpacked.
+        let mut tables_made = 0;
         if let Some(unpacker) = &unpacker {
             let u = unpacker
                 .unpack(&w.manifest)
@@ -125,7 +120,15 @@ pub fn run(a: WarmArgs) -> Result<()> {
                 u.unpacked,
                 u.duration.as_secs_f64()
             );
+            tables_made += u.tables;
         }
+        let tables = kiln_engine::store_layer_tables(&store, &index, &w.manifest)
+            .with_context(|| format!("making the layer tables of {image}"))?;
+        line += &format!(
+            ", {} layer tables made in {:.2}s",
+            tables_made + tables.made,
+            tables.duration.as_secs_f64()
+        );
         println!("{line} (of {} layers)", w.manifest.manifest.layers.len());
     }
     Ok(())

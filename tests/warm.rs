@@ -120,6 +120,28 @@ fn a_warmed_node_builds_without_pulling_or_unpacking() {
     assert!(summary["phases_ms"]["unpack"].is_f64(), "{summary}");
 }
 
+/// Unpacking a base for a RUN leaves its metadata table too (made from
+/// the tar as it is extracted): a later COPY-only stage on that base reads
+/// no blob for it, where a node that never unpacked it reads one.
+#[test]
+fn a_base_unpacked_by_a_build_leaves_its_table_for_the_view() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let run = Context::new(&format!("FROM {base}\nRUN echo hi >/hi\n"), &[]);
+    let copy = Context::new(&format!("FROM {base}\nCOPY f /f\n"), &[("f", "one\n")]);
+
+    let state = tempfile::tempdir().unwrap();
+    let summary = build_summary(&run, state.path(), &registry.reference("app/run:1"));
+    assert_eq!(summary["layers_unpacked"], 1, "{summary}");
+    let summary = build_summary(&copy, state.path(), &registry.reference("app/copy:1"));
+    assert!(summary["phases_ms"]["view"].is_f64(), "{summary}");
+    assert_eq!(summary["view_tables_read"], 0, "{summary}");
+
+    let fresh = tempfile::tempdir().unwrap();
+    let summary = build_summary(&copy, fresh.path(), &registry.reference("app/copy:2"));
+    assert_eq!(summary["view_tables_read"], 1, "{summary}");
+}
+
 /// Every stage's `FROM` is warmed, as the `--build-arg`s given select it.
 #[test]
 fn warm_follows_build_args_to_every_stage() {

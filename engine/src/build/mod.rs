@@ -181,6 +181,7 @@ impl<'a> Builder<'a> {
         let roots = Roots::new(
             sys,
             store,
+            index,
             options,
             on_event,
             counters.clone(),

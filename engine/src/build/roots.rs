@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use kiln_cachestore::state::StateDir;
 use kiln_cachestore::unpacked::UnpackedLayers;
-use kiln_cachestore::BlobStore;
+use kiln_cachestore::{BlobStore, Index};
 
 use super::events::{Counters, Event};
 use super::options::{overlay_wanted, BuildOptions, Snapshotter};
@@ -106,6 +106,7 @@ impl<'a> Roots<'a> {
     pub(crate) fn new(
         sys: &'a dyn Syscalls,
         store: &'a BlobStore,
+        index: &'a Index,
         options: &'a BuildOptions,
         on_event: &'a (dyn Fn(Event) + Sync),
         counters: Arc<Counters>,
@@ -122,6 +123,8 @@ impl<'a> Roots<'a> {
                 store,
                 work: work.to_path_buf(),
                 arrivals: Arrivals::default(),
+                tables: Some(index),
+                tables_made: Default::default(),
             },
             options,
             on_event,

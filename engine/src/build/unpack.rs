@@ -13,12 +13,13 @@ use kiln_cachestore::digest::Digest;
 use kiln_cachestore::manifest::ResolvedManifest;
 use kiln_cachestore::state::{BuildDir, StateDir};
 use kiln_cachestore::unpacked::UnpackedLayers;
-use kiln_cachestore::BlobStore;
+use kiln_cachestore::{BlobStore, Index};
 
 use super::syscalls::{Host, Syscalls, UnpackInto};
 use crate::error::{BuildError, IoContext};
 use crate::image::Layer;
 use crate::rootfs::extract::{ExtractError, ExtractStats, Lowers};
+use crate::rootfs::table_tee::{TableTee, TeeReader};
 
 /// Layer blobs being fetched while layers are unpacked, so that a layer
 /// is unpacked as soon as its own blob is stored, not once the last one
@@ -88,6 +89,12 @@ pub(crate) struct Unpacker<'a> {
     pub(crate) work: PathBuf,
     /// The blobs still being fetched, which an unpack waits for.
     pub(crate) arrivals: Arrivals,
+    /// Where the metadata table of a layer unpacked from its blob goes,
+    /// made from the tar as it is extracted, when the index lacks it: a
+    /// later COPY-only step on the layer then reads no blob for it.
+    pub(crate) tables: Option<&'a Index>,
+    /// The tables made so.
+    pub(crate) tables_made: AtomicUsize,
 }
 
 impl Unpacker<'_> {
@@ -174,8 +181,15 @@ impl Unpacker<'_> {
     ) -> Result<Option<ExtractStats>, BuildError> {
         self.arrivals.wait(&layer.descriptor.digest)?;
         let reader = crate::layer::open_layer(self.store, &layer.descriptor.digest)?;
-        let mut hashing = kiln_cachestore::digest::HashingReader::new(reader);
-        let stats = match self.sys.extract(&mut hashing, root, into) {
+        let table_key = layer.diff_id.to_string();
+        let tables = self
+            .tables
+            .filter(|index| !matches!(index.get_view(&table_key), Ok(Some(_))));
+        let mut teed = TeeReader {
+            inner: kiln_cachestore::digest::HashingReader::new(reader),
+            tee: tables.and_then(|_| TableTee::start().ok()),
+        };
+        let stats = match self.sys.extract(&mut teed, root, into) {
             Ok(stats) => stats,
             Err(ExtractError::NeedsLowerLayers { .. }) => return Ok(None),
             Err(e) => {
@@ -185,6 +199,10 @@ impl Unpacker<'_> {
                 })
             }
         };
+        let TeeReader {
+            inner: hashing,
+            tee,
+        } = teed;
         let diff_id = hashing
             .finish()
             .map_err(|e| BuildError::io(layer.descriptor.digest.to_string(), e))?;
@@ -196,6 +214,11 @@ impl Unpacker<'_> {
                     layer.diff_id
                 ),
             });
+        }
+        // Only now that the content is the layer's.
+        if let (Some(index), Some(table)) = (tables, tee.and_then(TableTee::finish)) {
+            index.put_view(&table_key, &table.to_bytes());
+            self.tables_made.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Some(stats))
     }
@@ -223,6 +246,8 @@ pub struct BaseUnpacked {
     pub layers: usize,
     /// Of those, the ones unpacked now (the rest were unpacked already).
     pub unpacked: usize,
+    /// The metadata tables made while unpacking (see [`Unpacker::tables`]).
+    pub tables: usize,
     pub duration: Duration,
 }
 
@@ -235,6 +260,7 @@ pub struct BaseUnpacked {
 /// meanwhile.
 pub struct BaseUnpacker<'a> {
     store: &'a BlobStore,
+    index: &'a Index,
     unpacked: UnpackedLayers,
     // Dropped last: the unpacker's scratch dirs live in it.
     work: BuildDir,
@@ -245,7 +271,11 @@ impl<'a> BaseUnpacker<'a> {
     /// overlay snapshotter would not run, so unpacking would be wasted).
     /// The process must be in a mount namespace of its own
     /// ([`crate::enter_private_mount_namespace`]).
-    pub fn open(state: &StateDir, store: &'a BlobStore) -> Result<Self, BuildError> {
+    pub fn open(
+        state: &StateDir,
+        store: &'a BlobStore,
+        index: &'a Index,
+    ) -> Result<Self, BuildError> {
         let work = state.new_build()?;
         let empty = work.path().join("empty");
         std::fs::create_dir(&empty).at(&empty)?;
@@ -254,6 +284,7 @@ impl<'a> BaseUnpacker<'a> {
         })?;
         Ok(BaseUnpacker {
             store,
+            index,
             unpacked: UnpackedLayers::open(state)?,
             work,
         })
@@ -269,11 +300,14 @@ impl<'a> BaseUnpacker<'a> {
             store: self.store,
             work: self.work.path().to_path_buf(),
             arrivals: Arrivals::default(),
+            tables: Some(self.index),
+            tables_made: AtomicUsize::new(0),
         };
         let (_, unpacked) = unpacker.layer_dirs(&self.unpacked, &layers)?;
         Ok(BaseUnpacked {
             layers: layers.len(),
             unpacked,
+            tables: unpacker.tables_made.into_inner(),
             duration: start.elapsed(),
         })
     }

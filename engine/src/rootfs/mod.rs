@@ -5,6 +5,7 @@ pub mod meta_view;
 pub mod overlay;
 pub mod owners;
 pub mod snapshot;
+pub mod table_tee;
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
