@@ -437,6 +437,35 @@ fn a_no_change_push_is_one_manifest_head() {
     assert_eq!(skopeo_config(&elsewhere)["config"]["Env"][1], "A=1");
 }
 
+/// A no-change build that pulls its base from a registry and pushes to
+/// another repository of it asks an open registry's `/v2/` once: the
+/// answer (200, no challenge) holds for every repository.
+#[test]
+fn a_no_change_build_pings_an_open_registry_once() {
+    let registry = Registry::start_logged();
+    let base = registry.push_busybox();
+    let ctx = Context::new(&format!("FROM {base}\nRUN echo hi >/hi\n"), &[]);
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("kiln/pinged:1");
+    let first = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let before = registry.requests().len();
+    let again = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let mut seen = registry.requests()[before..].to_vec();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "GET /v2/ HTTP/1.1",
+            "HEAD /v2/base/busybox/manifests/latest HTTP/1.1",
+            "HEAD /v2/kiln/pinged/manifests/1 HTTP/1.1",
+        ],
+        "{}",
+        stderr(&again)
+    );
+}
+
 /// A gate for a RUN to wait at: a plain HTTP server on 127.0.0.1 that
 /// answers 200 once `open` says so, 404 before. RUN shares the host's
 /// network, so `wget` reaches it.

@@ -1,5 +1,5 @@
 //! OCI distribution client for fetching oci images from an OCI compliant remote store
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::TryFrom;
 use std::hash::Hash;
 use std::pin::pin;
@@ -301,6 +301,9 @@ pub struct Client {
     auth_store: Arc<RwLock<HashMap<String, RegistryAuth>>>,
     /// Token cache for the client
     pub tokens: TokenCache,
+    /// Registries whose `/v2/` answered 200 with no challenge: they take
+    /// requests without a token, so no repository asks them again (Kiln).
+    open_registries: Arc<RwLock<HashSet<String>>>,
     client: reqwest::Client,
     push_chunk_size: usize,
 }
@@ -311,6 +314,7 @@ impl Default for Client {
             config: Arc::default(),
             auth_store: Arc::default(),
             tokens: TokenCache::new(DEFAULT_TOKEN_EXPIRATION_SECS),
+            open_registries: Arc::default(),
             client: reqwest::Client::default(),
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
         }
@@ -402,6 +406,7 @@ impl TryFrom<ClientConfig> for Client {
             config: Arc::new(config),
             auth_store: Arc::default(),
             tokens: TokenCache::new(default_token_expiration_secs),
+            open_registries: Arc::default(),
             client: client_builder.build()?,
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
         })
@@ -882,10 +887,20 @@ impl Client {
             })));
         }
 
+        let registry = image.resolve_registry();
+        if self.open_registries.read().await.contains(registry) {
+            return Ok(None);
+        }
         let res = self.client.get(&url).send().await?;
         let dist_hdr = match res.headers().get(reqwest::header::WWW_AUTHENTICATE) {
             Some(h) => h,
-            None => return Ok(None),
+            None => {
+                if res.status().is_success() {
+                    let mut open = self.open_registries.write().await;
+                    open.insert(registry.to_string());
+                }
+                return Ok(None);
+            }
         };
 
         let challenge = match BearerChallenge::try_from(dist_hdr) {
