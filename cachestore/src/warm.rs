@@ -57,6 +57,12 @@ async fn resolve(
     ttl: Duration,
     warming: bool,
 ) -> Result<ResolvedManifest> {
+    // The HEAD goes out while the index is read: opening the index takes
+    // about as long as the round trip.
+    let head = tokio::spawn({
+        let (registry, reference) = (registry.clone(), reference.clone());
+        async move { registry.manifest_digest(&reference).await }
+    });
     let key = base_key(reference, platform);
     let previous = index.get_base(&key)?;
     let warmed = match warming {
@@ -68,7 +74,10 @@ async fn resolve(
             .contains(&e.manifest.manifest.config.digest)
             .unwrap_or(false)
     });
-    let head = registry.manifest_digest(reference).await;
+    // Never aborted: an error here is the task's panic.
+    let head = head
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     match (cached, &head) {
         (Some(entry), Ok(digest)) if *digest == entry.top_digest => {
             if warming {
