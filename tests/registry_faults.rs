@@ -12,6 +12,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -464,6 +465,51 @@ fn a_no_change_build_pings_an_open_registry_once() {
         "{}",
         stderr(&again)
     );
+}
+
+/// A rebuild with one new layer asks the destination nothing about the
+/// layers the manifest there already names (a registry keeps a manifest
+/// only with its blobs): one HEAD for the manifest, the new layer and
+/// config, the manifest PUT.
+#[test]
+fn a_one_layer_change_checks_no_blob_the_tag_already_names() {
+    let registry = Registry::start_logged();
+    let base = registry.push_busybox();
+    let dockerfile = format!("FROM {base}\nRUN echo hi >/hi\nCOPY f /f\n");
+    let ctx = Context::new(&dockerfile, &[("f", "one\n")]);
+    let state = tempfile::tempdir().unwrap();
+    let dest = registry.reference("kiln/onelayer:1");
+    let first = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    std::fs::write(ctx.path().join("f"), "two\n").unwrap();
+    let before = registry.requests().len();
+    let again = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let to_dest: Vec<String> = registry.requests()[before..]
+        .iter()
+        .filter(|r| r.contains("/v2/kiln/onelayer/"))
+        .cloned()
+        .collect();
+    let blob_checks = to_dest
+        .iter()
+        .filter(|r| r.starts_with("HEAD /v2/kiln/onelayer/blobs/"))
+        .count();
+    // The COPY's layer and the config, not the base's or the RUN's.
+    assert_eq!(blob_checks, 2, "{to_dest:#?}");
+    assert_eq!(
+        to_dest.iter().filter(|r| r.starts_with("PUT ")).count(),
+        3,
+        "{to_dest:#?}"
+    );
+    let config = skopeo_config(&dest);
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 3);
+    let pulled = tempfile::tempdir().unwrap();
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{dest}"),
+        &format!("oci:{}:x", pulled.path().display()),
+    ]));
 }
 
 /// A gate for a RUN to wait at: a plain HTTP server on 127.0.0.1 that

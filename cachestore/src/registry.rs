@@ -749,17 +749,16 @@ impl RegistryClient {
             .map_err(|e| registry_error(reference, "check blob", e))
     }
 
-    /// Whether `reference` already points at the manifest `digest`, by a
-    /// HEAD request. Any failure reads as "no": the caller then pushes,
-    /// which reports the real error.
-    pub async fn has_manifest(&self, reference: &Reference, digest: &Digest) -> bool {
-        let Ok(client) = self.client(reference).await else {
-            return false;
-        };
-        client
+    /// The manifest `reference` points at now, by a HEAD request. Any
+    /// failure reads as "none": the caller then pushes, which reports the
+    /// real error.
+    pub async fn manifest_at(&self, reference: &Reference) -> Option<Digest> {
+        let client = self.client(reference).await.ok()?;
+        let found = client
             .fetch_manifest_digest(reference, &RegistryAuth::Anonymous)
             .await
-            .is_ok_and(|found| found == digest.as_ref())
+            .ok()?;
+        digest::parse(&found).ok()
     }
 
     /// Uploads a stored blob as a stream, skipping it when the registry has it.

@@ -6,8 +6,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use futures_util::{StreamExt, TryStreamExt};
 use kiln_cachestore::digest::{self, Digest};
-use kiln_cachestore::manifest::{canonical_json, ImageIndex, MediaType};
+use kiln_cachestore::manifest::{canonical_json, ImageIndex, ImageManifest, MediaType};
 use kiln_cachestore::{layout, BlobStore, Reference, RegistryClient};
 
 use crate::error::{BuildError, IoContext};
@@ -64,19 +65,44 @@ async fn push_image(
     // a destination already at this manifest (a no-change rebuild) needs
     // one HEAD instead of a HEAD per blob and a PUT. In an index the image
     // is asked for by digest: the tag names the index.
-    if registry.has_manifest(&to, &image.manifest.digest).await {
+    let current = registry.manifest_at(&to).await;
+    if current.as_ref() == Some(&image.manifest.digest) {
         return Ok(());
     }
-    for digest in image.blob_digests() {
-        if !uploads.uploaded(destination, &digest) {
-            registry.push_blob(destination, &digest, store).await?;
-        }
-    }
+    // For the same reason the blobs of the manifest there now (a previous
+    // build's, when the store has it) need no HEAD; the rest go at once.
+    let held = current
+        .and_then(|d| blobs_named(store, &d))
+        .unwrap_or_default();
+    let pushes = image
+        .blob_digests()
+        .into_iter()
+        .filter(|d| !held.contains(d) && !uploads.uploaded(destination, d))
+        .map(|d| async move { registry.push_blob(destination, &d, store).await });
+    futures_util::stream::iter(pushes)
+        .buffer_unordered(UPLOADS_AT_ONCE)
+        .try_collect::<Vec<()>>()
+        .await?;
     let bytes = store.read(&image.manifest.digest)?;
     registry
         .push_manifest(&to, bytes, &image.manifest.media_type)
         .await?;
     Ok(())
+}
+
+/// Blobs pushed at once, as Docker's `max-concurrent-uploads` default.
+const UPLOADS_AT_ONCE: usize = 5;
+
+/// The config and layers an image manifest in the store names; `None`
+/// when the store lacks it or it is no image manifest.
+fn blobs_named(store: &BlobStore, manifest: &Digest) -> Option<HashSet<Digest>> {
+    let bytes = store.read(manifest).ok()?;
+    let m: ImageManifest = serde_json::from_slice(&bytes).ok()?;
+    Some(
+        std::iter::once(m.config.digest)
+            .chain(m.layers.into_iter().map(|l| l.digest))
+            .collect(),
+    )
 }
 
 /// Pushes what was built to one destination, the tag last, so a failed
@@ -98,10 +124,7 @@ pub async fn push(
         Built::Index(index) => {
             // A tag already at this index has every manifest it lists: one
             // HEAD for a no-change rebuild, not one per image and a PUT.
-            if registry
-                .has_manifest(destination, &index.index.digest)
-                .await
-            {
+            if registry.manifest_at(destination).await.as_ref() == Some(&index.index.digest) {
                 return Ok(());
             }
             for image in built.manifests() {
