@@ -9,6 +9,8 @@
 //!   and of 256 MiB with one compression thread against one per core;
 //! - layer reading (`layer::open_layer`) of those 256 MiB, gzip and zstd,
 //!   decompression alone and with the diff_id's sha256;
+//! - the metadata view of a Debian-sized base layer (12k entries): its
+//!   stored table decoded, and applied to an empty view;
 //! - cache keys for a 50-step Dockerfile (parse, resolve, plan, keys);
 //! - index lookups (`Index::get_steps`) of 50 keys.
 //!
@@ -27,7 +29,9 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use kiln_cachestore::digest::HashingReader;
 use kiln_cachestore::{BlobStore, Index, Layer, Platform, StateDir, StepEntry};
-use kiln_engine::bench::{self as key, KeyInputs, LayerWriter, Recorded, Snapshot};
+use kiln_engine::bench::{
+    self as key, KeyInputs, LayerTable, LayerWriter, MetaView, Recorded, Snapshot,
+};
 use kiln_engine::dockerfile::{self, StageGraph};
 use kiln_engine::{Compression, SnapshotMode};
 
@@ -247,6 +251,85 @@ fn parallel_layer_writing(c: &mut Criterion) {
     g.finish();
 }
 
+/// A base layer's tar shaped like debootstrap's bookworm minbase: 12k
+/// entries (dirs of 20 files, a symlink in ten), with /etc/passwd.
+fn debian_like_tar() -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        if let Some(link) = link {
+            h.set_link_name(link).unwrap();
+        }
+        tar.append_data(&mut h, path, data).unwrap();
+    };
+    add("etc/", tar::EntryType::Directory, 0o755, b"", None);
+    add(
+        "etc/passwd",
+        tar::EntryType::Regular,
+        0o644,
+        b"root:x:0:0:root:/root:/bin/bash\n",
+        None,
+    );
+    for d in 0..600 {
+        let dir = format!("usr/share/doc/package-{d:04}");
+        add(
+            &format!("{dir}/"),
+            tar::EntryType::Directory,
+            0o755,
+            b"",
+            None,
+        );
+        for f in 0..19 {
+            match f % 10 {
+                9 => add(
+                    &format!("{dir}/link-{f}"),
+                    tar::EntryType::Symlink,
+                    0o777,
+                    b"",
+                    Some("copyright"),
+                ),
+                _ => add(
+                    &format!("{dir}/file-{f:02}.gz"),
+                    tar::EntryType::Regular,
+                    0o644,
+                    b"x",
+                    None,
+                ),
+            }
+        }
+    }
+    tar.into_inner().unwrap()
+}
+
+/// What a COPY-only step on a Debian base pays for its view: the base
+/// layer's stored table decoded, and applied to an empty view.
+fn metadata_view(c: &mut Criterion) {
+    let table = LayerTable::read(&debian_like_tar()[..]).unwrap();
+    let stored = table.to_bytes();
+    let mut g = c.benchmark_group("metadata_view_12k");
+    g.bench_function("decode", |b| {
+        b.iter(|| black_box(LayerTable::from_bytes(&stored)))
+    });
+    g.bench_function("apply", |b| {
+        b.iter_batched(
+            || table.clone(),
+            |table| {
+                let mut view = MetaView::default();
+                view.push(table);
+                black_box(view)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 /// Reading [`mixed_256mib`] back as a base layer is read when it is
 /// unpacked: decompressed, and the tar hashed for its diff_id; once
 /// decompression alone, once with the hash, to tell their costs apart.
@@ -371,6 +454,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
     targets = context_hashing, snapshot_rescan, layer_writing, parallel_layer_writing, layer_reading,
-        cache_keys, index_lookups
+        metadata_view, cache_keys, index_lookups
 }
 criterion_main!(benches);

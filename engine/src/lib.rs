@@ -52,6 +52,7 @@ pub mod bench {
     pub use crate::key::{hash_sources, hash_sources_cached, step_key, KeyHasher, KeyInputs};
     pub use crate::layer::{open_layer, LayerWriter};
     pub use crate::plan::plan;
+    pub use crate::rootfs::meta_view::{LayerTable, MetaView};
     pub use crate::rootfs::snapshot::Snapshot;
     pub use crate::rootfs::Recorded;
 }

@@ -166,7 +166,7 @@ impl Builder<'_> {
                     // A view in use takes the hit's layer too.
                     if let (Some(inner @ Some(_)), Some(layer)) = (&mut view, cached) {
                         match self.layer_table(layer) {
-                            Some(table) => inner.as_mut().expect("in use").push(&table),
+                            Some(table) => inner.as_mut().expect("in use").push(table),
                             None => *inner = None,
                         }
                     }
@@ -552,7 +552,7 @@ impl Builder<'_> {
         let mut view = MetaView::default();
         for layer in layers {
             match self.layer_table(layer) {
-                Some(table) => view.push(&table),
+                Some(table) => view.push(table),
                 None => return Ok(None),
             }
         }
@@ -618,7 +618,7 @@ impl Builder<'_> {
         // Read back, and not counted: the layers below are what warm
         // could have made tables for.
         match super::tables::layer_table(self.store, self.index, &layer) {
-            Ok(found) => view.push(&found.table),
+            Ok(found) => view.push(found.table),
             Err(why) => {
                 return Err(BuildError::Invalid(format!(
                     "the layer just written ({}) cannot be read back: {why}",

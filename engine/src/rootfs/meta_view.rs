@@ -192,6 +192,14 @@ fn clean(name: &[u8]) -> Option<PathBuf> {
     Some(out)
 }
 
+/// Positions of `byte` in `bytes`.
+fn memchr_iter(byte: u8, bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    bytes
+        .iter()
+        .enumerate()
+        .filter_map(move |(i, b)| (*b == byte).then_some(i))
+}
+
 /// The view's paths, keyed by their bytes: comparing bytes is far cheaper
 /// than comparing `Path`s component by component, and a base's table puts
 /// tens of thousands of them in the map, each looked up several times.
@@ -250,12 +258,13 @@ pub struct MetaView {
 impl MetaView {
     /// Applies one more layer over the view, as the extractor applies it:
     /// whiteouts and opaque markers remove only what lower layers had.
-    pub fn push(&mut self, table: &LayerTable) {
+    pub fn push(&mut self, table: LayerTable) {
         for record in &table.records {
             match record {
                 Record::Whiteout(path) => {
                     let at = self.resolve_parent(path);
-                    self.remove_tree(&at);
+                    self.paths.remove(&at);
+                    self.remove_children(&at);
                 }
                 Record::Opaque(dir) => {
                     let at = self.resolve(dir, true);
@@ -266,11 +275,11 @@ impl MetaView {
                 _ => {}
             }
         }
-        for record in &table.records {
+        for record in table.records {
             let (path, meta) = match record {
-                Record::Entry(path, meta) => (path, meta.clone()),
+                Record::Entry(path, meta) => (path, meta),
                 Record::Link(path, target) => {
-                    let target = self.resolve_parent(target);
+                    let target = self.resolve_parent(&target);
                     match self.paths.get(&target) {
                         Some(meta) => (path, meta.clone()),
                         // The extractor refuses it; so does the view.
@@ -279,15 +288,49 @@ impl MetaView {
                 }
                 _ => continue,
             };
-            let at = self.resolve_parent(path);
+            let at = self.resolve_parent(&path);
             self.make_parents(&at);
-            let merge =
-                meta.kind == Kind::Dir && self.paths.get(&at).is_some_and(|m| m.kind == Kind::Dir);
-            if !merge {
-                self.remove_tree(&at);
+            // Only a directory (or what stood where one was needed) has
+            // children to go; a directory over a directory merges.
+            match self.paths.get(&at).map(|m| m.kind) {
+                Some(Kind::Dir) if meta.kind == Kind::Dir => {}
+                Some(Kind::Dir | Kind::Unsupported) => self.remove_children(&at),
+                _ => {}
             }
             self.paths.insert(&at, meta);
         }
+    }
+
+    /// Whether resolving `path` in the view is `path` itself: it is
+    /// relative, with no `.`, `..` or empty component, and no symlink on
+    /// it (nor at its end, with `follow_final`). True for most of a
+    /// table's paths, and far cheaper than [`Self::walk`].
+    fn resolves_to_itself(&self, path: &Path, follow_final: bool) -> bool {
+        let bytes = path.as_os_str().as_bytes();
+        if bytes.is_empty() || bytes[0] == b'/' {
+            return false;
+        }
+        let mut start = 0;
+        for end in memchr_iter(b'/', bytes).chain(std::iter::once(bytes.len())) {
+            let name = &bytes[start..end];
+            if name.is_empty() || name == b"." || name == b".." {
+                return false;
+            }
+            let last = end == bytes.len();
+            if !last || follow_final {
+                let prefix = &bytes[..end];
+                if self
+                    .paths
+                    .0
+                    .get(prefix)
+                    .is_some_and(|m| m.kind == Kind::Symlink)
+                {
+                    return false;
+                }
+            }
+            start = end + 1;
+        }
+        true
     }
 
     /// Missing parents are made as the extractor makes them: 0755, 0:0.
@@ -319,11 +362,6 @@ impl MetaView {
         }
     }
 
-    fn remove_tree(&mut self, path: &Path) {
-        self.paths.remove(path);
-        self.remove_children(path);
-    }
-
     fn remove_children(&mut self, dir: &Path) {
         let children: Vec<PathBuf> = self
             .paths
@@ -344,6 +382,9 @@ impl MetaView {
     /// unpacked root. A symlink loop, which the extractor refuses, leaves
     /// the view unable to serve (see [`Self::materialize`]).
     fn resolve(&mut self, path: &Path, follow_final: bool) -> PathBuf {
+        if self.resolves_to_itself(path, follow_final) {
+            return path.to_path_buf();
+        }
         match self.walk(path, follow_final, &mut |_| {}) {
             Ok(resolved) => resolved,
             Err(_) => {
@@ -534,7 +575,7 @@ mod tests {
     fn view(layers: &[Vec<u8>]) -> MetaView {
         let mut v = MetaView::default();
         for l in layers {
-            v.push(&LayerTable::read(&l[..]).unwrap());
+            v.push(LayerTable::read(&l[..]).unwrap());
         }
         v
     }
@@ -568,6 +609,44 @@ mod tests {
             v.resolve(Path::new("/usr/local/bin/c"), true),
             Path::new("usr/bin/c")
         );
+    }
+
+    #[test]
+    fn an_entry_replaces_what_stood_there_as_the_extractor_replaces_it() {
+        use tar::EntryType::*;
+        let v = view(&[
+            tar(&[
+                ("data/", Directory, 0o755, ""),
+                ("data/deep/", Directory, 0o755, ""),
+                ("data/deep/f", Regular, 0o644, ""),
+                ("keep/", Directory, 0o700, ""),
+                ("keep/old", Regular, 0o644, ""),
+                ("file", Regular, 0o644, ""),
+                ("lnk", Symlink, 0o777, "keep"),
+            ]),
+            tar(&[
+                // A file over a directory: its tree goes.
+                ("data", Regular, 0o600, ""),
+                // A directory over a directory: merged, the new mode.
+                ("keep/", Directory, 0o750, ""),
+                ("keep/new", Regular, 0o644, ""),
+                // A directory over a file, and a link over a link.
+                ("file/", Directory, 0o711, ""),
+                ("lnk", Symlink, 0o777, "file"),
+                // Through the new link: into the new directory.
+                ("lnk/inner", Regular, 0o640, ""),
+            ]),
+        ]);
+        assert_eq!(v.paths[Path::new("data")].kind, Kind::File);
+        assert!(v.paths.get(Path::new("data/deep")).is_none());
+        assert!(v.paths.get(Path::new("data/deep/f")).is_none());
+        assert_eq!(v.paths[Path::new("keep")].mode, 0o750);
+        assert!(v.paths.get(Path::new("keep/old")).is_some());
+        assert!(v.paths.get(Path::new("keep/new")).is_some());
+        assert_eq!(v.paths[Path::new("file")].kind, Kind::Dir);
+        assert_eq!(v.paths[Path::new("lnk")].link, Some(PathBuf::from("file")));
+        assert_eq!(v.paths[Path::new("file/inner")].mode, 0o640);
+        assert!(v.paths.get(Path::new("lnk/inner")).is_none());
     }
 
     #[test]
