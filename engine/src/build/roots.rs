@@ -123,7 +123,7 @@ impl<'a> Roots<'a> {
                 store,
                 work: work.to_path_buf(),
                 arrivals: Arrivals::default(),
-                tables: Some(index),
+                index,
                 tables_made: Default::default(),
             },
             options,

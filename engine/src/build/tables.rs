@@ -26,8 +26,7 @@ pub(crate) fn layer_table(
     index: &Index,
     layer: &Layer,
 ) -> Result<Found, String> {
-    let key = layer.diff_id.to_string();
-    if let Some(table) = index.get_view(&key).ok().flatten() {
+    if let Some(table) = index.get_view(&key(layer)).ok().flatten() {
         if let Some(table) = LayerTable::from_bytes(&table) {
             return Ok(Found { table, read: false });
         }
@@ -35,8 +34,24 @@ pub(crate) fn layer_table(
     let table = crate::layer::open_layer(store, &layer.descriptor.digest)
         .map_err(|e| e.to_string())
         .and_then(|r| LayerTable::read(r).map_err(|e| e.to_string()))?;
-    index.put_view(&key, &table.to_bytes());
+    put_table(index, layer, &table);
     Ok(Found { table, read: true })
+}
+
+/// Tables are kept by the layer's diff_id.
+fn key(layer: &Layer) -> String {
+    layer.diff_id.to_string()
+}
+
+/// Whether the index holds `layer`'s table.
+pub(crate) fn has_table(index: &Index, layer: &Layer) -> bool {
+    matches!(index.get_view(&key(layer)), Ok(Some(_)))
+}
+
+/// Keeps `layer`'s table, made elsewhere (see `unpack.rs`), with the
+/// index's next write.
+pub(crate) fn put_table(index: &Index, layer: &Layer, table: &LayerTable) {
+    index.put_view(&key(layer), &table.to_bytes());
 }
 
 /// What [`store_layer_tables`] did for one image.

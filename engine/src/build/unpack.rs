@@ -92,7 +92,7 @@ pub(crate) struct Unpacker<'a> {
     /// Where the metadata table of a layer unpacked from its blob goes,
     /// made from the tar as it is extracted, when the index lacks it: a
     /// later COPY-only step on the layer then reads no blob for it.
-    pub(crate) tables: Option<&'a Index>,
+    pub(crate) index: &'a Index,
     /// The tables made so.
     pub(crate) tables_made: AtomicUsize,
 }
@@ -181,13 +181,13 @@ impl Unpacker<'_> {
     ) -> Result<Option<ExtractStats>, BuildError> {
         self.arrivals.wait(&layer.descriptor.digest)?;
         let reader = crate::layer::open_layer(self.store, &layer.descriptor.digest)?;
-        let table_key = layer.diff_id.to_string();
-        let tables = self
-            .tables
-            .filter(|index| !matches!(index.get_view(&table_key), Ok(Some(_))));
+        let tee = match super::tables::has_table(self.index, layer) {
+            true => None,
+            false => TableTee::start().ok(),
+        };
         let mut teed = TeeReader {
             inner: kiln_cachestore::digest::HashingReader::new(reader),
-            tee: tables.and_then(|_| TableTee::start().ok()),
+            tee,
         };
         let stats = match self.sys.extract(&mut teed, root, into) {
             Ok(stats) => stats,
@@ -216,8 +216,8 @@ impl Unpacker<'_> {
             });
         }
         // Only now that the content is the layer's.
-        if let (Some(index), Some(table)) = (tables, tee.and_then(TableTee::finish)) {
-            index.put_view(&table_key, &table.to_bytes());
+        if let Some(table) = tee.and_then(TableTee::finish) {
+            super::tables::put_table(self.index, layer, &table);
             self.tables_made.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Some(stats))
@@ -246,7 +246,7 @@ pub struct BaseUnpacked {
     pub layers: usize,
     /// Of those, the ones unpacked now (the rest were unpacked already).
     pub unpacked: usize,
-    /// The metadata tables made while unpacking (see [`Unpacker::tables`]).
+    /// The metadata tables made while unpacking (see [`Unpacker::index`]).
     pub tables: usize,
     pub duration: Duration,
 }
@@ -300,7 +300,7 @@ impl<'a> BaseUnpacker<'a> {
             store: self.store,
             work: self.work.path().to_path_buf(),
             arrivals: Arrivals::default(),
-            tables: Some(self.index),
+            index: self.index,
             tables_made: AtomicUsize::new(0),
         };
         let (_, unpacked) = unpacker.layer_dirs(&self.unpacked, &layers)?;

@@ -192,14 +192,6 @@ fn clean(name: &[u8]) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Positions of `byte` in `bytes`.
-fn memchr_iter(byte: u8, bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    bytes
-        .iter()
-        .enumerate()
-        .filter_map(move |(i, b)| (*b == byte).then_some(i))
-}
-
 /// The view's paths, keyed by their bytes: comparing bytes is far cheaper
 /// than comparing `Path`s component by component, and a base's table puts
 /// tens of thousands of them in the map, each looked up several times.
@@ -307,28 +299,23 @@ impl MetaView {
     /// table's paths, and far cheaper than [`Self::walk`].
     fn resolves_to_itself(&self, path: &Path, follow_final: bool) -> bool {
         let bytes = path.as_os_str().as_bytes();
-        if bytes.is_empty() || bytes[0] == b'/' {
-            return false;
-        }
-        let mut start = 0;
-        for end in memchr_iter(b'/', bytes).chain(std::iter::once(bytes.len())) {
-            let name = &bytes[start..end];
+        // An absolute or empty path starts with an empty name.
+        let mut end = 0;
+        for (i, name) in bytes.split(|b| *b == b'/').enumerate() {
             if name.is_empty() || name == b"." || name == b".." {
                 return false;
             }
+            end += usize::from(i > 0) + name.len();
+            let prefix = Path::new(OsStr::from_bytes(&bytes[..end]));
             let last = end == bytes.len();
-            if !last || follow_final {
-                let prefix = &bytes[..end];
-                if self
+            if (!last || follow_final)
+                && self
                     .paths
-                    .0
                     .get(prefix)
                     .is_some_and(|m| m.kind == Kind::Symlink)
-                {
-                    return false;
-                }
+            {
+                return false;
             }
-            start = end + 1;
         }
         true
     }
