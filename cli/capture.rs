@@ -6,9 +6,9 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::sink::{sink, Sink};
 
@@ -30,6 +30,8 @@ pub struct Captured {
     saved_out: OwnedFd,
     saved_err: OwnedFd,
     reader: Option<JoinHandle<()>>,
+    /// Says when the reader is done (its sender is dropped as it ends).
+    finished: mpsc::Receiver<()>,
     give_up: Arc<AtomicBool>,
 }
 
@@ -89,13 +91,18 @@ pub fn capture_output() -> io::Result<Captured> {
     drop((out_write, err_write));
     let give_up = Arc::new(AtomicBool::new(false));
     let stop = give_up.clone();
+    let (done, finished) = mpsc::channel();
     let reader = std::thread::Builder::new()
         .name("run-output".into())
-        .spawn(move || read_until_closed(sink, &stop))?;
+        .spawn(move || {
+            let _done = done;
+            read_until_closed(sink, &stop)
+        })?;
     Ok(Captured {
         saved_out,
         saved_err,
         reader: Some(reader),
+        finished,
         give_up,
     })
 }
@@ -175,12 +182,10 @@ impl Drop for Captured {
         let _ = dup2(&self.saved_out, 1);
         let _ = dup2(&self.saved_err, 2);
         // The steps are done, so the pipes end at once; a process a step
-        // left behind may hold them open, and is not waited for long.
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // left behind may hold them open, and is not waited for long. (Not
+        // a sleep in steps: every JSON build would pay the first one.)
         let reader = self.reader.take().expect("reader started");
-        while !reader.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let _ = self.finished.recv_timeout(Duration::from_secs(2));
         self.give_up.store(true, Ordering::Relaxed);
         drain(sink, true);
         sink.capture.lock().expect("sink poisoned").take();
