@@ -17,8 +17,11 @@
 //! Opening for writing costs more (a new log, the OPTIONS file, syncs), so
 //! a build's entries (its stages' steps, the stat cache, layer tables) wait
 //! for the next write, or for [`Index::flush`] at the build's end, and go
-//! in one batch; until then this process reads them from memory.
-use std::collections::HashMap;
+//! in one batch; until then this process reads them from memory. A small
+//! batch of new entries goes to the journal (`journal.rs`) instead, which
+//! readers read over the database, and which the next read-write open
+//! merges: a large batch, a full journal, or a removal.
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
@@ -29,6 +32,7 @@ use rocksdb::{Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CacheStoreError, Cause, IoContext, Result};
+use crate::journal::Journal;
 use crate::manifest::Layer;
 use crate::state::StateDir;
 
@@ -46,6 +50,11 @@ const USED: &str = "used";
 /// diff_id: COPY-only steps are built from them without unpacking.
 const VIEWS: &str = "views";
 const FAMILIES: &[&str] = &[STEPS, STATS, BASES, USED, VIEWS];
+/// The journal holds fewer batches than this (the write that would make
+/// it this many merges it), each of at most this many bytes (a larger one
+/// goes to the database at once): every reader reads the whole journal.
+const JOURNAL_BATCHES: usize = 16;
+const JOURNAL_BATCH_BYTES: usize = 128 << 10;
 
 /// A base image as last resolved: the digest its reference pointed at
 /// (an index's, for multi-platform images) and the platform's manifest.
@@ -111,6 +120,7 @@ pub fn now_secs() -> u64 {
 pub struct Index {
     path: PathBuf,
     lock: PathBuf,
+    journal: Journal,
     /// The last read-only open, shared by the clones.
     reader: Arc<Mutex<Option<Reader>>>,
     /// Entries not written yet (see the module's doc), shared by the
@@ -121,9 +131,14 @@ pub struct Index {
 /// Entries waiting for the next write, by family, then key.
 type Pending = HashMap<&'static str, HashMap<Vec<u8>, Vec<u8>>>;
 
-/// A read-only open of the index and the writes it has seen.
+/// The journal's entries, the newest of each key, by family, then key.
+type Journaled = HashMap<String, HashMap<Vec<u8>, Vec<u8>>>;
+
+/// A read-only open of the index (none before the first merge) and the
+/// journal, and the writes they have seen.
 struct Reader {
-    db: Arc<DB>,
+    db: Option<Arc<DB>>,
+    journal: Arc<Journaled>,
     stamp: Stamp,
 }
 
@@ -146,7 +161,8 @@ struct Stamp {
 
 /// A read-only open of the index; the lock is let go after the reads.
 struct ReadOnly {
-    db: Arc<DB>,
+    db: Option<Arc<DB>>,
+    journal: Arc<Journaled>,
     _lock: File,
 }
 
@@ -155,6 +171,7 @@ impl Index {
         Ok(Index {
             path: state.index(),
             lock: state.index_lock(),
+            journal: Journal::new(state.index_journal()),
             reader: Arc::default(),
             pending: Arc::default(),
         })
@@ -247,26 +264,51 @@ impl Index {
         if let Some(cached) = reader.as_ref().filter(|r| r.stamp == stamp) {
             return Ok(ReadOnly {
                 db: cached.db.clone(),
+                journal: cached.journal.clone(),
                 _lock: lock,
             });
         }
         // The stale one first: two opens at once cost memory for nothing.
         *reader = None;
+        let db = match self.path.join("CURRENT").exists() {
+            true => Some(Arc::new(self.open_database_read_only()?)),
+            false => None,
+        };
+        let mut journal = Journaled::new();
+        for batch in self.journal.read()? {
+            for (family, key, value) in batch {
+                journal.entry(family).or_default().insert(key, value);
+            }
+        }
+        let journal = Arc::new(journal);
+        *reader = Some(Reader {
+            db: db.clone(),
+            journal: journal.clone(),
+            stamp,
+        });
+        Ok(ReadOnly {
+            db,
+            journal,
+            _lock: lock,
+        })
+    }
+
+    fn open_database_read_only(&self) -> Result<DB> {
         let opts = Self::options(false);
-        let db = match DB::open_cf_for_read_only(&opts, &self.path, FAMILIES, false) {
-            Ok(db) => db,
+        match DB::open_cf_for_read_only(&opts, &self.path, FAMILIES, false) {
+            Ok(db) => Ok(db),
             Err(_) => {
                 let families = DB::list_cf(&opts, &self.path).map_err(|e| self.error(e))?;
                 DB::open_cf_for_read_only(&opts, &self.path, &families, false)
-                    .map_err(|e| self.error(e))?
+                    .map_err(|e| self.error(e))
             }
-        };
-        let db = Arc::new(db);
-        *reader = Some(Reader {
-            db: db.clone(),
-            stamp,
-        });
-        Ok(ReadOnly { db, _lock: lock })
+        }
+    }
+
+    /// Whether nothing was ever written (nor merged), so there is nothing
+    /// to open or lock for a read.
+    fn never_written(&self) -> Result<bool> {
+        Ok(!self.path.join("CURRENT").exists() && self.journal.is_empty()?)
     }
 
     /// Reads many keys of one column family at once, read-only, so any
@@ -285,20 +327,35 @@ impl Index {
         Ok(found)
     }
 
-    /// [`Self::get_raw`] from the database alone.
+    /// [`Self::get_raw`] from the journal and the database alone.
     fn get_stored(&self, family: &str, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
-        if keys.is_empty() || !self.path.join("CURRENT").exists() {
-            return Ok(vec![None; keys.len()]);
+        let mut found = vec![None; keys.len()];
+        if keys.is_empty() || self.never_written()? {
+            return Ok(found);
         }
         let read = self.open_read()?;
-        let db = &read.db;
-        let Some(cf) = db.cf_handle(family) else {
-            return Ok(vec![None; keys.len()]);
+        let journaled = read.journal.get(family);
+        let mut asked = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match journaled.and_then(|j| j.get(*key)) {
+                Some(value) => found[i] = Some(value.clone()),
+                None => asked.push(i),
+            }
+        }
+        let Some((db, cf)) = read
+            .db
+            .as_ref()
+            .and_then(|db| Some((db, db.cf_handle(family)?)))
+        else {
+            return Ok(found);
         };
-        db.multi_get_cf(keys.iter().map(|k| (cf, *k)))
-            .into_iter()
-            .map(|r| r.map_err(|e| self.error(e)))
-            .collect()
+        for (i, value) in asked
+            .iter()
+            .zip(db.multi_get_cf(asked.iter().map(|i| (cf, keys[*i]))))
+        {
+            found[*i] = value.map_err(|e| self.error(e))?;
+        }
+        Ok(found)
     }
 
     /// Looks up many keys at once; a key never recorded is `None`.
@@ -322,7 +379,8 @@ impl Index {
 
     pub fn put_base(&self, key: &str, entry: &BaseEntry) -> Result<()> {
         let value = serde_json::to_vec(entry).map_err(|e| self.error(e))?;
-        self.write(BASES, |cf, batch| batch.put_cf(cf, key.as_bytes(), &value))
+        self.defer(BASES, [(key.as_bytes().to_vec(), value)]);
+        self.flush()
     }
 
     /// Records that these entries were just used. A use recorded in the
@@ -341,11 +399,11 @@ impl Index {
         if stale.is_empty() {
             return Ok(());
         }
-        self.write(USED, |cf, batch| {
-            for key in stale {
-                batch.put_cf(cf, key.as_bytes(), now.to_le_bytes());
-            }
-        })
+        let uses = stale
+            .into_iter()
+            .map(|key| (key.as_bytes().to_vec(), now.to_le_bytes().to_vec()));
+        self.defer(USED, uses);
+        self.flush()
     }
 
     /// When each entry was last used (its creation when never hit since).
@@ -432,23 +490,38 @@ impl Index {
     /// Calls `f` with every key and value of a family, in key order (a
     /// family an older Kiln did not create has none).
     fn each(&self, family: &str, mut f: impl FnMut(&[u8], &[u8])) -> Result<()> {
-        if !self.path.join("CURRENT").exists() {
+        if self.never_written()? {
             return Ok(());
         }
         let read = self.open_read()?;
-        let Some(cf) = read.db.cf_handle(family) else {
-            return Ok(());
-        };
-        for item in read.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (key, value) = item.map_err(|e| self.error(e))?;
-            f(&key, &value);
+        let journaled = read.journal.get(family).filter(|j| !j.is_empty());
+        let mut merged = BTreeMap::new();
+        if let Some((db, cf)) = read
+            .db
+            .as_ref()
+            .and_then(|db| Some((db, db.cf_handle(family)?)))
+        {
+            for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+                let (key, value) = item.map_err(|e| self.error(e))?;
+                match journaled {
+                    // In order as they come, with nothing to merge.
+                    None => f(&key, &value),
+                    Some(_) => drop(merged.insert(key.into_vec(), value.into_vec())),
+                }
+            }
+        }
+        for (key, value) in journaled.into_iter().flatten() {
+            merged.insert(key.clone(), value.clone());
+        }
+        for (key, value) in &merged {
+            f(key, value);
         }
         Ok(())
     }
 
     /// Removes entries (GC, verify, prune).
     pub fn remove_steps(&self, keys: &[String]) -> Result<()> {
-        if keys.is_empty() || !self.path.join("CURRENT").exists() {
+        if keys.is_empty() || self.never_written()? {
             return Ok(());
         }
         // Their use records too, or they would outlive them forever.
@@ -466,6 +539,7 @@ impl Index {
     pub fn clear(&self) -> Result<()> {
         let lock = self.exclusive_lock()?;
         self.pending.lock().expect("index pending poisoned").clear();
+        self.journal.clear()?;
         match std::fs::remove_dir_all(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).at(&self.path),
             _ => self.count_write(&lock),
@@ -495,44 +569,58 @@ impl Index {
         Ok(())
     }
 
-    /// Opens the database read-write under the writers' lock, applies one
-    /// batch, and closes it again.
-    fn write(
-        &self,
-        family: &str,
-        fill: impl FnOnce(&rocksdb::ColumnFamily, &mut WriteBatch),
-    ) -> Result<()> {
-        self.write_families(&[family], |cfs, batch| fill(cfs[0], batch))
-    }
-
-    /// [`Self::write`] of one batch over several families.
+    /// Writes the entries waiting, under the writers' lock, with what
+    /// `fill` adds to the batch (over `families`): to the journal when
+    /// that is all and they are few, else to the database, opened
+    /// read-write for the moment, with the journal merged first.
     fn write_families(
         &self,
         families: &[&str],
         fill: impl FnOnce(&[&rocksdb::ColumnFamily], &mut WriteBatch),
     ) -> Result<()> {
         let lock = self.exclusive_lock()?;
-        let db =
-            DB::open_cf(&Self::options(true), &self.path, FAMILIES).map_err(|e| self.error(e))?;
-        let cfs = families
-            .iter()
-            .map(|family| {
-                db.cf_handle(family)
-                    .ok_or_else(|| self.error(format!("no {family} column family")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut batch = WriteBatch::default();
-        fill(&cfs, &mut batch);
         // Taken now: if the write fails, they cost only time.
         let pending = std::mem::take(&mut *self.pending.lock().expect("index pending poisoned"));
-        for (family, entries) in &pending {
-            let cf = db
-                .cf_handle(family)
-                .ok_or_else(|| self.error(format!("no {family} column family")))?;
-            for (key, value) in entries {
+        let entries = || {
+            pending.iter().flat_map(|(family, entries)| {
+                entries
+                    .iter()
+                    .map(|(k, v)| (*family, k.as_slice(), v.as_slice()))
+            })
+        };
+        let bytes: usize = entries().map(|(_, k, v)| k.len() + v.len()).sum();
+        if families.is_empty()
+            && bytes <= JOURNAL_BATCH_BYTES
+            && self.journal.len()? + 1 < JOURNAL_BATCHES
+        {
+            self.journal
+                .append(self.writes(&lock)?.wrapping_add(1), entries())?;
+            self.count_write(&lock)?;
+            return Ok(());
+        }
+        let db =
+            DB::open_cf(&Self::options(true), &self.path, FAMILIES).map_err(|e| self.error(e))?;
+        let cf = |family: &str| {
+            db.cf_handle(family)
+                .ok_or_else(|| self.error(format!("no {family} column family")))
+        };
+        let mut batch = WriteBatch::default();
+        // The journal first, oldest batch first: what follows is newer.
+        for (family, key, value) in self.journal.read()?.into_iter().flatten() {
+            // A family this Kiln does not know (a newer one's) is dropped.
+            if let Ok(cf) = cf(&family) {
                 batch.put_cf(cf, key, value);
             }
         }
+        let cfs = families.iter().map(|f| cf(f)).collect::<Result<Vec<_>>>()?;
+        fill(&cfs, &mut batch);
+        for (family, key, value) in entries() {
+            batch.put_cf(cf(family)?, key, value);
+        }
+        // Emptied before the write: should this process die between the
+        // two, the journal's entries are lost, and a removal in this batch
+        // is not undone by them at the next merge.
+        self.journal.clear()?;
         db.write(batch).map_err(|e| self.error(e))?;
         // Dropping the database before the lock lets the next writer in.
         drop(db);
@@ -586,10 +674,24 @@ mod tests {
             reader.get_steps(&keys).unwrap(),
             vec![Some(a.clone()), None]
         );
-        let kept = reader.reader.lock().unwrap().as_ref().unwrap().db.clone();
+        let kept = reader
+            .reader
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .journal
+            .clone();
         // Kept while nobody writes...
         reader.get_steps(&keys).unwrap();
-        let again = reader.reader.lock().unwrap().as_ref().unwrap().db.clone();
+        let again = reader
+            .reader
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .journal
+            .clone();
         assert!(Arc::ptr_eq(&kept, &again));
         // ...and opened again once someone has.
         let b = StepEntry::new(None);
@@ -621,12 +723,14 @@ mod tests {
         let index = Index::open(&state).unwrap();
         let keys = ["recent".to_string(), "old".to_string()];
         let now = now_secs();
-        index
-            .write(USED, |cf, batch| {
-                batch.put_cf(cf, b"recent", (now - 1800).to_le_bytes());
-                batch.put_cf(cf, b"old", (now - 7200).to_le_bytes());
-            })
-            .unwrap();
+        index.defer(
+            USED,
+            [
+                (b"recent".to_vec(), (now - 1800).to_le_bytes().to_vec()),
+                (b"old".to_vec(), (now - 7200).to_le_bytes().to_vec()),
+            ],
+        );
+        index.flush().unwrap();
         index.touch_steps(&keys).unwrap();
         let used = index.last_used(&keys).unwrap();
         assert_eq!(used[0], Some(now - 1800));
@@ -702,6 +806,72 @@ mod tests {
         index.clear().unwrap();
         index.flush().unwrap();
         assert_eq!(other.get_stats(&[b"c".to_vec()]).unwrap(), [None]);
+    }
+
+    /// Small writes go to the journal, which readers read over the
+    /// database; the write that would fill it merges it, newest entry of
+    /// each key winning, and so does a batch too large for it.
+    #[test]
+    fn small_writes_wait_in_the_journal_until_a_write_merges_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let (index, other) = (Index::open(&state).unwrap(), Index::open(&state).unwrap());
+        let entry = |n| StepEntry::new(Some(layer(n)));
+        let last = JOURNAL_BATCHES as u8 - 2;
+        for n in 0..=last {
+            let batch = [("k".into(), entry(n)), (format!("k{n}"), entry(n))];
+            index.put_steps(&batch).unwrap();
+            assert_eq!(other.get_steps(&["k".into()]).unwrap(), [Some(entry(n))]);
+        }
+        assert_eq!(index.journal.len().unwrap(), JOURNAL_BATCHES - 1);
+        assert!(!state.index().join("CURRENT").exists());
+        assert_eq!(other.all_steps().unwrap().len(), last as usize + 2);
+        index.put_steps(&[("k".into(), entry(100))]).unwrap();
+        assert!(index.journal.is_empty().unwrap());
+        assert!(state.index().join("CURRENT").exists());
+        assert_eq!(other.get_steps(&["k".into()]).unwrap(), [Some(entry(100))]);
+        let keys: Vec<String> = (0..=last).map(|n| format!("k{n}")).collect();
+        let found = other.get_steps(&keys).unwrap();
+        assert_eq!(
+            found,
+            (0..=last).map(|n| Some(entry(n))).collect::<Vec<_>>()
+        );
+
+        index.put_steps(&[("k".into(), entry(101))]).unwrap();
+        assert_eq!(index.journal.len().unwrap(), 1);
+        index.put_stats(vec![(b"big".to_vec(), vec![7; JOURNAL_BATCH_BYTES + 1])]);
+        index.flush().unwrap();
+        assert!(index.journal.is_empty().unwrap());
+        assert_eq!(other.get_steps(&["k".into()]).unwrap(), [Some(entry(101))]);
+        let big = other.get_stats(&[b"big".to_vec()]).unwrap().remove(0);
+        assert_eq!(big.map(|b| b.len()), Some(JOURNAL_BATCH_BYTES + 1));
+    }
+
+    /// A removal merges the journal before it removes, so an entry that
+    /// waited there is gone too and stays gone.
+    #[test]
+    fn a_removal_takes_what_the_journal_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let (index, other) = (Index::open(&state).unwrap(), Index::open(&state).unwrap());
+        let keys = ["a".to_string(), "b".to_string()];
+        index
+            .put_steps(&keys.clone().map(|k| (k, StepEntry::new(Some(layer(1))))))
+            .unwrap();
+        assert_eq!(index.journal.len().unwrap(), 1);
+        other.remove_steps(&keys[..1]).unwrap();
+        assert!(index.journal.is_empty().unwrap());
+        index.put_stats(vec![(b"s".to_vec(), b"h".to_vec())]);
+        index.flush().unwrap();
+        let found = other.get_steps(&keys).unwrap();
+        assert!(found[0].is_none() && found[1].is_some(), "{found:?}");
+        let listed: Vec<String> = other
+            .all_steps()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(listed, ["b"]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod digest;
 pub mod error;
 pub mod gc;
 pub mod index;
+pub mod journal;
 pub mod layout;
 pub mod manifest;
 pub mod registry;

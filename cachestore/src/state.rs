@@ -4,6 +4,7 @@
 //! ```text
 //! blobs/          the blob store (BlobStore)
 //! index/          the cache index, RocksDB (Index), locked through index.lock
+//! index.journal/  small batches of index entries waiting to be merged (Journal)
 //! unpacked/       layers unpacked for the overlay snapshotter (UnpackedLayers)
 //! made-by/        which unpacked layer a COPY last made, by its reuse key (UnpackedLayers)
 //! mounts/         RUN --mount=type=cache directories, each with a .lock beside it
@@ -28,6 +29,7 @@ use crate::error::{IoContext, Result};
 const BLOBS: &str = "blobs";
 const INDEX: &str = "index";
 const INDEX_LOCK: &str = "index.lock";
+const INDEX_JOURNAL: &str = "index.journal";
 const UNPACKED: &str = "unpacked";
 const MADE_BY: &str = "made-by";
 const MOUNTS: &str = "mounts";
@@ -99,6 +101,11 @@ impl StateDir {
     /// The cache index's database.
     pub fn index(&self) -> PathBuf {
         self.root.join(INDEX)
+    }
+
+    /// The index's journal (see `journal.rs`).
+    pub fn index_journal(&self) -> PathBuf {
+        self.root.join(INDEX_JOURNAL)
     }
 
     /// The file lock readers and writers of the index take.
