@@ -15,7 +15,9 @@ use kiln_cachestore::manifest::{Descriptor, MediaType};
 
 use crate::error::{BuildError, IoContext};
 use crate::image::Layer;
+use crate::rootfs::meta_view::LayerTable;
 use crate::rootfs::owners;
+use crate::rootfs::table_tee::TableTee;
 
 pub mod compress;
 use compress::ParallelEncoder;
@@ -41,25 +43,30 @@ impl Default for Compression {
     }
 }
 
-/// Where the tar goes: compressed into a blob, or only measured (a lazy
-/// layer, whose blob is made later from the same files).
-enum Out {
-    Blob(Box<ParallelEncoder<BlobWriter>>),
-    Measured,
+/// Where the tar goes: compressed into a blob, or (`None`) only measured
+/// (a lazy layer, whose blob is made later from the same files); and, when
+/// asked, to the layer's metadata table too.
+struct Out {
+    blob: Option<Box<ParallelEncoder<BlobWriter>>>,
+    table: Option<TableTee>,
 }
 
 impl Write for Out {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Out::Blob(e) => e.write(buf),
-            Out::Measured => Ok(buf.len()),
+        let n = match &mut self.blob {
+            Some(e) => e.write(buf)?,
+            None => buf.len(),
+        };
+        if let Some(table) = &mut self.table {
+            table.feed(&buf[..n]);
         }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Out::Blob(e) => e.flush(),
-            Out::Measured => Ok(()),
+        match &mut self.blob {
+            Some(e) => e.flush(),
+            None => Ok(()),
         }
     }
 }
@@ -86,20 +93,33 @@ impl LayerWriter {
     ) -> Result<Self, BuildError> {
         let encoder = ParallelEncoder::new(store.writer()?, compression, compress::threads());
         Ok(Self::with(
-            Out::Blob(Box::new(encoder)),
+            Some(Box::new(encoder)),
             compression,
             fixed_mtime,
         ))
+    }
+
+    /// Makes the layer's metadata table from the tar as it is written
+    /// (see [`Self::finish_with_table`]), on a thread of its own.
+    pub fn with_table(mut self) -> Result<Self, BuildError> {
+        let tee = TableTee::start().map_err(|e| BuildError::io("layer table", e))?;
+        self.tar.get_mut().get_mut().table = Some(tee);
+        Ok(self)
     }
 
     /// A writer that stores nothing: [`LayerWriter::finish`] gives the
     /// layer as its uncompressed tar would be (digest and diff_id alike),
     /// at the cost of tar and sha256 alone.
     pub fn measure(fixed_mtime: Option<u64>) -> Self {
-        Self::with(Out::Measured, Compression::default(), fixed_mtime)
+        Self::with(None, Compression::default(), fixed_mtime)
     }
 
-    fn with(out: Out, compression: Compression, fixed_mtime: Option<u64>) -> Self {
+    fn with(
+        blob: Option<Box<ParallelEncoder<BlobWriter>>>,
+        compression: Compression,
+        fixed_mtime: Option<u64>,
+    ) -> Self {
+        let out = Out { blob, table: None };
         let mut tar = tar::Builder::new(HashingWriter::new(out));
         tar.mode(tar::HeaderMode::Complete);
         Self {
@@ -250,23 +270,31 @@ impl LayerWriter {
     }
 
     pub fn finish(self) -> Result<Layer, BuildError> {
+        self.finish_with_table().map(|(layer, _)| layer)
+    }
+
+    /// [`Self::finish`], with the layer's table when [`Self::with_table`]
+    /// asked for it (`None` also when the view cannot serve the layer).
+    pub fn finish_with_table(self) -> Result<(Layer, Option<LayerTable>), BuildError> {
         let hashing = self
             .tar
             .into_inner()
             .map_err(|e| BuildError::io("layer", e))?;
         let (out, diff_id, size) = hashing.finish();
-        let descriptor = match out {
-            Out::Measured => Descriptor::new(MediaType::ImageLayer, diff_id.clone(), size),
-            Out::Blob(encoder) => {
+        let table = out.table.and_then(TableTee::finish);
+        let descriptor = match out.blob {
+            None => Descriptor::new(MediaType::ImageLayer, diff_id.clone(), size),
+            Some(encoder) => {
                 let blob = encoder.finish().map_err(|e| BuildError::io("layer", e))?;
                 let stored = blob.commit(None)?;
                 Descriptor::new(self.compression.media_type(), stored.digest, stored.size)
             }
         };
-        Ok(Layer {
+        let layer = Layer {
             descriptor,
             diff_id,
-        })
+        };
+        Ok((layer, table))
     }
 }
 
@@ -380,6 +408,34 @@ mod tests {
             s.split_once(' ').unwrap().0.parse::<usize>().unwrap(),
             long.len()
         );
+    }
+
+    /// The table made while the layer is written is the one a read of its
+    /// blob gives, across the table thread's chunks (a large file).
+    #[test]
+    fn a_table_made_while_writing_is_the_one_the_blob_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&StateDir::open(dir.path().join("state")).unwrap()).unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("d/big"), vec![7u8; 600 << 10]).unwrap();
+        std::fs::write(root.join("d/f"), b"hello").unwrap();
+        std::fs::hard_link(root.join("d/f"), root.join("d/g")).unwrap();
+        std::os::unix::fs::symlink("f", root.join("d/l")).unwrap();
+        let mut w = LayerWriter::new(&store, Compression::default(), Some(0))
+            .unwrap()
+            .with_table()
+            .unwrap();
+        for p in ["d", "d/big", "d/f", "d/g", "d/l"] {
+            w.add(&root, Path::new(p)).unwrap();
+        }
+        w.whiteout(Path::new("d/gone")).unwrap();
+        let (layer, table) = w.finish_with_table().unwrap();
+        let read = LayerTable::read(uncompressed(&store, &layer).as_slice()).unwrap();
+        assert!(table.expect("a table").to_bytes() == read.to_bytes());
+        // Without asking, none.
+        let w = LayerWriter::new(&store, Compression::default(), Some(0)).unwrap();
+        assert!(w.finish_with_table().unwrap().1.is_none());
     }
 
     #[test]

@@ -40,6 +40,7 @@ use super::{blocking, Builder};
 use crate::error::BuildError;
 use crate::image::Layer;
 use crate::layer::LayerWriter;
+use crate::rootfs::meta_view::LayerTable;
 use crate::rootfs::snapshot::Changes;
 
 /// Where a layer blob the store lacks comes from.
@@ -229,30 +230,62 @@ pub(super) fn lazy_usable(
     Ok(store.contains(recipe)? && lazy_dir(state, &layer.diff_id).is_some())
 }
 
+/// How [`Builder::write_names_layer`] writes a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LayerForm {
+    /// Compressed into the store, its upload started.
+    Blob,
+    /// As `Blob`, with its metadata table made from the same tar (a step
+    /// built on the metadata view pushes the layer onto the view).
+    BlobAndTable,
+    /// Only measured, its recipe stored: the caller registers the lazy
+    /// layer with its entry's key.
+    Lazy,
+}
+
+/// What writing a layer made.
+pub(super) struct Written {
+    pub layer: Layer,
+    /// A lazy layer's recipe.
+    pub recipe: Option<Digest>,
+    /// With [`LayerForm::BlobAndTable`], the layer's table (`None` when
+    /// the view cannot serve the layer).
+    pub table: Option<LayerTable>,
+}
+
 impl Builder<'_> {
-    /// Writes the layer of `names` from `root`: compressed into the store,
-    /// or with `lazy` only measured, its recipe stored (returned; the
-    /// caller registers the lazy layer with its entry's key).
+    /// Writes the layer of `names` from `root` in `form`.
     pub(super) fn write_names_layer(
         &self,
         root: &Path,
         names: Vec<Name>,
-        lazy: bool,
-    ) -> Result<(Layer, Option<Digest>), BuildError> {
+        form: LayerForm,
+    ) -> Result<Written, BuildError> {
         let fixed_mtime = self.options.fixed_time;
-        let mut writer = match lazy {
-            true => LayerWriter::measure(fixed_mtime),
-            false => LayerWriter::new(self.store, self.options.compression, fixed_mtime)?,
+        let mut writer = match form {
+            LayerForm::Lazy => LayerWriter::measure(fixed_mtime),
+            LayerForm::Blob => LayerWriter::new(self.store, self.options.compression, fixed_mtime)?,
+            LayerForm::BlobAndTable => {
+                LayerWriter::new(self.store, self.options.compression, fixed_mtime)?.with_table()?
+            }
         };
         write_names(&mut writer, root, &names)?;
-        let layer = writer.finish()?;
-        if !lazy {
-            self.upload_new(&layer);
-            return Ok((layer, None));
-        }
-        let recipe = Recipe { fixed_mtime, names }.encode();
-        let recipe = self.store.put(&recipe)?.digest;
-        Ok((layer, Some(recipe)))
+        let (layer, table) = writer.finish_with_table()?;
+        let recipe = match form {
+            LayerForm::Lazy => {
+                let recipe = Recipe { fixed_mtime, names }.encode();
+                Some(self.store.put(&recipe)?.digest)
+            }
+            LayerForm::Blob | LayerForm::BlobAndTable => {
+                self.upload_new(&layer);
+                None
+            }
+        };
+        Ok(Written {
+            layer,
+            recipe,
+            table,
+        })
     }
 
     /// Starts uploading a layer blob just written where it goes

@@ -8,7 +8,7 @@ use kiln_cachestore::digest::Digest;
 use kiln_cachestore::unpacked::UnpackedLayers;
 use kiln_cachestore::StepEntry;
 
-use super::blobs::{layer_names, BlobSource};
+use super::blobs::{layer_names, BlobSource, LayerForm, Written};
 use super::cache::Hit;
 use super::events::{phase_delta, CacheResult, Event, StepReport};
 use super::roots::OnDisk;
@@ -335,7 +335,11 @@ impl Builder<'_> {
         if changes.is_empty() {
             return Ok((None, None));
         }
-        let (layer, recipe) = self.write_layer_as(&upper, &changes, lazy)?;
+        let form = match lazy {
+            true => LayerForm::Lazy,
+            false => LayerForm::Blob,
+        };
+        let Written { layer, recipe, .. } = self.write_layer_as(&upper, &changes, form)?;
         lowers.push(unpacked.insert(&layer.diff_id, &upper)?);
         if let Some(key) = reuse_key {
             // Only the next run's speed depends on it.
@@ -614,42 +618,40 @@ impl Builder<'_> {
         if changes.is_empty() {
             return Ok(Some(None));
         }
-        let layer = self.write_layer(root, &changes)?;
-        // Read back, and not counted: the layers below are what warm
-        // could have made tables for.
-        match super::tables::layer_table(self.store, self.index, &layer) {
-            Ok(found) => view.push(found.table),
-            Err(why) => {
-                return Err(BuildError::Invalid(format!(
-                    "the layer just written ({}) cannot be read back: {why}",
-                    layer.diff_id
-                )))
-            }
-        }
-        Ok(Some(Some(layer)))
+        // Its table comes from the tar as it is written, not from reading
+        // the blob back.
+        let written = self.write_layer_as(root, &changes, LayerForm::BlobAndTable)?;
+        let Some(table) = written.table else {
+            return Err(BuildError::Invalid(format!(
+                "the metadata view cannot take the layer just written ({})",
+                written.layer.diff_id
+            )));
+        };
+        super::tables::put_table(self.index, &written.layer, &table);
+        view.push(table);
+        Ok(Some(Some(written.layer)))
     }
 
     /// Writes the changes as a compressed layer.
     fn write_layer(&self, root: &Path, changes: &Changes) -> Result<Layer, BuildError> {
-        self.write_layer_as(root, changes, false)
-            .map(|(layer, _)| layer)
+        self.write_layer_as(root, changes, LayerForm::Blob)
+            .map(|written| written.layer)
     }
 
-    /// Writes the changes as a layer (see [`layer_names`]), compressed or,
-    /// with `lazy`, measured with its recipe.
+    /// Writes the changes as a layer (see [`layer_names`]) in `form`.
     fn write_layer_as(
         &self,
         root: &Path,
         changes: &Changes,
-        lazy: bool,
-    ) -> Result<(Layer, Option<Digest>), BuildError> {
+        form: LayerForm,
+    ) -> Result<Written, BuildError> {
         let start = Instant::now();
-        let (layer, recipe) = self.write_names_layer(root, layer_names(changes), lazy)?;
+        let written = self.write_names_layer(root, layer_names(changes), form)?;
         self.counters.timed("layers", start);
         (self.on_event)(Event::Layer {
-            digest: layer.descriptor.digest.clone(),
-            size: layer.descriptor.size,
+            digest: written.layer.descriptor.digest.clone(),
+            size: written.layer.descriptor.size,
         });
-        Ok((layer, recipe))
+        Ok(written)
     }
 }
