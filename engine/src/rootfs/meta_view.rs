@@ -15,9 +15,9 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use super::{clean_relative, owners};
+
+mod codec;
 
 /// Files whose content the view keeps: USER, WORKDIR and `--chown` names
 /// are resolved against them.
@@ -35,7 +35,7 @@ pub enum Unservable {
     Entry(PathBuf, &'static str),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Dir,
     File,
@@ -44,7 +44,7 @@ enum Kind {
     Unsupported,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Meta {
     kind: Kind,
     mode: u32,
@@ -52,15 +52,13 @@ struct Meta {
     gid: u32,
     mtime: i64,
     /// A symlink's target.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     link: Option<PathBuf>,
     /// [`KEPT_CONTENT`] files' content.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     content: Option<Vec<u8>>,
 }
 
 /// One record of a layer's tar, in the layer's order.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 enum Record {
     Entry(PathBuf, Meta),
     /// A hard link to an earlier path.
@@ -70,7 +68,7 @@ enum Record {
 }
 
 /// A layer's records, as cached in the index.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct LayerTable {
     records: Vec<Record>,
 }
@@ -166,15 +164,16 @@ impl LayerTable {
         Ok(LayerTable { records })
     }
 
-    /// The table as stored in the index: JSON, zstd-compressed.
+    /// The table as stored in the index (see `codec`).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let json = serde_json::to_vec(self).expect("a table serializes");
-        zstd::encode_all(&json[..], 3).expect("compressing in memory")
+        codec::encode(self)
     }
 
+    /// `None` for bytes [`Self::to_bytes`] did not make, or made in
+    /// another format (an older build's): the caller reads the table
+    /// from the layer again.
     pub fn from_bytes(bytes: &[u8]) -> Option<LayerTable> {
-        let json = zstd::decode_all(bytes).ok()?;
-        serde_json::from_slice(&json).ok()
+        codec::decode(bytes)
     }
 }
 
