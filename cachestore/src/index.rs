@@ -622,6 +622,12 @@ impl Index {
         // is not undone by them at the next merge.
         self.journal.clear()?;
         db.write(batch).map_err(|e| self.error(e))?;
+        // Into tables now: left in the log, it would be replayed by every
+        // read-only open until the next read-write one, which the journal
+        // makes rare (a 50k-file stat cache: 60 ms per open).
+        let all: Vec<_> = FAMILIES.iter().filter_map(|f| db.cf_handle(f)).collect();
+        db.flush_cfs_opt(&all, &rocksdb::FlushOptions::default())
+            .map_err(|e| self.error(e))?;
         // Dropping the database before the lock lets the next writer in.
         drop(db);
         self.count_write(&lock)?;
@@ -845,6 +851,24 @@ mod tests {
         assert_eq!(other.get_steps(&["k".into()]).unwrap(), [Some(entry(101))]);
         let big = other.get_stats(&[b"big".to_vec()]).unwrap().remove(0);
         assert_eq!(big.map(|b| b.len()), Some(JOURNAL_BATCH_BYTES + 1));
+    }
+
+    /// A write that reaches the database leaves nothing in RocksDB's log
+    /// for read-only opens to replay.
+    #[test]
+    fn a_database_write_leaves_no_log_to_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let index = Index::open(&state).unwrap();
+        index.put_stats(vec![(b"big".to_vec(), vec![7; JOURNAL_BATCH_BYTES + 1])]);
+        index.flush().unwrap();
+        let logs: Vec<u64> = std::fs::read_dir(state.index())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| e.metadata().unwrap().len())
+            .collect();
+        assert!(logs.iter().all(|len| *len == 0), "logs: {logs:?}");
     }
 
     /// A removal merges the journal before it removes, so an entry that
