@@ -680,25 +680,20 @@ mod tests {
             reader.get_steps(&keys).unwrap(),
             vec![Some(a.clone()), None]
         );
-        let kept = reader
-            .reader
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .journal
-            .clone();
+        let opened = || {
+            reader
+                .reader
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .journal
+                .clone()
+        };
+        let kept = opened();
         // Kept while nobody writes...
         reader.get_steps(&keys).unwrap();
-        let again = reader
-            .reader
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .journal
-            .clone();
-        assert!(Arc::ptr_eq(&kept, &again));
+        assert!(Arc::ptr_eq(&kept, &opened()));
         // ...and opened again once someone has.
         let b = StepEntry::new(None);
         writer.put_steps(&[("b".into(), b.clone())]).unwrap();
@@ -822,7 +817,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let (index, other) = (Index::open(&state).unwrap(), Index::open(&state).unwrap());
-        let entry = |n| StepEntry::new(Some(layer(n)));
+        // A fixed time, so that entries made a second apart compare equal.
+        let entry = |n| StepEntry {
+            created: 1,
+            ..StepEntry::new(Some(layer(n)))
+        };
         let last = JOURNAL_BATCHES as u8 - 2;
         for n in 0..=last {
             let batch = [("k".into(), entry(n)), (format!("k{n}"), entry(n))];

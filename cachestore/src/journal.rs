@@ -16,6 +16,7 @@
 //! the disk) reads as no batch, which costs cache hits, never wrong ones.
 use std::fs;
 use std::io::ErrorKind;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
 use crate::error::{IoContext, Result};
@@ -48,7 +49,12 @@ impl Journal {
         number: u64,
         entries: impl IntoIterator<Item = (&'a str, &'a [u8], &'a [u8])>,
     ) -> Result<()> {
-        fs::create_dir_all(&self.dir).at(&self.dir)?;
+        // Private, as every dir in the state dir is.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .at(&self.dir)?;
         let bytes = encode(entries);
         let name = self.dir.join(format!("{number:020}{SUFFIX}"));
         let tmp = self.dir.join(format!("{number:020}.tmp"));
@@ -152,6 +158,8 @@ fn decode(bytes: &[u8]) -> Option<Batch> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn entries(batch: &Batch) -> Vec<(&str, &[u8], &[u8])> {
@@ -175,6 +183,8 @@ mod tests {
         journal.append(10, entries(&second)).unwrap();
         journal.append(9, entries(&first)).unwrap();
         assert_eq!(journal.read().unwrap(), vec![first, second]);
+        let meta = fs::metadata(dir.path().join("journal")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
         assert_eq!(journal.len().unwrap(), 2);
         journal.clear().unwrap();
         assert!(journal.is_empty().unwrap());
