@@ -48,8 +48,8 @@ pub(crate) fn has_table(index: &Index, layer: &Layer) -> bool {
     matches!(index.get_view(&key(layer)), Ok(Some(_)))
 }
 
-/// Keeps `layer`'s table, made elsewhere (see `unpack.rs`), with the
-/// index's next write.
+/// Keeps `layer`'s table, made elsewhere (teed while the layer was
+/// unpacked or written), with the index's next write.
 pub(crate) fn put_table(index: &Index, layer: &Layer, table: &LayerTable) {
     index.put_view(&key(layer), &table.to_bytes());
 }

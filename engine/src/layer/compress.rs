@@ -184,7 +184,8 @@ impl<W: Write> ParallelEncoder<W> {
         // The last block is compressed here: a small layer (one block)
         // never waits on the pool.
         let last = std::mem::take(&mut self.block);
-        let window = self.next_window(&last);
+        // No block follows, so no tail is kept for one.
+        let window = std::mem::replace(&mut self.window, Arc::from([]));
         let block = compress_block(self.compression, &window, &last, true)?;
         self.emit(block)?;
         if let Compression::Gzip { .. } = self.compression {

@@ -407,7 +407,7 @@ impl MetaView {
             };
             let at = match self.resolves_to_itself(&path, false) {
                 true => path, // kept, not copied
-                false => self.resolve_parent(&path),
+                false => self.walked(&path, false),
             };
             self.make_parents(&at);
             // Only a directory (or what stood where one was needed) has
@@ -488,6 +488,11 @@ impl MetaView {
         if self.resolves_to_itself(path, follow_final) {
             return path.to_path_buf();
         }
+        self.walked(path, follow_final)
+    }
+
+    /// [`Self::resolve`] of a path known not to resolve to itself.
+    fn walked(&mut self, path: &Path, follow_final: bool) -> PathBuf {
         match self.walk(path, follow_final, &mut |_| {}) {
             Ok(resolved) => resolved,
             Err(_) => {
