@@ -1007,6 +1007,11 @@ impl Client {
             .into_request_builder()
             .send()
             .await?;
+        // Kiln: a manifest the HEAD did not find, the GET below would not
+        // find either; asking again only cost a round trip.
+        if res.status() == StatusCode::NOT_FOUND {
+            return Err(OciDistributionError::ImageManifestNotFoundError(url));
+        }
 
         if let Some(digest) = digest_header_value(res.headers().clone())? {
             let status = res.status();
