@@ -539,6 +539,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
                     // The --cache-repo entries of the steps that were built
                     // are still written, as they were stage by stage.
                     let _ = uploads.finish().await;
+                    registry.cancel_unused_uploads().await;
                     return Err(e.into());
                 }
             };
@@ -583,6 +584,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
         // The end: --cache-repo entries are all written (with --no-push too).
         uploads.finish().await?;
+        registry.cancel_unused_uploads().await;
         if let Some(path) = &a.digest_file {
             output::write_digest_file(&built, path)?;
         }

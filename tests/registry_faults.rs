@@ -3,10 +3,11 @@
 //! HTTP-date) the proxy checks was waited out, and a token service that
 //! fails (issue 16); a no-change rebuild's push, which must cost one
 //! HEAD, and pushes through it: a layer uploaded while later steps run,
-//! and an upload that fails (issue 17); and base layers that unpack while
-//! a later layer still downloads (issue 17). The proxy serves one request
-//! per connection and logs each one with the time it came in, and each
-//! answer it passed on once passed.
+//! and an upload that fails (issue 17); base layers that unpack while a
+//! later layer still downloads (issue 17); and upload sessions opened
+//! while steps run, replaced when gone, cancelled when unused. The proxy
+//! serves one request per connection and logs each one with the time it
+//! came in, and each answer it passed on once passed.
 mod support;
 
 use std::io::{Read, Write};
@@ -469,8 +470,8 @@ fn a_no_change_build_pings_an_open_registry_once() {
 
 /// A rebuild with one new layer asks the destination nothing about the
 /// layers the manifest there already names (a registry keeps a manifest
-/// only with its blobs): one HEAD for the manifest, the new layer and
-/// config, the manifest PUT.
+/// only with its blobs): one HEAD for the manifest and one for the new
+/// layer, its and the config's upload, the manifest PUT.
 #[test]
 fn a_one_layer_change_checks_no_blob_the_tag_already_names() {
     let registry = Registry::start_logged();
@@ -494,13 +495,21 @@ fn a_one_layer_change_checks_no_blob_the_tag_already_names() {
         .iter()
         .filter(|r| r.starts_with("HEAD /v2/kiln/onelayer/blobs/"))
         .count();
-    // The COPY's layer and the config, not the base's or the RUN's.
-    assert_eq!(blob_checks, 2, "{to_dest:#?}");
+    // The COPY's layer, not the base's or the RUN's; the config, new with
+    // it, goes unasked.
+    assert_eq!(blob_checks, 1, "{to_dest:#?}");
     assert_eq!(
         to_dest.iter().filter(|r| r.starts_with("PUT ")).count(),
         3,
         "{to_dest:#?}"
     );
+    // Their sessions were opened as the COPY started; none is left.
+    assert_eq!(
+        to_dest.iter().filter(|r| r.starts_with("POST ")).count(),
+        2,
+        "{to_dest:#?}"
+    );
+    assert_eq!(registry.upload_sessions("kiln/onelayer"), 0);
     let config = skopeo_config(&dest);
     assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 3);
     let pulled = tempfile::tempdir().unwrap();
@@ -707,4 +716,130 @@ fn a_layer_unpacks_while_a_later_one_still_downloads() {
             "{snapshotter}: the layer below was not unpacked while the top one downloaded"
         );
     }
+}
+
+/// The request lines the proxy saw that hold `needle`, in order.
+fn request_lines(proxy: &Proxy, needle: &str) -> Vec<String> {
+    proxy
+        .requests(needle)
+        .into_iter()
+        .map(|(_, h)| h.lines().next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A new image's blobs go into upload sessions opened while the step that
+/// made its layer ran: every POST to the destination comes in before that
+/// step (a second's sleep) ends, which the layer's HEAD marks, and each
+/// blob is then one PUT. One layer, one config: two sessions, none left.
+#[test]
+fn a_new_image_uploads_into_sessions_opened_while_its_step_ran() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    // The base through the proxy too: its layer is mounted, with no session.
+    let ctx = Context::new(
+        &format!(
+            "FROM {}/base/busybox:latest\nRUN sleep 1 && echo made >/made\n",
+            proxy.addr
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/ahead:1", proxy.addr);
+    let out = kiln_build(&ctx, state.path(), &["--destination", &destination]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Sessions, not mounts (`?mount=`) of the base's layer.
+    let posts = proxy.times("POST /v2/kiln/ahead/blobs/uploads/ ");
+    let heads = proxy.times("HEAD /v2/kiln/ahead/blobs/");
+    let all = request_lines(&proxy, "/v2/kiln/ahead/");
+    assert_eq!(posts.len(), 2, "{all:#?}");
+    let (last_post, first_head) = (posts.iter().max().unwrap(), heads.iter().min().unwrap());
+    assert!(
+        *first_head > *last_post + Duration::from_millis(500),
+        "the sessions were not opened while the RUN slept: {all:#?}"
+    );
+    let puts = proxy.times("PUT /v2/kiln/ahead/blobs/uploads/");
+    assert_eq!(puts.len(), 2, "{all:#?}");
+    assert_eq!(registry.upload_sessions("kiln/ahead"), 0);
+    assert_eq!(
+        skopeo_config(&registry.reference("kiln/ahead:1"))["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+/// A session opened ahead that the registry no longer knows by push time
+/// (expired, purged: the proxy answers its PUT 404) is replaced by one of
+/// the blob's own, and the image is pushed whole.
+#[test]
+fn an_upload_session_gone_by_push_time_is_replaced() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    let gone = answer(
+        "404 Not Found",
+        "Content-Type: application/json\r\n",
+        r#"{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN","message":"blob upload unknown to registry"}]}"#,
+    );
+    let rule = first("PUT /v2/kiln/gone/blobs/uploads/".into(), move || {
+        Action::Answer(gone.clone())
+    });
+    let proxy = Proxy::start(registry.addr.clone(), rule);
+    // The base through the proxy too: its layer is mounted, with no session.
+    let ctx = Context::new(
+        &format!(
+            "FROM {}/base/busybox:latest\nRUN echo made >/made\n",
+            proxy.addr
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/gone:1", proxy.addr);
+    let out = kiln_build(
+        &ctx,
+        state.path(),
+        &["--destination", &destination, "--push-retry", "0"],
+    );
+    let all = request_lines(&proxy, "/v2/kiln/gone/");
+    assert!(out.status.success(), "{}\n{all:#?}", stderr(&out));
+    assert_eq!(
+        proxy.times("POST /v2/kiln/gone/blobs/uploads/ ").len(),
+        3,
+        "{all:#?}"
+    );
+    let pulled = tempfile::tempdir().unwrap();
+    pull_to_layout(&registry.reference("kiln/gone:1"), pulled.path());
+}
+
+/// A layer the destination already has (the same COPY, built again on a
+/// fresh state dir, to another tag) leaves the session opened for it
+/// unused: it is cancelled, and the registry holds no session after.
+#[test]
+fn an_upload_session_no_blob_used_is_cancelled() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(&format!("FROM {base}\nCOPY f /f\n"), &[("f", "same\n")]);
+    let first_state = tempfile::tempdir().unwrap();
+    let out = kiln_build(
+        &ctx,
+        first_state.path(),
+        &["--destination", &registry.reference("kiln/again:1")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/again:2", proxy.addr);
+    let out = kiln_build(&ctx, state.path(), &["--destination", &destination]);
+    let all = request_lines(&proxy, "/v2/kiln/again/");
+    assert!(out.status.success(), "{}\n{all:#?}", stderr(&out));
+    assert_eq!(
+        proxy.times("DELETE /v2/kiln/again/blobs/uploads/").len(),
+        1,
+        "{all:#?}"
+    );
+    assert_eq!(registry.upload_sessions("kiln/again"), 0, "{all:#?}");
+    let diff_ids =
+        |tag: &str| skopeo_config(&registry.reference(tag))["rootfs"]["diff_ids"].clone();
+    assert_eq!(diff_ids("kiln/again:1"), diff_ids("kiln/again:2"));
 }

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod manifest;
 pub mod registry;
 pub mod remote;
+mod sessions;
 pub mod state;
 pub mod transfer;
 pub mod unpacked;

@@ -21,6 +21,7 @@ use crate::blobs::{BlobStore, StoredBlob};
 use crate::digest::{self, Digest};
 use crate::error::{error_chain, CacheStoreError, IoContext, RegistryFailure, Result};
 use crate::manifest::{self, MediaType, Platform, ResolvedManifest};
+use crate::sessions::Sessions;
 use crate::transfer::{Direction, OnTransfer, Reporter};
 
 #[derive(Debug, Clone, Default)]
@@ -84,6 +85,8 @@ struct Shared {
     origins: Mutex<HashMap<Digest, Reference>>,
     /// Told of every blob transfer's progress ([`RegistryClient::with_progress`]).
     on_transfer: OnceLock<Arc<OnTransfer>>,
+    /// Upload sessions opened ahead of their blobs, and those left unused.
+    sessions: Sessions,
 }
 
 /// Whether the server at `registry` (`host:port`) is a TLS server: Docker
@@ -263,6 +266,7 @@ impl RegistryClient {
             mounted: AtomicU64::new(0),
             origins: Mutex::new(HashMap::new()),
             on_transfer: OnceLock::new(),
+            sessions: Sessions::default(),
         };
         Self {
             inner: Arc::new(shared),
@@ -774,15 +778,27 @@ impl RegistryClient {
         .await
     }
 
+    /// Uploads a small stored blob that is almost surely new there (an
+    /// image's config, when the image has new layers) without asking first:
+    /// were it there, the registry takes it again, at the cost of its bytes.
+    pub async fn push_new_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<()> {
+        self.retrying(self.inner.options.push_retries, || {
+            self.upload_blob(reference, digest, store, false)
+        })
+        .await
+    }
+
     async fn push_blob_once(
         &self,
         reference: &Reference,
         digest: &Digest,
         store: &BlobStore,
     ) -> Result<()> {
-        if self.blob_exists(reference, digest).await? {
-            return Ok(());
-        }
         let origin = self
             .inner
             .origins
@@ -790,22 +806,135 @@ impl RegistryClient {
             .expect("blob origins poisoned")
             .get(digest)
             .cloned();
-        if let Some(origin) = origin.filter(|o| {
+        let Some(origin) = origin.filter(|o| {
             o.resolve_registry() == reference.resolve_registry()
                 && o.repository() != reference.repository()
-        }) {
-            let client = self.client(reference).await?;
-            // A refused mount (oci-client reports a 202 as an error) just
-            // means an upload, as the registry then expects anyway.
-            if client
-                .mount_blob(reference, &origin, digest.as_ref())
-                .await
-                .is_ok()
-            {
-                self.inner.mounted.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+        }) else {
+            return self.upload_blob(reference, digest, store, true).await;
+        };
+        if self.blob_exists(reference, digest).await? {
+            return Ok(());
+        }
+        let client = self.client(reference).await?;
+        // A refused mount (oci-client reports a 202 as an error) just
+        // means an upload, as the registry then expects anyway.
+        if client
+            .mount_blob(reference, &origin, digest.as_ref())
+            .await
+            .is_ok()
+        {
+            self.inner.mounted.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.upload_blob(reference, digest, store, true).await
+    }
+
+    /// Opens an upload session on `reference`'s repository now, for a blob
+    /// to be pushed there later (a step's layer, an image's config): its
+    /// push then skips the POST. Must be called on a Tokio runtime.
+    pub fn open_upload_ahead(&self, reference: &Reference) {
+        let (this, to) = (self.clone(), reference.clone());
+        let opening = tokio::spawn(async move {
+            let client = this.client(&to).await.ok()?;
+            client.begin_blob_upload(&to).await.ok()
+        });
+        self.inner.sessions.add(reference, opening);
+    }
+
+    /// Cancels the upload sessions no blob used (best effort: a registry
+    /// purges stale ones anyway), and waits for those cancelled before.
+    pub async fn cancel_unused_uploads(&self) {
+        for (reference, opening) in self.inner.sessions.take_all() {
+            if let Ok(Some(location)) = opening.await {
+                self.cancel_upload(&reference, location);
             }
         }
+        self.inner.sessions.cancelled().await;
+    }
+
+    /// Cancels the upload session at `location` in the background.
+    fn cancel_upload(&self, reference: &Reference, location: String) {
+        let (this, reference) = (self.clone(), reference.clone());
+        self.inner.sessions.cancelling(tokio::spawn(async move {
+            if let Ok(client) = this.client(&reference).await {
+                let _ = client.cancel_blob_upload(&location, &reference).await;
+            }
+        }));
+    }
+
+    /// Uploads a stored blob unless the registry has it (when it `asks`).
+    /// A session opened ahead is used while the `HEAD` asks, so a new
+    /// blob costs one round trip where it cost three.
+    async fn upload_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        store: &BlobStore,
+        asks: bool,
+    ) -> Result<()> {
+        let client = self.client(reference).await?;
+        let ahead = self.inner.sessions.take(reference);
+        let ahead_taken = ahead.is_some();
+        // Without a session opened ahead (a blob not known to be new: a
+        // base layer, a `--cache-repo` one) the HEAD asks before any opens.
+        if asks && ahead.is_none() && self.blob_exists(reference, digest).await? {
+            return Ok(());
+        }
+        let session = async {
+            if let Some(opening) = ahead {
+                if let Ok(Some(location)) = opening.await {
+                    return Ok((location, true));
+                }
+            }
+            client
+                .begin_blob_upload(reference)
+                .await
+                .map(|l| (l, false))
+        };
+        let exists = async {
+            match asks && ahead_taken {
+                true => self.blob_exists(reference, digest).await,
+                false => Ok(false),
+            }
+        };
+        let (exists, session) = futures_util::future::join(exists, session).await;
+        let (location, ahead) = match (exists, session) {
+            (Ok(false), Ok(session)) => session,
+            (Ok(false), Err(e)) => return Err(registry_error(reference, "push blob", e)),
+            (exists, session) => {
+                if let Ok((location, _)) = session {
+                    self.cancel_upload(reference, location);
+                }
+                return exists.map(|_| ());
+            }
+        };
+        if self
+            .put_blob(&client, &location, ahead, reference, digest, store)
+            .await?
+        {
+            return Ok(());
+        }
+        // The session opened ahead had expired meanwhile: one of its own.
+        let location = client
+            .begin_blob_upload(reference)
+            .await
+            .map_err(|e| registry_error(reference, "push blob", e))?;
+        self.put_blob(&client, &location, false, reference, digest, store)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends a stored blob, as a stream, into the upload session at
+    /// `location`. False when that session, one opened `ahead`, is gone.
+    async fn put_blob(
+        &self,
+        client: &Client,
+        location: &str,
+        ahead: bool,
+        reference: &Reference,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<bool> {
         let path = store.path(digest)?;
         let file = tokio::fs::File::open(&path).await.at(&path)?;
         let size = file.metadata().await.at(&path)?.len();
@@ -820,14 +949,17 @@ impl RegistryClient {
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
             .inspect_ok(move |chunk| counted.moved(chunk.len()))
             .map_err(OciDistributionError::from);
-        let client = self.client(reference).await?;
-        client
-            .push_blob_stream(reference, stream, digest.as_ref(), Some(size))
+        match client
+            .push_blob_stream_at(location, reference, stream, digest.as_ref(), size)
             .await
-            .map_err(|e| registry_error(reference, "push blob", e))?;
+        {
+            Ok(_) => {}
+            Err(OciDistributionError::ServerError { code: 404, .. }) if ahead => return Ok(false),
+            Err(e) => return Err(registry_error(reference, "push blob", e)),
+        }
         reporter.finish();
         self.inner.pushed.fetch_add(size, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// Makes `digest` from `from` exist at `to`: nothing when it is there,

@@ -46,9 +46,9 @@ impl Built {
     }
 }
 
-/// Pushes one image: blobs first (skipping those `uploads` sent during
-/// the build and those the registry has), the manifest last, to
-/// `destination`'s tag or, in an index, by its digest.
+/// Pushes one image: blobs first (those `uploads` sent during the build
+/// are awaited, and those the registry has skipped), the manifest last,
+/// to `destination`'s tag or, in an index, by its digest.
 async fn push_image(
     image: &BuiltImage,
     destination: &Reference,
@@ -61,31 +61,83 @@ async fn push_image(
         true => destination.clone_with_digest(image.manifest.digest.to_string()),
         false => destination.clone(),
     };
+    let config = &image.config.digest;
+    // An image with a layer this build uploaded is new, so its config,
+    // almost surely new too, goes unasked while the manifest HEAD below
+    // asks, and so do the uploads under way.
+    let started: Vec<Digest> = image
+        .layers
+        .iter()
+        .map(|l| l.descriptor.digest.clone())
+        .filter(|d| uploads.started(destination, d).is_some())
+        .collect();
+    let fresh = !started.is_empty();
+    let early = async {
+        if !fresh {
+            return Ok::<(), BuildError>(());
+        }
+        let (config, started) = futures_util::future::join(
+            registry.push_new_blob(destination, config, store),
+            push_blobs(
+                started.iter().cloned(),
+                destination,
+                registry,
+                store,
+                uploads,
+            ),
+        )
+        .await;
+        // The layer's failure first: it happened first, in the background.
+        started?;
+        Ok(config?)
+    };
     // A registry stores a manifest only once it has every blob it names, so
     // a destination already at this manifest (a no-change rebuild) needs
     // one HEAD instead of a HEAD per blob and a PUT. In an index the image
     // is asked for by digest: the tag names the index.
-    let current = registry.manifest_at(&to).await;
+    let (current, early) = futures_util::future::join(registry.manifest_at(&to), early).await;
     if current.as_ref() == Some(&image.manifest.digest) {
         return Ok(());
     }
+    early?;
     // For the same reason the blobs of the manifest there now (a previous
-    // build's, when the store has it) need no HEAD; the rest go at once.
+    // build's, when the store has it) need no HEAD.
     let held = current
         .and_then(|d| blobs_named(store, &d))
         .unwrap_or_default();
-    let pushes = image
+    let rest = image
         .blob_digests()
         .into_iter()
-        .filter(|d| !held.contains(d) && !uploads.uploaded(destination, d))
-        .map(|d| async move { registry.push_blob(destination, &d, store).await });
-    futures_util::stream::iter(pushes)
-        .buffer_unordered(UPLOADS_AT_ONCE)
-        .try_collect::<Vec<()>>()
-        .await?;
+        .filter(|d| !held.contains(d) && !(fresh && (d == config || started.contains(d))));
+    push_blobs(rest, destination, registry, store, uploads).await?;
+    // Every background upload, this image's or not: a failed one leaves
+    // no tag.
+    uploads.finish().await?;
     let bytes = store.read(&image.manifest.digest)?;
     registry
         .push_manifest(&to, bytes, &image.manifest.media_type)
+        .await?;
+    Ok(())
+}
+
+/// Makes `blobs` exist at `destination`, [`UPLOADS_AT_ONCE`] at a time:
+/// those `uploads` started are awaited, the rest pushed unless there.
+async fn push_blobs(
+    blobs: impl Iterator<Item = Digest>,
+    destination: &Reference,
+    registry: &RegistryClient,
+    store: &BlobStore,
+    uploads: &Uploads,
+) -> Result<(), BuildError> {
+    let pushes = blobs.map(|d| async move {
+        match uploads.started(destination, &d) {
+            Some(upload) => upload.await,
+            None => Ok(registry.push_blob(destination, &d, store).await?),
+        }
+    });
+    futures_util::stream::iter(pushes)
+        .buffer_unordered(UPLOADS_AT_ONCE)
+        .try_collect::<Vec<()>>()
         .await?;
     Ok(())
 }
@@ -107,8 +159,8 @@ fn blobs_named(store: &BlobStore, manifest: &Digest) -> Option<HashSet<Digest>> 
 
 /// Pushes what was built to one destination, the tag last, so a failed
 /// push leaves no image (or index) under it. The build's background
-/// uploads are waited for first: a failed one fails the push before any
-/// manifest goes out.
+/// uploads are waited for before any manifest: a failed one fails the
+/// push.
 pub async fn push(
     built: &Built,
     destination: &Reference,
@@ -116,7 +168,6 @@ pub async fn push(
     store: &BlobStore,
     uploads: &Uploads,
 ) -> Result<(), BuildError> {
-    uploads.finish().await?;
     match built {
         Built::Image(image) => {
             push_image(image, destination, false, registry, store, uploads).await
@@ -130,6 +181,7 @@ pub async fn push(
             for image in built.manifests() {
                 push_image(image, destination, true, registry, store, uploads).await?;
             }
+            uploads.finish().await?;
             let bytes = store.read(&index.index.digest)?;
             registry
                 .push_manifest(destination, bytes, &index.index.media_type)

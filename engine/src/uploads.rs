@@ -8,6 +8,7 @@
 //! At most [`CONCURRENT`] uploads move at once; one (repository, blob) is
 //! uploaded once, however often it is asked for.
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
@@ -104,6 +105,14 @@ impl Uploads {
         }
     }
 
+    /// Opens an upload session on every destination for a blob to come
+    /// (`RegistryClient::open_upload_ahead`).
+    pub(crate) fn open_ahead(&self) {
+        for to in &self.inner.destinations {
+            self.inner.registry.open_upload_ahead(to);
+        }
+    }
+
     /// Starts uploading `digest` from the store to `to`'s repository,
     /// unless that was asked already. Must be called on a Tokio runtime.
     pub(crate) fn blob(&self, to: &Reference, digest: &Digest) {
@@ -158,15 +167,16 @@ impl Uploads {
         self.state().all.push(upload);
     }
 
-    /// Whether `digest` was uploaded to `to`'s repository by these uploads
-    /// (finished, and without error): a push need not ask the registry.
-    pub fn uploaded(&self, to: &Reference, digest: &Digest) -> bool {
+    /// The upload of `digest` to `to`'s repository that these uploads
+    /// started, if they did: a push awaits it instead of asking the registry.
+    pub fn started(
+        &self,
+        to: &Reference,
+        digest: &Digest,
+    ) -> Option<impl Future<Output = Result<(), BuildError>>> {
         let id = (repository(to), digest.clone());
-        let state = self.state();
-        state
-            .blobs
-            .get(&id)
-            .is_some_and(|u| matches!(u.peek(), Some(Ok(()))))
+        let upload = self.state().blobs.get(&id)?.clone();
+        Some(async move { upload.await.map_err(BuildError::from) })
     }
 
     /// The first upload to have failed so far, if one has: the build stops

@@ -155,10 +155,28 @@ impl Registry {
     /// layout), for tests that tamper with what it serves.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
-        self._dir.path().join(format!(
-            "data/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ))
+        self.dir_of(&format!("blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+
+    /// The blob upload sessions open on `repository`: Distribution's
+    /// `_uploads` entries that hold a `startedat` (a cancelled one leaves
+    /// its hash state behind, but not that).
+    pub fn upload_sessions(&self, repository: &str) -> usize {
+        let dir = self.dir_of(&format!("repositories/{repository}/_uploads"));
+        std::fs::read_dir(dir).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().join("startedat").exists())
+            })
+            .count()
+        })
+    }
+
+    fn dir_of(&self, under_v2: &str) -> PathBuf {
+        self._dir
+            .path()
+            .join("data/docker/registry/v2")
+            .join(under_v2)
     }
 
     /// Pushes the busybox fixture and returns its reference.

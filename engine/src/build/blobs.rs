@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -93,6 +93,10 @@ impl Pending {
 pub(super) struct NewLayers {
     in_image: AtomicBool,
     cached_step: AtomicBool,
+    /// Upload sessions opened ahead, and those the image's steps have
+    /// asked for so far (its config's, and one per miss).
+    opened: AtomicUsize,
+    asked: AtomicUsize,
 }
 
 impl NewLayers {
@@ -286,6 +290,23 @@ impl Builder<'_> {
             recipe,
             table,
         })
+    }
+
+    /// A step that may write a layer starts. When that layer goes to the
+    /// destinations, their upload sessions for it (and, the first time,
+    /// for the image's config, which is new with it) open while it runs.
+    /// The first miss of a stage before the image's opens them already:
+    /// the image is likely new with it (its `COPY --from` reads what the
+    /// miss makes), and the sessions then open while that stage runs.
+    pub(super) fn expect_layer(&self) {
+        let wanted = match self.new_layers.in_image.load(Ordering::Relaxed) {
+            true => self.new_layers.asked.fetch_add(1, Ordering::Relaxed) + 2,
+            false => 2,
+        };
+        let opened = self.new_layers.opened.fetch_max(wanted, Ordering::Relaxed);
+        for _ in opened..wanted {
+            self.uploads.open_ahead();
+        }
     }
 
     /// Starts uploading a layer blob just written where it goes

@@ -115,6 +115,9 @@ impl Builder<'_> {
             });
             let (started, phases_before) = (Instant::now(), self.counters.phases());
             self.new_layers.step(self.cacheable(step));
+            if let (Some(_), None) = (key, hit) {
+                self.expect_layer();
+            }
             // A miss with no root: built on the view, or the root is made.
             let mut served = None;
             if let (Some(_), None, None) = (key, hit, &root) {

@@ -781,6 +781,52 @@ impl Client {
             .await
     }
 
+    /// Opens a blob upload session (`POST .../blobs/uploads/`) and returns its
+    /// location, for [`push_blob_stream_at`] or [`cancel_blob_upload`].
+    ///
+    /// Kiln's addition: a session opened ahead of its blob (while the build
+    /// step that makes the blob runs) takes its round trip off the push's
+    /// path.
+    pub async fn begin_blob_upload(&self, image: &Reference) -> Result<String> {
+        self.begin_push_monolithical_session(image).await
+    }
+
+    /// Sends a whole blob into a session from [`begin_blob_upload`] in one
+    /// `PUT` that commits it as `blob_digest`; returns the blob's location.
+    pub async fn push_blob_stream_at<T: Stream<Item = Result<bytes::Bytes>> + Send + 'static>(
+        &self,
+        location: &str,
+        image: &Reference,
+        blob_data_stream: T,
+        blob_digest: &str,
+        size: u64,
+    ) -> Result<String> {
+        self.push_stream_monolithically(location, image, blob_data_stream, size, blob_digest)
+            .await
+    }
+
+    /// Cancels a session from [`begin_blob_upload`] that will send nothing
+    /// (`DELETE` its location), so the registry frees it now rather than at
+    /// its upload purge.
+    pub async fn cancel_blob_upload(&self, location: &str, image: &Reference) -> Result<()> {
+        let res = RequestBuilderWrapper::from_client(self, |client| client.delete(location))
+            .apply_auth(image, RegistryOperation::Push)
+            .await?
+            .into_request_builder()
+            .send()
+            .await?;
+        let status = res.status();
+        if status.is_success() || status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        Err(OciDistributionError::ServerError {
+            code: status.as_u16(),
+            url: location.to_string(),
+            message: format!("DELETE answered {status}"),
+            retry_after: retry_after(res.headers()),
+        })
+    }
+
     /// Pushes a blob to the registry from an input stream using chunked transfer, computing
     /// the SHA256 digest on-the-fly.
     ///
