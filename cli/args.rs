@@ -312,8 +312,8 @@ pub struct BuildArgs {
     /// Compression level (gzip 1-9, zstd 1-22).
     #[arg(long)]
     pub compression_level: Option<i32>,
-    /// Threads that compress layers (default: one per core). The layer
-    /// bytes do not depend on it.
+    /// Threads that compress layers (default: one per core; 1: the thread
+    /// that writes the layer). The layer bytes do not depend on it.
     #[arg(long, env = "KILN_COMPRESSION_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub compression_threads: Option<u16>,
     /// A label to add to the image, `KEY=VALUE`. Repeatable.

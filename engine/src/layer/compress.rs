@@ -41,7 +41,8 @@ pub const ZSTD_BLOCK: usize = 4 << 20;
 /// 0: not set, use every core.
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Sets how many threads compress layers in this process (`--compression-threads`).
+/// Sets how many threads compress layers in this process (`--compression-threads`):
+/// one compresses on the thread that writes the layer, more on a pool.
 /// The output does not change with it.
 pub fn set_threads(threads: usize) {
     THREADS.store(threads, Ordering::Relaxed);
@@ -127,8 +128,16 @@ impl<W: Write> ParallelEncoder<W> {
     /// Hands the full block to the pool, then writes out whatever is done,
     /// waiting while too many blocks are in flight.
     fn submit(&mut self) -> io::Result<()> {
-        let data = std::mem::take(&mut self.block);
+        let mut data = std::mem::take(&mut self.block);
         let window = self.next_window(&data);
+        // One thread is this one: a pool thread would make it two, the
+        // writer's work (tar, hashing) beside the compression.
+        if self.threads == 1 {
+            let block = compress_block(self.compression, &window, &data, false)?;
+            data.clear();
+            self.block = data;
+            return self.emit(block);
+        }
         let pool = match self.pool.take() {
             Some(pool) => pool,
             None => shared_pool(self.threads)?,
