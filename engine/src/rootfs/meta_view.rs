@@ -238,7 +238,12 @@ impl TryFrom<LayerTable> for Paths {
     type Error = LayerTable;
 
     fn try_from(table: LayerTable) -> Result<Paths, LayerTable> {
-        let Some(Bulk { order, implied }) = Bulk::of(&table.records) else {
+        let Some(Bulk {
+            order,
+            implied,
+            targets,
+        }) = Bulk::of(&table.records)
+        else {
             return Err(table);
         };
         let mut entries: Vec<Option<(Vec<u8>, Meta)>> = table
@@ -246,9 +251,15 @@ impl TryFrom<LayerTable> for Paths {
             .into_iter()
             .map(|record| match record {
                 Record::Entry(path, meta) => Some((path.into_os_string().into_vec(), meta)),
+                // Its target's meta is filled in below.
+                Record::Link(path, _) => Some((path.into_os_string().into_vec(), implied_dir())),
                 _ => None, // none, as `Bulk::of` checked
             })
             .collect();
+        for (link, target) in targets {
+            let meta = entries[target].as_ref().expect("an entry").1.clone();
+            entries[link].as_mut().expect("a link").1 = meta;
+        }
         let mut implied = implied.into_iter().peekable();
         let mut sorted = Vec::with_capacity(entries.len() + implied.len());
         for at in order {
@@ -272,21 +283,30 @@ struct Bulk {
     order: Vec<usize>,
     /// The implied directories, in byte order.
     implied: Vec<Vec<u8>>,
+    /// Each hard link's index, and its target's.
+    targets: Vec<(usize, usize)>,
 }
 
 impl Bulk {
     /// `None` when applying `records` to an empty view may make anything
-    /// else: for a hard link, whiteout or opaque marker, a path listed
+    /// else: for a whiteout or opaque marker, a hard link to anything but
+    /// a file (or other non-directory) listed before it, a path listed
     /// twice, one that does not resolve to itself by its form (an empty,
     /// `.` or `..` name), or one beneath a listed non-directory (which a
     /// symlink would redirect, and any other entry replace or refuse).
     fn of(records: &[Record]) -> Option<Bulk> {
         let mut paths = Vec::with_capacity(records.len());
+        let mut links = Vec::new();
         for (at, record) in records.iter().enumerate() {
-            let Record::Entry(path, meta) = record else {
-                return None;
+            let (path, is_dir) = match record {
+                Record::Entry(path, meta) => (path, meta.kind == Kind::Dir),
+                Record::Link(path, target) => {
+                    links.push((at, target.as_os_str().as_bytes()));
+                    (path, false)
+                }
+                _ => return None,
             };
-            paths.push((path.as_os_str().as_bytes(), meta.kind == Kind::Dir, at));
+            paths.push((path.as_os_str().as_bytes(), is_dir, at));
         }
         // In byte order a path comes before what lies under it, though
         // not always just before: `a-b` and what lies under it come
@@ -331,10 +351,25 @@ impl Bulk {
             }
             open.push((path, is_dir));
         }
+        // A hard link takes what its target is when it comes: an entry
+        // (not a directory, not another link) listed before it, which
+        // then resolves to itself as every listed path does.
+        let mut targets = Vec::with_capacity(links.len());
+        for (at, target) in links {
+            let found = paths.binary_search_by(|p| p.0.cmp(target)).ok()?;
+            let listed = paths[found].2;
+            match &records[listed] {
+                Record::Entry(_, meta) if listed < at && meta.kind != Kind::Dir => {
+                    targets.push((at, listed))
+                }
+                _ => return None,
+            }
+        }
         implied.sort_unstable();
         Some(Bulk {
             order: paths.into_iter().map(|(_, _, at)| at).collect(),
             implied: implied.into_iter().map(<[u8]>::to_vec).collect(),
+            targets,
         })
     }
 }
@@ -837,9 +872,15 @@ mod tests {
     fn a_base_table_is_built_in_one_go_only_when_that_is_what_applying_it_gives() {
         let dir = |p| entry(p, Kind::Dir, None);
         let file = |p| entry(p, Kind::File, None);
+        let link = |p: &str, t: &str| Record::Link(p.into(), t.into());
         let not_in_one_go = [
             vec![file("a"), file("a")],
-            vec![file("a"), Record::Link("b".into(), "a".into())],
+            vec![link("b", "a"), file("a")],
+            vec![dir("a"), link("b", "a")],
+            vec![file("a"), link("b", "a"), link("c", "b")],
+            vec![file("a"), link("b", "c")],
+            vec![file("a"), link("b", "./a")],
+            vec![file("a"), link("b", "a"), file("b/c")],
             vec![file("a"), Record::Whiteout("b".into())],
             vec![dir("a"), Record::Opaque("a".into())],
             vec![entry("a", Kind::Symlink, Some("b")), file("a/c")],
@@ -860,6 +901,7 @@ mod tests {
             file("a-b/d"),
             file("x/y/z"),
             dir("x/y"),
+            link("x/l", "a-b/d"),
         ];
         let per_record = applied(records.clone()).paths.0;
         let Ok(bulk) = Paths::try_from(LayerTable { records }) else {
@@ -869,6 +911,7 @@ mod tests {
         assert_eq!(bulk[Path::new("x")], implied_dir());
         assert_eq!(bulk[Path::new("a")], implied_dir());
         assert_eq!(bulk[Path::new("x/y")].mode, 0o644);
+        assert_eq!(bulk[Path::new("x/l")], bulk[Path::new("a-b/d")]);
     }
 
     /// Tables of paths that meet often: names that are prefixes of
@@ -891,39 +934,48 @@ mod tests {
             1 => Just(Kind::Unsupported),
         ];
         let target = prop_oneof![Just("a"), Just("/b"), Just("../a-"), Just("a/a")];
-        let record = prop_oneof![
+        // Records come in groups: mostly one, and now and then a file and
+        // a hard link to it, so that links to what is there are met often.
+        let group = prop_oneof![
             40 => (path.clone(), kind, target, 0..4u32).prop_map(|(p, kind, target, mode)| {
                 let link = (kind == Kind::Symlink).then_some(target);
                 let mut e = entry(&p, kind, link);
                 if let Record::Entry(_, m) = &mut e {
                     m.mode = mode;
                 }
-                e
+                vec![e]
             }),
-            1 => (path.clone(), path.clone())
-                .prop_map(|(p, t)| Record::Link(p.into(), t.into())),
-            1 => path.clone().prop_map(|p| Record::Whiteout(p.into())),
-            1 => path.prop_map(|p| Record::Opaque(p.into())),
+            2 => (path.clone(), path.clone())
+                .prop_map(|(p, t)| vec![Record::Link(p.into(), t.into())]),
+            4 => path.clone().prop_map(|p| {
+                let link = Record::Link(format!("{p}0").into(), p.clone().into());
+                vec![entry(&p, Kind::File, None), link]
+            }),
+            1 => path.clone().prop_map(|p| vec![Record::Whiteout(p.into())]),
+            1 => path.prop_map(|p| vec![Record::Opaque(p.into())]),
         ];
-        proptest::collection::vec(record, 1..12)
+        proptest::collection::vec(group, 1..10).prop_map(|groups| groups.concat())
     }
 
     #[test]
     fn a_base_table_built_in_one_go_is_the_table_applied_record_by_record() {
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(4000));
-        let in_one_go = std::cell::Cell::new(0);
+        let (in_one_go, with_links) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
         runner
             .run(&base_table(), |records| {
                 let per_record = applied(records.clone());
+                let links = records.iter().any(|r| matches!(r, Record::Link(..)));
                 if let Ok(bulk) = Paths::try_from(LayerTable { records }) {
                     prop_assert_eq!(bulk.0, per_record.paths.0);
                     prop_assert!(per_record.looped.is_none());
                     in_one_go.set(in_one_go.get() + 1);
+                    with_links.set(with_links.get() + usize::from(links));
                 }
                 Ok(())
             })
             .unwrap();
-        // Enough of them were compared.
+        // Enough of them were compared, hard links among them.
         assert!(in_one_go.get() > 400, "{} built in one go", in_one_go.get());
+        assert!(with_links.get() > 60, "{} with links", with_links.get());
     }
 }
