@@ -16,16 +16,16 @@ mod warm;
 
 use clap::Parser;
 
-use kiln_engine::{step_runner_main, STEP_RUNNER_ARG};
+use kiln_engine::{step_runner_main, zygote_main, STEP_RUNNER_ARG, ZYGOTE_ARG};
 
 fn main() {
-    // The RUN step runner is this binary re-executed in new namespaces; it
-    // must stay single-threaded, so it runs before anything else starts.
-    if std::env::args_os()
-        .nth(1)
-        .is_some_and(|a| a == STEP_RUNNER_ARG)
-    {
-        std::process::exit(step_runner_main());
+    // The RUN step runner, and the zygote that forks it, are this binary
+    // re-executed; they must stay single-threaded, so they run before
+    // anything else starts.
+    match std::env::args_os().nth(1) {
+        Some(a) if a == STEP_RUNNER_ARG => std::process::exit(step_runner_main()),
+        Some(a) if a == ZYGOTE_ARG => std::process::exit(zygote_main()),
+        _ => {}
     }
     let cli = args::Cli::parse_from(args::with_default_command(std::env::args_os()));
     sink::init(cli.log_format, cli.log_timestamp, &cli.verbosity);

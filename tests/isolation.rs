@@ -542,3 +542,96 @@ fn a_user_without_subordinate_ids_builds_without_run_and_fails_clearly_at_a_run(
     let out = prune.output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The processes under a build seen from the host: the zygotes (its
+/// children run as `__kiln-run-zygote`), the runners they forked, and any
+/// runner the build started of its own (`__kiln-run-step`).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Runners {
+    zygotes: Vec<u32>,
+    forked: Vec<u32>,
+    own: Vec<u32>,
+}
+
+fn runners_under(build: u32) -> Runners {
+    let processes: Vec<(u32, u32, String)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command name in parentheses: state, then the parent.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            Some((pid, ppid, cmdline))
+        })
+        .collect();
+    let mut found = Runners::default();
+    for (pid, ppid, cmdline) in &processes {
+        if *ppid == build && cmdline.contains(kiln_engine::ZYGOTE_ARG) {
+            found.zygotes.push(*pid);
+        }
+        if *ppid == build && cmdline.contains(kiln_engine::STEP_RUNNER_ARG) {
+            found.own.push(*pid);
+        }
+    }
+    found.forked = processes
+        .iter()
+        .filter(|(_, ppid, _)| found.zygotes.contains(ppid))
+        .map(|(pid, _, _)| *pid)
+        .collect();
+    found
+}
+
+/// RUN steps are run by runners forked from one zygote the build started
+/// (`exec/zygote.rs`), not by `kiln` started afresh for each: while each
+/// of two RUNs waits at a gate, the process tree above it is read from
+/// the host. The zygote is gone when the build is.
+#[test]
+fn run_steps_are_forked_by_one_zygote_the_build_started() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+    let build = Arc::new(AtomicU32::new(0));
+    let seen: Arc<Mutex<Vec<Runners>>> = Arc::default();
+    let gate = gate({
+        let (build, seen) = (build.clone(), seen.clone());
+        move || {
+            seen.lock()
+                .unwrap()
+                .push(runners_under(build.load(Ordering::SeqCst)));
+            true
+        }
+    });
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    let ctx = Context::new(
+        &format!(
+            "FROM {base}\nRUN wget -q -O /one http://{gate}/\nRUN wget -q -O /two http://{gate}/\n"
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let child = kiln_build_cmd(&ctx, state.path(), &["--no-push"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    build.store(child.id(), Ordering::SeqCst);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for runners in &seen {
+        assert_eq!(runners.zygotes.len(), 1, "{seen:?}");
+        assert_eq!(runners.forked.len(), 1, "{seen:?}");
+        assert!(runners.own.is_empty(), "{seen:?}");
+    }
+    assert_eq!(seen[0].zygotes, seen[1].zygotes);
+    assert_ne!(seen[0].forked, seen[1].forked);
+    let zygote = seen[0].zygotes[0];
+    assert!(!Path::new(&format!("/proc/{zygote}")).exists());
+}

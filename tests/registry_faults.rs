@@ -521,28 +521,6 @@ fn a_one_layer_change_checks_no_blob_the_tag_already_names() {
     ]));
 }
 
-/// A gate for a RUN to wait at: a plain HTTP server on 127.0.0.1 that
-/// answers 200 once `open` says so, 404 before. RUN shares the host's
-/// network, so `wget` reaches it.
-fn gate(open: impl Fn() -> bool + Send + 'static) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            if read_head(&mut client).is_none() {
-                continue;
-            }
-            let status = match open() {
-                true => "200 OK",
-                false => "404 Not Found",
-            };
-            let _ = client.write_all(answer(status, "", "").as_bytes());
-        }
-    });
-    addr
-}
-
 /// A step's 20 MB layer is in the destination before the build's last
 /// step ends: that step waits (up to a minute) at a gate that opens only
 /// once the proxy has passed on the registry's answer to a blob upload.

@@ -559,3 +559,33 @@ pub fn require_arm64_emulation() {
         path.display()
     );
 }
+
+/// A gate for a RUN to wait at: a plain HTTP server on 127.0.0.1 that
+/// answers 200 once `open` says so, 404 before. RUN shares the host's
+/// network, so `wget` reaches it. Its address.
+pub fn gate(open: impl Fn() -> bool + Send + 'static) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            // The request's head, up to the blank line; no body follows.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match client.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let status = match open() {
+                true => "200 OK",
+                false => "404 Not Found",
+            };
+            let answer =
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = client.write_all(answer.as_bytes());
+        }
+    });
+    addr
+}

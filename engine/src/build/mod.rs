@@ -361,6 +361,8 @@ impl<'a> Builder<'a> {
     /// failed or not.
     pub async fn build(&self) -> Result<BuiltImage, BuildError> {
         let built = self.build_stages().await;
+        // The steps are done, and what runs them goes with them.
+        self.roots.sys().runs_done();
         let flushed = self.index.flush();
         let built = built?;
         flushed?;

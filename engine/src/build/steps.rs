@@ -106,6 +106,19 @@ impl Builder<'_> {
             .find(|(k, _)| k.is_some())
             .map(|(_, h)| h.as_ref().map_or(now, |h| h.created))
             .or(result.built);
+        // A RUN to run in this stage: its runner's zygote starts now, while
+        // the steps before it run (`exec/zygote.rs`).
+        let runs = stage
+            .steps
+            .iter()
+            .zip(keys)
+            .zip(hits)
+            .any(|((step, key), hit)| {
+                matches!(step.action, Action::Run { .. }) && key.is_some() && hit.is_none()
+            });
+        if runs && opts.isolation != run::Isolation::None && opts.run_unavailable.is_none() {
+            self.roots.sys().runs_ahead();
+        }
         for (index, ((step, key), hit)) in stage.steps.iter().zip(keys).zip(hits).enumerate() {
             (self.on_event)(Event::Step {
                 stage: stage.index,

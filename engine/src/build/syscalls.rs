@@ -6,6 +6,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::exec::run::{self, RunSpec};
+use crate::exec::zygote;
 use crate::rootfs::extract::{self, ExtractError, ExtractStats, Lowers};
 use crate::rootfs::overlay;
 
@@ -42,6 +43,12 @@ pub(crate) trait Syscalls: Sync {
 
     /// Runs a RUN step, isolated as `spec` says; its exit code.
     fn run(&self, spec: &RunSpec) -> io::Result<i32>;
+
+    /// RUN steps are to come: what runs them may start now.
+    fn runs_ahead(&self) {}
+
+    /// No RUN step is to come.
+    fn runs_done(&self) {}
 }
 
 /// The machine's own kernel.
@@ -71,5 +78,13 @@ impl Syscalls for Host {
 
     fn run(&self, spec: &RunSpec) -> io::Result<i32> {
         run::run(spec)
+    }
+
+    fn runs_ahead(&self) {
+        zygote::prepare();
+    }
+
+    fn runs_done(&self) {
+        zygote::stop();
     }
 }

@@ -7,3 +7,4 @@ pub mod mounts;
 pub mod run;
 pub mod userns;
 pub mod users;
+pub mod zygote;

@@ -4,9 +4,10 @@
 //! hostname mounted. The mounts die with the namespaces, so none of them can
 //! leak into the layer or onto the host.
 //!
-//! Namespaces are set up in a re-executed `kiln` (the step runner): the
-//! builder is multi-threaded, and a fresh single-threaded process is the
-//! only safe place for unshare, mount and chroot.
+//! Namespaces are set up in a single-threaded `kiln` (the step runner),
+//! forked by the zygote (`zygote.rs`) or else re-executed: the builder is
+//! multi-threaded, and a single-threaded process is the only safe place
+//! for unshare, mount and chroot.
 use std::ffi::CString;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -255,20 +256,18 @@ pub fn run(spec: &RunSpec) -> io::Result<i32> {
         // base image was unpacked over, so it cannot re-execute itself.
         return chroot_runner(spec);
     }
+    // Forked by the zygote, started before the step (`zygote.rs`); else
+    // a runner of its own.
+    if let Some(code) = super::zygote::run(spec)? {
+        return Ok(code);
+    }
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg(STEP_RUNNER_ARG)
         .stdin(Stdio::piped())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
-    use rustix::thread::UnshareFlags as F;
-    let mut flags = match spec.isolation {
-        Isolation::Namespaces | Isolation::Rootless => F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC,
-        Isolation::Chroot | Isolation::None => F::empty(),
-    };
-    if spec.no_network {
-        flags |= F::NEWNET;
-    }
+    let flags = unshare_flags(spec);
     // SAFETY: unshare is async-signal-safe and the child is single-threaded
     // after fork; the PID namespace applies to the runner's children.
     unsafe {
@@ -289,6 +288,32 @@ pub fn run(spec: &RunSpec) -> io::Result<i32> {
     }
     let status = child.wait()?;
     Ok(exit_code(status))
+}
+
+/// The namespaces a step's runner enters: none for `chroot`; for
+/// `namespaces` and `rootless` new mount, PID (for its children), UTS and
+/// IPC ones, and a network one for `--network=none`.
+fn unshare_flags(spec: &RunSpec) -> rustix::thread::UnshareFlags {
+    use rustix::thread::UnshareFlags as F;
+    let mut flags = match spec.isolation {
+        Isolation::Namespaces | Isolation::Rootless => F::NEWNS | F::NEWPID | F::NEWUTS | F::NEWIPC,
+        Isolation::Chroot | Isolation::None => F::empty(),
+    };
+    if spec.no_network {
+        flags |= F::NEWNET;
+    }
+    flags
+}
+
+/// Enters the step's namespaces ([`unshare_flags`]): for a runner forked
+/// by the zygote, which must be single-threaded.
+pub(crate) fn enter_namespaces(spec: &RunSpec) -> io::Result<()> {
+    let flags = unshare_flags(spec);
+    if !flags.is_empty() {
+        // SAFETY: the caller is single-threaded (a fork of the zygote).
+        unsafe { rustix::thread::unshare_unsafe(flags)? };
+    }
+    Ok(())
 }
 
 pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
@@ -315,8 +340,15 @@ fn cstring(p: &Path) -> io::Result<CString> {
 
 fn step_runner() -> io::Result<i32> {
     let spec: RunSpec = serde_json::from_reader(io::stdin().lock())?;
+    runner(&spec)
+}
+
+/// What the step runner does, in the namespaces it was started in: mounts,
+/// runs the command as PID 1 of the new PID namespace, and returns its
+/// exit code.
+pub(crate) fn runner(spec: &RunSpec) -> io::Result<i32> {
     if spec.isolation == Isolation::Chroot {
-        return chroot_runner(&spec);
+        return chroot_runner(spec);
     }
     // Nothing mounted from here on may propagate back to the host.
     rustix::mount::mount_change(
@@ -383,7 +415,7 @@ fn step_runner() -> io::Result<i32> {
 
     // Mounted by the command itself: it is PID 1 of the new PID
     // namespace, so its /proc shows only its own processes.
-    wait_command(command(&spec, Some(cstring(&m.proc)?))?, &spec)
+    wait_command(command(spec, Some(cstring(&m.proc)?))?, spec)
 }
 
 /// `--isolation chroot` (and `none`, whose root is `/`): no namespaces and,
