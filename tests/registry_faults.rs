@@ -696,6 +696,13 @@ fn a_layer_unpacks_while_a_later_one_still_downloads() {
     }
 }
 
+/// `FROM` the busybox base through the proxy (so a push through it mounts
+/// the base's layer, with no upload session) and one RUN.
+fn run_on_proxied_base(proxy: &Proxy, run: &str) -> Context {
+    let dockerfile = format!("FROM {}/base/busybox:latest\nRUN {run}\n", proxy.addr);
+    Context::new(&dockerfile, &[])
+}
+
 /// The request lines the proxy saw that hold `needle`, in order.
 fn request_lines(proxy: &Proxy, needle: &str) -> Vec<String> {
     proxy
@@ -714,14 +721,7 @@ fn a_new_image_uploads_into_sessions_opened_while_its_step_ran() {
     let registry = Registry::start();
     registry.push_busybox();
     let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
-    // The base through the proxy too: its layer is mounted, with no session.
-    let ctx = Context::new(
-        &format!(
-            "FROM {}/base/busybox:latest\nRUN sleep 1 && echo made >/made\n",
-            proxy.addr
-        ),
-        &[],
-    );
+    let ctx = run_on_proxied_base(&proxy, "sleep 1 && echo made >/made");
     let state = tempfile::tempdir().unwrap();
     let destination = format!("{}/kiln/ahead:1", proxy.addr);
     let out = kiln_build(&ctx, state.path(), &["--destination", &destination]);
@@ -764,14 +764,7 @@ fn an_upload_session_gone_by_push_time_is_replaced() {
         Action::Answer(gone.clone())
     });
     let proxy = Proxy::start(registry.addr.clone(), rule);
-    // The base through the proxy too: its layer is mounted, with no session.
-    let ctx = Context::new(
-        &format!(
-            "FROM {}/base/busybox:latest\nRUN echo made >/made\n",
-            proxy.addr
-        ),
-        &[],
-    );
+    let ctx = run_on_proxied_base(&proxy, "echo made >/made");
     let state = tempfile::tempdir().unwrap();
     let destination = format!("{}/kiln/gone:1", proxy.addr);
     let out = kiln_build(
