@@ -85,8 +85,18 @@ struct Shared {
     origins: Mutex<HashMap<Digest, Reference>>,
     /// Told of every blob transfer's progress ([`RegistryClient::with_progress`]).
     on_transfer: OnceLock<Arc<OnTransfer>>,
-    /// Upload sessions opened ahead of their blobs, and those left unused.
+    /// Upload sessions opened ahead of their blobs, and the cancelling of
+    /// those left unused.
     sessions: Sessions,
+}
+
+/// `registry/repository`: what a blob is uploaded to, beside its digest.
+pub fn repository_id(reference: &Reference) -> String {
+    format!(
+        "{}/{}",
+        reference.resolve_registry(),
+        reference.repository()
+    )
 }
 
 /// Whether the server at `registry` (`host:port`) is a TLS server: Docker
@@ -826,7 +836,8 @@ impl RegistryClient {
             self.inner.mounted.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.upload_blob(reference, digest, store, true).await
+        // The HEAD above found it missing.
+        self.upload_blob(reference, digest, store, false).await
     }
 
     /// Opens an upload session on `reference`'s repository now, for a blob
@@ -874,9 +885,10 @@ impl RegistryClient {
     ) -> Result<()> {
         let client = self.client(reference).await?;
         let ahead = self.inner.sessions.take(reference);
-        let ahead_taken = ahead.is_some();
         // Without a session opened ahead (a blob not known to be new: a
-        // base layer, a `--cache-repo` one) the HEAD asks before any opens.
+        // base layer, a `--cache-repo` one) the HEAD asks before any opens;
+        // with one, beside it.
+        let asks_beside = asks && ahead.is_some();
         if asks && ahead.is_none() && self.blob_exists(reference, digest).await? {
             return Ok(());
         }
@@ -892,13 +904,13 @@ impl RegistryClient {
                 .map(|l| (l, false))
         };
         let exists = async {
-            match asks && ahead_taken {
+            match asks_beside {
                 true => self.blob_exists(reference, digest).await,
                 false => Ok(false),
             }
         };
         let (exists, session) = futures_util::future::join(exists, session).await;
-        let (location, ahead) = match (exists, session) {
+        let (location, opened_ahead) = match (exists, session) {
             (Ok(false), Ok(session)) => session,
             (Ok(false), Err(e)) => return Err(registry_error(reference, "push blob", e)),
             (exists, session) => {
@@ -909,7 +921,7 @@ impl RegistryClient {
             }
         };
         if self
-            .put_blob(&client, &location, ahead, reference, digest, store)
+            .put_blob(&client, &location, opened_ahead, reference, digest, store)
             .await?
         {
             return Ok(());

@@ -11,6 +11,8 @@ use std::sync::Mutex;
 use oci_client::Reference;
 use tokio::task::JoinHandle;
 
+use crate::registry::repository_id;
+
 /// A session being opened: its location, or `None` when opening failed
 /// (the push then opens its own and reports that failure).
 pub(crate) type Opening = JoinHandle<Option<String>>;
@@ -23,21 +25,12 @@ pub(crate) struct Sessions {
     cancelling: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// What a session belongs to: `registry/repository`.
-fn repository(reference: &Reference) -> String {
-    format!(
-        "{}/{}",
-        reference.resolve_registry(),
-        reference.repository()
-    )
-}
-
 impl Sessions {
     pub(crate) fn add(&self, reference: &Reference, opening: Opening) {
         self.ahead
             .lock()
             .expect("upload sessions poisoned")
-            .entry(repository(reference))
+            .entry(repository_id(reference))
             .or_default()
             .push_back((reference.clone(), opening));
     }
@@ -45,7 +38,7 @@ impl Sessions {
     /// The oldest session opened ahead on `reference`'s repository.
     pub(crate) fn take(&self, reference: &Reference) -> Option<Opening> {
         let mut ahead = self.ahead.lock().expect("upload sessions poisoned");
-        Some(ahead.get_mut(&repository(reference))?.pop_front()?.1)
+        Some(ahead.get_mut(&repository_id(reference))?.pop_front()?.1)
     }
 
     /// Every session opened ahead and not taken.

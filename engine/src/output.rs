@@ -47,8 +47,8 @@ impl Built {
 }
 
 /// Pushes one image: blobs first (those `uploads` sent during the build
-/// are awaited, and those the registry has skipped), the manifest last,
-/// to `destination`'s tag or, in an index, by its digest.
+/// awaited, those the registry has skipped), the manifest last, to
+/// `destination`'s tag or, in an index, by its digest.
 async fn push_image(
     image: &BuiltImage,
     destination: &Reference,
@@ -64,55 +64,46 @@ async fn push_image(
     let config = &image.config.digest;
     // An image with a layer this build uploaded is new, so its config,
     // almost surely new too, goes unasked while the manifest HEAD below
-    // asks, and so do the uploads under way.
-    let started: Vec<Digest> = image
+    // asks.
+    let fresh = image
         .layers
         .iter()
-        .map(|l| l.descriptor.digest.clone())
-        .filter(|d| uploads.started(destination, d).is_some())
-        .collect();
-    let fresh = !started.is_empty();
-    let early = async {
-        if !fresh {
-            return Ok::<(), BuildError>(());
+        .any(|l| uploads.started(destination, &l.descriptor.digest));
+    let early_config = async {
+        match fresh {
+            true => registry.push_new_blob(destination, config, store).await,
+            false => Ok(()),
         }
-        let (config, started) = futures_util::future::join(
-            registry.push_new_blob(destination, config, store),
-            push_blobs(
-                started.iter().cloned(),
-                destination,
-                registry,
-                store,
-                uploads,
-            ),
-        )
-        .await;
-        // The layer's failure first: it happened first, in the background.
-        started?;
-        Ok(config?)
     };
     // A registry stores a manifest only once it has every blob it names, so
     // a destination already at this manifest (a no-change rebuild) needs
     // one HEAD instead of a HEAD per blob and a PUT. In an index the image
     // is asked for by digest: the tag names the index.
-    let (current, early) = futures_util::future::join(registry.manifest_at(&to), early).await;
+    let (current, config_pushed) =
+        futures_util::future::join(registry.manifest_at(&to), early_config).await;
     if current.as_ref() == Some(&image.manifest.digest) {
         return Ok(());
     }
-    early?;
     // For the same reason the blobs of the manifest there now (a previous
-    // build's, when the store has it) need no HEAD.
+    // build's, when the store has it) need no HEAD; those the build's
+    // uploads took are theirs.
     let held = current
         .and_then(|d| blobs_named(store, &d))
         .unwrap_or_default();
-    let rest = image
-        .blob_digests()
-        .into_iter()
-        .filter(|d| !held.contains(d) && !(fresh && (d == config || started.contains(d))));
-    push_blobs(rest, destination, registry, store, uploads).await?;
-    // Every background upload, this image's or not: a failed one leaves
-    // no tag.
-    uploads.finish().await?;
+    let rest = image.blob_digests().into_iter().filter(|d| {
+        let taken = (fresh && d == config) || uploads.started(destination, d);
+        !held.contains(d) && !taken
+    });
+    // Every background upload, this image's or not, goes on beside them:
+    // a failed one leaves no tag, and is the failure told, being the first.
+    let (finished, pushed) = futures_util::future::join(
+        uploads.finish(),
+        push_blobs(rest, destination, registry, store),
+    )
+    .await;
+    finished?;
+    config_pushed?;
+    pushed?;
     let bytes = store.read(&image.manifest.digest)?;
     registry
         .push_manifest(&to, bytes, &image.manifest.media_type)
@@ -120,21 +111,15 @@ async fn push_image(
     Ok(())
 }
 
-/// Makes `blobs` exist at `destination`, [`UPLOADS_AT_ONCE`] at a time:
-/// those `uploads` started are awaited, the rest pushed unless there.
+/// Makes `blobs` exist at `destination`, [`UPLOADS_AT_ONCE`] at a time,
+/// skipping those it has.
 async fn push_blobs(
     blobs: impl Iterator<Item = Digest>,
     destination: &Reference,
     registry: &RegistryClient,
     store: &BlobStore,
-    uploads: &Uploads,
 ) -> Result<(), BuildError> {
-    let pushes = blobs.map(|d| async move {
-        match uploads.started(destination, &d) {
-            Some(upload) => upload.await,
-            None => Ok(registry.push_blob(destination, &d, store).await?),
-        }
-    });
+    let pushes = blobs.map(|d| async move { registry.push_blob(destination, &d, store).await });
     futures_util::stream::iter(pushes)
         .buffer_unordered(UPLOADS_AT_ONCE)
         .try_collect::<Vec<()>>()

@@ -8,11 +8,11 @@
 //! At most [`CONCURRENT`] uploads move at once; one (repository, blob) is
 //! uploaded once, however often it is asked for.
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use kiln_cachestore::digest::Digest;
+use kiln_cachestore::registry::repository_id;
 use kiln_cachestore::remote::RemoteCache;
 use kiln_cachestore::{BlobStore, CacheStoreError, Reference, RegistryClient, StepEntry};
 use tokio::sync::Semaphore;
@@ -73,11 +73,6 @@ struct State {
     all: Vec<Upload>,
 }
 
-/// `registry/repository`: what a blob upload's identity is beside the digest.
-fn repository(r: &Reference) -> String {
-    format!("{}/{}", r.resolve_registry(), r.repository())
-}
-
 impl Uploads {
     /// Uploads that send new layers to `destinations` (none: `--no-push`,
     /// or a build that only fills `--cache-repo`).
@@ -122,7 +117,7 @@ impl Uploads {
     /// The upload of `digest` to `to`'s repository, started now unless it
     /// already was.
     fn upload(&self, to: &Reference, digest: &Digest) -> Upload {
-        let id = (repository(to), digest.clone());
+        let id = (repository_id(to), digest.clone());
         let mut state = self.state();
         if let Some(upload) = state.blobs.get(&id) {
             return upload.clone();
@@ -148,7 +143,7 @@ impl Uploads {
             .layer
             .as_ref()
             .map(|l| self.upload(remote.repo(), &l.descriptor.digest));
-        let what = format!("cache entry {key} in {}", repository(remote.repo()));
+        let what = format!("cache entry {key} in {}", repository_id(remote.repo()));
         let (remote, key, entry) = (remote.clone(), key.to_string(), entry.clone());
         let (store, limit) = (self.inner.store.clone(), self.inner.limit.clone());
         let task = async move {
@@ -167,16 +162,12 @@ impl Uploads {
         self.state().all.push(upload);
     }
 
-    /// The upload of `digest` to `to`'s repository that these uploads
-    /// started, if they did: a push awaits it instead of asking the registry.
-    pub fn started(
-        &self,
-        to: &Reference,
-        digest: &Digest,
-    ) -> Option<impl Future<Output = Result<(), BuildError>>> {
-        let id = (repository(to), digest.clone());
-        let upload = self.state().blobs.get(&id)?.clone();
-        Some(async move { upload.await.map_err(BuildError::from) })
+    /// Whether these uploads started uploading `digest` to `to`'s
+    /// repository: a push awaits them ([`Self::finish`]) instead of asking
+    /// the registry.
+    pub fn started(&self, to: &Reference, digest: &Digest) -> bool {
+        let id = (repository_id(to), digest.clone());
+        self.state().blobs.contains_key(&id)
     }
 
     /// The first upload to have failed so far, if one has: the build stops

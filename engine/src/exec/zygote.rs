@@ -82,27 +82,25 @@ impl Drop for Zygote {
     }
 }
 
-fn zygote() -> std::sync::MutexGuard<'static, Option<Zygote>> {
-    ZYGOTE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Starts the zygote now, for RUN steps to come, unless it runs already.
-/// Only a speed-up: a zygote that cannot start leaves each step its own
-/// runner.
-pub fn prepare() {
-    let mut zygote = zygote();
+/// The zygote, started now unless it runs already. Only a speed-up: one
+/// that cannot start leaves each step a runner of its own.
+fn started() -> std::sync::MutexGuard<'static, Option<Zygote>> {
+    let mut zygote = ZYGOTE.lock().unwrap_or_else(|e| e.into_inner());
     if zygote.is_none() {
         *zygote = Zygote::start().ok();
     }
+    zygote
+}
+
+/// Starts the zygote now, for RUN steps to come.
+pub fn prepare() {
+    drop(started());
 }
 
 /// Runs a step through the zygote (started now if need be); `None` when
 /// it cannot, and the caller starts a runner of the step's own.
 pub fn run(spec: &RunSpec) -> io::Result<Option<i32>> {
-    let mut zygote = zygote();
-    if zygote.is_none() {
-        *zygote = Zygote::start().ok();
-    }
+    let mut zygote = started();
     let Some(running) = zygote.as_mut() else {
         return Ok(None);
     };
@@ -116,7 +114,7 @@ pub fn run(spec: &RunSpec) -> io::Result<Option<i32>> {
 /// Stops the zygote: the build's steps are done, and its hold on Kiln's
 /// stdout and stderr (pipes, with JSON logs) must end with them.
 pub fn stop() {
-    zygote().take();
+    ZYGOTE.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
 
 /// The zygote's main: forks a runner for each spec read on stdin (a

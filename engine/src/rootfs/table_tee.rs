@@ -1,7 +1,8 @@
 //! A layer's metadata table made from its uncompressed tar as the tar
 //! streams past for another reason (being unpacked, or written by a
 //! step built on the view), on a thread of its own: the table then costs
-//! no second read of the layer's blob, and the stream's owner waits for nothing but the final join.
+//! no second read of the layer's blob, and the stream's owner waits for
+//! nothing but the final join.
 //! The table is [`LayerTable::read`] of exactly the bytes fed, so it is
 //! the table a later read of the blob would give.
 use std::io::{self, Read};
