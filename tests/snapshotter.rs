@@ -2,6 +2,8 @@
 //! and where overlayfs cannot be mounted (here: a state dir on overlayfs,
 //! which overlayfs refuses as an upper dir) `auto` falls back to the walk
 //! snapshotter with a warning while an explicit `overlay` fails clearly.
+//! A successful probe is recorded in the state dir, and a record that a
+//! mount then proves wrong is forgotten.
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -124,4 +126,58 @@ fn without_overlayfs_auto_walks_and_overlay_fails_clearly() {
         stderr(&out)
     );
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_probe_is_recorded_and_a_record_that_proves_wrong_is_forgotten() {
+    let ctx = context();
+    let plain = tempfile::tempdir().unwrap();
+    let out = kiln_build(&ctx, plain.path(), &["--no-push"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let record = std::fs::read_to_string(plain.path().join("overlay-probed")).unwrap();
+    assert!(record.starts_with("kiln overlay probe 1\n"), "{record}");
+
+    // On overlayfs, which overlayfs refuses as an upper dir, a record of the
+    // same conditions but that filesystem: trusted, so no probe runs and the
+    // step's own mount fails, which forgets it.
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostOverlay::mount(dir.path());
+    let state = host.merged.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let stat = |args: &[&str]| {
+        let out = run_ok(Command::new("stat").args(args).arg(&state));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let fs = format!(
+        "fs {} dev {}",
+        stat(&["-f", "-c", "%t"]),
+        stat(&["-c", "%d"])
+    );
+    let forged: String = record
+        .lines()
+        .map(|l| match l.starts_with("fs ") {
+            true => format!("{fs}\n"),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(forged, record);
+    std::fs::write(state.join("overlay-probed"), forged).unwrap();
+    let out = kiln_build(&ctx, &state, &["--no-push"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the next build checks overlayfs again"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert!(!state.join("overlay-probed").exists());
+
+    let out = kiln_build(&ctx, &state, &["--no-push"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("walk snapshotter"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!state.join("overlay-probed").exists());
 }

@@ -8,6 +8,7 @@
 //! unpacked/       layers unpacked for the overlay snapshotter (UnpackedLayers)
 //! made-by/        which unpacked layer a COPY last made, by its reuse key (UnpackedLayers)
 //! mounts/         RUN --mount=type=cache directories, each with a .lock beside it
+//! overlay-probed  what an overlay mount here succeeded with (the engine's probe.rs)
 //! builds/build-*  running builds' work dirs, each holding builds/build-*/lock
 //! context-*       contexts fetched for a build (tar, git), for its length
 //! ```
@@ -34,6 +35,7 @@ const UNPACKED: &str = "unpacked";
 const MADE_BY: &str = "made-by";
 const MOUNTS: &str = "mounts";
 const BUILDS: &str = "builds";
+const OVERLAY_PROBED: &str = "overlay-probed";
 /// Held by a build for as long as it runs, in its work dir.
 const BUILD_LOCK: &str = "lock";
 /// The mode of the state dir and the dirs made in it.
@@ -122,6 +124,12 @@ impl StateDir {
     /// file per key holding the layer's diff_id.
     pub fn made_by(&self) -> PathBuf {
         self.root.join(MADE_BY)
+    }
+
+    /// The record of a successful overlay probe: the conditions it held
+    /// under, so a build under the same ones need not mount one again.
+    pub fn overlay_probed(&self) -> PathBuf {
+        self.root.join(OVERLAY_PROBED)
     }
 
     /// `RUN --mount=type=cache` directories, kept across builds.

@@ -20,6 +20,7 @@ mod blobs;
 mod cache;
 mod events;
 mod options;
+mod probe;
 mod roots;
 mod sources;
 mod steps;

@@ -13,8 +13,9 @@ use kiln_cachestore::{BlobStore, Index};
 
 use super::events::{Counters, Event};
 use super::options::{overlay_wanted, BuildOptions, Snapshotter};
+use super::probe;
 use super::syscalls::{Mount, Syscalls, UnpackInto};
-use super::unpack::{probe_overlay, Arrivals, Unpacker};
+use super::unpack::{Arrivals, Unpacker};
 use super::StageResult;
 use crate::error::{BuildError, IoContext};
 use crate::exec::run::Isolation;
@@ -185,7 +186,7 @@ impl<'a> Roots<'a> {
 
     /// Whether the overlay snapshotter is to be used: asked for (or left to
     /// `auto`), with the isolation it needs, and an overlay can be mounted
-    /// in Kiln's own mount namespace (tried once, on scratch dirs).
+    /// in Kiln's own mount namespace (see `probe.rs`).
     fn overlay_usable(&self) -> Result<bool, String> {
         let options = self.options;
         if !overlay_wanted(
@@ -198,7 +199,7 @@ impl<'a> Roots<'a> {
         if !options.own_mount_namespace {
             return Err("Kiln has no mount namespace of its own (not root?)".into());
         }
-        probe_overlay(self.sys, &self.work, &self.empty)?;
+        probe::overlay_mountable(self.sys, &self.state, &self.work, &self.empty)?;
         Ok(true)
     }
 
@@ -287,7 +288,8 @@ impl<'a> Roots<'a> {
         }
         let mut all = vec![self.empty.clone()];
         all.extend_from_slice(lowers);
-        Ok(Some(self.sys.mount_overlay(&all, None, dir).at(dir)?))
+        let mounted = self.sys.mount_overlay(&all, None, dir);
+        Ok(Some(self.probed(mounted).at(dir)?))
     }
 
     /// A writable overlay of `lowers` (or of nothing) at `root`, writing
@@ -302,7 +304,20 @@ impl<'a> Roots<'a> {
             true => std::slice::from_ref(&self.empty),
             false => lowers,
         };
-        self.sys.mount_overlay(stack, Some(upper), root).at(root)
+        let mounted = self.sys.mount_overlay(stack, Some(upper), root);
+        self.probed(mounted).at(root)
+    }
+
+    /// A real mount's result: when it failed, the probe's record may be
+    /// wrong, and the next build probes again.
+    fn probed(&self, mounted: std::io::Result<Mount>) -> std::io::Result<Mount> {
+        mounted.map_err(|e| {
+            probe::forget(&self.state);
+            std::io::Error::new(
+                e.kind(),
+                format!("mounting an overlay: {e} (the next build checks overlayfs again)"),
+            )
+        })
     }
 
     /// What unpacking over `root` must leave alone: on the machine's own

@@ -224,21 +224,6 @@ impl Unpacker<'_> {
     }
 }
 
-/// Whether an overlay can be mounted here: tried once, on scratch dirs in
-/// `work`, over `empty`.
-pub(crate) fn probe_overlay(sys: &dyn Syscalls, work: &Path, empty: &Path) -> Result<(), String> {
-    let probe = work.join("probe");
-    let dirs = ["upper", "work", "merged"].map(|d| probe.join(d));
-    for dir in &dirs {
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    }
-    // Unmounted as soon as it is made.
-    sys.mount_overlay(&[empty.to_path_buf()], Some((&dirs[0], &dirs[1])), &dirs[2])
-        .map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&probe);
-    Ok(())
-}
-
 /// What [`BaseUnpacker::unpack`] did for one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseUnpacked {
@@ -279,7 +264,7 @@ impl<'a> BaseUnpacker<'a> {
         let work = state.new_build()?;
         let empty = work.path().join("empty");
         std::fs::create_dir(&empty).at(&empty)?;
-        probe_overlay(&Host, work.path(), &empty).map_err(|why| {
+        super::probe::overlay_mountable(&Host, state, work.path(), &empty).map_err(|why| {
             BuildError::Invalid(format!("overlayfs cannot be mounted here: {why}"))
         })?;
         Ok(BaseUnpacker {
