@@ -257,11 +257,80 @@ fn compress_block(
     let bytes = match compression {
         Compression::Gzip { level } => {
             crc.update(data);
-            deflate(level, window, data, last)?
+            match level > 0 && incompressible(data) {
+                true => stored(data, last),
+                false => deflate(level, window, data, last)?,
+            }
         }
         Compression::Zstd { level } => zstd::bulk::compress(data, level)?,
     };
     Ok(Block { bytes, crc })
+}
+
+/// Order-0 entropy, in bits per byte, above which deflate cannot shrink a
+/// block by more than about half a percent: already compressed data
+/// (archives, images, packed binaries) or random bytes.
+const INCOMPRESSIBLE_BITS: f64 = 7.95;
+/// How much of a block's start is searched for repeats.
+const REPEAT_PROBE: usize = WINDOW;
+
+/// Whether deflating `data` would be wasted work: its bytes are near
+/// uniform, and its start repeats no 4-byte sequence often (bytes can be
+/// uniform and still repeat within the window, which deflate would find).
+/// It depends on `data` alone, so the output still does not depend on the
+/// thread count.
+fn incompressible(data: &[u8]) -> bool {
+    if data.len() < 4096 {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[usize::from(b)] += 1;
+    }
+    let n = data.len() as f64;
+    let bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    if bits < INCOMPRESSIBLE_BITS {
+        return false;
+    }
+    // A 4-byte sequence seen before, at its last position by hash: random
+    // bytes meet one by chance about once in 2^20 positions here.
+    let probe = &data[..data.len().min(REPEAT_PROBE)];
+    let mut last = vec![u32::MAX; 1 << 12];
+    let mut repeats = 0;
+    for (i, quad) in probe.windows(4).enumerate() {
+        let word = u32::from_le_bytes([quad[0], quad[1], quad[2], quad[3]]);
+        let slot = (word.wrapping_mul(0x9E37_79B1) >> 20) as usize;
+        let seen = last[slot];
+        if seen != u32::MAX && probe[seen as usize..seen as usize + 4] == *quad {
+            repeats += 1;
+        }
+        last[slot] = i as u32;
+    }
+    repeats < probe.len() / 256
+}
+
+/// `data` as raw deflate stored blocks (at most 65,535 bytes each),
+/// byte-aligned as [`deflate`]'s output ends, the last one final if
+/// `last`.
+fn stored(data: &[u8], last: bool) -> Vec<u8> {
+    let chunks = data.chunks(usize::from(u16::MAX));
+    let count = chunks.len();
+    let mut out = Vec::with_capacity(data.len() + 5 * count);
+    for (i, chunk) in chunks.enumerate() {
+        let len = chunk.len() as u16;
+        out.push(u8::from(last && i + 1 == count));
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
 }
 
 /// `data` as a raw deflate stream that may refer back into `window` (the
@@ -386,6 +455,60 @@ mod tests {
             }
             assert!(back == data, "{compression:?} does not decode back");
         }
+    }
+
+    /// `len` bytes of noise (xorshift), as compressed files hold.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn noise_is_stored_not_searched_and_decodes_back() {
+        let noise_len = 3 * GZIP_BLOCK;
+        let mut data = noise(noise_len);
+        // Then text: blocks after stored ones still compress.
+        data.extend(mixed(2 * GZIP_BLOCK + 777));
+        let gz = encode(&data, Compression::Gzip { level: 6 }, 1);
+        // Per block, two stored blocks of 5-byte headers.
+        let stored_len = noise_len + 3 * 2 * 5;
+        let text_len = encode(&data[noise_len..], Compression::Gzip { level: 6 }, 1).len();
+        // The text's first block starts from the noise as its window: a
+        // few bytes apart from the text's alone.
+        let expected = stored_len + text_len;
+        assert!(
+            gz.len().abs_diff(expected) < 64,
+            "{} against {expected}",
+            gz.len()
+        );
+        assert!(encode(&data, Compression::Gzip { level: 6 }, 8) == gz);
+        assert!(system("gzip", &gz).expect("gzip is installed") == data);
+        // All noise, so the last block is stored and final.
+        let all = noise(GZIP_BLOCK + 5);
+        let gz = encode(&all, Compression::Gzip { level: 6 }, 2);
+        assert!(system("gzip", &gz).unwrap() == all);
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == all);
+    }
+
+    #[test]
+    fn noise_that_repeats_within_the_window_is_still_compressed() {
+        let chunk = noise(8 << 10);
+        let data: Vec<u8> = chunk.iter().copied().cycle().take(GZIP_BLOCK * 2).collect();
+        assert!(!incompressible(&data[..GZIP_BLOCK]));
+        let gz = encode(&data, Compression::Gzip { level: 6 }, 2);
+        assert!(gz.len() < data.len() / 4, "{} bytes", gz.len());
+        assert!(system("gzip", &gz).unwrap() == data);
     }
 
     #[test]
