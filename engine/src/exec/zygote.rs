@@ -30,7 +30,8 @@ pub const ZYGOTE_ARG: &str = "__kiln-run-zygote";
 static ZYGOTE: Mutex<Option<Zygote>> = Mutex::new(None);
 
 struct Zygote {
-    child: Child,
+    /// Taken by `drop`, to be reaped.
+    child: Option<Child>,
     socket: UnixStream,
 }
 
@@ -51,7 +52,7 @@ impl Zygote {
             });
         }
         Ok(Zygote {
-            child: cmd.spawn()?,
+            child: Some(cmd.spawn()?),
             socket: ours,
         })
     }
@@ -76,9 +77,17 @@ impl Zygote {
 }
 
 impl Drop for Zygote {
+    /// Closes the socket, which ends the zygote, and reaps it on a thread
+    /// of its own: its exit (2–3 ms, for a process that mapped all of
+    /// `kiln`) need not hold up the push, and by the time the JSON log
+    /// waits for its pipes to close, the zygote's copies of them are gone.
     fn drop(&mut self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = std::thread::Builder::new()
+                .name("kiln-zygote-reaper".into())
+                .spawn(move || child.wait());
+        }
     }
 }
 
@@ -112,7 +121,8 @@ pub fn run(spec: &RunSpec) -> io::Result<Option<i32>> {
 }
 
 /// Stops the zygote: the build's steps are done, and its hold on Kiln's
-/// stdout and stderr (pipes, with JSON logs) must end with them.
+/// stdout and stderr (pipes, with JSON logs) must end with them. It exits
+/// on its own; nothing waits for that here.
 pub fn stop() {
     ZYGOTE.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
