@@ -261,12 +261,17 @@ change_file() {
 
 # --- runners ------------------------------------------------------------------
 now() { echo "${EPOCHREALTIME/,/.}"; }
+# Before each timed run: the disk's dirty data written out, so no tool's run
+# pays for the writeback of what the one before it wrote (a cold run writes
+# hundreds of MB, and BuildKit's and buildah's cleanups delete as much).
+settle() { sync; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
 # kiln_run WL STATE TAG LOGNAME [extra args...] -> prints seconds
 kiln_run() {
   local wl=$1 state=$2 tag=$3 name=$4; shift 4
   local t0 t1
+  settle
   t0=$(now)
   if ! "$kiln" build --context "$ctx/$wl" --dockerfile "$ctx/$wl/Dockerfile" \
       --destination "$reg/kiln/$wl:$tag" --cache-dir "$state" "$@" >"$log/$name.out" 2>"$log/$name.err"; then
@@ -281,6 +286,7 @@ buildah_run() {
   local wl=$1 root=$2 tag=$3 name=$4; shift 4
   local b=(buildah --storage-driver "$driver" --root "$root/root" --runroot "$root/run")
   local t0 t1
+  settle
   t0=$(now)
   if ! "${b[@]}" bud --tls-verify=false --isolation chroot --layers "$@" -t "$wl:$tag" "$ctx/$wl" \
       >"$log/$name.out" 2>"$log/$name.err"; then
@@ -298,6 +304,7 @@ buildkit_run() {
   peer buildkit || return 0
   local wl=$1 tag=$2 name=$3; shift 3
   local t0 t1
+  settle
   t0=$(now)
   if ! dk build --network=host "$@" -t "$reg/buildkit/$wl:$tag" "$ctx/$wl" >"$log/$name.out" 2>"$log/$name.err"; then
     echo "compare.sh: docker build failed ($name):" >&2; tail -20 "$log/$name.err" >&2; exit 1
