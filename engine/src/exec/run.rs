@@ -325,13 +325,16 @@ pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
 /// The step runner's main: reads a [`RunSpec`] on stdin, mounts, runs the
 /// command as PID 1 of the new PID namespace and returns its exit code.
 pub fn step_runner_main() -> i32 {
-    match step_runner() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("kiln: setting up the RUN environment failed: {e}");
-            125
-        }
-    }
+    exit_code_of(step_runner())
+}
+
+/// A step runner's exit code: the command's, or 125 (as `docker run`
+/// exits when it cannot start the container) with the reason on stderr.
+pub(crate) fn exit_code_of(ran: io::Result<i32>) -> i32 {
+    ran.unwrap_or_else(|e| {
+        eprintln!("kiln: setting up the RUN environment failed: {e}");
+        125
+    })
 }
 
 fn cstring(p: &Path) -> io::Result<CString> {

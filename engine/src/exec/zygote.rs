@@ -142,10 +142,7 @@ pub fn zygote_main() -> i32 {
         if socket.read_exact(&mut json).is_err() {
             return 0;
         }
-        let code = fork_runner(&json).unwrap_or_else(|e| {
-            eprintln!("kiln: setting up the RUN environment failed: {e}");
-            125
-        });
+        let code = run::exit_code_of(fork_runner(&json));
         if socket.write_all(&code.to_le_bytes()).is_err() {
             return 0;
         }
@@ -161,7 +158,7 @@ fn fork_runner(json: &[u8]) -> io::Result<i32> {
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => {
-            let code = (|| {
+            let code = run::exit_code_of((|| {
                 rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
                 // The zygote died before the line above: so does this.
                 if rustix::process::getppid() != Some(zygote) {
@@ -169,11 +166,7 @@ fn fork_runner(json: &[u8]) -> io::Result<i32> {
                 }
                 run::enter_namespaces(&spec)?;
                 run::runner(&spec)
-            })()
-            .unwrap_or_else(|e: io::Error| {
-                eprintln!("kiln: setting up the RUN environment failed: {e}");
-                125
-            });
+            })());
             // SAFETY: ends the child without the parent's exit handlers.
             unsafe { libc::_exit(code) }
         }
