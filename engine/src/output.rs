@@ -61,26 +61,15 @@ async fn push_image(
         true => destination.clone_with_digest(image.manifest.digest.to_string()),
         false => destination.clone(),
     };
-    let config = &image.config.digest;
-    // An image with a layer this build uploaded is new, so its config,
-    // almost surely new too, goes unasked while the manifest HEAD below
-    // asks.
-    let fresh = image
-        .layers
-        .iter()
-        .any(|l| uploads.started(destination, &l.descriptor.digest));
-    let early_config = async {
-        match fresh {
-            true => registry.push_new_blob(destination, config, store).await,
-            false => Ok(()),
-        }
-    };
+    // An image with a layer this build uploaded is new, so its config goes
+    // unasked while the manifest HEAD below asks (the build started it as
+    // it assembled the image; this starts it for a caller that did not).
+    uploads.config(image);
     // A registry stores a manifest only once it has every blob it names, so
     // a destination already at this manifest (a no-change rebuild) needs
     // one HEAD instead of a HEAD per blob and a PUT. In an index the image
     // is asked for by digest: the tag names the index.
-    let (current, config_pushed) =
-        futures_util::future::join(registry.manifest_at(&to), early_config).await;
+    let current = registry.manifest_at(&to).await;
     if current.as_ref() == Some(&image.manifest.digest) {
         return Ok(());
     }
@@ -90,10 +79,10 @@ async fn push_image(
     let held = current
         .and_then(|d| blobs_named(store, &d))
         .unwrap_or_default();
-    let rest = image.blob_digests().into_iter().filter(|d| {
-        let taken = (fresh && d == config) || uploads.started(destination, d);
-        !held.contains(d) && !taken
-    });
+    let rest = image
+        .blob_digests()
+        .into_iter()
+        .filter(|d| !held.contains(d) && !uploads.started(destination, d));
     // Every background upload, this image's or not, goes on beside them:
     // a failed one leaves no tag, and is the failure told, being the first.
     let (finished, pushed) = futures_util::future::join(
@@ -102,7 +91,6 @@ async fn push_image(
     )
     .await;
     finished?;
-    config_pushed?;
     pushed?;
     let bytes = store.read(&image.manifest.digest)?;
     registry

@@ -43,6 +43,25 @@ impl From<Failed> for BuildError {
     }
 }
 
+/// What a blob upload sends.
+#[derive(Clone, Copy)]
+enum Blob {
+    /// Asked about first: a registry may have it (a base's, a cached one).
+    Layer,
+    /// An image's config, sent unasked: the image is new (see
+    /// [`Uploads::config`]).
+    Config,
+}
+
+impl Blob {
+    fn name(self) -> &'static str {
+        match self {
+            Blob::Layer => "layer",
+            Blob::Config => "config",
+        }
+    }
+}
+
 /// One upload under way (or done), awaitable by any number of waiters.
 type Upload = Shared<BoxFuture<'static, Result<(), Failed>>>;
 
@@ -100,6 +119,22 @@ impl Uploads {
         }
     }
 
+    /// Starts uploading `image`'s config, unasked, to every destination
+    /// that a layer of it is uploading to: an image with a new layer is
+    /// new, and so is its config. It starts once the image is assembled,
+    /// so it moves while the build cleans up.
+    pub fn config(&self, image: &crate::image::BuiltImage) {
+        for to in &self.inner.destinations {
+            let fresh = image
+                .layers
+                .iter()
+                .any(|l| self.started(to, &l.descriptor.digest));
+            if fresh {
+                let _started = self.upload(to, &image.config.digest, Blob::Config);
+            }
+        }
+    }
+
     /// Opens an upload session on every destination for a blob to come
     /// (`RegistryClient::open_upload_ahead`).
     pub(crate) fn open_ahead(&self) {
@@ -111,24 +146,27 @@ impl Uploads {
     /// Starts uploading `digest` from the store to `to`'s repository,
     /// unless that was asked already. Must be called on a Tokio runtime.
     pub(crate) fn blob(&self, to: &Reference, digest: &Digest) {
-        let _started = self.upload(to, digest);
+        let _started = self.upload(to, digest, Blob::Layer);
     }
 
     /// The upload of `digest` to `to`'s repository, started now unless it
     /// already was.
-    fn upload(&self, to: &Reference, digest: &Digest) -> Upload {
+    fn upload(&self, to: &Reference, digest: &Digest, blob: Blob) -> Upload {
         let id = (repository_id(to), digest.clone());
         let mut state = self.state();
         if let Some(upload) = state.blobs.get(&id) {
             return upload.clone();
         }
-        let what = format!("layer {digest} to {}", id.0);
+        let what = format!("{} {digest} to {}", blob.name(), id.0);
         let (registry, store) = (self.inner.registry.clone(), self.inner.store.clone());
         let (limit, to, digest) = (self.inner.limit.clone(), to.clone(), digest.clone());
         let task = async move {
             // Never closed; without a permit it would merely not wait.
             let _permit = limit.acquire_owned().await.ok();
-            registry.push_blob(&to, &digest, &store).await
+            match blob {
+                Blob::Layer => registry.push_blob(&to, &digest, &store).await,
+                Blob::Config => registry.push_new_blob(&to, &digest, &store).await,
+            }
         };
         let upload = self.spawned(what, task);
         state.blobs.insert(id, upload.clone());
@@ -142,7 +180,7 @@ impl Uploads {
         let layer = entry
             .layer
             .as_ref()
-            .map(|l| self.upload(remote.repo(), &l.descriptor.digest));
+            .map(|l| self.upload(remote.repo(), &l.descriptor.digest, Blob::Layer));
         let what = format!("cache entry {key} in {}", repository_id(remote.repo()));
         let (remote, key, entry) = (remote.clone(), key.to_string(), entry.clone());
         let (store, limit) = (self.inner.store.clone(), self.inner.limit.clone());

@@ -399,7 +399,11 @@ impl<'a> Builder<'a> {
                 }
             }
         }
+        // Roots no later stage reads, freed as the next stage starts, or
+        // once the image is assembled and its config on its way.
+        let mut unread: Vec<OnDisk> = Vec::new();
         for stage in plan.stages.iter().filter(|s| s.needed) {
+            unread.drain(..).for_each(OnDisk::remove);
             // A failed upload stops the build here, not at the end.
             self.uploads.failed()?;
             let emulated = !emulation::native(&stage.platform);
@@ -588,17 +592,13 @@ impl<'a> Builder<'a> {
                 )
             })?;
             self.publish(&entries);
-            // Free the roots nobody reads any more.
+            // The roots nobody reads any more.
             let done: Vec<usize> = results
                 .keys()
                 .copied()
                 .filter(|i| last_use.get(i).is_none_or(|last| *last <= stage.index))
                 .collect();
-            for i in done {
-                if let Some(tree) = results.remove(&i).and_then(|r| r.on_disk) {
-                    tree.remove();
-                }
-            }
+            unread.extend(done.iter().filter_map(|i| results.remove(i)?.on_disk));
             results.insert(stage.index, result);
         }
         self.index.touch_steps(&used)?;
@@ -611,13 +611,16 @@ impl<'a> Builder<'a> {
         }
         (self.on_event)(Event::Summary(self.counters.summary()));
         let created = self.created(target.built);
-        image::assemble(
+        let image = image::assemble(
             self.store,
             self.options.image_format,
             target.config,
             target.layers,
             created,
-        )
+        )?;
+        self.uploads.config(&image);
+        unread.into_iter().for_each(OnDisk::remove);
+        Ok(image)
     }
 
     /// Whether COPY and WORKDIR misses may be built on the metadata view:
