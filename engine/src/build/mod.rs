@@ -15,6 +15,8 @@
 //! - `syscalls.rs`: mounting, unpacking and running, behind a trait;
 //! - `unpack.rs`: layers unpacked for the overlay snapshotter, by a build
 //!   or ahead of builds (`kiln warm`);
+//! - `tables.rs`, `views_ahead.rs`: layers' metadata tables, and later
+//!   stages' metadata views made while earlier stages run;
 //! - `options.rs`, `events.rs`: what the caller asks and is told.
 mod blobs;
 mod cache;
@@ -29,6 +31,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 mod unpack;
+mod views_ahead;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -120,6 +123,8 @@ pub struct Builder<'a> {
     pending: blobs::Pending,
     /// Where the layer blobs this build writes are uploaded, at once.
     new_layers: blobs::NewLayers,
+    /// Later stages' metadata views, made while earlier stages run.
+    views_ahead: views_ahead::ViewsAhead,
     /// The uploads under way: the caller's ([`Builder::with_uploads`]),
     /// which it waits for, or the builder's own, which it waits for at the
     /// end (`--cache-repo` entries only: it knows no destination).
@@ -205,6 +210,7 @@ impl<'a> Builder<'a> {
             recorded: Recorded::new(SKIP_CONTENTS, &ignored),
             pending: Default::default(),
             new_layers: Default::default(),
+            views_ahead: Default::default(),
             uploads: Uploads::new(registry, store, Vec::new()),
             own_uploads: true,
             work,
@@ -465,6 +471,7 @@ impl<'a> Builder<'a> {
                 .zip(&hits)
                 .all(|(k, h)| k.is_none() || h.is_some());
             if !fully_cached {
+                self.views_ahead_of(&plan, stage.index, &manifests);
                 // A RUN that will run for another architecture needs QEMU
                 // registered so that it works inside the root.
                 let runs =
@@ -621,6 +628,37 @@ impl<'a> Builder<'a> {
         self.uploads.config(&image);
         unread.into_iter().for_each(OnDisk::remove);
         Ok(image)
+    }
+
+    /// Starts making, on another thread, the metadata views that the
+    /// stages after `current` would be built on: those from an image whose
+    /// steps the view may all serve. A miss here makes theirs likely, as
+    /// they most often copy from this one.
+    fn views_ahead_of(
+        &self,
+        plan: &Plan,
+        current: usize,
+        manifests: &HashMap<BaseKey, ResolvedManifest>,
+    ) {
+        if !self.view_allowed() {
+            return;
+        }
+        for stage in plan.stages.iter().filter(|s| s.needed && s.index > current) {
+            let Base::Image(reference) = &stage.base else {
+                continue;
+            };
+            let served = stage
+                .steps
+                .iter()
+                .all(|s| matches!(s.action, Action::Config) || steps::view_serves(s));
+            let m = manifests.get(&(reference.clone(), stage.platform.clone()));
+            if let (true, Some(m)) = (served, m) {
+                if let Ok(config) = image_config(self.store, m, reference) {
+                    let layers = Self::image_layers(m, &config);
+                    self.views_ahead.start(self.index, layers);
+                }
+            }
+        }
     }
 
     /// Whether COPY and WORKDIR misses may be built on the metadata view:

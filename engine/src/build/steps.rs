@@ -569,6 +569,10 @@ impl Builder<'_> {
     /// for it, and the stage is built on disk).
     fn meta_view(&self, layers: &[Layer]) -> Result<Option<MetaView>, BuildError> {
         let start = Instant::now();
+        if let Some(view) = self.views_ahead.take(layers) {
+            self.counters.timed("view", start);
+            return Ok(Some(view));
+        }
         let mut view = MetaView::default();
         for layer in layers {
             match self.layer_table(layer) {

@@ -26,16 +26,20 @@ pub(crate) fn layer_table(
     index: &Index,
     layer: &Layer,
 ) -> Result<Found, String> {
-    if let Some(table) = index.get_view(&key(layer)).ok().flatten() {
-        if let Some(table) = LayerTable::from_bytes(&table) {
-            return Ok(Found { table, read: false });
-        }
+    if let Some(table) = stored_table(index, layer) {
+        return Ok(Found { table, read: false });
     }
     let table = crate::layer::open_layer(store, &layer.descriptor.digest)
         .map_err(|e| e.to_string())
         .and_then(|r| LayerTable::read(r).map_err(|e| e.to_string()))?;
     put_table(index, layer, &table);
     Ok(Found { table, read: true })
+}
+
+/// `layer`'s table as the index holds it, if it does (in this format).
+pub(crate) fn stored_table(index: &Index, layer: &Layer) -> Option<LayerTable> {
+    let bytes = index.get_view(&key(layer)).ok().flatten()?;
+    LayerTable::from_bytes(&bytes)
 }
 
 /// Tables are kept by the layer's diff_id.
