@@ -635,3 +635,74 @@ fn run_steps_are_forked_by_one_zygote_the_build_started() {
     let zygote = seen[0].zygotes[0];
     assert!(!Path::new(&format!("/proc/{zygote}")).exists());
 }
+
+/// Whether a process is gone, or a zombie nobody reaped (what an orphan
+/// becomes under an init that does not reap).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A build killed with SIGKILL while a RUN runs takes its zygote and the
+/// step's runner with it: the zygote is started by a thread of Kiln's that
+/// lives as long as it does, and both die by their parent-death signals.
+#[test]
+fn a_killed_build_takes_its_zygote_and_runner_with_it() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+    let build = Arc::new(AtomicU32::new(0));
+    let seen: Arc<Mutex<Option<Runners>>> = Arc::default();
+    let gate = gate({
+        let (build, seen) = (build.clone(), seen.clone());
+        move || {
+            let pid = build.load(Ordering::SeqCst);
+            *seen.lock().unwrap() = Some(runners_under(pid));
+            let killed = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            assert!(killed.unwrap().success());
+            // The step must not go on: it waits for an answer it never gets.
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            true
+        }
+    });
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    let ctx = Context::new(
+        &format!("FROM {base}\nRUN wget -q -O /one http://{gate}/\n"),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut child = kiln_build_cmd(&ctx, state.path(), &["--no-push"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    build.store(child.id(), Ordering::SeqCst);
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let runners = seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the RUN reached the gate");
+    assert_eq!(runners.zygotes.len(), 1, "{runners:?}");
+    assert_eq!(runners.forked.len(), 1, "{runners:?}");
+    let all: Vec<u32> = runners
+        .zygotes
+        .iter()
+        .chain(&runners.forked)
+        .copied()
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !all.iter().all(|p| gone(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(all.iter().all(|p| gone(*p)), "still running: {all:?}");
+}

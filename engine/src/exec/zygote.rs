@@ -15,9 +15,8 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Mutex};
 
 use rustix::process::Signal;
 
@@ -30,35 +29,60 @@ pub const ZYGOTE_ARG: &str = "__kiln-run-zygote";
 static ZYGOTE: Mutex<Option<Zygote>> = Mutex::new(None);
 
 struct Zygote {
-    /// Taken by `drop`, to be reaped.
-    child: Option<Child>,
+    /// Whether it was spawned, told once by its keeper; `None` until then.
+    spawned: Option<bool>,
+    told: mpsc::Receiver<bool>,
     socket: UnixStream,
 }
 
 impl Zygote {
+    /// Starts the zygote on a thread of its own, its keeper, so that the
+    /// build goes on meanwhile: spawning a process took 0.2-5 ms here.
+    /// The keeper then waits for it to exit, so it reaps it, and being
+    /// the thread that spawned it, it lives as long as the zygote's death
+    /// signal must stand (a parent-death signal follows the thread).
     fn start() -> io::Result<Zygote> {
         let (ours, theirs) = UnixStream::pair()?;
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg(ZYGOTE_ARG)
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit());
-        // SAFETY: a raw system call between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // A killed build takes its steps with it.
-                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-                Ok(())
-            });
-        }
+        let exe = std::env::current_exe()?;
+        let (tell, told) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("kiln-zygote".into())
+            .spawn(move || {
+                // Nothing runs between fork and exec, so the standard
+                // library spawns it with posix_spawn (vfork): no copy of
+                // the page tables of a process whose other threads are
+                // busy. The zygote takes its death signal itself.
+                let spawned = Command::new(exe)
+                    .arg(ZYGOTE_ARG)
+                    .arg(std::process::id().to_string())
+                    .stdin(Stdio::from(OwnedFd::from(theirs)))
+                    .stdout(Stdio::inherit())
+                    .stderr(Stdio::inherit())
+                    .spawn();
+                let _ = tell.send(spawned.is_ok());
+                if let Ok(mut child) = spawned {
+                    let _ = child.wait();
+                }
+            })?;
         Ok(Zygote {
-            child: Some(cmd.spawn()?),
+            spawned: None,
+            told,
             socket: ours,
         })
     }
 
+    /// Whether the zygote was spawned (waiting for its keeper to tell).
+    fn spawned(&mut self) -> bool {
+        *self
+            .spawned
+            .get_or_insert_with(|| self.told.recv().unwrap_or(false))
+    }
+
     /// Runs a step; `None` when the zygote took no spec (it is gone).
     fn run(&mut self, spec: &RunSpec) -> io::Result<Option<i32>> {
+        if !self.spawned() {
+            return Ok(None);
+        }
         let json = serde_json::to_vec(spec)?;
         let mut message = (json.len() as u32).to_le_bytes().to_vec();
         message.extend(json);
@@ -77,17 +101,12 @@ impl Zygote {
 }
 
 impl Drop for Zygote {
-    /// Closes the socket, which ends the zygote, and reaps it on a thread
-    /// of its own: its exit (2–3 ms, for a process that mapped all of
-    /// `kiln`) need not hold up the push, and by the time the JSON log
-    /// waits for its pipes to close, the zygote's copies of them are gone.
+    /// Closes the socket, which ends the zygote; its keeper reaps it. Its
+    /// exit (2-3 ms, for a process that mapped all of `kiln`) need not
+    /// hold up the push, and by the time the JSON log waits for its pipes
+    /// to close, the zygote's copies of them are gone.
     fn drop(&mut self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
-        if let Some(mut child) = self.child.take() {
-            let _ = std::thread::Builder::new()
-                .name("kiln-zygote-reaper".into())
-                .spawn(move || child.wait());
-        }
     }
 }
 
@@ -133,6 +152,14 @@ pub fn stop() {
 pub fn zygote_main() -> i32 {
     // SAFETY: fd 0 is the socket Kiln handed over, and only this owns it.
     let mut socket = unsafe { UnixStream::from_raw_fd(0) };
+    // A killed build takes its steps with it; if Kiln died before the
+    // signal was set, the zygote goes now.
+    let kiln = std::env::args().nth(2).and_then(|p| p.parse::<i32>().ok());
+    if rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).is_err()
+        || rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != kiln
+    {
+        return 0;
+    }
     loop {
         let mut length = [0; 4];
         if socket.read_exact(&mut length).is_err() {
