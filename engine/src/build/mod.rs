@@ -15,6 +15,7 @@
 //! - `syscalls.rs`: mounting, unpacking and running, behind a trait;
 //! - `unpack.rs`: layers unpacked for the overlay snapshotter, by a build
 //!   or ahead of builds (`kiln warm`);
+//! - `scratch.rs`: the steps' scratch dirs, removed in the background;
 //! - `tables.rs`, `views_ahead.rs`: layers' metadata tables, and later
 //!   stages' metadata views made while earlier stages run;
 //! - `options.rs`, `events.rs`: what the caller asks and is told.
@@ -24,6 +25,7 @@ mod events;
 mod options;
 mod probe;
 mod roots;
+mod scratch;
 mod sources;
 mod steps;
 mod syscalls;

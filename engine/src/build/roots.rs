@@ -14,6 +14,7 @@ use kiln_cachestore::{BlobStore, Index};
 use super::events::{Counters, Event};
 use super::options::{overlay_wanted, BuildOptions, Snapshotter};
 use super::probe;
+use super::scratch::{Scratch, ScratchDir};
 use super::syscalls::{Mount, Syscalls, UnpackInto};
 use super::unpack::{Arrivals, Unpacker};
 use super::StageResult;
@@ -100,6 +101,7 @@ pub(crate) struct Roots<'a> {
     /// snapshotter), decided when a step first has to run: a fully cached
     /// build never mounts the probe (its unmount alone syncs for ms).
     unpacked: OnceLock<Option<UnpackedLayers>>,
+    scratch: Scratch,
 }
 
 impl<'a> Roots<'a> {
@@ -135,6 +137,7 @@ impl<'a> Roots<'a> {
             empty,
             host_keep,
             unpacked: OnceLock::new(),
+            scratch: Scratch::new(work),
         })
     }
 
@@ -144,6 +147,11 @@ impl<'a> Roots<'a> {
 
     pub(crate) fn work(&self) -> &Path {
         &self.work
+    }
+
+    /// A step's scratch dir in the build's dir (see [`Scratch`]).
+    pub(crate) fn scratch(&self, prefix: &str) -> std::io::Result<ScratchDir<'_>> {
+        self.scratch.dir(prefix)
     }
 
     /// The blobs being fetched while layers unpack.

@@ -318,10 +318,7 @@ impl Builder<'_> {
         reuse_key: Option<&str>,
     ) -> Result<(Option<Layer>, Option<Digest>), BuildError> {
         let start = Instant::now();
-        let scratch = tempfile::Builder::new()
-            .prefix("step-")
-            .tempdir_in(self.roots.work())
-            .at(self.roots.work())?;
+        let scratch = self.roots.scratch("step-").at(self.roots.work())?;
         let (upper, work) = (scratch.path().join("upper"), scratch.path().join("work"));
         for dir in [&upper, &work] {
             std::fs::create_dir(dir).at(dir)?;
@@ -430,9 +427,7 @@ impl Builder<'_> {
                     _ => MountPoints::prepare(root, &self.etc)?,
                 };
                 let mut env = run::run_env(env, &identity, HOSTNAME);
-                let scratch = tempfile::Builder::new()
-                    .prefix("mounts-")
-                    .tempdir_in(self.roots.work())?;
+                let scratch = self.roots.scratch("mounts-")?;
                 let inputs = MountInputs {
                     context: &self.options.context,
                     dockerignore: &self.options.dockerignore,
@@ -495,9 +490,7 @@ impl Builder<'_> {
                 let source = match from {
                     CopyFrom::Context => Source::Context(&self.options.context),
                     CopyFrom::Inline(files) => {
-                        inline_dir = tempfile::Builder::new()
-                            .prefix("heredoc-")
-                            .tempdir_in(self.roots.work())?;
+                        inline_dir = self.roots.scratch("heredoc-")?;
                         for (name, content) in files {
                             let path = inline_dir.path().join(name);
                             std::fs::write(&path, content)?;
@@ -617,10 +610,7 @@ impl Builder<'_> {
             return Ok(None);
         };
         let work = self.roots.work();
-        let scratch = tempfile::Builder::new()
-            .prefix("view-")
-            .tempdir_in(work)
-            .at(work)?;
+        let scratch = self.roots.scratch("view-").at(work)?;
         let root = scratch.path();
         let start = Instant::now();
         if let Err(why) = view.materialize(root, &dests) {
