@@ -4,7 +4,7 @@
 //! or a sparse root took 0.5-1.3 ms of the build's own time each. All are
 //! gone before the build's dir is removed ([`Scratch`] is dropped first).
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 /// Where a build's scratch dirs are made, and their removals under way.
@@ -53,17 +53,20 @@ impl Drop for ScratchDir<'_> {
             .name("kiln-scratch-rm".into())
             .spawn(move || drop(dir));
         if let Ok(handle) = removal {
-            match self.scratch.removing.lock() {
-                Ok(mut removing) => removing.push(handle),
-                Err(_) => drop(handle.join()),
-            }
+            let removing = self.scratch.removing.lock();
+            removing
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(handle);
         }
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let removing = self.removing.get_mut().unwrap_or_else(|e| e.into_inner());
+        let removing = self
+            .removing
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         for handle in removing.drain(..) {
             let _ = handle.join();
         }
