@@ -256,7 +256,7 @@ fn isolation(arg: Option<IsolationArg>, force: bool) -> Result<(Isolation, Optio
 pub fn enter_user_namespace(forked: Result<Forked, UsernsError>) -> Result<()> {
     match forked? {
         Forked::Child => Ok(()),
-        Forked::Parent(code) => std::process::exit(code),
+        Forked::Parent(code) => crate::leave(code),
     }
 }
 

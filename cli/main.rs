@@ -23,8 +23,8 @@ fn main() {
     // re-executed; they must stay single-threaded, so they run before
     // anything else starts.
     match std::env::args_os().nth(1) {
-        Some(a) if a == STEP_RUNNER_ARG => std::process::exit(step_runner_main()),
-        Some(a) if a == ZYGOTE_ARG => std::process::exit(zygote_main()),
+        Some(a) if a == STEP_RUNNER_ARG => leave(step_runner_main()),
+        Some(a) if a == ZYGOTE_ARG => leave(zygote_main()),
         _ => {}
     }
     let cli = args::Cli::parse_from(args::with_default_command(std::env::args_os()));
@@ -38,8 +38,21 @@ fn main() {
     };
     if let Err(e) = result {
         sink::sink().error(&kiln_cachestore::error::error_chain(e.as_ref()));
-        std::process::exit(1);
+        leave(1);
     }
+    leave(0)
+}
+
+/// Ends the process once its work is done and its output flushed, without
+/// libc's exit handlers: they run RocksDB's static destructors, 2-3 ms at
+/// every exit (a no-change build takes 15). Nothing is lost by skipping
+/// them: the index is closed (or, like after SIGKILL, its writes are with
+/// the kernel), and the sink writes unbuffered.
+pub(crate) fn leave(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: `_exit` only ends the process.
+    unsafe { libc::_exit(code) }
 }
 
 #[cfg(test)]
