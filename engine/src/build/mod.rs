@@ -411,7 +411,9 @@ impl<'a> Builder<'a> {
         // once the image is assembled and its config on its way.
         let mut unread: Vec<OnDisk> = Vec::new();
         for stage in plan.stages.iter().filter(|s| s.needed) {
-            unread.drain(..).for_each(OnDisk::remove);
+            unread
+                .drain(..)
+                .for_each(|tree| self.roots.remove_later(tree));
             // A failed upload stops the build here, not at the end.
             self.uploads.failed()?;
             let emulated = !emulation::native(&stage.platform);
@@ -628,7 +630,9 @@ impl<'a> Builder<'a> {
             created,
         )?;
         self.uploads.config(&image);
-        unread.into_iter().for_each(OnDisk::remove);
+        unread
+            .into_iter()
+            .for_each(|tree| self.roots.remove_later(tree));
         Ok(image)
     }
 

@@ -154,6 +154,11 @@ impl<'a> Roots<'a> {
         self.scratch.dir(prefix)
     }
 
+    /// Removes a stage's tree on another thread (see [`Scratch`]).
+    pub(crate) fn remove_later(&self, tree: OnDisk) {
+        self.scratch.later(move || tree.remove());
+    }
+
     /// The blobs being fetched while layers unpack.
     pub(crate) fn arrivals(&self) -> &Arrivals {
         &self.unpacker.arrivals
