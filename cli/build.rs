@@ -523,15 +523,23 @@ pub fn run(a: BuildArgs) -> Result<()> {
         // by the first and found in the cache by the rest.
         let mut images = Vec::new();
         let mut attestations = Vec::new();
-        for platform in &platforms {
+        let per_platform: Vec<BuildOptions> = platforms
+            .iter()
+            .map(|platform| BuildOptions {
+                platform: platform.clone(),
+                ..options.clone()
+            })
+            .collect();
+        // Dropped after the outputs: removing a builder's dir (its scratch
+        // dirs' removals joined first) then goes on while the push waits
+        // on the registry.
+        let mut builders = Vec::new();
+        for options in &per_platform {
+            let platform = &options.platform;
             if platforms.len() > 1 {
                 crate::platforms::log_platform(platform);
             }
-            let options = BuildOptions {
-                platform: platform.clone(),
-                ..options.clone()
-            };
-            let builder = Builder::new(&options, &state, &store, &index, &registry, &on_event)?
+            let builder = Builder::new(options, &state, &store, &index, &registry, &on_event)?
                 .with_uploads(&uploads);
             let image = match builder.build().await {
                 Ok(image) => image,
@@ -557,6 +565,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
                 attestations.push(output::attestation(&store, &image, &statement)?);
             }
             images.push(image);
+            builders.push(builder);
         }
         let built = crate::platforms::combine(&store, images, attestations, &annotations)?;
         let outputs_started = Instant::now();
@@ -585,6 +594,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         // The end: --cache-repo entries are all written (with --no-push too).
         uploads.finish().await?;
         registry.cancel_unused_uploads().await;
+        drop(builders);
         if let Some(path) = &a.digest_file {
             output::write_digest_file(&built, path)?;
         }
