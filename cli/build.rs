@@ -480,13 +480,20 @@ pub fn run(a: BuildArgs) -> Result<()> {
     let subject_name = destinations.first().map(|d| d.whole());
     let registry = RegistryClient::new(registry_options(&a.registry, plain_http)?)
         .with_progress(crate::progress::observer());
-    let at = || format!("--cache-dir {}", state.path().display());
-    let store = BlobStore::open(&state).with_context(at)?;
-    let index = Index::open(&state).with_context(at)?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // The destinations' registries are asked their `/v2/` while the state
+    // dir opens: a base there then resolves without that round trip.
+    if !a.no_push {
+        for destination in &destinations {
+            let (registry, destination) = (registry.clone(), destination.clone());
+            runtime.spawn(async move { registry.ping(&destination).await });
+        }
+    }
+    let at = || format!("--cache-dir {}", state.path().display());
+    let store = BlobStore::open(&state).with_context(at)?;
+    let index = Index::open(&state).with_context(at)?;
     runtime.block_on(async {
         if isolation == Isolation::None {
             let mut pushed_to = destinations.clone();

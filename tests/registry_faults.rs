@@ -468,6 +468,35 @@ fn a_no_change_build_pings_an_open_registry_once() {
     );
 }
 
+/// A registry that sends clients to a token service is asked its `/v2/`
+/// once per build, however many tokens the build gets there: the
+/// challenge holds for every repository and operation. The destination's
+/// is asked while the build starts, and the base's resolve waits for that
+/// answer rather than asking again.
+#[test]
+fn a_registry_with_a_token_service_is_pinged_once_per_build() {
+    let registry = Registry::start();
+    registry.push_busybox();
+    let (proxy, _) = token_proxy(&registry, |_| {
+        answer("200 OK", "Content-Type: application/json\r\n", TOKEN)
+    });
+    let ctx = Context::new(
+        &format!(
+            "FROM {}/base/busybox:latest\nRUN echo hi >/hi\n",
+            proxy.addr
+        ),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let dest = format!("{}/kiln/tokened:1", proxy.addr);
+    let out = kiln_build(&ctx, state.path(), &["--destination", &dest]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    // A pull token for the base, a push token for the destination.
+    assert!(proxy.requests("GET /token").len() >= 2, "{err}");
+    assert_eq!(proxy.requests("GET /v2/ ").len(), 1, "{err}");
+}
+
 /// A rebuild with one new layer asks the destination nothing about the
 /// layers the manifest there already names (a registry keeps a manifest
 /// only with its blobs): one HEAD for the manifest and one for the new

@@ -69,6 +69,9 @@ struct Shared {
     /// Registries allowed plain HTTP after start (`--insecure-pull` bases).
     plain_http: Mutex<Vec<String>>,
     clients: Mutex<HashMap<String, Arc<Client>>>,
+    /// Held while a client is made: two requests made at once (a ping
+    /// ahead and the build's first) use one client, and so one `/v2/`.
+    making: tokio::sync::Mutex<()>,
     /// Registries whose certificates are not checked, added at run time
     /// (`--skip-tls-verify-pull` bases).
     invalid_certs_ok: Mutex<Vec<String>>,
@@ -269,6 +272,7 @@ impl RegistryClient {
             options,
             plain_http: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
+            making: tokio::sync::Mutex::new(()),
             invalid_certs_ok: Mutex::new(Vec::new()),
             exhausted: Mutex::new(HashMap::new()),
             pulled: AtomicU64::new(0),
@@ -343,18 +347,35 @@ impl RegistryClient {
         Ok(())
     }
 
+    /// Asks a reference's registry its `/v2/` (the first request there
+    /// would), so that the requests to come find the answer, or wait for
+    /// it, rather than ask. Spawned while the build starts; a failure is
+    /// left for the request that meets it again to report.
+    pub async fn ping(&self, reference: &Reference) -> Result<()> {
+        let client = self.client(reference).await?;
+        client
+            .ping_ahead(reference)
+            .await
+            .map_err(|e| registry_error(reference, "ping", e))
+    }
+
     /// The client for a reference's registry, made on first use with that
     /// registry's protocol, TLS settings and credentials.
     async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {
         let registry = reference.resolve_registry().to_string();
-        let existing = self
-            .inner
-            .clients
-            .lock()
-            .expect("registry client map poisoned")
-            .get(&registry)
-            .cloned();
-        if let Some(client) = existing {
+        let existing = || {
+            self.inner
+                .clients
+                .lock()
+                .expect("registry client map poisoned")
+                .get(&registry)
+                .cloned()
+        };
+        if let Some(client) = existing() {
+            return Ok(client);
+        }
+        let _making = self.inner.making.lock().await;
+        if let Some(client) = existing() {
             return Ok(client);
         }
         // Loopback may use plain HTTP as with Docker, unless TLS was asked

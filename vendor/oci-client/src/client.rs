@@ -1,5 +1,5 @@
 //! OCI distribution client for fetching oci images from an OCI compliant remote store
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::convert::TryFrom;
 use std::hash::Hash;
 use std::pin::pin;
@@ -301,9 +301,9 @@ pub struct Client {
     auth_store: Arc<RwLock<HashMap<String, RegistryAuth>>>,
     /// Token cache for the client
     pub tokens: TokenCache,
-    /// Registries whose `/v2/` answered 200 with no challenge: they take
-    /// requests without a token, so no repository asks them again (Kiln).
-    open_registries: Arc<RwLock<HashSet<String>>>,
+    /// Each registry's answer to `/v2/`, asked once per process and shared
+    /// by the requests that wait for it (Kiln).
+    pings: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Ping>>>>>,
     client: reqwest::Client,
     push_chunk_size: usize,
 }
@@ -314,7 +314,7 @@ impl Default for Client {
             config: Arc::default(),
             auth_store: Arc::default(),
             tokens: TokenCache::new(DEFAULT_TOKEN_EXPIRATION_SECS),
-            open_registries: Arc::default(),
+            pings: Arc::default(),
             client: reqwest::Client::default(),
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
         }
@@ -406,7 +406,7 @@ impl TryFrom<ClientConfig> for Client {
             config: Arc::new(config),
             auth_store: Arc::default(),
             tokens: TokenCache::new(default_token_expiration_secs),
-            open_registries: Arc::default(),
+            pings: Arc::default(),
             client: client_builder.build()?,
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
         })
@@ -911,6 +911,47 @@ impl Client {
         }
     }
 
+    /// Asks `image`'s registry its `/v2/` now, so that a request made
+    /// later finds the answer, or waits for it, instead of asking (Kiln).
+    pub async fn ping_ahead(&self, image: &Reference) -> Result<()> {
+        self.ping(image).await.map(drop)
+    }
+
+    /// `image`'s registry's answer to `/v2/`, asked once: `None` when it
+    /// was neither a 2xx nor a challenge, which is asked again next time
+    /// (a 5xx may pass), as is a request that failed (Kiln).
+    async fn ping(&self, image: &Reference) -> Result<Option<Ping>> {
+        let registry = image.resolve_registry();
+        let cell = self
+            .pings
+            .lock()
+            .expect("pings poisoned")
+            .entry(registry.to_string())
+            .or_default()
+            .clone();
+        let url = format!(
+            "{}://{}/v2/",
+            self.config.protocol.scheme_for(registry),
+            registry
+        );
+        debug!(?url);
+        let asked = cell
+            .get_or_try_init(|| async {
+                let res = self.client.get(&url).send().await.map_err(Some)?;
+                match res.headers().get(reqwest::header::WWW_AUTHENTICATE) {
+                    Some(h) => Ok(Ping::Challenge(h.clone())),
+                    None if res.status().is_success() => Ok(Ping::Open),
+                    None => Err(None::<reqwest::Error>),
+                }
+            })
+            .await;
+        match asked {
+            Ok(ping) => Ok(Some(ping.clone())),
+            Err(None) => Ok(None),
+            Err(Some(e)) => Err(e.into()),
+        }
+    }
+
     /// Internal auth that retrieves token.
     async fn _auth(
         &self,
@@ -919,37 +960,19 @@ impl Client {
         operation: RegistryOperation,
     ) -> Result<Option<RegistryTokenType>> {
         debug!("Authorizing for image: {:?}", image);
-        // The version request will tell us where to go.
-        let url = format!(
-            "{}://{}/v2/",
-            self.config.protocol.scheme_for(image.resolve_registry()),
-            image.resolve_registry()
-        );
-        debug!(?url);
-
         if let RegistryAuth::Bearer(token) = authentication {
             return Ok(Some(RegistryTokenType::Bearer(RegistryToken::Token {
                 token: token.clone(),
             })));
         }
 
-        let registry = image.resolve_registry();
-        if self.open_registries.read().await.contains(registry) {
-            return Ok(None);
-        }
-        let res = self.client.get(&url).send().await?;
-        let dist_hdr = match res.headers().get(reqwest::header::WWW_AUTHENTICATE) {
-            Some(h) => h,
-            None => {
-                if res.status().is_success() {
-                    let mut open = self.open_registries.write().await;
-                    open.insert(registry.to_string());
-                }
-                return Ok(None);
-            }
+        // The version request will tell us where to go.
+        let dist_hdr = match self.ping(image).await? {
+            Some(Ping::Challenge(h)) => h,
+            Some(Ping::Open) | None => return Ok(None),
         };
 
-        let challenge = match BearerChallenge::try_from(dist_hdr) {
+        let challenge = match BearerChallenge::try_from(&dist_hdr) {
             Ok(c) => c,
             Err(e) => {
                 debug!(error = ?e, "Falling back to HTTP Basic Auth");
@@ -2820,6 +2843,15 @@ impl ClientProtocol {
 struct BearerChallenge {
     pub realm: Box<str>,
     pub service: Option<String>,
+}
+
+/// A registry's answer to `/v2/` (Kiln).
+#[derive(Clone)]
+enum Ping {
+    /// 2xx with no challenge: requests need no token.
+    Open,
+    /// Where and how to get a token.
+    Challenge(HeaderValue),
 }
 
 impl TryFrom<&HeaderValue> for BearerChallenge {
