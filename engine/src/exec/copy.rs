@@ -46,9 +46,6 @@ pub enum CopyError {
         instruction: &'static str,
         dest: String,
     },
-    /// The copy's writer threads could not start.
-    #[error(transparent)]
-    Pool(std::sync::Arc<rayon::ThreadPoolBuildError>),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -215,23 +212,26 @@ pub fn copy_reusing(
     reuse: &Reuse,
 ) -> Result<Vec<PathBuf>, CopyError> {
     let recorded = owners::recorded();
-    writers()?.install(|| copy_sources(req, root, &|_| Ok(None), recorded, Some(reuse)))
+    copy_sources(req, root, &|_| Ok(None), recorded, Some(reuse))
 }
 
-/// The threads every copy of the build writes files with. Creating files
-/// waits on the filesystem more than it computes: on ext4 here, 8 writers
-/// create files 2.7x faster than one, on 2 cores.
-fn writers() -> Result<&'static rayon::ThreadPool, CopyError> {
-    type Pool = Result<rayon::ThreadPool, std::sync::Arc<rayon::ThreadPoolBuildError>>;
+/// The threads every copy of the build writes a directory's entries
+/// with, started by the first that copies one: a copy of files alone
+/// (most COPYs) writes them on its own thread, and starting 8 threads
+/// took it 1-2 ms. Creating files waits on the filesystem more than it
+/// computes: on ext4 here, 8 writers create files 2.7x faster than one,
+/// on 2 cores.
+fn writers() -> io::Result<&'static rayon::ThreadPool> {
+    type Pool = Result<rayon::ThreadPool, String>;
     static WRITERS: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
     let pool = WRITERS.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(8)
             .thread_name(|i| format!("kiln-copy-{i}"))
             .build()
-            .map_err(std::sync::Arc::new)
+            .map_err(|e| format!("starting the copy's writer threads: {e}"))
     });
-    pool.as_ref().map_err(|e| CopyError::Pool(e.clone()))
+    pool.as_ref().map_err(|e| io::Error::other(e.clone()))
 }
 
 /// [`copy`], offering each selected regular file to `divert` first: it may
@@ -246,9 +246,9 @@ pub fn copy_diverting<E>(
 where
     E: From<CopyError> + Send,
 {
-    // Taken here: the pool's threads are not the caller's.
+    // Taken here: the writers' threads are not the caller's.
     let recorded = owners::recorded();
-    writers()?.install(|| copy_sources(req, root, &divert, recorded, None))
+    copy_sources(req, root, &divert, recorded, None)
 }
 
 /// What the previous run of the same COPY made (on the same parent, with
@@ -352,7 +352,10 @@ impl Reuse {
     /// made them, or set their metadata, through the overlay.
     pub fn link_into(&self, upper: &Path) -> Result<usize, CopyError> {
         let deferred = std::mem::take(&mut *lock(&self.deferred));
-        writers()?.install(|| {
+        if deferred.is_empty() {
+            return Ok(0);
+        }
+        writers().map_err(CopyError::io(upper))?.install(|| {
             deferred.par_iter().try_for_each(|(rel, previous)| {
                 let dest = upper.join(rel);
                 fs::hard_link(previous, &dest).map_err(CopyError::io(dest))
@@ -620,17 +623,20 @@ impl Copier<'_> {
         let entries: Vec<_> = fs::read_dir(src)?.collect::<io::Result<_>>()?;
         // In a setgid directory new entries take its group, not ours.
         let ours = fs::metadata(dest)?.mode() & 0o2000 == 0;
-        entries.par_iter().try_for_each(|entry| {
-            let path = entry.path();
-            if self.filter.is_some_and(|f| !f.shows(&path))
-                || self
-                    .excludes
-                    .is_some_and(|e| e.excludes(path.strip_prefix(top).unwrap_or(&path)))
-            {
-                return Ok(());
-            }
-            let previous = previous.as_deref();
-            self.copy_entry(top, &path, &dest.join(entry.file_name()), ours, previous)
+        // Run inline when already on a writer (a subdirectory's entries).
+        writers()?.install(|| {
+            entries.par_iter().try_for_each(|entry| {
+                let path = entry.path();
+                if self.filter.is_some_and(|f| !f.shows(&path))
+                    || self
+                        .excludes
+                        .is_some_and(|e| e.excludes(path.strip_prefix(top).unwrap_or(&path)))
+                {
+                    return Ok(());
+                }
+                let previous = previous.as_deref();
+                self.copy_entry(top, &path, &dest.join(entry.file_name()), ours, previous)
+            })
         })
     }
 
