@@ -45,7 +45,7 @@ fn main() {
 
 /// Ends the process once its work is done and its output flushed, without
 /// libc's exit handlers: they run RocksDB's static destructors, 2-3 ms at
-/// every exit (a no-change build takes 15). Nothing is lost by skipping
+/// every exit (a no-change build now takes 12). Nothing is lost by skipping
 /// them: the index is closed (or, like after SIGKILL, its writes are with
 /// the kernel), and the sink writes unbuffered.
 pub(crate) fn leave(code: i32) -> ! {

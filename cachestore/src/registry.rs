@@ -349,7 +349,7 @@ impl RegistryClient {
 
     /// Asks a reference's registry its `/v2/` (the first request there
     /// would), so that the requests to come find the answer, or wait for
-    /// it, rather than ask. Spawned while the build starts; a failure is
+    /// it, rather than ask. A build spawns it as it starts; a failure is
     /// left for the request that meets it again to report.
     pub async fn ping(&self, reference: &Reference) -> Result<()> {
         let client = self.client(reference).await?;
