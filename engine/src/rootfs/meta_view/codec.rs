@@ -24,6 +24,16 @@ const KINDS: [Kind; 4] = [Kind::Dir, Kind::File, Kind::Symlink, Kind::Unsupporte
 /// path is followed by its kind (an index into [`KINDS`]), mode, uid,
 /// gid, mtime (zigzag), link and content.
 pub(super) fn encode(table: &LayerTable) -> Vec<u8> {
+    // One call with the size known: a streaming encoder's first use in a
+    // process set up tables for any size, 0.45 ms for a table of one file
+    // (a step on the view writes one); the frame then also carries the
+    // size, for `decode`.
+    let compressed = zstd::bulk::compress(&records(table), 3).expect("compressing in memory");
+    [&[FORMAT][..], &compressed].concat()
+}
+
+/// The records, uncompressed, in the layout above.
+fn records(table: &LayerTable) -> Vec<u8> {
     let mut out = Vec::new();
     number(&mut out, table.records.len() as u64);
     for record in &table.records {
@@ -56,16 +66,25 @@ pub(super) fn encode(table: &LayerTable) -> Vec<u8> {
             }
         }
     }
-    let mut stored = vec![FORMAT];
-    zstd::stream::copy_encode(&out[..], &mut stored, 3).expect("compressing in memory");
-    stored
+    out
 }
+
+/// Tables larger than this are read by a streaming decoder, which needs no
+/// buffer of the size a frame claims.
+const ONE_CALL_MAX: u64 = 64 << 20;
 
 pub(super) fn decode(stored: &[u8]) -> Option<LayerTable> {
     let (&FORMAT, compressed) = stored.split_first()? else {
         return None;
     };
-    let raw = zstd::decode_all(compressed).ok()?;
+    // A frame that carries its size (`encode`'s) is read in one call,
+    // several times cheaper on a process's first table; older ones stream.
+    let raw = match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(size)) if size <= ONE_CALL_MAX => {
+            zstd::bulk::decompress(compressed, size as usize).ok()?
+        }
+        _ => zstd::decode_all(compressed).ok()?,
+    };
     let mut input = Input(&raw);
     let count = usize::try_from(input.number()?).ok()?;
     // Each record takes at least two bytes: a corrupt count asks no
@@ -224,6 +243,20 @@ mod tests {
             longer.push(0);
             prop_assert!(LayerTable::from_bytes(&longer).is_none());
         }
+    }
+
+    #[test]
+    fn a_table_compressed_without_its_size_reads_back() {
+        // As builds before the one-call encoder stored them.
+        let table = LayerTable {
+            records: vec![Record::Whiteout(PathBuf::from("etc/gone"))],
+        };
+        let streamed = zstd::encode_all(&records(&table)[..], 3).unwrap();
+        let stored = [&[FORMAT][..], &streamed].concat();
+        assert_eq!(
+            LayerTable::from_bytes(&stored).map(|t| t.records),
+            Some(table.records)
+        );
     }
 
     #[test]
