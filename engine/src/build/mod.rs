@@ -97,6 +97,13 @@ impl StageResult {
     }
 }
 
+/// The stages' base images as resolved, each by reference and platform:
+/// manifest and config, read from the store once.
+pub struct Bases {
+    manifests: HashMap<BaseKey, ResolvedManifest>,
+    configs: HashMap<BaseKey, ImageConfig>,
+}
+
 /// An image a `COPY --from` reads, put on disk only when a step runs.
 struct FetchedImage {
     m: ResolvedManifest,
@@ -247,9 +254,7 @@ impl<'a> Builder<'a> {
 
     /// Parses and resolves the Dockerfile, fetches the base images' configs
     /// and plans every step.
-    pub async fn resolve(
-        &self,
-    ) -> Result<(Dockerfile, Plan, HashMap<BaseKey, ResolvedManifest>), BuildError> {
+    pub async fn resolve(&self) -> Result<(Dockerfile, Plan, Bases), BuildError> {
         let opts = self.options;
         let df = dockerfile::parse(&opts.dockerfile).map_err(|e| self.dockerfile_error(e))?;
         let graph = StageGraph::resolve(
@@ -284,7 +289,7 @@ impl<'a> Builder<'a> {
                 message: w.message.clone(),
             });
         }
-        Ok((df, plan, manifests))
+        Ok((df, plan, Bases { manifests, configs }))
     }
 
     /// Resolves an image reference (registry or `oci-layout://`) to its
@@ -380,7 +385,7 @@ impl<'a> Builder<'a> {
 
     async fn build_stages(&self) -> Result<BuiltImage, BuildError> {
         let start = Instant::now();
-        let (_df, plan, manifests) = self.resolve().await?;
+        let (_df, plan, bases) = self.resolve().await?;
         self.counters.timed("resolve", start);
         let mut results: HashMap<usize, StageResult> = HashMap::new();
         let mut images: HashMap<String, FetchedImage> = HashMap::new();
@@ -433,8 +438,8 @@ impl<'a> Builder<'a> {
                     built: None,
                 },
                 Base::Image(reference) => {
-                    let m = &manifests[&(reference.clone(), stage.platform.clone())];
-                    let config = image_config(self.store, m, reference)?;
+                    let key = (reference.clone(), stage.platform.clone());
+                    let (m, config) = (&bases.manifests[&key], bases.configs[&key].clone());
                     if !reference.starts_with("oci-layout://") {
                         for layer in &m.manifest.layers {
                             let source = blobs::BlobSource::Base(reference.clone());
@@ -475,7 +480,7 @@ impl<'a> Builder<'a> {
                 .zip(&hits)
                 .all(|(k, h)| k.is_none() || h.is_some());
             if !fully_cached {
-                self.views_ahead_of(&plan, stage.index, &manifests);
+                self.views_ahead_of(&plan, stage.index, &bases);
                 // A RUN that will run for another architecture needs QEMU
                 // registered so that it works inside the root.
                 let runs =
@@ -640,12 +645,7 @@ impl<'a> Builder<'a> {
     /// stages after `current` would be built on: those from an image whose
     /// steps the view may all serve. A miss here makes theirs likely, as
     /// they most often copy from this one.
-    fn views_ahead_of(
-        &self,
-        plan: &Plan,
-        current: usize,
-        manifests: &HashMap<BaseKey, ResolvedManifest>,
-    ) {
+    fn views_ahead_of(&self, plan: &Plan, current: usize, bases: &Bases) {
         if !self.view_allowed() {
             return;
         }
@@ -657,12 +657,11 @@ impl<'a> Builder<'a> {
                 .steps
                 .iter()
                 .all(|s| matches!(s.action, Action::Config) || steps::view_serves(s));
-            let m = manifests.get(&(reference.clone(), stage.platform.clone()));
-            if let (true, Some(m)) = (served, m) {
-                if let Ok(config) = image_config(self.store, m, reference) {
-                    let layers = Self::image_layers(m, &config);
-                    self.views_ahead.start(self.index, layers);
-                }
+            let key = (reference.clone(), stage.platform.clone());
+            let base = bases.manifests.get(&key).zip(bases.configs.get(&key));
+            if let (true, Some((m, config))) = (served, base) {
+                self.views_ahead
+                    .start(self.index, Self::image_layers(m, config));
             }
         }
     }
