@@ -929,14 +929,14 @@ impl Client {
             .entry(registry.to_string())
             .or_default()
             .clone();
-        let url = format!(
-            "{}://{}/v2/",
-            self.config.protocol.scheme_for(registry),
-            registry
-        );
-        debug!(?url);
         let asked = cell
             .get_or_try_init(|| async {
+                let url = format!(
+                    "{}://{}/v2/",
+                    self.config.protocol.scheme_for(registry),
+                    registry
+                );
+                debug!(?url);
                 let res = self.client.get(&url).send().await.map_err(Some)?;
                 match res.headers().get(reqwest::header::WWW_AUTHENTICATE) {
                     Some(h) => Ok(Ping::Challenge(h.clone())),
