@@ -10,6 +10,7 @@
 //! came in, and each answer it passed on once passed.
 mod support;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -437,6 +438,53 @@ fn a_no_change_push_is_one_manifest_head() {
     let third = kiln_build(&ctx, state.path(), &["--destination", &elsewhere]);
     assert!(third.status.success(), "{}", stderr(&third));
     assert_eq!(skopeo_config(&elsewhere)["config"]["Env"][1], "A=1");
+}
+
+/// A RUN and a `COPY --from` of what it made, in the same second, make
+/// alike `--cache-repo` entries: one layer, and one config (the entry).
+/// Each blob is asked for and uploaded once. Two uploads of the config at
+/// once made the registry fail the manifest of one entry now and then
+/// (`DIGEST_INVALID` with `MANIFEST_BLOB_UNKNOWN`).
+#[test]
+fn alike_cache_entries_upload_each_blob_once() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    let ctx = Context::new(
+        &format!("FROM {base} AS build\nRUN echo made > /made\nFROM {base}\nCOPY --from=build /made /made\n"),
+        &[],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let cache = format!("{}/kiln/cache", proxy.addr);
+    let out = kiln_build(&ctx, state.path(), &["--no-push", "--cache-repo", &cache]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen: Vec<String> = proxy
+        .requests("/v2/kiln/cache/")
+        .into_iter()
+        .map(|(_, h)| h.lines().next().unwrap_or_default().replace("%3A", ":"))
+        .collect();
+    let entries = seen
+        .iter()
+        .filter(|l| l.starts_with("PUT /v2/kiln/cache/manifests/"));
+    assert_eq!(entries.count(), 2, "{seen:#?}");
+    // What each HEAD asks for, and what each upload's last PUT names.
+    let blob = |line: &String| -> Option<String> {
+        let at = match line.strip_prefix("HEAD ") {
+            Some(path) => path.strip_prefix("/v2/kiln/cache/blobs/")?,
+            None => line.split("digest=").nth(1)?,
+        };
+        Some(at.split([' ', '&']).next()?.to_string())
+    };
+    let mut counted: HashMap<(bool, String), usize> = HashMap::new();
+    for line in &seen {
+        if let Some(digest) = blob(line) {
+            *counted
+                .entry((line.starts_with("HEAD "), digest))
+                .or_default() += 1;
+        }
+    }
+    assert!(!counted.is_empty(), "{seen:#?}");
+    assert!(counted.values().all(|n| *n == 1), "{counted:#?}");
 }
 
 /// A no-change build that pulls its base from a registry and pushes to

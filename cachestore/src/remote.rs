@@ -9,7 +9,7 @@ use crate::blobs::BlobStore;
 use crate::digest::Digest;
 use crate::error::{CacheStoreError, Cause, Result};
 use crate::index::StepEntry;
-use crate::manifest::{canonical_json, ImageManifest, MediaType};
+use crate::manifest::{canonical_json, Descriptor, ImageManifest, MediaType};
 use crate::registry::{parse_reference, RegistryClient};
 
 /// The config media type of a cache entry's manifest.
@@ -116,17 +116,25 @@ impl RemoteCache {
                 .push_blob(&self.repo, &layer.descriptor.digest, store)
                 .await?;
         }
-        self.put_entry(key, entry, store).await
+        let config = self.entry_config(entry, store)?;
+        self.registry
+            .push_blob(&self.repo, &config.digest, store)
+            .await?;
+        self.put_entry(key, entry, config).await
     }
 
-    /// Uploads an entry whose layer blob [`RemoteCache::repo`] already has
-    /// (uploaded by the caller, as a build does while it goes on): the
-    /// entry as config, then the manifest.
-    pub async fn put_entry(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
-        let r = self.tagged(key);
-        let config = store.put_json(MediaType::Other(STEP_ENTRY.into()), entry)?;
+    /// Stores `entry` as the config blob of its manifest, to be uploaded
+    /// before [`RemoteCache::put_entry`] writes that.
+    pub fn entry_config(&self, entry: &StepEntry, store: &BlobStore) -> Result<Descriptor> {
+        store.put_json(MediaType::Other(STEP_ENTRY.into()), entry)
+    }
+
+    /// Writes an entry's manifest once [`RemoteCache::repo`] has its
+    /// blobs, the layer and the `config` ([`RemoteCache::entry_config`]),
+    /// uploaded by the caller (a build does it while it goes on, once per
+    /// blob however many entries name it).
+    pub async fn put_entry(&self, key: &str, entry: &StepEntry, config: Descriptor) -> Result<()> {
         let layers = entry.layer.iter().map(|l| l.descriptor.clone()).collect();
-        self.registry.push_blob(&r, &config.digest, store).await?;
         let m = ImageManifest {
             schema_version: 2,
             media_type: Some(MediaType::ImageManifest),
@@ -135,7 +143,11 @@ impl RemoteCache {
             annotations: None,
         };
         self.registry
-            .push_manifest(&r, canonical_json(&m), &MediaType::ImageManifest)
+            .push_manifest(
+                &self.tagged(key),
+                canonical_json(&m),
+                &MediaType::ImageManifest,
+            )
             .await
     }
 }

@@ -51,6 +51,8 @@ enum Blob {
     /// An image's config, sent unasked: the image is new (see
     /// [`Uploads::config`]).
     Config,
+    /// A `--cache-repo` entry's config (the entry), asked about first.
+    Entry,
 }
 
 impl Blob {
@@ -58,6 +60,7 @@ impl Blob {
         match self {
             Blob::Layer => "layer",
             Blob::Config => "config",
+            Blob::Entry => "cache entry",
         }
     }
 }
@@ -164,7 +167,7 @@ impl Uploads {
             // Never closed; without a permit it would merely not wait.
             let _permit = limit.acquire_owned().await.ok();
             match blob {
-                Blob::Layer => registry.push_blob(&to, &digest, &store).await,
+                Blob::Layer | Blob::Entry => registry.push_blob(&to, &digest, &store).await,
                 Blob::Config => registry.push_new_blob(&to, &digest, &store).await,
             }
         };
@@ -174,27 +177,40 @@ impl Uploads {
         upload
     }
 
-    /// Writes a `--cache-repo` entry once its layer is there: the layer
-    /// blob is uploaded (or joins its upload under way), then the entry.
+    /// Writes a `--cache-repo` entry once its blobs are there: the layer
+    /// and the entry as config are uploaded (or join their uploads under
+    /// way), then the manifest. Entries alike (a RUN and a `COPY --from`
+    /// of what it made, in the same second) share their config: two
+    /// uploads of it at once made the registry fail a manifest naming it.
     pub(crate) fn entry(&self, remote: &RemoteCache, key: &str, entry: &StepEntry) {
-        let layer = entry
-            .layer
-            .as_ref()
-            .map(|l| self.upload(remote.repo(), &l.descriptor.digest, Blob::Layer));
         let what = format!("cache entry {key} in {}", repository_id(remote.repo()));
+        let config = match remote.entry_config(entry, &self.inner.store) {
+            Ok(config) => config,
+            Err(e) => {
+                let failed = self.spawned(what, async move { Err(e) });
+                self.state().all.push(failed);
+                return;
+            }
+        };
+        let blobs: Vec<Upload> = entry
+            .layer
+            .iter()
+            .map(|l| self.upload(remote.repo(), &l.descriptor.digest, Blob::Layer))
+            .chain([self.upload(remote.repo(), &config.digest, Blob::Entry)])
+            .collect();
         let (remote, key, entry) = (remote.clone(), key.to_string(), entry.clone());
-        let (store, limit) = (self.inner.store.clone(), self.inner.limit.clone());
+        let limit = self.inner.limit.clone();
         let task = async move {
-            if let Some(layer) = layer {
-                // Its own failure is reported by the layer's upload.
-                if layer.await.is_err() {
+            // Their own failures are reported by the blobs' uploads.
+            for blob in blobs {
+                if blob.await.is_err() {
                     return Ok(());
                 }
             }
-            // Taken after the layer is there: an entry holding a permit
-            // while it waits could leave none for the layers it waits on.
+            // Taken after the blobs are there: an entry holding a permit
+            // while it waits could leave none for the blobs it waits on.
             let _permit = limit.acquire_owned().await.ok();
-            remote.put_entry(&key, &entry, &store).await
+            remote.put_entry(&key, &entry, config).await
         };
         let upload = self.spawned(what, task);
         self.state().all.push(upload);
