@@ -351,12 +351,21 @@ pub fn run(a: BuildArgs) -> Result<()> {
         && kiln_engine::enter_private_mount_namespace()
             .inspect_err(|e| tracing::debug!(error = %e, "no mount namespace of our own"))
             .is_ok();
-    // After the last fork: capturing starts a thread. Dropped (the real
-    // stdout and stderr back) before the summary, which is the last line.
-    let captured = match sink().format() {
-        LogFormat::Json => Some(crate::capture::capture_output().context("capturing RUN output")?),
+    let redirected = match sink().format() {
+        LogFormat::Json => Some(crate::capture::redirect_output().context("capturing RUN output")?),
         LogFormat::Text | LogFormat::Color => None,
     };
+    // The RUN steps' zygote, forked while the process has one thread and
+    // after the pipes above are in place, which its steps write to.
+    if isolation != Isolation::None && run_unavailable.is_none() {
+        kiln_engine::fork_zygote();
+    }
+    // After the last fork: capturing starts a thread. Dropped (the real
+    // stdout and stderr back) before the summary, which is the last line.
+    let captured = redirected
+        .map(|r| r.capture())
+        .transpose()
+        .context("capturing RUN output")?;
     if a.destinations.is_empty()
         && !a.no_push
         && a.tar_path.is_none()

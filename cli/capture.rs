@@ -62,10 +62,16 @@ fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
 }
 
-/// Puts pipes in place of fds 1 and 2 and starts logging what they carry.
-/// Must run after the last fork of a single-threaded process (rootless
-/// builds fork first): it starts a thread.
-pub fn capture_output() -> io::Result<Captured> {
+/// Fds 1 and 2 as pipes, not read yet: the zygote forked meanwhile
+/// writes its steps' output there too.
+pub struct Redirected {
+    saved_out: OwnedFd,
+    saved_err: OwnedFd,
+}
+
+/// Puts pipes in place of fds 1 and 2; [`Redirected::capture`] then starts
+/// logging what they carry.
+pub fn redirect_output() -> io::Result<Redirected> {
     let sink = sink();
     io::stdout().flush()?;
     let saved_out = dup(1)?;
@@ -89,22 +95,35 @@ pub fn capture_output() -> io::Result<Captured> {
     // Only fds 1 and 2 (and the steps that inherit them) now hold the
     // write ends, so putting the real ones back ends the pipes.
     drop((out_write, err_write));
-    let give_up = Arc::new(AtomicBool::new(false));
-    let stop = give_up.clone();
-    let (done, finished) = mpsc::channel();
-    let reader = std::thread::Builder::new()
-        .name("run-output".into())
-        .spawn(move || {
-            let _done = done;
-            read_until_closed(sink, &stop)
-        })?;
-    Ok(Captured {
+    Ok(Redirected {
         saved_out,
         saved_err,
-        reader: Some(reader),
-        finished,
-        give_up,
     })
+}
+
+impl Redirected {
+    /// Starts logging what the pipes carry. Must run after the last fork
+    /// of a single-threaded process (rootless builds and the zygote fork
+    /// first): it starts a thread.
+    pub fn capture(self) -> io::Result<Captured> {
+        let sink = sink();
+        let give_up = Arc::new(AtomicBool::new(false));
+        let stop = give_up.clone();
+        let (done, finished) = mpsc::channel();
+        let reader = std::thread::Builder::new()
+            .name("run-output".into())
+            .spawn(move || {
+                let _done = done;
+                read_until_closed(sink, &stop)
+            })?;
+        Ok(Captured {
+            saved_out: self.saved_out,
+            saved_err: self.saved_err,
+            reader: Some(reader),
+            finished,
+            give_up,
+        })
+    }
 }
 
 /// Logs output as it comes (a RUN that prints for minutes shows it as it

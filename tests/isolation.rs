@@ -544,17 +544,20 @@ fn a_user_without_subordinate_ids_builds_without_run_and_fails_clearly_at_a_run(
 }
 
 /// The processes under a build seen from the host: the zygotes (its
-/// children run as `__kiln-run-zygote`), the runners they forked, and any
-/// runner the build started of its own (`__kiln-run-step`).
+/// children named `kiln-zygote`, forked, or run as `__kiln-run-zygote`),
+/// the runners they forked, and any runner the build started of its own
+/// (`__kiln-run-step`).
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Runners {
     zygotes: Vec<u32>,
+    /// Those of the zygotes that are `kiln` started afresh, not forked.
+    spawned: Vec<u32>,
     forked: Vec<u32>,
     own: Vec<u32>,
 }
 
 fn runners_under(build: u32) -> Runners {
-    let processes: Vec<(u32, u32, String)> = std::fs::read_dir("/proc")
+    let processes: Vec<(u32, u32, String, String)> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| {
             let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
@@ -568,13 +571,18 @@ fn runners_under(build: u32) -> Runners {
                 .parse()
                 .ok()?;
             let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
-            Some((pid, ppid, cmdline))
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((pid, ppid, cmdline, comm))
         })
         .collect();
     let mut found = Runners::default();
-    for (pid, ppid, cmdline) in &processes {
-        if *ppid == build && cmdline.contains(kiln_engine::ZYGOTE_ARG) {
+    for (pid, ppid, cmdline, comm) in &processes {
+        let zygote = comm.trim_end() == "kiln-zygote" || cmdline.contains(kiln_engine::ZYGOTE_ARG);
+        if *ppid == build && zygote {
             found.zygotes.push(*pid);
+            if cmdline.contains(kiln_engine::ZYGOTE_ARG) {
+                found.spawned.push(*pid);
+            }
         }
         if *ppid == build && cmdline.contains(kiln_engine::STEP_RUNNER_ARG) {
             found.own.push(*pid);
@@ -582,16 +590,17 @@ fn runners_under(build: u32) -> Runners {
     }
     found.forked = processes
         .iter()
-        .filter(|(_, ppid, _)| found.zygotes.contains(ppid))
-        .map(|(pid, _, _)| *pid)
+        .filter(|(_, ppid, _, _)| found.zygotes.contains(ppid))
+        .map(|(pid, _, _, _)| *pid)
         .collect();
     found
 }
 
-/// RUN steps are run by runners forked from one zygote the build started
-/// (`exec/zygote.rs`), not by `kiln` started afresh for each: while each
-/// of two RUNs waits at a gate, the process tree above it is read from
-/// the host. The zygote is gone when the build is.
+/// RUN steps are run by runners forked from one zygote the build forked
+/// as it started (`exec/zygote.rs`), not by `kiln` started afresh for each
+/// step, nor for the zygote: while each of two RUNs waits at a gate, the
+/// process tree above it is read from the host. The zygote is gone when
+/// the build is.
 #[test]
 fn run_steps_are_forked_by_one_zygote_the_build_started() {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -627,13 +636,13 @@ fn run_steps_are_forked_by_one_zygote_the_build_started() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     for runners in &seen {
         assert_eq!(runners.zygotes.len(), 1, "{seen:?}");
+        assert!(runners.spawned.is_empty(), "{seen:?}");
         assert_eq!(runners.forked.len(), 1, "{seen:?}");
         assert!(runners.own.is_empty(), "{seen:?}");
     }
     assert_eq!(seen[0].zygotes, seen[1].zygotes);
     assert_ne!(seen[0].forked, seen[1].forked);
-    let zygote = seen[0].zygotes[0];
-    assert!(!Path::new(&format!("/proc/{zygote}")).exists());
+    assert!(gone(seen[0].zygotes[0]));
 }
 
 /// Whether a process is gone, or a zombie nobody reaped (what an orphan
@@ -648,8 +657,8 @@ fn gone(pid: u32) -> bool {
 }
 
 /// A build killed with SIGKILL while a RUN runs takes its zygote and the
-/// step's runner with it: the zygote is started by a thread of Kiln's that
-/// lives as long as it does, and both die by their parent-death signals.
+/// step's runner with it: the zygote is forked by Kiln's main thread, which
+/// lives as long as Kiln does, and both die by their parent-death signals.
 #[test]
 fn a_killed_build_takes_its_zygote_and_runner_with_it() {
     use std::sync::atomic::{AtomicU32, Ordering};

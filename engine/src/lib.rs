@@ -44,7 +44,7 @@ pub use exec::run::{running_as_root, step_runner_main, STEP_RUNNER_ARG};
 pub use exec::userns::{
     become_root, missing_prerequisite as user_namespace_missing, Forked, UsernsError,
 };
-pub use exec::zygote::{zygote_main, ZYGOTE_ARG};
+pub use exec::zygote::{fork as fork_zygote, zygote_main, ZYGOTE_ARG};
 pub use rootfs::overlay::enter_private_mount_namespace;
 
 /// For `benches/micro.rs` only: the hot paths it measures. Not an API.

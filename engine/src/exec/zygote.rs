@@ -1,10 +1,16 @@
-//! The step runners' zygote: `kiln` started once per build, before its
+//! The step runners' zygote: a process started once per build, before its
 //! first RUN, as the parent of every RUN's step runner. Starting `kiln`
 //! (exec, loading, the C++ static initializers RocksDB brings) takes about
 //! 4 ms, which every RUN paid when its runner was `kiln` started afresh;
 //! the zygote pays it once, while the steps before the first RUN run, and
 //! forks each step's runner: a fork of a small single-threaded process,
 //! which then unshares its namespaces and goes on as the runner did.
+//!
+//! A `kiln build` forks it while it still has one thread ([`fork`]): a
+//! fork of a process that has done little yet costs a fraction of a
+//! millisecond, where `kiln` started afresh costs 3-4 ms of CPU beside the
+//! build's first steps. Elsewhere (the engine used as a library, or a fork
+//! that failed) it is spawned as `kiln __kiln-run-zygote` when first needed.
 //!
 //! It is started without new namespaces, so it shares Kiln's mount
 //! namespace and a runner forked from it sees the step's root that Kiln
@@ -13,7 +19,7 @@
 //! (its length, then its JSON) in, the runner's exit code out. It exits
 //! when Kiln closes its end, and dies with Kiln, as a runner dies with it.
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex};
@@ -29,10 +35,15 @@ pub const ZYGOTE_ARG: &str = "__kiln-run-zygote";
 static ZYGOTE: Mutex<Option<Zygote>> = Mutex::new(None);
 
 struct Zygote {
-    /// Whether it was spawned, told once by its keeper; `None` until then.
-    spawned: Option<bool>,
-    told: mpsc::Receiver<bool>,
+    started: Started,
     socket: UnixStream,
+}
+
+/// Whether the zygote runs: known at once for a forked one, told once by
+/// the keeper of a spawned one.
+enum Started {
+    Told(mpsc::Receiver<bool>),
+    Known(bool),
 }
 
 impl Zygote {
@@ -65,22 +76,22 @@ impl Zygote {
                 }
             })?;
         Ok(Zygote {
-            spawned: None,
-            told,
+            started: Started::Told(told),
             socket: ours,
         })
     }
 
-    /// Whether the zygote was spawned (waiting for its keeper to tell).
-    fn spawned(&mut self) -> bool {
-        *self
-            .spawned
-            .get_or_insert_with(|| self.told.recv().unwrap_or(false))
+    /// Whether the zygote runs (waiting for its keeper to tell).
+    fn started(&mut self) -> bool {
+        if let Started::Told(told) = &self.started {
+            self.started = Started::Known(told.recv().unwrap_or(false));
+        }
+        matches!(self.started, Started::Known(true))
     }
 
     /// Runs a step; `None` when the zygote took no spec (it is gone).
     fn run(&mut self, spec: &RunSpec) -> io::Result<Option<i32>> {
-        if !self.spawned() {
+        if !self.started() {
             return Ok(None);
         }
         let json = serde_json::to_vec(spec)?;
@@ -101,7 +112,8 @@ impl Zygote {
 }
 
 impl Drop for Zygote {
-    /// Closes the socket, which ends the zygote; its keeper reaps it. Its
+    /// Closes the socket, which ends the zygote; a spawned one's keeper
+    /// reaps it (a forked one is left to whoever reaps Kiln's orphans). Its
     /// exit (2-3 ms, for a process that mapped all of `kiln`) need not
     /// hold up the push, and by the time the JSON log waits for its pipes
     /// to close, the zygote's copies of them are gone.
@@ -118,6 +130,56 @@ fn started() -> std::sync::MutexGuard<'static, Option<Zygote>> {
         *zygote = Zygote::start().ok();
     }
     zygote
+}
+
+/// Forks the zygote from this process, for RUN steps to come. The caller
+/// must have one thread: the child goes on as the zygote, running Rust
+/// code, which a fork of a threaded process could deadlock in. If the fork
+/// fails, the zygote is spawned when first needed.
+pub fn fork() {
+    let Ok((ours, theirs)) = UnixStream::pair() else {
+        return;
+    };
+    let kiln = rustix::process::getpid().as_raw_nonzero().get();
+    // SAFETY: the caller has one thread (see above), so the child may go
+    // on as any program would; it leaves by `_exit` only.
+    match unsafe { libc::fork() } {
+        -1 => {}
+        0 => {
+            drop(ours);
+            let code = match only_the_socket(theirs) {
+                Ok(socket) => serve(socket, Some(kiln)),
+                Err(_) => 0,
+            };
+            // SAFETY: ends the child without the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        _ => {
+            drop(theirs);
+            *ZYGOTE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Zygote {
+                started: Started::Known(true),
+                socket: ours,
+            });
+        }
+    }
+}
+
+/// Leaves a forked zygote what a spawned one has: the socket as fd 0, and
+/// Kiln's stdout and stderr. No other descriptor of Kiln's (its state
+/// dir's, its logs') reaches a step; named, it shows as itself in `ps`.
+fn only_the_socket(socket: UnixStream) -> io::Result<UnixStream> {
+    // SAFETY: dup2 onto fd 0, which the socket then is; close_range closes
+    // descriptors only this child holds now; PR_SET_NAME names the thread.
+    unsafe {
+        if libc::dup2(socket.as_raw_fd(), 0) == -1
+            || libc::close_range(3, libc::c_uint::MAX, 0) == -1
+        {
+            return Err(io::Error::last_os_error());
+        }
+        std::mem::forget(socket);
+        libc::prctl(libc::PR_SET_NAME, c"kiln-zygote".as_ptr());
+        Ok(UnixStream::from_raw_fd(0))
+    }
 }
 
 /// Starts the zygote now, for RUN steps to come.
@@ -151,10 +213,15 @@ pub fn stop() {
 /// the socket.
 pub fn zygote_main() -> i32 {
     // SAFETY: fd 0 is the socket Kiln handed over, and only this owns it.
-    let mut socket = unsafe { UnixStream::from_raw_fd(0) };
+    let socket = unsafe { UnixStream::from_raw_fd(0) };
+    let kiln = std::env::args().nth(2).and_then(|p| p.parse::<i32>().ok());
+    serve(socket, kiln)
+}
+
+/// The zygote's loop, for Kiln (`kiln`, its pid) on `socket`.
+fn serve(mut socket: UnixStream, kiln: Option<i32>) -> i32 {
     // A killed build takes its steps with it; if Kiln died before the
     // signal was set, the zygote goes now.
-    let kiln = std::env::args().nth(2).and_then(|p| p.parse::<i32>().ok());
     if rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).is_err()
         || rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != kiln
     {
