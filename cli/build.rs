@@ -492,14 +492,19 @@ pub fn run(a: BuildArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    // The destinations' registries are asked their `/v2/` while the state
-    // dir opens: a base there then resolves without that round trip.
-    if !a.no_push {
-        for destination in &destinations {
-            let (registry, destination) = (registry.clone(), destination.clone());
-            runtime.spawn(async move { registry.ping(&destination).await });
-        }
-    }
+    // Each destination's tag is asked what it names while the build runs
+    // (`output::push` then needs no HEAD at the end). Asking opens the
+    // registry (its `/v2/`), so a base there resolves without that wait.
+    let tags_at_start: Vec<_> = match a.no_push {
+        true => Vec::new(),
+        false => destinations
+            .iter()
+            .map(|d| {
+                let (registry, d) = (registry.clone(), d.clone());
+                runtime.spawn(async move { registry.manifest_at(&d).await })
+            })
+            .collect(),
+    };
     let at = || format!("--cache-dir {}", state.path().display());
     let store = BlobStore::open(&state).with_context(at)?;
     let index = Index::open(&state).with_context(at)?;
@@ -601,11 +606,10 @@ pub fn run(a: BuildArgs) -> Result<()> {
             output::write_oci_layout(&built, &layout_tags, path, &store)?;
             log_output("wrote", "oci-layout", &path.display().to_string());
         }
-        if !a.no_push {
-            for destination in &destinations {
-                output::push(&built, destination, &registry, &store, &uploads).await?;
-                log_output("pushed", "destination", &destination.whole());
-            }
+        for (destination, at_start) in destinations.iter().zip(tags_at_start) {
+            let at_start = at_start.await.ok();
+            output::push(&built, destination, at_start, &registry, &store, &uploads).await?;
+            log_output("pushed", "destination", &destination.whole());
         }
         // The end: --cache-repo entries are all written (with --no-push too).
         uploads.finish().await?;

@@ -547,8 +547,9 @@ fn a_registry_with_a_token_service_is_pinged_once_per_build() {
 
 /// A rebuild with one new layer asks the destination nothing about the
 /// layers the manifest there already names (a registry keeps a manifest
-/// only with its blobs): one HEAD for the manifest and one for the new
-/// layer, its and the config's upload, the manifest PUT.
+/// only with its blobs): one HEAD for the manifest, asked as the build
+/// starts (not after it, before the PUT), one for the new layer, its and
+/// the config's upload, the manifest PUT.
 #[test]
 fn a_one_layer_change_checks_no_blob_the_tag_already_names() {
     let registry = Registry::start_logged();
@@ -575,6 +576,12 @@ fn a_one_layer_change_checks_no_blob_the_tag_already_names() {
     // The COPY's layer, not the base's or the RUN's; the config, new with
     // it, goes unasked.
     assert_eq!(blob_checks, 1, "{to_dest:#?}");
+    let manifest_checks: Vec<usize> = (0..to_dest.len())
+        .filter(|i| to_dest[*i].starts_with("HEAD /v2/kiln/onelayer/manifests/1"))
+        .collect();
+    let first_post = to_dest.iter().position(|r| r.starts_with("POST "));
+    assert_eq!(manifest_checks.len(), 1, "{to_dest:#?}");
+    assert!(Some(manifest_checks[0]) < first_post, "{to_dest:#?}");
     assert_eq!(
         to_dest.iter().filter(|r| r.starts_with("PUT ")).count(),
         3,

@@ -81,10 +81,12 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
     let registry = Registry::start();
     registry.push_busybox();
 
-    // Three failures: the destination's manifest HEAD (whose failure only
-    // means "push it"), then the blob's HEAD and its one retry.
+    // Five failures: the destination's tag check as the build starts (a
+    // HEAD, then oci-client's GET; failing only means "push it"), the two
+    // upload sessions opened while the RUN runs (opened again when needed),
+    // then the blob's HEAD, fatal without a retry.
     let out = build(
-        &flaky_proxy(registry.addr.clone(), 3, UNAVAILABLE),
+        &flaky_proxy(registry.addr.clone(), 5, UNAVAILABLE),
         &[],
         false,
     );
@@ -98,7 +100,7 @@ fn pushes_and_pulls_survive_transient_failures_only_with_retries() {
         "{err}"
     );
 
-    let proxy = flaky_proxy(registry.addr.clone(), 3, UNAVAILABLE);
+    let proxy = flaky_proxy(registry.addr.clone(), 5, UNAVAILABLE);
     let out = build(&proxy, &["--push-retry", "3"], false);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("retrying"), "{}", stderr(&out));

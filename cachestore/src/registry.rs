@@ -347,18 +347,6 @@ impl RegistryClient {
         Ok(())
     }
 
-    /// Asks a reference's registry its `/v2/` (the first request there
-    /// would), so that the requests to come find the answer, or wait for
-    /// it, rather than ask. A build spawns it as it starts; a failure is
-    /// left for the request that meets it again to report.
-    pub async fn ping(&self, reference: &Reference) -> Result<()> {
-        let client = self.client(reference).await?;
-        client
-            .ping_ahead(reference)
-            .await
-            .map_err(|e| registry_error(reference, "ping", e))
-    }
-
     /// The client for a reference's registry, made on first use with that
     /// registry's protocol, TLS settings and credentials.
     async fn client(&self, reference: &Reference) -> Result<Arc<Client>> {

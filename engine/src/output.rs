@@ -49,27 +49,34 @@ impl Built {
 /// Pushes one image: blobs first (those `uploads` sent during the build
 /// awaited, those the registry has skipped), the manifest last, to
 /// `destination`'s tag or, in an index, by its digest.
+/// What `to` names, for a push: what it named as the build started, when
+/// that was asked. A push that finds its image there is done, as it was
+/// then (another build may have moved the tag since, as it may after a
+/// HEAD at the end); one that finds another image pushes. Else a HEAD now.
+async fn tag_now(registry: &RegistryClient, to: &Reference, at_start: AtStart) -> Option<Digest> {
+    match at_start {
+        Some(named) => named,
+        None => registry.manifest_at(to).await,
+    }
+}
+
+/// Pushes `image` to `to` (a tag, or in an index its digest), where the
+/// manifest `current` is.
 async fn push_image(
     image: &BuiltImage,
-    destination: &Reference,
-    by_digest: bool,
+    to: &Reference,
+    current: Option<Digest>,
     registry: &RegistryClient,
     store: &BlobStore,
     uploads: &Uploads,
 ) -> Result<(), BuildError> {
-    let to = match by_digest {
-        true => destination.clone_with_digest(image.manifest.digest.to_string()),
-        false => destination.clone(),
-    };
     // An image with a layer this build uploaded is new, so its config goes
-    // unasked while the manifest HEAD below asks (the build started it as
-    // it assembled the image; this starts it for a caller that did not).
+    // on unasked (the build started it as it assembled the image; this
+    // starts it for a caller that did not).
     uploads.config(image);
     // A registry stores a manifest only once it has every blob it names, so
     // a destination already at this manifest (a no-change rebuild) needs
-    // one HEAD instead of a HEAD per blob and a PUT. In an index the image
-    // is asked for by digest: the tag names the index.
-    let current = registry.manifest_at(&to).await;
+    // one HEAD instead of a HEAD per blob and a PUT.
     if current.as_ref() == Some(&image.manifest.digest) {
         return Ok(());
     }
@@ -82,19 +89,16 @@ async fn push_image(
     let rest = image
         .blob_digests()
         .into_iter()
-        .filter(|d| !held.contains(d) && !uploads.started(destination, d));
+        .filter(|d| !held.contains(d) && !uploads.started(to, d));
     // Every background upload, this image's or not, goes on beside them:
     // a failed one leaves no tag, and is the failure told, being the first.
-    let (finished, pushed) = futures_util::future::join(
-        uploads.finish(),
-        push_blobs(rest, destination, registry, store),
-    )
-    .await;
+    let (finished, pushed) =
+        futures_util::future::join(uploads.finish(), push_blobs(rest, to, registry, store)).await;
     finished?;
     pushed?;
     let bytes = store.read(&image.manifest.digest)?;
     registry
-        .push_manifest(&to, bytes, &image.manifest.media_type)
+        .push_manifest(to, bytes, &image.manifest.media_type)
         .await?;
     Ok(())
 }
@@ -130,6 +134,11 @@ fn blobs_named(store: &BlobStore, manifest: &Digest) -> Option<HashSet<Digest>> 
     )
 }
 
+/// What a destination's tag named as the build started, asked then by a
+/// HEAD the build did not wait for: `Some(None)` when it named nothing,
+/// `None` when not asked (or the asking failed).
+pub type AtStart = Option<Option<Digest>>;
+
 /// Pushes what was built to one destination, the tag last, so a failed
 /// push leaves no image (or index) under it. The build's background
 /// uploads are waited for before any manifest: a failed one fails the
@@ -137,22 +146,27 @@ fn blobs_named(store: &BlobStore, manifest: &Digest) -> Option<HashSet<Digest>> 
 pub async fn push(
     built: &Built,
     destination: &Reference,
+    at_start: AtStart,
     registry: &RegistryClient,
     store: &BlobStore,
     uploads: &Uploads,
 ) -> Result<(), BuildError> {
     match built {
         Built::Image(image) => {
-            push_image(image, destination, false, registry, store, uploads).await
+            let current = tag_now(registry, destination, at_start).await;
+            push_image(image, destination, current, registry, store, uploads).await
         }
         Built::Index(index) => {
             // A tag already at this index has every manifest it lists: one
             // HEAD for a no-change rebuild, not one per image and a PUT.
-            if registry.manifest_at(destination).await.as_ref() == Some(&index.index.digest) {
+            let current = tag_now(registry, destination, at_start).await;
+            if current.as_ref() == Some(&index.index.digest) {
                 return Ok(());
             }
             for image in built.manifests() {
-                push_image(image, destination, true, registry, store, uploads).await?;
+                let to = destination.clone_with_digest(image.manifest.digest.to_string());
+                let current = registry.manifest_at(&to).await;
+                push_image(image, &to, current, registry, store, uploads).await?;
             }
             uploads.finish().await?;
             let bytes = store.read(&index.index.digest)?;

@@ -911,12 +911,6 @@ impl Client {
         }
     }
 
-    /// Asks `image`'s registry its `/v2/` now, so that a request made
-    /// later finds the answer, or waits for it, instead of asking (Kiln).
-    pub async fn ping_ahead(&self, image: &Reference) -> Result<()> {
-        self.ping(image).await.map(drop)
-    }
-
     /// `image`'s registry's answer to `/v2/`, asked once: `None` when it
     /// was neither a 2xx nor a challenge, which is asked again next time
     /// (a 5xx may pass), as is a request that failed (Kiln).
