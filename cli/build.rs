@@ -607,7 +607,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
             log_output("wrote", "oci-layout", &path.display().to_string());
         }
         for (destination, at_start) in destinations.iter().zip(tags_at_start) {
-            let at_start = at_start.await.ok();
+            let at_start = at_start.await.ok().flatten();
             output::push(&built, destination, at_start, &registry, &store, &uploads).await?;
             log_output("pushed", "destination", &destination.whole());
         }

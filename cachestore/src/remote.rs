@@ -109,20 +109,6 @@ impl RemoteCache {
         Ok(())
     }
 
-    /// Uploads an entry: the layer, the entry as config, then the manifest.
-    pub async fn put(&self, key: &str, entry: &StepEntry, store: &BlobStore) -> Result<()> {
-        if let Some(layer) = &entry.layer {
-            self.registry
-                .push_blob(&self.repo, &layer.descriptor.digest, store)
-                .await?;
-        }
-        let config = self.entry_config(entry, store)?;
-        self.registry
-            .push_blob(&self.repo, &config.digest, store)
-            .await?;
-        self.put_entry(key, entry, config).await
-    }
-
     /// Stores `entry` as the config blob of its manifest, to be uploaded
     /// before [`RemoteCache::put_entry`] writes that.
     pub fn entry_config(&self, entry: &StepEntry, store: &BlobStore) -> Result<Descriptor> {

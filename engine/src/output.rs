@@ -46,22 +46,9 @@ impl Built {
     }
 }
 
-/// Pushes one image: blobs first (those `uploads` sent during the build
-/// awaited, those the registry has skipped), the manifest last, to
-/// `destination`'s tag or, in an index, by its digest.
-/// What `to` names, for a push: what it named as the build started, when
-/// that was asked. A push that finds its image there is done, as it was
-/// then (another build may have moved the tag since, as it may after a
-/// HEAD at the end); one that finds another image pushes. Else a HEAD now.
-async fn tag_now(registry: &RegistryClient, to: &Reference, at_start: AtStart) -> Option<Digest> {
-    match at_start {
-        Some(named) => named,
-        None => registry.manifest_at(to).await,
-    }
-}
-
-/// Pushes `image` to `to` (a tag, or in an index its digest), where the
-/// manifest `current` is.
+/// Pushes one image to `to` (a tag, or in an index its digest), where the
+/// manifest `current` is: blobs first (those `uploads` sent during the
+/// build awaited, those the registry has skipped), the manifest last.
 async fn push_image(
     image: &BuiltImage,
     to: &Reference,
@@ -76,7 +63,8 @@ async fn push_image(
     uploads.config(image);
     // A registry stores a manifest only once it has every blob it names, so
     // a destination already at this manifest (a no-change rebuild) needs
-    // one HEAD instead of a HEAD per blob and a PUT.
+    // nothing more than the HEAD that found it, not a HEAD per blob and a
+    // PUT.
     if current.as_ref() == Some(&image.manifest.digest) {
         return Ok(());
     }
@@ -134,33 +122,32 @@ fn blobs_named(store: &BlobStore, manifest: &Digest) -> Option<HashSet<Digest>> 
     )
 }
 
-/// What a destination's tag named as the build started, asked then by a
-/// HEAD the build did not wait for: `Some(None)` when it named nothing,
-/// `None` when not asked (or the asking failed).
-pub type AtStart = Option<Option<Digest>>;
-
 /// Pushes what was built to one destination, the tag last, so a failed
 /// push leaves no image (or index) under it. The build's background
 /// uploads are waited for before any manifest: a failed one fails the
 /// push.
+///
+/// `at_start` is what the tag named as the build started (a HEAD the
+/// build did not wait for; `None`: nothing, or the asking failed). A push
+/// that finds its image there is done, as it was then: another build may
+/// have moved the tag since, as it may after a HEAD at the end. One that
+/// finds another image, or none, pushes.
 pub async fn push(
     built: &Built,
     destination: &Reference,
-    at_start: AtStart,
+    at_start: Option<Digest>,
     registry: &RegistryClient,
     store: &BlobStore,
     uploads: &Uploads,
 ) -> Result<(), BuildError> {
     match built {
         Built::Image(image) => {
-            let current = tag_now(registry, destination, at_start).await;
-            push_image(image, destination, current, registry, store, uploads).await
+            push_image(image, destination, at_start, registry, store, uploads).await
         }
         Built::Index(index) => {
-            // A tag already at this index has every manifest it lists: one
-            // HEAD for a no-change rebuild, not one per image and a PUT.
-            let current = tag_now(registry, destination, at_start).await;
-            if current.as_ref() == Some(&index.index.digest) {
+            // A tag already at this index has every manifest it lists: a
+            // no-change rebuild asks nothing per image and PUTs nothing.
+            if at_start.as_ref() == Some(&index.index.digest) {
                 return Ok(());
             }
             for image in built.manifests() {
