@@ -5,7 +5,8 @@
 //! HEAD, and pushes through it: a layer uploaded while later steps run,
 //! and an upload that fails (issue 17); base layers that unpack while a
 //! later layer still downloads (issue 17); and upload sessions opened
-//! while steps run, replaced when gone, cancelled when unused. The proxy
+//! while steps run, replaced when gone, cancelled when unused, and kept
+//! for the blobs a build made (not a base's layer). The proxy
 //! serves one request per connection and logs each one with the time it
 //! came in, and each answer it passed on once passed.
 mod support;
@@ -897,4 +898,36 @@ fn an_upload_session_no_blob_used_is_cancelled() {
     let diff_ids =
         |tag: &str| skopeo_config(&registry.reference(tag))["rootfs"]["diff_ids"].clone();
     assert_eq!(diff_ids("kiln/again:1"), diff_ids("kiln/again:2"));
+}
+
+/// A session opened ahead is kept for the blobs this build made: a blob
+/// the registry may have (a base's layer, pushed at the end beside the
+/// config) asks first and takes none, so it cannot leave one unused and
+/// send the config to open another. Driven through the library, in this
+/// order, so the race a build leaves to its tasks is decided.
+#[test]
+fn a_base_layer_takes_no_session_opened_ahead() {
+    use kiln_cachestore::{BlobStore, RegistryClient, RegistryOptions, StateDir};
+    let registry = Registry::start();
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    let state = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(&StateDir::open(state.path()).unwrap()).unwrap();
+    let base = store.put(b"a base's layer\n").unwrap().digest;
+    let config = store.put(b"{\"an\":\"image config\"}").unwrap().digest;
+    let to: kiln_cachestore::Reference = format!("{}/kiln/ahead:1", proxy.addr).parse().unwrap();
+    let client = RegistryClient::new(RegistryOptions::default());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        client.push_blob(&to, &base, &store).await.unwrap();
+        let opened_before = proxy.times("POST /v2/kiln/ahead/blobs/uploads/").len();
+        client.open_upload_ahead(&to);
+        client.push_blob(&to, &base, &store).await.unwrap();
+        client.push_new_blob(&to, &config, &store).await.unwrap();
+        client.cancel_unused_uploads().await;
+        let all = request_lines(&proxy, "/v2/kiln/ahead/");
+        let opened = proxy.times("POST /v2/kiln/ahead/blobs/uploads/").len();
+        assert_eq!(opened - opened_before, 1, "{all:#?}");
+        assert!(proxy.times("DELETE /v2/kiln/ahead/").is_empty(), "{all:#?}");
+    });
+    assert_eq!(registry.upload_sessions("kiln/ahead"), 0);
 }

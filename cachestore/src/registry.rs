@@ -93,6 +93,20 @@ struct Shared {
     sessions: Sessions,
 }
 
+/// What a push knows of whether the registry has a blob, which decides
+/// whether it asks and whether it takes a session opened ahead.
+#[derive(Clone, Copy)]
+enum Known {
+    /// Nothing: a base's layer, a `--cache-repo` one.
+    Unknown,
+    /// Missing: a `HEAD` just said so.
+    Missing,
+    /// Made by this build: likely new.
+    Made,
+    /// Surely new: an image's config when the image has new layers.
+    New,
+}
+
 /// `registry/repository`: what a blob is uploaded to, beside its digest.
 pub fn repository_id(reference: &Reference) -> String {
     format!(
@@ -784,7 +798,10 @@ impl RegistryClient {
         digest::parse(&found).ok()
     }
 
-    /// Uploads a stored blob as a stream, skipping it when the registry has it.
+    /// Uploads a stored blob as a stream, skipping it when the registry has
+    /// it. For a blob that may well be there (a base's layer, a
+    /// `--cache-repo` one): the registry is asked before any session opens,
+    /// and none opened ahead is taken.
     pub async fn push_blob(
         &self,
         reference: &Reference,
@@ -797,9 +814,25 @@ impl RegistryClient {
         .await
     }
 
+    /// Uploads a blob this build made (a step's layer), likely new there:
+    /// it takes a session opened ahead ([`Self::open_upload_ahead`]) and
+    /// asks whether the registry has it beside that, not before.
+    pub async fn push_made_blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        store: &BlobStore,
+    ) -> Result<()> {
+        self.retrying(self.inner.options.push_retries, || {
+            self.upload_blob(reference, digest, store, Known::Made)
+        })
+        .await
+    }
+
     /// Uploads a small stored blob that is almost surely new there (an
-    /// image's config, when the image has new layers) without asking first:
-    /// were it there, the registry takes it again, at the cost of its bytes.
+    /// image's config, when the image has new layers) in a session opened
+    /// ahead, without asking: were it there, the registry takes it again,
+    /// at the cost of its bytes.
     pub async fn push_new_blob(
         &self,
         reference: &Reference,
@@ -807,7 +840,7 @@ impl RegistryClient {
         store: &BlobStore,
     ) -> Result<()> {
         self.retrying(self.inner.options.push_retries, || {
-            self.upload_blob(reference, digest, store, false)
+            self.upload_blob(reference, digest, store, Known::New)
         })
         .await
     }
@@ -829,7 +862,9 @@ impl RegistryClient {
             o.resolve_registry() == reference.resolve_registry()
                 && o.repository() != reference.repository()
         }) else {
-            return self.upload_blob(reference, digest, store, true).await;
+            return self
+                .upload_blob(reference, digest, store, Known::Unknown)
+                .await;
         };
         if self.blob_exists(reference, digest).await? {
             return Ok(());
@@ -845,8 +880,8 @@ impl RegistryClient {
             self.inner.mounted.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        // The HEAD above found it missing.
-        self.upload_blob(reference, digest, store, false).await
+        self.upload_blob(reference, digest, store, Known::Missing)
+            .await
     }
 
     /// Opens an upload session on `reference`'s repository now, for a blob
@@ -882,20 +917,25 @@ impl RegistryClient {
         }));
     }
 
-    /// Uploads a stored blob unless the registry has it (when it `asks`).
-    /// A session opened ahead is used while the `HEAD` asks, so a new
-    /// blob costs one round trip where it cost three.
+    /// Uploads a stored blob, asking first whether the registry has it
+    /// unless that is `known`. A blob this build made takes a session
+    /// opened ahead, used while the `HEAD` asks, so a new blob costs one
+    /// round trip where it cost three; others never take one, which would
+    /// leave it unused whenever the registry has them.
     async fn upload_blob(
         &self,
         reference: &Reference,
         digest: &Digest,
         store: &BlobStore,
-        asks: bool,
+        known: Known,
     ) -> Result<()> {
         let client = self.client(reference).await?;
-        let ahead = self.inner.sessions.take(reference);
-        // Without a session opened ahead (a blob not known to be new: a
-        // base layer, a `--cache-repo` one) the HEAD asks before any opens;
+        let ahead = match known {
+            Known::Made | Known::New => self.inner.sessions.take(reference),
+            Known::Unknown | Known::Missing => None,
+        };
+        let asks = matches!(known, Known::Unknown | Known::Made);
+        // Without a session opened ahead the HEAD asks before any opens;
         // with one, beside it.
         let asks_beside = asks && ahead.is_some();
         if asks && ahead.is_none() && self.blob_exists(reference, digest).await? {

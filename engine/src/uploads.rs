@@ -46,7 +46,8 @@ impl From<Failed> for BuildError {
 /// What a blob upload sends.
 #[derive(Clone, Copy)]
 enum Blob {
-    /// Asked about first: a registry may have it (a base's, a cached one).
+    /// A layer this build made, asked about beside its upload session: a
+    /// registry may have it (made alike before).
     Layer,
     /// An image's config, sent unasked: the image is new (see
     /// [`Uploads::config`]).
@@ -167,7 +168,8 @@ impl Uploads {
             // Never closed; without a permit it would merely not wait.
             let _permit = limit.acquire_owned().await.ok();
             match blob {
-                Blob::Layer | Blob::Entry => registry.push_blob(&to, &digest, &store).await,
+                Blob::Layer => registry.push_made_blob(&to, &digest, &store).await,
+                Blob::Entry => registry.push_blob(&to, &digest, &store).await,
                 Blob::Config => registry.push_new_blob(&to, &digest, &store).await,
             }
         };
