@@ -1,6 +1,7 @@
 //! The local cache tier end to end: full hits without unpacking, exact
-//! misses after a context or build-arg change, TTL expiry, `--cache=false`,
-//! and builds sharing one cache dir at once.
+//! misses after a context or build-arg change (a renamed file a glob
+//! matches too), TTL expiry, `--cache=false`, and builds sharing one cache
+//! dir at once.
 mod support;
 
 use std::path::Path;
@@ -547,6 +548,31 @@ fn a_fully_cached_rebuild_gives_the_same_image() {
     std::fs::write(ctx.path().join("a.txt"), "b\n").unwrap();
     let (third, _) = digest(3);
     assert_ne!(third, first);
+}
+
+/// A file a COPY's glob matches, renamed, is a miss: the copy writes it
+/// under its new name. The names a glob matched are in the key, where the
+/// content alone left a hit that still held the old name.
+#[test]
+fn a_renamed_file_a_glob_matches_is_copied_again() {
+    let ctx = Context::new(
+        &format!(
+            "FROM oci-layout://{}:latest\nCOPY *.txt /d/\nRUN ls /d > /listing\n",
+            busybox_layout().display()
+        ),
+        &[("a.txt", "same\n")],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (first, before) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&first).0, 0);
+    std::fs::rename(ctx.path().join("a.txt"), ctx.path().join("b.txt")).unwrap();
+    let (renamed, after) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&renamed).0, 0, "{}", stderr(&renamed));
+    assert_ne!(after, before);
+    let (again, same) = build(&ctx, state.path(), out.path(), &[]);
+    assert_eq!(summary(&again).1, 0, "{}", stderr(&again));
+    assert_eq!(same, after);
 }
 
 /// The cache dir holds base images' files and cache mounts: a new one is

@@ -407,6 +407,23 @@ pub fn hash_inline(files: &[(String, String)]) -> String {
     h.finish()
 }
 
+/// A sources digest with the names its globs matched, which the digest
+/// leaves out (it labels each selected source by its place): a file a
+/// glob matches renamed is copied under its new name. Unchanged without
+/// globs, so the keys of other copies stay as they were.
+pub fn with_matched(digest: String, matched: &[PathBuf]) -> String {
+    if matched.is_empty() {
+        return digest;
+    }
+    let mut h = KeyHasher::new("matched");
+    h.field("content", digest.as_bytes())
+        .field("names", &(matched.len() as u64).to_le_bytes());
+    for name in matched {
+        h.field("name", name.as_os_str().as_encoded_bytes());
+    }
+    h.finish()
+}
+
 /// One file of a COPY's sources, as the key sees it.
 struct SourceEntry {
     rel: String,

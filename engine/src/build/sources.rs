@@ -48,7 +48,9 @@ impl StepSources for StageSources<'_, '_> {
         let (selected, filter) =
             copy::selected_context_sources(context, &b.options.dockerignore, sources)
                 .map_err(|message| b.step_error(step, message))?;
-        key::hash_sources_cached(&selected, false, Some(filter), Some(b.index)).at(context)
+        let digest = key::hash_sources_cached(&selected.hosts, false, Some(filter), Some(b.index))
+            .at(context)?;
+        Ok(key::with_matched(digest, &selected.matched))
     }
 
     fn download_digest(&self, step: &Step, url: &str) -> Result<String, BuildError> {

@@ -112,20 +112,41 @@ fn has_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// The host paths a COPY from the context reads (globs expanded, the
-/// selection the copy itself makes), without what `ignore` excludes;
+/// What a COPY reads, as its key sees it: the selection the copy itself
+/// makes.
+pub struct Selection {
+    /// The host paths, globs expanded and top-level links followed.
+    pub hosts: Vec<PathBuf>,
+    /// What each glob matched, relative to the source root: those names
+    /// are what the copy writes, where a source as written names the rest.
+    pub matched: Vec<PathBuf>,
+}
+
+impl Selection {
+    fn of(sources: &[String], selected: Vec<Selected>) -> Selection {
+        let matched = selected
+            .iter()
+            .filter(|s| has_glob(&sources[s.index]))
+            .map(|s| s.rel.clone())
+            .collect();
+        let hosts = selected.into_iter().map(|s| s.host).collect();
+        Selection { hosts, matched }
+    }
+}
+
+/// What a COPY from the context reads, without what `ignore` excludes;
 /// the filter to walk directory sources with comes along.
 pub fn selected_context_sources<'a>(
     context: &'a Path,
     ignore: &'a Ignore,
     sources: &[String],
-) -> Result<(Vec<PathBuf>, Filter<'a>), CopyError> {
+) -> Result<(Selection, Filter<'a>), CopyError> {
     let filter = Filter {
         root: context,
         ignore,
     };
     let selected = expand_sources(context, sources, Some(filter))?;
-    Ok((selected.into_iter().map(|s| s.host).collect(), filter))
+    Ok((Selection::of(sources, selected), filter))
 }
 
 /// Expands sources (globs included) to host paths, failing on a source that
@@ -898,7 +919,7 @@ mod tests {
         let hash = || {
             let (selected, filter) =
                 selected_context_sources(&f.ctx, &ignore, &[".".into()]).unwrap();
-            crate::key::hash_sources_cached(&selected, false, Some(filter), None).unwrap()
+            crate::key::hash_sources_cached(&selected.hosts, false, Some(filter), None).unwrap()
         };
         let before = hash();
         fs::write(f.ctx.join("src/sub/x.log"), "changed").unwrap();
