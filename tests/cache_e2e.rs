@@ -1,7 +1,7 @@
 //! The local cache tier end to end: full hits without unpacking, exact
 //! misses after a context or build-arg change (a renamed file a glob
-//! matches too), TTL expiry, `--cache=false`, and builds sharing one cache
-//! dir at once.
+//! matches too), a `COPY --from` found by the content it copies, TTL
+//! expiry, `--cache=false`, and builds sharing one cache dir at once.
 mod support;
 
 use std::path::Path;
@@ -573,6 +573,42 @@ fn a_renamed_file_a_glob_matches_is_copied_again() {
     let (again, same) = build(&ctx, state.path(), out.path(), &[]);
     assert_eq!(summary(&again).1, 0, "{}", stderr(&again));
     assert_eq!(same, after);
+}
+
+/// A stage built again that made the same file gives a `COPY --from` of
+/// it the layer it gave before: the copy is found by its content, and the
+/// image is the one the first build made. A file made anew is copied anew.
+#[test]
+fn a_copy_from_a_stage_that_made_the_same_files_is_a_hit() {
+    let base = busybox_layout();
+    let ctx = Context::new(
+        &format!(
+            "FROM oci-layout://{0}:latest AS build\nCOPY src.txt /src.txt\n\
+             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n\
+             FROM oci-layout://{0}:latest\nCOPY --from=build /out/app /app\n",
+            base.display()
+        ),
+        &[("src.txt", "abcd 1\n")],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let build = |n: u32, src: &str| {
+        std::fs::write(ctx.path().join("src.txt"), src).unwrap();
+        let file = out.path().join(format!("digest-{n}"));
+        let args = ["--no-push", "--digest-file", file.to_str().unwrap()];
+        let output = kiln_build(&ctx, state.path(), &args);
+        let (hits, runs, _) = summary(&output);
+        (std::fs::read_to_string(file).unwrap(), hits, runs)
+    };
+    let (first, ..) = build(1, "abcd 1\n");
+    // Past the second the first build ran in, so "now" would differ.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(build(2, "abcd 2\n"), (first.clone(), 1, 2));
+    // Both keys are recorded: the stage as it is now hits whole.
+    assert_eq!(build(3, "abcd 2\n"), (first.clone(), 3, 0));
+    let (other, hits, runs) = build(4, "wxyz\n");
+    assert_ne!(other, first);
+    assert_eq!((hits, runs), (0, 3));
 }
 
 /// The cache dir holds base images' files and cache mounts: a new one is

@@ -15,6 +15,8 @@
 //! what `.dockerignore` hides from the copy either); for
 //! WORKDIR/VOLUME the directories and owner. Metadata-only steps are not in
 //! the chain: the config comes from the plan, so a LABEL never busts a RUN.
+//! A `COPY --from=<stage>` that misses is looked up once more by the
+//! content it copies ([`content_key`]).
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -215,18 +217,61 @@ pub(crate) fn reuse_keys(
     parent: &str,
     platform: &str,
 ) -> Vec<Option<String>> {
-    let mut parent = parent;
     steps
         .iter()
-        .zip(keys)
-        .map(|(step, key)| {
-            let reuse = reuse_key(step, parent, platform);
+        .zip(parents(keys, parent))
+        .map(|(step, parent)| reuse_key(step, parent, platform))
+        .collect()
+}
+
+/// The parent each step's key was chained on: the key of the keyed step
+/// before it, or `first`.
+pub(crate) fn parents<'a>(keys: &'a [Option<String>], first: &'a str) -> Vec<&'a str> {
+    let mut parent = first;
+    keys.iter()
+        .map(|key| {
+            let this = parent;
             if let Some(key) = key {
                 parent = key;
             }
-            reuse
+            this
         })
         .collect()
+}
+
+/// The key of a `COPY --from=<stage>` by what it copies: [`step_key`] with
+/// the digest of the files it selects in the stage's root in place of the
+/// stage's key. A stage built again that made the same files (a comment
+/// changed in a source it compiles) gives the copy the content key it had,
+/// so the copy, and an image it ends, are what they were, as BuildKit's
+/// content-based keys give. The step's own key stays the stage's: a build
+/// whose source stage hits needs none of its files to key the copy.
+/// `None` for every other step.
+pub fn content_key(
+    step: &Step,
+    parent: &str,
+    platform: &str,
+    sources_digest: &str,
+) -> Option<String> {
+    if !matches!(
+        step.action,
+        Action::Copy {
+            from: CopyFrom::Stage(_),
+            add: None,
+            ..
+        }
+    ) {
+        return None;
+    }
+    let by_content = KeyInputs {
+        parent,
+        platform,
+        source_identity: "",
+        sources_digest,
+    };
+    let mut h = KeyHasher::new("copy-content");
+    h.field("step", step_key(step, &by_content)?.as_bytes());
+    Some(h.finish())
 }
 
 /// What keying a stage's steps asks of the build: the identity of what
@@ -981,6 +1026,54 @@ mod tests {
         let chained = reuse_keys(&steps, &keys, "p", "linux/amd64");
         assert_eq!(chained[0], None);
         assert_eq!(chained[1], reuse_key(&steps[1], "k0", "linux/amd64"));
+    }
+
+    #[test]
+    fn a_content_key_is_the_copy_from_a_stage_by_what_it_copies() {
+        let mut step = copy_step(&["/out/app"], None);
+        if let Action::Copy { from, .. } = &mut step.action {
+            *from = CopyFrom::Stage(0);
+        }
+        let key = content_key(&step, "p", "linux/amd64", "d").unwrap();
+        // The stage's key is not in it; the content, parent, platform and
+        // instruction are.
+        let stage_key = |identity| {
+            step_key(
+                &step,
+                &KeyInputs {
+                    source_identity: identity,
+                    ..inputs("p")
+                },
+            )
+        };
+        assert_ne!(stage_key("stage-a"), stage_key("stage-b"));
+        assert_ne!(Some(&key), stage_key("stage-a").as_ref());
+        assert_ne!(
+            Some(&key),
+            content_key(&step, "p", "linux/amd64", "e").as_ref()
+        );
+        assert_ne!(
+            Some(&key),
+            content_key(&step, "q", "linux/amd64", "d").as_ref()
+        );
+        assert_ne!(
+            Some(&key),
+            content_key(&step, "p", "linux/arm64", "d").as_ref()
+        );
+        let mut elsewhere = step.clone();
+        if let Action::Copy { dest, .. } = &mut elsewhere.action {
+            *dest = "/e/".into();
+        }
+        assert_ne!(
+            Some(&key),
+            content_key(&elsewhere, "p", "linux/amd64", "d").as_ref()
+        );
+        // Only a plain COPY from a stage has one.
+        assert!(content_key(&copy_step(&["a"], None), "p", "x", "d").is_none());
+        assert!(content_key(&run(&[]), "p", "x", "d").is_none());
+        // Parents chain through the keyed steps.
+        let keys = [Some("k0".to_string()), None, Some("k2".to_string())];
+        assert_eq!(parents(&keys, "p"), ["p", "k0", "k0"]);
     }
 
     #[test]

@@ -8,8 +8,11 @@ use kiln_cachestore::StepEntry;
 use super::blobs::{lazy_usable, BlobSource};
 use super::Builder;
 use crate::error::{BuildError, IoContext};
+use crate::exec::copy;
+use crate::exec::mounts::SourceRoots;
 use crate::image::Layer;
-use crate::plan::{Action, StagePlan, Step};
+use crate::key;
+use crate::plan::{Action, CopyFrom, StagePlan, Step};
 
 /// A step found in the cache: its layer (none when it changed no file)
 /// and when it was first built, which its history keeps, so a rebuild that
@@ -20,6 +23,23 @@ pub(crate) struct Hit {
     pub(crate) created: u64,
     /// Found in `--cache-repo` rather than the local index.
     pub(crate) remote: bool,
+}
+
+/// A step's content key ([`Builder::lookup_by_content`]), and whether the
+/// index held it.
+pub(super) struct ByContent {
+    pub(super) key: String,
+    pub(super) hit: bool,
+}
+
+/// The digest of what a `COPY --from` of `sources` reads in stage
+/// `source`'s root, owners included; `None` when that root is not on disk
+/// or the sources cannot be read there (the copy then reports why).
+fn stage_content(reads: &SourceRoots, source: usize, sources: &[String]) -> Option<String> {
+    let root = reads.stages.get(&source)?;
+    let selection = copy::selected_root_sources(root, sources).ok()?;
+    let digest = key::hash_sources(&selection.hosts, true).ok()?;
+    Some(key::with_matched(digest, &selection.matched))
 }
 
 impl Builder<'_> {
@@ -73,6 +93,96 @@ impl Builder<'_> {
                 }
             })
             .collect()
+    }
+
+    /// The content keys of a stage's `COPY --from=<stage>` misses
+    /// ([`key::content_key`]), hashed from the source stages' roots in
+    /// `reads`, and what the index holds under them: a hit there becomes
+    /// the step's hit. They chain as keys do, a copy's content key being
+    /// the parent of the next copy's; the chain stops at a step that
+    /// missed and is no such copy. `first` is the stage's first parent.
+    pub(super) fn lookup_by_content(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+        first: &str,
+        hits: &mut [Option<Hit>],
+        reads: &SourceRoots,
+    ) -> Result<Vec<Option<ByContent>>, BuildError> {
+        let platform = stage.platform.to_string();
+        let mut content_keys = vec![None; keys.len()];
+        let mut parent = first.to_string();
+        for (i, (step, key)) in stage.steps.iter().zip(keys).enumerate() {
+            let Some(key) = key else { continue };
+            let digest = match &step.action {
+                Action::Copy {
+                    from: CopyFrom::Stage(source),
+                    add: None,
+                    sources,
+                    ..
+                } if hits[i].is_none() && self.cacheable(step) => {
+                    stage_content(reads, *source, sources)
+                }
+                _ => None,
+            };
+            match digest.and_then(|d| key::content_key(step, &parent, &platform, &d)) {
+                Some(content_key) => {
+                    parent = content_key.clone();
+                    content_keys[i] = Some(content_key);
+                }
+                // Hits before any copy keep the chain the keys' own.
+                None if hits[i].is_some() && content_keys.iter().all(Option::is_none) => {
+                    parent = key.clone();
+                }
+                None => break,
+            }
+        }
+        let found = self.lookup(stage, &content_keys)?;
+        Ok(content_keys
+            .into_iter()
+            .zip(found)
+            .zip(hits.iter_mut())
+            .map(|((content_key, found), hit)| {
+                let key = content_key?;
+                let by_content = ByContent {
+                    key,
+                    hit: found.is_some(),
+                };
+                if found.is_some() {
+                    *hit = found;
+                }
+                Some(by_content)
+            })
+            .collect())
+    }
+
+    /// The entries that make each side of [`Self::lookup_by_content`] find
+    /// the other next time: a content hit's entry under the step's key,
+    /// and a copy that ran under its content key too.
+    pub(super) fn content_entries(
+        &self,
+        keys: &[Option<String>],
+        by_content: &[Option<ByContent>],
+        entries: &[(String, StepEntry)],
+    ) -> Result<Vec<(String, StepEntry)>, BuildError> {
+        let pairs = keys
+            .iter()
+            .zip(by_content)
+            .filter_map(|(k, c)| k.as_ref().zip(c.as_ref()));
+        let (hit, ran): (Vec<_>, Vec<_>) = pairs.partition(|(_, c)| c.hit);
+        let hit_keys: Vec<String> = hit.iter().map(|(_, c)| c.key.clone()).collect();
+        let found = self.index.get_steps(&hit_keys)?;
+        let mut out: Vec<(String, StepEntry)> = hit
+            .iter()
+            .zip(found)
+            .filter_map(|((key, _), entry)| Some(((*key).clone(), entry?)))
+            .collect();
+        for (key, by_content) in ran {
+            if let Some((_, entry)) = entries.iter().find(|(k, _)| k == key) {
+                out.push((by_content.key.clone(), entry.clone()));
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the store holds `d`'s blob at its recorded size. A blob of

@@ -149,6 +149,12 @@ pub fn selected_context_sources<'a>(
     Ok((Selection::of(sources, selected), filter))
 }
 
+/// What a `COPY --from` reads in another stage's `root`.
+pub fn selected_root_sources(root: &Path, sources: &[String]) -> Result<Selection, CopyError> {
+    let selected = expand_sources(root, sources, None)?;
+    Ok(Selection::of(sources, selected))
+}
+
 /// Expands sources (globs included) to host paths, failing on a source that
 /// matches nothing (or only what the filter hides).
 fn expand_sources(
