@@ -5,8 +5,9 @@
 //! HEAD, and pushes through it: a layer uploaded while later steps run,
 //! and an upload that fails (issue 17); base layers that unpack while a
 //! later layer still downloads (issue 17); and upload sessions opened
-//! while steps run, replaced when gone, cancelled when unused, and kept
-//! for the blobs a build made (not a base's layer). The proxy
+//! while steps run, replaced when gone, cancelled when unused, kept for
+//! the blobs a build made (not a base's layer), and not opened for an
+//! image left as it was. The proxy
 //! serves one request per connection and logs each one with the time it
 //! came in, and each answer it passed on once passed.
 mod support;
@@ -930,4 +931,37 @@ fn a_base_layer_takes_no_session_opened_ahead() {
         assert!(proxy.times("DELETE /v2/kiln/ahead/").is_empty(), "{all:#?}");
     });
     assert_eq!(registry.upload_sessions("kiln/ahead"), 0);
+}
+
+/// A build stage built again that made the same file leaves the image as
+/// it was (its `COPY --from` is found by content): the rebuild opens no
+/// upload session, so none is cancelled at its end either.
+#[test]
+fn an_image_left_as_it_was_opens_no_upload_session() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &format!(
+            "FROM {base} AS build\nCOPY src.txt /src.txt\nRUN cut -c1-4 /src.txt > /app\n\
+             FROM {base}\nCOPY --from=build /app /app\n"
+        ),
+        &[("src.txt", "abcd 1\n")],
+    );
+    let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/same:1", proxy.addr);
+    let first = kiln_build(&ctx, state.path(), &["--destination", &destination]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(!proxy.times("POST /v2/kiln/same/blobs/uploads/").is_empty());
+    std::fs::write(ctx.path().join("src.txt"), "abcd 2\n").unwrap();
+    let before = request_lines(&proxy, "/v2/kiln/same/").len();
+    let again = kiln_build(&ctx, state.path(), &["--destination", &destination]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let seen = request_lines(&proxy, "/v2/kiln/same/")[before..].to_vec();
+    assert!(
+        seen.iter()
+            .all(|l| !l.starts_with("POST ") && !l.starts_with("DELETE ")),
+        "{seen:#?}"
+    );
+    assert!(!seen.is_empty());
 }

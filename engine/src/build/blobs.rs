@@ -292,17 +292,17 @@ impl Builder<'_> {
         })
     }
 
-    /// A step that may write a layer starts. When that layer goes to the
-    /// destinations, their upload sessions for it (and, the first time,
+    /// A step of the image's stage that may write a layer starts: the
+    /// destinations' upload sessions for that layer (and, the first time,
     /// for the image's config, which is new with it) open while it runs.
-    /// The first miss of a stage before the image's opens them already:
-    /// the image is likely new with it (its `COPY --from` reads what the
-    /// miss makes), and the sessions then open while that stage runs.
+    /// A miss in an earlier stage opens none: a `COPY --from` of what it
+    /// made may still be found by its content, leaving the image as it
+    /// was and the sessions to be cancelled, at the end, for nothing.
     pub(super) fn expect_layer(&self) {
-        let wanted = match self.new_layers.in_image.load(Ordering::Relaxed) {
-            true => self.new_layers.asked.fetch_add(1, Ordering::Relaxed) + 2,
-            false => 2,
-        };
+        if !self.new_layers.in_image.load(Ordering::Relaxed) {
+            return;
+        }
+        let wanted = self.new_layers.asked.fetch_add(1, Ordering::Relaxed) + 2;
         let opened = self.new_layers.opened.fetch_max(wanted, Ordering::Relaxed);
         for _ in opened..wanted {
             self.uploads.open_ahead();
