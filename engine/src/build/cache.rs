@@ -8,7 +8,7 @@ use kiln_cachestore::StepEntry;
 use super::blobs::{lazy_usable, BlobSource};
 use super::Builder;
 use crate::error::{BuildError, IoContext};
-use crate::exec::copy;
+use crate::exec::copy_selection;
 use crate::exec::mounts::SourceRoots;
 use crate::image::Layer;
 use crate::key;
@@ -37,7 +37,7 @@ pub(super) struct ByContent {
 /// or the sources cannot be read there (the copy then reports why).
 fn stage_content(reads: &SourceRoots, source: usize, sources: &[String]) -> Option<String> {
     let root = reads.stages.get(&source)?;
-    let selection = copy::selected_root_sources(root, sources).ok()?;
+    let selection = copy_selection::selected_root_sources(root, sources).ok()?;
     let digest = key::hash_sources(&selection.hosts, true).ok()?;
     Some(key::with_matched(digest, &selection.matched))
 }

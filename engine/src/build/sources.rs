@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::{Builder, FetchedImage, StageResult};
 use crate::error::{BuildError, IoContext};
 use crate::excerpt::excerpt;
-use crate::exec::copy;
+use crate::exec::copy_selection;
 use crate::key::{self, StepSources};
 use crate::plan::Step;
 use crate::source::git::GitSource;
@@ -46,7 +46,7 @@ impl StepSources for StageSources<'_, '_> {
         let b = self.builder;
         let context = &b.options.context;
         let (selected, filter) =
-            copy::selected_context_sources(context, &b.options.dockerignore, sources)
+            copy_selection::selected_context_sources(context, &b.options.dockerignore, sources)
                 .map_err(|message| b.step_error(step, message))?;
         let digest = key::hash_sources_cached(&selected.hosts, false, Some(filter), Some(b.index))
             .at(context)?;

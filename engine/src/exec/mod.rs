@@ -1,6 +1,7 @@
 //! Executing the steps that change a root: RUN, COPY and ADD.
 pub mod add;
 pub mod copy;
+pub mod copy_selection;
 pub mod emulation;
 pub mod isolation;
 pub mod mounts;
