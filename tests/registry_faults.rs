@@ -908,6 +908,7 @@ fn an_upload_session_no_blob_used_is_cancelled() {
 /// order, so the race a build leaves to its tasks is decided.
 #[test]
 fn a_base_layer_takes_no_session_opened_ahead() {
+    use kiln_cachestore::registry::Made;
     use kiln_cachestore::{BlobStore, RegistryClient, RegistryOptions, StateDir};
     let registry = Registry::start();
     let proxy = Proxy::start(registry.addr.clone(), Arc::new(|_: &str| Action::Pass));
@@ -923,7 +924,10 @@ fn a_base_layer_takes_no_session_opened_ahead() {
         let opened_before = proxy.times("POST /v2/kiln/ahead/blobs/uploads/").len();
         client.open_upload_ahead(&to);
         client.push_blob(&to, &base, &store).await.unwrap();
-        client.push_new_blob(&to, &config, &store).await.unwrap();
+        client
+            .push_made_blob(&to, &config, &store, Made::Config)
+            .await
+            .unwrap();
         client.cancel_unused_uploads().await;
         let all = request_lines(&proxy, "/v2/kiln/ahead/");
         let opened = proxy.times("POST /v2/kiln/ahead/blobs/uploads/").len();

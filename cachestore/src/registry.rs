@@ -93,6 +93,18 @@ struct Shared {
     sessions: Sessions,
 }
 
+/// A blob a build made, which [`RegistryClient::push_made_blob`] uploads.
+#[derive(Clone, Copy)]
+pub enum Made {
+    /// A step's layer: likely new, so the registry is asked whether it has
+    /// it beside the upload session, not before.
+    Layer,
+    /// An image's config when the image has new layers: surely new, so it
+    /// is sent unasked (were it there, the registry takes it again, at the
+    /// cost of its bytes).
+    Config,
+}
+
 /// What a push knows of whether the registry has a blob, which decides
 /// whether it asks and whether it takes a session opened ahead.
 #[derive(Clone, Copy)]
@@ -814,33 +826,21 @@ impl RegistryClient {
         .await
     }
 
-    /// Uploads a blob this build made (a step's layer), likely new there:
-    /// it takes a session opened ahead ([`Self::open_upload_ahead`]) and
-    /// asks whether the registry has it beside that, not before.
+    /// Uploads a blob this build `made`, in a session opened ahead
+    /// ([`Self::open_upload_ahead`]) when one is there.
     pub async fn push_made_blob(
         &self,
         reference: &Reference,
         digest: &Digest,
         store: &BlobStore,
+        made: Made,
     ) -> Result<()> {
+        let known = match made {
+            Made::Layer => Known::Made,
+            Made::Config => Known::New,
+        };
         self.retrying(self.inner.options.push_retries, || {
-            self.upload_blob(reference, digest, store, Known::Made)
-        })
-        .await
-    }
-
-    /// Uploads a small stored blob that is almost surely new there (an
-    /// image's config, when the image has new layers) in a session opened
-    /// ahead, without asking: were it there, the registry takes it again,
-    /// at the cost of its bytes.
-    pub async fn push_new_blob(
-        &self,
-        reference: &Reference,
-        digest: &Digest,
-        store: &BlobStore,
-    ) -> Result<()> {
-        self.retrying(self.inner.options.push_retries, || {
-            self.upload_blob(reference, digest, store, Known::New)
+            self.upload_blob(reference, digest, store, known)
         })
         .await
     }

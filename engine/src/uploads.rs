@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use kiln_cachestore::digest::Digest;
-use kiln_cachestore::registry::repository_id;
+use kiln_cachestore::registry::{repository_id, Made};
 use kiln_cachestore::remote::RemoteCache;
 use kiln_cachestore::{BlobStore, CacheStoreError, Reference, RegistryClient, StepEntry};
 use tokio::sync::Semaphore;
@@ -168,9 +168,17 @@ impl Uploads {
             // Never closed; without a permit it would merely not wait.
             let _permit = limit.acquire_owned().await.ok();
             match blob {
-                Blob::Layer => registry.push_made_blob(&to, &digest, &store).await,
+                Blob::Layer => {
+                    registry
+                        .push_made_blob(&to, &digest, &store, Made::Layer)
+                        .await
+                }
                 Blob::Entry => registry.push_blob(&to, &digest, &store).await,
-                Blob::Config => registry.push_new_blob(&to, &digest, &store).await,
+                Blob::Config => {
+                    registry
+                        .push_made_blob(&to, &digest, &store, Made::Config)
+                        .await
+                }
             }
         };
         let upload = self.spawned(what, task);
