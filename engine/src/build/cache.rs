@@ -95,13 +95,42 @@ impl Builder<'_> {
             .collect()
     }
 
+    /// [`Self::lookup_by_content`], the layers of its hits then put where
+    /// the steps read them, as other hits' are.
+    pub(super) async fn hits_by_content(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+        first: &str,
+        hits: &mut [Option<Hit>],
+        reads: &SourceRoots,
+    ) -> Result<Vec<Option<ByContent>>, BuildError> {
+        let by_content =
+            super::blocking(|| self.lookup_by_content(stage, keys, first, hits, reads))?;
+        let found: Vec<(usize, Layer)> = by_content
+            .iter()
+            .zip(hits.iter())
+            .enumerate()
+            .filter(|(_, (c, _))| c.as_ref().is_some_and(|c| c.hit))
+            .filter_map(|(i, (_, h))| Some((i, h.as_ref()?.layer.clone()?)))
+            .collect();
+        let (at, mut layers): (Vec<usize>, Vec<Layer>) = found.into_iter().unzip();
+        self.ensure_blobs(&mut layers, true).await?;
+        for (i, layer) in at.into_iter().zip(layers) {
+            if let Some(hit) = &mut hits[i] {
+                hit.layer = Some(layer);
+            }
+        }
+        Ok(by_content)
+    }
+
     /// The content keys of a stage's `COPY --from=<stage>` misses
     /// ([`key::content_key`]), hashed from the source stages' roots in
     /// `reads`, and what the index holds under them: a hit there becomes
     /// the step's hit. They chain as keys do, a copy's content key being
     /// the parent of the next copy's; the chain stops at a step that
     /// missed and is no such copy. `first` is the stage's first parent.
-    pub(super) fn lookup_by_content(
+    fn lookup_by_content(
         &self,
         stage: &StagePlan,
         keys: &[Option<String>],

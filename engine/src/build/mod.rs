@@ -581,38 +581,22 @@ impl<'a> Builder<'a> {
                     .collect(),
             };
             // A copy from a stage built again may find what it copied
-            // before by its content; its layer then goes where hits' go.
+            // before by its content.
             let by_content = match fully_cached {
                 true => Vec::new(),
                 false => {
                     let first = &result.last_key;
-                    let by_content = blocking(|| {
-                        self.lookup_by_content(stage, &keys, first, &mut hits, &reads)
-                    })?;
-                    let found: Vec<(usize, Layer)> = by_content
-                        .iter()
-                        .zip(&hits)
-                        .enumerate()
-                        .filter(|(_, (c, _))| c.as_ref().is_some_and(|c| c.hit))
-                        .filter_map(|(i, (_, h))| Some((i, h.as_ref()?.layer.clone()?)))
-                        .collect();
-                    let (at, mut layers): (Vec<usize>, Vec<Layer>) = found.into_iter().unzip();
-                    self.ensure_blobs(&mut layers, true).await?;
-                    for (i, layer) in at.into_iter().zip(layers) {
-                        if let Some(hit) = &mut hits[i] {
-                            hit.layer = Some(layer);
-                        }
-                    }
-                    used.extend(
-                        by_content
-                            .iter()
-                            .flatten()
-                            .filter(|c| c.hit)
-                            .map(|c| c.key.clone()),
-                    );
-                    by_content
+                    self.hits_by_content(stage, &keys, first, &mut hits, &reads)
+                        .await?
                 }
             };
+            used.extend(
+                by_content
+                    .iter()
+                    .flatten()
+                    .filter(|c| c.hit)
+                    .map(|c| c.key.clone()),
+            );
             let lazy = !remote_push && !in_image.contains(&stage.index);
             // The stage's root, made late: its base as `stage_root` makes
             // it, then the layers the steps before added.
