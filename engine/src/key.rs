@@ -456,7 +456,7 @@ pub fn hash_inline(files: &[(String, String)]) -> String {
 /// leaves out (it labels each selected source by its place): a file a
 /// glob matches renamed is copied under its new name. Unchanged without
 /// globs, so the keys of other copies stay as they were.
-pub fn with_matched(digest: String, matched: &[PathBuf]) -> String {
+pub(crate) fn with_matched(digest: String, matched: &[PathBuf]) -> String {
     if matched.is_empty() {
         return digest;
     }

@@ -38,8 +38,7 @@ pub(super) struct ByContent {
 fn stage_content(reads: &SourceRoots, source: usize, sources: &[String]) -> Option<String> {
     let root = reads.stages.get(&source)?;
     let selection = copy_selection::selected_root_sources(root, sources).ok()?;
-    let digest = key::hash_sources(&selection.hosts, true).ok()?;
-    Some(key::with_matched(digest, &selection.matched))
+    selection.digest(None).ok()
 }
 
 impl Builder<'_> {

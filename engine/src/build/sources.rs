@@ -45,12 +45,10 @@ impl StepSources for StageSources<'_, '_> {
     fn context_digest(&self, step: &Step, sources: &[String]) -> Result<String, BuildError> {
         let b = self.builder;
         let context = &b.options.context;
-        let (selected, filter) =
-            copy_selection::selected_context_sources(context, &b.options.dockerignore, sources)
-                .map_err(|message| b.step_error(step, message))?;
-        let digest = key::hash_sources_cached(&selected.hosts, false, Some(filter), Some(b.index))
-            .at(context)?;
-        Ok(key::with_matched(digest, &selected.matched))
+        copy_selection::selected_context_sources(context, &b.options.dockerignore, sources)
+            .map_err(|message| b.step_error(step, message))?
+            .digest(Some(b.index))
+            .at(context)
     }
 
     fn download_digest(&self, step: &Step, url: &str) -> Result<String, BuildError> {

@@ -818,9 +818,10 @@ mod tests {
         assert!(!f.root.join("all/b.txt").exists());
         // The key hashes exactly what the copy sees.
         let hash = || {
-            let (selected, filter) =
-                selected_context_sources(&f.ctx, &ignore, &[".".into()]).unwrap();
-            crate::key::hash_sources_cached(&selected.hosts, false, Some(filter), None).unwrap()
+            selected_context_sources(&f.ctx, &ignore, &[".".into()])
+                .unwrap()
+                .digest(None)
+                .unwrap()
         };
         let before = hash();
         fs::write(f.ctx.join("src/sub/x.log"), "changed").unwrap();

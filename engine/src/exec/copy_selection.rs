@@ -2,10 +2,14 @@
 //! the top followed inside the source root, without what the context's
 //! `.dockerignore` hides. The copy and the step's key see one selection.
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use kiln_cachestore::Index;
 
 use super::copy::CopyError;
 use crate::context::{Filter, Ignore};
+use crate::key;
 use crate::rootfs::{clean_relative, resolve_in_root};
 
 /// One source after glob expansion.
@@ -23,45 +27,64 @@ fn has_glob(s: &str) -> bool {
 
 /// What a COPY reads, as its key sees it: the selection the copy itself
 /// makes.
-pub struct Selection {
+pub struct Selection<'a> {
     /// The host paths, globs expanded and top-level links followed.
-    pub hosts: Vec<PathBuf>,
+    hosts: Vec<PathBuf>,
     /// What each glob matched, relative to the source root: those names
     /// are what the copy writes, where a source as written names the rest.
-    pub matched: Vec<PathBuf>,
+    matched: Vec<PathBuf>,
+    /// The context's `.dockerignore`, applied below a directory source.
+    filter: Option<Filter<'a>>,
+    /// Whether owners count: a copy from another stage keeps them, while
+    /// the context's files are copied as root.
+    with_owner: bool,
 }
 
-impl Selection {
-    fn of(sources: &[String], selected: Vec<Selected>) -> Selection {
+impl<'a> Selection<'a> {
+    fn of(sources: &[String], selected: Vec<Selected>, filter: Option<Filter<'a>>) -> Self {
         let matched = selected
             .iter()
             .filter(|s| has_glob(&sources[s.index]))
             .map(|s| s.rel.clone())
             .collect();
         let hosts = selected.into_iter().map(|s| s.host).collect();
-        Selection { hosts, matched }
+        Selection {
+            hosts,
+            matched,
+            filter,
+            with_owner: filter.is_none(),
+        }
+    }
+
+    /// The digest of the selected files and the names globs matched, for a
+    /// step's key ([`key::hash_sources_cached`], with `stats` as its cache).
+    pub fn digest(&self, stats: Option<&Index>) -> io::Result<String> {
+        let digest = key::hash_sources_cached(&self.hosts, self.with_owner, self.filter, stats)?;
+        Ok(key::with_matched(digest, &self.matched))
     }
 }
 
-/// What a COPY from the context reads, without what `ignore` excludes;
-/// the filter to walk directory sources with comes along.
+/// What a COPY from the context reads, without what `ignore` excludes.
 pub fn selected_context_sources<'a>(
     context: &'a Path,
     ignore: &'a Ignore,
     sources: &[String],
-) -> Result<(Selection, Filter<'a>), CopyError> {
+) -> Result<Selection<'a>, CopyError> {
     let filter = Filter {
         root: context,
         ignore,
     };
     let selected = expand_sources(context, sources, Some(filter))?;
-    Ok((Selection::of(sources, selected), filter))
+    Ok(Selection::of(sources, selected, Some(filter)))
 }
 
 /// What a `COPY --from` reads in another stage's `root`.
-pub fn selected_root_sources(root: &Path, sources: &[String]) -> Result<Selection, CopyError> {
+pub fn selected_root_sources(
+    root: &Path,
+    sources: &[String],
+) -> Result<Selection<'static>, CopyError> {
     let selected = expand_sources(root, sources, None)?;
-    Ok(Selection::of(sources, selected))
+    Ok(Selection::of(sources, selected, None))
 }
 
 /// Expands sources (globs included) to host paths, failing on a source that
