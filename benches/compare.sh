@@ -397,8 +397,18 @@ sc_cold() {
     rm -rf "$work/k-cold-$wl-$i"
     drop_buildah "$work/b-cold-$wl-$i"
   done
-  record "$wl" cold "$kt" "$bt" "$xt"
+  record "$wl" cold "$kt" "$bt" "$xt" "kiln unpack per run: $(kiln_unpacks "$wl")"
   phases_row "$wl" cold "$kt"
+}
+# kiln_unpacks WL: each cold run's unpack phase, from its summary (- if none):
+# the base's unpack is what a recently emptied disk slows (see sc_cold).
+kiln_unpacks() {
+  local i u out=""
+  for i in $(seq "$runs"); do
+    u=$({ grep -m1 '^ *time:' "$log/$1-cold-kiln-$i.err" || true; } | { grep -o 'unpack [0-9.]*s' || true; } | cut -d' ' -f2)
+    out+="${out:+ }${u:--}"
+  done
+  echo "$out"
 }
 # warm: one build each into persistent state, used by nochange and onefile.
 warm() {
