@@ -142,6 +142,31 @@ fn a_base_unpacked_by_a_build_leaves_its_table_for_the_view() {
     assert_eq!(summary["view_tables_read"], 1, "{summary}");
 }
 
+/// A RUN's layer under a later COPY gets its metadata table as it is
+/// written: a rebuild that changes only what the COPY reads builds it on
+/// the view and reads no layer blob back (reading its three RUN layers
+/// back gave anchor6's first one-file rebuild 23 ms of view, not 5).
+#[test]
+fn a_layer_under_a_later_copy_leaves_its_table_for_the_view() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let dockerfile = format!("FROM {base}\nRUN mkdir /d && echo hi >/d/hi\nCOPY f /d/f\n");
+    let ctx = Context::new(&dockerfile, &[("f", "one\n")]);
+    let state = tempfile::tempdir().unwrap();
+    let summary = build_summary(&ctx, state.path(), &registry.reference("app/run-copy:1"));
+    assert_eq!(summary["cache_misses"], 2, "{summary}");
+
+    std::fs::write(ctx.path().join("f"), "two\n").unwrap();
+    let summary = build_summary(&ctx, state.path(), &registry.reference("app/run-copy:2"));
+    assert_eq!(
+        (&summary["cache_hits"], &summary["cache_misses"]),
+        (&Value::from(1), &Value::from(1)),
+        "{summary}"
+    );
+    assert!(summary["phases_ms"]["view"].is_f64(), "{summary}");
+    assert_eq!(summary["view_tables_read"], 0, "{summary}");
+}
+
 /// Every stage's `FROM` is warmed, as the `--build-arg`s given select it.
 #[test]
 fn warm_follows_build_args_to_every_stage() {

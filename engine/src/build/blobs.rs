@@ -239,9 +239,6 @@ pub(super) fn lazy_usable(
 pub(super) enum LayerForm {
     /// Compressed into the store, its upload started.
     Blob,
-    /// As `Blob`, with its metadata table made from the same tar (a step
-    /// built on the metadata view pushes the layer onto the view).
-    BlobAndTable,
     /// Only measured, its recipe stored: the caller registers the lazy
     /// layer with its entry's key.
     Lazy,
@@ -252,27 +249,29 @@ pub(super) struct Written {
     pub layer: Layer,
     /// A lazy layer's recipe.
     pub recipe: Option<Digest>,
-    /// With [`LayerForm::BlobAndTable`], the layer's table (`None` when
-    /// the view cannot serve the layer).
+    /// The layer's metadata table, when asked for (`None` also when the
+    /// view cannot serve the layer).
     pub table: Option<LayerTable>,
 }
 
 impl Builder<'_> {
-    /// Writes the layer of `names` from `root` in `form`.
+    /// Writes the layer of `names` from `root` in `form`, with its
+    /// metadata table made from the same tar when `table` asks for it.
     pub(super) fn write_names_layer(
         &self,
         root: &Path,
         names: Vec<Name>,
         form: LayerForm,
+        table: bool,
     ) -> Result<Written, BuildError> {
         let fixed_mtime = self.options.fixed_time;
         let mut writer = match form {
             LayerForm::Lazy => LayerWriter::measure(fixed_mtime),
             LayerForm::Blob => LayerWriter::new(self.store, self.options.compression, fixed_mtime)?,
-            LayerForm::BlobAndTable => {
-                LayerWriter::new(self.store, self.options.compression, fixed_mtime)?.with_table()?
-            }
         };
+        if table {
+            writer = writer.with_table()?;
+        }
         write_names(&mut writer, root, &names)?;
         let (layer, table) = writer.finish_with_table()?;
         let recipe = match form {
@@ -280,7 +279,7 @@ impl Builder<'_> {
                 let recipe = Recipe { fixed_mtime, names }.encode();
                 Some(self.store.put(&recipe)?.digest)
             }
-            LayerForm::Blob | LayerForm::BlobAndTable => {
+            LayerForm::Blob => {
                 self.upload_new(&layer);
                 None
             }

@@ -87,6 +87,11 @@ impl Builder<'_> {
         let mut view: Option<Option<MetaView>> = None;
         // Taken lazily, right before the first step that runs.
         let mut snapshot: Option<Snapshot> = None;
+        // A layer a step writes on disk gets its metadata table as it is
+        // written when a later step of the stage may be built on the view:
+        // the next build that hits up to that step reads no blob back.
+        let table_wanted =
+            |index: usize| self.view_allowed() && stage.steps[index + 1..].iter().any(view_serves);
         // --single-snapshot: one layer for the whole stage, against its base.
         let mut base_state: Option<Snapshot> = None;
         let mut entries = Vec::new();
@@ -206,7 +211,10 @@ impl Builder<'_> {
                     let (layer, recipe) = match (&mut lowers, unpacked) {
                         (Some(lowers), Some(unpacked)) => {
                             let reuse_key = reuse_keys[index].as_deref();
-                            self.run_stacked(step, root, lowers, unpacked, reads, lazy, reuse_key)?
+                            let table = table_wanted(index);
+                            self.run_stacked(
+                                step, root, lowers, unpacked, reads, lazy, reuse_key, table,
+                            )?
                         }
                         _ => {
                             let start = Instant::now();
@@ -225,7 +233,10 @@ impl Builder<'_> {
                             self.counters.timed("run", start);
                             match changes.is_empty() || opts.single_snapshot {
                                 true => (None, None),
-                                false => (Some(self.write_layer(root, &changes)?), None),
+                                false => {
+                                    let table = table_wanted(index);
+                                    (Some(self.write_layer(root, &changes, table)?), None)
+                                }
                             }
                         }
                     };
@@ -278,7 +289,7 @@ impl Builder<'_> {
         if let (Some(base), Some(root)) = (&mut base_state, &root) {
             let changes = base.rescan(root, &[PathBuf::new()]).at(root)?;
             if !changes.is_empty() {
-                result.layers.push(self.write_layer(root, &changes)?);
+                result.layers.push(self.write_layer(root, &changes, false)?);
                 result.config.history.push(self.history(
                     "kiln --single-snapshot",
                     false,
@@ -305,7 +316,8 @@ impl Builder<'_> {
     /// the layer is only measured, and its recipe returned (`blobs.rs`).
     /// A COPY with a `reuse_key` links the files it would write unchanged
     /// from the layer the previous run under that key made, if still here
-    /// (`copy::Reuse`), and records its own layer for the next run.
+    /// (`copy::Reuse`), and records its own layer for the next run. With
+    /// `table`, the layer's metadata table is kept (`write_layer_as`).
     #[allow(clippy::too_many_arguments)]
     fn run_stacked(
         &self,
@@ -316,6 +328,7 @@ impl Builder<'_> {
         reads: &SourceRoots,
         lazy: bool,
         reuse_key: Option<&str>,
+        table: bool,
     ) -> Result<(Option<Layer>, Option<Digest>), BuildError> {
         let start = Instant::now();
         let scratch = self.roots.scratch("step-").at(self.roots.work())?;
@@ -352,7 +365,7 @@ impl Builder<'_> {
             true => LayerForm::Lazy,
             false => LayerForm::Blob,
         };
-        let Written { layer, recipe, .. } = self.write_layer_as(&upper, &changes, form)?;
+        let Written { layer, recipe, .. } = self.write_layer_as(&upper, &changes, form, table)?;
         lowers.push(unpacked.insert(&layer.diff_id, &upper)?);
         if let Some(key) = reuse_key {
             // Only the next run's speed depends on it.
@@ -628,35 +641,43 @@ impl Builder<'_> {
         if changes.is_empty() {
             return Ok(Some(None));
         }
-        // Its table comes from the tar as it is written, not from reading
-        // the blob back.
-        let written = self.write_layer_as(root, &changes, LayerForm::BlobAndTable)?;
+        let written = self.write_layer_as(root, &changes, LayerForm::Blob, true)?;
         let Some(table) = written.table else {
             return Err(BuildError::Invalid(format!(
                 "the metadata view cannot take the layer just written ({})",
                 written.layer.diff_id
             )));
         };
-        super::tables::put_table(self.index, &written.layer, &table);
         view.push(table);
         Ok(Some(Some(written.layer)))
     }
 
     /// Writes the changes as a compressed layer.
-    fn write_layer(&self, root: &Path, changes: &Changes) -> Result<Layer, BuildError> {
-        self.write_layer_as(root, changes, LayerForm::Blob)
+    fn write_layer(
+        &self,
+        root: &Path,
+        changes: &Changes,
+        table: bool,
+    ) -> Result<Layer, BuildError> {
+        self.write_layer_as(root, changes, LayerForm::Blob, table)
             .map(|written| written.layer)
     }
 
-    /// Writes the changes as a layer (see [`layer_names`]) in `form`.
+    /// Writes the changes as a layer (see [`layer_names`]) in `form`. With
+    /// `table`, its metadata table, made from the tar as it is written
+    /// rather than read back from the blob, goes to the index too.
     fn write_layer_as(
         &self,
         root: &Path,
         changes: &Changes,
         form: LayerForm,
+        table: bool,
     ) -> Result<Written, BuildError> {
         let start = Instant::now();
-        let written = self.write_names_layer(root, layer_names(changes), form)?;
+        let written = self.write_names_layer(root, layer_names(changes), form, table)?;
+        if let Some(table) = &written.table {
+            super::tables::put_table(self.index, &written.layer, table);
+        }
         self.counters.timed("layers", start);
         (self.on_event)(Event::Layer {
             digest: written.layer.descriptor.digest.clone(),
