@@ -5,11 +5,11 @@
 //! HEAD, and pushes through it: a layer uploaded while later steps run,
 //! and an upload that fails (issue 17); base layers that unpack while a
 //! later layer still downloads (issue 17); and upload sessions opened
-//! while steps run, replaced when gone, cancelled when unused, kept for
-//! the blobs a build made (not a base's layer), and not opened for an
-//! image left as it was. The proxy
-//! serves one request per connection and logs each one with the time it
-//! came in, and each answer it passed on once passed.
+//! while steps run, replaced when gone, cancelled when unused (beside the
+//! manifest's push), kept for the blobs a build made (not a base's layer),
+//! and not opened for an image left as it was. The proxy serves one
+//! request per connection and logs each one with the time it came in, and
+//! each answer it passed on once passed.
 mod support;
 
 use std::collections::HashMap;
@@ -899,6 +899,51 @@ fn an_upload_session_no_blob_used_is_cancelled() {
     let diff_ids =
         |tag: &str| skopeo_config(&registry.reference(tag))["rootfs"]["diff_ids"].clone();
     assert_eq!(diff_ids("kiln/again:1"), diff_ids("kiln/again:2"));
+}
+
+/// A session left unused at the end (opened for a WORKDIR that made no
+/// layer) is cancelled beside the manifest's PUT, not after it: the proxy
+/// holds the manifest until the DELETE has come in (after [`HOLD_MAX`] it
+/// lets it through, and the build is then too slow).
+#[test]
+fn an_unused_session_is_cancelled_beside_the_manifest_push() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let ctx = Context::new(
+        &format!("FROM {base}\nCOPY f /app/f\nWORKDIR /app\n"),
+        &[("f", "one\n")],
+    );
+    let deleted = Arc::new(AtomicBool::new(false));
+    let rule: Rule = Arc::new(move |head: &str| {
+        if head.starts_with("DELETE /v2/kiln/beside/blobs/uploads/") {
+            deleted.store(true, Ordering::SeqCst);
+        }
+        match head.starts_with("PUT /v2/kiln/beside/manifests/") {
+            true => {
+                let deleted = deleted.clone();
+                Action::Hold(Arc::new(move || deleted.load(Ordering::SeqCst)))
+            }
+            false => Action::Pass,
+        }
+    });
+    let proxy = Proxy::start(registry.addr.clone(), rule);
+    let state = tempfile::tempdir().unwrap();
+    let destination = format!("{}/kiln/beside:1", proxy.addr);
+    let started = Instant::now();
+    let out = kiln_build(&ctx, state.path(), &["--destination", &destination]);
+    let took = started.elapsed();
+    let all = request_lines(&proxy, "/v2/kiln/beside/");
+    assert!(out.status.success(), "{}\n{all:#?}", stderr(&out));
+    assert_eq!(
+        proxy.times("DELETE /v2/kiln/beside/blobs/uploads/").len(),
+        1,
+        "{all:#?}"
+    );
+    assert_eq!(registry.upload_sessions("kiln/beside"), 0, "{all:#?}");
+    assert!(
+        took < HOLD_MAX,
+        "the manifest waited for the DELETE ({took:?}): {all:#?}"
+    );
 }
 
 /// A session opened ahead is kept for the blobs this build made: a blob

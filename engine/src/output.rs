@@ -84,10 +84,17 @@ async fn push_image(
         futures_util::future::join(uploads.finish(), push_blobs(rest, to, registry, store)).await;
     finished?;
     pushed?;
+    // Every blob the build made is uploaded by now (those of later images
+    // of an index too: their uploads started as they were built), so a
+    // session opened ahead and still unused never will be: its DELETE goes
+    // out beside the manifest's PUT rather than after it.
     let bytes = store.read(&image.manifest.digest)?;
-    registry
-        .push_manifest(to, bytes, &image.manifest.media_type)
-        .await?;
+    let (pushed, ()) = futures_util::future::join(
+        registry.push_manifest(to, bytes, &image.manifest.media_type),
+        registry.cancel_unused_uploads(),
+    )
+    .await;
+    pushed?;
     Ok(())
 }
 
