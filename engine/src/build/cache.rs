@@ -25,11 +25,17 @@ pub(crate) struct Hit {
     pub(crate) remote: bool,
 }
 
-/// A step's content key ([`Builder::lookup_by_content`]), and whether the
-/// index held it.
+/// A step's content key ([`Builder::lookup_by_content`]), and the entry
+/// the index held under it, if it did (the step's hit).
 pub(super) struct ByContent {
     pub(super) key: String,
-    pub(super) hit: bool,
+    pub(super) entry: Option<StepEntry>,
+}
+
+impl ByContent {
+    pub(super) fn hit(&self) -> bool {
+        self.entry.is_some()
+    }
 }
 
 /// The digest of what a `COPY --from` of `sources` reads in stage
@@ -41,6 +47,27 @@ fn stage_content(reads: &SourceRoots, source: usize, sources: &[String]) -> Opti
     selection.digest(None).ok()
 }
 
+/// The entries that make each side of [`Builder::lookup_by_content`] find
+/// the other next time: a content hit's entry under the step's key,
+/// and a copy that ran under its content key too.
+pub(super) fn content_entries(
+    keys: &[Option<String>],
+    by_content: &[Option<ByContent>],
+    entries: &[(String, StepEntry)],
+) -> Vec<(String, StepEntry)> {
+    keys.iter()
+        .zip(by_content)
+        .filter_map(|(k, c)| k.as_ref().zip(c.as_ref()))
+        .filter_map(|(key, by_content)| match &by_content.entry {
+            Some(entry) => Some((key.clone(), entry.clone())),
+            None => {
+                let (_, ran) = entries.iter().find(|(k, _)| k == key)?;
+                Some((by_content.key.clone(), ran.clone()))
+            }
+        })
+        .collect()
+}
+
 impl Builder<'_> {
     /// Looks every key up at once. A hit is an entry within the TTL whose
     /// layer blob is in the store, or whose lazy layer can still be made
@@ -50,6 +77,16 @@ impl Builder<'_> {
         stage: &StagePlan,
         keys: &[Option<String>],
     ) -> Result<Vec<Option<Hit>>, BuildError> {
+        let found = self.lookup_entries(stage, keys)?;
+        Ok(found.into_iter().map(|f| f.map(|(hit, _)| hit)).collect())
+    }
+
+    /// [`Self::lookup`], each hit with the entry it was found in.
+    fn lookup_entries(
+        &self,
+        stage: &StagePlan,
+        keys: &[Option<String>],
+    ) -> Result<Vec<Option<(Hit, StepEntry)>>, BuildError> {
         let wanted: Vec<String> = keys
             .iter()
             .zip(&stage.steps)
@@ -82,14 +119,12 @@ impl Builder<'_> {
                     (Some(l), None) => self.store_has(&l.descriptor)?,
                     (None, _) => true,
                 };
-                match &entry.layer {
-                    _ if !usable => Ok(None),
-                    layer => Ok(Some(Hit {
-                        layer: layer.clone(),
-                        created: entry.created,
-                        remote: false,
-                    })),
-                }
+                let hit = Hit {
+                    layer: entry.layer.clone(),
+                    created: entry.created,
+                    remote: false,
+                };
+                Ok(usable.then(|| (hit, entry.clone())))
             })
             .collect()
     }
@@ -110,7 +145,7 @@ impl Builder<'_> {
             .iter()
             .zip(hits.iter())
             .enumerate()
-            .filter(|(_, (c, _))| c.as_ref().is_some_and(|c| c.hit))
+            .filter(|(_, (c, _))| c.as_ref().is_some_and(ByContent::hit))
             .filter_map(|(i, (_, h))| Some((i, h.as_ref()?.layer.clone()?)))
             .collect();
         let (at, mut layers): (Vec<usize>, Vec<Layer>) = found.into_iter().unzip();
@@ -165,52 +200,20 @@ impl Builder<'_> {
                 None => break,
             }
         }
-        let found = self.lookup(stage, &content_keys)?;
+        let found = self.lookup_entries(stage, &content_keys)?;
         Ok(content_keys
             .into_iter()
             .zip(found)
             .zip(hits.iter_mut())
             .map(|((content_key, found), hit)| {
                 let key = content_key?;
-                let by_content = ByContent {
-                    key,
-                    hit: found.is_some(),
-                };
-                if found.is_some() {
-                    *hit = found;
-                }
-                Some(by_content)
+                let entry = found.map(|(found, entry)| {
+                    *hit = Some(found);
+                    entry
+                });
+                Some(ByContent { key, entry })
             })
             .collect())
-    }
-
-    /// The entries that make each side of [`Self::lookup_by_content`] find
-    /// the other next time: a content hit's entry under the step's key,
-    /// and a copy that ran under its content key too.
-    pub(super) fn content_entries(
-        &self,
-        keys: &[Option<String>],
-        by_content: &[Option<ByContent>],
-        entries: &[(String, StepEntry)],
-    ) -> Result<Vec<(String, StepEntry)>, BuildError> {
-        let pairs = keys
-            .iter()
-            .zip(by_content)
-            .filter_map(|(k, c)| k.as_ref().zip(c.as_ref()));
-        let (hit, ran): (Vec<_>, Vec<_>) = pairs.partition(|(_, c)| c.hit);
-        let hit_keys: Vec<String> = hit.iter().map(|(_, c)| c.key.clone()).collect();
-        let found = self.index.get_steps(&hit_keys)?;
-        let mut out: Vec<(String, StepEntry)> = hit
-            .iter()
-            .zip(found)
-            .filter_map(|((key, _), entry)| Some(((*key).clone(), entry?)))
-            .collect();
-        for (key, by_content) in ran {
-            if let Some((_, entry)) = entries.iter().find(|(k, _)| k == key) {
-                out.push((by_content.key.clone(), entry.clone()));
-            }
-        }
-        Ok(out)
     }
 
     /// Whether the store holds `d`'s blob at its recorded size. A blob of

@@ -594,7 +594,7 @@ impl<'a> Builder<'a> {
                 by_content
                     .iter()
                     .flatten()
-                    .filter(|c| c.hit)
+                    .filter(|c| c.hit())
                     .map(|c| c.key.clone()),
             );
             let lazy = !remote_push && !in_image.contains(&stage.index);
@@ -626,7 +626,7 @@ impl<'a> Builder<'a> {
             })?;
             self.publish(&entries);
             // Local only, as the lookup by content is.
-            let by_content = self.content_entries(&keys, &by_content, &entries)?;
+            let by_content = cache::content_entries(&keys, &by_content, &entries);
             self.index.defer_steps(&by_content)?;
             // The roots nobody reads any more.
             let done: Vec<usize> = results
