@@ -367,6 +367,11 @@ median_run() {
 phases_row() {
   phases+=("| $1 | $2 | $(kiln_phases "$1-$2-kiln-$(median_run "$3")") |")
 }
+# kiln_phase LOGNAME PHASE: that phase's seconds in a kiln run's summary
+# (nothing when it has none).
+kiln_phase() {
+  { grep -m1 '^ *time:' "$log/$1.err" || true; } | { grep -o " $2 [0-9.]*" || true; } | cut -d' ' -f3
+}
 # The kiln summary's phase line of a run's log, e.g. "resolve 0.010s, lookup 0.004s".
 kiln_phases() {
   local line total
@@ -397,7 +402,7 @@ sc_cold() {
     rm -rf "$work/k-cold-$wl-$i"
     drop_buildah "$work/b-cold-$wl-$i"
   done
-  record "$wl" cold "$kt" "$bt" "$xt" "kiln unpack per run: $(kiln_unpacks "$wl")"
+  record "$wl" cold "$kt" "$bt" "$xt" "kiln unpack per run (s): $(kiln_unpacks "$wl")"
   phases_row "$wl" cold "$kt"
 }
 # kiln_unpacks WL: each cold run's unpack phase, from its summary (- if none):
@@ -405,7 +410,7 @@ sc_cold() {
 kiln_unpacks() {
   local i u out=""
   for i in $(seq "$runs"); do
-    u=$({ grep -m1 '^ *time:' "$log/$1-cold-kiln-$i.err" || true; } | { grep -o 'unpack [0-9.]*s' || true; } | cut -d' ' -f2)
+    u=$(kiln_phase "$1-cold-kiln-$i" unpack)
     out+="${out:+ }${u:--}"
   done
   echo "$out"
@@ -513,9 +518,7 @@ sc_touch1() {
     s=$(buildah_run "$wl" "$work/b-warm-$wl" touch1 "$wl-touch1-buildah-$i" --build-arg "TOUCH=$i"); bt+=" $s"
     s=$(buildkit_run "$wl" touch1 "$wl-touch1-buildkit-$i" --build-arg "TOUCH=$i"); xt+=" $s"
   done
-  step_median["$wl touch1"]=$(for i in $(seq "$runs"); do
-    { grep -m1 '^ *time:' "$log/$wl-touch1-kiln-$i.err" || true; } | { grep -o 'run [0-9.]*' || true; } | cut -d' ' -f2
-  done | median)
+  step_median["$wl touch1"]=$(for i in $(seq "$runs"); do kiln_phase "$wl-touch1-kiln-$i" run; done | median)
   record "$wl" touch1 "$kt" "$bt" "$xt" "kiln phases (median run): $(kiln_phases "$wl-touch1-kiln-$(median_run "$kt")")"
 }
 
