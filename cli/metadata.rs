@@ -22,18 +22,13 @@ pub fn document(
     finished: &Finished,
 ) -> Value {
     let descriptor = built.descriptor();
-    let (mut hits, mut remote, mut run, mut unpacked) = (0, 0, 0, 0);
-    let mut phases = Map::new();
-    for s in summaries {
-        hits += s.cache_hits;
-        remote += s.remote_hits;
-        run += s.cache_misses;
-        unpacked += s.layers_unpacked;
-        for (phase, d) in &s.phases {
-            let total = phases.get(*phase).and_then(Value::as_f64).unwrap_or(0.0);
-            phases.insert(phase.to_string(), (total + ms(*d)).into());
-        }
-    }
+    let mut total = Summary::default();
+    summaries.iter().for_each(|s| total.add(s));
+    let mut phases: Map<String, Value> = total
+        .phases
+        .iter()
+        .map(|(phase, d)| (phase.to_string(), ms(*d).into()))
+        .collect();
     phases.insert("outputs".into(), ms(finished.outputs).into());
     let images: Vec<Value> = built
         .images()
@@ -48,8 +43,12 @@ pub fn document(
         "containerimage.descriptor": descriptor,
         "kiln.build": {
             "images": images,
-            "steps": {"local_hits": hits - remote, "remote_hits": remote, "run": run},
-            "layers_unpacked": unpacked,
+            "steps": {
+                "local_hits": total.cache_hits - total.remote_hits,
+                "remote_hits": total.remote_hits,
+                "run": total.cache_misses,
+            },
+            "layers_unpacked": total.layers_unpacked,
             "bytes_pulled": finished.pulled,
             "bytes_pushed": finished.pushed,
             "blobs_mounted": finished.mounted,

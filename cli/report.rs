@@ -143,8 +143,13 @@ impl BuildLog {
             }
             Event::Summary(summary) => {
                 if sink.format() == LogFormat::Json {
-                    // Logged with the outputs' numbers, last.
-                    *self.summary.lock().expect("build log poisoned") = Some(summary);
+                    // Logged with the outputs' numbers, last: one record
+                    // for the build, every platform's counts in it.
+                    let mut held = self.summary.lock().expect("build log poisoned");
+                    match held.as_mut() {
+                        Some(total) => total.add(&summary),
+                        None => *held = Some(summary),
+                    }
                     return;
                 }
                 let reused = match summary.files_reused {

@@ -97,6 +97,26 @@ pub struct Summary {
     pub phases: Vec<(&'static str, Duration)>,
 }
 
+impl Summary {
+    /// Adds `next` (the next platform's build of the same invocation):
+    /// counts and each phase's time summed, phases in the order they
+    /// first ran.
+    pub fn add(&mut self, next: &Summary) {
+        self.cache_hits += next.cache_hits;
+        self.cache_misses += next.cache_misses;
+        self.layers_unpacked += next.layers_unpacked;
+        self.view_tables_read += next.view_tables_read;
+        self.remote_hits += next.remote_hits;
+        self.files_reused += next.files_reused;
+        for (phase, d) in &next.phases {
+            match self.phases.iter_mut().find(|(p, _)| p == phase) {
+                Some((_, total)) => *total += *d,
+                None => self.phases.push((phase, *d)),
+            }
+        }
+    }
+}
+
 /// Counts for the build summary, shared by the builder's parts.
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -179,4 +199,36 @@ pub(crate) fn phase_delta(
             (!gained.is_zero()).then_some((*phase, gained))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_summaries_add_counts_and_phases_in_first_run_order() {
+        let ms = Duration::from_millis;
+        let mut total = Summary {
+            cache_hits: 1,
+            layers_unpacked: 2,
+            phases: vec![("resolve", ms(3)), ("run", ms(5))],
+            ..Summary::default()
+        };
+        total.add(&Summary {
+            cache_hits: 2,
+            cache_misses: 1,
+            view_tables_read: 1,
+            phases: vec![("view", ms(1)), ("run", ms(2))],
+            ..Summary::default()
+        });
+        let expected = Summary {
+            cache_hits: 3,
+            cache_misses: 1,
+            layers_unpacked: 2,
+            view_tables_read: 1,
+            phases: vec![("resolve", ms(3)), ("run", ms(7)), ("view", ms(1))],
+            ..Summary::default()
+        };
+        assert_eq!(total, expected);
+    }
 }
