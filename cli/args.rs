@@ -109,9 +109,16 @@ pub struct WarmArgs {
     /// Kiln's state directory (as for `kiln build`).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// The platform to pick from image indexes, `os/arch[/variant]`.
-    #[arg(long, value_name = "PLATFORM")]
+    /// The platform to pick from image indexes, `os/arch[/variant]`
+    /// (default: the host's).
+    #[arg(long, value_name = "PLATFORM", conflicts_with = "platforms")]
     pub custom_platform: Option<String>,
+    /// Platforms to warm for, comma-separated or repeated, as `kiln build
+    /// --platform` takes them: each image is fetched (and unpacked) for
+    /// each, and a Dockerfile's stages for the platform each one's build
+    /// pulls them for (`FROM --platform=$BUILDPLATFORM`: the host's).
+    #[arg(long = "platform", value_name = "PLATFORM,...", value_delimiter = ',')]
+    pub platforms: Vec<String>,
     /// Re-verify stored blobs and fetch again those that do not match.
     #[arg(long)]
     pub force: bool,

@@ -6,34 +6,25 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use kiln_cachestore::{warm, BlobStore, Index, RegistryClient};
-use kiln_engine::dockerfile::BaseRef;
+use kiln_cachestore::{warm, BlobStore, Index, Platform, RegistryClient};
 use kiln_engine::{BaseUnpacker, HostAbilities, Isolation};
 
 use crate::args::{FrontendArgs, WarmArgs};
-use crate::build::{open_state_dir, parse_platform, registry_options, resolve_graph};
+use crate::build::{open_state_dir, registry_options, resolve_graph};
 
-/// Every image a Dockerfile's stages start from or copy from (only those
-/// the `--target` needs when one is given), with `--build-arg`s applied.
+/// Every image a build of the Dockerfile for `platform` pulls, with the
+/// platform it pulls it for (only what the `--target` needs when one is
+/// given), with `--build-arg`s applied.
 fn dockerfile_images(
     frontend: &FrontendArgs,
-    platform: &kiln_cachestore::Platform,
-) -> Result<Vec<String>> {
+    platform: &Platform,
+) -> Result<Vec<(String, Platform)>> {
     let (_, graph) = resolve_graph(frontend, platform)?;
-    let mut images = Vec::new();
-    for stage in &graph.stages {
-        if frontend.target.is_some() && !stage.needed {
-            continue;
-        }
-        for r in &stage.refs {
-            if let BaseRef::Image(image) = &r.target {
-                if !images.contains(image) {
-                    images.push(image.clone());
-                }
-            }
-        }
-    }
-    Ok(images)
+    Ok(kiln_engine::pulled_images(
+        &graph,
+        platform,
+        frontend.target.is_none(),
+    ))
 }
 
 /// Why builds here would not use the overlay snapshotter (so unpacking
@@ -53,10 +44,20 @@ fn overlay_unavailable() -> Option<String> {
 }
 
 pub fn run(a: WarmArgs) -> Result<()> {
-    let platform = parse_platform(a.custom_platform.as_deref())?;
-    let mut images = a.images.clone();
-    if a.dockerfile_given() {
-        images.extend(dockerfile_images(&a.frontend, &platform)?);
+    // Each image for every platform a build here makes, as it pulls them.
+    let platforms = crate::platforms::parse(&a.platforms, a.custom_platform.as_deref())?;
+    let mut images: Vec<(String, Platform)> = Vec::new();
+    for platform in &platforms {
+        let given = a.images.iter().map(|i| (i.clone(), platform.clone()));
+        let from_dockerfile = match a.dockerfile_given() {
+            true => dockerfile_images(&a.frontend, platform)?,
+            false => Vec::new(),
+        };
+        for pull in given.chain(from_dockerfile) {
+            if !images.contains(&pull) {
+                images.push(pull);
+            }
+        }
     }
     if images.is_empty() {
         bail!("nothing to warm: give --image REF or --dockerfile FILE");
@@ -86,7 +87,7 @@ pub fn run(a: WarmArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    for image in &images {
+    for (image, platform) in &images {
         if let Ok(r) = kiln_cachestore::registry::parse_reference(image) {
             registry.relax_for_pull(
                 r.resolve_registry(),
@@ -97,11 +98,11 @@ pub fn run(a: WarmArgs) -> Result<()> {
         let start = Instant::now();
         let w = runtime
             .block_on(warm::warm(
-                &registry, &store, &index, image, &platform, a.force,
+                &registry, &store, &index, image, platform, a.force,
             ))
             .with_context(|| format!("warming {image}"))?;
         let mut line = format!(
-            "{image} @ {}: {} layers fetched ({} bytes) in {:.2}s",
+            "{image} @ {} for {platform}: {} layers fetched ({} bytes) in {:.2}s",
             w.manifest.digest,
             w.fetched,
             w.fetched_bytes,

@@ -1,7 +1,8 @@
 //! `kiln warm` end to end, with the real registry and binary: a warmed
 //! node's first build pulls and unpacks nothing, every `FROM` (those a
-//! `--build-arg` selects too) is warmed, warming again follows a tag that
-//! moved, and `kiln cache gc` keeps what a warm entry names.
+//! `--build-arg` selects too) is warmed for every `--platform`, warming
+//! again follows a tag that moved, and `kiln cache gc` keeps what a warm
+//! entry names.
 mod support;
 
 use std::path::Path;
@@ -39,20 +40,20 @@ fn count(stdout: &str, image: &str, what: &str) -> usize {
     part.split(' ').next().unwrap().parse().unwrap()
 }
 
-/// Builds `ctx` on `state` and pushes it to `destination`, with JSON logs;
-/// the summary record.
-fn build_summary(ctx: &Context, state: &Path, destination: &str) -> Value {
-    let out = kiln_build(
-        ctx,
-        state,
-        &["--log-format", "json", "--destination", destination],
-    );
+/// Builds `ctx` on `state` with JSON logs and `args`; the summary record.
+fn build_summary_with(ctx: &Context, state: &Path, args: &[&str]) -> Value {
+    let out = kiln_build(ctx, state, &[&["--log-format", "json"], args].concat());
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     let last = err.lines().last().expect("a summary");
     let summary: Value = serde_json::from_str(last).unwrap();
     assert_eq!(summary["event"], "summary", "{summary}");
     summary
+}
+
+/// Builds `ctx` on `state` and pushes it to `destination`; the summary.
+fn build_summary(ctx: &Context, state: &Path, destination: &str) -> Value {
+    build_summary_with(ctx, state, &["--destination", destination])
 }
 
 fn unpacked_dirs(state: &Path) -> usize {
@@ -202,6 +203,99 @@ fn warm_follows_build_args_to_every_stage() {
         "{}",
         stderr(&failed)
     );
+}
+
+/// `kiln warm --platform` warms what a build for those platforms pulls:
+/// each image for each platform, and a `FROM --platform=$BUILDPLATFORM`
+/// stage's for the host's whatever the target. The first build of each
+/// pulls and unpacks no base, and a two-platform build's JSON summary
+/// counts both platforms.
+#[test]
+fn warm_fetches_each_platform_as_the_build_pulls_it() {
+    let registry = Registry::start();
+    let base = registry.push_busybox_index_as("base/multi:1");
+    let ctx = Context::new(
+        &format!(
+            "FROM --platform=$BUILDPLATFORM {base} AS build\nCOPY f /f\nFROM {base}\nCOPY --from=build /f /g\n"
+        ),
+        &[("f", "one\n")],
+    );
+    let dockerfile = ctx.path().join("Dockerfile");
+    let dockerfile = dockerfile.to_str().unwrap();
+    let warmed_for = |out: &str| -> Vec<String> {
+        let mut platforms: Vec<String> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{base} @ sha256:")))
+            .map(|l| {
+                l.split(" for ")
+                    .nth(1)
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        platforms.sort();
+        platforms
+    };
+    // No base is pulled or unpacked: the one layer unpacked is the build
+    // stage's own, which the final stage's COPY --from reads on disk.
+    let no_base_fetched = |summary: &Value| {
+        assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+        assert_eq!(summary["layers_unpacked"], 1, "{summary}");
+    };
+
+    // Both platforms of a two-platform build.
+    let both = tempfile::tempdir().unwrap();
+    let out = warm(
+        both.path(),
+        &[
+            "--dockerfile",
+            dockerfile,
+            "--platform",
+            "linux/amd64,linux/arm64",
+        ],
+    );
+    assert_eq!(warmed_for(&out), ["linux/amd64", "linux/arm64"], "{out}");
+    assert_eq!(unpacked_dirs(both.path()), 2, "{out}");
+    let summary = build_summary_with(
+        &ctx,
+        both.path(),
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--destination",
+            &registry.reference("app/multi:1"),
+        ],
+    );
+    no_base_fetched(&summary);
+    // One summary for the build, both platforms' steps in it: the build
+    // stage runs once, for the host, and the final stage once each.
+    assert_eq!(
+        (&summary["cache_hits"], &summary["cache_misses"]),
+        (&Value::from(1), &Value::from(3)),
+        "{summary}"
+    );
+
+    // For arm64 alone, the build stage is still the host's.
+    let arm = tempfile::tempdir().unwrap();
+    let out = warm(
+        arm.path(),
+        &["--dockerfile", dockerfile, "--platform", "linux/arm64"],
+    );
+    assert_eq!(warmed_for(&out), ["linux/amd64", "linux/arm64"], "{out}");
+    let summary = build_summary_with(
+        &ctx,
+        arm.path(),
+        &[
+            "--platform",
+            "linux/arm64",
+            "--destination",
+            &registry.reference("app/multi:2"),
+        ],
+    );
+    no_base_fetched(&summary);
 }
 
 /// Sets the mtime of everything directly in `dir` to `ago` in the past.

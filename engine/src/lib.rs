@@ -22,6 +22,7 @@ pub use exec::isolation::{
 pub use exec::run::Isolation;
 pub use layer::compress::set_threads as set_compression_threads;
 pub use layer::Compression;
+pub use plan::pulled_images;
 pub use rootfs::clean_relative;
 pub use rootfs::snapshot::SnapshotMode;
 

@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use crate::dockerfile::{
     expand_heredoc, parse_onbuild_trigger, BaseRef, Command, CopyArgs, Dockerfile, FrontendError,
-    HeredocRun, Instruction, MountType, RawInstruction, RunMount, Scope, StageGraph, Warning,
+    HeredocRun, Instruction, MountType, RawInstruction, RefKind, RunMount, Scope, StageGraph,
+    Warning,
 };
 use crate::excerpt::excerpt;
 use crate::image::ImageConfig;
@@ -286,6 +287,32 @@ pub fn plan(
         target: graph.target,
         warnings,
     })
+}
+
+/// Every image a build of `graph` for `target` pulls, each once with the
+/// platform it is pulled for, in the order met: a stage's `FROM` for the
+/// stage's platform ([`stage_platform`]: `FROM --platform=$BUILDPLATFORM`
+/// takes the host's), a `COPY --from` or `RUN --mount=from=` image for the
+/// build's. Of the stages the target needs, or of all with `all_stages`
+/// (what `kiln warm` fetches when no `--target` narrows it).
+pub fn pulled_images(graph: &StageGraph, target: &Platform, all_stages: bool) -> Vec<BaseKey> {
+    let mut out: Vec<BaseKey> = Vec::new();
+    for stage in graph.stages.iter().filter(|s| all_stages || s.needed) {
+        for r in &stage.refs {
+            let BaseRef::Image(image) = &r.target else {
+                continue;
+            };
+            let platform = match r.kind {
+                RefKind::Base => stage_platform(graph, stage.index, target),
+                RefKind::CopyFrom | RefKind::MountFrom => target.clone(),
+            };
+            let key = (image.clone(), platform);
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
 }
 
 /// [`StageGraph::stage_platform`] in the registry's terms.
@@ -674,4 +701,62 @@ fn clean_absolute(path: &Path) -> String {
         }
     }
     out.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn linux(architecture: &str) -> Platform {
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: None,
+        }
+    }
+
+    #[test]
+    fn each_image_is_pulled_for_the_platform_its_stage_builds_for() {
+        let df = crate::dockerfile::parse(
+            "FROM --platform=$BUILDPLATFORM golang AS build\nCOPY --from=tools /x /x\nFROM busybox AS unused\nFROM alpine\nCOPY --from=build /app /app\nCOPY --from=golang /y /y\n",
+        )
+        .unwrap();
+        let arm = linux("arm64");
+        let graph = StageGraph::resolve(&df, &BTreeMap::new(), None, &(&arm).into()).unwrap();
+        let key = |image: &str, platform: &Platform| (image.to_string(), platform.clone());
+        // The build stage's FROM for the host; a COPY --from image, even
+        // in that stage, for the target (as the build pulls them).
+        // Each once (on an arm64 host, golang is pulled for one platform).
+        let once = |keys: Vec<BaseKey>| {
+            let mut out: Vec<BaseKey> = Vec::new();
+            keys.into_iter().for_each(|k| {
+                if !out.contains(&k) {
+                    out.push(k)
+                }
+            });
+            out
+        };
+        let (host, tools, alpine) = (
+            key("golang", &Platform::host()),
+            key("tools", &arm),
+            key("alpine", &arm),
+        );
+        let needed = vec![
+            host.clone(),
+            tools.clone(),
+            alpine.clone(),
+            key("golang", &arm),
+        ];
+        assert_eq!(pulled_images(&graph, &arm, false), once(needed));
+        let all = vec![
+            host,
+            tools,
+            key("busybox", &arm),
+            alpine,
+            key("golang", &arm),
+        ];
+        assert_eq!(pulled_images(&graph, &arm, true), once(all));
+    }
 }
