@@ -298,6 +298,60 @@ fn warm_fetches_each_platform_as_the_build_pulls_it() {
     no_base_fetched(&summary);
 }
 
+/// `kiln warm` is safe beside builds on the same state dir: warms and
+/// builds (whose RUN unpacks the base that warm unpacks too) all succeed
+/// at once, and after them every blob verifies, warming again does
+/// nothing and each rebuild is all hits with nothing pulled or unpacked.
+#[test]
+fn warm_runs_beside_builds_on_one_state_dir() {
+    let registry = Registry::start();
+    let base = registry.push_busybox_as("base/shared:1");
+    // A second image keeps each warm going while the builds run.
+    let other = registry.push_busybox_index_as("base/other:1");
+    let contexts: Vec<Context> = (0..2)
+        .map(|i| {
+            Context::new(
+                &format!("FROM {base}\nCOPY f /f\nRUN cat /f > /g\n"),
+                &[("f", &format!("build {i}\n"))],
+            )
+        })
+        .collect();
+    let state = tempfile::tempdir().unwrap();
+    let state = state.path();
+    let tags: Vec<String> = (0..2)
+        .map(|i| registry.reference(&format!("app/beside:{i}")))
+        .collect();
+    std::thread::scope(|s| {
+        for (ctx, tag) in contexts.iter().zip(&tags) {
+            s.spawn(move || build_summary(ctx, state, tag));
+        }
+        for _ in 0..2 {
+            s.spawn(|| warm(state, &["--image", &base, "--image", &other]));
+        }
+    });
+    let verified = run_ok(
+        Command::new(KILN)
+            .args(["cache", "verify", "--cache-dir"])
+            .arg(state),
+    );
+    assert!(verified.status.success(), "{}", stderr(&verified));
+    let again = warm(state, &["--image", &base, "--image", &other]);
+    for image in [&base, &other] {
+        assert_eq!(count(&again, image, "layers fetched"), 0, "{again}");
+        assert_eq!(count(&again, image, "layers unpacked"), 0, "{again}");
+    }
+    for (ctx, tag) in contexts.iter().zip(&tags) {
+        let summary = build_summary(ctx, state, tag);
+        assert_eq!(
+            (&summary["cache_hits"], &summary["cache_misses"]),
+            (&Value::from(2), &Value::from(0)),
+            "{summary}"
+        );
+        assert_eq!(summary["bytes_pulled"], 0, "{summary}");
+        assert_eq!(summary["layers_unpacked"], 0, "{summary}");
+    }
+}
+
 /// Sets the mtime of everything directly in `dir` to `ago` in the past.
 fn age_entries(dir: &Path, ago: Duration) {
     for entry in std::fs::read_dir(dir).unwrap() {
