@@ -25,6 +25,17 @@ pub(crate) struct Hit {
     pub(crate) remote: bool,
 }
 
+impl Hit {
+    /// The hit an entry gives, found locally or in `--cache-repo`.
+    fn of(entry: &StepEntry, remote: bool) -> Hit {
+        Hit {
+            layer: entry.layer.clone(),
+            created: entry.created,
+            remote,
+        }
+    }
+}
+
 /// A step's content key ([`Builder::lookup_by_content`]), and the entry
 /// the index held under it, if it did (the step's hit).
 pub(super) struct ByContent {
@@ -78,15 +89,18 @@ impl Builder<'_> {
         keys: &[Option<String>],
     ) -> Result<Vec<Option<Hit>>, BuildError> {
         let found = self.lookup_entries(stage, keys)?;
-        Ok(found.into_iter().map(|f| f.map(|(hit, _)| hit)).collect())
+        Ok(found
+            .iter()
+            .map(|e| e.as_ref().map(|e| Hit::of(e, false)))
+            .collect())
     }
 
-    /// [`Self::lookup`], each hit with the entry it was found in.
+    /// [`Self::lookup`]'s hits as the entries they were found in.
     fn lookup_entries(
         &self,
         stage: &StagePlan,
         keys: &[Option<String>],
-    ) -> Result<Vec<Option<(Hit, StepEntry)>>, BuildError> {
+    ) -> Result<Vec<Option<StepEntry>>, BuildError> {
         let wanted: Vec<String> = keys
             .iter()
             .zip(&stage.steps)
@@ -119,12 +133,7 @@ impl Builder<'_> {
                     (Some(l), None) => self.store_has(&l.descriptor)?,
                     (None, _) => true,
                 };
-                let hit = Hit {
-                    layer: entry.layer.clone(),
-                    created: entry.created,
-                    remote: false,
-                };
-                Ok(usable.then(|| (hit, entry.clone())))
+                Ok(usable.then(|| entry.clone()))
             })
             .collect()
     }
@@ -205,12 +214,11 @@ impl Builder<'_> {
             .into_iter()
             .zip(found)
             .zip(hits.iter_mut())
-            .map(|((content_key, found), hit)| {
+            .map(|((content_key, entry), hit)| {
                 let key = content_key?;
-                let entry = found.map(|(found, entry)| {
-                    *hit = Some(found);
-                    entry
-                });
+                if let Some(entry) = &entry {
+                    *hit = Some(Hit::of(entry, false));
+                }
                 Some(ByContent { key, entry })
             })
             .collect())
@@ -280,11 +288,7 @@ impl Builder<'_> {
                 let source = BlobSource::Remote(key.clone(), Box::new(entry.clone()));
                 self.pending.add(&layer.descriptor.digest, source);
             }
-            hits[i] = Some(Hit {
-                layer: entry.layer.clone(),
-                created: entry.created,
-                remote: true,
-            });
+            hits[i] = Some(Hit::of(&entry, true));
             self.counters.remote_hit();
             fetched.push((key, entry));
         }
