@@ -329,12 +329,12 @@ fn warm_runs_beside_builds_on_one_state_dir() {
             s.spawn(|| warm(state, &["--image", &base, "--image", &other]));
         }
     });
-    let verified = run_ok(
+    // Exits non-zero on a blob that does not verify.
+    run_ok(
         Command::new(KILN)
             .args(["cache", "verify", "--cache-dir"])
             .arg(state),
     );
-    assert!(verified.status.success(), "{}", stderr(&verified));
     let again = warm(state, &["--image", &base, "--image", &other]);
     for image in [&base, &other] {
         assert_eq!(count(&again, image, "layers fetched"), 0, "{again}");
