@@ -1,7 +1,8 @@
 //! The local cache tier end to end: full hits without unpacking, exact
 //! misses after a context or build-arg change (a renamed file a glob
-//! matches too), a `COPY --from` found by the content it copies, TTL
-//! expiry, `--cache=false`, and builds sharing one cache dir at once.
+//! matches too), a `COPY --from` found by the content it copies (locally
+//! and in `--cache-repo`), TTL expiry, `--cache=false`, and builds sharing
+//! one cache dir at once.
 mod support;
 
 use std::path::Path;
@@ -609,6 +610,47 @@ fn a_copy_from_a_stage_that_made_the_same_files_is_a_hit() {
     let (other, hits, runs) = build(4, "wxyz\n");
     assert_ne!(other, first);
     assert_eq!((hits, runs), (0, 3));
+}
+
+/// The lookup by content reaches `--cache-repo` too: a new machine whose
+/// build stage runs again, and makes the same files, finds the copy of them
+/// that another machine published, and publishes the copy under its own
+/// key, so the next machine hits every step.
+#[test]
+fn a_new_machine_finds_a_copy_by_its_content_in_the_cache_repo() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let repo = registry.reference("kiln/cache");
+    let ctx = Context::new(
+        &format!(
+            "FROM {base} AS build\nCOPY src.txt /src.txt\n\
+             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n\
+             FROM {base}\nCOPY --from=build /out/app /app\n"
+        ),
+        &[("src.txt", "abcd 1\n")],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let machine = |n: u32, src: &str| {
+        std::fs::write(ctx.path().join("src.txt"), src).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let file = out.path().join(format!("digest-{n}"));
+        let args = [
+            "--no-push",
+            "--cache-repo",
+            &repo,
+            "--digest-file",
+            file.to_str().unwrap(),
+        ];
+        let output = kiln_build(&ctx, state.path(), &args);
+        let (hits, runs, _) = summary(&output);
+        let digest = std::fs::read_to_string(file).unwrap();
+        (digest, hits, runs, remote_hits(&output))
+    };
+    let (first, ..) = machine(1, "abcd 1\n");
+    // Past the second the first build ran in, so "now" would differ.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(machine(2, "abcd 2\n"), (first.clone(), 1, 2, 1));
+    assert_eq!(machine(3, "abcd 2\n"), (first, 3, 0, 3));
 }
 
 /// The cache dir holds base images' files and cache mounts: a new one is

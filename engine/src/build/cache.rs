@@ -138,8 +138,9 @@ impl Builder<'_> {
             .collect()
     }
 
-    /// [`Self::lookup_by_content`], the layers of its hits then put where
-    /// the steps read them, as other hits' are.
+    /// [`Self::lookup_by_content`], then the remote tier for the content
+    /// keys the index lacks, the layers of their hits then put where the
+    /// steps read them, as other hits' are.
     pub(super) async fn hits_by_content(
         &self,
         stage: &StagePlan,
@@ -148,8 +149,19 @@ impl Builder<'_> {
         hits: &mut [Option<Hit>],
         reads: &SourceRoots,
     ) -> Result<Vec<Option<ByContent>>, BuildError> {
-        let by_content =
+        let mut by_content =
             super::blocking(|| self.lookup_by_content(stage, keys, first, hits, reads))?;
+        let missed = by_content
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.as_ref().filter(|c| !c.hit())?.key.clone())))
+            .collect();
+        for (i, entry) in self.remote_entries(missed).await? {
+            hits[i] = Some(Hit::of(&entry, true));
+            if let Some(c) = &mut by_content[i] {
+                c.entry = Some(entry);
+            }
+        }
         let found: Vec<(usize, Layer)> = by_content
             .iter()
             .zip(hits.iter())
@@ -253,52 +265,68 @@ impl Builder<'_> {
     }
 
     /// Asks the remote tier, all at once, for every key the local tier
-    /// missed. A remote hit's entry is recorded locally; its layer is
-    /// fetched only when the build needs it (`blobs.rs`), and a later build
-    /// finds it here once it is in the store.
+    /// missed.
     pub(super) async fn lookup_remote(
         &self,
         stage: &StagePlan,
         keys: &[Option<String>],
         mut hits: Vec<Option<Hit>>,
     ) -> Result<Vec<Option<Hit>>, BuildError> {
-        let Some(remote) = &self.remote else {
-            return Ok(hits);
-        };
-        let missing: Vec<(usize, &String)> = keys
+        let missing: Vec<(usize, String)> = keys
             .iter()
             .zip(&stage.steps)
             .enumerate()
             .filter(|(i, (k, step))| k.is_some() && hits[*i].is_none() && self.cacheable(step))
-            .map(|(i, (k, _))| (i, k.as_ref().expect("filtered")))
+            .map(|(i, (k, _))| (i, k.clone().expect("filtered")))
             .collect();
+        for (i, entry) in self.remote_entries(missing).await? {
+            hits[i] = Some(Hit::of(&entry, true));
+        }
+        Ok(hits)
+    }
+
+    /// The remote tier's entries for `wanted` (step, key) pairs, asked all
+    /// at once. Each is recorded locally; its layer is fetched only when
+    /// the build needs it (`blobs.rs`), and a later build finds it here
+    /// once it is in the store.
+    async fn remote_entries(
+        &self,
+        wanted: Vec<(usize, String)>,
+    ) -> Result<Vec<(usize, StepEntry)>, BuildError> {
+        let Some(remote) = &self.remote else {
+            return Ok(Vec::new());
+        };
         let store = self.store;
-        let found = futures_util::future::try_join_all(missing.iter().map(|(i, key)| async move {
-            let entry = match remote.get(key, store).await? {
-                // Never published lazy; one that is has no blob to give.
-                Some(e) if !e.expired(self.options.cache_ttl) && e.lazy.is_none() => e,
-                _ => return Ok::<_, BuildError>(None),
-            };
-            Ok(Some((*i, (*key).clone(), entry)))
-        }))
-        .await?;
+        let found =
+            futures_util::future::try_join_all(wanted.into_iter().map(|(i, key)| async move {
+                Ok::<_, BuildError>(match remote.get(&key, store).await? {
+                    // Never published lazy; one that is has no blob to give.
+                    Some(e) if !e.expired(self.options.cache_ttl) && e.lazy.is_none() => {
+                        Some((i, key, e))
+                    }
+                    _ => None,
+                })
+            }))
+            .await?;
         let mut fetched = Vec::new();
+        let mut entries = Vec::new();
         for (i, key, entry) in found.into_iter().flatten() {
             if let Some(layer) = &entry.layer {
                 let source = BlobSource::Remote(key.clone(), Box::new(entry.clone()));
                 self.pending.add(&layer.descriptor.digest, source);
             }
-            hits[i] = Some(Hit::of(&entry, true));
             self.counters.remote_hit();
-            fetched.push((key, entry));
+            fetched.push((key, entry.clone()));
+            entries.push((i, entry));
         }
         self.index.put_steps(&fetched)?;
-        Ok(hits)
+        Ok(entries)
     }
 
     /// Uploads a stage's new entries to the remote tier, in the
     /// background: each once its layer, uploaded since it was written, is
-    /// there (`crate::uploads`).
+    /// there (`crate::uploads`). A lazy entry (a local hit by content made
+    /// without blobs) has no blob to give, and stays local.
     pub(super) fn publish(&self, entries: &[(String, StepEntry)]) {
         let Some(remote) = self
             .remote
@@ -307,7 +335,7 @@ impl Builder<'_> {
         else {
             return;
         };
-        for (key, entry) in entries {
+        for (key, entry) in entries.iter().filter(|(_, e)| e.lazy.is_none()) {
             self.uploads.entry(remote, key, entry);
         }
     }

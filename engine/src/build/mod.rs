@@ -625,9 +625,9 @@ impl<'a> Builder<'a> {
                 )
             })?;
             self.publish(&entries);
-            // Local only, as the lookup by content is.
             let by_content = cache::content_entries(&keys, &by_content, &entries);
             self.index.defer_steps(&by_content)?;
+            self.publish(&by_content);
             // The roots nobody reads any more.
             let done: Vec<usize> = results
                 .keys()
