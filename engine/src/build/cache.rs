@@ -149,6 +149,8 @@ impl Builder<'_> {
         hits: &mut [Option<Hit>],
         reads: &SourceRoots,
     ) -> Result<Vec<Option<ByContent>>, BuildError> {
+        // Hashing a large copy's sources is a lookup's cost, and shows as one.
+        let start = std::time::Instant::now();
         let mut by_content =
             super::blocking(|| self.lookup_by_content(stage, keys, first, hits, reads))?;
         let missed = by_content
@@ -162,6 +164,7 @@ impl Builder<'_> {
                 c.entry = Some(entry);
             }
         }
+        self.counters.timed("lookup", start);
         let found: Vec<(usize, Layer)> = by_content
             .iter()
             .zip(hits.iter())
