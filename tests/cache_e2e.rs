@@ -653,6 +653,41 @@ fn a_new_machine_finds_a_copy_by_its_content_in_the_cache_repo() {
     assert_eq!(machine(3, "abcd 2\n"), (first, 3, 0, 3));
 }
 
+/// A copy found by its content in the local tier, whose entry was made
+/// lazily (no blob: its stage, unpacked for a RUN, was in no output), is
+/// not published to `--cache-repo`, which takes only entries with their
+/// blobs; the build that finds it succeeds.
+#[test]
+fn a_lazy_copy_found_by_content_stays_local() {
+    let registry = Registry::start();
+    let base = registry.push_busybox();
+    let repo = registry.reference("kiln/cache");
+    let ctx = Context::new(
+        &format!(
+            "FROM {base} AS build\nCOPY src.txt /src.txt\n\
+             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n\
+             FROM {base} AS mid\nCOPY --from=build /out/app /app\n\
+             RUN cp /app /app2\n\
+             FROM {base}\nCOPY --from=mid /app2 /app2\n"
+        ),
+        &[("src.txt", "abcd 1\n")],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let build = |src: &str, extra: &[&str]| {
+        std::fs::write(ctx.path().join("src.txt"), src).unwrap();
+        let mut args = vec!["--no-push"];
+        args.extend_from_slice(extra);
+        let output = kiln_build(&ctx, state.path(), &args);
+        summary(&output);
+        output
+    };
+    build("abcd 1\n", &[]);
+    let out = build("abcd 2\n", &["--cache-repo", &repo]);
+    // The build stage and mid's RUN ran again; both copies hit.
+    let (hits, runs, _) = summary(&out);
+    assert_eq!((hits, runs), (2, 3), "{}", stderr(&out));
+}
+
 /// The cache dir holds base images' files and cache mounts: a new one is
 /// made 0700 (its sub-dirs too), and an old 0755 one is tightened with a
 /// warning.
