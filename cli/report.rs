@@ -146,10 +146,7 @@ impl BuildLog {
                     // Logged with the outputs' numbers, last: one record
                     // for the build, every platform's counts in it.
                     let mut held = self.summary.lock().expect("build log poisoned");
-                    match held.as_mut() {
-                        Some(total) => total.add(&summary),
-                        None => *held = Some(summary),
-                    }
+                    held.get_or_insert_with(Default::default).add(&summary);
                     return;
                 }
                 let reused = match summary.files_reused {
