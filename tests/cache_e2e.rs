@@ -576,20 +576,28 @@ fn a_renamed_file_a_glob_matches_is_copied_again() {
     assert_eq!(same, after);
 }
 
+/// A build stage that makes `/out/app` from the context's `src.txt` (its
+/// first four bytes, so another `src.txt` can make the same file), then
+/// `rest`: the stages that copy it.
+fn copy_from_build(base: &str, rest: &str) -> Context {
+    Context::new(
+        &format!(
+            "FROM {base} AS build\nCOPY src.txt /src.txt\n\
+             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n{rest}"
+        ),
+        &[("src.txt", "abcd 1\n")],
+    )
+}
+
 /// A stage built again that made the same file gives a `COPY --from` of
 /// it the layer it gave before: the copy is found by its content, and the
 /// image is the one the first build made. A file made anew is copied anew.
 #[test]
 fn a_copy_from_a_stage_that_made_the_same_files_is_a_hit() {
-    let base = busybox_layout();
-    let ctx = Context::new(
-        &format!(
-            "FROM oci-layout://{0}:latest AS build\nCOPY src.txt /src.txt\n\
-             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n\
-             FROM oci-layout://{0}:latest\nCOPY --from=build /out/app /app\n",
-            base.display()
-        ),
-        &[("src.txt", "abcd 1\n")],
+    let base = format!("oci-layout://{}:latest", busybox_layout().display());
+    let ctx = copy_from_build(
+        &base,
+        &format!("FROM {base}\nCOPY --from=build /out/app /app\n"),
     );
     let state = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -621,13 +629,9 @@ fn a_new_machine_finds_a_copy_by_its_content_in_the_cache_repo() {
     let registry = Registry::start();
     let base = registry.push_busybox();
     let repo = registry.reference("kiln/cache");
-    let ctx = Context::new(
-        &format!(
-            "FROM {base} AS build\nCOPY src.txt /src.txt\n\
-             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n\
-             FROM {base}\nCOPY --from=build /out/app /app\n"
-        ),
-        &[("src.txt", "abcd 1\n")],
+    let ctx = copy_from_build(
+        &base,
+        &format!("FROM {base}\nCOPY --from=build /out/app /app\n"),
     );
     let out = tempfile::tempdir().unwrap();
     let machine = |n: u32, src: &str| {
@@ -662,15 +666,12 @@ fn a_lazy_copy_found_by_content_stays_local() {
     let registry = Registry::start();
     let base = registry.push_busybox();
     let repo = registry.reference("kiln/cache");
-    let ctx = Context::new(
+    let ctx = copy_from_build(
+        &base,
         &format!(
-            "FROM {base} AS build\nCOPY src.txt /src.txt\n\
-             RUN mkdir /out && cut -c1-4 /src.txt > /out/app\n\
-             FROM {base} AS mid\nCOPY --from=build /out/app /app\n\
-             RUN cp /app /app2\n\
+            "FROM {base} AS mid\nCOPY --from=build /out/app /app\nRUN cp /app /app2\n\
              FROM {base}\nCOPY --from=mid /app2 /app2\n"
         ),
-        &[("src.txt", "abcd 1\n")],
     );
     let state = tempfile::tempdir().unwrap();
     let build = |src: &str, extra: &[&str]| {
